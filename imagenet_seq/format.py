@@ -1,0 +1,195 @@
+"""The on-disk format, defined once.
+
+A split is ONE LMDB file (``subdir=False``), e.g. ``/lmdb/ILSVRC-train.lmdb``, holding:
+
+* records under keys ``b"%08d" % i`` for ``i`` in ``0 .. num_records-1``, in the order they
+  were written (train: a seeded random permutation of the source files; val: sorted paths).
+  Each value is ``RECORD_HEADER`` (little-endian uint32 label) followed by the raw JPEG bytes.
+* ``__meta__``: JSON with the format name and ``FORMAT_VERSION``, class names, per-class counts,
+  record count, total JPEG bytes, and the options used. Written last, in the final transaction.
+* ``__labels__``: little-endian int32 array of every record's label, in record order, so order
+  plans and shuffle diagnostics need no pass over the image bytes.
+* ``__skip__%08d``: one JSON record per skipped source file (path, reason).
+* ``__progress__``: only while a conversion is in progress (see ``writer.py``).
+
+Keys starting with ``__`` sort after the digit keys, so a cursor walking the digit range sees
+only records. LMDBs written by the original tool (tensorpack ``LMDBSerializer``: keys ``%08d``,
+values serialized ``[uint8 JPEG array, label]``, a ``__keys__`` record) are recognised and read
+through :func:`decode_legacy_value` without re-conversion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+FORMAT_NAME = "imagenet_seq"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+MAX_RECORDS = 10**8  # keys are %08d, as the original tool wrote them
+
+META_KEY = b"__meta__"
+LABELS_KEY = b"__labels__"
+PROGRESS_KEY = b"__progress__"
+SKIP_PREFIX = b"__skip__"
+LEGACY_KEYS_KEY = b"__keys__"
+
+RECORD_HEADER = struct.Struct("<I")
+# 1 TiB of address space: LMDB only reserves it; the file grows with the data (Linux, 64-bit).
+MAP_SIZE = 1 << 40
+
+
+def split_filename(split: str) -> str:
+    """``'train'`` -> ``'ILSVRC-train.lmdb'`` (the names the original tool used)."""
+    return f"ILSVRC-{split}.lmdb"
+
+
+def record_key(index: int) -> bytes:
+    return b"%08d" % index
+
+
+def skip_key(index: int) -> bytes:
+    return SKIP_PREFIX + b"%08d" % index
+
+
+def encode_record(label: int, jpeg: bytes) -> bytes:
+    return RECORD_HEADER.pack(label) + jpeg
+
+
+def decode_record(value) -> Tuple[memoryview, int]:
+    """Value -> (JPEG bytes view, label). Accepts bytes or a buffer (zero-copy)."""
+    view = memoryview(value)
+    (label,) = RECORD_HEADER.unpack_from(view, 0)
+    return view[RECORD_HEADER.size:], label
+
+
+def decode_legacy_value(value) -> Tuple[bytes, int]:
+    """A value written by tensorpack's ``LMDBSerializer`` -> (JPEG bytes, label)."""
+    from tensorpack.utils import serialize  # heavy import, only for legacy files
+
+    obj = serialize.loads(bytes(value))
+    if not isinstance(obj, (list, tuple)) or len(obj) < 2:
+        raise ValueError(
+            f"legacy record holds {type(obj).__name__}; expected [uint8 JPEG array, label] "
+            "as written by the original tool's LMDBSerializer"
+        )
+    img, label = obj[0], obj[1]
+    return np.asarray(img, dtype=np.uint8).tobytes(), int(label)
+
+
+@dataclass
+class Metadata:
+    """What ``__meta__`` holds. ``classes[i]`` is the folder name of label ``i``."""
+
+    split: str
+    classes: List[str]
+    class_counts: List[int]
+    num_records: int
+    total_bytes: int
+    order: str  # 'random' (seeded permutation) or 'sorted'
+    options: Dict[str, Any] = field(default_factory=dict)
+    skipped: int = 0
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    legacy: bool = False  # True when read from an original-tool (tensorpack) LMDB
+
+    def to_json(self) -> bytes:
+        d = dict(self.__dict__)
+        d.pop("legacy")
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, path: str) -> "Metadata":
+        try:
+            d = json.loads(bytes(raw))
+        except ValueError as e:
+            raise ValueError(f"{path}: __meta__ record is not valid JSON ({e}); "
+                             "re-run preprocess_sequential.py --overwrite") from None
+        if d.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path}: __meta__ names format {d.get('format')!r}, "
+                             f"expected {FORMAT_NAME!r}")
+        if d.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format version {d.get('version')!r}, this imagenet_seq reads "
+                f"version {FORMAT_VERSION}; re-run preprocess_sequential.py --overwrite with "
+                "this version, or install the imagenet_seq version that wrote it")
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def open_env(path: str, readonly: bool = True, **kw):
+    """Open one LMDB file. Readers take no lock (read-only media, many processes)."""
+    import lmdb
+
+    if readonly:
+        return lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=True,
+                         meminit=False, max_readers=1024, **kw)
+    return lmdb.open(path, subdir=False, map_size=MAP_SIZE, readonly=False, meminit=False,
+                     map_async=True, **kw)
+
+
+def find_split(root: str, split: str) -> str:
+    """Path of ``split``'s LMDB under ``root`` (a folder, or the .lmdb file itself).
+
+    Raises:
+        ValueError: unknown split.
+        FileNotFoundError: naming what is there and how to make the file.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"mode/split={split!r}; expected one of {', '.join(map(repr, SPLITS))}")
+    if os.path.isfile(root):
+        return root
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"{root!r} does not exist; pass the output folder of "
+            "`python preprocess_sequential.py /imagenet /lmdb`")
+    path = os.path.join(root, split_filename(split))
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):  # written with subdir=True by other tools
+        inner = os.path.join(path, "data.mdb")
+        if os.path.isfile(inner):
+            return path
+    found = sorted(os.listdir(root))
+    partial = [f for f in found if f.endswith(".partial")]
+    hint = (f" ({', '.join(partial)} is an unfinished conversion: run preprocess_sequential.py "
+            "--resume)") if partial else ""
+    raise FileNotFoundError(
+        f"no {split_filename(split)} in {root} (found: {', '.join(found) or 'nothing'}){hint}; "
+        f"run `python preprocess_sequential.py /path/to/imagenet {root}` first")
+
+
+def read_metadata(txn, path: str) -> Metadata:
+    """Metadata of an open LMDB: ours (version checked) or the original tool's (legacy)."""
+    raw = txn.get(META_KEY)
+    if raw is not None:
+        return Metadata.from_json(raw, path)
+    if txn.get(PROGRESS_KEY) is not None:
+        raise ValueError(f"{path} is an unfinished conversion; "
+                         "run preprocess_sequential.py --resume")
+    keys = txn.get(LEGACY_KEYS_KEY)
+    if keys is None:
+        raise ValueError(
+            f"{path} is an LMDB without an imagenet_seq __meta__ record or the original tool's "
+            "__keys__ record; convert the images with preprocess_sequential.py")
+    from tensorpack.utils import serialize
+
+    n = len(serialize.loads(bytes(keys)))
+    split = "train" if "train" in os.path.basename(path) else "val"
+    return Metadata(split=split, classes=[], class_counts=[], num_records=n, total_bytes=0,
+                    order="unknown", legacy=True)
+
+
+def read_labels(txn, meta: Metadata) -> Optional[np.ndarray]:
+    """Every record's label (int32, record order), or None for legacy files."""
+    raw = txn.get(LABELS_KEY)
+    if raw is None:
+        return None
+    labels = np.frombuffer(bytes(raw), dtype="<i4")
+    if len(labels) != meta.num_records:
+        raise ValueError(f"__labels__ holds {len(labels)} labels for {meta.num_records} records")
+    return labels

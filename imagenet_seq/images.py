@@ -1,0 +1,164 @@
+"""Validate and normalise one source image into the JPEG bytes a record stores.
+
+The reference for pixels is ``PIL.Image.open(f).convert('RGB')`` (what torchvision's
+ImageFolder feeds a model): no EXIF rotation, CMYK/YCCK converted the way PIL converts them,
+grayscale replicated to three channels, a PNG's alpha dropped.
+
+* Plain RGB / grayscale JPEGs (baseline or progressive) are stored byte for byte.
+* EXIF segments are removed losslessly (no re-encode): OpenCV and DALI honour the EXIF
+  orientation tag while PIL does not, and stripping it makes every decoder agree with PIL.
+* CMYK/YCCK JPEGs, PNGs (also when named ``.JPEG``) and other formats PIL reads are converted
+  with PIL and re-encoded as RGB JPEG (4:4:4, ``quality``).
+* Truncated or undecodable files raise :class:`BrokenImage` with the reason.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+CONVERT_QUALITY = 95
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BrokenImage(Exception):
+    """A source file that must not be stored; ``str(e)`` is the reason for the report."""
+
+
+def _jpeg_segments(data: bytes):
+    """Yield (marker, start, end) of each header segment up to and including SOS.
+
+    Raises BrokenImage when the header structure is cut off or malformed.
+    """
+    pos = 2
+    n = len(data)
+    while True:
+        # markers may be preceded by fill bytes 0xFF
+        while pos < n and data[pos] == 0xFF and pos + 1 < n and data[pos + 1] == 0xFF:
+            pos += 1
+        if pos + 4 > n:
+            raise BrokenImage("truncated JPEG (header ends early)")
+        if data[pos] != 0xFF:
+            raise BrokenImage(f"corrupt JPEG (no marker at byte {pos})")
+        marker = data[pos + 1]
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        end = pos + 2 + length
+        if end > n:
+            raise BrokenImage("truncated JPEG (header segment cut off)")
+        yield marker, pos, end
+        if marker == 0xDA:  # SOS: entropy-coded data follows
+            return
+        pos = end
+
+
+def inspect_jpeg(data: bytes) -> Tuple[int, bool]:
+    """(number of colour components, has EXIF APP1) of a JPEG; BrokenImage if truncated."""
+    components = 0
+    has_exif = False
+    sos_end = None
+    for marker, start, end in _jpeg_segments(data):
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                      0xCF):
+            components = data[start + 9]
+        elif marker == 0xE1 and data[start + 4:start + 10] == b"Exif\x00\x00":
+            has_exif = True
+        elif marker == 0xDA:
+            sos_end = end
+    if components == 0:
+        raise BrokenImage("corrupt JPEG (no frame header)")
+    # 0xFF in entropy-coded data is always followed by 0x00 or a restart marker, so FFD9 after
+    # the first scan header can only be the end-of-image marker.
+    if data.find(b"\xff\xd9", sos_end) < 0:
+        raise BrokenImage("truncated JPEG (no end-of-image marker)")
+    return components, has_exif
+
+
+def strip_exif(data: bytes) -> bytes:
+    """The same JPEG without its EXIF APP1 segments (entropy data untouched)."""
+    parts = [data[:2]]
+    last = 2
+    for marker, start, end in _jpeg_segments(data):
+        if marker == 0xE1 and data[start + 4:start + 10] == b"Exif\x00\x00":
+            parts.append(data[last:start])
+            last = end
+    parts.append(data[last:])
+    return b"".join(parts)
+
+
+def _decode_cv2(data: bytes) -> Optional[np.ndarray]:
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+def _encode_rgb(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality),
+                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    if not ok:
+        raise BrokenImage("re-encode failed")
+    return buf.tobytes()
+
+
+def _pil_rgb(data: bytes) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise BrokenImage("not an image (PIL cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BrokenImage(f"undecodable image ({e})") from None
+
+
+def _limit(rgb: np.ndarray, max_size: Optional[int]) -> Tuple[np.ndarray, bool]:
+    h, w = rgb.shape[:2]
+    if not max_size or max(h, w) <= max_size:
+        return rgb, False
+    s = max_size / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), True
+
+
+def normalise(data: bytes, max_size: Optional[int] = None,
+              quality: int = CONVERT_QUALITY) -> Tuple[bytes, Optional[str]]:
+    """Source file bytes -> (JPEG bytes to store, what was changed or None).
+
+    Raises:
+        BrokenImage: the file must be skipped; the message says why.
+    """
+    if not data:
+        raise BrokenImage("empty file")
+    note = None
+    if data[:3] == b"\xff\xd8\xff":
+        components, has_exif = inspect_jpeg(data)
+        if components in (1, 3):
+            img = _decode_cv2(data)
+            if img is not None:
+                if max_size and max(img.shape[:2]) > max_size:
+                    small, _ = _limit(img[:, :, ::-1], max_size)
+                    return _encode_rgb(small, quality), f"resized to max side {max_size}"
+                if has_exif:
+                    return strip_exif(data), "EXIF removed"
+                return data, None
+            note = "re-encoded (OpenCV cannot decode it)"
+        else:
+            note = f"{'CMYK/YCCK' if components == 4 else f'{components}-channel'} JPEG -> RGB"
+    else:
+        note = "converted to RGB JPEG"
+    rgb = _pil_rgb(data)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise BrokenImage(f"unexpected decoded shape {rgb.shape}")
+    rgb, resized = _limit(rgb, max_size)
+    out = _encode_rgb(np.ascontiguousarray(rgb), quality)
+    if resized:
+        note += f", resized to max side {max_size}"
+    return out, note

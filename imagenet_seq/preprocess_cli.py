@@ -1,0 +1,161 @@
+"""``preprocess_sequential.py SRC DST``: convert an ImageFolder tree into sequential LMDBs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from . import format as fmt
+from .scan import ScanError, find_classes, scan_split
+from .writer import ConversionError, Options, convert_split
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preprocess_sequential.py",
+        description="Convert an ImageFolder tree (train/<class>/*, val/<class>/* or a flat val/ "
+                    "with --val-labels) into ILSVRC-train.lmdb / ILSVRC-val.lmdb: raw JPEG "
+                    "bytes + labels, train in a seeded random order, val in sorted order.")
+    p.add_argument("src", help="dataset root holding train/ and val/")
+    p.add_argument("dst", help="output folder for the .lmdb files")
+    p.add_argument("--splits", default="train,val",
+                   help="comma-separated splits to convert (default: train,val)")
+    p.add_argument("--val-labels", metavar="FILE",
+                   help="labels for a flat val/ folder: '<filename> <class>' lines or Kaggle's "
+                        "LOC_val_solution.csv")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train write order")
+    p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1,
+                   help="processes that read and validate images (0: in this process)")
+    p.add_argument("--max-size", type=int, default=None, metavar="N",
+                   help="re-encode images whose longer side exceeds N pixels (default: keep)")
+    p.add_argument("--quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality of re-encoded images (default: 95)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted conversion; complete splits are kept")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with a non-zero exit at the first broken image")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _check(args) -> List[str]:
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    bad = [s for s in splits if s not in fmt.SPLITS]
+    if bad or not splits:
+        raise ValueError(f"--splits {args.splits!r}; expected a comma-separated subset of "
+                         f"{','.join(fmt.SPLITS)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}; expected 0 or more")
+    if args.max_size is not None and args.max_size < 16:
+        raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality {args.quality}; expected 1..100")
+    if not os.path.isdir(args.src):
+        raise ValueError(f"input folder {args.src!r} does not exist")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    return splits
+
+
+def _write_report(dst: str, split: str, skipped) -> Optional[str]:
+    path = os.path.join(dst, f"ILSVRC-{split}.report.tsv")
+    if not skipped:
+        if os.path.exists(path):
+            os.remove(path)
+        return None
+    with open(path, "w") as f:
+        f.write("path\treason\n")
+        for rel, reason in skipped:
+            f.write(f"{rel}\t{reason}\n")
+    return path
+
+
+def _table(rows) -> str:
+    head = ["split", "images", "converted", "skipped", "GB", "seconds", "img/s"]
+    body = [[r.split, r.written, r.converted, len(r.skipped), f"{r.bytes / 1e9:.3f}",
+             f"{r.seconds:.1f}", f"{r.written / r.seconds:.0f}" if r.seconds else "-"]
+            if not r.already_complete else [r.split, "complete", "-", "-", "-", "-", "-"]
+            for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        splits = _check(args)
+        classes = find_classes(os.path.join(args.src, "train"))
+        scans = {s: scan_split(args.src, s, classes, args.val_labels) for s in splits}
+    except (ValueError, ScanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
+                   workers=args.workers, strict=args.strict)
+    results = []
+    for split in splits:
+        scan = scans[split]
+        bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            def start(total, initial, split=split):
+                nonlocal bar
+                bar = tqdm(total=total, initial=initial, unit="img", desc=split, smoothing=0.05,
+                           dynamic_ncols=True, file=sys.stderr)
+                bar.mb = 0.0
+
+            def progress(n, nbytes, skipped):
+                bar.mb += nbytes / 1e6
+                bar.update(n)
+                if bar.n % 256 == 0:
+                    el = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix(MBps=f"{bar.mb / el:.1f}", skipped=skipped, refresh=False)
+        else:
+            start = progress = None
+        try:
+            res = convert_split(args.src, args.dst, split, scan, opts, overwrite=args.overwrite,
+                                resume=args.resume, progress=progress, start_progress=start)
+        except ConversionError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; the finished part is kept in {args.dst}: run again with "
+                  "--resume to continue", file=sys.stderr)
+            return 130
+        except OSError as e:
+            print(f"\nerror writing {args.dst}: {e}; free space or fix the output folder, then "
+                  "run again with --resume", file=sys.stderr)
+            return 1
+        finally:
+            if bar is not None:
+                bar.close()
+        # files that are not images are reported beside the broken ones
+        res.skipped = [(rel, reason) for rel, reason in scan.not_images] + res.skipped
+        res.report = _write_report(args.dst, split, res.skipped) if not res.already_complete \
+            else None
+        results.append(res)
+    if args.json:
+        print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,
+                                    "skipped": len(r.skipped), "bytes": r.bytes,
+                                    "seconds": round(r.seconds, 3), "report": r.report,
+                                    "already_complete": r.already_complete}
+                          for r in results}))
+    else:
+        print(_table(results))
+    skipped = sum(len(r.skipped) for r in results)
+    if skipped:
+        reports = ", ".join(r.report for r in results if r.report)
+        print(f"warning: {skipped} files skipped (not stored); reasons in {reports}",
+              file=sys.stderr)
+        if args.strict:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

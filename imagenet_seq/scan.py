@@ -1,0 +1,154 @@
+"""Scan an ImageFolder tree: class names, (file, label) entries, and files that are not images.
+
+Class indices are the sorted class folder names of ``train/``: the indices torchvision's
+``ImageFolder`` gives, so pretrained-model outputs line up.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .images import IMAGE_EXTENSIONS
+
+
+class ScanError(ValueError):
+    """The input tree cannot be converted as it is; the message names the path and the fix."""
+
+
+@dataclass
+class Scan:
+    classes: List[str]
+    entries: List[Tuple[str, int]]  # (path relative to the split folder, label), sorted by path
+    not_images: List[Tuple[str, str]]  # (relative path, reason): reported, never stored
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _files_under(folder: str) -> List[str]:
+    """Every file below ``folder`` (recursive, following links), relative, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, folder)
+        for f in filenames:
+            out.append(f if rel == "." else os.path.join(rel, f))
+    return sorted(out)
+
+
+def _split_images(folder: str, files: List[str], prefix: str = ""):
+    images, others = [], []
+    for f in files:
+        rel = os.path.join(prefix, f) if prefix else f
+        if _is_image_name(os.path.basename(f)):
+            images.append(rel)
+        else:
+            ext = os.path.splitext(f)[1] or os.path.basename(f)
+            others.append((rel, f"not an image file ({ext!r} is not one of the image extensions)"))
+    return images, others
+
+
+def find_classes(train_dir: str) -> List[str]:
+    if not os.path.isdir(train_dir):
+        raise ScanError(f"{train_dir} does not exist; expected the ImageFolder layout "
+                        "<root>/train/<class>/<image> (and <root>/val/...)")
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and
+                     not e.name.startswith("."))
+    if not classes:
+        raise ScanError(f"no class folders in {train_dir}; expected {train_dir}/<class>/<image> "
+                        "(one folder per class, as torchvision's ImageFolder reads)")
+    return classes
+
+
+def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
+    """``split_dir/<class>/...`` with the given class list (train's)."""
+    index = {c: i for i, c in enumerate(classes)}
+    present = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and
+                     not e.name.startswith("."))
+    unknown = [c for c in present if c not in index]
+    if unknown:
+        raise ScanError(f"{split_dir} has class folders not in train: {unknown[:5]}; "
+                        "every val class must also be a train class")
+    entries, not_images = [], []
+    for c in present:
+        images, others = _split_images(os.path.join(split_dir, c),
+                                       _files_under(os.path.join(split_dir, c)), prefix=c)
+        if not images:
+            raise ScanError(f"class folder {os.path.join(split_dir, c)} holds no images; add "
+                            "images or remove the folder")
+        entries.extend((p, index[c]) for p in images)
+        not_images.extend(others)
+    for f in sorted(e.name for e in os.scandir(split_dir) if e.is_file()):
+        not_images.append((f, "file outside any class folder"))
+    return Scan(classes, sorted(entries), not_images)
+
+
+def read_val_labels(path: str) -> Dict[str, str]:
+    """Labels file -> {file stem: class name}.
+
+    Accepts lines ``<filename> <class>`` (whitespace separated) and Kaggle's
+    ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the class being the first word of
+    PredictionString).
+    """
+    if not os.path.isfile(path):
+        raise ScanError(f"--val-labels {path} does not exist")
+    out: Dict[str, str] = {}
+    with open(path, newline="") as f:
+        head = f.readline()
+        f.seek(0)
+        if head.startswith("ImageId"):
+            for row in csv.DictReader(f):
+                pred = (row.get("PredictionString") or "").split()
+                if not row.get("ImageId") or not pred:
+                    raise ScanError(f"{path}: row {row!r} has no ImageId or class")
+                out[row["ImageId"]] = pred[0]
+        else:
+            for n, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise ScanError(f"{path}:{n}: {line.strip()!r}; expected '<filename> <class>'"
+                                    " per line or Kaggle's LOC_val_solution.csv")
+                out[os.path.splitext(parts[0])[0]] = parts[1]
+    if not out:
+        raise ScanError(f"--val-labels {path} holds no labels")
+    return out
+
+
+def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) -> Scan:
+    if labels_file is None:
+        raise ScanError(f"{val_dir} has no class folders (flat layout); pass --val-labels FILE "
+                        "('<filename> <class>' lines or Kaggle's LOC_val_solution.csv)")
+    labels = read_val_labels(labels_file)
+    index = {c: i for i, c in enumerate(classes)}
+    images, not_images = _split_images(val_dir, _files_under(val_dir))
+    stems = {os.path.splitext(p)[0]: p for p in images}
+    unknown_files = sorted(set(labels) - set(stems))
+    if unknown_files:
+        raise ScanError(f"{labels_file} names {len(unknown_files)} files not in {val_dir}, e.g. "
+                        f"{unknown_files[:3]}; point --val-labels at the labels of this folder")
+    unknown_classes = sorted({c for c in labels.values() if c not in index})
+    if unknown_classes:
+        raise ScanError(f"{labels_file} names classes not in train: {unknown_classes[:5]}")
+    unlabelled = sorted(p for s, p in stems.items() if s not in labels)
+    if unlabelled:
+        raise ScanError(f"{len(unlabelled)} images in {val_dir} have no label in {labels_file}, "
+                        f"e.g. {unlabelled[:3]}; add their labels or remove the files")
+    entries = sorted((p, index[labels[s]]) for s, p in stems.items())
+    return Scan(classes, entries, not_images)
+
+
+def scan_split(root: str, split: str, classes: List[str], val_labels: Optional[str] = None) -> Scan:
+    split_dir = os.path.join(root, split)
+    if split == "train":
+        return scan_class_folders(split_dir, classes)
+    if not os.path.isdir(split_dir):
+        raise ScanError(f"{split_dir} does not exist; add it or pass --splits train")
+    has_dirs = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(split_dir))
+    if has_dirs:
+        return scan_class_folders(split_dir, classes)
+    return scan_flat_val(split_dir, classes, val_labels)

@@ -1,0 +1,276 @@
+"""Convert one split: N worker processes read + validate + normalise, ONE writer appends.
+
+Crash safety: records go into ``ILSVRC-<split>.lmdb.partial``; every commit carries a
+``__progress__`` record (plan position, counts, a fingerprint of the inputs and options) in the
+same transaction, so the file always describes exactly what it holds. The final transaction
+writes ``__labels__`` and ``__meta__`` and drops ``__progress__``; only then is the file renamed
+to ``ILSVRC-<split>.lmdb``. A killed run never leaves a file that looks complete, and
+``resume=True`` continues from the last commit, ending with the record set a clean run writes.
+
+Memory: at most ``workers * 4`` chunks of ``CHUNK`` images are in flight; nothing else grows
+with the dataset except the label list (4 bytes per image).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from . import format as fmt
+from .images import BrokenImage, normalise
+from .scan import Scan
+
+CHUNK = 32
+COMMIT_RECORDS = 2000
+COMMIT_BYTES = 256 << 20
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot go on; the message names the file or value and the fix."""
+
+
+@dataclass
+class Options:
+    seed: int = 0
+    max_size: Optional[int] = None
+    quality: int = 95
+    workers: int = 0
+    strict: bool = False
+
+    def content(self) -> dict:
+        """Options that change what is written (workers do not)."""
+        return {"seed": self.seed, "max_size": self.max_size, "quality": self.quality}
+
+
+@dataclass
+class Result:
+    split: str
+    path: str
+    written: int = 0
+    converted: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    resumed_at: int = 0
+    already_complete: bool = False
+
+
+def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
+    """Write order: train = seeded random permutation, val = sorted paths."""
+    if split == "train":
+        perm = np.random.default_rng(seed).permutation(len(scan.entries))
+        return [scan.entries[i] for i in perm]
+    return list(scan.entries)
+
+
+def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) -> str:
+    h = hashlib.sha1(json.dumps([classes, opts.content()]).encode())
+    for path, label in plan:
+        h.update(f"{path}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def _process_chunk(args):
+    """Worker: read + validate + normalise a chunk. Returns [(status, payload, note)]."""
+    split_dir, items, max_size, quality = args
+    out = []
+    for rel, label in items:
+        path = os.path.join(split_dir, rel)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            out.append(("error", f"cannot read {path}: {e.strerror or e}; fix its permissions "
+                                 "or remove it, then run again with --resume", None))
+            continue
+        try:
+            jpeg, note = normalise(data, max_size=max_size, quality=quality)
+            out.append(("ok", fmt.encode_record(label, jpeg), note))
+        except BrokenImage as e:
+            out.append(("skip", str(e), None))
+    return out
+
+
+def _chunks(plan, start, split_dir, opts):
+    for i in range(start, len(plan), CHUNK):
+        yield i, (split_dir, plan[i:i + CHUNK], opts.max_size, opts.quality)
+
+
+def _results(plan, start, split_dir, opts):
+    """Yield (plan position, status, payload, note) in plan order, with bounded look-ahead."""
+    chunks = _chunks(plan, start, split_dir, opts)
+    if opts.workers <= 0:
+        for i, args in chunks:
+            for j, r in enumerate(_process_chunk(args)):
+                yield (i + j,) + r
+        return
+    # fork: workers inherit imports; they hold no LMDB handle (the writer opens after the pool)
+    ctx = mp.get_context("fork")
+    pool = ctx.Pool(opts.workers)
+    try:
+        pending = collections.deque()
+        for i, args in chunks:
+            pending.append((i, pool.apply_async(_process_chunk, (args,))))
+            if len(pending) >= opts.workers * 4:
+                j0, res = pending.popleft()
+                for j, r in enumerate(res.get()):
+                    yield (j0 + j,) + r
+        while pending:
+            j0, res = pending.popleft()
+            for j, r in enumerate(res.get()):
+                yield (j0 + j,) + r
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _committed_skips(env):
+    with env.begin() as txn:
+        cur = txn.cursor()
+        if not cur.set_range(fmt.SKIP_PREFIX):
+            return
+        for k, v in cur:
+            if not bytes(k).startswith(fmt.SKIP_PREFIX):
+                return
+            yield json.loads(bytes(v))
+
+
+def _remove(path: str) -> None:
+    for p in (path, path + "-lock"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Options,
+                  overwrite: bool = False, resume: bool = False,
+                  progress: Optional[Callable[[int, int, int], None]] = None,
+                  start_progress: Optional[Callable[[int, int], None]] = None) -> Result:
+    """Write ``out_dir/ILSVRC-<split>.lmdb`` from ``scan``.
+
+    ``progress(n_done_delta, bytes_delta, skipped_total)`` is called as records land;
+    ``start_progress(total, initial)`` once before the first.
+    """
+    final = os.path.join(out_dir, fmt.split_filename(split))
+    partial = final + ".partial"
+    res = Result(split, final)
+    if len(scan.entries) >= fmt.MAX_RECORDS:
+        raise ConversionError(f"{len(scan.entries)} images in {split}; the format holds at most "
+                              f"{fmt.MAX_RECORDS - 1}")
+    if os.path.exists(final):
+        if resume and not overwrite:
+            res.already_complete = True
+            return res
+        if not overwrite:
+            raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
+                                  "(or --resume to keep it and finish the other splits)")
+    if os.path.exists(partial) and not resume:
+        if not overwrite:
+            raise ConversionError(f"{partial} is an unfinished conversion; pass --resume to "
+                                  "continue it or --overwrite to start over")
+        _remove(partial)
+
+    plan = plan_order(scan, split, opts.seed)
+    fp = fingerprint(plan, scan.classes, opts)
+    split_dir = os.path.join(src_root, split)
+    os.makedirs(out_dir, exist_ok=True)
+    env = fmt.open_env(partial, readonly=False, lock=False)
+    try:
+        state = {"fingerprint": fp, "plan_pos": 0, "written": 0, "bytes": 0, "converted": 0,
+                 "skipped": 0, "class_counts": [0] * len(scan.classes)}
+        with env.begin() as txn:
+            raw = txn.get(fmt.PROGRESS_KEY)
+            if raw is not None:
+                old = json.loads(bytes(raw))
+                if old.get("fingerprint") != fp:
+                    raise ConversionError(
+                        f"{partial} was started with other inputs or options (file list, seed, "
+                        "--max-size or --quality differ); run with the same ones, or pass "
+                        "--overwrite to start over")
+                state = old
+            elif txn.stat()["entries"] and txn.get(fmt.record_key(0)) is not None:
+                raise ConversionError(f"{partial} holds records but no progress record; "
+                                      "pass --overwrite to start over")
+        res.resumed_at = state["plan_pos"]
+        t0 = time.perf_counter()
+        if start_progress:
+            start_progress(len(plan), state["plan_pos"])
+        # records written == plan positions done minus skipped, so labels follow from the plan
+        skipped_pos = set()
+        for d in _committed_skips(env):
+            skipped_pos.add(d["pos"])
+            res.skipped.append((d["path"], d["reason"]))
+
+        txn = env.begin(write=True)
+        pending_n = pending_b = 0
+        try:
+            for pos, status, payload, note in _results(plan, state["plan_pos"], split_dir, opts):
+                rel, label = plan[pos]
+                if status == "error":
+                    raise ConversionError(payload)
+                if status == "skip":
+                    if opts.strict:
+                        raise ConversionError(
+                            f"{os.path.join(split_dir, rel)}: {payload} (--strict stops at the "
+                            "first broken file; remove or fix it, or run without --strict to "
+                            "skip and report it)")
+                    txn.put(fmt.skip_key(state["skipped"]),
+                            json.dumps({"path": rel, "reason": payload, "pos": pos}).encode())
+                    state["skipped"] += 1
+                    skipped_pos.add(pos)
+                    res.skipped.append((rel, payload))
+                    nbytes = 0
+                else:
+                    txn.put(fmt.record_key(state["written"]), payload)
+                    state["written"] += 1
+                    state["class_counts"][label] += 1
+                    nbytes = len(payload) - fmt.RECORD_HEADER.size
+                    state["bytes"] += nbytes
+                    state["converted"] += note is not None
+                state["plan_pos"] = pos + 1
+                pending_n += 1
+                pending_b += nbytes
+                if progress:
+                    progress(1, nbytes, state["skipped"])
+                if pending_n >= COMMIT_RECORDS or pending_b >= COMMIT_BYTES:
+                    txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
+                    txn.commit()
+                    txn = env.begin(write=True)
+                    pending_n = pending_b = 0
+            labels = np.array([lab for p, (_, lab) in enumerate(plan) if p not in skipped_pos],
+                              dtype="<i4")
+            if len(labels) != state["written"]:
+                raise ConversionError(f"internal: {len(labels)} labels for {state['written']} "
+                                      "records; run again with --overwrite")
+            meta = fmt.Metadata(
+                split=split, classes=scan.classes, class_counts=state["class_counts"],
+                num_records=state["written"], total_bytes=state["bytes"],
+                order="random" if split == "train" else "sorted",
+                options=opts.content(), skipped=state["skipped"])
+            txn.put(fmt.LABELS_KEY, labels.tobytes())
+            txn.delete(fmt.PROGRESS_KEY)
+            txn.put(fmt.META_KEY, meta.to_json())  # metadata last
+            txn.commit()
+            txn = None
+        finally:
+            if txn is not None:
+                # keep what is committed; a clean abort of the open transaction loses only
+                # records since the last commit, which --resume rewrites
+                txn.abort()
+        env.sync(True)
+    finally:
+        env.close()
+    os.replace(partial, final)
+    _remove(partial)
+    res.written = state["written"]
+    res.bytes = state["bytes"]
+    res.converted = state["converted"]
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,42 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="imagenet_seq",
+    version="0.1.0",
+    description="Train ImageNet-style classifiers with PyTorch from HDD/NFS via sequential LMDBs",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["imagenet_seq", "imagenet_seq.*"]),
+    py_modules=["preprocess_sequential"],
+    install_requires=[
+        "numpy",
+        "lmdb>=1.0",
+        "opencv-python-headless>=4.5",
+        "tqdm",
+        "pillow",
+        "torch>=2.0",
+        # tensorpack's DataFlow (module tensorpack.dataflow); the PyPI package `dataflow` is unrelated
+        "tensorpack>=0.11",
+        "msgpack",
+        "msgpack-numpy",
+        "pyzmq",
+        "psutil",
+    ],
+    extras_require={
+        "sample": ["scikit-image"],
+        "examples": ["torchvision", "scikit-image"],
+        "dali": ["nvidia-dali-cuda120"],
+        "bench": ["matplotlib", "scikit-image"],
+        "test": ["pytest", "scikit-image"],
+        # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
+        # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
+        "prctl": ["python-prctl"],
+    },
+    entry_points={
+        "console_scripts": [
+            "imagenet-seq-preprocess=imagenet_seq.preprocess_cli:main",
+            "imagenet-seq-demo=imagenet_seq.demo:main",
+        ],
+    },
+)

@@ -1,0 +1,87 @@
+import io
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagenet_seq.sample import imagenet_like_jpeg, make_sample_imagefolder
+
+
+def pil_rgb(path_or_bytes):
+    """The reference pixels: what torchvision's ImageFolder loader gives."""
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(src) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def cv2_rgb(data: bytes):
+    img = cv2.imdecode(np.frombuffer(data, np.uint8),
+                       cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return None if img is None else img[:, :, ::-1]
+
+
+def add_odd_files(root, cls):
+    """Put every odd and broken case ImageNet has into root/train/<cls>.
+
+    Returns {relative path: None (must be stored) or 'skip' (must be reported)}.
+    """
+    d = os.path.join(root, "train", cls)
+    rng = np.random.default_rng(7)
+    base = Image.open(io.BytesIO(imagenet_like_jpeg(_base_photo(), rng))).convert("RGB")
+    out = {}
+
+    def save(name, fn, expect):
+        path = os.path.join(d, name)
+        fn(path)
+        out[os.path.join(cls, name)] = expect
+
+    save("cmyk.JPEG", lambda p: base.convert("CMYK").save(p, "JPEG", quality=92), None)
+    save("gray.JPEG", lambda p: base.convert("L").save(p, "JPEG", quality=90), None)
+    save("png_named.JPEG", lambda p: base.save(p, "PNG"), None)
+    save("rgba.png", lambda p: base.convert("RGBA").save(p, "PNG"), None)
+    save("progressive.JPEG", lambda p: base.save(p, "JPEG", quality=90, progressive=True), None)
+
+    def exif(p):
+        ex = Image.Exif()
+        ex[0x0112] = 6  # orientation: rotate 90 CW
+        base.save(p, "JPEG", quality=90, exif=ex.tobytes())
+    save("exif_rotated.JPEG", exif, None)
+
+    def truncated(p):
+        buf = io.BytesIO()
+        base.save(buf, "JPEG", quality=90)
+        with open(p, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    save("truncated.JPEG", truncated, "skip")
+    save("empty.JPEG", lambda p: open(p, "wb").close(), "skip")
+    save("garbage.JPEG", lambda p: open(p, "wb").write(b"not an image at all" * 10), "skip")
+    save(".DS_Store", lambda p: open(p, "wb").write(b"\0\0\0\1Bud1"), "skip")
+    save("notes.txt", lambda p: open(p, "w").write("hello"), "skip")
+    return out
+
+
+def _base_photo():
+    from imagenet_seq.sample import _photos
+
+    return _photos()[0][1]
+
+
+@pytest.fixture(scope="session")
+def sample_tree(tmp_path_factory):
+    """A small clean ImageFolder: 4 classes x 12 train, 4 classes x 3 val (real photo crops)."""
+    root = tmp_path_factory.mktemp("imagenet")
+    classes = make_sample_imagefolder(str(root), train_per_class=12, val_per_class=3,
+                                      num_classes=4, seed=1)
+    return str(root), classes
+
+
+@pytest.fixture(scope="session")
+def sample_lmdb(sample_tree, tmp_path_factory):
+    """sample_tree converted with preprocess (train + val)."""
+    from imagenet_seq.preprocess_cli import main
+
+    out = str(tmp_path_factory.mktemp("lmdb"))
+    assert main([sample_tree[0], out, "--workers", "0", "--no-progress"]) == 0
+    return out
