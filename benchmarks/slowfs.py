@@ -1,0 +1,364 @@
+"""A slow-device emulator: a read-only FUSE mirror of a folder served at a modelled HDD/NFS speed.
+
+Usage (foreground; unmount with ``fusermount3 -u MOUNTPOINT`` or Ctrl-C)::
+
+    python benchmarks/slowfs.py /data/lmdb /mnt/slow --device hdd [--seek-ms 8.0 ...]
+
+From Python, :func:`mounted` starts the emulator in a child process, waits for the mount and
+always unmounts it (and reaps the child) on exit, even when the body raises.
+
+The cost models are pure classes (no FUSE, no clock): ``schedule(key, offset, size, now)``
+returns the time the request completes, so they are unit-tested with made-up times. The FUSE
+layer calls them under one lock and sleeps until the returned time, so the device's timeline,
+not Python's speed, sets the throughput (the real read of the backing file overlaps the sleep).
+
+Figures and their sources:
+
+* HDD (7,200 rpm desktop/NAS drive, e.g. WD Red / Seagate IronWolf / Barracuda data sheets):
+  average seek ~8 ms (read), average rotational latency = half a revolution at 7,200 rpm =
+  60 s / 7,200 / 2 = 4.17 ms, sustained transfer ~150 MB/s (outer tracks ~200, inner ~100).
+  One actuator: requests are served one at a time. A request starting at (or within
+  ``near_bytes`` of) where the head is costs transfer only (the drive's track cache and
+  read-ahead absorb small reordering of the kernel's readahead requests); any other request
+  costs seek + rotation first. Metadata (open, stat) is assumed cached (optimistic for folders).
+* NFS over 1 GbE: 1 Gbit/s = 125 MB/s raw, ~110-117 MB/s of payload after Ethernet/IP/TCP/RPC
+  headers (the figure commonly measured with ``dd`` over NFSv3/v4 on 1 GbE); per-request round
+  trip ~0.2-0.5 ms on a LAN plus the server's storage (the original tool's "shared SSD NFS").
+  Up to ``in_flight`` requests overlap (the Linux client keeps many RPC slots; readahead issues
+  several requests at once); payload of all requests shares the one link. ``open`` costs one
+  round trip (close-to-open consistency: the client revalidates attributes with GETATTR).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import heapq
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, Iterator, List, Optional
+
+MB = 1_000_000
+
+
+class HDDModel:
+    """One actuator, seek + rotation on every non-contiguous request, fixed transfer rate.
+
+    Args:
+        seek_ms: average seek time.
+        rotation_ms: average rotational latency (half a revolution).
+        mb_per_s: sustained transfer rate (10^6 bytes/s).
+        near_bytes: a request starting within this distance of the head (same file) needs no
+            seek; a forward gap is paid as transfer (the platter still has to pass under the head).
+    """
+
+    name = "hdd"
+
+    def __init__(self, seek_ms: float = 8.0, rotation_ms: float = 4.17, mb_per_s: float = 150.0,
+                 near_bytes: int = 1 << 20):
+        if seek_ms < 0 or rotation_ms < 0 or mb_per_s <= 0 or near_bytes < 0:
+            raise ValueError(f"HDD parameters seek_ms={seek_ms}, rotation_ms={rotation_ms}, "
+                             f"mb_per_s={mb_per_s}, near_bytes={near_bytes}; expected "
+                             "seek/rotation >= 0, mb_per_s > 0, near_bytes >= 0")
+        self.seek_s = seek_ms / 1000.0
+        self.rotation_s = rotation_ms / 1000.0
+        self.bytes_per_s = mb_per_s * MB
+        self.near_bytes = near_bytes
+        self.busy_until = 0.0
+        self.head: Optional[tuple] = None  # (file key, byte offset under the head)
+        self.seeks = 0
+        self.requests = 0
+        self.bytes = 0
+        self.busy_s = 0.0
+
+    @property
+    def bandwidth(self) -> float:
+        """Peak transfer rate in bytes/s (what a perfectly sequential reader gets)."""
+        return self.bytes_per_s
+
+    def open(self, key, now: float) -> float:
+        """Completion time of opening ``key`` at ``now`` (metadata assumed cached: no cost)."""
+        return now
+
+    def schedule(self, key, offset: int, size: int, now: float) -> float:
+        """Queue a read of ``size`` bytes at ``offset`` of file ``key``; return its completion time."""
+        cost = 0.0
+        gap = 0
+        if self.head is not None and self.head[0] == key:
+            gap = offset - self.head[1]
+        if self.head is None or self.head[0] != key or abs(gap) > self.near_bytes:
+            cost += self.seek_s + self.rotation_s
+            self.seeks += 1
+            new_head = offset + size
+        else:
+            # near the head: pay any forward gap as transfer; a request just behind the head
+            # (readahead requests served out of order) comes from the drive's track cache
+            cost += max(gap, 0) / self.bytes_per_s
+            new_head = max(self.head[1], offset + size)
+        cost += size / self.bytes_per_s
+        start = max(now, self.busy_until)
+        self.busy_until = start + cost
+        self.busy_s += cost
+        self.head = (key, new_head)
+        self.requests += 1
+        self.bytes += size
+        return self.busy_until
+
+    def stats(self) -> Dict[str, float]:
+        return {"device": self.name, "requests": self.requests, "bytes": self.bytes,
+                "seeks": self.seeks, "busy_s": self.busy_s}
+
+
+class NFSModel:
+    """Per-request round trip, a shared link, up to ``in_flight`` requests outstanding.
+
+    A request waits for a free slot, spends one round trip (request out, server storage, first
+    byte back), then its payload crosses the link, which carries one payload at a time.
+
+    Args:
+        rtt_ms: round trip per request, including the server's storage access.
+        mb_per_s: payload bandwidth of the link (10^6 bytes/s).
+        in_flight: requests outstanding at once.
+        open_rtts: round trips charged per ``open`` (GETATTR for close-to-open consistency).
+    """
+
+    name = "nfs"
+
+    def __init__(self, rtt_ms: float = 0.5, mb_per_s: float = 110.0, in_flight: int = 8,
+                 open_rtts: int = 1):
+        if rtt_ms < 0 or mb_per_s <= 0 or in_flight < 1 or open_rtts < 0:
+            raise ValueError(f"NFS parameters rtt_ms={rtt_ms}, mb_per_s={mb_per_s}, "
+                             f"in_flight={in_flight}, open_rtts={open_rtts}; expected rtt >= 0, "
+                             "mb_per_s > 0, in_flight >= 1, open_rtts >= 0")
+        self.rtt_s = rtt_ms / 1000.0
+        self.bytes_per_s = mb_per_s * MB
+        self.in_flight = in_flight
+        self.open_rtts = open_rtts
+        self.slots: List[float] = [0.0] * in_flight  # min-heap of times each slot frees up
+        self.link_free = 0.0
+        self.requests = 0
+        self.bytes = 0
+        self.opens = 0
+
+    @property
+    def bandwidth(self) -> float:
+        return self.bytes_per_s
+
+    def _take_slot(self, now: float) -> float:
+        return max(now, heapq.heappop(self.slots))
+
+    def open(self, key, now: float) -> float:
+        self.opens += 1
+        start = self._take_slot(now)
+        done = start + self.open_rtts * self.rtt_s
+        heapq.heappush(self.slots, done)
+        return done
+
+    def schedule(self, key, offset: int, size: int, now: float) -> float:
+        start = self._take_slot(now)
+        done = max(start + self.rtt_s, self.link_free) + size / self.bytes_per_s
+        self.link_free = done
+        heapq.heappush(self.slots, done)
+        self.requests += 1
+        self.bytes += size
+        return done
+
+    def stats(self) -> Dict[str, float]:
+        return {"device": self.name, "requests": self.requests, "bytes": self.bytes,
+                "opens": self.opens}
+
+
+def make_model(args: argparse.Namespace):
+    """The model named by ``--device`` with the command line's parameters."""
+    if args.device == "hdd":
+        return HDDModel(args.seek_ms, args.rotation_ms, args.mb_per_s or 150.0, args.near_kb * 1024)
+    return NFSModel(args.rtt_ms, args.mb_per_s or 110.0, args.in_flight, args.open_rtts)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("hdd", "nfs"), default="hdd")
+    p.add_argument("--mb-per-s", type=float, default=None,
+                   help="transfer rate, 10^6 B/s (default: hdd 150, nfs 110)")
+    p.add_argument("--seek-ms", type=float, default=8.0, help="hdd: average seek")
+    p.add_argument("--rotation-ms", type=float, default=4.17,
+                   help="hdd: average rotational latency (7,200 rpm: 4.17)")
+    p.add_argument("--near-kb", type=int, default=1024,
+                   help="hdd: distance from the head still served without a seek")
+    p.add_argument("--rtt-ms", type=float, default=0.5, help="nfs: round trip per request")
+    p.add_argument("--in-flight", type=int, default=8, help="nfs: requests outstanding at once")
+    p.add_argument("--open-rtts", type=int, default=1, help="nfs: round trips per open")
+
+
+def _operations(source: str, model):
+    import mfusepy as fuse
+
+    class SlowMirror(fuse.Operations):
+        """Read-only mirror of ``source``; every read waits for the device model."""
+
+        use_ns = True
+
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.fds: Dict[int, int] = {}
+
+        def _full(self, path: str) -> str:
+            return os.path.join(source, path.lstrip("/"))
+
+        def getattr(self, path, fh=None):
+            try:
+                st = os.lstat(self._full(path))
+            except OSError as e:
+                raise fuse.FuseOSError(e.errno)
+            d = {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_size", "st_uid",
+                                              "st_gid", "st_atime_ns", "st_mtime_ns",
+                                              "st_ctime_ns")}
+            d["st_mode"] &= ~0o222  # read-only
+            for k in ("st_atime", "st_mtime", "st_ctime"):
+                d[k] = d.pop(k + "_ns")
+            return d
+
+        def readdir(self, path, fh):
+            return [".", ".."] + os.listdir(self._full(path))
+
+        def open(self, path, flags):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+                raise fuse.FuseOSError(errno.EROFS)
+            fd = os.open(self._full(path), os.O_RDONLY)
+            with self.lock:
+                done = model.open(path, time.monotonic())
+            _sleep_until(done)
+            return fd
+
+        def read(self, path, size, offset, fh):
+            data = os.pread(fh, size, offset)
+            with self.lock:
+                done = model.schedule(path, offset, len(data), time.monotonic())
+            _sleep_until(done)
+            return data
+
+        def release(self, path, fh):
+            os.close(fh)
+            return 0
+
+        def statfs(self, path):
+            st = os.statvfs(source)
+            return {k: getattr(st, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree",
+                                                 "f_bavail", "f_files", "f_ffree", "f_namemax")}
+
+    return fuse, SlowMirror()
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def serve(source: str, mountpoint: str, model, stats_path: Optional[str] = None) -> None:
+    """Mount and serve until unmounted (blocks). Writes the model's counters to ``stats_path``."""
+    fuse, ops = _operations(source, model)
+    # kernel_cache off: every open drops the file's pages, so a fresh open reads the device;
+    # auto_cache off for the same reason. ro: a mirror for reading only.
+    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name)
+    if stats_path:
+        with open(stats_path, "w") as f:
+            json.dump(model.stats(), f)
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the emulator never outlives its caller
+
+
+def fuse_unavailable_reason() -> Optional[str]:
+    """Why a FUSE mount cannot work here, or None when it might."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist (no FUSE kernel module / not passed into the container)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not readable and writable by this user"
+    if not any(os.access(os.path.join(d, "fusermount3"), os.X_OK)
+               for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)):
+        return "fusermount3 not found (apt-get install fuse3)"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"the mfusepy binding cannot load ({e}); pip install mfusepy"
+    return None
+
+
+def unmount(mountpoint: str) -> None:
+    """``fusermount3 -u``, falling back to a lazy unmount when the mount is busy."""
+    if subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True).returncode != 0:
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+@contextlib.contextmanager
+def mounted(source: str, mountpoint: str, device: str = "hdd", extra_args: List[str] = (),
+            timeout: float = 20.0) -> Iterator[Dict[str, float]]:
+    """Mount ``source`` at ``mountpoint`` through the emulator for the ``with`` body.
+
+    Yields a dict that, after the body, holds the model's counters (requests, bytes, seeks, ...).
+    A fresh mount starts with an empty page cache for its files, so each body reads cold.
+
+    Raises:
+        RuntimeError: the mount did not come up within ``timeout`` (stderr of the emulator).
+    """
+    os.makedirs(mountpoint, exist_ok=True)
+    stats_path = mountpoint.rstrip("/") + ".stats.json"
+    if os.path.exists(stats_path):
+        os.remove(stats_path)
+    cmd = [sys.executable, os.path.abspath(__file__), source, mountpoint, "--device", device,
+           "--stats", stats_path, *extra_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_die_with_parent)
+    stats: Dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None:
+                raise RuntimeError(f"slowfs exited with {proc.returncode} before mounting "
+                                   f"{mountpoint}: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slowfs did not mount {mountpoint} within {timeout} s")
+            time.sleep(0.02)
+        yield stats
+    finally:
+        unmount(mountpoint)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        if os.path.exists(stats_path):
+            with open(stats_path) as f:
+                stats.update(json.load(f))
+            os.remove(stats_path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="folder to mirror (read-only)")
+    p.add_argument("mountpoint")
+    p.add_argument("--stats", help="write the device counters (JSON) here after unmount")
+    add_model_args(p)
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.source):
+        p.error(f"source={args.source!r} is not a folder")
+    try:
+        model = make_model(args)
+    except ValueError as e:
+        p.error(str(e))
+    serve(os.path.abspath(args.source), args.mountpoint, model, args.stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

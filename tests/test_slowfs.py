@@ -1,0 +1,118 @@
+"""The slow-device emulator: cost models without FUSE, and one FUSE round trip where FUSE works."""
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import slowfs  # noqa: E402
+from slowfs import HDDModel, NFSModel  # noqa: E402
+
+KB = 1024
+
+
+def test_hdd_sequential_requests_pay_one_seek():
+    m = HDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100)
+    t = 0.0
+    for i in range(100):
+        t = m.schedule("a", i * 100_000, 100_000, now=0.0)
+    assert m.seeks == 1
+    # 10 MB at 100 MB/s + one seek and rotation
+    assert t == pytest.approx(0.1 + 0.012)
+
+
+def test_hdd_random_requests_pay_seek_each_time():
+    m = HDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100, near_bytes=1 << 20)
+    t = 0.0
+    for i in range(10):
+        t = m.schedule("a", (i * 7919 % 10) * (50 << 20), 110_000, now=0.0)
+    assert m.seeks == 10
+    assert t == pytest.approx(10 * (0.012 + 0.0011))
+
+
+def test_hdd_another_file_is_a_seek_and_small_reordering_is_not():
+    m = HDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100, near_bytes=512 * KB)
+    m.schedule("a", 0, 128 * KB, 0.0)
+    m.schedule("a", 256 * KB, 128 * KB, 0.0)  # skips 128 KiB forward: paid as transfer
+    m.schedule("a", 128 * KB, 128 * KB, 0.0)  # just behind the head: track cache
+    m.schedule("a", 384 * KB, 128 * KB, 0.0)  # head stayed at 384 KiB: contiguous
+    assert m.seeks == 1
+    expected = 0.012 + (128 * KB * 5) / 100e6
+    assert m.busy_until == pytest.approx(expected)
+    m.schedule("b", 512 * KB, 128 * KB, 0.0)  # same offset range, other file
+    assert m.seeks == 2
+
+
+def test_hdd_one_actuator_serialises_and_idles():
+    m = HDDModel(seek_ms=10, rotation_ms=0, mb_per_s=100)
+    assert m.schedule("a", 0, 1_000_000, now=0.0) == pytest.approx(0.02)
+    # arrives while the first is in service: waits
+    assert m.schedule("b", 0, 1_000_000, now=0.005) == pytest.approx(0.04)
+    # arrives when the disk is idle: starts at once
+    assert m.schedule("c", 0, 1_000_000, now=1.0) == pytest.approx(1.02)
+    assert m.open("c", 2.0) == 2.0
+
+
+def test_nfs_overlaps_round_trips_but_shares_the_link():
+    m = NFSModel(rtt_ms=1, mb_per_s=100, in_flight=4)
+    ends = [m.schedule("a", i * 10_000, 10_000, now=0.0) for i in range(4)]
+    # all four round trips overlap; payloads (0.1 ms each) follow one another on the link
+    assert ends == pytest.approx([0.0011, 0.0012, 0.0013, 0.0014])
+    # a fifth waits for a free slot (the first frees at 1.1 ms)
+    assert m.schedule("a", 40_000, 10_000, 0.0) == pytest.approx(0.0011 + 0.0011)
+
+
+def test_nfs_large_requests_reach_link_bandwidth_small_ones_do_not():
+    big = NFSModel(rtt_ms=0.5, mb_per_s=110, in_flight=8)
+    t = max(big.schedule("a", i << 20, 1 << 20, 0.0) for i in range(200))
+    assert (200 << 20) / t / 1e6 == pytest.approx(110, rel=0.01)
+    one = NFSModel(rtt_ms=0.5, mb_per_s=110, in_flight=1)  # synchronous small reads
+    t = max(one.schedule("a", i * 4096, 4096, 0.0) for i in range(200))
+    assert 200 * 4096 / t / 1e6 < 10
+    assert one.open("x", 5.0) == pytest.approx(5.0005)
+
+
+@pytest.mark.parametrize("kw", [dict(mb_per_s=0), dict(seek_ms=-1)])
+def test_hdd_bad_parameters_name_the_value(kw):
+    with pytest.raises(ValueError, match="mb_per_s=|seek_ms="):
+        HDDModel(**kw)
+
+
+def test_nfs_bad_parameters():
+    with pytest.raises(ValueError, match="in_flight=0"):
+        NFSModel(in_flight=0)
+
+
+@pytest.mark.fuse
+def test_fuse_round_trip(tmp_path):
+    reason = slowfs.fuse_unavailable_reason()
+    if reason:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    payload = os.urandom(3 << 20)
+    (src / "sub" / "a.bin").write_bytes(payload)
+    (src / "b.txt").write_text("hello")
+    mnt = str(tmp_path / "mnt")
+    args = ["--seek-ms", "20", "--rotation-ms", "0", "--mb-per-s", "100"]
+    try:
+        with slowfs.mounted(str(src), mnt, "hdd", args) as stats:
+            assert os.path.ismount(mnt)
+            assert sorted(os.listdir(mnt)) == ["b.txt", "sub"]
+            t0 = time.monotonic()
+            with open(os.path.join(mnt, "sub", "a.bin"), "rb") as f:
+                assert f.read() == payload
+            elapsed = time.monotonic() - t0
+            with pytest.raises(OSError):
+                open(os.path.join(mnt, "b.txt"), "w")
+            raise KeyError("body fails")  # the mount must still go away
+    except KeyError:
+        pass
+    else:
+        pytest.fail("the body's exception was swallowed")
+    assert not os.path.ismount(mnt)
+    assert stats["bytes"] == len(payload)
+    assert stats["seeks"] >= 1
+    # the modelled time (20 ms + 3 MiB at 100 MB/s = 51 ms) is a lower bound of the read
+    assert elapsed >= 0.02 + len(payload) / 100e6 - 0.005
