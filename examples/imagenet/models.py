@@ -1,0 +1,88 @@
+"""Model zoo of the ImageNet example: torchvision's architectures plus a tiny built-in CNN.
+
+``tiny`` needs only torch, so the example, the demo and the tests run on a CPU without torchvision.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+BUILTIN = ("tiny",)
+
+
+class TinyNet(nn.Module):
+    """A 4-layer CNN (~0.1 M parameters): learns the demo's sample classes in an epoch on a CPU.
+
+    Not an ImageNet model: it exists so the whole training path (loader, AMP, DDP, checkpoints)
+    runs in seconds without a GPU or torchvision.
+    """
+
+    def __init__(self, num_classes: int = 1000, width: int = 32):
+        super().__init__()
+        layers: List[nn.Module] = []
+        c_in = 3
+        for c_out in (width // 2, width, width * 2, width * 4):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _torchvision_models():
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        return None
+    return tvm
+
+
+def available_archs() -> List[str]:
+    """Names ``-a`` accepts: the built-in ones, plus torchvision's when it is installed."""
+    names = list(BUILTIN)
+    tvm = _torchvision_models()
+    if tvm is not None:
+        names += sorted(tvm.list_models(module=tvm)) if hasattr(tvm, "list_models") else sorted(
+            n for n in tvm.__dict__ if n.islower() and not n.startswith("_")
+            and callable(tvm.__dict__[n]))
+    return names
+
+
+def build_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """Create ``arch`` with a ``num_classes``-way classifier.
+
+    Raises:
+        ValueError: unknown arch (the message lists the available ones), or a torchvision arch
+            asked for without torchvision installed (the message gives the pip line).
+    """
+    if arch == "tiny":
+        if pretrained:
+            raise ValueError("-a tiny has no pretrained weights; drop --pretrained")
+        return TinyNet(num_classes)
+    tvm = _torchvision_models()
+    if tvm is None:
+        raise ValueError(
+            f"unknown arch {arch!r}; available: {', '.join(BUILTIN)} (torchvision is not "
+            "installed: its archs such as resnet18 need `pip install torchvision`)")
+    if arch not in available_archs():
+        raise ValueError(f"unknown arch {arch!r}; available: {', '.join(available_archs())}")
+    if pretrained:
+        return tvm.get_model(arch, weights="DEFAULT") if num_classes == 1000 else _refit(
+            tvm.get_model(arch, weights="DEFAULT"), num_classes)
+    return tvm.get_model(arch, num_classes=num_classes)
+
+
+def _refit(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace a pretrained model's last Linear layer for ``num_classes`` outputs."""
+    for name, mod in reversed(list(model.named_modules())):
+        if isinstance(mod, nn.Linear):
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], nn.Linear(mod.in_features, num_classes))
+            return model
+    raise ValueError(f"cannot find the classifier layer of {type(model).__name__}")
