@@ -128,8 +128,10 @@ def open_env(path: str, readonly: bool = True, **kw):
     if readonly:
         return lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=True,
                          meminit=False, max_readers=1024, **kw)
+    # sync=False: commits do not fsync (a kill -9 loses nothing committed; a power cut may lose
+    # the last commits, which --resume redoes); the writer syncs once before the final rename.
     return lmdb.open(path, subdir=False, map_size=MAP_SIZE, readonly=False, meminit=False,
-                     map_async=True, **kw)
+                     sync=False, **kw)
 
 
 def find_split(root: str, split: str) -> str:

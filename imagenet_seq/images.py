@@ -75,7 +75,7 @@ def inspect_jpeg(data: bytes) -> Tuple[int, bool]:
         raise BrokenImage("corrupt JPEG (no frame header)")
     # 0xFF in entropy-coded data is always followed by 0x00 or a restart marker, so FFD9 after
     # the first scan header can only be the end-of-image marker.
-    if data.find(b"\xff\xd9", sos_end) < 0:
+    if data.rfind(b"\xff\xd9", sos_end) < 0:  # from the end: EOI is normally the last 2 bytes
         raise BrokenImage("truncated JPEG (no end-of-image marker)")
     return components, has_exif
 

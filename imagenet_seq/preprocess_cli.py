@@ -7,6 +7,8 @@ import os
 import sys
 from typing import List, Optional
 
+import lmdb
+
 from . import format as fmt
 from .scan import ScanError, find_classes, scan_split
 from .writer import ConversionError, Options, convert_split
@@ -127,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"\ninterrupted; the finished part is kept in {args.dst}: run again with "
                   "--resume to continue", file=sys.stderr)
             return 130
-        except OSError as e:
+        except (OSError, lmdb.Error) as e:  # disk full, read-only folder, map full
             print(f"\nerror writing {args.dst}: {e}; free space or fix the output folder, then "
                   "run again with --resume", file=sys.stderr)
             return 1

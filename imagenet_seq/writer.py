@@ -7,7 +7,8 @@ writes ``__labels__`` and ``__meta__`` and drops ``__progress__``; only then is 
 to ``ILSVRC-<split>.lmdb``. A killed run never leaves a file that looks complete, and
 ``resume=True`` continues from the last commit, ending with the record set a clean run writes.
 
-Memory: at most ``workers * 4`` chunks of ``CHUNK`` images are in flight; nothing else grows
+Memory: at most ``workers * 8`` chunks of ``CHUNK`` images are in flight and one uncommitted
+transaction holds at most ``COMMIT_BYTES`` of records; nothing else grows
 with the dataset except the label list (4 bytes per image).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .scan import Scan
 
 CHUNK = 32
 COMMIT_RECORDS = 2000
-COMMIT_BYTES = 256 << 20
+COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
 
 
 class ConversionError(RuntimeError):
@@ -118,7 +119,7 @@ def _results(plan, start, split_dir, opts):
         pending = collections.deque()
         for i, args in chunks:
             pending.append((i, pool.apply_async(_process_chunk, (args,))))
-            if len(pending) >= opts.workers * 4:
+            if len(pending) >= opts.workers * 8:
                 j0, res = pending.popleft()
                 for j, r in enumerate(res.get()):
                     yield (j0 + j,) + r

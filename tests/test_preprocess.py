@@ -289,3 +289,54 @@ def test_script_and_console_entry(sample_tree, tmp_path):
         r = subprocess.run([exe, root, str(tmp_path / "o"), "--splits", "val", "--no-progress"],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+def test_disk_full_then_resume(tmp_path, monkeypatch, capsys):
+    """A full disk (LMDB map full) stops with a clear error; --resume finishes the same file."""
+    root = str(tmp_path / "in")
+    make_sample_imagefolder(root, train_per_class=30, val_per_class=1, num_classes=2,
+                            size=(200, 150))
+    clean = str(tmp_path / "clean")
+    assert main([root, clean, "--splits", "train", "--workers", "0", "--no-progress"]) == 0
+    import imagenet_seq.writer as w
+    monkeypatch.setattr(w, "COMMIT_RECORDS", 10)
+    monkeypatch.setattr(fmt, "MAP_SIZE", 400_000)  # room for a few commits only
+    out = str(tmp_path / "o")
+    assert main([root, out, "--splits", "train", "--workers", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "free space" in err
+    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb"))
+    monkeypatch.setattr(fmt, "MAP_SIZE", 1 << 30)
+    assert main([root, out, "--splits", "train", "--workers", "0", "--resume",
+                 "--no-progress"]) == 0
+    _, a = read_split(clean, "train")
+    _, b = read_split(out, "train")
+    assert [(j, l) for _, j, l in a] == [(j, l) for _, j, l in b]
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_partial_and_resumes(tmp_path):
+    root = str(tmp_path / "in")
+    make_sample_imagefolder(root, train_per_class=150, val_per_class=1, num_classes=4,
+                            size=(200, 150))
+    out = str(tmp_path / "o")
+    cmd = [sys.executable, "-c",
+           "import sys, imagenet_seq.writer as w; w.COMMIT_RECORDS = 50;"
+           "from imagenet_seq.preprocess_cli import main; sys.exit(main(sys.argv[1:]))",
+           root, out, "--splits", "train", "--workers", "2", "--no-progress"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    partial = os.path.join(out, "ILSVRC-train.lmdb.partial")
+    import time
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.exists(partial) and
+                                          os.path.getsize(partial) > 2_000_000):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert "--resume" in err
+    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb"))
+    assert main([root, out, "--splits", "train", "--resume", "--workers", "0",
+                 "--no-progress"]) == 0
+    r, recs = read_split(out, "train")
+    assert len(recs) == 600 == r.meta.num_records
