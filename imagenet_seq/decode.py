@@ -1,0 +1,293 @@
+"""Per-image decode + augmentation: JPEG bytes -> (size, size, 3) uint8 RGB.
+
+Pure functions of ``(bytes, rng)``: all randomness comes from the ``np.random.Generator`` the
+caller passes, so a fixed generator gives a fixed image in any process or thread. The classes hold
+only numbers (or a user's transform), so they pickle into worker processes.
+
+* :class:`TrainTransform` — torchvision's ``RandomResizedCrop`` + horizontal flip, on OpenCV /
+  libjpeg-turbo with **DCT-scaled decoding**: the crop is sampled in full-resolution
+  coordinates from the JPEG header's size (no pixels decoded), then the image is decoded at the
+  smallest libjpeg scale (1/2, 1/4, 1/8) that keeps at least ``size`` pixels on each side of the
+  crop. Skipped IDCT work makes a 1/2 decode about 2-3x cheaper than a full one.
+* :class:`ValTransform` — resize the shorter side to ``resize`` then centre-crop ``size``
+  (torchvision ``Resize(256)`` + ``CenterCrop(224)`` geometry).
+* :class:`PILTransform` — the original tool's path: PIL ``convert('RGB')`` then a torchvision-style
+  transform.
+
+Interpolation: ``cv2.INTER_LINEAR``, except ``cv2.INTER_AREA`` (antialiased) when shrinking by
+2x or more on both axes. With DCT scaling the remaining shrink of a train crop is almost always
+below 2x, and a 500x375 val image shrinks 1.46x, so bilinear is the common case (torchvision's PIL
+path uses an antialiased bilinear filter; below 2x the two differ by a few grey levels). EXIF orientation is
+always ignored (``cv2.IMREAD_IGNORE_ORIENTATION``), as PIL does; preprocess strips EXIF anyway.
+"""
+from __future__ import annotations
+
+import io
+import math
+import struct
+from typing import Any, Callable, Optional, Tuple
+
+import cv2
+import numpy as np
+
+from imagenet_seq.images import BrokenImage, _jpeg_segments
+
+__all__ = ["DecodeError", "TrainTransform", "ValTransform", "PILTransform", "jpeg_size",
+           "sample_crop"]
+
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                          0xCE, 0xCF))
+_FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
+# libjpeg scale denominator -> imread flag, largest reduction first
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8 | _FLAGS), (4, cv2.IMREAD_REDUCED_COLOR_4 | _FLAGS),
+            (2, cv2.IMREAD_REDUCED_COLOR_2 | _FLAGS))
+_FULL = cv2.IMREAD_COLOR | _FLAGS
+
+
+class DecodeError(ValueError):
+    """The bytes of one record could not be decoded; the message says what failed."""
+
+
+def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a JPEG's frame header without decoding pixels.
+
+    Returns:
+        ``None`` when ``data`` is not a JPEG or its header is malformed (the caller then falls
+        back to a full decode, which reports real errors).
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        for marker, start, _end in _jpeg_segments(data):
+            if marker in _SOF_MARKERS:
+                h, w = struct.unpack_from(">HH", data, start + 5)
+                return (w, h) if w > 0 and h > 0 else None
+    except (BrokenImage, struct.error):
+        return None
+    return None
+
+
+def sample_crop(width: int, height: int, scale: Tuple[float, float],
+                ratio: Tuple[float, float], rng: np.random.Generator) -> Tuple[int, int, int, int]:
+    """A RandomResizedCrop box ``(x, y, w, h)``, sampled like torchvision's ``get_params``.
+
+    Up to 10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)); the first box that
+    fits is placed uniformly. If none fits, the whole image centre-cropped to the nearest allowed
+    aspect ratio. All draws come from ``rng``.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(0, height - h + 1))
+            x = int(rng.integers(0, width - w + 1))
+            return x, y, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _imdecode(data: bytes, flags: int) -> np.ndarray:
+    if not data:
+        raise DecodeError("empty record (0 bytes)")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    if img is None:
+        head = bytes(data[:8]).hex()
+        raise DecodeError(f"OpenCV cannot decode {len(data)} bytes (first bytes {head}); "
+                          "not a JPEG/PNG or corrupt - re-run preprocess_sequential.py on the source")
+    if img.ndim == 2:  # defensive: REDUCED/COLOR flags always give 3 channels
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    return img
+
+
+def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    # INTER_AREA (a box filter) only where bilinear would skip source pixels: a shrink by >= 2x
+    # on both axes. Below 2x bilinear reads every source pixel, aliases little and is ~4x faster
+    # than OpenCV's INTER_AREA at non-integer factors.
+    big = img.shape[1] >= 2 * w and img.shape[0] >= 2 * h
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
+
+
+def _check_size(name: str, value: int) -> int:
+    if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}={value!r}; expected a positive int (e.g. 224)")
+    return int(value)
+
+
+def _check_range(name: str, value: Tuple[float, float], positive: bool) -> Tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if not lo <= hi or (positive and lo <= 0) or lo < 0:
+        raise ValueError(f"{name}={value!r}; expected (low, high) with 0 {'<' if positive else '<='}"
+                         f" low <= high, e.g. {'(3/4, 4/3)' if positive else '(0.08, 1.0)'}")
+    return lo, hi
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, ratio) + random horizontal flip, DCT-scaled decode.
+
+    Args:
+        size: output side in pixels.
+        scale: range of the crop's area as a fraction of the image area.
+        ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+        flip: flip horizontally with probability 0.5.
+        dct_scaling: decode at libjpeg scale 1/2, 1/4 or 1/8 when the crop keeps >= ``size``
+            pixels per side at that scale (same pixels within rounding, much less work). Turn off
+            only to compare against a full-resolution decode.
+
+    Call with ``(jpeg_bytes, rng)``; returns a C-contiguous ``(size, size, 3)`` uint8 RGB array.
+    Draws from ``rng``: the crop (as :func:`sample_crop`), then one uniform for the flip.
+
+    Raises:
+        DecodeError: the bytes are not a decodable image.
+    """
+
+    def __init__(self, size: int = 224, scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                 dct_scaling: bool = True) -> None:
+        self.size = _check_size("size", size)
+        self.scale = _check_range("scale", scale, positive=False)
+        self.ratio = _check_range("ratio", ratio, positive=True)
+        self.flip = bool(flip)
+        self.dct_scaling = bool(dct_scaling)
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"flip={self.flip}, dct_scaling={self.dct_scaling})")
+
+    def __call__(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
+        dims = jpeg_size(jpeg)
+        img = None
+        if dims is None:  # not a JPEG (or odd header): decode fully, take the size from pixels
+            img = _imdecode(jpeg, _FULL)
+            dims = (img.shape[1], img.shape[0])
+        width, height = dims
+        x, y, w, h = sample_crop(width, height, self.scale, self.ratio, rng)
+        if img is None:
+            flags = _FULL
+            if self.dct_scaling:
+                for denom, reduced in _REDUCED:
+                    if w >= denom * self.size and h >= denom * self.size:
+                        flags = reduced
+                        break
+            img = _imdecode(jpeg, flags)
+        ih, iw = img.shape[:2]
+        if (iw, ih) != (width, height):
+            # reduced decode: libjpeg gives ceil(width / denom); map the box into those pixels
+            sx, sy = iw / width, ih / height
+            x0, y0 = int(round(x * sx)), int(round(y * sy))
+            x1 = min(iw, max(x0 + 1, int(round((x + w) * sx))))
+            y1 = min(ih, max(y0 + 1, int(round((y + h) * sy))))
+        else:
+            x0, y0, x1, y1 = x, y, x + w, y + h
+        out = _resize(img[y0:y1, x0:x1], self.size, self.size)
+        out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+        if self.flip and rng.random() < 0.5:
+            out = cv2.flip(out, 1)
+        return out
+
+
+class ValTransform:
+    """Resize the shorter side to ``resize`` (aspect kept), then centre-crop ``size``.
+
+    Geometry matches torchvision ``Resize(resize)`` + ``CenterCrop(size)``: the longer side
+    becomes ``int(resize * long / short)``, the crop's top-left is ``round((side - size) / 2)``.
+    Decodes at libjpeg scale 1/2, 1/4 or 1/8 when the shorter side stays >= ``resize``.
+    Deterministic; ``rng`` is accepted for a uniform call signature and ignored.
+
+    Raises:
+        DecodeError: the bytes are not a decodable image.
+        ValueError: ``size > resize``.
+    """
+
+    def __init__(self, size: int = 224, resize: int = 256, dct_scaling: bool = True) -> None:
+        self.size = _check_size("size", size)
+        self.resize = _check_size("resize", resize)
+        if self.size > self.resize:
+            raise ValueError(f"size={size} > resize={resize}; the centre crop must fit inside the "
+                             "resized image (e.g. size=224, resize=256)")
+        self.dct_scaling = bool(dct_scaling)
+
+    def __repr__(self) -> str:
+        return f"ValTransform(size={self.size}, resize={self.resize})"
+
+    def __call__(self, jpeg: bytes, rng: Any = None) -> np.ndarray:
+        flags = _FULL
+        dims = jpeg_size(jpeg) if self.dct_scaling else None
+        if dims is not None:
+            short = min(dims)
+            for denom, reduced in _REDUCED:
+                if short // denom >= self.resize:  # ceil(short/denom) >= resize, kept exact
+                    flags = reduced
+                    break
+        img = _imdecode(jpeg, flags)
+        h, w = img.shape[:2]
+        if w <= h:
+            nw, nh = self.resize, int(self.resize * h / w)
+        else:
+            nw, nh = int(self.resize * w / h), self.resize
+        if (nw, nh) != (w, h):
+            img = _resize(img, nw, nh)
+        top = int(round((nh - self.size) / 2.0))
+        left = int(round((nw - self.size) / 2.0))
+        crop = img[top:top + self.size, left:left + self.size]
+        return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
+
+
+class PILTransform:
+    """The original tool's path: ``PIL.Image.open(...).convert('RGB')`` then ``transform``.
+
+    Args:
+        transform: a callable taking a PIL RGB image (e.g. a torchvision ``Compose``); ``None``
+            returns the decoded image as a ``(H, W, 3)`` uint8 array.
+
+    Randomness: torchvision transforms draw from torch's (and Python's) global RNG. When ``rng``
+    is given, both are seeded from ``rng`` for the call (state saved and restored around it), so a fixed
+    ``rng`` gives a fixed output in worker processes too (not across threads sharing one process,
+    which share torch's global RNG).
+
+    Raises:
+        DecodeError: PIL cannot read the bytes.
+    """
+
+    def __init__(self, transform: Optional[Callable[[Any], Any]]) -> None:
+        self.transform = transform
+
+    def __repr__(self) -> str:
+        return f"PILTransform({self.transform!r})"
+
+    def __call__(self, jpeg: bytes, rng: Optional[np.random.Generator] = None) -> Any:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(jpeg)) as im:
+                img = im.convert("RGB")
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+            raise DecodeError(f"PIL cannot decode {len(jpeg)} bytes: {e}") from None
+        if self.transform is None:
+            return np.asarray(img)
+        if rng is None:
+            return self.transform(img)
+        import random
+
+        import torch
+
+        seed = int(rng.integers(0, 2 ** 63 - 1))
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)  # some torchvision transforms use Python's random module
+                return self.transform(img)
+        finally:
+            random.setstate(py_state)
