@@ -1,0 +1,12 @@
+"""The user-facing entry point: ``from imagenet_seq.data import Loader``.
+
+``ImagenetLoader`` is the same class under the original tool's name;
+:func:`to_device` moves a uint8 batch to the GPU and normalises it there.
+"""
+from .loader import IMAGENET_MEAN, IMAGENET_STD, Loader, to_device
+from .workers import RecordError
+
+ImagenetLoader = Loader
+
+__all__ = ["Loader", "ImagenetLoader", "to_device", "RecordError", "IMAGENET_MEAN",
+           "IMAGENET_STD"]

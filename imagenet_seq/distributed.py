@@ -1,0 +1,83 @@
+"""Rank and world size for the Loader: explicit arguments, or the initialised process group.
+
+torchrun (``env://``) users call ``torch.distributed.init_process_group`` and then create the
+Loader; it finds its rank there. Tests and custom launchers pass ``rank=`` and ``world_size=``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank, ``0 <= rank < world_size``.
+        world_size: number of ranks reading the dataset.
+        local_world_size: ranks on this node (``LOCAL_WORLD_SIZE`` from torchrun, else
+            ``world_size``: the safe assumption for memory budgets shared by one machine).
+    """
+
+    rank: int
+    world_size: int
+    local_world_size: int
+
+
+def _local_world(world_size: int) -> int:
+    raw = os.environ.get("LOCAL_WORLD_SIZE")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if 1 <= value <= world_size:
+            return value
+    return world_size
+
+
+def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None,
+                 distributed: Optional[bool] = None) -> RankInfo:
+    """Decide (rank, world_size) for one Loader.
+
+    Args:
+        rank: explicit global rank; give it together with ``world_size``.
+        world_size: explicit number of ranks.
+        distributed: ``None`` (default) uses the process group when one is initialised and a
+            single rank otherwise; ``True`` requires an initialised process group; ``False``
+            ignores it (each process reads the whole dataset).
+
+    Raises:
+        ValueError: only one of rank/world_size given, or ``rank`` outside ``0..world_size-1``.
+        RuntimeError: ``distributed=True`` without an initialised ``torch.distributed`` group.
+    """
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError(f"rank={rank!r}, world_size={world_size!r}: pass both (e.g. "
+                             "rank=int(os.environ['RANK']), world_size=int(os.environ["
+                             "'WORLD_SIZE'])) or neither to take them from torch.distributed")
+        return _checked(int(rank), int(world_size))
+    if distributed is False:
+        return RankInfo(0, 1, 1)
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed and not initialised:
+        raise RuntimeError(
+            "distributed=True but torch.distributed has no initialised process group; call "
+            "torch.distributed.init_process_group(...) (torchrun sets env:// up) before creating "
+            "the Loader, or pass rank= and world_size= explicitly")
+    if not initialised:
+        return RankInfo(0, 1, 1)
+    return _checked(dist.get_rank(), dist.get_world_size())
+
+
+def _checked(rank: int, world_size: int) -> RankInfo:
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}; expected >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} with world_size={world_size}; expected "
+                         f"0 <= rank < {world_size}")
+    return RankInfo(rank, world_size, _local_world(world_size))

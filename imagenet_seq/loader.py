@@ -1,0 +1,379 @@
+"""The Loader: plan -> one sequential reader -> shuffle buffer -> batches -> decode workers.
+
+It only composes the stages: :mod:`.order` (which records, in which order), :mod:`.reader`
+(one forward cursor per contiguous span), :mod:`.shuffle` (bounded buffer), :mod:`.workers`
+(decode + augment, ordered results) and :mod:`.decode` (per-image transforms).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import order
+from .distributed import resolve_rank
+from .reader import SplitReader
+from .shuffle import buffer_records, buffered_shuffle
+from .workers import (DecodedBatch, DecodeSpec, InlinePool, ProcessPool, RawBatch, ThreadPool,
+                      decode_batch, pack_batch)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WORKER_TYPES = ("process", "thread")
+_SKIP_LOG = 1000  # skipped records kept for inspection
+
+
+def _default_workers(local_world: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_world))
+
+
+class Loader:
+    """Batches of one split of a sequential LMDB, for one rank, epoch after epoch.
+
+    Example::
+
+        train = Loader('/data/lmdb', 'train', batch_size=256, num_workers=8)
+        for epoch in range(90):
+            train.set_epoch(epoch)
+            for images, targets in train:  # uint8 NCHW, int64
+                ...
+
+    Ordering guarantees (see :mod:`imagenet_seq.order`): every epoch yields every record of this
+    rank's share exactly once; ``len(loader)`` batches, the last one partial unless
+    ``drop_last`` (then its records are left out of this epoch: a different set each epoch).
+    Train: order = pure function of (seed, epoch, rank, world_size, chunk_size, buffer_size);
+    ranks disjoint, equal batch counts, union = dataset minus a tail of ``N % world_size``.
+    Val: file order, rank r gets a contiguous slice, every image once across ranks, no padding.
+    Without ``set_epoch``, each new iteration takes the next epoch number (0, 1, 2, ...).
+
+    Memory (per rank): shuffle buffer ``buffer_size`` x mean JPEG record (default 2 GiB per
+    machine split among its ranks: ~19,500 ImageNet records) + ``prefetch`` raw batches (JPEG
+    bytes, ~28 MB at batch 256) + ``prefetch`` decoded batches (batch x 3 x 224 x 224 bytes,
+    ~38.5 MB at 256) + one read chunk in flight.
+
+    Args:
+        root: folder holding ``ILSVRC-<mode>.lmdb`` (or the .lmdb file itself).
+        mode: ``'train'`` or ``'val'``.
+        transform: ``None`` for the fast OpenCV path (train: RandomResizedCrop + flip; val:
+            resize + centre crop), a :mod:`imagenet_seq.decode` transform, or a
+            torchvision-style transform (PIL image in) collated like ``default_collate``.
+        batch_size, drop_last, pin_memory: as for ``torch.utils.data.DataLoader``.
+        num_workers: decode workers (default: CPUs / ranks on this machine); 0 decodes in the
+            iterating thread.
+        shuffle: chunk permutation + shuffle buffer (default: True for train, False for val).
+        seed: the randomness of order and augmentation.
+        channels_last: images in channels_last memory format (free: stored NHWC).
+        image_size, resize_size, scale, ratio: the fast path's geometry.
+        buffer_size / buffer_bytes: shuffle buffer in records / bytes for this rank.
+        chunk_size: records per contiguous read when chunks are permuted.
+        rank, world_size, distributed: see :func:`imagenet_seq.distributed.resolve_rank`.
+        decoder: ``'cpu'``; ``'dali'`` (raw JPEGs decoded on the GPU by
+            :class:`imagenet_seq.dali.DaliDecoder`); or a callable ``(jpegs, labels) ->
+            (images, targets)`` applied to raw batches in the iterating thread.
+        device: move batches there and normalise (ImageNet mean/std, float) with :func:`to_device`.
+        skip_broken: skip records that fail to decode (counted in ``skipped``) instead of
+            raising :class:`imagenet_seq.workers.RecordError`.
+        worker_type: ``'process'`` (default) or ``'thread'``.
+        prefetch: batches in flight (default ``2 * max(1, num_workers)``).
+    """
+
+    def __init__(self, root: str, mode: str = "train", transform: Optional[Callable] = None, *,
+                 batch_size: int = 256, num_workers: Optional[int] = None,
+                 shuffle: Optional[bool] = None, drop_last: bool = False, seed: int = 0,
+                 pin_memory: bool = False, channels_last: bool = False, image_size: int = 224,
+                 resize_size: int = 256, scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), buffer_size: Optional[int] = None,
+                 buffer_bytes: Optional[int] = None, chunk_size: Optional[int] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 distributed: Optional[bool] = None,
+                 decoder: Union[str, Callable] = "cpu", device: Any = None,
+                 skip_broken: bool = False, worker_type: str = "process",
+                 prefetch: Optional[int] = None):
+        if mode not in order.MODES:
+            raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
+        if worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type={worker_type!r}; expected 'process' or 'thread'")
+        if not (decoder in ("cpu", "dali") or callable(decoder)):
+            raise ValueError(f"decoder={decoder!r}; expected 'cpu', 'dali' or a callable "
+                             "(jpegs, labels) -> (images, targets)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected >= 1")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}; expected >= 0")
+        if seed < 0:
+            raise ValueError(f"seed={seed}; expected a non-negative integer")
+        info = resolve_rank(rank, world_size, distributed)
+        self.rank, self.world_size = info.rank, info.world_size
+        self.reader = SplitReader(root, mode)
+        self.meta = self.reader.meta
+        self.classes: List[str] = list(self.meta.classes)
+        self.dataset_size = len(self.reader)
+        self.mode = mode
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = (mode == "train") if shuffle is None else bool(shuffle)
+        self.seed = seed
+        self.chunk_size = chunk_size or order.DEFAULT_CHUNK_RECORDS
+        order.read_spans(self.dataset_size, mode, rank=self.rank, world_size=self.world_size,
+                         chunk_size=self.chunk_size)  # validates the combination now
+        self.buffer_size = buffer_records(buffer_size, buffer_bytes, self._mean_record_bytes(),
+                                          info.local_world_size) if self.shuffle else 0
+        self.num_workers = _default_workers(info.local_world_size) if num_workers is None \
+            else num_workers
+        self.worker_type = worker_type
+        self.prefetch = prefetch or 2 * max(1, self.num_workers)
+        self.pin_memory = pin_memory
+        self.channels_last = channels_last
+        self.device = device
+        self.skip_broken = skip_broken
+        self.decoder = decoder
+        self._dali = None
+        self._transform, self._collate = self._make_transform(
+            transform, image_size, resize_size, scale, ratio)
+        self.dali_args = dict(mode=mode, batch_size=batch_size, image_size=image_size,
+                              resize_size=resize_size, scale=scale, ratio=ratio, seed=seed,
+                              channels_last=channels_last)
+        self.skipped = 0
+        self.skipped_records: List[Tuple[int, str]] = []
+        self.last_batch_records = np.empty(0, np.int64)
+        self._epoch = 0
+        self._epoch_fixed = False
+        self._live: Optional[_EpochIterator] = None
+
+    # -- configuration -------------------------------------------------------------------------
+    def _mean_record_bytes(self) -> float:
+        if self.meta.total_bytes and self.dataset_size:
+            return self.meta.total_bytes / self.dataset_size
+        sizes = [len(j) for _, j, _ in self.reader.read_range(0, min(256, self.dataset_size))]
+        self.reader.close()
+        return float(np.mean(sizes)) if sizes else 0.0
+
+    def _make_transform(self, transform, image_size, resize_size, scale, ratio):
+        from . import decode
+
+        if transform is None:
+            if self.mode == "train":
+                return decode.TrainTransform(image_size, scale, ratio), "array"
+            return decode.ValTransform(image_size, resize_size), "array"
+        if isinstance(transform, (decode.TrainTransform, decode.ValTransform)):
+            return transform, "array"
+        if isinstance(transform, decode.PILTransform):
+            return transform, "default"
+        if not callable(transform):
+            raise TypeError(f"transform={transform!r} is not callable; pass None (fast OpenCV "
+                            "path) or a torchvision-style transform")
+        return decode.PILTransform(transform), "default"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch of the next iterations (order and augmentation depend on it)."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}; expected >= 0")
+        self._epoch = int(epoch)
+        self._epoch_fixed = True
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def num_records(self) -> int:
+        """Images this rank yields per epoch (``drop_last`` applied; skipped records counted)."""
+        n = order.rank_records(self.dataset_size, self.mode, self.rank, self.world_size)
+        return len(self) * self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        n = order.rank_records(self.dataset_size, self.mode, self.rank, self.world_size)
+        return order.num_batches(n, self.batch_size, self.drop_last)
+
+    def read_spans(self, epoch: Optional[int] = None) -> List[order.Span]:
+        """The contiguous reads of this rank in ``epoch`` (default: the next one)."""
+        return order.read_spans(self.dataset_size, self.mode,
+                                seed=self.seed, epoch=self._epoch if epoch is None else epoch,
+                                rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
+                                chunk_size=self.chunk_size)
+
+    def epoch_order(self, epoch: Optional[int] = None) -> np.ndarray:
+        """Record indices in the order this rank yields them in ``epoch`` (no data read)."""
+        return order.epoch_order(self.dataset_size, self.mode, seed=self.seed,
+                                 epoch=self._epoch if epoch is None else epoch, rank=self.rank,
+                                 world_size=self.world_size, shuffle=self.shuffle,
+                                 chunk_size=self.chunk_size, buffer_size=self.buffer_size)
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
+        if self._live is not None:
+            self._live.close()  # `break` earlier: stop its workers before starting new ones
+        epoch = self._epoch
+        if not self._epoch_fixed:
+            self._epoch += 1
+        self._live = _EpochIterator(self, epoch)
+        return self._live
+
+    def close(self) -> None:
+        """Stop the workers of an unfinished iteration (also done on the next ``iter``)."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+    def _raw_batches(self, epoch: int, stop: threading.Event, shared: bool) -> Iterator[RawBatch]:
+        spans = self.read_spans(epoch)
+
+        def records():
+            for start, count in spans:
+                yield from self.reader.read_range(start, count)
+
+        items = records()
+        if self.shuffle and self.buffer_size > 1:
+            items = buffered_shuffle(items, self.buffer_size,
+                                     order.shuffle_rng(self.seed, epoch, self.rank))
+        total, batch = len(self), []
+        index = 0
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield pack_batch(index, batch, shared)
+                index, batch = index + 1, []
+                if index == total or stop.is_set():
+                    return
+        if batch and index < total:
+            yield pack_batch(index, batch, shared)
+
+    def _make_pool(self, epoch: int):
+        if self.decoder != "cpu":
+            return InlinePool(self._raw_decode), False
+        spec = DecodeSpec(self._transform, self.seed, epoch, self._collate, self.channels_last,
+                          self.skip_broken, self.reader.path)
+        if self.num_workers == 0:
+            return InlinePool(functools.partial(decode_batch, spec=spec)), False
+        if self.worker_type == "thread":
+            return ThreadPool(spec, self.num_workers), False
+        return ProcessPool(spec, self.num_workers), True
+
+    def _raw_decode(self, raw: RawBatch) -> DecodedBatch:
+        if self.decoder == "dali":
+            if self._dali is None:
+                from .dali import DaliDecoder  # lazily: nvidia-dali is an optional extra
+
+                self._dali = DaliDecoder(device=self.device, output="uint8", **self.dali_args)
+            fn = self._dali
+        else:
+            fn = self.decoder
+        images, targets = fn(raw.jpegs(), raw.labels)
+        return DecodedBatch(raw.index, images, targets, raw.records)
+
+    def _finish(self, res: DecodedBatch) -> Tuple[Any, torch.Tensor]:
+        if res.skipped:
+            self.skipped += len(res.skipped)
+            room = _SKIP_LOG - len(self.skipped_records)
+            self.skipped_records.extend(res.skipped[:max(0, room)])
+        self.last_batch_records = res.records
+        images, targets = res.images, res.targets
+        if self.pin_memory and self.device is None and torch.cuda.is_available():
+            images, targets = images.pin_memory(), targets.pin_memory()
+        if self.device is not None and self.decoder == "cpu":
+            images, targets = to_device(images, targets, self.device,
+                                        channels_last=self.channels_last)
+        return images, targets
+
+
+class _EpochIterator:
+    """One pass: a reader thread feeds the pool (bounded), ``__next__`` takes batches in order."""
+
+    def __init__(self, loader: Loader, epoch: int):
+        self.loader = loader
+        self.epoch = epoch
+        self.total = len(loader)
+        self.next_index = 0
+        self.pool, shared = loader._make_pool(epoch)
+        self._stop = threading.Event()
+        self._slots = threading.Semaphore(loader.prefetch)
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._submitted = 0
+        self._thread = threading.Thread(target=self._feed, args=(shared,), daemon=True,
+                                        name="imagenet_seq-reader")
+        self._thread.start()
+
+    def _feed(self, shared: bool) -> None:
+        try:
+            for raw in self.loader._raw_batches(self.epoch, self._stop, shared):
+                while not self._slots.acquire(timeout=0.2):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                self.pool.submit(raw)
+                self._submitted += 1
+        except BaseException as e:  # noqa: BLE001 - re-raised in the iterating thread
+            self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"reading {self.loader.reader.path} failed: "
+                               f"{type(self._error).__name__}: {self._error}") from self._error
+        if not self._thread.is_alive() and self.next_index >= self._submitted:
+            # the reader finished without this batch: waiting would never end
+            raise RuntimeError(f"batch {self.next_index} of {self.total} was never read from "
+                               f"{self.loader.reader.path}; the file ended early")
+
+    def __iter__(self) -> "_EpochIterator":
+        return self
+
+    def __next__(self) -> Tuple[Any, torch.Tensor]:
+        if self.next_index >= self.total or self._closed:
+            self.close()
+            raise StopIteration
+        try:
+            res = self.pool.get(self.next_index, self._check)
+        except BaseException:
+            self.close()
+            raise
+        self._slots.release()
+        self.next_index += 1
+        if self.next_index == self.total:
+            self.close()
+        return self.loader._finish(res)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._thread.join(timeout=10.0)
+        self.pool.close()
+        if not self._thread.is_alive():
+            # LMDB allows one environment per file per process: free it for other Loaders
+            self.loader.reader.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def to_device(images: torch.Tensor, targets: torch.Tensor, device: Any, normalize: bool = True,
+              channels_last: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Copy a batch to ``device`` (non_blocking) and normalise there.
+
+    uint8 images become float32 ``(x / 255 - mean) / std`` with ImageNet mean/std, computed on
+    the device (the float math belongs on the GPU, not the CPU cores). Non-uint8 images (a
+    torchvision transform already normalised them) are only moved.
+    """
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if normalize and images.dtype == torch.uint8:
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+        images = (images.float() - mean) / std
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets

@@ -1,0 +1,332 @@
+"""Decode workers: whole raw batches in, decoded batches out, in batch order.
+
+Three pools share one interface (``submit(raw)``, ``get(index)``, ``close()``):
+
+* :class:`InlinePool` decodes in the caller (``num_workers=0``: debugging, profiling);
+* :class:`ThreadPool`: N threads (OpenCV releases the GIL while decoding/resizing);
+* :class:`ProcessPool`: N forked processes. Raw JPEG bytes travel in one shared-memory tensor per
+  batch, decoded images come back as shared-memory tensors (no pickling of pixels). Workers get
+  ``PR_SET_PDEATHSIG=SIGKILL`` so they die with the trainer even after ``kill -9``.
+
+Augmentation randomness is a function of ``(seed, epoch, record index)`` only, so the output does
+not depend on the pool type, the worker count, or which worker got which batch.
+
+Why not tensorpack's ``MultiProcessMapDataZMQ``: it pickles every decoded array through ZMQ, does
+not keep order unless ``strict=True`` and hung on a finite input with ``strict=False``; the loader
+needs ordered results, per-record error reports and shared-memory output, which take less code
+here than around it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+_PR_SET_PDEATHSIG = 1
+_POLL_S = 0.5
+
+
+@dataclass
+class RawBatch:
+    """One batch of undecoded records: ``data[offsets[i]:offsets[i+1]]`` is record ``i``'s JPEG."""
+
+    index: int
+    records: np.ndarray  # int64 record indices (file positions)
+    labels: np.ndarray  # int64
+    offsets: np.ndarray  # int64, len(records) + 1
+    data: Any  # 1-D uint8: numpy array, or a torch tensor in shared memory for processes
+
+    def jpeg(self, i: int) -> memoryview:
+        buf = self.data.numpy() if isinstance(self.data, torch.Tensor) else self.data
+        return memoryview(buf[self.offsets[i]:self.offsets[i + 1]])
+
+    def jpegs(self) -> List[bytes]:
+        return [bytes(self.jpeg(i)) for i in range(len(self.records))]
+
+
+def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]], shared: bool) -> RawBatch:
+    """Records ``(index, jpeg, label)`` -> a :class:`RawBatch` (one copy of the bytes)."""
+    sizes = np.fromiter((len(j) for _, j, _ in items), np.int64, count=len(items))
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    if shared:
+        data = torch.empty(int(offsets[-1]), dtype=torch.uint8).share_memory_()
+        view = data.numpy()
+    else:
+        data = view = np.empty(int(offsets[-1]), np.uint8)
+    for k, (_, jpeg, _) in enumerate(items):
+        view[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
+    return RawBatch(index, np.fromiter((i for i, _, _ in items), np.int64, count=len(items)),
+                    np.fromiter((lab for _, _, lab in items), np.int64, count=len(items)),
+                    offsets, data)
+
+
+@dataclass
+class DecodeSpec:
+    """What a worker does to each record.
+
+    ``collate='array'``: the transform returns ``(H, W, 3)`` uint8 arrays, stacked into NCHW
+    (or NHWC storage seen as NCHW channels_last). ``collate='default'``: anything, collated with
+    ``torch.utils.data.default_collate`` (the torchvision-transform path).
+    """
+
+    transform: Callable[[Any, Optional[np.random.Generator]], Any]
+    seed: int = 0
+    epoch: int = 0
+    collate: str = "array"
+    channels_last: bool = False
+    skip_broken: bool = False
+    source: str = ""  # file path, for error messages
+    shared: bool = False  # allocate outputs in shared memory (process pool)
+
+
+@dataclass
+class DecodedBatch:
+    index: int
+    images: Any
+    targets: torch.Tensor
+    records: np.ndarray  # record indices of the images, in batch order
+    skipped: List[Tuple[int, str]] = field(default_factory=list)
+
+
+class RecordError(RuntimeError):
+    """A record failed to decode; ``key`` is its LMDB key (``b'%08d'``)."""
+
+    def __init__(self, message: str, key: bytes = b"", index: int = -1):
+        super().__init__(message)
+        self.key = key
+        self.index = index
+
+
+def augment_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
+    """Augmentation randomness of one record in one epoch (independent of workers)."""
+    return np.random.default_rng([seed, epoch, record, 0x41554720])
+
+
+def decode_batch(raw: RawBatch, spec: DecodeSpec) -> DecodedBatch:
+    """Decode and augment every record of ``raw``; the per-batch work of every pool.
+
+    Raises:
+        RecordError: naming the record key, unless ``spec.skip_broken`` (then counted).
+    """
+    n = len(raw.records)
+    outs: List[Any] = []
+    kept: List[int] = []
+    skipped: List[Tuple[int, str]] = []
+    images = None
+    for i in range(n):
+        rec = int(raw.records[i])
+        try:
+            out = spec.transform(raw.jpeg(i), augment_rng(spec.seed, spec.epoch, rec))
+            if spec.collate == "array":
+                images = _put(images, out, len(kept), n, spec, rec)
+            else:
+                outs.append(out)
+        except Exception as e:  # noqa: BLE001 - reported with the record key
+            if spec.skip_broken:
+                skipped.append((rec, f"{type(e).__name__}: {e}"))
+                continue
+            raise RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {spec.source} failed "
+                              f"to decode: {type(e).__name__}: {e}", b"%08d" % rec, rec) from e
+        kept.append(i)
+    targets = torch.from_numpy(raw.labels[kept].astype(np.int64))
+    if spec.collate == "array":
+        if images is None:  # every record skipped
+            images = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+        else:
+            images = images[: len(kept)]
+            images = images.permute(0, 3, 1, 2) if spec.channels_last else images
+    else:
+        images = torch.utils.data.default_collate(outs) if outs else torch.empty(0)
+    return DecodedBatch(raw.index, images, targets, raw.records[kept], skipped)
+
+
+def _put(images, out, k: int, n: int, spec: DecodeSpec, rec: int):
+    """Write one decoded image into the batch tensor (allocated from the first image)."""
+    arr = np.asarray(out)
+    if arr.dtype != np.uint8 or arr.ndim != 3:
+        raise TypeError(f"transform returned {arr.dtype} array of shape {arr.shape}; "
+                        "expected (H, W, C) uint8")
+    if images is None:
+        h, w, c = arr.shape
+        shape = (n, h, w, c) if spec.channels_last else (n, c, h, w)
+        images = torch.empty(shape, dtype=torch.uint8)
+        if spec.shared:
+            images.share_memory_()
+    expected = tuple(images.shape[1:]) if spec.channels_last else \
+        (images.shape[2], images.shape[3], images.shape[1])
+    if arr.shape != expected:
+        raise ValueError(f"transform returned shape {arr.shape} for record {rec}, the batch "
+                         f"has {expected}; transforms must give one size")
+    dst = images[k].numpy()
+    if spec.channels_last:
+        dst[...] = arr
+    else:
+        dst[...] = arr.transpose(2, 0, 1)
+    return images
+
+
+class InlinePool:
+    """Decode in the thread that asks for the batch (``num_workers=0``, or a raw-batch decoder).
+
+    Args:
+        decode: ``raw -> DecodedBatch``; e.g. ``functools.partial(decode_batch, spec=spec)``.
+    """
+
+    def __init__(self, decode: Callable[[RawBatch], DecodedBatch]):
+        self._decode = decode
+        self._raw: Dict[int, RawBatch] = {}
+        self._cond = threading.Condition()
+
+    def submit(self, raw: RawBatch) -> None:
+        with self._cond:
+            self._raw[raw.index] = raw
+            self._cond.notify_all()
+
+    def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
+        with self._cond:
+            while index not in self._raw:
+                check()
+                self._cond.wait(_POLL_S)
+            raw = self._raw.pop(index)
+        return self._decode(raw)
+
+    def close(self) -> None:
+        with self._cond:
+            self._raw.clear()
+
+
+class ThreadPool:
+    """``num_workers`` decode threads in this process."""
+
+    def __init__(self, spec: DecodeSpec, num_workers: int):
+        self.spec = spec
+        self._exec = ThreadPoolExecutor(num_workers, thread_name_prefix="imagenet_seq-decode")
+        self._futures: Dict[int, Any] = {}
+        self._cond = threading.Condition()
+
+    def submit(self, raw: RawBatch) -> None:
+        fut = self._exec.submit(decode_batch, raw, self.spec)
+        with self._cond:
+            self._futures[raw.index] = fut
+            self._cond.notify_all()
+
+    def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
+        with self._cond:
+            while index not in self._futures:
+                check()
+                self._cond.wait(_POLL_S)
+            fut = self._futures.pop(index)
+        return fut.result()
+
+    def close(self) -> None:
+        with self._cond:
+            for fut in self._futures.values():
+                fut.cancel()
+            self._futures.clear()
+        self._exec.shutdown(wait=True, cancel_futures=True)
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only)."""
+    try:
+        import prctl  # python-prctl
+
+        prctl.set_pdeathsig(sig)
+        return
+    except ImportError:
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: rely on the parent's shutdown
+        pass
+
+
+def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int) -> None:
+    set_pdeathsig()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)
+    spec.shared = True
+    while True:
+        raw = in_q.get()
+        if raw is None:
+            break
+        try:
+            out_q.put(("ok", decode_batch(raw, spec)))
+        except RecordError as e:
+            out_q.put(("record", raw.index, str(e), e.key, e.index))
+        except BaseException as e:  # noqa: BLE001 - every failure reaches the parent
+            out_q.put(("error", raw.index, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        del raw
+
+
+class ProcessPool:
+    """``num_workers`` forked decode processes fed through one queue; results reordered."""
+
+    def __init__(self, spec: DecodeSpec, num_workers: int):
+        import torch.multiprocessing as tmp
+
+        ctx = tmp.get_context("fork")
+        self._in = ctx.Queue()
+        self._out = ctx.Queue()
+        self._ready: Dict[int, DecodedBatch] = {}
+        self._closed = False
+        self.procs = [ctx.Process(target=_worker_main, args=(self._in, self._out, spec,
+                                                             os.getpid()),
+                                  name=f"imagenet_seq-decode-{k}", daemon=True)
+                      for k in range(num_workers)]
+        for p in self.procs:
+            p.start()
+
+    def submit(self, raw: RawBatch) -> None:
+        self._in.put(raw)
+
+    def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
+        while index not in self._ready:
+            try:
+                msg = self._out.get(timeout=_POLL_S)
+            except queue.Empty:
+                check()
+                for p in self.procs:
+                    if p.exitcode is not None:
+                        raise RuntimeError(
+                            f"decode worker {p.name} (pid {p.pid}) died with exit code "
+                            f"{p.exitcode} (killed, or out of memory?)")
+                continue
+            if msg[0] == "ok":
+                self._ready[msg[1].index] = msg[1]
+            elif msg[0] == "record":
+                raise RecordError(msg[2], msg[3], msg[4])
+            else:
+                raise RuntimeError(f"decode worker failed on batch {msg[1]}: {msg[2]}")
+        return self._ready.pop(index)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready.clear()
+        # Workers hold nothing worth finishing: stop them now rather than after queued batches.
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2.0)
+        for q in (self._in, self._out):
+            q.cancel_join_thread()
+            q.close()
