@@ -1,0 +1,339 @@
+"""imagenet_seq.dali.DaliDecoder on DALI's CPU backend (CI has no GPU), plus GPU tests that skip
+without CUDA, plus the Loader with decoder='dali' (exact epochs, DDP equal batch counts)."""
+import importlib.util
+import io
+import os
+import pickle
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagenet_seq.decode import DecodeError, TrainTransform, ValTransform
+
+HAVE_DALI = importlib.util.find_spec("nvidia") is not None and \
+    importlib.util.find_spec("nvidia.dali") is not None
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def dali_test(fn):
+    """Marked ``dali``; skipped without nvidia-dali."""
+    fn = pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali is not installed")(fn)
+    return pytest.mark.dali(fn)
+
+
+def gpu_test(fn):
+    """Marked ``dali`` and ``gpu``; skipped without nvidia-dali or a CUDA device."""
+    fn = pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA device")(fn)
+    return pytest.mark.gpu(dali_test(fn))
+
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+def dali_decoder(*args, **kwargs):
+    from imagenet_seq.dali import DaliDecoder
+
+    kwargs.setdefault("device", "cpu")
+    return DaliDecoder(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def jpegs(sample_tree):
+    """The sample tree's JPEG bytes (ImageNet-like 500x375 / 375x500 photos), sorted by path."""
+    root = sample_tree[0]
+    out = []
+    for split in ("train", "val"):
+        for cls in sorted(os.listdir(os.path.join(root, split))):
+            d = os.path.join(root, split, cls)
+            for name in sorted(os.listdir(d)):
+                with open(os.path.join(d, name), "rb") as f:
+                    out.append(f.read())
+    return out
+
+
+def odd_size_jpegs():
+    """Smooth images of sizes that stress the val geometry's rounding (odd/even margins)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in ((500, 333), (333, 500), (257, 300), (256, 256), (1000, 751), (300, 257)):
+        img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)
+        out.append(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    return out
+
+
+def gif_bytes(jpeg: bytes) -> bytes:
+    """The same picture as a GIF: OpenCV (>= 4.11) decodes GIFs, DALI's decoders do not."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").save(buf, "GIF")
+    return buf.getvalue()
+
+
+def as_hwc(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -- errors that need no DALI ----------------------------------------------------------------
+
+def test_missing_dali_names_the_install_line(monkeypatch):
+    from imagenet_seq import dali
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda120") as info:
+        dali.DaliDecoder("train", 4, device="cpu")
+    assert dali.INSTALL_LINE == "pip install nvidia-dali-cuda120"
+    assert "decoder='cpu'" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="test"), "mode='test'"),
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(output="fp16"), "output='fp16'"),
+    (dict(backend="tpu"), "backend='tpu'"),
+    (dict(scale=(0.5, 0.1)), "scale="),
+    (dict(ratio=(0, 1)), "ratio="),
+    (dict(mode="val", image_size=300), "image_size=300 > resize_size=256"),
+    (dict(device="mps:0"), "device='mps:0'"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    args = dict(mode="train", batch_size=4, device="cpu")
+    args.update(kwargs)
+    if "device" in kwargs and not HAVE_DALI:
+        pytest.skip("the device is checked after the DALI import")
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        dali_decoder(**args)
+
+
+# -- CPU backend ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
+@pytest.mark.skipif(HAVE_CUDA, reason="tests the error raised without CUDA")
+@dali_test
+def test_gpu_requested_without_cuda_is_a_clear_error(device):
+    with pytest.raises(RuntimeError, match="CUDA is not available.*device='cpu'"):
+        dali_decoder("train", 4, device=device)
+    with pytest.raises(RuntimeError, match="backend='gpu'.*CUDA is not available"):
+        dali_decoder("train", 4, device=None, backend="gpu")
+    with pytest.raises(ValueError, match="backend='gpu' with device='cpu'"):
+        dali_decoder("train", 4, device="cpu", backend="gpu")
+
+
+@pytest.mark.parametrize("mode", ["train", "val"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("output", ["uint8", "float"])
+@dali_test
+def test_shapes_dtypes_layout(jpegs, mode, channels_last, output):
+    dec = dali_decoder(mode, 8, image_size=96, resize_size=112, channels_last=channels_last,
+                       output=output, device=None)  # None: CPU here, picks CUDA where present
+    assert dec.backend == ("gpu" if HAVE_CUDA else "cpu")
+    images, targets = dec(jpegs[:8], np.arange(8, dtype=np.int32))
+    assert images.shape == (8, 3, 96, 96)
+    assert images.dtype == (torch.uint8 if output == "uint8" else torch.float32)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert images.is_contiguous(memory_format=fmt)
+    assert channels_last or images.is_contiguous()
+    assert targets.dtype == torch.int64 and targets.tolist() == list(range(8))
+    assert images.device == targets.device == dec.device
+    if output == "float":  # normalised: roughly zero-mean, within ImageNet's normalised range
+        assert -2.2 < images.min() < 0 < images.max() < 2.7
+        assert abs(images.mean().item()) < 1.0
+
+
+@dali_test
+def test_float_output_is_the_normalised_uint8_output(jpegs):
+    raw, _ = dali_decoder("val", 6)(jpegs[:6], np.zeros(6))
+    norm, _ = dali_decoder("val", 6, output="float", channels_last=True)(jpegs[:6], np.zeros(6))
+    torch.testing.assert_close(norm, (raw.float() - MEAN) / STD, rtol=0, atol=1e-4)
+
+
+@dali_test
+def test_val_pixels_match_the_cpu_path(jpegs):
+    """DALI resize (antialiased linear) vs ValTransform (cv2 INTER_AREA): same geometry, so only
+    interpolation differs. Measured mean |diff| on these grainy photos: 1.2-1.9 per image (on
+    smooth images 0-0.9); a one-pixel shift of the crop gives ~7-9. Tolerance 3: catches any
+    geometry error (shifted or mis-scaled crop, swapped channels) and not interpolation."""
+    data = jpegs[:24] + odd_size_jpegs()
+    images, _ = dali_decoder("val", len(data))(data, np.zeros(len(data)))
+    ref = np.stack([ValTransform(224, 256)(j) for j in data]).astype(np.int16)
+    got = as_hwc(images).astype(np.int16)
+    mad = np.abs(got - ref).reshape(len(data), -1).mean(axis=1)
+    assert mad.max() < 3.0, mad.round(2)
+    shifted = np.abs(got[:24, :, 1:] - ref[:24, :, :-1]).reshape(24, -1).mean(axis=1)
+    assert shifted.min() > 3.0, shifted.round(2)  # the tolerance does tell a 1 px shift
+    swapped = np.abs(got[:24, ..., ::-1] - ref[:24]).reshape(24, -1).mean(axis=1)
+    assert swapped.min() > 3.0, swapped.round(2)  # ... and BGR from RGB
+
+
+def coordinate_jpeg(w=480, h=360) -> bytes:
+    """R encodes x, G encodes y (0..255 over the image): a crop reveals its own box."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    rgb = np.stack([x, y, np.full_like(x, 128)], axis=-1).round().astype(np.uint8)
+    return cv2.imencode(".jpg", rgb[:, :, ::-1].copy(),
+                        [cv2.IMWRITE_JPEG_QUALITY, 100,
+                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                         cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])[1].tobytes()
+
+
+@dali_test
+def test_train_crops_follow_scale_ratio_and_flip():
+    w, h, n, size = 480, 360, 48, 64
+    scale, ratio = (0.25, 0.3), (0.5, 0.5)  # narrow ranges, far from the defaults
+    dec = dali_decoder("train", 16, image_size=size, scale=scale, ratio=ratio, seed=3)
+    images, _ = dec([coordinate_jpeg(w, h)] * n, np.zeros(n))
+    img = images.float().numpy()
+    x_left, x_right = img[:, 0, :, 0].mean(1), img[:, 0, :, -1].mean(1)
+    y_top, y_bottom = img[:, 1, 0, :].mean(1), img[:, 1, -1, :].mean(1)
+    flipped = x_left > x_right
+    assert 0 < flipped.sum() < n  # the coin flips both ways (p(all same) = 2**-47)
+    # box extent in pixels: the edge rows/columns sample half a pixel inside the box
+    bw = np.abs(x_right - x_left) / 255 * (w - 1) * size / (size - 1)
+    bh = (y_bottom - y_top) / 255 * (h - 1) * size / (size - 1)
+    area, aspect = bw * bh / (w * h), bw / bh
+    assert ((area > scale[0] * 0.9) & (area < scale[1] * 1.1)).all(), area.round(3)
+    assert (np.abs(aspect - 0.5) < 0.05).all(), aspect.round(3)
+    # the default spec gives other boxes: the test does see the arguments
+    images, _ = dali_decoder("train", 16, image_size=size, seed=3)([coordinate_jpeg(w, h)] * n,
+                                                                    np.zeros(n))
+    img = images.float().numpy()
+    bw = np.abs(img[:, 0, :, -1].mean(1) - img[:, 0, :, 0].mean(1)) / 255 * (w - 1)
+    bh = (img[:, 1, -1, :].mean(1) - img[:, 1, 0, :].mean(1)) / 255 * (h - 1)
+    assert (np.abs(bw / bh - 0.5) > 0.05).any()
+
+
+@dali_test
+def test_seeded_and_deterministic_on_cpu(jpegs):
+    a, _ = dali_decoder("train", 8, seed=5)(jpegs[:8], np.zeros(8))
+    b, _ = dali_decoder("train", 8, seed=5)(jpegs[:8], np.zeros(8))
+    c, _ = dali_decoder("train", 8, seed=6)(jpegs[:8], np.zeros(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@dali_test
+def test_last_partial_batch_and_oversized_input(jpegs):
+    dec = dali_decoder("val", 8)
+    full, _ = dec(jpegs[:8], np.arange(8))
+    part, t = dec(jpegs[:5], np.arange(5))  # the epoch's last batch: fewer than batch_size
+    assert part.shape[0] == 5 and t.tolist() == list(range(5))
+    assert torch.equal(part, full[:5])
+    one, t = dec(jpegs[7:8], [7])
+    assert torch.equal(one, full[7:8]) and t.tolist() == [7]
+    big, t = dec(jpegs[:8] + jpegs[:5], np.arange(13))  # > batch_size: decoded in chunks
+    assert torch.equal(big, torch.cat([full, full[:5]])) and t.tolist() == list(range(13))
+    empty, t = dec([], np.zeros(0))
+    assert empty.shape == (0, 3, 224, 224) and t.shape == (0,)
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        dec(jpegs[:3], [0, 1])
+
+
+@dali_test
+def test_pickles_without_its_pipeline(jpegs):
+    dec = dali_decoder("val", 4)
+    first, _ = dec(jpegs[:4], np.zeros(4))
+    assert dec._pipe is not None
+    clone = pickle.loads(pickle.dumps(dec))  # e.g. a Loader sent to another process
+    assert clone._pipe is None
+    assert torch.equal(clone(jpegs[:4], np.zeros(4))[0], first)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@dali_test
+def test_dali_failure_falls_back_to_the_cpu_per_image(jpegs, channels_last, caplog):
+    """A GIF: DALI's decoders reject it ("nvImageCodec failure"), OpenCV decodes it. It stands
+    for any image nvJPEG/DALI cannot read; DALI's CPU decoder read every CMYK, grayscale,
+    progressive and 4:1:1/4:2:2/4:4:0 JPEG we tried, so a real DALI failure is used, not a mock."""
+    gif = gif_bytes(jpegs[3])
+    batch = jpegs[:3] + [gif] + jpegs[4:8]
+    labels = np.arange(8)
+    dec = dali_decoder("val", 8, channels_last=channels_last)
+    images, targets = dec(batch, labels)
+    assert dec.num_fallbacks == 1
+    assert "could not decode 1 of 8" in caplog.text
+    assert targets.tolist() == list(range(8))
+    assert images.is_contiguous(memory_format=torch.channels_last if channels_last
+                                else torch.contiguous_format)
+    good, _ = dali_decoder("val", 8)(jpegs[:3] + jpegs[4:8], np.zeros(7))
+    keep = [0, 1, 2, 4, 5, 6, 7]
+    assert torch.equal(images[keep], good)  # the others: DALI's pixels, in input order
+    assert np.array_equal(as_hwc(images[3:4])[0], ValTransform(224, 256)(gif))
+    # a GIF alone (a last batch of one) and two GIFs: still no crash, same pixels
+    again, _ = dec([gif], [3])
+    assert torch.equal(again, images[3:4])
+    two, _ = dec([gif, jpegs[0], gif], [0, 1, 2])
+    assert torch.equal(two[0], images[3]) and torch.equal(two[2], images[3])
+    assert torch.equal(two[1], good[0])
+    # the decoder keeps working after the failures
+    assert torch.equal(dec(jpegs[:3] + jpegs[4:8], np.zeros(7))[0], good)
+
+
+@dali_test
+def test_train_fallback_and_float_output(jpegs):
+    gif = gif_bytes(jpegs[0])
+    dec = dali_decoder("train", 4, output="float", image_size=64)
+    images, targets = dec([jpegs[1], gif, jpegs[2]], [1, 2, 3])
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
+    assert dec.num_fallbacks == 1 and targets.tolist() == [1, 2, 3]
+    assert -2.2 < images[1].min() < images[1].max() < 2.7  # normalised like DALI's
+    assert images[1].std() > 0.1  # a real picture, not a blank
+
+
+@dali_test
+def test_undecodable_image_raises_or_is_skipped(jpegs):
+    garbage = b"not an image at all" * 10
+    dec = dali_decoder("val", 4)
+    with pytest.raises(DecodeError, match="image 1 of this batch.*DALI said.*OpenCV said"):
+        dec([jpegs[0], garbage, jpegs[1]], [0, 1, 2])
+    dec = dali_decoder("val", 4, skip_broken=True)
+    images, targets = dec([jpegs[0], garbage, jpegs[1]], [0, 1, 2])
+    assert images.shape[0] == 2 and targets.tolist() == [0, 2]
+    ok, _ = dec([jpegs[0], jpegs[1]], [0, 2])
+    assert torch.equal(images, ok)
+
+
+@dali_test
+def test_every_image_failing_is_not_blamed_on_the_images(monkeypatch, jpegs):
+    """A DALI failure unrelated to the images (say CUDA out of memory) must surface, not turn
+    every batch into a slow CPU decode."""
+    dec = dali_decoder("val", 4)
+
+    def broken_run(arrays):
+        raise RuntimeError("Critical error in pipeline: CUDA out of memory")
+    monkeypatch.setattr(dec, "_run", broken_run)
+    with pytest.raises(RuntimeError, match="not the images.*out of memory"):
+        dec(jpegs[:4], np.zeros(4))
+
+
+# -- GPU (skipped here: no CUDA in CI) ----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["train", "val"])
+@gpu_test
+def test_gpu_backend_outputs_on_the_device(jpegs, mode):
+    dec = dali_decoder(mode, 16, device="cuda:0", output="float", channels_last=True)
+    assert dec.backend == "gpu"
+    images, targets = dec(jpegs[:13], np.arange(13))
+    assert images.device == targets.device == torch.device("cuda", 0)
+    assert images.shape == (13, 3, 224, 224) and images.dtype == torch.float32
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@gpu_test
+def test_gpu_val_pixels_match_the_cpu_path(jpegs):
+    """nvJPEG's chroma upsampling and IDCT differ slightly from libjpeg-turbo's: a looser 4."""
+    images, _ = dali_decoder("val", 16, device="cuda")(jpegs[:16], np.zeros(16))
+    ref = np.stack([ValTransform(224, 256)(j) for j in jpegs[:16]]).astype(np.int16)
+    mad = np.abs(as_hwc(images).astype(np.int16) - ref).reshape(16, -1).mean(axis=1)
+    assert mad.max() < 4.0, mad.round(2)
+
+
+@gpu_test
+def test_gpu_fallback(jpegs):
+    gif = gif_bytes(jpegs[3])
+    dec = dali_decoder("val", 4, device="cuda")
+    images, _ = dec([jpegs[0], gif], [0, 1])
+    assert dec.num_fallbacks == 1 and images.is_cuda
+    assert np.array_equal(as_hwc(images[1:2])[0], ValTransform(224, 256)(gif))
