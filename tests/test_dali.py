@@ -337,3 +337,183 @@ def test_gpu_fallback(jpegs):
     images, _ = dec([jpegs[0], gif], [0, 1])
     assert dec.num_fallbacks == 1 and images.is_cuda
     assert np.array_equal(as_hwc(images[1:2])[0], ValTransform(224, 256)(gif))
+
+
+# -- the Loader with decoder='dali' ---------------------------------------------------------------
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ddp_ranks import colour_of, ids_of  # noqa: E402
+from invariants import check_epochs, check_shards  # noqa: E402
+
+N_TRAIN, N_VAL, N_CLASSES = 50, 13, 4
+# chunk_size=5: ImageNet has thousands of chunks; 50 records need small ones to be shuffled
+LOADER_KW = dict(batch_size=4, image_size=16, resize_size=16, chunk_size=5, decoder="dali",
+                 device="cpu")
+
+
+@pytest.fixture(scope="module")
+def colour_lmdb(tmp_path_factory):
+    """Solid-colour JPEGs whose colour encodes an id (survives any crop/resize), as LMDBs.
+
+    Returns (lmdb folder, {split: record index -> id}, {split: labels by record}).
+    """
+    from imagenet_seq.preprocess_cli import main as preprocess
+    from imagenet_seq.reader import SplitReader
+
+    src = tmp_path_factory.mktemp("dali_colour_tree")
+    for split, n, offset in (("train", N_TRAIN, 0), ("val", N_VAL, 1000)):
+        for i in range(offset, offset + n):
+            d = src / split / f"class{i % N_CLASSES}"
+            d.mkdir(parents=True, exist_ok=True)
+            img = np.empty((40, 48, 3), np.uint8)
+            img[:] = colour_of(i)[::-1]
+            cv2.imwrite(str(d / f"{i:04d}.JPEG"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    out = str(tmp_path_factory.mktemp("dali_colour_lmdb"))
+    assert preprocess([str(src), out, "--workers", "0", "--no-progress"]) == 0
+    id_to_record, labels = {}, {}
+    for split in ("train", "val"):
+        reader = SplitReader(out, split)
+        reader.reset_state()
+        ids = {}
+        for index, jpeg, label in reader.read_all():
+            rgb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+            ids[ids_of(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None])[0]] = index
+            assert label == ids_of(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None])[0] \
+                % N_CLASSES
+        reader.close()
+        id_to_record[split] = ids
+        labels[split] = np.asarray(SplitReader(out, split).labels, np.int64)
+    return out, id_to_record, labels
+
+
+def pixel_records(split, id_to_record):
+    """records_of for the invariant helper: which records a batch held, read from its pixels
+    (so the check covers DALI's output, not only the Loader's bookkeeping)."""
+    def records_of(loader, images, targets):
+        got = np.array([id_to_record[split][i] for i in ids_of(images)], np.int64)
+        assert np.array_equal(got, loader.last_batch_records), "pixels vs records"
+        return got
+    return records_of
+
+
+@dali_test
+@pytest.mark.parametrize("mode", ["train", "val"])
+def test_loader_exact_epochs(colour_lmdb, mode):
+    from imagenet_seq.data import Loader
+
+    root, id_to_record, labels = colour_lmdb
+    orders = check_epochs(lambda: Loader(root, mode, seed=3, **LOADER_KW), labels[mode],
+                          records_of=pixel_records(mode, id_to_record))
+    n = N_TRAIN if mode == "train" else N_VAL
+    assert all(len(o) == n for o in orders.values())
+    loader = Loader(root, mode, seed=3, **LOADER_KW)
+    assert len(loader) == -(-n // 4)  # last batch partial (50 = 12 x 4 + 2; 13 = 3 x 4 + 1)
+    images, targets = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 16, 16)
+    assert targets.dtype == torch.int64
+    loader.close()
+
+
+@dali_test
+def test_loader_drop_last_and_channels_last(colour_lmdb):
+    from imagenet_seq.data import Loader
+
+    root, id_to_record, labels = colour_lmdb
+    kw = dict(LOADER_KW, drop_last=True, channels_last=True)
+    check_epochs(lambda: Loader(root, "train", **kw), labels["train"],
+                 records_of=pixel_records("train", id_to_record))
+    for images, _ in Loader(root, "train", **kw):
+        assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@dali_test
+@pytest.mark.parametrize("mode", ["train", "val"])
+def test_loader_shards_with_explicit_ranks(colour_lmdb, mode):
+    from imagenet_seq.data import Loader
+
+    root, id_to_record, labels = colour_lmdb
+    shards = check_shards(
+        lambda r, w: Loader(root, mode, rank=r, world_size=w, **LOADER_KW), 2, labels[mode],
+        records_of=pixel_records(mode, id_to_record))
+    if mode == "val":  # complete: every image once, no padding
+        assert sorted(np.concatenate(shards[0]).tolist()) == list(range(N_VAL))
+
+
+def _ddp_rank_main(argv=None) -> None:
+    """One torchrun rank (``python tests/test_dali.py LMDB OUT``): the DALI Loader's view."""
+    import argparse
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    from imagenet_seq.data import Loader
+
+    p = argparse.ArgumentParser()
+    p.add_argument("root")
+    p.add_argument("out")
+    p.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args(argv)
+    # a short timeout: unequal batch counts must fail the test, not hang it
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    train = Loader(args.root, "train", shuffle=True, seed=0, **LOADER_KW)
+    val = Loader(args.root, "val", **LOADER_KW)
+    out = {"rank": train.rank, "world_size": train.world_size, "train_len": len(train),
+           "val_len": len(val), "train_batches": [], "train_ids": [], "val_ids": []}
+    for epoch in range(args.epochs):
+        train.set_epoch(epoch)
+        ids, batches = [], 0
+        for images, targets in train:
+            dist.all_reduce(torch.ones(1))  # what DDP's gradient sync does every step
+            batches += 1
+            ids += ids_of(images)
+            assert [i % N_CLASSES for i in ids_of(images)] == targets.tolist()
+        out["train_batches"].append(batches)
+        out["train_ids"].append(ids)
+    val_batches = 0
+    for images, _ in val:
+        val_batches += 1
+        out["val_ids"] += ids_of(images)
+    out["val_batches"] = val_batches
+    flag = torch.ones(1)
+    dist.all_reduce(flag)  # the ranks meet here only if nobody hung on a missing batch
+    out["all_reduce"] = flag.item()
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@dali_test
+def test_ddp_two_processes_equal_batches(colour_lmdb, tmp_path):
+    import json
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", os.path.abspath(__file__),
+           colour_lmdb[0], str(tmp_path)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{k}.json")) for k in range(2)]
+    assert [(d["rank"], d["world_size"], d["all_reduce"]) for d in ranks] == [(0, 2, 2),
+                                                                             (1, 2, 2)]
+    for e in range(2):
+        assert ranks[0]["train_batches"][e] == ranks[1]["train_batches"][e] == \
+            ranks[0]["train_len"] == ranks[1]["train_len"] == 7  # 25 records each, batch 4
+        a, b = (set(d["train_ids"][e]) for d in ranks)
+        assert not a & b and a | b == set(range(N_TRAIN))  # 50 % 2 == 0: nothing left out
+    assert set(ranks[0]["train_ids"][0]) != set(ranks[0]["train_ids"][1])  # reshuffled
+    val = ranks[0]["val_ids"] + ranks[1]["val_ids"]
+    assert sorted(val) == list(range(1000, 1000 + N_VAL))  # each val image once, no padding
+    assert [d["val_batches"] for d in ranks] == [d["val_len"] for d in ranks]
+
+
+if __name__ == "__main__":
+    _ddp_rank_main()
