@@ -225,6 +225,25 @@ def _run(args, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
         from loaders import seq_loaders
         train_loader, val_loader, classes = seq_loaders(
             args, device, workers, per_rank_batch, need_train=not args.evaluate)
+    try:
+        return _train(args, rank, world, device, dtype, train_loader, val_loader, classes,
+                      per_rank_batch, workers, log)
+    finally:  # stop workers and close the LMDBs now, also on an error (e.g. a bad --resume)
+        for loader in (train_loader, val_loader):
+            _close(loader)
+
+
+def _close(loader) -> None:
+    if loader is None:
+        return
+    if hasattr(loader, "close"):
+        loader.close()
+    if hasattr(getattr(loader, "reader", None), "close"):
+        loader.reader.close()
+
+
+def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, per_rank_batch,
+           workers, log) -> Dict[str, Any]:
     num_classes = args.num_classes or len(classes) or 1000
     model = build_model(args.arch, num_classes, args.pretrained).to(device)
     if args.channels_last:
@@ -291,7 +310,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
         if dist.is_initialized():
             dist.barrier()  # a resumed run must find the checkpoint of every finished epoch
         summary.update(epochs_run=summary["epochs_run"] + 1, val=val, best_acc1=best_acc1,
-                       train_img_per_s=progress.images * world / max(progress.step_s, 1e-9),
+                       train_img_per_s=progress.steady_rate(),
                        data_wait=progress.data_s / max(progress.step_s, 1e-9))
     if bar is not None:
         bar.close()

@@ -90,6 +90,12 @@ class Progress:
             return (self.step_s - self.first_step_s) / (self.step_i - 1)
         return self.step_s / self.step_i if self.step_i else float("nan")
 
+    def steady_rate(self) -> float:
+        """Images/s over all ranks this epoch, leaving out the first step (worker start-up)."""
+        t = self.mean_step_time()
+        return self.images * self.world_size / self.step_i / t if self.step_i and t > 0 \
+            else float("nan")
+
     def val_estimate(self) -> float:
         """Seconds of one validation pass: measured, or ``val_steps`` x the train step time."""
         if self.val_seconds is not None:
