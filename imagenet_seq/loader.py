@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import weakref
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -146,7 +147,9 @@ class Loader:
         self.last_batch_records = np.empty(0, np.int64)
         self._epoch = 0
         self._epoch_fixed = False
-        self._live: Optional[_EpochIterator] = None
+        # weak: an abandoned iterator (``next(iter(loader))``) is freed at once, stopping its
+        # workers and closing the LMDB environment
+        self._live: Optional[weakref.ref] = None
 
     # -- configuration -------------------------------------------------------------------------
     def _mean_record_bytes(self) -> float:
@@ -209,19 +212,20 @@ class Loader:
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
-        if self._live is not None:
-            self._live.close()  # `break` earlier: stop its workers before starting new ones
+        self.close()  # `break` earlier: stop its workers before starting new ones
         epoch = self._epoch
         if not self._epoch_fixed:
             self._epoch += 1
-        self._live = _EpochIterator(self, epoch)
-        return self._live
+        it = _EpochIterator(self, epoch)
+        self._live = weakref.ref(it)
+        return it
 
     def close(self) -> None:
         """Stop the workers of an unfinished iteration (also done on the next ``iter``)."""
-        if self._live is not None:
-            self._live.close()
-            self._live = None
+        it = self._live() if self._live is not None else None
+        if it is not None:
+            it.close()
+        self._live = None
 
     def _raw_batches(self, epoch: int, stop: threading.Event, shared: bool) -> Iterator[RawBatch]:
         spans = self.read_spans(epoch)
@@ -284,45 +288,64 @@ class Loader:
         return images, targets
 
 
+class _Feeder:
+    """The reader thread: plan -> records -> shuffle -> raw batches -> pool, ``prefetch`` ahead.
+
+    Holds no reference to the iterator, so dropping the iterator frees everything.
+    """
+
+    def __init__(self, loader: Loader, epoch: int, pool, shared: bool):
+        self.loader, self.epoch, self.pool = loader, epoch, pool
+        self.stop = threading.Event()
+        self.slots = threading.Semaphore(loader.prefetch)
+        self.error: Optional[BaseException] = None
+        self.submitted = 0
+        self.thread = threading.Thread(target=self.run, args=(shared,), daemon=True,
+                                       name="imagenet_seq-reader")
+        self.thread.start()
+
+    def run(self, shared: bool) -> None:
+        try:
+            for raw in self.loader._raw_batches(self.epoch, self.stop, shared):
+                while not self.slots.acquire(timeout=0.2):
+                    if self.stop.is_set():
+                        return
+                if self.stop.is_set():
+                    return
+                self.pool.submit(raw)
+                self.submitted += 1
+        except BaseException as e:  # noqa: BLE001 - re-raised in the iterating thread
+            self.error = e
+
+    def check(self, index: int) -> None:
+        """Raise instead of waiting for a batch that will never come."""
+        path = self.loader.reader.path
+        if self.error is not None:
+            raise RuntimeError(f"reading {path} failed: {type(self.error).__name__}: "
+                               f"{self.error}") from self.error
+        if not self.thread.is_alive() and index >= self.submitted:
+            raise RuntimeError(f"batch {index} was never read from {path}; "
+                               "the file ended early")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10.0)
+        self.pool.close()
+        if not self.thread.is_alive():
+            # LMDB allows one environment per file per process: free it for other Loaders
+            self.loader.reader.close()
+
+
 class _EpochIterator:
-    """One pass: a reader thread feeds the pool (bounded), ``__next__`` takes batches in order."""
+    """One pass over this rank's share: batches in order, ``len(loader)`` of them."""
 
     def __init__(self, loader: Loader, epoch: int):
         self.loader = loader
-        self.epoch = epoch
         self.total = len(loader)
         self.next_index = 0
-        self.pool, shared = loader._make_pool(epoch)
-        self._stop = threading.Event()
-        self._slots = threading.Semaphore(loader.prefetch)
-        self._error: Optional[BaseException] = None
+        pool, shared = loader._make_pool(epoch)
+        self._feeder = _Feeder(loader, epoch, pool, shared)
         self._closed = False
-        self._submitted = 0
-        self._thread = threading.Thread(target=self._feed, args=(shared,), daemon=True,
-                                        name="imagenet_seq-reader")
-        self._thread.start()
-
-    def _feed(self, shared: bool) -> None:
-        try:
-            for raw in self.loader._raw_batches(self.epoch, self._stop, shared):
-                while not self._slots.acquire(timeout=0.2):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    return
-                self.pool.submit(raw)
-                self._submitted += 1
-        except BaseException as e:  # noqa: BLE001 - re-raised in the iterating thread
-            self._error = e
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"reading {self.loader.reader.path} failed: "
-                               f"{type(self._error).__name__}: {self._error}") from self._error
-        if not self._thread.is_alive() and self.next_index >= self._submitted:
-            # the reader finished without this batch: waiting would never end
-            raise RuntimeError(f"batch {self.next_index} of {self.total} was never read from "
-                               f"{self.loader.reader.path}; the file ended early")
 
     def __iter__(self) -> "_EpochIterator":
         return self
@@ -331,27 +354,22 @@ class _EpochIterator:
         if self.next_index >= self.total or self._closed:
             self.close()
             raise StopIteration
+        index = self.next_index
         try:
-            res = self.pool.get(self.next_index, self._check)
+            res = self._feeder.pool.get(index, lambda: self._feeder.check(index))
         except BaseException:
             self.close()
             raise
-        self._slots.release()
+        self._feeder.slots.release()
         self.next_index += 1
         if self.next_index == self.total:
             self.close()
         return self.loader._finish(res)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        self._thread.join(timeout=10.0)
-        self.pool.close()
-        if not self._thread.is_alive():
-            # LMDB allows one environment per file per process: free it for other Loaders
-            self.loader.reader.close()
+        if not self._closed:
+            self._closed = True
+            self._feeder.close()
 
     def __del__(self):
         try:
