@@ -334,3 +334,16 @@ def test_pil_transform_seeds_torch_from_rng(jpegs):
     state = torch.get_rng_state()
     t(data, np.random.default_rng(3))
     assert torch.equal(state, torch.get_rng_state()), "global torch RNG left as it was"
+
+
+def test_accepts_memoryview_records(jpegs):
+    """The reader hands out zero-copy views of LMDB values."""
+    data = jpegs["large"]
+    view = memoryview(b"\0\0\0\0" + data)[4:]
+    assert jpeg_size(view) == (1600, 1200)
+    assert np.array_equal(TrainTransform()(view, np.random.default_rng(0)),
+                          TrainTransform()(data, np.random.default_rng(0)))
+    assert np.array_equal(ValTransform()(view), ValTransform()(data))
+    assert np.array_equal(PILTransform(None)(view), PILTransform(None)(data))
+    with pytest.raises(DecodeError, match="35 bytes"):
+        TrainTransform()(memoryview(b"garbage" * 5), np.random.default_rng(0))

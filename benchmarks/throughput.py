@@ -1,0 +1,376 @@
+"""Train-pipeline throughput of imagenet_seq's Loader against its peers, as ratios in one run.
+
+    python benchmarks/throughput.py            # 2000 images, 3 alternating rounds
+    python benchmarks/throughput.py --quick    # 600 images, 1 round: a couple of minutes
+
+Same ImageNet-like JPEGs (benchmarks/data.py) for everyone, all in page cache; 2 workers,
+batch 64, RandomResizedCrop(224) + horizontal flip. Peers, each in its own subprocess (its own
+session, killed as a group afterwards), alternating across rounds:
+
+  decode       single-core cv2.imdecode at full size: the decode limit is 2 x this rate
+  tensorpack   tensorpack's recommended ImageNet flow on the original tool's LMDB:
+               LMDBSerializer.load -> LocallyShuffleData -> MultiProcessRunnerZMQ(1) ->
+               MultiProcessMapDataZMQ(2, cv2 decode + GoogleNetRandomCropAndResize + Flip)
+               -> BatchData(64)
+  dali         DALI CPU backend: fn.readers.file -> decoders.image_random_crop(cpu) ->
+               resize(224) -> flip(coin), num_threads=2
+  torchvision  ImageFolder + DataLoader(num_workers=2, shuffle) with the PyTorch ImageNet
+               example's transforms (RandomResizedCrop, RandomHorizontalFlip, ToTensor,
+               Normalize); runs in --tv-python (a venv: torchvision pulls its own torch)
+  ours         imagenet_seq.data.Loader(lmdb, 'train', batch_size=64, num_workers=2),
+               worker_type 'process' and 'thread'
+
+Each run skips warm-up batches (worker start, buffer fill), then times a fixed number of
+batches, crossing epochs where a peer has them (epoch restarts are part of the cost).
+Peers that are not installed are skipped with a note. Also reports the Loader's memory (RSS
+and PSS summed over all its processes) at the end of epoch 1 and epoch 5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+
+import data as bench_data  # noqa: E402  (benchmarks/data.py)
+
+BATCH = 64
+WORKERS = 2
+SIZE = 224
+TV_PYTHON = "/opt/tv-venv/bin/python"
+PEERS = ("decode", "tensorpack", "dali", "torchvision", "ours_process", "ours_thread")
+TARGETS = {"tensorpack": 1.5, "dali": 1.5, "torchvision": 2.5, "decode_limit": 0.80}
+
+
+# --- peers (each runs in a child process: ``--peer NAME``) ----------------------------------
+
+def _timed(batches, warmup: int, measure: int) -> Dict[str, float]:
+    """Skip ``warmup`` batches of an endless batch iterator, then time ``measure`` batches."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(measure):
+        n += next(it)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "rate": n / dt}
+
+
+def run_decode(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(1)
+    blobs = []
+    for path, _ in bench_data.train_files(d.folder):
+        with open(path, "rb") as f:
+            blobs.append(np.frombuffer(f.read(), np.uint8))
+    for b in blobs[:warmup]:
+        cv2.imdecode(b, cv2.IMREAD_COLOR)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(max(1, measure * BATCH // len(blobs))):
+        for b in blobs:
+            cv2.imdecode(b, cv2.IMREAD_COLOR)
+        n += len(blobs)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "rate": n / dt}
+
+
+def run_tensorpack(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    if d.legacy is None:
+        raise ImportError("no legacy LMDB (tensorpack missing when the data was built)")
+    import cv2
+    from tensorpack.dataflow import (BatchData, LMDBSerializer, LocallyShuffleData,
+                                     MultiProcessMapDataZMQ, MultiProcessRunnerZMQ, imgaug)
+
+    augs = imgaug.AugmentorList([imgaug.GoogleNetRandomCropAndResize(target_shape=SIZE),
+                                 imgaug.Flip(horiz=True)])
+
+    def f(dp):
+        img = cv2.imdecode(dp[0], cv2.IMREAD_COLOR)
+        return [augs.augment(img), dp[1]]
+
+    ds = LMDBSerializer.load(d.legacy, shuffle=False)
+    # the recipe uses a 50,000-record buffer for 1.28 M images; keep the same ~4 % here
+    ds = LocallyShuffleData(ds, max(BATCH, d.images // 25))
+    ds = MultiProcessRunnerZMQ(ds, 1)
+    ds = MultiProcessMapDataZMQ(ds, WORKERS, f, buffer_size=4 * BATCH, strict=False)
+    ds = BatchData(ds, BATCH, use_list=False)
+    ds.reset_state()
+    return _timed((len(b[1]) for b in ds), warmup, measure)
+
+
+def run_dali(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=BATCH, num_threads=WORKERS, device_id=None, seed=0)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=d.train_dir, random_shuffle=True,
+                                        initial_fill=max(BATCH, d.images // 25), name="Reader")
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                               random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3],
+                                               num_attempts=10)
+        images = fn.resize(images, resize_x=SIZE, resize_y=SIZE)
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+        return images, labels
+
+    p = pipe()
+    p.build()
+
+    def batches():
+        while True:
+            images, labels = p.run()
+            images.as_array()  # materialise the batch as one ndarray, as a trainer would
+            yield len(labels)
+
+    return _timed(batches(), warmup, measure)
+
+
+def run_torchvision(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    import torch
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ds = datasets.ImageFolder(d.train_dir, tf)
+    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=WORKERS)
+
+    def batches():
+        while True:
+            for images, _ in dl:
+                yield len(images)
+
+    return _timed(batches(), warmup, measure)
+
+
+def _ours(d: bench_data.BenchData, worker_type: str):
+    from imagenet_seq.data import Loader
+
+    return Loader(d.lmdb, "train", batch_size=BATCH, num_workers=WORKERS, shuffle=True,
+                  worker_type=worker_type)
+
+
+def _epochs(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            yield len(images)
+        epoch += 1
+
+
+def run_ours_process(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    return _timed(_epochs(_ours(d, "process")), warmup, measure)
+
+
+def run_ours_thread(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    return _timed(_epochs(_ours(d, "thread")), warmup, measure)
+
+
+def tree_memory() -> Dict[str, float]:
+    """RSS and PSS (MiB) summed over this process and all its descendants."""
+    import psutil
+
+    me = psutil.Process()
+    rss = pss = 0
+    for p in [me] + me.children(recursive=True):
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return {"rss_mib": rss / 2 ** 20, "pss_mib": pss / 2 ** 20}
+
+
+def run_memory(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    """Loader memory at the end of epoch 1 and epoch 5 (whole process tree)."""
+    loader = _ours(d, "process")
+    out: Dict[str, float] = {}
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        for _ in range(len(loader) - 1):
+            next(it)
+        if epoch in (0, 4):  # workers still alive: measure before the last batch
+            for k, v in tree_memory().items():
+                out[f"epoch{epoch + 1}_{k}"] = v
+        for _ in it:
+            pass
+    out["buffer_note"] = repr(getattr(loader, "buffer_size", None))
+    return out
+
+
+RUNNERS = {"decode": run_decode, "tensorpack": run_tensorpack, "dali": run_dali,
+           "torchvision": run_torchvision, "ours_process": run_ours_process,
+           "ours_thread": run_ours_thread, "memory": run_memory}
+IMPORTS = {"tensorpack": "tensorpack.dataflow", "dali": "nvidia.dali", "torchvision": "torchvision",
+           "ours_process": "imagenet_seq.data", "ours_thread": "imagenet_seq.data",
+           "memory": "imagenet_seq.data"}
+
+
+def child(args) -> int:
+    d = bench_data.ensure(args.images, args.out, verbose=False)
+    try:
+        res = RUNNERS[args.peer](d, args.warmup, args.measure)
+    except ImportError as e:
+        res = {"skipped": f"not installed: {e}"}
+    print("RESULT " + json.dumps(res), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # do not wait for peers' background threads/processes; the parent kills the group
+
+
+# --- parent: orchestration ------------------------------------------------------------------
+
+def python_for(peer: str, tv_python: str) -> Optional[str]:
+    return tv_python if peer == "torchvision" else sys.executable
+
+
+def installed(peer: str, py: str) -> Optional[str]:
+    """None if the peer's package imports in ``py``, else a note saying why it is skipped."""
+    mod = IMPORTS.get(peer)
+    if mod is None:
+        return None
+    if not os.path.exists(py):
+        return f"{py} not found (python -m venv /opt/tv-venv --system-site-packages && " \
+               "/opt/tv-venv/bin/pip install torchvision)"
+    r = subprocess.run([py, "-c", f"import {mod}"], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return f"cannot import {mod} with {py}: {last}"
+    return None
+
+
+def run_child(peer: str, py: str, args, timeout: float) -> Dict:
+    cmd = [py, os.path.abspath(__file__), "--peer", peer, "--images", str(args.images),
+           "--out", args.out, "--warmup", str(args.warmup), "--measure", str(args.measure)]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env=env, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = "", f"timed out after {timeout:.0f} s"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the peer's workers too
+        except ProcessLookupError:
+            pass
+        p.wait()
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = " | ".join((err or "").strip().splitlines()[-3:])
+    return {"error": f"exit {p.returncode}: {tail}"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="600 images, 1 round, short runs")
+    ap.add_argument("--images", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="batches skipped per run")
+    ap.add_argument("--measure", type=int, default=None, help="batches timed per run")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
+    ap.add_argument("--no-memory", action="store_true", help="skip the epoch 1 vs 5 RSS run")
+    ap.add_argument("--tv-python", default=TV_PYTHON, help="python with torchvision")
+    ap.add_argument("--out", default=bench_data.DEFAULT_OUT)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per peer run")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.images = args.images or (600 if q else 2000)
+    args.rounds = args.rounds or (1 if q else 3)
+    args.warmup = args.warmup if args.warmup is not None else (4 if q else 8)
+    args.measure = args.measure or (24 if q else 90)
+    timeout = args.timeout or (90 if q else 240)
+    if args.peer:
+        return child(args)
+
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        ap.error(f"--peers: unknown {bad}; choose from {','.join(PEERS)}")
+    d = bench_data.ensure(args.images, args.out)
+    mb = bench_data.warm_page_cache(d) / 2 ** 20
+    print(f"{d.images} train images (ImageNet-like, {mb:.0f} MiB of files incl. LMDBs, in page "
+          f"cache), {os.cpu_count()} cores, {WORKERS} workers, batch {BATCH}, {args.rounds} "
+          f"round(s), {args.warmup} warm-up + {args.measure} timed batches per run", flush=True)
+    notes = {}
+    for peer in peers:
+        why = installed(peer, python_for(peer, args.tv_python))
+        if why:
+            notes[peer] = why
+            print(f"  skip {peer}: {why}", flush=True)
+    active = [p for p in peers if p not in notes]
+    rates: Dict[str, List[float]] = {p: [] for p in active}
+    for r in range(args.rounds):
+        for peer in (active if r % 2 == 0 else active[::-1]):
+            res = run_child(peer, python_for(peer, args.tv_python), args, timeout)
+            if "rate" in res:
+                rates[peer].append(res["rate"])
+                print(f"  round {r + 1} {peer:13s} {res['rate']:7.0f} img/s", flush=True)
+            else:
+                notes[peer] = res.get("skipped") or res.get("error")
+                print(f"  round {r + 1} {peer:13s} {notes[peer]}", flush=True)
+    med = {p: statistics.median(v) for p, v in rates.items() if v}
+    memory = None
+    if not args.no_memory and "ours_process" in med:
+        memory = run_child("memory", sys.executable, args, timeout)
+    report(med, rates, notes, memory)
+    if args.json:
+        print(json.dumps({"median": med, "rates": rates, "notes": notes, "memory": memory,
+                          "images": d.images, "rounds": args.rounds}))
+    return 0
+
+
+def report(med: Dict[str, float], rates, notes, memory) -> None:
+    limit = 2 * med["decode"] if "decode" in med else None
+    print("\npeer            median img/s   rounds")
+    for p, v in med.items():
+        print(f"{p:15s} {v:12.0f}   {' '.join(f'{x:.0f}' for x in rates[p])}")
+    if limit:
+        print(f"{'decode limit':15s} {limit:12.0f}   (2 x single-core cv2.imdecode)")
+    for ours in ("ours_process", "ours_thread"):
+        if ours not in med:
+            continue
+        print(f"\n{ours}: {med[ours]:.0f} img/s")
+        for peer, target in TARGETS.items():
+            base = limit if peer == "decode_limit" else med.get(peer)
+            if not base:
+                print(f"  vs {peer:12s}  n/a ({notes.get(peer, 'not run')})")
+                continue
+            ratio = med[ours] / base
+            verdict = "ok" if ratio >= target else "MISS"
+            print(f"  vs {peer:12s} {ratio:5.2f} x  (target >= {target:.2f})  {verdict}")
+    if memory and "epoch1_rss_mib" in memory:
+        g = memory["epoch5_rss_mib"] / memory["epoch1_rss_mib"] - 1
+        gp = memory["epoch5_pss_mib"] / memory["epoch1_pss_mib"] - 1
+        print(f"\nLoader memory, all processes: RSS epoch 1 {memory['epoch1_rss_mib']:.0f} MiB, "
+              f"epoch 5 {memory['epoch5_rss_mib']:.0f} MiB ({g:+.1%}); PSS "
+              f"{memory['epoch1_pss_mib']:.0f} -> {memory['epoch5_pss_mib']:.0f} MiB ({gp:+.1%})"
+              f"  (target growth <= 5 %)")
+    elif memory:
+        print(f"\nLoader memory run: {memory}")
+    for p, why in notes.items():
+        print(f"note: {p}: {why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
