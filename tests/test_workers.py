@@ -1,0 +1,197 @@
+"""Decode workers never outlive the trainer, and their failures never turn into hangs.
+
+Each leak test runs a real trainer in a subprocess; the trainer writes its worker pids to a
+file; after the trainer ends (normally, by exception, by Ctrl-C or by ``kill -9``) every worker
+must be gone within 5 s.
+"""
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from imagenet_seq import workers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TRAINER = textwrap.dedent("""
+    import os, sys, time, psutil
+    from imagenet_seq.data import Loader
+    root, pidfile, how = sys.argv[1], sys.argv[2], sys.argv[3]
+    ld = Loader(root, "train", batch_size=4, num_workers=2, chunk_size=4, buffer_size=8)
+    it = iter(ld)
+    next(it)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(" ".join(str(p.pid) for p in psutil.Process().children()))
+    os.rename(pidfile + ".tmp", pidfile)
+    if how == "break":
+        for k, _ in enumerate(it):
+            if k == 1:
+                break
+        del it
+        print("children after break:", len(psutil.Process().children()), flush=True)
+        sys.exit(0)
+    if how == "exception":
+        raise RuntimeError("trainer crashed mid-epoch")
+    time.sleep(60)  # Ctrl-C / kill -9 arrive here, workers busy or idle
+""")
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def start_trainer(sample_lmdb, tmp_path, how):
+    pidfile = str(tmp_path / "pids")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, sample_lmdb, pidfile, how],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(pidfile):
+        assert proc.poll() is None or os.path.exists(pidfile), proc.communicate()
+        assert time.time() < deadline, "trainer never started its workers"
+        time.sleep(0.05)
+    pids = [int(p) for p in open(pidfile).read().split()]
+    assert len(pids) >= 2, f"expected 2 decode workers, found {pids}"
+    return proc, pids
+
+
+def alive(pids):
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def assert_gone(pids, within=5.0):
+    deadline = time.time() + within
+    while alive(pids) and time.time() < deadline:
+        time.sleep(0.05)
+    left = alive(pids)
+    for pid in left:  # do not leave them behind for the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the trainer by {within} s"
+
+
+def test_break_stops_workers(sample_lmdb, tmp_path):
+    proc, pids = start_trainer(sample_lmdb, tmp_path, "break")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "children after break: 0" in out
+    assert_gone(pids)
+
+
+def test_exception_in_trainer(sample_lmdb, tmp_path):
+    proc, pids = start_trainer(sample_lmdb, tmp_path, "exception")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "trainer crashed mid-epoch" in err
+    assert_gone(pids)
+
+
+def test_ctrl_c(sample_lmdb, tmp_path):
+    proc, pids = start_trainer(sample_lmdb, tmp_path, "sleep")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err
+    assert_gone(pids)
+
+
+def test_kill_9_of_the_trainer(sample_lmdb, tmp_path):
+    proc, pids = start_trainer(sample_lmdb, tmp_path, "sleep")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert_gone(pids)  # PR_SET_PDEATHSIG: nobody else would stop them
+
+
+def _raw(n=3):
+    items = [(i, b"\xff\xd8" + bytes([i]) * 10, i % 2) for i in range(n)]
+    return workers.pack_batch(0, items, shared=False)
+
+
+def _fail_on_second(jpeg, rng):
+    if bytes(jpeg)[2] == 1:
+        raise ValueError("bad bytes")
+    return np.zeros((4, 4, 3), np.uint8)
+
+
+def _crash(jpeg, rng):
+    os._exit(3)
+
+
+def test_record_error_names_key_in_every_pool():
+    spec = workers.DecodeSpec(_fail_on_second, source="x.lmdb")
+    pools = [workers.InlinePool(lambda r: workers.decode_batch(r, spec)),
+             workers.ThreadPool(spec, 2), workers.ProcessPool(spec, 2)]
+    for pool in pools:
+        try:
+            pool.submit(_raw())
+            with pytest.raises(workers.RecordError, match="00000001.*x.lmdb.*bad bytes"):
+                pool.get(0)
+        finally:
+            pool.close()
+
+
+def test_skip_broken_counts():
+    spec = workers.DecodeSpec(_fail_on_second, skip_broken=True)
+    out = workers.decode_batch(_raw(), spec)
+    assert out.records.tolist() == [0, 2] and out.targets.tolist() == [0, 0]
+    assert out.images.shape == (2, 3, 4, 4) and out.skipped[0][0] == 1
+
+
+def test_dead_worker_is_an_error_not_a_hang():
+    pool = workers.ProcessPool(workers.DecodeSpec(_crash), 1)
+    try:
+        pool.submit(_raw())
+        with pytest.raises(RuntimeError, match="died with exit code 3"):
+            pool.get(0)
+    finally:
+        pool.close()
+
+
+def test_results_come_back_in_batch_order():
+    spec = workers.DecodeSpec(lambda j, r: np.full((2, 2, 3), bytes(j)[2], np.uint8))
+    pool = workers.ProcessPool(spec, 2)
+    try:
+        batches = []
+        for b in range(6):
+            items = [(10 * b + k, b"\xff\xd8" + bytes([10 * b + k]), b) for k in range(3)]
+            pool.submit(workers.pack_batch(b, items, shared=True))
+        for b in range(6):
+            got = pool.get(b)
+            batches.append(got.images[:, 0, 0, 0].tolist())
+            assert got.index == b and got.targets.tolist() == [b] * 3
+        assert batches == [[10 * b + k for k in range(3)] for b in range(6)]
+    finally:
+        pool.close()
+
+
+def test_augment_rng_is_a_function_of_record():
+    a = workers.augment_rng(1, 2, 3).random(4)
+    assert np.array_equal(a, workers.augment_rng(1, 2, 3).random(4))
+    assert not np.array_equal(a, workers.augment_rng(1, 3, 3).random(4))
+    assert not np.array_equal(a, workers.augment_rng(1, 2, 4).random(4))
+
+
+def test_pdeathsig_is_set_in_the_child():
+    prctl = pytest.importorskip("prctl")
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        workers.set_pdeathsig(signal.SIGTERM)
+        os.write(w, str(int(prctl.get_pdeathsig())).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert int(os.read(r, 16)) == signal.SIGTERM
