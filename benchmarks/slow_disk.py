@@ -1,0 +1,463 @@
+"""Slow-disk benchmark: folders vs the original tool vs imagenet_seq on an emulated HDD and NFS.
+
+    python benchmarks/slow_disk.py [--seconds 15] [--workdir /tmp/imagenet_seq_slow_disk]
+
+Makes ImageNet-like JPEGs (``imagenet_seq.sample``), converts them with preprocess, then for each
+emulated device (``benchmarks/slowfs.py``, mounted fresh -- cold cache -- per measurement)
+measures, each for ``--seconds``:
+
+* ImageFolder + DataLoader: torchvision's when a python with torchvision exists (``--tv-python``,
+  default ``/opt/tv-venv/bin/python``); otherwise a PIL stand-in doing the same file reads,
+  decode, RandomResizedCrop and flip (labelled so in the results);
+* the original tool's design: tensorpack ``LMDBData(shuffle=False)`` -> ``LocallyShuffleData`` ->
+  ``MultiProcessRunner(.., 1)`` -> decode + augment -> ``MultiProcessRunnerZMQ(.., workers)`` ->
+  ``BatchData`` (every ZMQ worker runs its own copy of the reader);
+* the imagenet_seq Loader (CPU decode path), and raw record streaming (``SplitReader``);
+* on the HDD: 1, 2 and 4 ranks (separate processes, ``Loader(rank=r, world_size=W)`` with the
+  decode replaced by a byte count) streaming their shards from the one emulated disk.
+
+Writes ``benchmarks/results/slow_disk.md`` (+ ``slow_disk.png``, ``slow_disk.json``). Hours are
+projected for 90 epochs of ImageNet-1k (1,281,167 images, ~110 KB mean) by scaling the measured
+MB/s by the mean record size (the disk moves bytes; our sample JPEGs are ~90 KB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMAGENET_IMAGES = 1_281_167
+IMAGENET_MEAN_BYTES = 110e3
+EPOCHS = 90
+BATCH = 64
+SHUFFLE_BUFFER = 512  # records: ~4 % of the sample LMDB (ImageNet default: 19,500 = 1.5 %)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements; each runs in its own process: `python slow_disk.py _measure KIND ...` -> JSON
+def _result(images: int, nbytes: int, t0: float, **extra) -> dict:
+    return dict(images=images, bytes=nbytes, seconds=time.monotonic() - t0, **extra)
+
+
+def measure_folder(train_dir: str, seconds: float, workers: int) -> dict:
+    """ImageFolder + DataLoader with RandomResizedCrop + flip: torchvision's, or a PIL stand-in."""
+    import torch
+
+    try:
+        from torchvision import datasets, transforms
+
+        tf = transforms.Compose([transforms.RandomResizedCrop(224),
+                                 transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+        ds = datasets.ImageFolder(train_dir, tf)
+        impl = "torchvision"
+    except ImportError:
+        ds = _PILFolder(train_dir)
+        impl = "PIL stand-in (torchvision not installed)"
+    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers)
+    t0, n = time.monotonic(), 0
+    for images, _ in dl:
+        n += len(images)
+        if time.monotonic() - t0 >= seconds:
+            break
+    sizes = [os.path.getsize(p) for p, _ in ds.samples]
+    return _result(n, int(n * sum(sizes) / len(sizes)), t0, impl=impl)
+
+
+class _PILFolder:
+    """What torchvision's ImageFolder + RandomResizedCrop + flip does, with PIL alone."""
+
+    def __init__(self, root: str):
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+                        for f in sorted(os.listdir(os.path.join(root, c)))]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        path, label = self.samples[i]
+        rng = np.random.default_rng()
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
+        w, h = img.size
+        area = w * h * rng.uniform(0.08, 1.0)
+        ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw = int(min(w, round(np.sqrt(area * ar))))
+        ch = int(min(h, round(np.sqrt(area / ar))))
+        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        img = img.resize((224, 224), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), label
+
+
+def measure_original(lmdb_file: str, seconds: float, workers: int) -> dict:
+    """The original tool's tensorpack flow on the same LMDB (records decoded from our format)."""
+    import cv2
+    import numpy as np
+    from tensorpack import dataflow as td
+    from tensorpack.dataflow import imgaug
+
+    def decode(dp):
+        key, value = dp
+        if key.startswith(b"__"):
+            return None
+        img = cv2.imdecode(np.frombuffer(value, np.uint8, offset=4), cv2.IMREAD_COLOR)
+        return [img, int.from_bytes(value[:4], "little")]
+
+    ds = td.LMDBData(lmdb_file, shuffle=False)
+    ds = td.LocallyShuffleData(ds, SHUFFLE_BUFFER)
+    ds = td.MultiProcessRunner(ds, 5000, 1)
+    ds = td.MapData(ds, decode)
+    ds = td.AugmentImageComponent(ds, [imgaug.GoogleNetRandomCropAndResize(),
+                                       imgaug.Flip(horiz=True)])
+    ds = td.MultiProcessRunnerZMQ(ds, workers)
+    ds = td.BatchData(ds, BATCH)
+    ds.reset_state()
+    t0, n, nbytes = time.monotonic(), 0, 0
+    for images, _ in ds:
+        n += len(images)
+        if time.monotonic() - t0 >= seconds:
+            break
+    mean = _mean_record_bytes(lmdb_file)
+    return _result(n, int(n * mean), t0, note=f"each of the {workers} ZMQ workers reads the "
+                   "whole file: records repeat within an epoch")
+
+
+def _mean_record_bytes(lmdb_file: str) -> float:
+    from imagenet_seq.reader import SplitReader
+
+    meta = SplitReader(lmdb_file, "train").meta
+    return meta.total_bytes / meta.num_records
+
+
+def measure_loader(lmdb_file: str, seconds: float, workers: int, rank: int = 0,
+                   world_size: int = 1, decode: bool = True) -> dict:
+    """The imagenet_seq Loader; ``decode=False`` swaps decoding for a byte count (I/O only)."""
+    from imagenet_seq.data import Loader
+
+    kw = {} if decode else dict(decoder=_count_bytes)
+    loader = Loader(lmdb_file, "train", batch_size=BATCH, num_workers=workers,
+                    buffer_size=SHUFFLE_BUFFER, rank=rank, world_size=world_size, **kw)
+    mean = loader.meta.total_bytes / loader.dataset_size
+    t0, n, nbytes = time.monotonic(), 0, 0
+    for images, targets in loader:
+        n += len(targets)
+        nbytes += int(images.sum()) if not decode else int(len(targets) * mean)
+        if time.monotonic() - t0 >= seconds:
+            break
+    return _result(n, nbytes, t0, t_start=t0, t_end=time.monotonic(), rank=rank)
+
+
+def _count_bytes(jpegs, labels):
+    import torch
+
+    return torch.tensor([len(j) for j in jpegs], dtype=torch.int64), torch.as_tensor(labels)
+
+
+def measure_stream(lmdb_file: str, seconds: float, workers: int) -> dict:
+    from imagenet_seq.reader import SplitReader
+
+    reader = SplitReader(lmdb_file, "train")
+    t0, n, nbytes = time.monotonic(), 0, 0
+    for _, jpeg, _ in reader.read_all():
+        n += 1
+        nbytes += len(jpeg)
+        if n % 64 == 0 and time.monotonic() - t0 >= seconds:
+            break
+    return _result(n, nbytes, t0)
+
+
+MEASURES = {"folder": measure_folder, "original": measure_original, "loader": measure_loader,
+            "stream": measure_stream}
+
+
+def _measure_main(argv) -> int:
+    kind, target, seconds, workers = argv[0], argv[1], float(argv[2]), int(argv[3])
+    if kind == "rank":
+        out = measure_loader(target, seconds, workers, int(argv[4]), int(argv[5]), decode=False)
+    else:
+        out = MEASURES[kind](target, seconds, workers)
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration: data, fresh mounts, child processes
+def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
+    """ImageNet-like JPEGs (cached in ``workdir``); the LMDB holds ``copies`` of each image."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from imagenet_seq.preprocess_cli import main as preprocess
+    from imagenet_seq.sample import make_sample_imagefolder
+
+    data = os.path.join(workdir, "data")
+    tree = os.path.join(workdir, "tree")
+    done = os.path.join(workdir, f"ready-{classes}-{per_class}-{copies}")
+    if not os.path.exists(done):
+        shutil.rmtree(data, ignore_errors=True)
+        if not os.path.isdir(os.path.join(tree, "train")) or \
+                len(os.listdir(os.path.join(tree, "train"))) != classes:
+            shutil.rmtree(tree, ignore_errors=True)
+            print(f"making {classes * per_class} ImageNet-like JPEGs in {tree} ...", flush=True)
+            make_sample_imagefolder(tree, train_per_class=per_class, val_per_class=1,
+                                    num_classes=classes, seed=0)
+        # the folder baseline reads data/train; the LMDB is made from `copies` hard links of it
+        shutil.copytree(os.path.join(tree, "train"), os.path.join(data, "train"),
+                        copy_function=os.link)
+        big = os.path.join(workdir, "big")
+        shutil.rmtree(big, ignore_errors=True)
+        for c in sorted(os.listdir(os.path.join(tree, "train"))):
+            os.makedirs(os.path.join(big, "train", c))
+            for f in os.listdir(os.path.join(tree, "train", c)):
+                for k in range(copies):
+                    os.link(os.path.join(tree, "train", c, f),
+                            os.path.join(big, "train", c, f"{k}_{f}"))
+        shutil.copytree(os.path.join(tree, "val"), os.path.join(big, "val"), copy_function=os.link)
+        if preprocess([big, os.path.join(data, "lmdb"), "--no-progress"]) != 0:
+            raise RuntimeError("preprocess failed")
+        shutil.rmtree(big)
+        open(done, "w").close()
+    return {"data": data, "train": "train", "lmdb": os.path.join("lmdb", "ILSVRC-train.lmdb")}
+
+
+def _child(cmd, timeout: float) -> dict:
+    """Run one measurement process (its own process group, killed whole on timeout)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise RuntimeError(f"{cmd[2:]} ran past {timeout:.0f} s: {err[-1500:]}")
+    for line in out.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{cmd[2:]} failed (rc {proc.returncode}): {err[-3000:]}")
+
+
+def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0) -> dict:
+    """One measurement (or ``ranks`` rank processes at once) on a fresh emulated mount."""
+    sys.path.insert(0, HERE)
+    import slowfs
+
+    mnt = os.path.join(args.workdir, "mnt")
+    target_rel = paths["train"] if kind == "folder" else paths["lmdb"]
+    python = args.tv_python if kind == "folder" and os.path.exists(args.tv_python) \
+        else sys.executable
+    with slowfs.mounted(paths["data"], mnt, device, args.model_args[device]) as stats:
+        target = os.path.join(mnt, target_rel)
+        base = [python, os.path.abspath(__file__), "_measure"]
+        limit = args.seconds + 180
+        if ranks:
+            cmds = [base + ["rank", target, str(args.seconds), "0", str(r), str(ranks)]
+                    for r in range(ranks)]
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(ranks) as pool:
+                parts = list(pool.map(lambda c: _child(c, limit), cmds))
+            t0 = min(p["t_start"] for p in parts)
+            t1 = max(p["t_end"] for p in parts)
+            r = dict(images=sum(p["images"] for p in parts),
+                     bytes=sum(p["bytes"] for p in parts), seconds=t1 - t0,
+                     per_rank_mb_per_s=[p["bytes"] / p["seconds"] / 1e6 for p in parts])
+        else:
+            r = _child(base + [kind, target, str(args.seconds), str(args.workers)], limit)
+    r.update(kind=kind, device=device, ranks=ranks,
+             images_per_s=r["images"] / r["seconds"], mb_per_s=r["bytes"] / r["seconds"] / 1e6,
+             device_stats=dict(stats))
+    r["hours_imagenet"] = IMAGENET_IMAGES * EPOCHS * IMAGENET_MEAN_BYTES / (r["mb_per_s"] * 1e6) \
+        / 3600 if r["mb_per_s"] > 0 else float("inf")
+    print(f"  {device:4} {kind:9}{f' x{ranks}' if ranks else '   '}: "
+          f"{r['images_per_s']:8.1f} img/s {r['mb_per_s']:7.1f} MB/s "
+          f"{r['hours_imagenet']:8.1f} h/90 ep  ({r['images']} images in {r['seconds']:.1f} s)",
+          flush=True)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+LABELS = {"folder": "ImageFolder + DataLoader", "original": "original tool (tensorpack flow)",
+          "loader": "imagenet_seq Loader", "stream": "raw record stream"}
+DEVICES = {"hdd": "emulated HDD (7,200 rpm)", "nfs": "emulated NFS (1 GbE)"}
+
+
+def _pct(mb: float, device: str, args) -> float:
+    return 100.0 * mb * 1e6 / args.bandwidth[device]
+
+
+def targets(res: list, args) -> list:
+    """The issue's three targets, each with its number and met/missed."""
+    get = {(r["device"], r["kind"], r["ranks"]): r for r in res}
+    out = []
+    s = get.get(("hdd", "stream", 0))
+    if s:
+        p = _pct(s["mb_per_s"], "hdd", args)
+        out.append(("raw streaming >= 90 % of the emulated HDD's bandwidth", f"{p:.0f} %", p >= 90))
+    lo, fo = get.get(("hdd", "loader", 0)), get.get(("hdd", "folder", 0))
+    if lo and fo:
+        x = lo["images_per_s"] / fo["images_per_s"]
+        out.append(("full pipeline >= 25x ImageFolder on the emulated HDD", f"{x:.1f}x", x >= 25))
+    r4 = get.get(("hdd", "rank", 4))
+    if r4:
+        p = _pct(r4["mb_per_s"], "hdd", args)
+        out.append(("4 ranks on one emulated HDD >= 80 % of its bandwidth", f"{p:.0f} %", p >= 80))
+    return out
+
+
+def write_report(res: list, args, info: dict) -> str:
+    get = {(r["device"], r["kind"], r["ranks"]): r for r in res}
+    kinds = [k for k in LABELS if any(r["kind"] == k for r in res)]
+    folder_impl = next((r.get("impl") for r in res if r["kind"] == "folder"), "")
+    lines = ["# Slow-disk benchmark", "",
+             f"Generated by `python benchmarks/slow_disk.py {' '.join(args.argv)}` on "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "## Hours for 90 epochs of ImageNet-1k", "",
+             "Projected from the measured MB/s for 1,281,167 images of ~110 KB "
+             "(the original tool's README table, measured here on emulated devices).", "",
+             "| storage | " + " | ".join(LABELS[k] for k in kinds) + " |",
+             "|---|" + "---:|" * len(kinds)]
+    for dev in args.devices:
+        cells = [f"{get[(dev, k, 0)]['hours_imagenet']:,.0f} h" if (dev, k, 0) in get else "-"
+                 for k in kinds]
+        lines.append(f"| {DEVICES[dev]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Measured rates", "",
+              "| storage | method | images/s | MB/s | % of device bandwidth | device requests | "
+              "seeks | hours (90 ep) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res:
+        name = LABELS.get(r["kind"], "") if not r["ranks"] else \
+            f"{r['ranks']} rank{'s' if r['ranks'] > 1 else ''} (Loader, I/O only)"
+        st = r["device_stats"]
+        lines.append(f"| {DEVICES[r['device']]} | {name} | {r['images_per_s']:,.0f} | "
+                     f"{r['mb_per_s']:.1f} | {_pct(r['mb_per_s'], r['device'], args):.0f} % | "
+                     f"{st.get('requests', '-'):,} | {st.get('seeks', '-')} | "
+                     f"{r['hours_imagenet']:,.0f} |")
+    lines += ["", "## Targets", ""]
+    for what, value, ok in targets(res, args):
+        lines.append(f"- {what}: **{value}** ({'met' if ok else 'MISSED'})")
+    lines += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in info.items()]
+    lines += [f"- ImageFolder baseline: {folder_impl}" if folder_impl else ""]
+    path = os.path.join(args.out, "slow_disk.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def write_plot(res: list, args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in LABELS if any(r["kind"] == k for r in res)]
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=120)
+    colors = {"hdd": "#c44e52", "nfs": "#4c72b0"}
+    h = 0.38
+    for j, dev in enumerate(args.devices):
+        vals = [next((r["hours_imagenet"] for r in res if r["device"] == dev and r["kind"] == k
+                      and not r["ranks"]), 0) for k in kinds]
+        ys = [i + (j - 0.5) * h for i in range(len(kinds))]
+        bars = ax.barh(ys, vals, h, color=colors[dev], label=DEVICES[dev])
+        for b, v in zip(bars, vals):
+            if v:
+                ax.text(v * 1.05, b.get_y() + h / 2, f"{v:,.0f} h", va="center", fontsize=8)
+    ax.set_yticks(range(len(kinds)), [LABELS[k] for k in kinds])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("hours for 90 epochs of ImageNet-1k (log scale; lower is better)")
+    ax.set_title("Feeding ImageNet training from slow storage (emulated devices)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path = os.path.join(args.out, "slow_disk.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_measure":
+        return _measure_main(argv[1:])
+    p = argparse.ArgumentParser(description="slow-disk benchmark (FUSE-emulated HDD and NFS)")
+    p.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--workdir", default="/tmp/imagenet_seq_slow_disk")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--classes", type=int, default=15)
+    p.add_argument("--per-class", type=int, default=200)
+    p.add_argument("--copies", type=int, default=4, help="LMDB copies of each image")
+    p.add_argument("--devices", nargs="+", default=["hdd", "nfs"], choices=["hdd", "nfs"])
+    p.add_argument("--methods", nargs="+", default=list(MEASURES), choices=list(MEASURES))
+    p.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4])
+    p.add_argument("--hdd-args", default="", help="extra slowfs.py options for the HDD")
+    p.add_argument("--nfs-args", default="", help="extra slowfs.py options for NFS")
+    p.add_argument("--tv-python", default="/opt/tv-venv/bin/python",
+                   help="a python with torchvision for the ImageFolder baseline")
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.seconds <= 0:
+        p.error(f"--seconds={args.seconds}; expected > 0")
+    sys.path.insert(0, HERE)
+    import shlex
+
+    import slowfs
+
+    reason = slowfs.fuse_unavailable_reason()
+    if reason:
+        print(f"slow_disk: FUSE unavailable ({reason}); nothing measured", file=sys.stderr)
+        return 2
+    args.model_args, args.bandwidth = {}, {}
+    for dev in ("hdd", "nfs"):
+        extra = shlex.split(getattr(args, f"{dev}_args"))
+        args.model_args[dev] = extra
+        mp = argparse.ArgumentParser()
+        slowfs.add_model_args(mp)
+        args.bandwidth[dev] = slowfs.make_model(mp.parse_args(["--device", dev] + extra)).bandwidth
+    os.makedirs(args.out, exist_ok=True)
+    paths = prepare(args.workdir, args.classes, args.per_class, args.copies)
+    from imagenet_seq.reader import SplitReader
+
+    meta = SplitReader(os.path.join(paths["data"], paths["lmdb"]), "train").meta
+    info = {"machine": f"{os.cpu_count()} CPU cores, Linux {os.uname().release}",
+            "data": f"{args.classes * args.per_class} ImageNet-like JPEGs (imagenet_seq.sample, "
+                    f"mean {meta.total_bytes / meta.num_records / 1e3:.0f} KB); the LMDB holds "
+                    f"{args.copies} copies of each ({meta.num_records} records, "
+                    f"{meta.total_bytes / 1e6:.0f} MB)",
+            "each measurement": f"{args.seconds:g} s on a fresh mount (cold cache), "
+                                f"batch {BATCH}, {args.workers} workers, shuffle buffer "
+                                f"{SHUFFLE_BUFFER} records",
+            "HDD model": "8 ms seek + 4.17 ms rotation per non-contiguous request, 150 MB/s "
+                         + " ".join(args.model_args["hdd"]),
+            "NFS model": "0.5 ms round trip per request, 110 MB/s link, 8 requests in flight "
+                         + " ".join(args.model_args["nfs"])}
+    res = []
+    try:
+        for dev in args.devices:
+            for kind in args.methods:
+                res.append(measure_on_device(kind, dev, paths, args))
+        if "hdd" in args.devices:
+            for n in args.ranks:
+                res.append(measure_on_device("rank", "hdd", paths, args, ranks=n))
+    except KeyboardInterrupt:
+        print("interrupted: reporting what was measured", file=sys.stderr)
+    with open(os.path.join(args.out, "slow_disk.json"), "w") as f:
+        json.dump({"results": res, "setup": info}, f, indent=1)
+    print(write_report(res, args, info))
+    print(write_plot(res, args))
+    for what, value, ok in targets(res, args):
+        print(f"{what}: {value} ({'met' if ok else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
