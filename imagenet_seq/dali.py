@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext as _nullcontext
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -135,6 +136,8 @@ class DaliDecoder:
         ValueError: an argument is out of range (the message names it).
     """
 
+    _pipeline_options: dict = {}  # extra dali.Pipeline arguments (tests: exec_dynamic=False)
+
     def __init__(self, mode: str, batch_size: int, image_size: int = 224,
                  resize_size: int = 256, scale: Tuple[float, float] = (0.08, 1.0),
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
@@ -210,7 +213,8 @@ class DaliDecoder:
         # prefetch_queue_depth=1: each call feeds exactly one batch and runs it
         pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
                              device_id=self.device.index if gpu else None,
-                             seed=self._pipeline_seed(), prefetch_queue_depth=1)
+                             seed=self._pipeline_seed(), prefetch_queue_depth=1,
+                             **self._pipeline_options)
         padding = dict(device_memory_padding=_DEVICE_PADDING,
                        host_memory_padding=_HOST_PADDING) if gpu else {}
         with pipe:
@@ -279,16 +283,26 @@ class DaliDecoder:
             self._pipe = self._build()
         self._pipe.feed_input("jpegs", arrays)
         (out,) = self._pipe.run()
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         tensor = out.as_tensor()
-        dtype = torch.float32 if self.output == "float" else torch.uint8
         gpu = self.backend == "gpu"
-        dest = torch.empty(tensor.shape(), dtype=dtype,
-                           device=self.device if gpu else torch.device("cpu"))
-        # a blocking copy (no stream given): DALI reuses its output buffer on the next run, so
-        # the copy must be finished before we return; costs one sync per batch
-        feed_ndarray(tensor, dest)
+        if getattr(self._pipe, "exec_dynamic", False):
+            # DALI's dynamic executor (the default since DALI 2.0) keeps an output alive while
+            # a DLPack consumer holds it, and hands it over on torch's current stream: no copy,
+            # as in DALI's own PyTorch iterator
+            with torch.cuda.device(self.device) if gpu else _nullcontext():
+                dest = torch.from_dlpack(tensor)
+        else:
+            # older executors reuse the output buffer on the next run: copy it out, finished
+            # before we return (torch's stream, so the fresh block is not still in use there)
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dtype = torch.float32 if self.output == "float" else torch.uint8
+            dest = torch.empty(tensor.shape(), dtype=dtype,
+                               device=self.device if gpu else torch.device("cpu"))
+            stream = torch.cuda.current_stream(self.device) if gpu else None
+            feed_ndarray(tensor, dest, cuda_stream=stream)
+            if stream is not None:
+                stream.synchronize()
         if not gpu and self.device.type == "cuda":
             dest = dest.to(self.device)
         return dest.permute(0, 3, 1, 2) if self.channels_last else dest
@@ -370,11 +384,8 @@ class DaliDecoder:
             else:
                 half = len(idx) // 2
                 work.extend([(idx[:half], None), (idx[half:], None)])
-        if n > 1 and len(bad) == n:
-            # not an image problem (e.g. CUDA out of memory): CPU-decoding every batch forever
-            # would hide it
-            raise RuntimeError(f"DALI failed on every image of a {n}-image batch, so the "
-                               f"problem is not the images: {_short(first_err)}") from first_err
+        if len(bad) == n:
+            self._check_healthy(first_err)
         log.warning("DALI could not decode %d of %d images of this batch (%s); decoding them "
                     "on the CPU with OpenCV", len(bad), n, _short(errors[bad[0]]))
         fixed, broken = {}, []
@@ -401,6 +412,21 @@ class DaliDecoder:
         for i, img in fixed.items():
             out[where[i]] = img[0]
         return out, keep
+
+    def _check_healthy(self, err: RuntimeError) -> None:
+        """Raise if DALI fails on a known-good JPEG too: then the problem is not the images
+        (e.g. CUDA out of memory), and CPU-decoding every batch from now on would hide it."""
+        import cv2
+
+        probe = np.zeros((32, 32, 3), np.uint8)
+        probe[:, :16] = 200
+        ok, jpeg = cv2.imencode(".jpg", probe)
+        try:
+            self._run([np.frombuffer(jpeg.tobytes(), np.uint8)])
+        except RuntimeError as probe_err:
+            self._drop_pipeline()
+            raise RuntimeError(f"DALI fails even on a known-good JPEG, so the problem is not the "
+                               f"images: {_short(probe_err)}") from err
 
     def _cpu_decode(self, data: np.ndarray) -> torch.Tensor:
         """One image through the CPU path's transform -> (1, 3, S, S) like DALI's output."""

@@ -231,6 +231,28 @@ def test_last_partial_batch_and_oversized_input(jpegs):
         dec(jpegs[:3], [0, 1])
 
 
+@pytest.mark.parametrize("exec_dynamic", [True, False])
+@dali_test
+def test_outputs_stay_valid_after_later_runs_and_rebuilds(jpegs, monkeypatch, exec_dynamic):
+    """Dynamic executor: outputs are DALI buffers shared through DLPack (no copy); older
+    executors: copied out. Either way a returned batch must not change afterwards."""
+    from imagenet_seq.dali import DaliDecoder
+
+    monkeypatch.setattr(DaliDecoder, "_pipeline_options", {"exec_dynamic": exec_dynamic})
+    dec = dali_decoder("val", 4)
+    first, _ = dec(jpegs[:4], np.zeros(4))
+    assert dec._pipe.exec_dynamic == exec_dynamic
+    kept = first.clone()
+    for k in range(1, 4):
+        dec(jpegs[4 * k:4 * k + 4], np.zeros(4))
+    dec(jpegs[:2] + [gif_bytes(jpegs[0])], np.zeros(3))  # a failure: pipeline rebuilt
+    del dec  # the pipeline (and its memory pool references) go away
+    import gc
+    gc.collect()
+    dali_decoder("val", 4)(jpegs[8:12], np.zeros(4))  # new allocations
+    assert torch.equal(first, kept)
+
+
 @dali_test
 def test_pickles_without_its_pipeline(jpegs):
     dec = dali_decoder("val", 4)
@@ -304,7 +326,7 @@ def test_every_image_failing_is_not_blamed_on_the_images(monkeypatch, jpegs):
     def broken_run(arrays):
         raise RuntimeError("Critical error in pipeline: CUDA out of memory")
     monkeypatch.setattr(dec, "_run", broken_run)
-    with pytest.raises(RuntimeError, match="not the images.*out of memory"):
+    with pytest.raises(RuntimeError, match="known-good JPEG.*not the images.*out of memory"):
         dec(jpegs[:4], np.zeros(4))
 
 
