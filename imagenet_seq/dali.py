@@ -7,19 +7,21 @@ epochs and DDP sharding are untouched: this stage only turns ``(jpegs, labels)``
 
 Pipelines (one DALI ``Pipeline``, built lazily on the first call in the process that uses it):
 
-* train: ``external_source`` -> ``decoders.image_random_crop`` (ROI decode of a
-  RandomResizedCrop box; ``mixed`` = nvJPEG on the GPU, ``cpu`` = libjpeg-turbo) -> ``resize`` to
-  ``image_size`` -> ``crop_mirror_normalize`` (horizontal flip from a coin flip).
-* val: ``external_source`` -> ``decoders.image`` -> ``resize`` (shorter side ``resize_size``) ->
-  ``crop_mirror_normalize`` (centre crop ``image_size``).
+* train: ``external_source`` -> ``decoders.image_random_crop`` (decodes only the sampled
+  RandomResizedCrop box; ``mixed`` = nvJPEG on the GPU, ``cpu`` = libjpeg-turbo) -> ``resize``
+  to ``image_size`` -> ``crop_mirror_normalize`` (horizontal flip from a coin flip).
+* val: ``external_source`` -> ``decoders.image`` -> ``resize`` + ``crop_mirror_normalize`` with
+  torchvision's ``Resize(resize_size)`` + ``CenterCrop(image_size)`` geometry (computed from
+  the JPEG header), so val pixels line up with :class:`imagenet_seq.decode.ValTransform`.
 
 Output: NCHW (``channels_last`` gives the same logical shape in channels-last memory), ``uint8``
 (no normalisation, like the CPU path) or ``float`` (ImageNet mean/std applied by DALI).
+EXIF orientation is ignored, as on the CPU path.
 
 Failures never kill training: when DALI rejects a batch, the failing images are located (DALI's
 error names the sample, else bisection), decoded on the CPU with :mod:`imagenet_seq.decode`, and
-spliced back in; the pipeline is rebuilt after every DALI error because DALI documents a
-pipeline as unusable after one.
+spliced back in. The pipeline is rebuilt after every DALI error (DALI's error says the pipeline
+object is no longer valid).
 """
 from __future__ import annotations
 
@@ -112,9 +114,8 @@ class DaliDecoder:
         ratio: train only: range of the crop's aspect ratio (width / height).
         device: where outputs and targets go. ``None`` = the current CUDA device if CUDA is
             available (the rank's own under DDP, after ``torch.cuda.set_device``), else CPU.
-        seed: DALI's pipeline seed; mixed with the ``torch.distributed`` rank when a process
-            group is initialised, so ranks draw different crops. Fixed seed + fixed inputs =
-            fixed outputs for the CPU backend.
+        seed: DALI's pipeline seed, mixed with ``rank`` so ranks draw different crops. Fixed
+            seed + rank + inputs = fixed outputs on the CPU backend.
         channels_last: return images in channels-last memory format (shape stays NCHW).
         output: ``'uint8'`` (raw pixels, like the CPU path) or ``'float'`` (float32,
             normalised with ImageNet mean/std).
@@ -122,13 +123,15 @@ class DaliDecoder:
         backend: ``'gpu'`` (nvJPEG "mixed" decode, GPU resize/crop), ``'cpu'`` (all on the
             CPU, outputs then copied to ``device``) or ``None`` = ``'gpu'`` when ``device`` is a
             CUDA device, else ``'cpu'``.
+        rank: mixed into the seed; ``None`` = the ``torch.distributed`` rank when a process
+            group is initialised, else 0.
         skip_broken: drop images that neither DALI nor OpenCV can decode (their targets too)
             instead of raising :class:`imagenet_seq.decode.DecodeError`.
 
     Call ``decoder(jpegs, labels)`` -> ``(images, targets)``: images ``(N, 3, S, S)`` on
-    ``device`` in input order, targets int64 on ``device``. Memory: one DALI pipeline (GPU
-    backend: nvJPEG buffers of ~200 MB device + ~140 MB pinned host memory per thread, plus
-    one batch of outputs).
+    ``device`` in input order, targets int64 on ``device``. Memory: one DALI pipeline; on the
+    GPU backend nvJPEG preallocates per thread 211 MB of device memory and 2 x 140 MB of
+    pinned host memory (NVIDIA's ImageNet settings), plus a few batches of outputs.
 
     Raises:
         ImportError: DALI is not installed (the message has the ``pip install`` line).
@@ -143,7 +146,8 @@ class DaliDecoder:
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3),
                  device: Union[None, str, torch.device] = None, seed: int = 0,
                  channels_last: bool = False, output: str = "uint8", num_threads: int = 2,
-                 backend: Optional[str] = None, skip_broken: bool = False) -> None:
+                 backend: Optional[str] = None, skip_broken: bool = False,
+                 rank: Optional[int] = None) -> None:
         if mode not in ("train", "val"):
             raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
         for name, value in (("batch_size", batch_size), ("image_size", image_size),
@@ -183,6 +187,7 @@ class DaliDecoder:
         self.output = output
         self.num_threads = int(num_threads)
         self.skip_broken = bool(skip_broken)
+        self.rank = rank
         self.num_fallbacks = 0  # images decoded on the CPU because DALI failed on them
         self._pipe: Any = None
         self._cpu_transform: Any = None
@@ -201,9 +206,10 @@ class DaliDecoder:
     # -- the pipeline --------------------------------------------------------------------------
 
     def _pipeline_seed(self) -> int:
-        rank = 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank = torch.distributed.get_rank()
+        rank = self.rank
+        if rank is None:
+            dist = torch.distributed
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         return int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
     def _build(self) -> Any:

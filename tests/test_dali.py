@@ -210,8 +210,11 @@ def test_seeded_and_deterministic_on_cpu(jpegs):
     a, _ = dali_decoder("train", 8, seed=5)(jpegs[:8], np.zeros(8))
     b, _ = dali_decoder("train", 8, seed=5)(jpegs[:8], np.zeros(8))
     c, _ = dali_decoder("train", 8, seed=6)(jpegs[:8], np.zeros(8))
-    assert torch.equal(a, b)
+    d, _ = dali_decoder("train", 8, seed=5, rank=1)(jpegs[:8], np.zeros(8))
+    e, _ = dali_decoder("train", 8, seed=5, rank=0)(jpegs[:8], np.zeros(8))
+    assert torch.equal(a, b) and torch.equal(a, e)  # no process group: rank 0
     assert not torch.equal(a, c)
+    assert not torch.equal(a, d)  # ranks draw different crops from one seed
 
 
 @dali_test
@@ -304,17 +307,28 @@ def test_train_fallback_and_float_output(jpegs):
     assert images[1].std() > 0.1  # a real picture, not a blank
 
 
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
 @dali_test
-def test_undecodable_image_raises_or_is_skipped(jpegs):
-    garbage = b"not an image at all" * 10
-    dec = dali_decoder("val", 4)
+def test_undecodable_image_raises_or_is_skipped(jpegs, kind):
+    """Garbage: DALI's error does not say which image (found by bisection); a truncated JPEG:
+    DALI names "sample #k" (found in one step). OpenCV cannot read either."""
+    bad = b"not an image at all" * 10 if kind == "garbage" else jpegs[0][:len(jpegs[0]) // 2]
+    dec = dali_decoder("val", 8)
     with pytest.raises(DecodeError, match="image 1 of this batch.*DALI said.*OpenCV said"):
-        dec([jpegs[0], garbage, jpegs[1]], [0, 1, 2])
-    dec = dali_decoder("val", 4, skip_broken=True)
-    images, targets = dec([jpegs[0], garbage, jpegs[1]], [0, 1, 2])
-    assert images.shape[0] == 2 and targets.tolist() == [0, 2]
-    ok, _ = dec([jpegs[0], jpegs[1]], [0, 2])
+        dec([jpegs[0], bad, jpegs[1]], [0, 1, 2])
+    dec = dali_decoder("val", 8, skip_broken=True)
+    runs = []
+    run = dec._run
+    dec._run = lambda arrays: runs.append(len(arrays)) or run(arrays)
+    batch = jpegs[:5] + [bad] + jpegs[5:7]
+    images, targets = dec(batch, np.arange(8))
+    assert targets.tolist() == [0, 1, 2, 3, 4, 6, 7] and dec.num_fallbacks == 0
+    ok, _ = dali_decoder("val", 8)(jpegs[:7], np.zeros(7))
     assert torch.equal(images, ok)
+    if kind == "truncated":
+        assert runs == [8, 7]  # the named sample is set aside at once
+    else:
+        assert runs[0] == 8 and runs.count(1) == 2 and len(runs) <= 2 * 3 + 1  # bisection
 
 
 @dali_test
