@@ -235,8 +235,11 @@ class DaliDecoder:
                 mirror = fn.random.coin_flip(probability=0.5)
                 crop_pos = dict(crop_pos_x=0.5, crop_pos_y=0.5)  # no-op: already image_size
             else:
+                # val on the GPU: libjpeg-turbo's chroma upsampling, so the evaluated pixels
+                # match the CPU backend's and the OpenCV path's more closely
+                exact = dict(jpeg_fancy_upsampling=True) if gpu else {}
                 images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB,
-                                           adjust_orientation=False, **padding)
+                                           adjust_orientation=False, **padding, **exact)
                 new_w, new_h, pos_x, pos_y = self._val_geometry(fn, types, dali.math, jpegs)
                 images = fn.resize(images, resize_x=new_w, resize_y=new_h,
                                    interp_type=types.INTERP_LINEAR, antialias=True)

@@ -344,6 +344,26 @@ def test_every_image_failing_is_not_blamed_on_the_images(monkeypatch, jpegs):
         dec(jpegs[:4], np.zeros(4))
 
 
+@pytest.mark.parametrize("mode", ["train", "val"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("output", ["uint8", "float"])
+@dali_test
+def test_gpu_graph_is_well_formed_without_a_gpu(monkeypatch, mode, channels_last, output):
+    """The mixed/GPU pipeline cannot run here, but DALI checks each operator's arguments and
+    device placement when the graph is defined: everything up to ``build()`` runs on CPU."""
+    import nvidia.dali as dali
+
+    dec = dali_decoder(mode, 8, channels_last=channels_last, output=output)
+    dec.backend, dec.device = "gpu", torch.device("cuda", 0)  # as if CUDA were present
+    monkeypatch.setattr(dali.Pipeline, "build", lambda self: None)
+    pipe = dec._build()
+    assert pipe.device_id == 0
+    with pytest.raises(Exception, match="bogus"):  # the check is real
+        with dali.Pipeline(batch_size=2, num_threads=1, device_id=0):
+            jpegs = dali.fn.external_source(name="j", dtype=dali.types.UINT8, ndim=1)
+            dali.fn.decoders.image(jpegs, device="mixed", bogus=1)
+
+
 # -- GPU (skipped here: no CUDA in CI) ----------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["train", "val"])
