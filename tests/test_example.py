@@ -207,6 +207,20 @@ def test_bad_numbers_exit_nonzero(tmp_path):
 # ---------------------------------------------------------------- end to end on the CPU
 
 
+@pytest.mark.skipif(not _has_torchvision(), reason="needs torchvision (imagenet_seq[examples])")
+def test_folder_loader_and_torchvision_arch(sample_tree, sample_lmdb, tmp_path, capsys):
+    """The torchvision baseline (--loader folder) and a torchvision arch on the seq loader."""
+    s = ex.run([sample_tree[0], "--loader", "folder"] + SMALL + [
+        "--epochs", "1", "--output-dir", str(tmp_path / "folder")])
+    assert s["epochs_run"] == 1 and s["val"]["total"] == 12
+    assert "loader folder" in capsys.readouterr().out
+    small = [a if a != "tiny" else "resnet18" for a in SMALL]
+    s = ex.run([sample_lmdb] + small + ["--epochs", "1", "--output-dir", str(tmp_path / "r18")])
+    assert s["val"]["total"] == 12
+    with pytest.raises(FileNotFoundError, match="ImageFolder root"):
+        ex.run([sample_lmdb, "--loader", "folder"] + SMALL)
+
+
 @pytest.mark.slow
 def test_train_resume_evaluate(sample_lmdb, tmp_path, capsys):
     out = str(tmp_path / "run")

@@ -45,8 +45,9 @@ class _ContiguousShard(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def folder_loaders(args: argparse.Namespace, rank: int, world_size: int, num_workers: int,
-                   per_rank_batch: int, need_train: bool = True) -> Tuple[object, object, list]:
+def folder_loaders(args: argparse.Namespace, device: torch.device, rank: int, world_size: int,
+                   num_workers: int, per_rank_batch: int,
+                   need_train: bool = True) -> Tuple[object, object, list]:
     """torchvision ``ImageFolder`` + ``DataLoader`` over ``args.data``/train and /val (baseline).
 
     Train uses ``DistributedSampler`` (it pads so ranks get equal batch counts: what users run
@@ -70,7 +71,8 @@ def folder_loaders(args: argparse.Namespace, rank: int, world_size: int, num_wor
     val_tf = transforms.Compose([transforms.Resize(args.resize_size),
                                  transforms.CenterCrop(args.image_size), to_uint8])
     val_set = datasets.ImageFolder(os.path.join(args.data, "val"), val_tf)
-    kw = dict(batch_size=per_rank_batch, num_workers=num_workers, pin_memory=True,
+    kw = dict(batch_size=per_rank_batch, num_workers=num_workers,
+              pin_memory=device.type == "cuda",
               persistent_workers=num_workers > 0)
     val = torch.utils.data.DataLoader(
         val_set, sampler=_ContiguousShard(len(val_set), rank, world_size), **kw)

@@ -220,7 +220,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
     if args.loader == "folder":
         from loaders import folder_loaders
         train_loader, val_loader, classes = folder_loaders(
-            args, rank, world, workers, per_rank_batch, need_train=not args.evaluate)
+            args, device, rank, world, workers, per_rank_batch, need_train=not args.evaluate)
     else:
         from loaders import seq_loaders
         train_loader, val_loader, classes = seq_loaders(

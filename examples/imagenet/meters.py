@@ -156,7 +156,7 @@ class Progress:
             parts.append(f"top1 {100.0 * correct1 / batch:5.1f}%")
         parts += [f"{rate:,.0f} img/s", f"data wait {wait:.0f}%",
                   f"epoch ETA {fmt_duration(epoch_eta)}",
-                  f"run ETA {self.run_eta() / 3600:.2f} h"]
+                  f"run ETA {self.run_eta() / 3600:.2f} h ({fmt_duration(self.run_eta())})"]
         return "  ".join(parts)
 
     def end_epoch(self, val: Optional[Dict[str, float]] = None,
