@@ -189,6 +189,7 @@ class DaliDecoder:
         self.skip_broken = bool(skip_broken)
         self.rank = rank
         self.num_fallbacks = 0  # images decoded on the CPU because DALI failed on them
+        self.last_skipped: List[int] = []  # skip_broken: positions left out by the last call
         self._pipe: Any = None
         self._cpu_transform: Any = None
 
@@ -324,7 +325,8 @@ class DaliDecoder:
         Returns:
             ``(images, targets)`` in input order: images ``(N, 3, S, S)`` uint8 or float32 on
             ``self.device`` (channels-last memory when asked), targets int64 ``(N,)``. With
-            ``skip_broken``, undecodable images and their targets are left out.
+            ``skip_broken``, undecodable images and their targets are left out and their
+            positions listed in ``self.last_skipped``.
 
         Raises:
             ValueError: ``len(labels) != len(jpegs)``.
@@ -348,7 +350,9 @@ class DaliDecoder:
                                  device=self.device)
         else:
             images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        if len(keep) != len(targets):
+        kept = set(keep)
+        self.last_skipped = [i for i in range(len(targets)) if i not in kept]
+        if self.last_skipped:
             targets = targets[torch.as_tensor(keep, dtype=torch.int64)]
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -409,7 +413,7 @@ class DaliDecoder:
                 log.warning("skipping image %d of this batch: %s", i, e)
                 broken.append(i)
         self.num_fallbacks += len(fixed)
-        keep = [i for i in range(n) if i not in set(broken)]
+        keep = [i for i in range(n) if i not in broken]
         sample = done[0][1] if done else next(iter(fixed.values()))
         shape = (len(keep),) + tuple(sample.shape[1:])
         out = torch.empty(shape, dtype=sample.dtype, device=self.device,
