@@ -178,6 +178,13 @@ def test_folder_without_lmdbs(tmp_path, capsys):
     assert str(tmp_path) in err and "preprocess_sequential.py" in err
 
 
+def test_imagefolder_given_to_seq_loader(sample_tree, capsys):
+    assert ex.main([sample_tree[0]] + SMALL + ["--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "ILSVRC-val.lmdb" in err and "preprocess_sequential.py" in err
+    assert "--loader folder" in err
+
+
 def test_unknown_arch_main(tmp_path, capsys):
     assert ex.main([str(tmp_path), "-a", "nonet"]) == 2
     err = capsys.readouterr().err
@@ -250,6 +257,16 @@ def test_train_resume_evaluate(sample_lmdb, tmp_path, capsys):
     assert "val top1" in capsys.readouterr().out
     assert s3["val"]["total"] == 12
     assert s3["val"]["top1"] == pytest.approx(s2["val"]["top1"])
+
+
+@pytest.mark.dali
+def test_dali_decoder(sample_lmdb, tmp_path, capsys):
+    """--decoder dali reaches Loader(decoder='dali') (DALI's CPU backend when there is no GPU)."""
+    pytest.importorskip("nvidia.dali")
+    s = ex.run([sample_lmdb] + SMALL + ["--epochs", "1", "--decoder", "dali",
+                                        "--output-dir", str(tmp_path)])
+    assert s["epochs_run"] == 1 and s["val"]["total"] == 12
+    assert "loader seq/dali" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -27,7 +27,13 @@ def seq_loaders(args: argparse.Namespace, device: torch.device, num_workers: int
                   image_size=args.image_size, resize_size=args.resize_size, decoder=args.decoder)
     if args.decoder == "dali":
         common["device"] = device
-    val = Loader(args.data, "val", shuffle=False, **common)
+    try:
+        val = Loader(args.data, "val", shuffle=False, **common)
+    except FileNotFoundError as e:
+        if all(os.path.isdir(os.path.join(args.data, d)) for d in ("train", "val")):
+            raise FileNotFoundError(f"{e} (it looks like an ImageFolder: convert it, or train "
+                                    "from the JPEG files with --loader folder)") from None
+        raise
     train = Loader(args.data, "train", shuffle=True, **common) if need_train else None
     return train, val, list(val.meta.classes)
 
