@@ -346,10 +346,9 @@ class DaliDecoder:
             keep.extend(start + k for k in kept)
         if not pieces:
             dtype = torch.float32 if self.output == "float" else torch.uint8
-            images = torch.empty((0, 3, self.image_size, self.image_size), dtype=dtype,
-                                 device=self.device)
-        else:
-            images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            pieces = [torch.empty((0, 3, self.image_size, self.image_size), dtype=dtype,
+                                  device=self.device)]
+        images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         kept = set(keep)
         self.last_skipped = [i for i in range(len(targets)) if i not in kept]
         if self.last_skipped:
@@ -401,22 +400,24 @@ class DaliDecoder:
             self._check_healthy(first_err)
         log.warning("DALI could not decode %d of %d images of this batch (%s); decoding them "
                     "on the CPU with OpenCV", len(bad), n, _short(errors[bad[0]]))
+        from imagenet_seq.decode import DecodeError
+
         fixed, broken = {}, []
         for i in sorted(bad):
             try:
                 fixed[i] = self._cpu_decode(arrays[i])
-            except ValueError as e:  # DecodeError
+            except Exception as e:  # noqa: BLE001 - DecodeError, or cv2.error on odd input
                 if not self.skip_broken:
-                    raise type(e)(f"image {i} of this batch ({arrays[i].size} bytes) cannot be "
-                                  f"decoded: DALI said {_short(errors[i])!r}; OpenCV said "
-                                  f"{e}") from None
+                    raise DecodeError(f"image {i} of this batch ({arrays[i].size} bytes) cannot "
+                                      f"be decoded: DALI said {_short(errors[i])!r}; OpenCV "
+                                      f"said {e}") from None
                 log.warning("skipping image %d of this batch: %s", i, e)
                 broken.append(i)
         self.num_fallbacks += len(fixed)
         keep = [i for i in range(n) if i not in broken]
-        sample = done[0][1] if done else next(iter(fixed.values()))
-        shape = (len(keep),) + tuple(sample.shape[1:])
-        out = torch.empty(shape, dtype=sample.dtype, device=self.device,
+        dtype = torch.float32 if self.output == "float" else torch.uint8
+        out = torch.empty((len(keep), 3, self.image_size, self.image_size), dtype=dtype,
+                          device=self.device,
                           memory_format=torch.channels_last if self.channels_last
                           else torch.contiguous_format)
         where = {i: p for p, i in enumerate(keep)}

@@ -326,6 +326,10 @@ def test_undecodable_image_raises_or_is_skipped(jpegs, kind):
     assert dec.last_skipped == [5]  # so the Loader can drop the record and count it
     ok, _ = dali_decoder("val", 8)(jpegs[:7], np.zeros(7))
     assert torch.equal(images, ok)
+    alone, t = dec([bad], [5])  # nothing decodable left: an empty batch, not a crash
+    assert alone.shape == (0, 3, 224, 224) and t.shape == (0,) and dec.last_skipped == [0]
+    runs.clear()
+    dec(batch, np.arange(8))
     if kind == "truncated":
         assert runs == [8, 7]  # the named sample is set aside at once
     else:
