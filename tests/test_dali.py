@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagenet_seq.decode import DecodeError, TrainTransform, ValTransform
+from imagenet_seq.decode import DecodeError, ValTransform
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and \
     importlib.util.find_spec("nvidia.dali") is not None
