@@ -7,7 +7,8 @@ Same ImageNet-like JPEGs (benchmarks/data.py) for everyone, all in page cache; 2
 batch 64, RandomResizedCrop(224) + horizontal flip. Peers, each in its own subprocess (its own
 session, killed as a group afterwards), alternating across rounds:
 
-  decode       single-core cv2.imdecode at full size: the decode limit is 2 x this rate
+  decode       single-core cv2.imdecode at full size (malloc tuned, best case): the decode
+               limit is 2 x this rate
   tensorpack   tensorpack's recommended ImageNet flow on the original tool's LMDB:
                LMDBSerializer.load -> LocallyShuffleData -> MultiProcessRunnerZMQ(1) ->
                MultiProcessMapDataZMQ(2, cv2 decode + GoogleNetRandomCropAndResize + Flip)
@@ -21,7 +22,10 @@ session, killed as a group afterwards), alternating across rounds:
                worker_type 'process' and 'thread'
 
 Each run skips warm-up batches (worker start, buffer fill), then times a fixed number of
-batches, crossing epochs where a peer has them (epoch restarts are part of the cost).
+batches, crossing epochs where a peer has them (epoch restarts are part of the cost). Besides
+wall-clock images/s it records CPU time per image over all of a peer's processes: on a machine
+shared with other work, a peer with more processes gets a larger CPU share, so "cpu" ratios
+(2 cores / CPU per image) are the contention-robust comparison.
 Peers that are not installed are skipped with a note. Also reports the Loader's memory (RSS
 and PSS summed over all its processes) at the end of epoch 1 and epoch 5.
 """
@@ -54,23 +58,61 @@ TARGETS = {"tensorpack": 1.5, "dali": 1.5, "torchvision": 2.5, "decode_limit": 0
 
 # --- peers (each runs in a child process: ``--peer NAME``) ----------------------------------
 
+def tree_cpu() -> float:
+    """CPU seconds (user + sys) used by this process and its descendants, reaped ones included."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def _timed(batches, warmup: int, measure: int) -> Dict[str, float]:
-    """Skip ``warmup`` batches of an endless batch iterator, then time ``measure`` batches."""
+    """Skip ``warmup`` batches of an endless batch iterator, then time ``measure`` batches.
+
+    Returns wall-clock images/s and CPU microseconds per image over all the peer's processes
+    (contention-robust: on a shared machine a peer with more processes gets more CPU share).
+    """
     it = iter(batches)
     for _ in range(warmup):
         next(it)
     n = 0
-    t0 = time.perf_counter()
+    c0, t0 = tree_cpu(), time.perf_counter()
     for _ in range(measure):
         n += next(it)
     dt = time.perf_counter() - t0
-    return {"images": n, "seconds": dt, "rate": n / dt}
+    cpu = tree_cpu() - c0
+    return {"images": n, "seconds": dt, "rate": n / dt, "cpu_us": cpu / n * 1e6}
+
+
+def _tune_malloc() -> None:
+    """Keep glibc from returning freed memory to the OS after every image.
+
+    Without this, each 560 KB decode output is a fresh mmap/brk that page-faults in (slow in a
+    VM): cv2.imdecode measured ~1.5x slower in a fresh interpreter than after ``import torch``,
+    which changes the allocator's state. The decode limit must be the best single-core rate.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def run_decode(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
     import cv2
     import numpy as np
 
+    _tune_malloc()
     cv2.setNumThreads(1)
     blobs = []
     for path, _ in bench_data.train_files(d.folder):
@@ -79,13 +121,14 @@ def run_decode(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, 
     for b in blobs[:warmup]:
         cv2.imdecode(b, cv2.IMREAD_COLOR)
     n = 0
-    t0 = time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     for _ in range(max(1, measure * BATCH // len(blobs))):
         for b in blobs:
             cv2.imdecode(b, cv2.IMREAD_COLOR)
         n += len(blobs)
     dt = time.perf_counter() - t0
-    return {"images": n, "seconds": dt, "rate": n / dt}
+    return {"images": n, "seconds": dt, "rate": n / dt,
+            "cpu_us": (time.thread_time() - c0) / n * 1e6}
 
 
 def run_tensorpack(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
@@ -160,8 +203,9 @@ def run_torchvision(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[
 def _ours(d: bench_data.BenchData, worker_type: str):
     from imagenet_seq.data import Loader
 
+    # the same ~4 % shuffle buffer as tensorpack's and DALI's (ImageNet default: ~1.5 %)
     return Loader(d.lmdb, "train", batch_size=BATCH, num_workers=WORKERS, shuffle=True,
-                  worker_type=worker_type)
+                  worker_type=worker_type, buffer_size=max(BATCH, d.images // 25))
 
 
 def _epochs(loader):
@@ -182,36 +226,39 @@ def run_ours_thread(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[
 
 
 def tree_memory() -> Dict[str, float]:
-    """RSS and PSS (MiB) summed over this process and all its descendants."""
+    """RSS and PSS (MiB) of this process ("main_") and summed over it and its descendants."""
     import psutil
 
     me = psutil.Process()
-    rss = pss = 0
+    out = {"rss_mib": 0.0, "pss_mib": 0.0}
     for p in [me] + me.children(recursive=True):
         try:
             info = p.memory_full_info()
         except psutil.Error:
             continue
-        rss += info.rss
-        pss += getattr(info, "pss", info.rss)
-    return {"rss_mib": rss / 2 ** 20, "pss_mib": pss / 2 ** 20}
+        rss, pss = info.rss / 2 ** 20, getattr(info, "pss", info.rss) / 2 ** 20
+        out["rss_mib"] += rss
+        out["pss_mib"] += pss
+        if p.pid == me.pid:
+            out["main_rss_mib"], out["main_pss_mib"] = rss, pss
+    return out
 
 
-def run_memory(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
-    """Loader memory at the end of epoch 1 and epoch 5 (whole process tree)."""
+def run_memory(d: bench_data.BenchData, warmup: int, measure: int) -> Dict:
+    """Loader memory at the end of each of 5 epochs (whole process tree, workers alive)."""
     loader = _ours(d, "process")
-    out: Dict[str, float] = {}
+    series = []
     for epoch in range(5):
         loader.set_epoch(epoch)
         it = iter(loader)
         for _ in range(len(loader) - 1):
             next(it)
-        if epoch in (0, 4):  # workers still alive: measure before the last batch
-            for k, v in tree_memory().items():
-                out[f"epoch{epoch + 1}_{k}"] = v
+        series.append(tree_memory())  # before the last batch: the workers are still alive
         for _ in it:
             pass
-    out["buffer_note"] = repr(getattr(loader, "buffer_size", None))
+    out: Dict = {f"epoch{e}_{k}": series[e - 1][k] for e in (1, 5) for k in series[0]}
+    out["series"] = series
+    out["buffer_size"] = getattr(loader, "buffer_size", None)
     return out
 
 
@@ -225,6 +272,10 @@ IMPORTS = {"tensorpack": "tensorpack.dataflow", "dali": "nvidia.dali", "torchvis
 
 def child(args) -> int:
     d = bench_data.ensure(args.images, args.out, verbose=False)
+    # every peer runs inside a PyTorch training script; importing torch also changes glibc
+    # malloc's state, which speeds up OpenCV decoding (see _tune_malloc)
+    import torch  # noqa: F401
+
     try:
         res = RUNNERS[args.peer](d, args.warmup, args.measure)
     except ImportError as e:
@@ -319,46 +370,66 @@ def main(argv=None) -> int:
             notes[peer] = why
             print(f"  skip {peer}: {why}", flush=True)
     active = [p for p in peers if p not in notes]
-    rates: Dict[str, List[float]] = {p: [] for p in active}
+    runs: Dict[str, List[Dict]] = {p: [] for p in active}
+    load0 = os.getloadavg()[0]
     for r in range(args.rounds):
         for peer in (active if r % 2 == 0 else active[::-1]):
             res = run_child(peer, python_for(peer, args.tv_python), args, timeout)
             if "rate" in res:
-                rates[peer].append(res["rate"])
-                print(f"  round {r + 1} {peer:13s} {res['rate']:7.0f} img/s", flush=True)
+                runs[peer].append(res)
+                print(f"  round {r + 1} {peer:13s} {res['rate']:7.0f} img/s  "
+                      f"{res['cpu_us']:6.0f} CPU us/img", flush=True)
             else:
                 notes[peer] = res.get("skipped") or res.get("error")
                 print(f"  round {r + 1} {peer:13s} {notes[peer]}", flush=True)
-    med = {p: statistics.median(v) for p, v in rates.items() if v}
+    load = (load0, os.getloadavg()[0])
+    med = {p: statistics.median(x["rate"] for x in v) for p, v in runs.items() if v}
+    cpu = {p: statistics.median(x["cpu_us"] for x in v) for p, v in runs.items() if v}
     memory = None
     if not args.no_memory and "ours_process" in med:
         memory = run_child("memory", sys.executable, args, timeout)
-    report(med, rates, notes, memory)
+    report(med, cpu, runs, notes, memory, load)
     if args.json:
-        print(json.dumps({"median": med, "rates": rates, "notes": notes, "memory": memory,
-                          "images": d.images, "rounds": args.rounds}))
+        print(json.dumps({"median_rate": med, "median_cpu_us": cpu, "runs": runs,
+                          "notes": notes, "memory": memory, "images": d.images,
+                          "rounds": args.rounds, "loadavg": load}))
     return 0
 
 
-def report(med: Dict[str, float], rates, notes, memory) -> None:
-    limit = 2 * med["decode"] if "decode" in med else None
-    print("\npeer            median img/s   rounds")
-    for p, v in med.items():
-        print(f"{p:15s} {v:12.0f}   {' '.join(f'{x:.0f}' for x in rates[p])}")
-    if limit:
-        print(f"{'decode limit':15s} {limit:12.0f}   (2 x single-core cv2.imdecode)")
+def _verdicts(name: str, value: Dict[str, float], limit: Optional[float], notes) -> None:
     for ours in ("ours_process", "ours_thread"):
-        if ours not in med:
+        if ours not in value:
             continue
-        print(f"\n{ours}: {med[ours]:.0f} img/s")
+        parts = []
         for peer, target in TARGETS.items():
-            base = limit if peer == "decode_limit" else med.get(peer)
+            base = limit if peer == "decode_limit" else value.get(peer)
             if not base:
-                print(f"  vs {peer:12s}  n/a ({notes.get(peer, 'not run')})")
+                parts.append(f"{peer} n/a")
                 continue
-            ratio = med[ours] / base
-            verdict = "ok" if ratio >= target else "MISS"
-            print(f"  vs {peer:12s} {ratio:5.2f} x  (target >= {target:.2f})  {verdict}")
+            ratio = value[ours] / base
+            parts.append(f"{peer} {ratio:.2f}x{'' if ratio >= target else ' MISS'}")
+        print(f"  {name:5s} {ours:13s} " + ", ".join(parts))
+
+
+def report(med, cpu, runs, notes, memory, load) -> None:
+    """Plain-text table: wall-clock rates, CPU per image, ratios against the targets."""
+    print(f"\nload average during the runs: {load[0]:.1f} -> {load[1]:.1f} "
+          f"({os.cpu_count()} cores; > cores means other work shared the CPUs)")
+    print("peer            wall img/s (median; rounds)        CPU us/img   2-core CPU bound")
+    for p in med:
+        rounds = " ".join(f"{x['rate']:.0f}" for x in runs[p])
+        bound = 2e6 / cpu[p]
+        print(f"{p:15s} {med[p]:10.0f}  ({rounds:24s}) {cpu[p]:10.0f}   {bound:10.0f}")
+    limit = 2 * med["decode"] if "decode" in med else None
+    cpu_rate = {p: 2e6 / c for p, c in cpu.items()}
+    cpu_limit = cpu_rate.get("decode")  # 2 cores x single-core rate from CPU time
+    if limit:
+        print(f"{'decode limit':15s} {limit:10.0f}  (2 x single-core cv2.imdecode)"
+              f"{'':9s}{cpu_limit:23.0f}")
+    print(f"\nratios (targets: >= {TARGETS['tensorpack']}x tensorpack, >= {TARGETS['dali']}x dali, "
+          f">= {TARGETS['torchvision']}x torchvision, >= {TARGETS['decode_limit']}x decode limit)")
+    _verdicts("wall", med, limit, notes)
+    _verdicts("cpu", cpu_rate, cpu_limit, notes)
     if memory and "epoch1_rss_mib" in memory:
         g = memory["epoch5_rss_mib"] / memory["epoch1_rss_mib"] - 1
         gp = memory["epoch5_pss_mib"] / memory["epoch1_pss_mib"] - 1
@@ -366,6 +437,8 @@ def report(med: Dict[str, float], rates, notes, memory) -> None:
               f"epoch 5 {memory['epoch5_rss_mib']:.0f} MiB ({g:+.1%}); PSS "
               f"{memory['epoch1_pss_mib']:.0f} -> {memory['epoch5_pss_mib']:.0f} MiB ({gp:+.1%})"
               f"  (target growth <= 5 %)")
+        print("  per epoch, tree RSS / main-process RSS MiB: " + ", ".join(
+            f"{m['rss_mib']:.0f}/{m.get('main_rss_mib', 0):.0f}" for m in memory["series"]))
     elif memory:
         print(f"\nLoader memory run: {memory}")
     for p, why in notes.items():
