@@ -1,27 +1,19 @@
-"""Optional DALI decode stage: raw JPEG bytes of one batch -> image tensor on the rank's device.
+"""Optional DALI decode stage: raw JPEG bytes of one batch -> images on the rank's device.
 
-With ``decoder='dali'`` the Loader's workers skip decoding and hand over raw batches; the Loader
-then calls a :class:`DaliDecoder` in the main process. The reader, order, shuffle buffer, exact
-epochs and DDP sharding are untouched: this stage only turns ``(jpegs, labels)`` into
-``(images, targets)``.
-
-Pipelines (one DALI ``Pipeline``, built lazily on the first call in the process that uses it):
+With ``decoder='dali'`` the Loader's workers skip decoding and the Loader calls a
+:class:`DaliDecoder` on each raw batch in the main process; reader, order, shuffle, exact epochs
+and DDP sharding are untouched. One DALI ``Pipeline``, built lazily on the first call:
 
 * train: ``external_source`` -> ``decoders.image_random_crop`` (decodes only the sampled
   RandomResizedCrop box; ``mixed`` = nvJPEG on the GPU, ``cpu`` = libjpeg-turbo) -> ``resize``
-  to ``image_size`` -> ``crop_mirror_normalize`` (horizontal flip from a coin flip).
-* val: ``external_source`` -> ``decoders.image`` -> ``resize`` + ``crop_mirror_normalize`` with
-  torchvision's ``Resize(resize_size)`` + ``CenterCrop(image_size)`` geometry (computed from
-  the JPEG header), so val pixels line up with :class:`imagenet_seq.decode.ValTransform`.
+  -> ``crop_mirror_normalize`` (flip from a coin flip; ImageNet mean/std for float output).
+* val: ``decoders.image`` -> ``resize`` + ``crop_mirror_normalize`` with torchvision's
+  ``Resize`` + ``CenterCrop`` geometry, so pixels line up with ``decode.ValTransform``.
 
-Output: NCHW (``channels_last`` gives the same logical shape in channels-last memory), ``uint8``
-(no normalisation, like the CPU path) or ``float`` (ImageNet mean/std applied by DALI).
-EXIF orientation is ignored, as on the CPU path.
-
-Failures never kill training: when DALI rejects a batch, the failing images are located (DALI's
-error names the sample, else bisection), decoded on the CPU with :mod:`imagenet_seq.decode`, and
-spliced back in. The pipeline is rebuilt after every DALI error (DALI's error says the pipeline
-object is no longer valid).
+EXIF orientation is ignored, as on the CPU path. Failures never kill training: the images DALI
+rejects are found (DALI names the sample, else bisection), decoded with
+:mod:`imagenet_seq.decode` on the CPU and spliced back in; the pipeline is rebuilt after every
+DALI error (DALI's error says the pipeline object is no longer valid).
 """
 from __future__ import annotations
 
