@@ -43,6 +43,7 @@ import time
 from typing import Dict, Iterator, List, Optional
 
 MB = 1_000_000
+LOOKAHEAD_S = 0.002  # work the emulated device commits to ahead of time (see _dispatch)
 
 
 class HDDModel:
@@ -108,6 +109,26 @@ class HDDModel:
         self.bytes += size
         return self.busy_until
 
+    def pick(self, pending: List[tuple], now: float, expire_s: float = 0.5) -> int:
+        """Which queued request the drive serves next: index into ``pending``.
+
+        ``pending`` holds ``(key, offset, size, arrival_time)``. Like the kernel's mq-deadline
+        scheduler + the drive's command queue: a request expired past ``expire_s`` (mq-deadline's
+        read_expire, 500 ms) goes first; otherwise the nearest request at or after the head in
+        the same file (no seek); otherwise the oldest.
+        """
+        oldest = min(range(len(pending)), key=lambda i: pending[i][3])
+        if now - pending[oldest][3] > expire_s or self.head is None:
+            return oldest
+        key, pos = self.head
+        best, best_d = oldest, None
+        for i, (k, off, _, _) in enumerate(pending):
+            if k == key and abs(off - pos) <= self.near_bytes:
+                d = off - pos if off >= pos else self.near_bytes + (pos - off)  # forward first
+                if best_d is None or d < best_d:
+                    best, best_d = i, d
+        return best
+
     def stats(self) -> Dict[str, float]:
         return {"device": self.name, "requests": self.requests, "bytes": self.bytes,
                 "seeks": self.seeks, "busy_s": self.busy_s}
@@ -167,6 +188,10 @@ class NFSModel:
         self.bytes += size
         return done
 
+    def pick(self, pending: List[tuple], now: float) -> int:
+        """Requests go out in arrival order."""
+        return min(range(len(pending)), key=lambda i: pending[i][3])
+
     def stats(self) -> Dict[str, float]:
         return {"device": self.name, "requests": self.requests, "bytes": self.bytes,
                 "opens": self.opens}
@@ -191,10 +216,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtt-ms", type=float, default=0.5, help="nfs: round trip per request")
     p.add_argument("--in-flight", type=int, default=8, help="nfs: requests outstanding at once")
     p.add_argument("--open-rtts", type=int, default=1, help="nfs: round trips per open")
+    p.add_argument("--queue-depth", type=int, default=64,
+                   help="requests the kernel may queue at once (FUSE max_background)")
 
 
-def _operations(source: str, model):
+def _operations(source: str, model, queue_depth: int = 64):
     import mfusepy as fuse
+
+    trace_path = os.environ.get("SLOWFS_TRACE")  # debugging: one line per read request
+    trace = open(trace_path, "w", buffering=1 << 16) if trace_path else None
 
     class SlowMirror(fuse.Operations):
         """Read-only mirror of ``source``; every read waits for the device model."""
@@ -203,7 +233,24 @@ def _operations(source: str, model):
 
         def __init__(self):
             self.lock = threading.Lock()
-            self.fds: Dict[int, int] = {}
+            self.cond = threading.Condition()
+            self.pending: List[list] = []
+            self.stopped = False
+            self.device = None
+
+        def destroy(self, path):
+            self.stopped = True
+
+        def init_with_config(self, conn, config):
+            # FUSE passes 12 background requests to the daemon at a time and silently drops
+            # readahead (posix_fadvise WILLNEED too) once 9 are queued; a block device queues
+            # 64+ (nr_requests) and makes the submitter wait instead of dropping. So: a deeper
+            # queue, and a congestion threshold never reached (the rest waits in the kernel).
+            if conn is not None:
+                conn.max_background = queue_depth
+                conn.congestion_threshold = 65535
+            self.device = threading.Thread(target=self._dispatch, daemon=True, name="device")
+            self.device.start()
 
         def _full(self, path: str) -> str:
             return os.path.join(source, path.lstrip("/"))
@@ -235,10 +282,36 @@ def _operations(source: str, model):
 
         def read(self, path, size, offset, fh):
             data = os.pread(fh, size, offset)
-            with self.lock:
-                done = model.schedule(path, offset, len(data), time.monotonic())
-            _sleep_until(done)
+            req = [path, offset, len(data), time.monotonic(), None]
+            with self.cond:
+                self.pending.append(req)
+                self.cond.notify_all()
+                while req[4] is None:
+                    self.cond.wait()
+            if trace is not None:
+                trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {len(data)} {path}\n")
+            _sleep_until(req[4])
             return data
+
+        def _dispatch(self):
+            """The device: takes queued requests in the model's order, a little ahead of time."""
+            while not self.stopped:
+                with self.cond:
+                    while not self.pending and not self.stopped:
+                        self.cond.wait(0.1)
+                    if self.stopped:
+                        return
+                    now = time.monotonic()
+                    # keep only LOOKAHEAD_S of work committed, so later arrivals can still be
+                    # reordered (NCQ), yet the device never idles on Python's latency
+                    ahead = getattr(model, "busy_until", 0.0) - now
+                    if ahead <= LOOKAHEAD_S:
+                        i = model.pick([tuple(r[:4]) for r in self.pending], now)
+                        req = self.pending.pop(i)
+                        req[4] = model.schedule(req[0], req[1], req[2], now)
+                        self.cond.notify_all()
+                        continue
+                time.sleep(ahead - LOOKAHEAD_S)
 
         def release(self, path, fh):
             os.close(fh)
@@ -258,12 +331,14 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
-def serve(source: str, mountpoint: str, model, stats_path: Optional[str] = None) -> None:
+def serve(source: str, mountpoint: str, model, stats_path: Optional[str] = None,
+          queue_depth: int = 64) -> None:
     """Mount and serve until unmounted (blocks). Writes the model's counters to ``stats_path``."""
-    fuse, ops = _operations(source, model)
+    fuse, ops = _operations(source, model, queue_depth)
     # kernel_cache off: every open drops the file's pages, so a fresh open reads the device;
     # auto_cache off for the same reason. ro: a mirror for reading only.
-    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name)
+    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name,
+              max_threads=max(10, queue_depth))
     if stats_path:
         with open(stats_path, "w") as f:
             json.dump(model.stats(), f)
@@ -356,7 +431,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = make_model(args)
     except ValueError as e:
         p.error(str(e))
-    serve(os.path.abspath(args.source), args.mountpoint, model, args.stats)
+    if args.queue_depth < 1:
+        p.error(f"--queue-depth={args.queue_depth}; expected >= 1")
+    serve(os.path.abspath(args.source), args.mountpoint, model, args.stats, args.queue_depth)
     return 0
 
 
