@@ -58,7 +58,8 @@ class Loader:
     Memory (per rank): shuffle buffer ``buffer_size`` x mean JPEG record (default 2 GiB per
     machine split among its ranks: ~19,500 ImageNet records) + ``prefetch`` raw batches (JPEG
     bytes, ~28 MB at batch 256) + ``prefetch`` decoded batches (batch x 3 x 224 x 224 bytes,
-    ~38.5 MB at 256) + one read chunk in flight.
+    ~38.5 MB at 256) + the batches the caller holds. ImageNet, batch 256, 8 workers, 1 rank:
+    ~2.1 GB + 10 x 67 MB ~ 2.8 GB.
 
     Args:
         root: folder holding ``ILSVRC-<mode>.lmdb`` (or the .lmdb file itself).
@@ -82,8 +83,10 @@ class Loader:
         device: move batches there and normalise (ImageNet mean/std, float) with :func:`to_device`.
         skip_broken: skip records that fail to decode (counted in ``skipped``) instead of
             raising :class:`imagenet_seq.workers.RecordError`.
-        worker_type: ``'process'`` (default) or ``'thread'``.
-        prefetch: batches in flight (default ``2 * max(1, num_workers)``).
+        worker_type: ``'thread'`` or ``'process'``; default: threads for the OpenCV path
+            (less CPU per image: OpenCV releases the GIL), processes for torchvision-style
+            transforms (Python code holding the GIL, torch's global RNG).
+        prefetch: batches in flight (default ``num_workers + 2``).
     """
 
     def __init__(self, root: str, mode: str = "train", transform: Optional[Callable] = None, *,
@@ -96,12 +99,13 @@ class Loader:
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  distributed: Optional[bool] = None,
                  decoder: Union[str, Callable] = "cpu", device: Any = None,
-                 skip_broken: bool = False, worker_type: str = "process",
+                 skip_broken: bool = False, worker_type: Optional[str] = None,
                  prefetch: Optional[int] = None):
         if mode not in order.MODES:
             raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
-        if worker_type not in WORKER_TYPES:
-            raise ValueError(f"worker_type={worker_type!r}; expected 'process' or 'thread'")
+        if worker_type is not None and worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type={worker_type!r}; expected 'process', 'thread' or "
+                             "None (automatic)")
         if not (decoder in ("cpu", "dali") or callable(decoder)):
             raise ValueError(f"decoder={decoder!r}; expected 'cpu', 'dali' or a callable "
                              "(jpegs, labels) -> (images, targets)")
@@ -125,12 +129,12 @@ class Loader:
         self.chunk_size = chunk_size or order.DEFAULT_CHUNK_RECORDS
         order.read_spans(self.dataset_size, mode, rank=self.rank, world_size=self.world_size,
                          chunk_size=self.chunk_size)  # validates the combination now
-        self.buffer_size = buffer_records(buffer_size, buffer_bytes, self._mean_record_bytes(),
+        self._mean_bytes = self._mean_record_bytes()
+        self.buffer_size = buffer_records(buffer_size, buffer_bytes, self._mean_bytes,
                                           info.local_world_size) if self.shuffle else 0
         self.num_workers = _default_workers(info.local_world_size) if num_workers is None \
             else num_workers
-        self.worker_type = worker_type
-        self.prefetch = prefetch or 2 * max(1, self.num_workers)
+        self.prefetch = prefetch or self.num_workers + 2
         self.pin_memory = pin_memory
         self.channels_last = channels_last
         self.device = device
@@ -139,6 +143,10 @@ class Loader:
         self._dali = None
         self._transform, self._collate = self._make_transform(
             transform, image_size, resize_size, scale, ratio)
+        # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
+        # image on the OpenCV path (it releases the GIL); Python/PIL transforms hold the GIL
+        # and use torch's global RNG, so they get processes.
+        self.worker_type = worker_type or ("thread" if self._collate == "array" else "process")
         self.dali_args = dict(mode=mode, batch_size=batch_size, image_size=image_size,
                               resize_size=resize_size, scale=scale, ratio=ratio, seed=seed,
                               channels_last=channels_last)
@@ -227,7 +235,8 @@ class Loader:
             it.close()
         self._live = None
 
-    def _raw_batches(self, epoch: int, stop: threading.Event, shared: bool) -> Iterator[RawBatch]:
+    def _record_batches(self, epoch: int, stop: threading.Event) -> Iterator[list]:
+        """This rank's records of ``epoch`` in order, grouped into ``len(self)`` batches."""
         spans = self.read_spans(epoch)
 
         def records():
@@ -238,28 +247,32 @@ class Loader:
         if self.shuffle and self.buffer_size > 1:
             items = buffered_shuffle(items, self.buffer_size,
                                      order.shuffle_rng(self.seed, epoch, self.rank))
-        total, batch = len(self), []
-        index = 0
+        total, batch, index = len(self), [], 0
         for item in items:
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield pack_batch(index, batch, shared)
+                yield batch
                 index, batch = index + 1, []
                 if index == total or stop.is_set():
                     return
         if batch and index < total:
-            yield pack_batch(index, batch, shared)
+            yield batch
 
     def _make_pool(self, epoch: int):
         if self.decoder != "cpu":
-            return InlinePool(self._raw_decode), False
+            return InlinePool(self._raw_decode)
         spec = DecodeSpec(self._transform, self.seed, epoch, self._collate, self.channels_last,
                           self.skip_broken, self.reader.path)
         if self.num_workers == 0:
-            return InlinePool(functools.partial(decode_batch, spec=spec)), False
+            return InlinePool(functools.partial(decode_batch, spec=spec))
         if self.worker_type == "thread":
-            return ThreadPool(spec, self.num_workers), False
-        return ProcessPool(spec, self.num_workers), True
+            return ThreadPool(spec, self.num_workers)
+        slot_bytes = int(2 * self.batch_size * self._mean_bytes) + (4 << 20)
+        return ProcessPool(spec, self.num_workers, self.prefetch, self.batch_size, slot_bytes,
+                           pin_memory=self._pin())
+
+    def _pin(self) -> bool:
+        return self.pin_memory and self.device is None and torch.cuda.is_available()
 
     def _raw_decode(self, raw: RawBatch) -> DecodedBatch:
         if self.decoder == "dali":
@@ -280,8 +293,10 @@ class Loader:
             self.skipped_records.extend(res.skipped[:max(0, room)])
         self.last_batch_records = res.records
         images, targets = res.images, res.targets
-        if self.pin_memory and self.device is None and torch.cuda.is_available():
-            images, targets = images.pin_memory(), targets.pin_memory()
+        if self._pin():
+            if not images.is_pinned():
+                images = images.pin_memory()
+            targets = targets.pin_memory()
         if self.device is not None and self.decoder == "cpu":
             images, targets = to_device(images, targets, self.device,
                                         channels_last=self.channels_last)
@@ -294,24 +309,28 @@ class _Feeder:
     Holds no reference to the iterator, so dropping the iterator frees everything.
     """
 
-    def __init__(self, loader: Loader, epoch: int, pool, shared: bool):
+    def __init__(self, loader: Loader, epoch: int, pool):
         self.loader, self.epoch, self.pool = loader, epoch, pool
         self.stop = threading.Event()
         self.slots = threading.Semaphore(loader.prefetch)
         self.error: Optional[BaseException] = None
         self.submitted = 0
-        self.thread = threading.Thread(target=self.run, args=(shared,), daemon=True,
+        self.thread = threading.Thread(target=self.run, daemon=True,
                                        name="imagenet_seq-reader")
         self.thread.start()
 
-    def run(self, shared: bool) -> None:
+    def run(self) -> None:
         try:
-            for raw in self.loader._raw_batches(self.epoch, self.stop, shared):
+            batches = self.loader._record_batches(self.epoch, self.stop)
+            for index, items in enumerate(batches):
+                # a free slot first: batch i reuses the shared input slot of batch i - prefetch
                 while not self.slots.acquire(timeout=0.2):
                     if self.stop.is_set():
                         return
                 if self.stop.is_set():
                     return
+                dest = self.pool.input_slot(index)
+                raw = pack_batch(index, items, *(dest or (None, -1)))
                 self.pool.submit(raw)
                 self.submitted += 1
         except BaseException as e:  # noqa: BLE001 - re-raised in the iterating thread
@@ -343,8 +362,7 @@ class _EpochIterator:
         self.loader = loader
         self.total = len(loader)
         self.next_index = 0
-        pool, shared = loader._make_pool(epoch)
-        self._feeder = _Feeder(loader, epoch, pool, shared)
+        self._feeder = _Feeder(loader, epoch, loader._make_pool(epoch))
         self._closed = False
 
     def __iter__(self) -> "_EpochIterator":

@@ -19,13 +19,14 @@ here than around it.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import queue
 import signal
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,31 +44,50 @@ class RawBatch:
     records: np.ndarray  # int64 record indices (file positions)
     labels: np.ndarray  # int64
     offsets: np.ndarray  # int64, len(records) + 1
-    data: Any  # 1-D uint8: numpy array, or a torch tensor in shared memory for processes
+    data: Any  # 1-D uint8 numpy array (a view of a shared slot while ``slot >= 0``)
+    slot: int = -1  # input slot of a process pool holding ``data``; -1: ``data`` travels itself
 
     def jpeg(self, i: int) -> memoryview:
-        buf = self.data.numpy() if isinstance(self.data, torch.Tensor) else self.data
-        return memoryview(buf[self.offsets[i]:self.offsets[i + 1]])
+        return memoryview(self.data[self.offsets[i]:self.offsets[i + 1]])
 
     def jpegs(self) -> List[bytes]:
         return [bytes(self.jpeg(i)) for i in range(len(self.records))]
 
 
-def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]], shared: bool) -> RawBatch:
-    """Records ``(index, jpeg, label)`` -> a :class:`RawBatch` (one copy of the bytes)."""
+def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
+               dest: Optional[np.ndarray] = None, slot: int = -1) -> RawBatch:
+    """Records ``(index, jpeg, label)`` -> a :class:`RawBatch` (one copy of the bytes).
+
+    The bytes go into ``dest`` (a pool's shared input slot) when they fit, else a new array.
+    """
     sizes = np.fromiter((len(j) for _, j, _ in items), np.int64, count=len(items))
     offsets = np.zeros(len(items) + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    if shared:
-        data = torch.empty(int(offsets[-1]), dtype=torch.uint8).share_memory_()
-        view = data.numpy()
+    if dest is not None and offsets[-1] <= len(dest):
+        data = dest[: offsets[-1]]
     else:
-        data = view = np.empty(int(offsets[-1]), np.uint8)
+        data, slot = np.empty(int(offsets[-1]), np.uint8), -1
     for k, (_, jpeg, _) in enumerate(items):
-        view[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
+        data[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
     return RawBatch(index, np.fromiter((i for i, _, _ in items), np.int64, count=len(items)),
                     np.fromiter((lab for _, _, lab in items), np.int64, count=len(items)),
-                    offsets, data)
+                    offsets, data, slot)
+
+
+class SlotRing:
+    """Fixed shared-memory slots made before the workers fork (they inherit the mapping).
+
+    An anonymous ``MAP_SHARED`` mapping: no file, no name, nothing left behind after
+    ``kill -9``; pages cost memory only once written.
+    """
+
+    def __init__(self, slots: int, slot_bytes: int):
+        self.slots, self.slot_bytes = slots, max(1, int(slot_bytes))
+        self._mm = mmap.mmap(-1, self.slots * self.slot_bytes)
+        self._view = np.frombuffer(self._mm, np.uint8)
+
+    def slot(self, k: int) -> np.ndarray:
+        return self._view[k * self.slot_bytes:(k + 1) * self.slot_bytes]
 
 
 @dataclass
@@ -87,6 +107,13 @@ class DecodeSpec:
     skip_broken: bool = False
     source: str = ""  # file path, for error messages
     shared: bool = False  # allocate outputs in shared memory (process pool)
+
+    def out_shape(self, batch_size: int) -> Optional[Tuple[int, ...]]:
+        """Storage shape of a decoded batch when the transform's output size is known."""
+        size = getattr(self.transform, "size", None)
+        if self.collate != "array" or not isinstance(size, int):
+            return None
+        return (batch_size, size, size, 3) if self.channels_last else (batch_size, 3, size, size)
 
 
 @dataclass
@@ -112,8 +139,11 @@ def augment_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, record, 0x41554720])
 
 
-def decode_batch(raw: RawBatch, spec: DecodeSpec) -> DecodedBatch:
+def decode_batch(raw: RawBatch, spec: DecodeSpec,
+                 out: Optional[torch.Tensor] = None) -> DecodedBatch:
     """Decode and augment every record of ``raw``; the per-batch work of every pool.
+
+    ``out``: a preallocated uint8 storage-shaped tensor to write into (see ``out_shape``).
 
     Raises:
         RecordError: naming the record key, unless ``spec.skip_broken`` (then counted).
@@ -122,7 +152,7 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec) -> DecodedBatch:
     outs: List[Any] = []
     kept: List[int] = []
     skipped: List[Tuple[int, str]] = []
-    images = None
+    images = out
     for i in range(n):
         rec = int(raw.records[i])
         try:
@@ -187,6 +217,9 @@ class InlinePool:
         self._raw: Dict[int, RawBatch] = {}
         self._cond = threading.Condition()
 
+    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
+        return None
+
     def submit(self, raw: RawBatch) -> None:
         with self._cond:
             self._raw[raw.index] = raw
@@ -213,6 +246,9 @@ class ThreadPool:
         self._exec = ThreadPoolExecutor(num_workers, thread_name_prefix="imagenet_seq-decode")
         self._futures: Dict[int, Any] = {}
         self._cond = threading.Condition()
+
+    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
+        return None
 
     def submit(self, raw: RawBatch) -> None:
         fut = self._exec.submit(decode_batch, raw, self.spec)
@@ -252,19 +288,30 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int) -> None:
+def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int, rings, out_shape) -> None:
     set_pdeathsig()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     spec.shared = True
+    in_ring, out_ring = rings
     while True:
         raw = in_q.get()
         if raw is None:
             break
         try:
-            out_q.put(("ok", decode_batch(raw, spec)))
+            slot = raw.index % in_ring.slots
+            if raw.slot >= 0:
+                raw.data = in_ring.slot(raw.slot)[: raw.offsets[-1]]
+            out = None
+            if out_shape is not None:
+                out = torch.from_numpy(out_ring.slot(slot)).view(out_shape)
+            res = decode_batch(raw, spec, out)
+            if out is not None:
+                res.images = ("slot", slot, len(res.targets))  # pixels stay in the ring
+            res.targets = res.targets.numpy()  # a torch tensor would get its own shm file
+            out_q.put(("ok", res))
         except RecordError as e:
             out_q.put(("record", raw.index, str(e), e.key, e.index))
         except BaseException as e:  # noqa: BLE001 - every failure reaches the parent
@@ -273,9 +320,24 @@ def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int) -> None:
 
 
 class ProcessPool:
-    """``num_workers`` forked decode processes fed through one queue; results reordered."""
+    """``num_workers`` forked decode processes fed through one queue; results reordered.
 
-    def __init__(self, spec: DecodeSpec, num_workers: int):
+    Batch ``i`` uses input and output slot ``i % slots`` of two shared rings, so at most
+    ``slots`` batches may be in flight (the Loader's ``prefetch``). JPEG bytes and pixels never
+    go through a pipe; only small descriptors do. Batches too large for a slot, and transforms
+    of unknown output size, fall back to pickling (torch shared-memory tensors).
+
+    Args:
+        spec: the per-record work.
+        num_workers: processes.
+        slots: batches in flight.
+        batch_size: largest batch (sizes the output slots).
+        in_slot_bytes: JPEG bytes one input slot holds.
+        pin_memory: copy decoded batches out of the ring into pinned memory.
+    """
+
+    def __init__(self, spec: DecodeSpec, num_workers: int, slots: int = 4,
+                 batch_size: int = 256, in_slot_bytes: int = 64 << 20, pin_memory: bool = False):
         import torch.multiprocessing as tmp
 
         ctx = tmp.get_context("fork")
@@ -283,15 +345,41 @@ class ProcessPool:
         self._out = ctx.Queue()
         self._ready: Dict[int, DecodedBatch] = {}
         self._closed = False
-        self.procs = [ctx.Process(target=_worker_main, args=(self._in, self._out, spec,
-                                                             os.getpid()),
+        self.pin_memory = pin_memory
+        self.out_shape = spec.out_shape(batch_size)
+        self.channels_last = spec.channels_last
+        out_bytes = int(np.prod(self.out_shape)) if self.out_shape else 1
+        self.in_ring = SlotRing(slots, in_slot_bytes)
+        self.out_ring = SlotRing(slots, out_bytes)
+        args = (self._in, self._out, spec, os.getpid(), (self.in_ring, self.out_ring),
+                self.out_shape)
+        self.procs = [ctx.Process(target=_worker_main, args=args,
                                   name=f"imagenet_seq-decode-{k}", daemon=True)
                       for k in range(num_workers)]
         for p in self.procs:
             p.start()
 
+    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
+        """Where batch ``index``'s bytes go: (slot view, slot number)."""
+        k = index % self.in_ring.slots
+        return self.in_ring.slot(k), k
+
     def submit(self, raw: RawBatch) -> None:
+        if raw.slot >= 0:
+            raw = replace(raw, data=None)  # the bytes are in the ring already
         self._in.put(raw)
+
+    def _materialise(self, res: DecodedBatch) -> DecodedBatch:
+        res.targets = torch.from_numpy(res.targets)
+        if self.pin_memory:
+            res.targets = res.targets.pin_memory()
+        if isinstance(res.images, tuple):  # ("slot", k, n): copy out so the slot can be reused
+            _, k, n = res.images
+            ring = torch.from_numpy(self.out_ring.slot(k)).view(self.out_shape)[:n]
+            images = torch.empty(ring.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+            images.copy_(ring)
+            res.images = images.permute(0, 3, 1, 2) if self.channels_last else images
+        return res
 
     def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
         while index not in self._ready:
@@ -311,7 +399,7 @@ class ProcessPool:
                 raise RecordError(msg[2], msg[3], msg[4])
             else:
                 raise RuntimeError(f"decode worker failed on batch {msg[1]}: {msg[2]}")
-        return self._ready.pop(index)
+        return self._materialise(self._ready.pop(index))
 
     def close(self) -> None:
         if self._closed:

@@ -118,7 +118,7 @@ def test_kill_9_of_the_trainer(sample_lmdb, tmp_path):
 
 def _raw(n=3):
     items = [(i, b"\xff\xd8" + bytes([i]) * 10, i % 2) for i in range(n)]
-    return workers.pack_batch(0, items, shared=False)
+    return workers.pack_batch(0, items)
 
 
 def _fail_on_second(jpeg, rng):
@@ -168,7 +168,7 @@ def test_results_come_back_in_batch_order():
         batches = []
         for b in range(6):
             items = [(10 * b + k, b"\xff\xd8" + bytes([10 * b + k]), b) for k in range(3)]
-            pool.submit(workers.pack_batch(b, items, shared=True))
+            pool.submit(workers.pack_batch(b, items, *pool.input_slot(b)))
         for b in range(6):
             got = pool.get(b)
             batches.append(got.images[:, 0, 0, 0].tolist())
