@@ -24,7 +24,8 @@ TRAINER = textwrap.dedent("""
     import os, sys, time, psutil
     from imagenet_seq.data import Loader
     root, pidfile, how = sys.argv[1], sys.argv[2], sys.argv[3]
-    ld = Loader(root, "train", batch_size=4, num_workers=2, chunk_size=4, buffer_size=8)
+    ld = Loader(root, "train", batch_size=4, num_workers=2, chunk_size=4, buffer_size=8,
+                worker_type="process")
     it = iter(ld)
     next(it)
     with open(pidfile + ".tmp", "w") as f:
@@ -163,7 +164,7 @@ def test_dead_worker_is_an_error_not_a_hang():
 
 def test_results_come_back_in_batch_order():
     spec = workers.DecodeSpec(lambda j, r: np.full((2, 2, 3), bytes(j)[2], np.uint8))
-    pool = workers.ProcessPool(spec, 2)
+    pool = workers.ProcessPool(spec, 2, slots=6)  # 6 batches in flight at once
     try:
         batches = []
         for b in range(6):
