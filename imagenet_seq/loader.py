@@ -241,7 +241,10 @@ class Loader:
 
         def records():
             for start, count in spans:
-                yield from self.reader.read_range(start, count)
+                for rec in self.reader.read_range(start, count):
+                    if stop.is_set():  # `break` while the buffer fills: stop reading now
+                        return
+                    yield rec
 
         items = records()
         if self.shuffle and self.buffer_size > 1:
@@ -279,7 +282,9 @@ class Loader:
             if self._dali is None:
                 from .dali import DaliDecoder  # lazily: nvidia-dali is an optional extra
 
-                self._dali = DaliDecoder(device=self.device, output="uint8", **self.dali_args)
+                self._dali = DaliDecoder(device=self.device, output="uint8",
+                                         skip_broken=self.skip_broken, rank=self.rank,
+                                         **self.dali_args)
             fn = self._dali
         else:
             fn = self.decoder

@@ -126,7 +126,7 @@ def test_channels_last_and_to_device(sample_lmdb):
 def test_break_then_new_epoch(sample_lmdb, labels):
     import psutil
 
-    ld = Loader(sample_lmdb, "train", num_workers=2, **SMALL)
+    ld = Loader(sample_lmdb, "train", num_workers=2, worker_type="process", **SMALL)
     for k, _ in enumerate(ld):
         if k == 1:
             break
@@ -268,3 +268,27 @@ def test_version_mismatch(sample_lmdb, tmp_path):
     env.close()
     with pytest.raises(ValueError, match="version 99"):
         Loader(root, "val")
+
+
+def test_rank_from_initialised_process_group(sample_lmdb, tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ld = Loader(sample_lmdb, "train", num_workers=0, distributed=True, **SMALL)
+        assert (ld.rank, ld.world_size) == (0, 1) and len(ld) == 10
+        auto = Loader(sample_lmdb, "val", num_workers=0, batch_size=5)
+        assert (auto.rank, auto.world_size) == (0, 1)
+        off = Loader(sample_lmdb, "val", num_workers=0, distributed=False, batch_size=5)
+        assert off.world_size == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dali_decoder_is_imported_lazily(sample_lmdb):
+    import sys
+
+    ld = Loader(sample_lmdb, "val", decoder="dali", batch_size=4)
+    assert "imagenet_seq.dali" not in sys.modules or ld._dali is None
+    assert ld._dali is None and len(ld) == 3
