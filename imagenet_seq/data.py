@@ -3,7 +3,8 @@
 ``ImagenetLoader`` is the same class under the original tool's name;
 :func:`to_device` moves a uint8 batch to the GPU and normalises it there.
 """
-from .loader import IMAGENET_MEAN, IMAGENET_STD, Loader, to_device
+from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
+from .loader import Loader
 from .workers import RecordError
 
 ImagenetLoader = Loader

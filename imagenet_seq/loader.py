@@ -16,14 +16,13 @@ import numpy as np
 import torch
 
 from . import order
+from .device import to_device
 from .distributed import resolve_rank
 from .reader import SplitReader
 from .shuffle import buffer_records, buffered_shuffle
 from .workers import (DecodedBatch, DecodeSpec, InlinePool, ProcessPool, RawBatch, ThreadPool,
                       decode_batch, pack_batch)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WORKER_TYPES = ("process", "thread")
 _SKIP_LOG = 1000  # skipped records kept for inspection
 
@@ -399,22 +398,3 @@ class _EpochIterator:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-def to_device(images: torch.Tensor, targets: torch.Tensor, device: Any, normalize: bool = True,
-              channels_last: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Copy a batch to ``device`` (non_blocking) and normalise there.
-
-    uint8 images become float32 ``(x / 255 - mean) / std`` with ImageNet mean/std, computed on
-    the device (the float math belongs on the GPU, not the CPU cores). Non-uint8 images (a
-    torchvision transform already normalised them) are only moved.
-    """
-    images = images.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    if normalize and images.dtype == torch.uint8:
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-        images = (images.float() - mean) / std
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets
