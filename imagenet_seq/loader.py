@@ -10,7 +10,7 @@ import functools
 import os
 import threading
 import weakref
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -216,6 +216,20 @@ class Loader:
                                  epoch=self._epoch if epoch is None else epoch, rank=self.rank,
                                  world_size=self.world_size, shuffle=self.shuffle,
                                  chunk_size=self.chunk_size, buffer_size=self.buffer_size)
+
+    def memory_bound(self) -> Dict[str, int]:
+        """Estimated peak bytes this rank's loader holds, by part (excluding batches you keep).
+
+        ``shuffle_buffer`` = buffer records x mean record; ``in_flight`` = ``prefetch`` raw +
+        decoded batches (the process pool's shared rings have the same size); ``total``.
+        """
+        raw = int(self.batch_size * self._mean_bytes)
+        size = getattr(self._transform, "size", 0)
+        decoded = self.batch_size * 3 * size * size if isinstance(size, int) else 0
+        parts = {"shuffle_buffer": int(self.buffer_size * self._mean_bytes),
+                 "in_flight": self.prefetch * (raw + decoded)}
+        parts["total"] = sum(parts.values())
+        return parts
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:

@@ -148,6 +148,15 @@ def test_epoch_advances_without_set_epoch(sample_lmdb):
     assert np.array_equal(np.concatenate(first), np.concatenate(again))
 
 
+def test_memory_bound(sample_lmdb):
+    ld = Loader(sample_lmdb, "train", batch_size=8, num_workers=2, buffer_size=10)
+    mean = ld.meta.total_bytes / ld.dataset_size
+    m = ld.memory_bound()
+    assert m["shuffle_buffer"] == int(10 * mean)
+    assert m["in_flight"] == 4 * (int(8 * mean) + 8 * 3 * 224 * 224)
+    assert m["total"] == m["shuffle_buffer"] + m["in_flight"]
+
+
 def test_attributes(sample_lmdb):
     ld = Loader(sample_lmdb, "train", batch_size=5, num_workers=0, rank=1, world_size=3)
     assert ld.dataset_size == 48 and ld.num_records == 16 and len(ld) == 4
