@@ -301,3 +301,13 @@ def test_dali_decoder_is_imported_lazily(sample_lmdb):
     ld = Loader(sample_lmdb, "val", decoder="dali", batch_size=4)
     assert "imagenet_seq.dali" not in sys.modules or ld._dali is None
     assert ld._dali is None and len(ld) == 3
+
+
+def test_second_loader_while_one_iterates_is_a_clear_error(sample_lmdb):
+    first = Loader(sample_lmdb, "val", batch_size=4, num_workers=0)
+    it = iter(first)
+    next(it)
+    with pytest.raises(RuntimeError, match="close"):
+        Loader(sample_lmdb, "val", batch_size=4)
+    first.close()
+    assert len(Loader(sample_lmdb, "val", batch_size=4)) == 3
