@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -132,6 +133,38 @@ def open_env(path: str, readonly: bool = True, **kw):
     # the last commits, which --resume redoes); the writer syncs once before the final rename.
     return lmdb.open(path, subdir=False, map_size=MAP_SIZE, readonly=False, meminit=False,
                      sync=False, **kw)
+
+
+_SHARED: Dict[Tuple[int, str], list] = {}  # (pid, real path) -> [env, references]
+_SHARED_LOCK = threading.Lock()
+
+
+def acquire_env(path: str):
+    """A read-only environment shared by every user of ``path`` in this process.
+
+    LMDB allows one open environment per file and process, so two Loaders (or a Loader and a
+    bench) of the same split share one, reference-counted; a forked child opens its own.
+    Pair every call with :func:`release_env`.
+    """
+    key = (os.getpid(), os.path.realpath(path))
+    with _SHARED_LOCK:
+        entry = _SHARED.get(key)
+        if entry is None:
+            entry = _SHARED[key] = [open_env(path), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_env(path: str) -> None:
+    key = (os.getpid(), os.path.realpath(path))
+    with _SHARED_LOCK:
+        entry = _SHARED.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _SHARED[key]
 
 
 def find_split(root: str, split: str) -> str:

@@ -35,20 +35,6 @@ def _default_workers(local_world: int) -> int:
     return max(1, cpus // max(1, local_world))
 
 
-def _open_reader(root: str, mode: str) -> SplitReader:
-    import lmdb
-
-    try:
-        return SplitReader(root, mode)
-    except lmdb.Error as e:
-        if "already open" not in str(e):
-            raise
-        raise RuntimeError(
-            f"{e}: another Loader of split {mode!r} is in the middle of an epoch in this "
-            "process (LMDB opens a file once per process); finish that loop or call its "
-            ".close() first") from None
-
-
 class Loader:
     """Batches of one split of a sequential LMDB, for one rank, epoch after epoch.
 
@@ -130,7 +116,7 @@ class Loader:
             raise ValueError(f"seed={seed}; expected a non-negative integer")
         info = resolve_rank(rank, world_size, distributed)
         self.rank, self.world_size = info.rank, info.world_size
-        self.reader = _open_reader(root, mode)
+        self.reader = SplitReader(root, mode)
         self.meta = self.reader.meta
         self.classes: List[str] = list(self.meta.classes)
         self.dataset_size = len(self.reader)

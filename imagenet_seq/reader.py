@@ -9,7 +9,8 @@ from . import format as fmt
 
 
 class SplitReader:
-    """Reads records of one split. Opens the LMDB lazily (after fork), in ``reset_state``.
+    """Reads records of one split. Opens the LMDB lazily (after fork), in ``reset_state``;
+    readers of the same file in one process share one environment (``format.acquire_env``).
 
     ``meta`` and ``labels`` are read once at construction with a short-lived environment, so an
     object can be built in the parent and used in a child process.
@@ -18,13 +19,13 @@ class SplitReader:
     def __init__(self, root: str, split: str):
         self.path = fmt.find_split(root, split)
         self.split = split
-        env = fmt.open_env(self.path)
+        env = fmt.acquire_env(self.path)
         try:
             with env.begin() as txn:
                 self.meta = fmt.read_metadata(txn, self.path)
                 self.labels: Optional[np.ndarray] = fmt.read_labels(txn, self.meta)
         finally:
-            env.close()
+            fmt.release_env(self.path)
         self.legacy = self.meta.legacy
         self._env = None
 
@@ -32,14 +33,13 @@ class SplitReader:
         return self.meta.num_records
 
     def reset_state(self) -> None:
-        if self._env is not None:
-            self._env.close()
-        self._env = fmt.open_env(self.path)
+        self.close()
+        self._env = fmt.acquire_env(self.path)
 
     def close(self) -> None:
         if self._env is not None:
-            self._env.close()
             self._env = None
+            fmt.release_env(self.path)
 
     def __getstate__(self):
         state = dict(self.__dict__)
