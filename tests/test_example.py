@@ -169,6 +169,14 @@ def test_schedules():
     assert warm[0] == pytest.approx(0.1) and warm[9] == pytest.approx(1.0)
 
 
+def test_cpu_threads_leave_cores_to_workers():
+    cores = len(os.sched_getaffinity(0))
+    assert ex.cpu_threads(1, 0) == cores
+    assert ex.cpu_threads(1, cores) == 1  # never 0
+    assert ex.cpu_threads(2, 0) == max(1, cores // 2)
+    assert ex.rank_workers(ex.parse_args(["x", "-j", "0"])) == (1, 0)
+
+
 def test_amp_dtype_choices():
     cpu = torch.device("cpu")
     assert ex.amp_dtype(ex.parse_args(["x"]), cpu) is None
@@ -240,7 +248,9 @@ def test_folder_loader_and_torchvision_arch(sample_tree, sample_lmdb, tmp_path, 
 @pytest.mark.slow
 def test_train_resume_evaluate(sample_lmdb, tmp_path, capsys):
     out = str(tmp_path / "run")
-    s = ex.run([sample_lmdb] + SMALL + ["--epochs", "1", "--output-dir", out])
+    threads = torch.get_num_threads()
+    s = ex.run([sample_lmdb] + SMALL + ["--epochs", "1", "--output-dir", out, "--threads", "1"])
+    assert torch.get_num_threads() == threads  # restored for the caller
     text = capsys.readouterr().out
     assert s["epochs_run"] == 1 and s["val"]["total"] == 12  # 4 classes x 3 val images, once
     assert "img/s" in text and "data wait" in text and "run ETA" in text

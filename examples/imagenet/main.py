@@ -64,6 +64,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="train/val crop size")
     p.add_argument("--resize-size", type=int, default=256, help="val: shorter side resized to")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads on the CPU; 0 = the rank's cores minus its "
+                   "decode workers (OpenMP threads competing with decode for the same cores "
+                   "run several times slower)")
     p.add_argument("--seed", type=int, default=0, help="data order and model init")
     p.add_argument("--pretrained", action="store_true", help="torchvision pretrained weights")
     p.add_argument("-e", "--evaluate", action="store_true", help="validate only, then exit")
@@ -79,6 +83,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size", "resize_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be >= 1")
+    if args.threads < 0:
+        p.error(f"--threads={args.threads}; must be >= 0 (0 = automatic)")
     if args.workers < 0:
         p.error(f"--workers={args.workers}; must be >= 0 (0 = decode in the training process)")
     return args
@@ -103,6 +109,21 @@ def setup_distributed(args: argparse.Namespace):
     else:
         device = torch.device("cpu")
     return rank, world, local, device
+
+
+def rank_workers(args: argparse.Namespace):
+    """(ranks on this node, decode workers of this rank): -j is split between the node's ranks."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return local_world, 0 if args.workers == 0 else max(1, args.workers // local_world)
+
+
+def cpu_threads(local_world: int, workers: int) -> int:
+    """Intra-op threads for CPU training: this rank's share of the cores minus its workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world) - workers)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
@@ -200,9 +221,13 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         build_model(args.arch, 1)  # raises the error listing the available archs
     was_initialized = dist.is_initialized()
     rank, world, local, device = setup_distributed(args)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or cpu_threads(*rank_workers(args)))
     try:
         return _run(args, rank, world, device)
     finally:
+        torch.set_num_threads(threads)  # run() may be called in-process (demo, tests)
         if dist.is_initialized() and not was_initialized:  # ours to close, not the caller's
             dist.destroy_process_group()
 
@@ -213,8 +238,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
         raise ValueError(f"-b {args.batch_size} is the total batch over {world} ranks; "
                          f"use -b >= {world}")
     per_rank_batch = args.batch_size // world
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = 0 if args.workers == 0 else max(1, args.workers // local_world)
+    workers = rank_workers(args)[1]
     torch.manual_seed(args.seed)
     dtype = amp_dtype(args, device)
     if args.loader == "folder":
@@ -268,7 +292,8 @@ def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, 
         start_epoch = args.start_epoch
     log(f"=> {args.arch}, {num_classes} classes, {world} rank(s) on {device.type}, batch "
         f"{per_rank_batch} x {world}, {workers} worker(s) per rank, loader {args.loader}"
-        f"/{args.decoder}, amp {dtype or 'off'}")
+        f"/{args.decoder}, amp {dtype or 'off'}"
+        + (f", {torch.get_num_threads()} torch thread(s)" if device.type == "cpu" else ""))
     summary: Dict[str, Any] = {"rank": rank, "world_size": world, "start_epoch": start_epoch,
                                "epochs_run": 0, "best_acc1": best_acc1, "checkpoint": None}
     if args.evaluate:
