@@ -9,6 +9,10 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["imagenet_seq", "imagenet_seq.*"]),
     py_modules=["preprocess_sequential"],
+    # the example ships beside the package so imagenet-seq-demo also runs from a wheel install
+    data_files=[("share/imagenet_seq/examples/imagenet",
+                 [f"examples/imagenet/{m}.py" for m in
+                  ("main", "models", "meters", "checkpoint", "loaders")])],
     install_requires=[
         "numpy",
         "lmdb>=1.0",
