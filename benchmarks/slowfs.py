@@ -232,7 +232,8 @@ def _operations(source: str, model, queue_depth: int = 64):
         use_ns = True
 
         def __init__(self):
-            self.lock = threading.Lock()
+            # no attribute may share a name with a FUSE operation (e.g. `lock`): mfusepy would
+            # register it as that operation
             self.cond = threading.Condition()
             self.pending: List[list] = []
             self.stopped = False
@@ -275,7 +276,7 @@ def _operations(source: str, model, queue_depth: int = 64):
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
                 raise fuse.FuseOSError(errno.EROFS)
             fd = os.open(self._full(path), os.O_RDONLY)
-            with self.lock:
+            with self.cond:
                 done = model.open(path, time.monotonic())
             _sleep_until(done)
             return fd
@@ -337,8 +338,7 @@ def serve(source: str, mountpoint: str, model, stats_path: Optional[str] = None,
     fuse, ops = _operations(source, model, queue_depth)
     # kernel_cache off: every open drops the file's pages, so a fresh open reads the device;
     # auto_cache off for the same reason. ro: a mirror for reading only.
-    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name,
-              max_threads=max(10, queue_depth))
+    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name)
     if stats_path:
         with open(stats_path, "w") as f:
             json.dump(model.stats(), f)
@@ -391,15 +391,20 @@ def mounted(source: str, mountpoint: str, device: str = "hdd", extra_args: List[
         os.remove(stats_path)
     cmd = [sys.executable, os.path.abspath(__file__), source, mountpoint, "--device", device,
            "--stats", stats_path, *extra_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # stderr to a file, not a pipe: a pipe nobody reads fills up and stalls the filesystem
+    log_path = mountpoint.rstrip("/") + ".log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                             preexec_fn=_die_with_parent)
     stats: Dict[str, float] = {}
     try:
         deadline = time.monotonic() + timeout
         while not os.path.ismount(mountpoint):
             if proc.poll() is not None:
+                with open(log_path, "rb") as f:
+                    err = f.read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"slowfs exited with {proc.returncode} before mounting "
-                                   f"{mountpoint}: {proc.stderr.read().decode()[-2000:]}")
+                                   f"{mountpoint}: {err}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"slowfs did not mount {mountpoint} within {timeout} s")
             time.sleep(0.02)
@@ -411,7 +416,7 @@ def mounted(source: str, mountpoint: str, device: str = "hdd", extra_args: List[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stderr.close()
+        log.close()
         if os.path.exists(stats_path):
             with open(stats_path) as f:
                 stats.update(json.load(f))

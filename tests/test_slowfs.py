@@ -116,3 +116,19 @@ def test_fuse_round_trip(tmp_path):
     assert stats["seeks"] >= 1
     # the modelled time (20 ms + 3 MiB at 100 MB/s = 51 ms) is a lower bound of the read
     assert elapsed >= 0.02 + len(payload) / 100e6 - 0.005
+
+
+def test_hdd_elevator_serves_the_stream_under_the_head_then_the_oldest():
+    m = HDDModel(near_bytes=1 << 20)
+    m.schedule("a", 0, 128 * KB, 0.0)  # head now at ("a", 128 KiB)
+    pending = [("b", 0, 128 * KB, 0.00), ("a", 50 << 20, 128 * KB, 0.01),
+               ("a", 256 * KB, 128 * KB, 0.02), ("a", 128 * KB, 128 * KB, 0.03)]
+    assert m.pick(pending, now=0.05) == 3  # exactly at the head
+    del pending[3]
+    assert m.pick(pending, now=0.05) == 2  # 128 KiB ahead: still no seek
+    del pending[2]
+    assert m.pick(pending, now=0.05) == 0  # nothing near: the oldest
+    # a request waiting past the deadline goes first even when another is under the head
+    late = [("a", 128 * KB, 128 * KB, 0.9), ("b", 0, 128 * KB, 0.0)]
+    assert m.pick(late, now=1.0) == 1
+    assert NFSModel().pick(late, now=1.0) == 1  # NFS: arrival order
