@@ -244,9 +244,9 @@ def tree_memory() -> Dict[str, float]:
     return out
 
 
-def run_memory(d: bench_data.BenchData, warmup: int, measure: int) -> Dict:
+def _memory(d: bench_data.BenchData, worker_type: str) -> List[Dict[str, float]]:
     """Loader memory at the end of each of 5 epochs (whole process tree, workers alive)."""
-    loader = _ours(d, "process")
+    loader = _ours(d, worker_type)
     series = []
     for epoch in range(5):
         loader.set_epoch(epoch)
@@ -256,18 +256,24 @@ def run_memory(d: bench_data.BenchData, warmup: int, measure: int) -> Dict:
         series.append(tree_memory())  # before the last batch: the workers are still alive
         for _ in it:
             pass
-    out: Dict = {f"epoch{e}_{k}": series[e - 1][k] for e in (1, 5) for k in series[0]}
-    out["series"] = series
-    out["buffer_size"] = getattr(loader, "buffer_size", None)
-    return out
+    return series
+
+
+def run_memory_thread(d: bench_data.BenchData, warmup: int, measure: int) -> Dict:
+    return {"series": _memory(d, "thread")}
+
+
+def run_memory_process(d: bench_data.BenchData, warmup: int, measure: int) -> Dict:
+    return {"series": _memory(d, "process")}
 
 
 RUNNERS = {"decode": run_decode, "tensorpack": run_tensorpack, "dali": run_dali,
            "torchvision": run_torchvision, "ours_process": run_ours_process,
-           "ours_thread": run_ours_thread, "memory": run_memory}
+           "ours_thread": run_ours_thread, "memory_thread": run_memory_thread,
+           "memory_process": run_memory_process}
 IMPORTS = {"tensorpack": "tensorpack.dataflow", "dali": "nvidia.dali", "torchvision": "torchvision",
            "ours_process": "imagenet_seq.data", "ours_thread": "imagenet_seq.data",
-           "memory": "imagenet_seq.data"}
+           "memory_thread": "imagenet_seq.data", "memory_process": "imagenet_seq.data"}
 
 
 def child(args) -> int:
@@ -386,8 +392,9 @@ def main(argv=None) -> int:
     med = {p: statistics.median(x["rate"] for x in v) for p, v in runs.items() if v}
     cpu = {p: statistics.median(x["cpu_us"] for x in v) for p, v in runs.items() if v}
     memory = None
-    if not args.no_memory and "ours_process" in med:
-        memory = run_child("memory", sys.executable, args, timeout)
+    if not args.no_memory:  # each worker type in a fresh process
+        memory = {wt: run_child(f"memory_{wt}", sys.executable, args, timeout).get("series")
+                  for wt in ("thread", "process") if f"ours_{wt}" in med}
     report(med, cpu, runs, notes, memory, load)
     if args.json:
         print(json.dumps({"median_rate": med, "median_cpu_us": cpu, "runs": runs,
@@ -430,17 +437,17 @@ def report(med, cpu, runs, notes, memory, load) -> None:
           f">= {TARGETS['torchvision']}x torchvision, >= {TARGETS['decode_limit']}x decode limit)")
     _verdicts("wall", med, limit, notes)
     _verdicts("cpu", cpu_rate, cpu_limit, notes)
-    if memory and "epoch1_rss_mib" in memory:
-        g = memory["epoch5_rss_mib"] / memory["epoch1_rss_mib"] - 1
-        gp = memory["epoch5_pss_mib"] / memory["epoch1_pss_mib"] - 1
-        print(f"\nLoader memory, all processes: RSS epoch 1 {memory['epoch1_rss_mib']:.0f} MiB, "
-              f"epoch 5 {memory['epoch5_rss_mib']:.0f} MiB ({g:+.1%}); PSS "
-              f"{memory['epoch1_pss_mib']:.0f} -> {memory['epoch5_pss_mib']:.0f} MiB ({gp:+.1%})"
-              f"  (target growth <= 5 %)")
-        print("  per epoch, tree RSS / main-process RSS MiB: " + ", ".join(
-            f"{m['rss_mib']:.0f}/{m.get('main_rss_mib', 0):.0f}" for m in memory["series"]))
-    elif memory:
-        print(f"\nLoader memory run: {memory}")
+    for wt, series in (memory or {}).items():
+        if not isinstance(series, list) or len(series) < 5:
+            print(f"\nLoader memory run ({wt}): {series}")
+            continue
+        e1, e2, e5 = series[0], series[1], series[4]
+        print(f"\nLoader memory, {wt} workers, all processes (MiB, end of each epoch 1..5):")
+        for key, name in (("rss_mib", "RSS summed"), ("pss_mib", "PSS summed"),
+                          ("main_rss_mib", "main RSS")):
+            vals = " ".join(f"{m.get(key, 0):.0f}" for m in series)
+            print(f"  {name:11s} {vals}   epoch 1->5 {e5[key] / e1[key] - 1:+.1%}, "
+                  f"2->5 {e5[key] / e2[key] - 1:+.1%}  (target growth <= 5 %)")
     for p, why in notes.items():
         print(f"note: {p}: {why}")
 
