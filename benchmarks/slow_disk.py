@@ -10,8 +10,8 @@ measures, each for ``--seconds``:
   default ``/opt/tv-venv/bin/python``); otherwise a PIL stand-in doing the same file reads,
   decode, RandomResizedCrop and flip (labelled so in the results);
 * the original tool's design: tensorpack ``LMDBData(shuffle=False)`` -> ``LocallyShuffleData`` ->
-  ``MultiProcessRunner(.., 1)`` -> decode + augment -> ``MultiProcessRunnerZMQ(.., workers)`` ->
-  ``BatchData`` (every ZMQ worker runs its own copy of the reader);
+  decode + augment -> ``MultiProcessRunnerZMQ(.., workers)`` -> ``BatchData`` (every ZMQ worker
+  runs its own copy of the reader);
 * the imagenet_seq Loader (CPU decode path), and raw record streaming (``SplitReader``);
 * on the HDD: 1, 2 and 4 ranks (separate processes, ``Loader(rank=r, world_size=W)`` with the
   decode replaced by a byte count) streaming their shards from the one emulated disk.
@@ -116,7 +116,8 @@ def measure_original(lmdb_file: str, seconds: float, workers: int) -> dict:
 
     ds = td.LMDBData(lmdb_file, shuffle=False)
     ds = td.LocallyShuffleData(ds, SHUFFLE_BUFFER)
-    ds = td.MultiProcessRunner(ds, 5000, 1)
+    # the original also had MultiProcessRunner(ds, 5000, 1) here: a prefetch queue only, and
+    # tensorpack 0.11 cannot start it inside the ZMQ workers below (created in another process)
     ds = td.MapData(ds, decode)
     ds = td.AugmentImageComponent(ds, [imgaug.GoogleNetRandomCropAndResize(),
                                        imgaug.Flip(horiz=True)])
@@ -315,7 +316,7 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0)
     with slowfs.mounted(paths["data"], mnt, device, args.model_args[device]) as stats:
         target = os.path.join(mnt, target_rel)
         base = [python, os.path.abspath(__file__), "_measure"]
-        limit = args.seconds + 180
+        limit = args.seconds + 120
         if ranks:
             cmds = [base + [kind, target, str(args.seconds), "0", str(r), str(ranks)]
                     for r in range(ranks)]
@@ -513,19 +514,27 @@ def main(argv=None) -> int:
                          + " ".join(args.model_args["hdd"]),
             "NFS model": "0.5 ms round trip per request, 110 MB/s link, 8 requests in flight "
                          + " ".join(args.model_args["nfs"])}
-    res = []
+    res, failed = [], []
+
+    def attempt(*a, **k):
+        try:
+            res.append(measure_on_device(*a, **k))
+        except RuntimeError as e:  # one broken method must not lose the others' numbers
+            print(f"  FAILED {a[:2]} {k}: {str(e)[-600:]}", file=sys.stderr, flush=True)
+            failed.append(f"{a[1]} {a[0]} {k}: {str(e)[-300:]}")
+
     try:
         for dev in args.devices:
             for kind in args.methods:
-                res.append(measure_on_device(kind, dev, paths, args))
+                attempt(kind, dev, paths, args)
         if "hdd" in args.devices:
             for variant in args.rank_variants:
                 for n in args.ranks:
-                    res.append(measure_on_device(variant, "hdd", paths, args, ranks=n))
+                    attempt(variant, "hdd", paths, args, ranks=n)
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
     with open(os.path.join(args.out, "slow_disk.json"), "w") as f:
-        json.dump({"results": res, "setup": info}, f, indent=1)
+        json.dump({"results": res, "setup": info, "failed": failed}, f, indent=1)
     print(write_report(res, args, info))
     print(write_plot(res, args))
     for what, value, ok in targets(res, args):
