@@ -43,6 +43,7 @@ import time
 from typing import Dict, Iterator, List, Optional
 
 MB = 1_000_000
+MAX_BACKGROUND = 1024  # FUSE readahead requests queued before the kernel drops more
 LOOKAHEAD_S = 0.002  # work the emulated device commits to ahead of time (see _dispatch)
 
 
@@ -71,6 +72,7 @@ class HDDModel:
         self.near_bytes = near_bytes
         self.busy_until = 0.0
         self.head: Optional[tuple] = None  # (file key, byte offset under the head)
+        self.streak = 0  # requests served in a row from near the head (see pick)
         self.seeks = 0
         self.requests = 0
         self.bytes = 0
@@ -109,25 +111,32 @@ class HDDModel:
         self.bytes += size
         return self.busy_until
 
-    def pick(self, pending: List[tuple], now: float, expire_s: float = 0.5) -> int:
+    def pick(self, pending: List[tuple], now: float, expire_s: float = 0.5,
+             fifo_batch: int = 16) -> int:
         """Which queued request the drive serves next: index into ``pending``.
 
         ``pending`` holds ``(key, offset, size, arrival_time)``. Like the kernel's mq-deadline
-        scheduler + the drive's command queue: a request expired past ``expire_s`` (mq-deadline's
-        read_expire, 500 ms) goes first; otherwise the nearest request at or after the head in
-        the same file (no seek); otherwise the oldest.
+        scheduler in front of the drive's command queue: keep serving the request nearest at
+        or after the head (no seek) for up to ``fifo_batch`` requests in a row; then, if the
+        oldest request has waited past ``expire_s`` (mq-deadline's read_expire, 500 ms), serve
+        it and start a new run there; with nothing near the head, serve the oldest.
         """
         oldest = min(range(len(pending)), key=lambda i: pending[i][3])
-        if now - pending[oldest][3] > expire_s or self.head is None:
-            return oldest
-        key, pos = self.head
-        best, best_d = oldest, None
-        for i, (k, off, _, _) in enumerate(pending):
-            if k == key and abs(off - pos) <= self.near_bytes:
-                d = off - pos if off >= pos else self.near_bytes + (pos - off)  # forward first
-                if best_d is None or d < best_d:
-                    best, best_d = i, d
-        return best
+        near = None
+        if self.head is not None:
+            key, pos = self.head
+            best_d = None
+            for i, (k, off, _, _) in enumerate(pending):
+                if k == key and abs(off - pos) <= self.near_bytes:
+                    d = off - pos if off >= pos else self.near_bytes + (pos - off)  # forward first
+                    if best_d is None or d < best_d:
+                        near, best_d = i, d
+        expired = now - pending[oldest][3] > expire_s
+        if near is not None and (self.streak < fifo_batch or not expired):
+            self.streak += 1
+            return near
+        self.streak = 1
+        return oldest
 
     def stats(self) -> Dict[str, float]:
         return {"device": self.name, "requests": self.requests, "bytes": self.bytes,
@@ -217,7 +226,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-flight", type=int, default=8, help="nfs: requests outstanding at once")
     p.add_argument("--open-rtts", type=int, default=1, help="nfs: round trips per open")
     p.add_argument("--queue-depth", type=int, default=64,
-                   help="requests the kernel may queue at once (FUSE max_background)")
+                   help="requests the device sees at once to reorder (libfuse threads)")
 
 
 def _operations(source: str, model, queue_depth: int = 64):
@@ -244,12 +253,11 @@ def _operations(source: str, model, queue_depth: int = 64):
 
         def init_with_config(self, conn, config):
             # FUSE passes 12 background requests to the daemon at a time and silently drops
-            # readahead (posix_fadvise WILLNEED too) once 9 are queued; a block device queues
-            # 64+ (nr_requests) and makes the submitter wait instead of dropping. So: a deeper
-            # queue, and a congestion threshold never reached (the rest waits in the kernel).
+            # readahead (posix_fadvise WILLNEED too) once 9 are queued; a block device makes
+            # the submitter wait instead of dropping. So: allow 128 MiB of readahead queued.
             if conn is not None:
-                conn.max_background = queue_depth
-                conn.congestion_threshold = 65535
+                conn.max_background = MAX_BACKGROUND
+                conn.congestion_threshold = MAX_BACKGROUND  # libfuse caps it at max_background
             self.device = threading.Thread(target=self._dispatch, daemon=True, name="device")
             self.device.start()
 
@@ -338,7 +346,10 @@ def serve(source: str, mountpoint: str, model, stats_path: Optional[str] = None,
     fuse, ops = _operations(source, model, queue_depth)
     # kernel_cache off: every open drops the file's pages, so a fresh open reads the device;
     # auto_cache off for the same reason. ro: a mirror for reading only.
-    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name)
+    # one libfuse thread per queued request: the device (see _dispatch) must see the whole queue
+    # to reorder it like a disk; libfuse's default of 10 threads would hide all but 10
+    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name,
+              max_threads=queue_depth)
     if stats_path:
         with open(stats_path, "w") as f:
             json.dump(model.stats(), f)

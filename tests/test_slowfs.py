@@ -128,7 +128,9 @@ def test_hdd_elevator_serves_the_stream_under_the_head_then_the_oldest():
     assert m.pick(pending, now=0.05) == 2  # 128 KiB ahead: still no seek
     del pending[2]
     assert m.pick(pending, now=0.05) == 0  # nothing near: the oldest
-    # a request waiting past the deadline goes first even when another is under the head
+    # a request waiting past the deadline goes first once the current run is 16 long
     late = [("a", 128 * KB, 128 * KB, 0.9), ("b", 0, 128 * KB, 0.0)]
+    m.streak = 0
+    assert [m.pick(late, now=1.0) for _ in range(16)] == [0] * 16
     assert m.pick(late, now=1.0) == 1
     assert NFSModel().pick(late, now=1.0) == 1  # NFS: arrival order
