@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 from typing import Any, Callable, Optional, Tuple
 
 import cv2
@@ -119,6 +120,47 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
 
 
+_scratch = threading.local()
+
+
+def _buffer(name: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """A per-thread reusable uint8 buffer (decode threads each get their own), one per shape."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get((name, shape))
+    if buf is None:
+        if len(bufs) >= 16:  # many image shapes (val): keep the memory bounded
+            bufs.clear()
+        buf = bufs[(name, shape)] = np.empty(shape, np.uint8)
+    return buf
+
+
+def _resize_into(bgr: np.ndarray, w: int, h: int, dst: np.ndarray, flip: bool = False) -> None:
+    """Resize a BGR (view of an) image, flip it horizontally if asked, write RGB into ``dst``.
+
+    ``dst``: ``(h, w, 3)`` HWC or ``(3, h, w)`` CHW uint8. Same pixels as ``_resize`` then
+    ``cvtColor(BGR2RGB)`` then ``flip``; the colour swap is folded into the last copy (CHW: the
+    B, G, R planes are split straight into the R, G, B planes of ``dst``), and the intermediate
+    images live in per-thread buffers, so nothing is allocated (or page-faulted) per image.
+    """
+    if bgr.shape[:2] == (h, w):
+        out = bgr
+    else:
+        out = _buffer("resized", (h, w, 3))
+        big = bgr.shape[1] >= 2 * w and bgr.shape[0] >= 2 * h
+        cv2.resize(bgr, (w, h), dst=out,
+                   interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
+    if flip:
+        out = cv2.flip(out, 1, dst=_buffer("flipped", (h, w, 3)))
+    if dst.shape == (3, h, w):
+        cv2.split(out, [dst[2], dst[1], dst[0]])
+    elif dst.shape == (h, w, 3):
+        cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=dst)
+    else:
+        raise ValueError(f"dst of shape {dst.shape}; expected {(h, w, 3)} or {(3, h, w)}")
+
+
 def _check_size(name: str, value: int) -> int:
     if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name}={value!r}; expected a positive int (e.g. 224)")
@@ -166,6 +208,23 @@ class TrainTransform:
                 f"flip={self.flip}, dct_scaling={self.dct_scaling})")
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
+        out = np.empty((self.size, self.size, 3), np.uint8)
+        self.write(jpeg, rng, out)
+        return out
+
+    def write(self, jpeg: bytes, rng: np.random.Generator, dst: np.ndarray) -> None:
+        """Like calling the transform, but into ``dst``: no intermediate image is allocated.
+
+        Args:
+            dst: ``(size, size, 3)`` RGB (HWC) or ``(3, size, size)`` RGB planes (CHW) uint8
+                array, e.g. one image of a batch tensor; same pixels as ``self(jpeg, rng)``.
+        """
+        roi = self._crop(jpeg, rng)
+        flip = self.flip and rng.random() < 0.5
+        _resize_into(roi, self.size, self.size, dst, flip)
+
+    def _crop(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
+        """Sample the crop (draws from ``rng``), decode (DCT-scaled) and return the crop's view."""
         dims = jpeg_size(jpeg)
         img = None
         if dims is None:  # not a JPEG (or odd header): decode fully, take the size from pixels
@@ -190,11 +249,7 @@ class TrainTransform:
             y1 = min(ih, max(y0 + 1, int(round((y + h) * sy))))
         else:
             x0, y0, x1, y1 = x, y, x + w, y + h
-        out = _resize(img[y0:y1, x0:x1], self.size, self.size)
-        out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
-        if self.flip and rng.random() < 0.5:
-            out = cv2.flip(out, 1)
-        return out
+        return img[y0:y1, x0:x1]
 
 
 class ValTransform:
@@ -222,6 +277,13 @@ class ValTransform:
         return f"ValTransform(size={self.size}, resize={self.resize})"
 
     def __call__(self, jpeg: bytes, rng: Any = None) -> np.ndarray:
+        out = np.empty((self.size, self.size, 3), np.uint8)
+        self.write(jpeg, rng, out)
+        return out
+
+    def write(self, jpeg: bytes, rng: Any, dst: np.ndarray) -> None:
+        """Like calling the transform, but into ``dst`` (``(size, size, 3)`` HWC or
+        ``(3, size, size)`` CHW uint8 RGB): same pixels, no intermediate image allocated."""
         flags = _FULL
         dims = jpeg_size(jpeg) if self.dct_scaling else None
         if dims is not None:
@@ -237,11 +299,13 @@ class ValTransform:
         else:
             nw, nh = int(self.resize * w / h), self.resize
         if (nw, nh) != (w, h):
-            img = _resize(img, nw, nh)
+            big = w >= 2 * nw and h >= 2 * nh
+            img = cv2.resize(img, (nw, nh), dst=_buffer("val", (nh, nw, 3)),
+                             interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
         top = int(round((nh - self.size) / 2.0))
         left = int(round((nw - self.size) / 2.0))
         crop = img[top:top + self.size, left:left + self.size]
-        return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
+        _resize_into(crop, self.size, self.size, dst)
 
 
 class PILTransform:

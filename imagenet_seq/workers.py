@@ -149,6 +149,8 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
     """Decode and augment every record of ``raw``; the per-batch work of every pool.
 
     ``out``: a preallocated uint8 storage-shaped tensor to write into (see ``out_shape``).
+    Transforms with a ``write(jpeg, rng, dst)`` method (the OpenCV ones) write each image
+    straight into its place in the batch; others return arrays that are copied in.
 
     Raises:
         RecordError: naming the record key, unless ``spec.skip_broken`` (then counted).
@@ -158,14 +160,26 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
     kept: List[int] = []
     skipped: List[Tuple[int, str]] = []
     images = out
+    write = getattr(spec.transform, "write", None) if spec.collate == "array" else None
+    shape = spec.out_shape(n) if write is not None else None
+    if shape is not None and images is None:
+        images = _new_images(shape, spec)
+    dst = images.numpy() if shape is not None else None  # one view per batch, not per image
+    transform, seed, epoch = spec.transform, spec.seed, spec.epoch
+    records = raw.records.tolist()
+    data, offsets = raw.data, raw.offsets.tolist()
     for i in range(n):
-        rec = int(raw.records[i])
+        rec = records[i]
         try:
-            out = spec.transform(raw.jpeg(i), augment_rng(spec.seed, spec.epoch, rec))
-            if spec.collate == "array":
-                images = _put(images, out, len(kept), n, spec, rec)
+            jpeg = memoryview(data[offsets[i]:offsets[i + 1]])
+            if dst is not None:
+                write(jpeg, augment_rng(seed, epoch, rec), dst[len(kept)])
             else:
-                outs.append(out)
+                res = transform(jpeg, augment_rng(seed, epoch, rec))
+                if spec.collate == "array":
+                    images = _put(images, res, len(kept), n, spec, rec)
+                else:
+                    outs.append(res)
         except Exception as e:  # noqa: BLE001 - reported with the record key
             if spec.skip_broken:
                 skipped.append((rec, f"{type(e).__name__}: {e}"))
@@ -173,16 +187,26 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
             raise RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {spec.source} failed "
                               f"to decode: {type(e).__name__}: {e}", b"%08d" % rec, rec) from e
         kept.append(i)
-    targets = torch.from_numpy(raw.labels[kept].astype(np.int64))
+    labels = raw.labels if len(kept) == n else raw.labels[kept]
+    targets = torch.from_numpy(labels.astype(np.int64))
     if spec.collate == "array":
         if images is None:  # every record skipped
             images = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
         else:
-            images = images[: len(kept)]
+            if len(kept) < len(images):
+                images = images[: len(kept)]
             images = images.permute(0, 3, 1, 2) if spec.channels_last else images
     else:
         images = torch.utils.data.default_collate(outs) if outs else torch.empty(0)
-    return DecodedBatch(raw.index, images, targets, raw.records[kept], skipped)
+    return DecodedBatch(raw.index, images, targets,
+                        raw.records if len(kept) == n else raw.records[kept], skipped)
+
+
+def _new_images(shape: Tuple[int, ...], spec: DecodeSpec) -> torch.Tensor:
+    images = torch.empty(shape, dtype=torch.uint8)
+    if spec.shared:
+        images.share_memory_()
+    return images
 
 
 def _put(images, out, k: int, n: int, spec: DecodeSpec, rec: int):
@@ -193,10 +217,7 @@ def _put(images, out, k: int, n: int, spec: DecodeSpec, rec: int):
                         "expected (H, W, C) uint8")
     if images is None:
         h, w, c = arr.shape
-        shape = (n, h, w, c) if spec.channels_last else (n, c, h, w)
-        images = torch.empty(shape, dtype=torch.uint8)
-        if spec.shared:
-            images.share_memory_()
+        images = _new_images((n, h, w, c) if spec.channels_last else (n, c, h, w), spec)
     expected = tuple(images.shape[1:]) if spec.channels_last else \
         (images.shape[2], images.shape[3], images.shape[1])
     if arr.shape != expected:
