@@ -428,7 +428,9 @@ def write_report(res: list, args, info: dict) -> str:
         st = r["device_stats"]
         if r["device"] != "hdd" or "seeks" not in st:
             continue
-        name = LABELS.get(r["kind"], r["kind"]) + (f" x{r['ranks']} ranks" if r["ranks"] else "")
+        name = LABELS.get(r["kind"], "") if not r["ranks"] else \
+            f"{r['ranks']} rank{'s' if r['ranks'] > 1 else ''}, Loader I/O only" + \
+            (" + span prefetch (prototype)" if r["kind"].endswith("+prefetch") else "")
         seek_s = st["seeks"] * 0.01217
         lines.append(f"| {name} | {r['seconds']:.1f} | {st['seeks']} | {seek_s:.1f} s | "
                      f"{100 * seek_s / r['seconds']:.0f} % |")
