@@ -182,69 +182,11 @@ MEASURES = {"folder": measure_folder, "original": measure_original, "loader": me
             "stream": measure_stream}
 
 
-# ---------------------------------------------------------------------------------------------
-# prototype, NOT in the package: SplitReader.read_range that keeps a window of its span queued
-# with posix_fadvise(WILLNEED) ahead of the cursor, so the disk sees one deep sequential queue
-# per span instead of one 128 KiB mmap fault at a time. Measured as the "+prefetch" variants.
-PREFETCH_WINDOW = 16 << 20  # queued ahead of the cursor, refilled in bursts of half of it
-PREFETCH_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
-
-
-def _map_base(path: str):
-    real = os.path.realpath(path)
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
-                return int(parts[0].split("-")[0], 16)
-    return None
-
-
-def install_span_prefetch() -> None:
-    import numpy as np
-
-    from imagenet_seq import format as fmt
-    from imagenet_seq.reader import SplitReader
-
-    def read_range(self, start, count):
-        if self._env is None:
-            self.reset_state()
-        if count <= 0:
-            return
-        if not hasattr(self, "_pf_fd"):
-            self._pf_fd = os.open(self.path, os.O_RDONLY)
-        mean = self.meta.total_bytes / max(1, self.meta.num_records) + 64
-        base, queued, end = _map_base(self.path), None, None
-        with self._env.begin(buffers=True) as txn:
-            cur = txn.cursor()
-            cur.set_key(fmt.record_key(start))
-            for i in range(start, start + count):
-                value = cur.value()
-                if base is not None:
-                    off = np.frombuffer(value, np.uint8).ctypes.data - base
-                    if end is None:  # the span's bytes, estimated from the mean record size
-                        queued, end = off, off + int((count + 2) * mean)
-                    # refill in bursts: a burst sits together in the kernel's FIFO queue, so
-                    # the disk serves it as one run even when other ranks queue theirs too
-                    if queued - off < PREFETCH_WINDOW // 2:
-                        target = min(off + PREFETCH_WINDOW, end)
-                    else:
-                        target = queued
-                    while queued < target:
-                        n = min(PREFETCH_STEP, end - queued)
-                        os.posix_fadvise(self._pf_fd, queued, n, os.POSIX_FADV_WILLNEED)
-                        queued += n
-                view, label = fmt.decode_record(value)
-                yield i, view.tobytes(), label
-                if i + 1 < start + count:
-                    cur.next()
-
-    SplitReader.read_range = read_range
-
-
 def _measure_main(argv) -> int:
     kind, target, seconds, workers = argv[0], argv[1], float(argv[2]), int(argv[3])
     if kind.endswith("+prefetch"):
+        from span_prefetch import install_span_prefetch
+
         install_span_prefetch()
         kind = kind[:-len("+prefetch")]
     if kind == "rank":
@@ -349,158 +291,6 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0)
     return r
 
 
-# ---------------------------------------------------------------------------------------------
-# report
-LABELS = {"folder": "ImageFolder + DataLoader", "original": "original tool (tensorpack flow)",
-          "loader": "imagenet_seq Loader", "stream": "raw record stream",
-          "loader+prefetch": "Loader + span prefetch (prototype)",
-          "stream+prefetch": "raw stream + span prefetch (prototype)"}
-DEVICES = {"hdd": "emulated HDD (7,200 rpm)", "nfs": "emulated NFS (1 GbE)"}
-
-
-def _pct(mb: float, device: str, args) -> float:
-    return 100.0 * mb * 1e6 / args.bandwidth[device]
-
-
-def targets(res: list, args) -> list:
-    """The issue's three targets, each with its number and met/missed."""
-    get = {(r["device"], r["kind"], r["ranks"]): r for r in res}
-    out = []
-    for variant, label in (("stream", ""), ("stream+prefetch", " (span prefetch prototype)")):
-        s = get.get(("hdd", variant, 0))
-        if s:
-            p = _pct(s["mb_per_s"], "hdd", args)
-            out.append((f"raw streaming >= 90 % of the emulated HDD's bandwidth{label}",
-                        f"{p:.0f} %", p >= 90))
-    fo = get.get(("hdd", "folder", 0))
-    for variant, label in (("loader", ""), ("loader+prefetch", " (span prefetch prototype)")):
-        lo = get.get(("hdd", variant, 0))
-        if lo and fo:
-            x = lo["images_per_s"] / fo["images_per_s"]
-            out.append((f"full pipeline >= 25x ImageFolder on the emulated HDD{label}",
-                        f"{x:.1f}x", x >= 25))
-    for variant, label in (("rank", ""), ("rank+prefetch", " (span prefetch prototype)")):
-        r4 = get.get(("hdd", variant, 4))
-        if r4:
-            p = _pct(r4["mb_per_s"], "hdd", args)
-            out.append((f"4 ranks on one emulated HDD >= 80 % of its bandwidth{label}",
-                        f"{p:.0f} %", p >= 80))
-    return out
-
-
-def write_report(res: list, args, info: dict) -> str:
-    get = {(r["device"], r["kind"], r["ranks"]): r for r in res}
-    kinds = [k for k in LABELS if any(r["kind"] == k for r in res)]
-    folder_impl = next((r.get("impl") for r in res if r["kind"] == "folder"), "")
-    lines = ["# Slow-disk benchmark", "",
-             f"Generated by `python benchmarks/slow_disk.py {' '.join(args.argv)}` on "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "## Hours for 90 epochs of ImageNet-1k", "",
-             "Projected from the measured MB/s for 1,281,167 images of ~110 KB "
-             "(the original tool's README table, measured here on emulated devices).", "",
-             "| storage | " + " | ".join(LABELS[k] for k in kinds) + " |",
-             "|---|" + "---:|" * len(kinds)]
-    for dev in args.devices:
-        cells = [f"{get[(dev, k, 0)]['hours_imagenet']:,.0f} h" if (dev, k, 0) in get else "-"
-                 for k in kinds]
-        lines.append(f"| {DEVICES[dev]} | " + " | ".join(cells) + " |")
-    lines += ["", "## Measured rates", "",
-              "| storage | method | images/s | MB/s | % of device bandwidth | device requests | "
-              "seeks | hours (90 ep) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res:
-        name = LABELS.get(r["kind"], "") if not r["ranks"] else \
-            f"{r['ranks']} rank{'s' if r['ranks'] > 1 else ''} (Loader, I/O only" + \
-            (", span prefetch prototype)" if r["kind"].endswith("+prefetch") else ")")
-        st = r["device_stats"]
-        lines.append(f"| {DEVICES[r['device']]} | {name} | {r['images_per_s']:,.0f} | "
-                     f"{r['mb_per_s']:.1f} | {_pct(r['mb_per_s'], r['device'], args):.0f} % | "
-                     f"{st.get('requests', '-'):,} | {st.get('seeks', '-')} | "
-                     f"{r['hours_imagenet']:,.0f} |")
-    lines += ["", "## Targets", ""]
-    for what, value, ok in targets(res, args):
-        lines.append(f"- {what}: **{value}** ({'met' if ok else 'MISSED'})")
-    lines += ["", "## Where the HDD's time went", "",
-              "Seek time = seeks x 12.17 ms (8 ms seek + 4.17 ms rotation); the rest of the "
-              "device's busy time is transfer. A sequential reader loses nothing to seeks.", "",
-              "| measurement | seconds | seeks | seek time | seek share of the run |",
-              "|---|---:|---:|---:|---:|"]
-    for r in res:
-        st = r["device_stats"]
-        if r["device"] != "hdd" or "seeks" not in st:
-            continue
-        name = LABELS.get(r["kind"], "") if not r["ranks"] else \
-            f"{r['ranks']} rank{'s' if r['ranks'] > 1 else ''}, Loader I/O only" + \
-            (" + span prefetch (prototype)" if r["kind"].endswith("+prefetch") else "")
-        seek_s = st["seeks"] * 0.01217
-        lines.append(f"| {name} | {r['seconds']:.1f} | {st['seeks']} | {seek_s:.1f} s | "
-                     f"{100 * seek_s / r['seconds']:.0f} % |")
-    lines += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in info.items()]
-    lines += [f"- ImageFolder baseline: {folder_impl}" if folder_impl else ""]
-    path = os.path.join(args.out, "slow_disk.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
-
-
-def write_plot(res: list, args) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in LABELS if any(r["kind"] == k and not r["ranks"] for r in res)]
-    rank_res = [r for r in res if r["ranks"]]
-    fig, axes = plt.subplots(1, 2 if rank_res else 1, figsize=(13 if rank_res else 9, 4.6),
-                             dpi=120, gridspec_kw={"width_ratios": [3, 2]} if rank_res else None)
-    ax = axes[0] if rank_res else axes
-    colors = {"hdd": "#c44e52", "nfs": "#4c72b0"}
-    h = 0.38
-    for j, dev in enumerate(args.devices):
-        vals = [next((r["hours_imagenet"] for r in res if r["device"] == dev and r["kind"] == k
-                      and not r["ranks"]), 0) for k in kinds]
-        ys = [i + (j - 0.5) * h for i in range(len(kinds))]
-        bars = ax.barh(ys, vals, h, color=colors[dev], label=DEVICES[dev])
-        for b, v in zip(bars, vals):
-            if v:
-                ax.text(v * 1.05, b.get_y() + h / 2, f"{v:,.0f} h", va="center", fontsize=8)
-    ax.set_yticks(range(len(kinds)), [LABELS[k] for k in kinds], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlim(right=max(r["hours_imagenet"] for r in res if not r["ranks"]) * 4)
-    ax.set_xlabel("hours for 90 epochs of ImageNet-1k (log scale; lower is better)")
-    ax.set_title("One reader per device", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-    if rank_res:
-        ax2 = axes[1]
-        variants = sorted({r["kind"] for r in rank_res})
-        ranks = sorted({r["ranks"] for r in rank_res})
-        w = 0.8 / len(variants)
-        for j, v in enumerate(variants):
-            pct = [next((_pct(r["mb_per_s"], "hdd", args) for r in rank_res
-                         if r["kind"] == v and r["ranks"] == n), 0) for n in ranks]
-            xs = [i + (j - (len(variants) - 1) / 2) * w for i in range(len(ranks))]
-            label = "Loader as is" if v == "rank" else "Loader + span prefetch (prototype)"
-            bars = ax2.bar(xs, pct, w, label=label, color=["#8172b2", "#55a868"][j % 2])
-            for b, p in zip(bars, pct):
-                ax2.text(b.get_x() + w / 2, p + 1, f"{p:.0f}%", ha="center", fontsize=8)
-        ax2.axhline(80, color="gray", ls="--", lw=1)
-        ax2.text(len(ranks) - 0.5, 81, "target 80 %", ha="right", fontsize=8, color="gray")
-        ax2.set_xticks(range(len(ranks)), [f"{n} rank{'s' if n > 1 else ''}" for n in ranks])
-        ax2.set_ylim(0, 110)
-        ax2.set_ylabel("aggregate read rate, % of the HDD's 150 MB/s")
-        ax2.set_title("DDP ranks sharing one emulated HDD", fontsize=10)
-        ax2.legend(fontsize=8, loc="upper right")
-        ax2.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("Feeding ImageNet training from slow storage (FUSE-emulated devices, "
-                 f"{os.cpu_count()} CPU cores)", fontsize=11)
-    fig.tight_layout()
-    path = os.path.join(args.out, "slow_disk.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_measure":
@@ -514,7 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--copies", type=int, default=4, help="LMDB copies of each image")
     p.add_argument("--devices", nargs="+", default=["hdd", "nfs"], choices=["hdd", "nfs"])
-    p.add_argument("--methods", nargs="+", choices=list(LABELS),
+    p.add_argument("--methods", nargs="+", choices=list(MEASURES) + ["loader+prefetch",
+                                                                      "stream+prefetch"],
                    default=["folder", "original", "loader", "stream", "loader+prefetch",
                             "stream+prefetch"])
     p.add_argument("--rank-variants", nargs="+", choices=["stream", "stream+prefetch"],
@@ -533,6 +324,7 @@ def main(argv=None) -> int:
     import shlex
 
     import slowfs
+    from slow_disk_report import LABELS, targets, write_plot, write_report
 
     reason = slowfs.fuse_unavailable_reason()
     if reason:
