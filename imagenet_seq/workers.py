@@ -39,16 +39,24 @@ _POLL_S = 0.5
 
 @dataclass
 class RawBatch:
-    """One batch of undecoded records: ``data[offsets[i]:offsets[i+1]]`` is record ``i``'s JPEG."""
+    """One batch of undecoded records: record ``i``'s JPEG is ``jpeg(i)``.
+
+    The bytes are either ``blobs`` (the records' own ``bytes`` objects: no copy, for pools in
+    this process) or ``data[offsets[i]:offsets[i+1]]`` (one contiguous array, e.g. a process
+    pool's shared input slot).
+    """
 
     index: int
     records: np.ndarray  # int64 record indices (file positions)
     labels: np.ndarray  # int64
     offsets: np.ndarray  # int64, len(records) + 1
-    data: Any  # 1-D uint8 numpy array (a view of a shared slot while ``slot >= 0``)
+    data: Any  # 1-D uint8 numpy array (a view of a shared slot while ``slot >= 0``) or None
     slot: int = -1  # input slot of a process pool holding ``data``; -1: ``data`` travels itself
+    blobs: Optional[List[bytes]] = None  # the JPEGs themselves when ``data`` is None
 
-    def jpeg(self, i: int) -> memoryview:
+    def jpeg(self, i: int) -> Any:
+        if self.blobs is not None:
+            return self.blobs[i]
         return memoryview(self.data[self.offsets[i]:self.offsets[i + 1]])
 
     def jpegs(self) -> List[bytes]:
@@ -57,22 +65,25 @@ class RawBatch:
 
 def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
                dest: Optional[np.ndarray] = None, slot: int = -1) -> RawBatch:
-    """Records ``(index, jpeg, label)`` -> a :class:`RawBatch` (one copy of the bytes).
+    """Records ``(index, jpeg, label)`` -> a :class:`RawBatch`.
 
-    The bytes go into ``dest`` (a pool's shared input slot) when they fit, else a new array.
+    The bytes are copied into ``dest`` (a pool's shared input slot) when they fit; otherwise the
+    batch keeps the records' ``bytes`` objects (no copy).
     """
-    sizes = np.fromiter((len(j) for _, j, _ in items), np.int64, count=len(items))
-    offsets = np.zeros(len(items) + 1, np.int64)
+    n = len(items)
+    records, blobs, labels = zip(*items) if n else ((), (), ())
+    sizes = np.fromiter(map(len, blobs), np.int64, count=n)
+    offsets = np.zeros(n + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
+    data, kept = None, list(blobs)
     if dest is not None and offsets[-1] <= len(dest):
-        data = dest[: offsets[-1]]
+        data, kept = dest[: offsets[-1]], None
+        for k, jpeg in enumerate(blobs):
+            data[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
     else:
-        data, slot = np.empty(int(offsets[-1]), np.uint8), -1
-    for k, (_, jpeg, _) in enumerate(items):
-        data[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
-    return RawBatch(index, np.fromiter((i for i, _, _ in items), np.int64, count=len(items)),
-                    np.fromiter((lab for _, _, lab in items), np.int64, count=len(items)),
-                    offsets, data, slot)
+        slot = -1
+    return RawBatch(index, np.array(records, np.int64), np.array(labels, np.int64), offsets,
+                    data, slot, kept)
 
 
 class SlotRing:
@@ -167,11 +178,11 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
     dst = images.numpy() if shape is not None else None  # one view per batch, not per image
     transform, seed, epoch = spec.transform, spec.seed, spec.epoch
     records = raw.records.tolist()
-    data, offsets = raw.data, raw.offsets.tolist()
+    blobs, data, offsets = raw.blobs, raw.data, raw.offsets.tolist()
     for i in range(n):
         rec = records[i]
         try:
-            jpeg = memoryview(data[offsets[i]:offsets[i + 1]])
+            jpeg = blobs[i] if blobs is not None else memoryview(data[offsets[i]:offsets[i + 1]])
             if dst is not None:
                 write(jpeg, augment_rng(seed, epoch, rec), dst[len(kept)])
             else:
