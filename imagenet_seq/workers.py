@@ -155,6 +155,28 @@ def augment_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=[seed, epoch], counter=[0, 0, 0, record]))
 
 
+_local = threading.local()
+_NO_BUFFER = np.zeros(4, np.uint64)
+
+
+def _reused_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
+    """:func:`augment_rng`'s generator, recycled per thread: the same draws, ~4x cheaper.
+
+    Setting a Philox state (key, counter, empty output buffer) is what constructing one does,
+    minus the entropy gathering and locks. Only for callers that finish with the generator
+    before asking for the next one (the OpenCV ``write`` path).
+    """
+    gen = getattr(_local, "rng", None)
+    if gen is None:
+        gen = _local.rng = np.random.Generator(np.random.Philox(key=0))
+    gen.bit_generator.state = {
+        "bit_generator": "Philox",
+        "state": {"counter": np.array([0, 0, 0, record], np.uint64),
+                  "key": np.array([seed, epoch], np.uint64)},
+        "buffer": _NO_BUFFER, "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+    return gen
+
+
 def decode_batch(raw: RawBatch, spec: DecodeSpec,
                  out: Optional[torch.Tensor] = None) -> DecodedBatch:
     """Decode and augment every record of ``raw``; the per-batch work of every pool.
@@ -184,7 +206,7 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
         try:
             jpeg = blobs[i] if blobs is not None else memoryview(data[offsets[i]:offsets[i + 1]])
             if dst is not None:
-                write(jpeg, augment_rng(seed, epoch, rec), dst[len(kept)])
+                write(jpeg, _reused_rng(seed, epoch, rec), dst[len(kept)])
             else:
                 res = transform(jpeg, augment_rng(seed, epoch, rec))
                 if spec.collate == "array":
