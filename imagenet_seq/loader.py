@@ -285,7 +285,8 @@ class Loader:
             return ThreadPool(spec, self.num_workers)
         slot_bytes = int(2 * self.batch_size * self._mean_bytes) + (4 << 20)
         return ProcessPool(spec, self.num_workers, self.prefetch, self.batch_size, slot_bytes,
-                           pin_memory=self._pin())
+                           pin_memory=self._pin(),
+                           in_touch_bytes=int(self.batch_size * self._mean_bytes))
 
     def _pin(self) -> bool:
         return self.pin_memory and self.device is None and torch.cuda.is_available()

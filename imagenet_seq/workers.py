@@ -90,16 +90,30 @@ class SlotRing:
     """Fixed shared-memory slots made before the workers fork (they inherit the mapping).
 
     An anonymous ``MAP_SHARED`` mapping: no file, no name, nothing left behind after
-    ``kill -9``; pages cost memory only once written.
+    ``kill -9``. ``touch`` bytes at the start of every slot are written once at creation, so
+    the memory a pool uses in steady state is there from its first batch (flat from epoch 1,
+    instead of growing as batches cycle through the slots); the rest of a slot costs memory
+    only once a batch needs it.
     """
 
-    def __init__(self, slots: int, slot_bytes: int):
+    def __init__(self, slots: int, slot_bytes: int, touch: Optional[int] = None):
         self.slots, self.slot_bytes = slots, max(1, int(slot_bytes))
         self._mm = mmap.mmap(-1, self.slots * self.slot_bytes)
         self._view = np.frombuffer(self._mm, np.uint8)
+        touch = self.slot_bytes if touch is None else min(self.slot_bytes, max(0, int(touch)))
+        if touch:
+            self._view.reshape(self.slots, self.slot_bytes)[:, :touch] = 0
 
     def slot(self, k: int) -> np.ndarray:
         return self._view[k * self.slot_bytes:(k + 1) * self.slot_bytes]
+
+    def release(self) -> None:
+        """Unmap now (not when a reference cycle is collected); views still held keep it."""
+        self._view = np.empty(0, np.uint8)
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view: freed with the last one
+            pass
 
 
 @dataclass
@@ -392,11 +406,13 @@ class ProcessPool:
         slots: batches in flight.
         batch_size: largest batch (sizes the output slots).
         in_slot_bytes: JPEG bytes one input slot holds.
+        in_touch_bytes: bytes of each input slot to allocate at once (a typical batch).
         pin_memory: copy decoded batches out of the ring into pinned memory.
     """
 
     def __init__(self, spec: DecodeSpec, num_workers: int, slots: int = 4,
-                 batch_size: int = 256, in_slot_bytes: int = 64 << 20, pin_memory: bool = False):
+                 batch_size: int = 256, in_slot_bytes: int = 64 << 20, pin_memory: bool = False,
+                 in_touch_bytes: int = 0):
         import torch.multiprocessing as tmp
 
         ctx = tmp.get_context("fork")
@@ -408,8 +424,8 @@ class ProcessPool:
         self.out_shape = spec.out_shape(batch_size)
         self.channels_last = spec.channels_last
         out_bytes = int(np.prod(self.out_shape)) if self.out_shape else 1
-        self.in_ring = SlotRing(slots, in_slot_bytes)
-        self.out_ring = SlotRing(slots, out_bytes)
+        self.in_ring = SlotRing(slots, in_slot_bytes, touch=in_touch_bytes)
+        self.out_ring = SlotRing(slots, out_bytes)  # every decoded batch fills its slot
         args = (self._in, self._out, spec, os.getpid(), (self.in_ring, self.out_ring),
                 self.out_shape)
         self.procs = [ctx.Process(target=_worker_main, args=args,
@@ -477,3 +493,6 @@ class ProcessPool:
         for q in (self._in, self._out):
             q.cancel_join_thread()
             q.close()
+        if not any(p.is_alive() for p in self.procs):  # nobody writes into the rings any more
+            self.in_ring.release()
+            self.out_ring.release()
