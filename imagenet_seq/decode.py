@@ -78,9 +78,12 @@ def sample_crop(width: int, height: int, scale: Tuple[float, float],
     """
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    s_lo, s_span, l_span = scale[0], scale[1] - scale[0], log_hi - log_lo
+    random = rng.random
     for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        # lo + span * random() is bit for bit what rng.uniform(lo, hi) computes, ~3x cheaper
+        target = area * (s_lo + s_span * random())
+        aspect = math.exp(log_lo + l_span * random())
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
