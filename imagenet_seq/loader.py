@@ -20,8 +20,8 @@ from .device import to_device
 from .distributed import resolve_rank
 from .reader import SplitReader
 from .shuffle import buffer_records, buffered_shuffle
-from .workers import (DecodedBatch, DecodeSpec, InlinePool, ProcessPool, RawBatch, ThreadPool,
-                      decode_batch, pack_batch)
+from .workers import (DecodedBatch, DecodeSpec, InlinePool, ProcessPool, RawBatch, RingCache,
+                      ThreadPool, decode_batch, pack_batch)
 
 WORKER_TYPES = ("process", "thread")
 _SKIP_LOG = 1000  # skipped records kept for inspection
@@ -140,6 +140,7 @@ class Loader:
         self.skip_broken = skip_broken
         self.decoder = decoder
         self._dali = None
+        self._rings = RingCache()  # process workers' shared rings, reused across epochs
         self._transform, self._collate = self._make_transform(
             transform, image_size, resize_size, scale, ratio)
         # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
@@ -286,7 +287,8 @@ class Loader:
         slot_bytes = int(2 * self.batch_size * self._mean_bytes) + (4 << 20)
         return ProcessPool(spec, self.num_workers, self.prefetch, self.batch_size, slot_bytes,
                            pin_memory=self._pin(),
-                           in_touch_bytes=int(self.batch_size * self._mean_bytes))
+                           in_touch_bytes=int(self.batch_size * self._mean_bytes),
+                           rings=self._rings)
 
     def _pin(self) -> bool:
         return self.pin_memory and self.device is None and torch.cuda.is_available()

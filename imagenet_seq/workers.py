@@ -116,6 +116,31 @@ class SlotRing:
             pass
 
 
+class RingCache:
+    """Keeps a process pool's rings for the next pool of the same shape (the next epoch's),
+    so they are allocated and written once per Loader, not once per epoch."""
+
+    def __init__(self) -> None:
+        self.key: Optional[Tuple[int, ...]] = None
+        self.rings: Optional[Tuple[SlotRing, SlotRing]] = None
+        self.busy = False
+
+    def take(self, key: Tuple[int, ...], make: Callable[[], Tuple["SlotRing", "SlotRing"]]):
+        """The cached rings if free and of this shape (else new ones, cached); marked busy."""
+        if self.busy:  # an older pool still has them: this one gets rings of its own
+            return make()
+        if self.rings is None or self.key != key:
+            self.rings, self.key = make(), key
+        self.busy = True
+        return self.rings
+
+    def give_back(self, reusable: bool) -> None:
+        """The pool using the cached rings closed; ``reusable``: its workers are all gone."""
+        self.busy = False
+        if not reusable:
+            self.rings = self.key = None
+
+
 @dataclass
 class DecodeSpec:
     """What a worker does to each record.
@@ -408,11 +433,13 @@ class ProcessPool:
         in_slot_bytes: JPEG bytes one input slot holds.
         in_touch_bytes: bytes of each input slot to allocate at once (a typical batch).
         pin_memory: copy decoded batches out of the ring into pinned memory.
+        rings: a :class:`RingCache` to take the rings from and return them to (a Loader's,
+            across epochs); ``None``: rings of this pool only, unmapped on ``close``.
     """
 
     def __init__(self, spec: DecodeSpec, num_workers: int, slots: int = 4,
                  batch_size: int = 256, in_slot_bytes: int = 64 << 20, pin_memory: bool = False,
-                 in_touch_bytes: int = 0):
+                 in_touch_bytes: int = 0, rings: Optional[RingCache] = None):
         import torch.multiprocessing as tmp
 
         ctx = tmp.get_context("fork")
@@ -424,8 +451,14 @@ class ProcessPool:
         self.out_shape = spec.out_shape(batch_size)
         self.channels_last = spec.channels_last
         out_bytes = int(np.prod(self.out_shape)) if self.out_shape else 1
-        self.in_ring = SlotRing(slots, in_slot_bytes, touch=in_touch_bytes)
-        self.out_ring = SlotRing(slots, out_bytes)  # every decoded batch fills its slot
+        def make() -> Tuple[SlotRing, SlotRing]:  # every decoded batch fills its out slot
+            return (SlotRing(slots, in_slot_bytes, touch=in_touch_bytes),
+                    SlotRing(slots, out_bytes))
+
+        self._cache = rings
+        self._rings = make() if rings is None else \
+            rings.take((slots, in_slot_bytes, in_touch_bytes, out_bytes), make)
+        self.in_ring, self.out_ring = self._rings
         args = (self._in, self._out, spec, os.getpid(), (self.in_ring, self.out_ring),
                 self.out_shape)
         self.procs = [ctx.Process(target=_worker_main, args=args,
@@ -494,6 +527,9 @@ class ProcessPool:
         for q in (self._in, self._out):
             q.cancel_join_thread()
             q.close()
-        if not any(p.is_alive() for p in self.procs):  # nobody writes into the rings any more
+        idle = not any(p.is_alive() for p in self.procs)  # nobody writes into the rings now
+        if self._cache is not None and self._rings is self._cache.rings:
+            self._cache.give_back(reusable=idle)
+        elif idle:
             self.in_ring.release()
             self.out_ring.release()
