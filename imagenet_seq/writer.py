@@ -100,14 +100,12 @@ def _process_chunk(args):
 
 
 def _worker_init() -> None:
-    """Per worker: one OpenCV thread (the pool is the parallelism) and a malloc that keeps
-    freed image buffers: with glibc's defaults every ~0.5 MB decode output is an mmap/munmap
-    pair, and the page faults make ``cv2.imdecode`` ~1.5x slower (benchmarks/results)."""
+    """Per worker: a malloc that keeps freed image buffers: with glibc's defaults every ~0.5 MB
+    decode output is an mmap/munmap pair, and the page faults make ``cv2.imdecode`` ~1.5x slower
+    (benchmarks/results/throughput.md). No OpenCV call here: after a fork, OpenCV's thread pool
+    (started by the parent) can deadlock on its lock (seen with cv2.setNumThreads)."""
     import ctypes
 
-    import cv2
-
-    cv2.setNumThreads(1)
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD

@@ -340,3 +340,25 @@ def test_ctrl_c_keeps_partial_and_resumes(tmp_path):
                  "--no-progress"]) == 0
     r, recs = read_split(out, "train")
     assert len(recs) == 600 == r.meta.num_records
+
+
+def test_reader_queues_its_span_ahead(sample_lmdb, monkeypatch):
+    """read_range keeps the span's bytes queued with WILLNEED ahead of the cursor, in order."""
+    import imagenet_seq.reader as reader_mod
+
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(reader_mod.os, "posix_fadvise",
+                        lambda fd, off, n, advice: (calls.append((off, n, advice)),
+                                                    real(fd, off, n, advice))[1])
+    r = SplitReader(sample_lmdb, "train")
+    got = list(r.read_range(3, 20))
+    r.close()
+    assert [i for i, _, _ in got] == list(range(3, 23))
+    assert calls and all(a == os.POSIX_FADV_WILLNEED for _, _, a in calls)
+    offs = [o for o, _, _ in calls]
+    assert offs == sorted(offs)  # one forward run
+    assert all(b[0] == a[0] + a[1] for a, b in zip(calls, calls[1:]))  # contiguous
+    size = os.path.getsize(os.path.join(sample_lmdb, "ILSVRC-train.lmdb"))
+    queued = sum(n for _, n, _ in calls)
+    assert sum(len(j) for _, j, _ in got) <= queued and offs[-1] < size
