@@ -31,8 +31,10 @@ setup(
         "sample": ["scikit-image"],
         "examples": ["torchvision", "scikit-image"],
         "dali": ["nvidia-dali-cuda120"],
-        "bench": ["matplotlib", "scikit-image"],
-        "test": ["pytest", "scikit-image"],
+        # imagenet-seq-bench --plot; benchmarks/ (slow-disk emulator: also Debian fuse3)
+        "bench": ["matplotlib", "scikit-image", "psutil"],
+        "slowdisk": ["mfusepy", "matplotlib", "scikit-image"],
+        "test": ["pytest", "scikit-image", "mfusepy", "matplotlib"],
         # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
         # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
         "prctl": ["python-prctl"],
@@ -41,6 +43,7 @@ setup(
         "console_scripts": [
             "imagenet-seq-preprocess=imagenet_seq.preprocess_cli:main",
             "imagenet-seq-demo=imagenet_seq.demo:main",
+            "imagenet-seq-bench=imagenet_seq.bench:main",
         ],
     },
 )
