@@ -30,6 +30,7 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
 from imagenet_seq.sample import make_sample_imagefolder  # noqa: E402
 
 
@@ -47,16 +48,6 @@ def files_of(folder: str):
     for d, _, fs in os.walk(os.path.join(folder, "train")):
         out += [os.path.join(d, f) for f in fs]
     return sorted(out)
-
-
-def _tune_malloc() -> None:
-    # the best single-core decode rate (see imagenet_seq.writer._worker_init): the limit we
-    # compare against must not be inflated by glibc's mmap/munmap of every output
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-1, 256 << 20)
-    libc.mallopt(-3, 64 << 20)
 
 
 def decode_rate(files):
@@ -121,7 +112,9 @@ def main(argv=None) -> int:
     mb = sum(os.path.getsize(f) for f in files) / len(files) / 1e3
     print(f"{len(files)} ImageNet-like JPEGs, mean {mb:.0f} KB, {args.workers} workers, "
           f"{os.cpu_count()} cores")
-    _tune_malloc()
+    # the best single-core decode rate: the limit must not be inflated by glibc's mmap/munmap
+    # of every output (the conversion's workers get the same setting)
+    keep_decode_buffers()
     cores = args.workers or 1
     # fixed costs (interpreter start, imports, pool start) measured on an 8-image tree and
     # subtracted: the per-image figure is what a 1.28 M-image conversion pays

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import format as fmt
 from .images import BrokenImage, normalise
+from .malloc import keep_decode_buffers
 from .scan import Scan
 
 CHUNK = 32
@@ -100,18 +101,9 @@ def _process_chunk(args):
 
 
 def _worker_init() -> None:
-    """Per worker: a malloc that keeps freed image buffers: with glibc's defaults every ~0.5 MB
-    decode output is an mmap/munmap pair, and the page faults make ``cv2.imdecode`` ~1.5x slower
-    (benchmarks/results/throughput.md). No OpenCV call here: after a fork, OpenCV's thread pool
-    (started by the parent) can deadlock on its lock (seen with cv2.setNumThreads)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    # malloc tuned for image buffers (see .malloc). No OpenCV call here: after a fork, OpenCV's
+    # thread pool (started by the parent) can deadlock on its lock (seen with cv2.setNumThreads).
+    keep_decode_buffers()
 
 
 def _chunks(plan, start, split_dir, opts):
