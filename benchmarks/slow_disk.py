@@ -14,9 +14,16 @@ measures, each for ``--seconds``:
   runs its own copy of the reader);
 * the imagenet_seq Loader (CPU decode path), and raw record streaming (``SplitReader``);
 * on the HDD: 1, 2 and 4 ranks (separate processes, ``Loader(rank=r, world_size=W)`` with the
-  decode replaced by a byte count) streaming their shards from the one emulated disk.
+  decode replaced by a byte count) streaming their shards from the one emulated disk, once per
+  ``--prefetch-mb`` x ``--chunk-size`` setting.
 
-Writes ``benchmarks/results/slow_disk.md`` (+ ``slow_disk.png``, ``slow_disk.json``). Hours are
+``--prefetch-mb`` sets ``imagenet_seq.reader.PREFETCH_BYTES`` (the span read-ahead of
+``SplitReader.read_range``) in the measurement processes; the first value is used for the
+single-reader methods. ``--chunk-size`` is the Loader's ``chunk_size`` (records per contiguous
+span); the read-ahead never runs past a span, so a window larger than a chunk changes nothing.
+
+Writes ``benchmarks/results/slow_disk.md`` (+ ``slow_disk.png``, ``slow_disk.json``; rebuild the
+first two from the JSON with ``python benchmarks/slow_disk_report.py``). Hours are
 projected for 90 epochs of ImageNet-1k (1,281,167 images, ~110 KB mean) by scaling the measured
 MB/s by the mean record size (the disk moves bytes; our sample JPEGs are ~90 KB).
 """
@@ -29,12 +36,15 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_IMAGES = 1_281_167
 IMAGENET_MEAN_BYTES = 110e3
 EPOCHS = 90
 BATCH = 64
+DEFAULT_PREFETCH_MB = 16  # imagenet_seq.reader.PREFETCH_BYTES
+DEFAULT_CHUNK = 256  # imagenet_seq.order.DEFAULT_CHUNK_RECORDS
 SHUFFLE_BUFFER = 512  # records: ~4 % of the sample LMDB (ImageNet default: 19,500 = 1.5 %)
 
 
@@ -44,7 +54,7 @@ def _result(images: int, nbytes: int, t0: float, **extra) -> dict:
     return dict(images=images, bytes=nbytes, seconds=time.monotonic() - t0, **extra)
 
 
-def measure_folder(train_dir: str, seconds: float, workers: int) -> dict:
+def measure_folder(train_dir: str, seconds: float, workers: int, **_) -> dict:
     """ImageFolder + DataLoader with RandomResizedCrop + flip: torchvision's, or a PIL stand-in."""
     import torch
 
@@ -100,7 +110,7 @@ class _PILFolder:
         return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()), label
 
 
-def measure_original(lmdb_file: str, seconds: float, workers: int) -> dict:
+def measure_original(lmdb_file: str, seconds: float, workers: int, **_) -> dict:
     """The original tool's tensorpack flow on the same LMDB (records decoded from our format)."""
     import cv2
     import numpy as np
@@ -142,13 +152,15 @@ def _mean_record_bytes(lmdb_file: str) -> float:
 
 
 def measure_loader(lmdb_file: str, seconds: float, workers: int, rank: int = 0,
-                   world_size: int = 1, decode: bool = True) -> dict:
+                   world_size: int = 1, decode: bool = True,
+                   chunk_size: Optional[int] = None) -> dict:
     """The imagenet_seq Loader; ``decode=False`` swaps decoding for a byte count (I/O only)."""
     from imagenet_seq.data import Loader
 
     kw = {} if decode else dict(decoder=_count_bytes)
     loader = Loader(lmdb_file, "train", batch_size=BATCH, num_workers=workers,
-                    buffer_size=SHUFFLE_BUFFER, rank=rank, world_size=world_size, **kw)
+                    buffer_size=SHUFFLE_BUFFER, rank=rank, world_size=world_size,
+                    chunk_size=chunk_size, **kw)
     mean = loader.meta.total_bytes / loader.dataset_size
     t0, n, nbytes = time.monotonic(), 0, 0
     for images, targets in loader:
@@ -165,7 +177,7 @@ def _count_bytes(jpegs, labels):
     return torch.tensor([len(j) for j in jpegs], dtype=torch.int64), torch.as_tensor(labels)
 
 
-def measure_stream(lmdb_file: str, seconds: float, workers: int) -> dict:
+def measure_stream(lmdb_file: str, seconds: float, workers: int, **_) -> dict:
     from imagenet_seq.reader import SplitReader
 
     reader = SplitReader(lmdb_file, "train")
@@ -183,16 +195,31 @@ MEASURES = {"folder": measure_folder, "original": measure_original, "loader": me
 
 
 def _measure_main(argv) -> int:
-    kind, target, seconds, workers = argv[0], argv[1], float(argv[2]), int(argv[3])
-    if kind.endswith("+prefetch"):
-        from span_prefetch import install_span_prefetch
+    p = argparse.ArgumentParser(prog="slow_disk.py _measure")
+    p.add_argument("kind", choices=list(MEASURES) + ["rank"])
+    p.add_argument("target")
+    p.add_argument("seconds", type=float)
+    p.add_argument("workers", type=int)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--prefetch-mb", type=float, default=None)
+    p.add_argument("--chunk-size", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.prefetch_mb is not None and a.kind != "folder":  # before any reader exists; forked workers inherit it
+        from imagenet_seq import reader
 
-        install_span_prefetch()
-        kind = kind[:-len("+prefetch")]
-    if kind == "rank":
-        out = measure_loader(target, seconds, workers, int(argv[4]), int(argv[5]), decode=False)
+        reader.PREFETCH_BYTES = int(a.prefetch_mb * (1 << 20))
+    if a.kind == "rank":
+        out = measure_loader(a.target, a.seconds, a.workers, a.rank, a.world_size, decode=False,
+                             chunk_size=a.chunk_size)
+    elif a.kind == "loader":
+        out = measure_loader(a.target, a.seconds, a.workers, chunk_size=a.chunk_size)
     else:
-        out = MEASURES[kind](target, seconds, workers)
+        out = MEASURES[a.kind](a.target, a.seconds, a.workers)
+    if a.kind != "folder":  # torchvision's python may lack imagenet_seq
+        from imagenet_seq import reader
+
+        out["prefetch_bytes"] = reader.PREFETCH_BYTES
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -251,14 +278,21 @@ def _child(cmd, timeout: float) -> dict:
     raise RuntimeError(f"{cmd[2:]} failed (rc {proc.returncode}): {err[-3000:]}")
 
 
-def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0) -> dict:
+def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0,
+                      prefetch_mb: Optional[float] = None,
+                      chunk_size: Optional[int] = None) -> dict:
     """One measurement (or ``ranks`` rank processes at once) on a fresh emulated mount."""
     sys.path.insert(0, HERE)
     import slowfs
 
     mnt = os.path.join(args.workdir, "mnt")
     target_rel = paths["train"] if kind == "folder" else paths["lmdb"]
-    kind = ("rank" + kind[len("stream"):]) if ranks else kind  # ranks: Loader, I/O only
+    kind = "rank" if ranks else kind  # ranks: Loader, I/O only
+    prefetch_mb = args.prefetch_mb[0] if prefetch_mb is None else prefetch_mb
+    chunk_size = args.chunk_size[0] if chunk_size is None else chunk_size
+    opts = [f"--prefetch-mb={prefetch_mb:g}"] + ([f"--chunk-size={chunk_size}"]
+                                                 if chunk_size else [])
+    opts = [] if kind == "folder" else opts
     python = args.tv_python if kind == "folder" and os.path.exists(args.tv_python) \
         else sys.executable
     with slowfs.mounted(paths["data"], mnt, device, args.model_args[device]) as stats:
@@ -266,8 +300,8 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0)
         base = [python, os.path.abspath(__file__), "_measure"]
         limit = args.seconds + 120
         if ranks:
-            cmds = [base + [kind, target, str(args.seconds), "0", str(r), str(ranks)]
-                    for r in range(ranks)]
+            cmds = [base + [kind, target, str(args.seconds), "0", f"--rank={r}",
+                            f"--world-size={ranks}"] + opts for r in range(ranks)]
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(ranks) as pool:
@@ -278,17 +312,30 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0)
                      bytes=sum(p["bytes"] for p in parts), seconds=t1 - t0,
                      per_rank_mb_per_s=[p["bytes"] / p["seconds"] / 1e6 for p in parts])
         else:
-            r = _child(base + [kind, target, str(args.seconds), str(args.workers)], limit)
-    r.update(kind=kind, device=device, ranks=ranks,
+            r = _child(base + [kind, target, str(args.seconds), str(args.workers)] + opts, limit)
+            r.pop("t_start", None), r.pop("t_end", None)
+        r["prefetch_bytes"] = parts[0]["prefetch_bytes"] if ranks else r.get("prefetch_bytes")
+    r.update(kind=kind, device=device, ranks=ranks, prefetch_mb=prefetch_mb,
+             chunk_size=chunk_size or DEFAULT_CHUNK,
              images_per_s=r["images"] / r["seconds"], mb_per_s=r["bytes"] / r["seconds"] / 1e6,
              device_stats=dict(stats))
     r["hours_imagenet"] = IMAGENET_IMAGES * EPOCHS * IMAGENET_MEAN_BYTES / (r["mb_per_s"] * 1e6) \
         / 3600 if r["mb_per_s"] > 0 else float("inf")
-    print(f"  {device:4} {kind:9}{f' x{ranks}' if ranks else '   '}: "
+    print(f"  {device:4} {kind:9}{f' x{ranks}' if ranks else '   '} "
+          f"[prefetch {prefetch_mb:g} MB, chunk {r['chunk_size']}]: "
           f"{r['images_per_s']:8.1f} img/s {r['mb_per_s']:7.1f} MB/s "
           f"{r['hours_imagenet']:8.1f} h/90 ep  ({r['images']} images in {r['seconds']:.1f} s)",
           flush=True)
     return r
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", HERE, "log", "-1", "--format=%h %s"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out[:100] or "unknown"
 
 
 def main(argv=None) -> int:
@@ -304,14 +351,15 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--copies", type=int, default=4, help="LMDB copies of each image")
     p.add_argument("--devices", nargs="+", default=["hdd", "nfs"], choices=["hdd", "nfs"])
-    p.add_argument("--methods", nargs="+", choices=list(MEASURES) + ["loader+prefetch",
-                                                                      "stream+prefetch"],
-                   default=["folder", "original", "loader", "stream", "loader+prefetch",
-                            "stream+prefetch"])
-    p.add_argument("--rank-variants", nargs="+", choices=["stream", "stream+prefetch"],
-                   default=["stream", "stream+prefetch"],
-                   help="how ranks read: the Loader as is, or with the span-prefetch prototype")
+    p.add_argument("--methods", nargs="*", choices=list(MEASURES),
+                   default=["folder", "original", "loader", "stream"])
     p.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4])
+    p.add_argument("--prefetch-mb", nargs="+", type=float, default=[DEFAULT_PREFETCH_MB],
+                   help="imagenet_seq.reader.PREFETCH_BYTES in MB for the measurement processes; "
+                        "ranks are measured with each value, the methods with the first")
+    p.add_argument("--chunk-size", nargs="+", type=int, default=[DEFAULT_CHUNK],
+                   help="Loader chunk_size (records per span); ranks are measured with each "
+                        "value, the Loader method with the first")
     p.add_argument("--hdd-args", default="", help="extra slowfs.py options for the HDD")
     p.add_argument("--nfs-args", default="", help="extra slowfs.py options for NFS")
     p.add_argument("--tv-python", default="/opt/tv-venv/bin/python",
@@ -320,11 +368,15 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.seconds <= 0:
         p.error(f"--seconds={args.seconds}; expected > 0")
+    if min(args.prefetch_mb) < 0:
+        p.error(f"--prefetch-mb={min(args.prefetch_mb):g}; expected >= 0 (0 turns it off)")
+    if min(args.chunk_size) < 1:
+        p.error(f"--chunk-size={min(args.chunk_size)}; expected >= 1 records")
     sys.path.insert(0, HERE)
     import shlex
 
     import slowfs
-    from slow_disk_report import LABELS, targets, write_plot, write_report
+    from slow_disk_report import targets, write_plot, write_report
 
     reason = slowfs.fuse_unavailable_reason()
     if reason:
@@ -342,7 +394,10 @@ def main(argv=None) -> int:
     from imagenet_seq.reader import SplitReader
 
     meta = SplitReader(os.path.join(paths["data"], paths["lmdb"]), "train").meta
-    info = {"machine": f"{os.cpu_count()} CPU cores, Linux {os.uname().release}",
+    info = {"machine": f"{os.cpu_count()} CPU cores, Linux {os.uname().release}, load average "
+                       f"at start {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
+                       "(1 / 5 / 15 min; other jobs share the cores)",
+            "commit": _commit(),
             "data": f"{args.classes * args.per_class} ImageNet-like JPEGs (imagenet_seq.sample, "
                     f"mean {meta.total_bytes / meta.num_records / 1e3:.0f} KB); the LMDB holds "
                     f"{args.copies} copies of each ({meta.num_records} records, "
@@ -368,14 +423,20 @@ def main(argv=None) -> int:
             for kind in args.methods:
                 attempt(kind, dev, paths, args)
         if "hdd" in args.devices:
-            for variant in args.rank_variants:
-                for n in args.ranks:
-                    attempt(variant, "hdd", paths, args, ranks=n)
+            for mb in args.prefetch_mb:
+                for chunk in args.chunk_size:
+                    for n in args.ranks:
+                        attempt("rank", "hdd", paths, args, ranks=n, prefetch_mb=mb,
+                                chunk_size=chunk)
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
+    info["load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    saved = {k: getattr(args, k) for k in ("argv", "devices", "bandwidth", "prefetch_mb",
+                                           "chunk_size")}
     with open(os.path.join(args.out, "slow_disk.json"), "w") as f:
-        json.dump({"results": res, "setup": info, "failed": failed}, f, indent=1)
-    print(write_report(res, args, info))
+        json.dump({"results": res, "setup": info, "failed": failed, "args": saved}, f, indent=1)
+    print(write_report(res, args, info, failed))
     print(write_plot(res, args))
     for what, value, ok in targets(res, args):
         print(f"{what}: {value} ({'met' if ok else 'MISSED'})")

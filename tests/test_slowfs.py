@@ -134,3 +134,61 @@ def test_hdd_elevator_serves_the_stream_under_the_head_then_the_oldest():
     assert [m.pick(late, now=1.0) for _ in range(16)] == [0] * 16
     assert m.pick(late, now=1.0) == 1
     assert NFSModel().pick(late, now=1.0) == 1  # NFS: arrival order
+
+
+# --- slow_disk.py plumbing (no FUSE needed) --------------------------------------------------
+def test_measure_sets_prefetch_bytes_in_the_measuring_process(sample_lmdb):
+    import json
+    import subprocess
+
+    lmdb_file = os.path.join(str(sample_lmdb), "ILSVRC-train.lmdb")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "slow_disk.py")
+    got = {}
+    for mb in (None, 32):
+        cmd = [sys.executable, script, "_measure", "stream", lmdb_file, "5", "0"]
+        cmd += [] if mb is None else [f"--prefetch-mb={mb}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
+        got[mb] = json.loads(line[7:])
+        assert got[mb]["images"] == 48  # the whole sample split, streamed once
+    from imagenet_seq import reader
+
+    assert got[None]["prefetch_bytes"] == reader.PREFETCH_BYTES
+    assert got[32]["prefetch_bytes"] == 32 << 20
+
+
+def _fake(kind, device, mb_per_s, ranks=0, prefetch_mb=16, chunk=256):
+    return dict(kind=kind, device=device, ranks=ranks, prefetch_mb=prefetch_mb, chunk_size=chunk,
+                images=1000, bytes=int(mb_per_s * 1e7), seconds=10.0, images_per_s=mb_per_s * 10,
+                mb_per_s=mb_per_s, hours_imagenet=1e4 / mb_per_s,
+                device_stats={"requests": 10, "seeks": 2} if device == "hdd" else {"requests": 9})
+
+
+def test_report_marks_targets_and_tabulates_settings(tmp_path):
+    import argparse
+
+    import slow_disk_report as rep
+
+    res = [_fake("folder", "hdd", 3), _fake("loader", "hdd", 60), _fake("stream", "hdd", 140),
+           _fake("stream", "nfs", 100), _fake("rank", "hdd", 80, ranks=4),
+           _fake("rank", "hdd", 130, ranks=4, prefetch_mb=64, chunk=1024),
+           _fake("rank", "hdd", 120, ranks=2, prefetch_mb=64, chunk=1024)]
+    args = argparse.Namespace(out=str(tmp_path), argv=["--seconds", "1"], devices=["hdd", "nfs"],
+                              bandwidth={"hdd": 150e6, "nfs": 110e6}, prefetch_mb=[16, 64],
+                              chunk_size=[256, 1024])
+    got = {what: (value, ok) for what, value, ok in rep.targets(res, args)}
+    stream = got["raw streaming >= 90 % of the emulated HDD's bandwidth"]
+    assert stream[0].startswith("93 %") and stream[1]
+    full = [v for k, v in got.items() if k.startswith("full pipeline")][0]
+    assert full[0].startswith("20.0x") and not full[1]
+    four = {k: v for k, v in got.items() if k.startswith("4 ranks")}
+    assert four["4 ranks on one emulated HDD >= 80 % of its bandwidth"] == ("53 % (80.0 MB/s)",
+                                                                           False)
+    assert four["4 ranks on one emulated HDD >= 80 % of its bandwidth "
+                "[read-ahead 64 MB, chunk 1024 records]"][1]
+    md = open(rep.write_report(res, args, {"machine": "test"})).read()
+    assert "| emulated HDD (7,200 rpm) | 3,333 h | 167 h | 71 h |" in md  # no "original" run
+    assert "| emulated NFS (1 GbE) | - | - | 100 h |" in md
+    assert "(MISSED)" in md and "(met)" in md
+    assert "| 64 MB | 1024 (" in md and "| 80 % | 87 % |" in md
