@@ -192,3 +192,25 @@ def test_report_marks_targets_and_tabulates_settings(tmp_path):
     assert "| emulated NFS (1 GbE) | - | - | 100 h |" in md
     assert "(MISSED)" in md and "(met)" in md
     assert "| 64 MB | 1024 (" in md and "| 80 % | 87 % |" in md
+
+
+def test_report_merges_repeated_runs_into_their_mean(tmp_path):
+    import json
+
+    import slow_disk_report as rep
+
+    args = {"argv": ["--seconds", "1"], "devices": ["hdd"], "bandwidth": {"hdd": 150e6},
+            "prefetch_mb": [16], "chunk_size": [256]}
+    paths = []
+    for i, mb in enumerate((120, 150)):
+        paths.append(str(tmp_path / f"run{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump({"results": [_fake("stream", "hdd", mb)], "args": args,
+                       "setup": {"load average": str(i), "machine": "m"}}, f)
+    assert rep.main(paths + ["--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "slow_disk.md").read_text()
+    assert "**90 % (135.0 of 150 MB/s; mean of 2 runs: 80 %, 100 %)** (met)" in md
+    assert "- load average: run 1: 0; run 2: 1" in md and "- machine: m" in md
+    merged = json.loads((tmp_path / "out" / "slow_disk.json").read_text())
+    assert [r["run"] for r in merged["results"]] == [1, 2]
+    assert rep.main([str(tmp_path / "missing.json")]) == 2
