@@ -5,7 +5,7 @@
 """
 from .device import IMAGENET_MEAN, IMAGENET_STD, to_device
 from .loader import Loader
-from .workers import RecordError
+from .batch import RecordError
 
 ImagenetLoader = Loader
 

@@ -20,8 +20,8 @@ from .device import to_device
 from .distributed import resolve_rank
 from .reader import SplitReader
 from .shuffle import buffer_records, buffered_shuffle
-from .workers import (DecodedBatch, DecodeSpec, InlinePool, ProcessPool, RawBatch, RingCache,
-                      ThreadPool, decode_batch, pack_batch)
+from .batch import DecodedBatch, DecodeSpec, RawBatch, decode_batch, pack_batch
+from .workers import InlinePool, ProcessPool, RingCache, ThreadPool
 
 WORKER_TYPES = ("process", "thread")
 _SKIP_LOG = 1000  # skipped records kept for inspection
@@ -81,7 +81,7 @@ class Loader:
             (images, targets)`` applied to raw batches in the iterating thread.
         device: move batches there and normalise (ImageNet mean/std, float) with :func:`to_device`.
         skip_broken: skip records that fail to decode (counted in ``skipped``) instead of
-            raising :class:`imagenet_seq.workers.RecordError`.
+            raising :class:`imagenet_seq.batch.RecordError`.
         worker_type: ``'thread'`` or ``'process'``; default: threads for the OpenCV path
             (less CPU per image: OpenCV releases the GIL), processes for torchvision-style
             transforms (Python code holding the GIL, torch's global RNG).

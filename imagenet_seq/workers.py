@@ -8,8 +8,7 @@ Three pools share one interface (``submit(raw)``, ``get(index)``, ``close()``):
   batch, decoded images come back as shared-memory tensors (no pickling of pixels). Workers get
   ``PR_SET_PDEATHSIG=SIGKILL`` so they die with the trainer even after ``kill -9``.
 
-Augmentation randomness is a function of ``(seed, epoch, record index)`` only, so the output does
-not depend on the pool type, the worker count, or which worker got which batch.
+What a worker does with one batch is :func:`imagenet_seq.batch.decode_batch`.
 
 Why not tensorpack's ``MultiProcessMapDataZMQ``: it pickles every decoded array through ZMQ, does
 not keep order unless ``strict=True`` and hung on a finite input with ``strict=False``; the loader
@@ -26,64 +25,16 @@ import signal
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Tuple
 
-import cv2
 import numpy as np
 import torch
 
+from .batch import DecodedBatch, DecodeSpec, RawBatch, RecordError, decode_batch
+
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.5
-
-
-@dataclass
-class RawBatch:
-    """One batch of undecoded records: record ``i``'s JPEG is ``jpeg(i)``.
-
-    The bytes are either ``blobs`` (the records' own ``bytes`` objects: no copy, for pools in
-    this process) or ``data[offsets[i]:offsets[i+1]]`` (one contiguous array, e.g. a process
-    pool's shared input slot).
-    """
-
-    index: int
-    records: np.ndarray  # int64 record indices (file positions)
-    labels: np.ndarray  # int64
-    offsets: np.ndarray  # int64, len(records) + 1
-    data: Any  # 1-D uint8 numpy array (a view of a shared slot while ``slot >= 0``) or None
-    slot: int = -1  # input slot of a process pool holding ``data``; -1: ``data`` travels itself
-    blobs: Optional[List[bytes]] = None  # the JPEGs themselves when ``data`` is None
-
-    def jpeg(self, i: int) -> Any:
-        if self.blobs is not None:
-            return self.blobs[i]
-        return memoryview(self.data[self.offsets[i]:self.offsets[i + 1]])
-
-    def jpegs(self) -> List[bytes]:
-        return [bytes(self.jpeg(i)) for i in range(len(self.records))]
-
-
-def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
-               dest: Optional[np.ndarray] = None, slot: int = -1) -> RawBatch:
-    """Records ``(index, jpeg, label)`` -> a :class:`RawBatch`.
-
-    The bytes are copied into ``dest`` (a pool's shared input slot) when they fit; otherwise the
-    batch keeps the records' ``bytes`` objects (no copy).
-    """
-    n = len(items)
-    records, blobs, labels = zip(*items) if n else ((), (), ())
-    sizes = np.fromiter(map(len, blobs), np.int64, count=n)
-    offsets = np.zeros(n + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    data, kept = None, list(blobs)
-    if dest is not None and offsets[-1] <= len(dest):
-        data, kept = dest[: offsets[-1]], None
-        for k, jpeg in enumerate(blobs):
-            data[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
-    else:
-        slot = -1
-    return RawBatch(index, np.array(records, np.int64), np.array(labels, np.int64), offsets,
-                    data, slot, kept)
 
 
 class SlotRing:
@@ -139,168 +90,6 @@ class RingCache:
         self.busy = False
         if not reusable:
             self.rings = self.key = None
-
-
-@dataclass
-class DecodeSpec:
-    """What a worker does to each record.
-
-    ``collate='array'``: the transform returns ``(H, W, 3)`` uint8 arrays, stacked into NCHW
-    (or NHWC storage seen as NCHW channels_last). ``collate='default'``: anything, collated with
-    ``torch.utils.data.default_collate`` (the torchvision-transform path).
-    """
-
-    transform: Callable[[Any, Optional[np.random.Generator]], Any]
-    seed: int = 0
-    epoch: int = 0
-    collate: str = "array"
-    channels_last: bool = False
-    skip_broken: bool = False
-    source: str = ""  # file path, for error messages
-    shared: bool = False  # allocate outputs in shared memory (process pool)
-
-    def out_shape(self, batch_size: int) -> Optional[Tuple[int, ...]]:
-        """Storage shape of a decoded batch when the transform's output size is known."""
-        size = getattr(self.transform, "size", None)
-        if self.collate != "array" or not isinstance(size, int):
-            return None
-        return (batch_size, size, size, 3) if self.channels_last else (batch_size, 3, size, size)
-
-
-@dataclass
-class DecodedBatch:
-    index: int
-    images: Any
-    targets: torch.Tensor
-    records: np.ndarray  # record indices of the images, in batch order
-    skipped: List[Tuple[int, str]] = field(default_factory=list)
-
-
-class RecordError(RuntimeError):
-    """A record failed to decode; ``key`` is its LMDB key (``b'%08d'``)."""
-
-    def __init__(self, message: str, key: bytes = b"", index: int = -1):
-        super().__init__(message)
-        self.key = key
-        self.index = index
-
-
-def augment_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
-    """Augmentation randomness of one record in one epoch (independent of workers).
-
-    Counter-based (Philox): key = (seed, epoch), the record in the counter's top word, so each
-    record's stream is disjoint from its neighbours' and costs no seed hashing per image.
-    """
-    return np.random.Generator(np.random.Philox(key=[seed, epoch], counter=[0, 0, 0, record]))
-
-
-_local = threading.local()
-_NO_BUFFER = np.zeros(4, np.uint64)
-
-
-def _reused_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
-    """:func:`augment_rng`'s generator, recycled per thread: the same draws, ~4x cheaper.
-
-    Setting a Philox state (key, counter, empty output buffer) is what constructing one does,
-    minus the entropy gathering and locks. Only for callers that finish with the generator
-    before asking for the next one (the OpenCV ``write`` path).
-    """
-    gen = getattr(_local, "rng", None)
-    if gen is None:
-        gen = _local.rng = np.random.Generator(np.random.Philox(key=0))
-    gen.bit_generator.state = {
-        "bit_generator": "Philox",
-        "state": {"counter": np.array([0, 0, 0, record], np.uint64),
-                  "key": np.array([seed, epoch], np.uint64)},
-        "buffer": _NO_BUFFER, "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
-    return gen
-
-
-def decode_batch(raw: RawBatch, spec: DecodeSpec,
-                 out: Optional[torch.Tensor] = None) -> DecodedBatch:
-    """Decode and augment every record of ``raw``; the per-batch work of every pool.
-
-    ``out``: a preallocated uint8 storage-shaped tensor to write into (see ``out_shape``).
-    Transforms with a ``write(jpeg, rng, dst)`` method (the OpenCV ones) write each image
-    straight into its place in the batch; others return arrays that are copied in.
-
-    Raises:
-        RecordError: naming the record key, unless ``spec.skip_broken`` (then counted).
-    """
-    n = len(raw.records)
-    outs: List[Any] = []
-    kept: List[int] = []
-    skipped: List[Tuple[int, str]] = []
-    images = out
-    write = getattr(spec.transform, "write", None) if spec.collate == "array" else None
-    shape = spec.out_shape(n) if write is not None else None
-    if shape is not None and images is None:
-        images = _new_images(shape, spec)
-    dst = images.numpy() if shape is not None else None  # one view per batch, not per image
-    transform, seed, epoch = spec.transform, spec.seed, spec.epoch
-    records = raw.records.tolist()
-    blobs, data, offsets = raw.blobs, raw.data, raw.offsets.tolist()
-    for i in range(n):
-        rec = records[i]
-        try:
-            jpeg = blobs[i] if blobs is not None else memoryview(data[offsets[i]:offsets[i + 1]])
-            if dst is not None:
-                write(jpeg, _reused_rng(seed, epoch, rec), dst[len(kept)])
-            else:
-                res = transform(jpeg, augment_rng(seed, epoch, rec))
-                if spec.collate == "array":
-                    images = _put(images, res, len(kept), n, spec, rec)
-                else:
-                    outs.append(res)
-        except Exception as e:  # noqa: BLE001 - reported with the record key
-            if spec.skip_broken:
-                skipped.append((rec, f"{type(e).__name__}: {e}"))
-                continue
-            raise RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {spec.source} failed "
-                              f"to decode: {type(e).__name__}: {e}", b"%08d" % rec, rec) from e
-        kept.append(i)
-    labels = raw.labels if len(kept) == n else raw.labels[kept]
-    targets = torch.from_numpy(labels.astype(np.int64))
-    if spec.collate == "array":
-        if images is None:  # every record skipped
-            images = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-        else:
-            if len(kept) < len(images):
-                images = images[: len(kept)]
-            images = images.permute(0, 3, 1, 2) if spec.channels_last else images
-    else:
-        images = torch.utils.data.default_collate(outs) if outs else torch.empty(0)
-    return DecodedBatch(raw.index, images, targets,
-                        raw.records if len(kept) == n else raw.records[kept], skipped)
-
-
-def _new_images(shape: Tuple[int, ...], spec: DecodeSpec) -> torch.Tensor:
-    images = torch.empty(shape, dtype=torch.uint8)
-    if spec.shared:
-        images.share_memory_()
-    return images
-
-
-def _put(images, out, k: int, n: int, spec: DecodeSpec, rec: int):
-    """Write one decoded image into the batch tensor (allocated from the first image)."""
-    arr = np.asarray(out)
-    if arr.dtype != np.uint8 or arr.ndim != 3:
-        raise TypeError(f"transform returned {arr.dtype} array of shape {arr.shape}; "
-                        "expected (H, W, C) uint8")
-    if images is None:
-        h, w, c = arr.shape
-        images = _new_images((n, h, w, c) if spec.channels_last else (n, c, h, w), spec)
-    expected = tuple(images.shape[1:]) if spec.channels_last else \
-        (images.shape[2], images.shape[3], images.shape[1])
-    if arr.shape != expected:
-        raise ValueError(f"transform returned shape {arr.shape} for record {rec}, the batch "
-                         f"has {expected}; transforms must give one size")
-    dst = images[k].numpy()
-    if spec.channels_last:
-        dst[...] = arr
-    else:
-        cv2.split(arr, list(dst))  # HWC -> CHW planes in place, ~5x faster than a transpose
-    return images
 
 
 class InlinePool:

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from imagenet_seq import workers
+from imagenet_seq import batch, workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +119,7 @@ def test_kill_9_of_the_trainer(sample_lmdb, tmp_path):
 
 def _raw(n=3):
     items = [(i, b"\xff\xd8" + bytes([i]) * 10, i % 2) for i in range(n)]
-    return workers.pack_batch(0, items)
+    return batch.pack_batch(0, items)
 
 
 def _fail_on_second(jpeg, rng):
@@ -133,27 +133,27 @@ def _crash(jpeg, rng):
 
 
 def test_record_error_names_key_in_every_pool():
-    spec = workers.DecodeSpec(_fail_on_second, source="x.lmdb")
-    pools = [workers.InlinePool(lambda r: workers.decode_batch(r, spec)),
+    spec = batch.DecodeSpec(_fail_on_second, source="x.lmdb")
+    pools = [workers.InlinePool(lambda r: batch.decode_batch(r, spec)),
              workers.ThreadPool(spec, 2), workers.ProcessPool(spec, 2)]
     for pool in pools:
         try:
             pool.submit(_raw())
-            with pytest.raises(workers.RecordError, match="00000001.*x.lmdb.*bad bytes"):
+            with pytest.raises(batch.RecordError, match="00000001.*x.lmdb.*bad bytes"):
                 pool.get(0)
         finally:
             pool.close()
 
 
 def test_skip_broken_counts():
-    spec = workers.DecodeSpec(_fail_on_second, skip_broken=True)
-    out = workers.decode_batch(_raw(), spec)
+    spec = batch.DecodeSpec(_fail_on_second, skip_broken=True)
+    out = batch.decode_batch(_raw(), spec)
     assert out.records.tolist() == [0, 2] and out.targets.tolist() == [0, 0]
     assert out.images.shape == (2, 3, 4, 4) and out.skipped[0][0] == 1
 
 
 def test_dead_worker_is_an_error_not_a_hang():
-    pool = workers.ProcessPool(workers.DecodeSpec(_crash), 1)
+    pool = workers.ProcessPool(batch.DecodeSpec(_crash), 1)
     try:
         pool.submit(_raw())
         with pytest.raises(RuntimeError, match="died with exit code 3"):
@@ -163,13 +163,13 @@ def test_dead_worker_is_an_error_not_a_hang():
 
 
 def test_results_come_back_in_batch_order():
-    spec = workers.DecodeSpec(lambda j, r: np.full((2, 2, 3), bytes(j)[2], np.uint8))
+    spec = batch.DecodeSpec(lambda j, r: np.full((2, 2, 3), bytes(j)[2], np.uint8))
     pool = workers.ProcessPool(spec, 2, slots=6)  # 6 batches in flight at once
     try:
         batches = []
         for b in range(6):
             items = [(10 * b + k, b"\xff\xd8" + bytes([10 * b + k]), b) for k in range(3)]
-            pool.submit(workers.pack_batch(b, items, *pool.input_slot(b)))
+            pool.submit(batch.pack_batch(b, items, *pool.input_slot(b)))
         for b in range(6):
             got = pool.get(b)
             batches.append(got.images[:, 0, 0, 0].tolist())
@@ -180,10 +180,10 @@ def test_results_come_back_in_batch_order():
 
 
 def test_augment_rng_is_a_function_of_record():
-    a = workers.augment_rng(1, 2, 3).random(4)
-    assert np.array_equal(a, workers.augment_rng(1, 2, 3).random(4))
-    assert not np.array_equal(a, workers.augment_rng(1, 3, 3).random(4))
-    assert not np.array_equal(a, workers.augment_rng(1, 2, 4).random(4))
+    a = batch.augment_rng(1, 2, 3).random(4)
+    assert np.array_equal(a, batch.augment_rng(1, 2, 3).random(4))
+    assert not np.array_equal(a, batch.augment_rng(1, 3, 3).random(4))
+    assert not np.array_equal(a, batch.augment_rng(1, 2, 4).random(4))
 
 
 def test_pdeathsig_is_set_in_the_child():
