@@ -55,28 +55,15 @@ def _timed(batches, warmup: int, measure: int) -> Dict[str, float]:
     return {"images": n, "seconds": dt, "rate": n / dt, "cpu_us": cpu / n * 1e6}
 
 
-def _tune_malloc() -> None:
-    """Keep glibc from returning freed memory to the OS after every image.
-
-    Without this, each 560 KB decode output is a fresh mmap/brk that page-faults in (slow in a
-    VM): cv2.imdecode measured ~1.5x slower in a fresh interpreter than after ``import torch``,
-    which changes the allocator's state. The decode limit must be the best single-core rate.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def run_decode(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
     import cv2
     import numpy as np
 
-    _tune_malloc()
+    # the best single-core rate: the decode limit must not be inflated by glibc's mmap/munmap
+    # of every output (imagenet_seq.malloc)
+    from imagenet_seq.malloc import keep_decode_buffers
+
+    keep_decode_buffers()
     cv2.setNumThreads(1)
     blobs = []
     for path, _ in bench_data.train_files(d.folder):
