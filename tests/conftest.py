@@ -1,5 +1,8 @@
+import faulthandler
 import io
+import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -7,6 +10,27 @@ import pytest
 from PIL import Image
 
 from imagenet_seq.sample import imagenet_like_jpeg, make_sample_imagefolder
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    """No test may hang CI: after 300 s every thread's stack is dumped and the run exits."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def copy_with_format_version(src: str, dst: str, version: int) -> None:
+    """Copy an LMDB written by preprocess and stamp another format version into its __meta__."""
+    from imagenet_seq import format as fmt
+
+    shutil.copy(src, dst)
+    env = fmt.open_env(dst, readonly=False, lock=False)
+    with env.begin(write=True) as txn:
+        meta = json.loads(bytes(txn.get(fmt.META_KEY)))
+        meta["version"] = version
+        txn.put(fmt.META_KEY, json.dumps(meta).encode())
+    env.close()
 
 
 def pil_rgb(path_or_bytes):

@@ -1,5 +1,4 @@
 """imagenet-seq-demo: the README's first command, end to end at small sizes."""
-import faulthandler
 import json
 import os
 import subprocess
@@ -11,14 +10,6 @@ from imagenet_seq import demo
 
 SMALL = ["--classes", "2", "--train-per-class", "8", "--val-per-class", "3", "-b", "4", "-j", "1",
          "--image-size", "32"]
-
-
-@pytest.fixture(autouse=True)
-def _watchdog():
-    """In-process runs have no subprocess timeout: a hang dumps every thread's stack and exits."""
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 def test_full_run_hours():

@@ -1,9 +1,7 @@
 """examples/imagenet/main.py: its parts (models, meters, checkpoints, schedule) and end-to-end runs
 on the CPU with the tiny arch (no torchvision)."""
-import faulthandler
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -26,14 +24,6 @@ ex = _load_example()
 import checkpoint  # noqa: E402  (examples/imagenet/checkpoint.py)
 import meters  # noqa: E402
 import models  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _watchdog():
-    """In-process runs have no subprocess timeout: a hang dumps every thread's stack and exits."""
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 def _has_torchvision():

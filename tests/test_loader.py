@@ -3,7 +3,6 @@ import faulthandler
 import os
 import shutil
 
-import lmdb
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.data import ImagenetLoader, Loader, RecordError, to_device
 from imagenet_seq.decode import PILTransform, ValTransform
 from imagenet_seq.reader import SplitReader
+from conftest import copy_with_format_version
 from invariants import check_epochs, check_shards, run_epoch
 
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8)
@@ -267,14 +267,7 @@ def test_version_mismatch(sample_lmdb, tmp_path):
     root = str(tmp_path / "v")
     os.makedirs(root)
     path = os.path.join(root, fmt.split_filename("val"))
-    shutil.copy(fmt.find_split(sample_lmdb, "val"), path)
-    env = lmdb.open(path, subdir=False, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        import json
-        meta = json.loads(bytes(txn.get(fmt.META_KEY)))
-        meta["version"] = 99
-        txn.put(fmt.META_KEY, json.dumps(meta).encode())
-    env.close()
+    copy_with_format_version(fmt.find_split(sample_lmdb, "val"), path, 99)
     with pytest.raises(ValueError, match="version 99"):
         Loader(root, "val")
 

@@ -13,7 +13,7 @@ from imagenet_seq.preprocess_cli import main
 from imagenet_seq.reader import SplitReader
 from imagenet_seq.sample import make_sample_imagefolder
 
-from conftest import add_odd_files, cv2_rgb, pil_rgb
+from conftest import add_odd_files, copy_with_format_version, cv2_rgb, pil_rgb
 
 
 def read_split(out, split):
@@ -219,13 +219,7 @@ def test_strict_stops_at_broken(tmp_path, capsys):
 
 def test_metadata_version_checked(sample_lmdb, tmp_path):
     path = str(tmp_path / "copy.lmdb")
-    shutil.copy(os.path.join(sample_lmdb, "ILSVRC-val.lmdb"), path)
-    env = fmt.open_env(path, readonly=False, lock=False)
-    with env.begin(write=True) as txn:
-        meta = json.loads(bytes(txn.get(fmt.META_KEY)))
-        meta["version"] = 99
-        txn.put(fmt.META_KEY, json.dumps(meta).encode())
-    env.close()
+    copy_with_format_version(os.path.join(sample_lmdb, "ILSVRC-val.lmdb"), path, 99)
     with pytest.raises(ValueError, match="version 99.*version 1"):
         SplitReader(path, "val")
 
