@@ -199,16 +199,33 @@ def write_plot(res: list, args) -> str:
     import matplotlib.pyplot as plt
 
     res = combine(res)
-    kinds = [k for k in LABELS if any(r["kind"] == k and not r["ranks"] for r in res)]
+    single = [r for r in res if not r["ranks"]]
     rank_res = [r for r in res if r["ranks"]]
-    fig, axes = plt.subplots(1, 2 if rank_res else 1, figsize=(14 if rank_res else 9, 5),
-                             dpi=120, gridspec_kw={"width_ratios": [1, 1]} if rank_res else None)
-    ax = axes[0] if rank_res else axes
+    panels = [p for p, rs in (("single", single), ("ranks", rank_res)) if rs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), dpi=120,
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "single":
+            _plot_single(ax, single, args)
+        else:
+            _plot_ranks(ax, rank_res, args)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle("Feeding ImageNet training from slow storage (FUSE-emulated devices, "
+                 f"{os.cpu_count()} CPU cores)", fontsize=11)
+    fig.tight_layout()
+    path = os.path.join(args.out, "slow_disk.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_single(ax, single: list, args) -> None:
+    kinds = [k for k in LABELS if any(r["kind"] == k for r in single)]
     colors = {"hdd": "#c44e52", "nfs": "#4c72b0"}
     h = 0.38
     for j, dev in enumerate(args.devices):
-        vals = [next((r["hours_imagenet"] for r in res if r["device"] == dev and r["kind"] == k
-                      and not r["ranks"]), 0) for k in kinds]
+        vals = [next((r["hours_imagenet"] for r in single if r["device"] == dev
+                      and r["kind"] == k), 0) for k in kinds]
         ys = [i + (j - 0.5) * h for i in range(len(kinds))]
         bars = ax.barh(ys, vals, h, color=colors[dev], label=DEVICES[dev])
         for b, v in zip(bars, vals):
@@ -218,43 +235,47 @@ def write_plot(res: list, args) -> str:
                   fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlim(right=max(r["hours_imagenet"] for r in res if not r["ranks"]) * 4)
+    ax.set_xlim(right=max(r["hours_imagenet"] for r in single) * 4)
     ax.set_xlabel("hours for 90 epochs of ImageNet-1k (log scale; lower is better)")
-    ax.set_title("One reader per device", fontsize=10)
+    ax.set_title("One reader per device (imagenet_seq: default read-ahead and chunk)",
+                 fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-    if rank_res:
-        ax2 = axes[1]
-        settings = sorted({_setting(r) for r in rank_res})
-        ranks = sorted({r["ranks"] for r in rank_res})
-        w = 0.84 / len(settings)
-        cmap = plt.get_cmap("tab20c" if len(settings) > 4 else "tab10")
-        for j, s in enumerate(settings):
-            pct = [next((_pct(r["mb_per_s"], "hdd", args) for r in rank_res
-                         if _setting(r) == s and r["ranks"] == n), 0) for n in ranks]
-            xs = [i + (j - (len(settings) - 1) / 2) * w for i in range(len(ranks))]
-            label = f"{s[0]:g} MB read-ahead, chunk {s[1]}" + \
-                (" (default)" if s == _default(args) else "")
-            bars = ax2.bar(xs, pct, w, label=label, color=cmap(j))
-            for b, p in zip(bars, pct):
-                ax2.text(b.get_x() + w / 2, p + 1, f"{p:.0f}", ha="center", fontsize=6.5)
-        ax2.axhline(80, color="gray", ls="--", lw=1)
-        ax2.text(len(ranks) - 0.55, 81.5, "4-rank target 80 %", ha="right", fontsize=8,
-                 color="gray")
-        ax2.set_xticks(range(len(ranks)), [f"{n} rank{'s' if n > 1 else ''}" for n in ranks])
-        ax2.set_ylim(0, 125)
-        ax2.set_ylabel("aggregate read rate, % of the HDD's "
-                       f"{args.bandwidth['hdd'] / 1e6:.0f} MB/s")
-        ax2.set_title("DDP ranks sharing one emulated HDD (Loader, I/O only)", fontsize=10)
-        ax2.legend(fontsize=7, loc="upper center", ncol=2)
-        ax2.spines[["top", "right"]].set_visible(False)
-    fig.suptitle("Feeding ImageNet training from slow storage (FUSE-emulated devices, "
-                 f"{os.cpu_count()} CPU cores)", fontsize=11)
-    fig.tight_layout()
-    path = os.path.join(args.out, "slow_disk.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+
+
+def _plot_ranks(ax, rank_res: list, args) -> None:
+    """% of the HDD's bandwidth against the read-ahead window: a line per (chunk, ranks)."""
+    chunks = sorted({_setting(r)[1] for r in rank_res})
+    ranks = sorted({r["ranks"] for r in rank_res})
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#8172b2", "#937860"]
+    styles = {1: (":", "o", 1.2), 2: ("--", "s", 1.4), 4: ("-", "D", 2.2)}
+    mbs = sorted({_setting(r)[0] for r in rank_res})
+    for ci, chunk in enumerate(chunks):
+        for n in ranks:
+            pts = sorted((_setting(r)[0], _pct(r["mb_per_s"], "hdd", args)) for r in rank_res
+                         if _setting(r)[1] == chunk and r["ranks"] == n)
+            if not pts:
+                continue
+            ls, mk, lw = styles.get(n, ("-.", "^", 1.0))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=mk, lw=lw,
+                    color=colors[ci % len(colors)], ms=4 + lw,
+                    label=f"{n} rank{'s' if n > 1 else ''}, chunk {chunk}")
+            if n == max(ranks):
+                for x, y in pts:
+                    ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, -12),
+                                ha="center", fontsize=7, color=colors[ci % len(colors)])
+    d = _default(args)
+    ax.axvline(d[0], color="lightgray", lw=6, zorder=0)
+    ax.text(d[0], 3, " default", fontsize=8, color="gray")
+    ax.axhline(80, color="gray", ls="--", lw=1)
+    ax.text(mbs[0], 81.5, "4-rank target 80 %", ha="left", fontsize=8, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(mbs, [f"{m:g}" for m in mbs])
+    ax.set_xlabel("read-ahead window, MB (imagenet_seq.reader.PREFETCH_BYTES)")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel(f"aggregate read rate, % of the HDD's {args.bandwidth['hdd'] / 1e6:.0f} MB/s")
+    ax.set_title("DDP ranks sharing one emulated HDD (Loader, I/O only; chunk in records)",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
 
 
 def merge(runs: list) -> dict:
@@ -283,6 +304,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="*", default=[os.path.join(here, "results", "slow_disk.json")])
     p.add_argument("--out", default=None, help="folder for the report (default: the JSON's)")
+    p.add_argument("--notes", default=None,
+                   help="markdown file appended to the report as its 'Notes' section")
     a = p.parse_args(argv)
     runs = []
     for path in a.json:
@@ -301,7 +324,11 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "slow_disk.json"), "w") as f:
             json.dump(data, f, indent=1)
     args = argparse.Namespace(out=out, **data["args"])
-    print(write_report(data["results"], args, data["setup"], data.get("failed", [])))
+    path = write_report(data["results"], args, data["setup"], data.get("failed", []))
+    if a.notes:
+        with open(a.notes) as f, open(path, "a") as md:
+            md.write("\n## Notes\n\n" + f.read().strip() + "\n")
+    print(path)
     print(write_plot(data["results"], args))
     return 0
 

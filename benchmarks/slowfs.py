@@ -61,11 +61,13 @@ class HDDModel:
     name = "hdd"
 
     def __init__(self, seek_ms: float = 8.0, rotation_ms: float = 4.17, mb_per_s: float = 150.0,
-                 near_bytes: int = 1 << 20):
-        if seek_ms < 0 or rotation_ms < 0 or mb_per_s <= 0 or near_bytes < 0:
+                 near_bytes: int = 1 << 20, fifo_batch: int = 16):
+        if seek_ms < 0 or rotation_ms < 0 or mb_per_s <= 0 or near_bytes < 0 or fifo_batch < 1:
             raise ValueError(f"HDD parameters seek_ms={seek_ms}, rotation_ms={rotation_ms}, "
-                             f"mb_per_s={mb_per_s}, near_bytes={near_bytes}; expected "
-                             "seek/rotation >= 0, mb_per_s > 0, near_bytes >= 0")
+                             f"mb_per_s={mb_per_s}, near_bytes={near_bytes}, fifo_batch="
+                             f"{fifo_batch}; expected seek/rotation >= 0, mb_per_s > 0, "
+                             "near_bytes >= 0, fifo_batch >= 1")
+        self.fifo_batch = fifo_batch
         self.seek_s = seek_ms / 1000.0
         self.rotation_s = rotation_ms / 1000.0
         self.bytes_per_s = mb_per_s * MB
@@ -112,7 +114,7 @@ class HDDModel:
         return self.busy_until
 
     def pick(self, pending: List[tuple], now: float, expire_s: float = 0.5,
-             fifo_batch: int = 16) -> int:
+             fifo_batch: Optional[int] = None) -> int:
         """Which queued request the drive serves next: index into ``pending``.
 
         ``pending`` holds ``(key, offset, size, arrival_time)``. Like the kernel's mq-deadline
@@ -121,6 +123,7 @@ class HDDModel:
         oldest request has waited past ``expire_s`` (mq-deadline's read_expire, 500 ms), serve
         it and start a new run there; with nothing near the head, serve the oldest.
         """
+        fifo_batch = self.fifo_batch if fifo_batch is None else fifo_batch
         oldest = min(range(len(pending)), key=lambda i: pending[i][3])
         near = None
         if self.head is not None:
@@ -209,7 +212,8 @@ class NFSModel:
 def make_model(args: argparse.Namespace):
     """The model named by ``--device`` with the command line's parameters."""
     if args.device == "hdd":
-        return HDDModel(args.seek_ms, args.rotation_ms, args.mb_per_s or 150.0, args.near_kb * 1024)
+        return HDDModel(args.seek_ms, args.rotation_ms, args.mb_per_s or 150.0, args.near_kb * 1024,
+                        args.fifo_batch)
     return NFSModel(args.rtt_ms, args.mb_per_s or 110.0, args.in_flight, args.open_rtts)
 
 
@@ -222,6 +226,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="hdd: average rotational latency (7,200 rpm: 4.17)")
     p.add_argument("--near-kb", type=int, default=1024,
                    help="hdd: distance from the head still served without a seek")
+    p.add_argument("--fifo-batch", type=int, default=16,
+                   help="hdd: requests served in a row near the head before an expired one "
+                        "(mq-deadline's fifo_batch; here each request is <= 128 KiB, FUSE's "
+                        "max_read, where a block device merges up to max_sectors_kb)")
     p.add_argument("--rtt-ms", type=float, default=0.5, help="nfs: round trip per request")
     p.add_argument("--in-flight", type=int, default=8, help="nfs: requests outstanding at once")
     p.add_argument("--open-rtts", type=int, default=1, help="nfs: round trips per open")
