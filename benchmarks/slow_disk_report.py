@@ -82,7 +82,7 @@ def targets(res: list, args) -> List[Tuple[str, str, bool]]:
     if s:
         p = _pct(s["mb_per_s"], "hdd", args)
         out.append(("raw streaming >= 90 % of the emulated HDD's bandwidth",
-                    f"{p:.0f} % ({s['mb_per_s']:.1f} of {args.bandwidth['hdd'] / 1e6:.0f} MB/s"
+                    f"{p:.1f} % ({s['mb_per_s']:.1f} of {args.bandwidth['hdd'] / 1e6:.0f} MB/s"
                     f"{_runs(s, args)})",
                     p >= 90))
     fo, lo = single.get(("hdd", "folder")), single.get(("hdd", "loader"))
@@ -97,7 +97,7 @@ def targets(res: list, args) -> List[Tuple[str, str, bool]]:
         p = _pct(r["mb_per_s"], "hdd", args)
         tag = "" if _setting(r) == _default(args) else f" [{_setting_label(_setting(r))}]"
         out.append((f"4 ranks on one emulated HDD >= 80 % of its bandwidth{tag}",
-                    f"{p:.0f} % ({r['mb_per_s']:.1f} MB/s{_runs(r, args)})", p >= 80))
+                    f"{p:.1f} % ({r['mb_per_s']:.1f} MB/s{_runs(r, args)})", p >= 80))
     return out
 
 

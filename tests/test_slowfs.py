@@ -134,6 +134,12 @@ def test_hdd_elevator_serves_the_stream_under_the_head_then_the_oldest():
     assert [m.pick(late, now=1.0) for _ in range(16)] == [0] * 16
     assert m.pick(late, now=1.0) == 1
     assert NFSModel().pick(late, now=1.0) == 1  # NFS: arrival order
+    wide = HDDModel(fifo_batch=40)  # --fifo-batch: longer runs before the expired request
+    wide.schedule("a", 0, 128 * KB, 0.0)
+    assert [wide.pick(late, now=1.0) for _ in range(40)] == [0] * 40
+    assert wide.pick(late, now=1.0) == 1
+    with pytest.raises(ValueError, match="fifo_batch=0"):
+        HDDModel(fifo_batch=0)
 
 
 # --- slow_disk.py plumbing (no FUSE needed) --------------------------------------------------
@@ -179,11 +185,11 @@ def test_report_marks_targets_and_tabulates_settings(tmp_path):
                               chunk_size=[256, 1024])
     got = {what: (value, ok) for what, value, ok in rep.targets(res, args)}
     stream = got["raw streaming >= 90 % of the emulated HDD's bandwidth"]
-    assert stream[0].startswith("93 %") and stream[1]
+    assert stream[0].startswith("93.3 %") and stream[1]
     full = [v for k, v in got.items() if k.startswith("full pipeline")][0]
     assert full[0].startswith("20.0x") and not full[1]
     four = {k: v for k, v in got.items() if k.startswith("4 ranks")}
-    assert four["4 ranks on one emulated HDD >= 80 % of its bandwidth"] == ("53 % (80.0 MB/s)",
+    assert four["4 ranks on one emulated HDD >= 80 % of its bandwidth"] == ("53.3 % (80.0 MB/s)",
                                                                            False)
     assert four["4 ranks on one emulated HDD >= 80 % of its bandwidth "
                 "[read-ahead 64 MB, chunk 1024 records]"][1]
@@ -209,7 +215,7 @@ def test_report_merges_repeated_runs_into_their_mean(tmp_path):
                        "setup": {"load average": str(i), "machine": "m"}}, f)
     assert rep.main(paths + ["--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "slow_disk.md").read_text()
-    assert "**90 % (135.0 of 150 MB/s; mean of 2 runs: 80 %, 100 %)** (met)" in md
+    assert "**90.0 % (135.0 of 150 MB/s; mean of 2 runs: 80 %, 100 %)** (met)" in md
     assert "- load average: run 1: 0; run 2: 1" in md and "- machine: m" in md
     merged = json.loads((tmp_path / "out" / "slow_disk.json").read_text())
     assert [r["run"] for r in merged["results"]] == [1, 2]
