@@ -71,6 +71,10 @@ def _runs(r: dict, args, what: str = "pct") -> str:
     return f"; mean of {len(vals)} runs: " + ", ".join(vals)
 
 
+def _row_name(r: dict) -> str:
+    return _name(r) + (f", run {r['run']}" if "run" in r else "")
+
+
 def targets(res: list, args) -> List[Tuple[str, str, bool]]:
     """The issue's three targets, each with its number and met/missed; the 4-rank target also
     for every measured read-ahead / chunk setting besides the default. Repeated runs of one
@@ -155,7 +159,7 @@ def write_report(res: list, args, info: dict, failed: list = ()) -> str:
               "seeks | hours (90 ep) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res:
         st = r["device_stats"]
-        lines.append(f"| {DEVICES[r['device']]} | {_name(r)} | {r['images_per_s']:,.0f} | "
+        lines.append(f"| {DEVICES[r['device']]} | {_row_name(r)} | {r['images_per_s']:,.0f} | "
                      f"{r['mb_per_s']:.1f} | {_pct(r['mb_per_s'], r['device'], args):.0f} % | "
                      f"{st.get('requests', '-'):,} | {st.get('seeks', '-')} | "
                      f"{r['hours_imagenet']:,.0f} |")
@@ -173,7 +177,7 @@ def write_report(res: list, args, info: dict, failed: list = ()) -> str:
         seek_s = st["seeks"] * SEEK_S
         idle = f"{100 * max(0.0, 1 - st['busy_s'] / r['seconds']):.0f} %" if "busy_s" in st \
             else "-"
-        lines.append(f"| {_name(r)} | {r['seconds']:.1f} | {st['seeks']} | {seek_s:.1f} s | "
+        lines.append(f"| {_row_name(r)} | {r['seconds']:.1f} | {st['seeks']} | {seek_s:.1f} s | "
                      f"{100 * seek_s / r['seconds']:.0f} % | {idle} |")
     lines += ["", "## Setup", ""] + [f"- {k}: {v}" for k, v in info.items() if k != "finished"]
     if folder_impl:
@@ -211,7 +215,7 @@ def write_plot(res: list, args) -> str:
             _plot_ranks(ax, rank_res, args)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle("Feeding ImageNet training from slow storage (FUSE-emulated devices, "
-                 f"{os.cpu_count()} CPU cores)", fontsize=11)
+                 f"{os.cpu_count()} CPU cores; repeated runs: their mean)", fontsize=11)
     fig.tight_layout()
     path = os.path.join(args.out, "slow_disk.png")
     fig.savefig(path)
@@ -261,7 +265,7 @@ def _plot_ranks(ax, rank_res: list, args) -> None:
                     label=f"{n} rank{'s' if n > 1 else ''}, chunk {chunk}")
             if n == max(ranks):
                 for x, y in pts:
-                    ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, -12),
+                    ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, -12 if ci % 2 == 0 else 7),
                                 ha="center", fontsize=7, color=colors[ci % len(colors)])
     d = _default(args)
     ax.axvline(d[0], color="lightgray", lw=6, zorder=0)
