@@ -43,8 +43,8 @@ IMAGENET_IMAGES = 1_281_167
 IMAGENET_MEAN_BYTES = 110e3
 EPOCHS = 90
 BATCH = 64
-DEFAULT_PREFETCH_MB = 16  # imagenet_seq.reader.PREFETCH_BYTES
-DEFAULT_CHUNK = 256  # imagenet_seq.order.DEFAULT_CHUNK_RECORDS
+DEFAULT_PREFETCH_MB = 64  # imagenet_seq.reader.PREFETCH_BYTES
+DEFAULT_CHUNK = 1024  # imagenet_seq.order.DEFAULT_CHUNK_RECORDS
 SHUFFLE_BUFFER = 512  # records: ~4 % of the sample LMDB (ImageNet default: 19,500 = 1.5 %)
 
 

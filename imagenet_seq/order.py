@@ -25,8 +25,11 @@ import numpy as np
 
 from .shuffle import buffered_shuffle
 
-#: Records per chunk: 256 ImageNet records ~ 28 MB, one seek per ~0.2 s of HDD streaming.
-DEFAULT_CHUNK_RECORDS = 256
+#: Records per chunk: 1024 ImageNet records ~ 113 MB, one seek per ~0.75 s of HDD streaming.
+#: Measured on the emulated HDD (benchmarks/results/slow_disk.md, 64 MB read-ahead): 1/2/4 ranks
+#: keep 82/76/63 % of the disk's bandwidth vs 71/62/57 % with 256-record chunks, at the same
+#: shuffle quality (benchmarks/results/shuffle.md).
+DEFAULT_CHUNK_RECORDS = 1024
 MODES = ("train", "val")
 
 Span = Tuple[int, int]  # (first record, count): one contiguous forward read

@@ -6,7 +6,7 @@ seek back and forth, and several readers on one disk (DDP ranks) interleave thei
 requests into a seek each. The reader therefore keeps ``PREFETCH_BYTES`` of its span queued
 ahead of the cursor with ``posix_fadvise(WILLNEED)``, refilled in bursts of half of it: the disk
 sees one deep sequential queue per span (measured on the emulated HDD of
-``benchmarks/slowfs.py``: raw streaming 65 % -> 90 %+ of the disk's bandwidth; see
+``benchmarks/slowfs.py``: raw streaming 65 % -> 80-92 % of the disk's bandwidth; see
 benchmarks/results/slow_disk.md).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from . import format as fmt
 
-PREFETCH_BYTES = 16 << 20  # queued ahead of the cursor
+PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
 _FADVISE_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
 
 
