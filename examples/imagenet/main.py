@@ -12,7 +12,6 @@ ranks as PyTorch's ImageNet example does. On a CPU: ``-a tiny`` (no torchvision 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
