@@ -162,7 +162,7 @@ def measure_loader(lmdb_file: str, seconds: float, workers: int, rank: int = 0,
                     buffer_size=SHUFFLE_BUFFER, rank=rank, world_size=world_size,
                     chunk_size=chunk_size, **kw)
     mean = loader.meta.total_bytes / loader.dataset_size
-    t0, n = time.monotonic(), 0
+    t0, n, nbytes = time.monotonic(), 0, 0
     for images, targets in loader:
         n += len(targets)
         nbytes += int(images.sum()) if not decode else int(len(targets) * mean)
@@ -181,7 +181,7 @@ def measure_stream(lmdb_file: str, seconds: float, workers: int, **_) -> dict:
     from imagenet_seq.reader import SplitReader
 
     reader = SplitReader(lmdb_file, "train")
-    t0, n = time.monotonic(), 0
+    t0, n, nbytes = time.monotonic(), 0, 0
     for _, jpeg, _ in reader.read_all():
         n += 1
         nbytes += len(jpeg)
