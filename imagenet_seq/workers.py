@@ -92,7 +92,36 @@ class RingCache:
             self.rings = self.key = None
 
 
-class InlinePool:
+class _InOrder:
+    """What was submitted, by batch index, for ``get`` to wait on (inline and thread pools)."""
+
+    def __init__(self):
+        self._items: Dict[int, Any] = {}
+        self._cond = threading.Condition()
+
+    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
+        return None
+
+    def _put(self, index: int, item: Any) -> None:
+        with self._cond:
+            self._items[index] = item
+            self._cond.notify_all()
+
+    def _take(self, index: int, check: Callable[[], None]) -> Any:
+        with self._cond:
+            while index not in self._items:
+                check()
+                self._cond.wait(_POLL_S)
+            return self._items.pop(index)
+
+    def _drain(self) -> list:
+        with self._cond:
+            items = list(self._items.values())
+            self._items.clear()
+        return items
+
+
+class InlinePool(_InOrder):
     """Decode in the thread that asks for the batch (``num_workers=0``, or a raw-batch decoder).
 
     Args:
@@ -100,62 +129,36 @@ class InlinePool:
     """
 
     def __init__(self, decode: Callable[[RawBatch], DecodedBatch]):
+        super().__init__()
         self._decode = decode
-        self._raw: Dict[int, RawBatch] = {}
-        self._cond = threading.Condition()
-
-    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
-        return None
 
     def submit(self, raw: RawBatch) -> None:
-        with self._cond:
-            self._raw[raw.index] = raw
-            self._cond.notify_all()
+        self._put(raw.index, raw)
 
     def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
-        with self._cond:
-            while index not in self._raw:
-                check()
-                self._cond.wait(_POLL_S)
-            raw = self._raw.pop(index)
-        return self._decode(raw)
+        return self._decode(self._take(index, check))
 
     def close(self) -> None:
-        with self._cond:
-            self._raw.clear()
+        self._drain()
 
 
-class ThreadPool:
+class ThreadPool(_InOrder):
     """``num_workers`` decode threads in this process."""
 
     def __init__(self, spec: DecodeSpec, num_workers: int):
+        super().__init__()
         self.spec = spec
         self._exec = ThreadPoolExecutor(num_workers, thread_name_prefix="imagenet_seq-decode")
-        self._futures: Dict[int, Any] = {}
-        self._cond = threading.Condition()
-
-    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
-        return None
 
     def submit(self, raw: RawBatch) -> None:
-        fut = self._exec.submit(decode_batch, raw, self.spec)
-        with self._cond:
-            self._futures[raw.index] = fut
-            self._cond.notify_all()
+        self._put(raw.index, self._exec.submit(decode_batch, raw, self.spec))
 
     def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
-        with self._cond:
-            while index not in self._futures:
-                check()
-                self._cond.wait(_POLL_S)
-            fut = self._futures.pop(index)
-        return fut.result()
+        return self._take(index, check).result()
 
     def close(self) -> None:
-        with self._cond:
-            for fut in self._futures.values():
-                fut.cancel()
-            self._futures.clear()
+        for fut in self._drain():
+            fut.cancel()
         self._exec.shutdown(wait=True, cancel_futures=True)
 
 
