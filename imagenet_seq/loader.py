@@ -372,7 +372,7 @@ class _Feeder:
         self.thread.join(timeout=10.0)
         self.pool.close()
         if not self.thread.is_alive():
-            # LMDB allows one environment per file per process: free it for other Loaders
+            # drop this epoch's reference to the shared environment and its read-ahead fd
             self.loader.reader.close()
 
 

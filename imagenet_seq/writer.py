@@ -62,6 +62,7 @@ class Result:
     seconds: float = 0.0
     resumed_at: int = 0
     already_complete: bool = False
+    report: Optional[str] = None  # the skipped-files report the CLI wrote
 
 
 def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
