@@ -1,4 +1,11 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# Partial JPEG decoding for TrainTransform (imagenet_seq/_jpegcrop.c) against the system
+# libjpeg-turbo (Debian/Ubuntu: apt-get install libjpeg62-turbo-dev / libjpeg-turbo8-dev).
+# optional: without the headers the build prints a warning, the install goes on, and decoding
+# uses the cv2 path (same pixels, slower).
+JPEGCROP = Extension("imagenet_seq._jpegcrop", ["imagenet_seq/_jpegcrop.c"],
+                     libraries=["jpeg"], optional=True)
 
 setup(
     name="imagenet_seq",
@@ -9,6 +16,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["imagenet_seq", "imagenet_seq.*"]),
     py_modules=["preprocess_sequential"],
+    ext_modules=[JPEGCROP],
     # the example ships beside the package so imagenet-seq-demo also runs from a wheel install
     data_files=[("share/imagenet_seq/examples/imagenet",
                  [f"examples/imagenet/{m}.py" for m in
