@@ -8,7 +8,11 @@ only numbers (or a user's transform), so they pickle into worker processes.
   libjpeg-turbo with **DCT-scaled decoding**: the crop is sampled in full-resolution
   coordinates from the JPEG header's size (no pixels decoded), then the image is decoded at the
   smallest libjpeg scale (1/2, 1/4, 1/8) that keeps at least ``size`` pixels on each side of the
-  crop. Skipped IDCT work makes a 1/2 decode about 2-3x cheaper than a full one.
+  crop. Skipped IDCT work makes a 1/2 decode about 2-3x cheaper than a full one. With the C
+  extension :mod:`imagenet_seq._jpegcrop` (built at install against the system libjpeg-turbo)
+  only the crop is decoded: the iMCU columns covering it, rows above it skipped without IDCT,
+  rows below it never read. Same pixels as decoding the whole image with OpenCV then slicing;
+  without the extension (or for CMYK/YCCK JPEGs) the whole image is decoded with OpenCV.
 * :class:`ValTransform` — resize the shorter side to ``resize`` then centre-crop ``size``
   (torchvision ``Resize(256)`` + ``CenterCrop(224)`` geometry).
 * :class:`PILTransform` — the original tool's path: PIL ``convert('RGB')`` then a torchvision-style
@@ -43,6 +47,12 @@ _FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8 | _FLAGS), (4, cv2.IMREAD_REDUCED_COLOR_4 | _FLAGS),
             (2, cv2.IMREAD_REDUCED_COLOR_2 | _FLAGS))
 _FULL = cv2.IMREAD_COLOR | _FLAGS
+_BY_DENOM = {1: _FULL, **dict(_REDUCED)}
+
+try:
+    from imagenet_seq import _jpegcrop
+except ImportError:  # not built (no libjpeg headers at install): whole-image cv2 decodes
+    _jpegcrop = None
 
 
 class DecodeError(ValueError):
@@ -102,13 +112,13 @@ def sample_crop(width: int, height: int, scale: Tuple[float, float],
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _imdecode(data: bytes, flags: int) -> np.ndarray:
+def _imdecode(data: bytes, flags: int, why: str = "") -> np.ndarray:
     if not data:
         raise DecodeError("empty record (0 bytes)")
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if img is None:
         head = bytes(data[:8]).hex()
-        raise DecodeError(f"OpenCV cannot decode {len(data)} bytes (first bytes {head}); "
+        raise DecodeError(f"OpenCV cannot decode {len(data)} bytes (first bytes {head}){why}; "
                           "not a JPEG/PNG or corrupt - re-run preprocess_sequential.py on the source")
     if img.ndim == 2:  # defensive: REDUCED/COLOR flags always give 3 channels
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
@@ -137,6 +147,19 @@ def _buffer(name: str, shape: Tuple[int, ...]) -> np.ndarray:
             bufs.clear()
         buf = bufs[(name, shape)] = np.empty(shape, np.uint8)
     return buf
+
+
+def _growing(name: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """A per-thread uint8 array of ``shape`` in a buffer kept at the largest size asked so far:
+    for shapes that change with every image (crop boxes), where :func:`_buffer` would thrash."""
+    n = math.prod(shape)
+    bufs = getattr(_scratch, "growing", None)
+    if bufs is None:
+        bufs = _scratch.growing = {}
+    buf = bufs.get(name)
+    if buf is None or buf.size < n:
+        buf = bufs[name] = np.empty(n, np.uint8)
+    return buf[:n].reshape(shape)
 
 
 def _resize_into(bgr: np.ndarray, w: int, h: int, dst: np.ndarray, flip: bool = False) -> None:
@@ -189,6 +212,9 @@ class TrainTransform:
         dct_scaling: decode at libjpeg scale 1/2, 1/4 or 1/8 when the crop keeps >= ``size``
             pixels per side at that scale (same pixels within rounding, much less work). Turn off
             only to compare against a full-resolution decode.
+        crop_decode: decode only the crop with :mod:`imagenet_seq._jpegcrop` when it is built
+            (same pixels as decoding the whole image, less work). Turn off only to compare
+            against whole-image OpenCV decodes.
 
     Call with ``(jpeg_bytes, rng)``; returns a C-contiguous ``(size, size, 3)`` uint8 RGB array.
     Draws from ``rng``: the crop (as :func:`sample_crop`), then one uniform for the flip.
@@ -199,16 +225,18 @@ class TrainTransform:
 
     def __init__(self, size: int = 224, scale: Tuple[float, float] = (0.08, 1.0),
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                 dct_scaling: bool = True) -> None:
+                 dct_scaling: bool = True, crop_decode: bool = True) -> None:
         self.size = _check_size("size", size)
         self.scale = _check_range("scale", scale, positive=False)
         self.ratio = _check_range("ratio", ratio, positive=True)
         self.flip = bool(flip)
         self.dct_scaling = bool(dct_scaling)
+        self.crop_decode = bool(crop_decode)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"flip={self.flip}, dct_scaling={self.dct_scaling})")
+                f"flip={self.flip}, dct_scaling={self.dct_scaling}, "
+                f"crop_decode={self.crop_decode})")
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
         out = np.empty((self.size, self.size, 3), np.uint8)
@@ -227,32 +255,52 @@ class TrainTransform:
         _resize_into(roi, self.size, self.size, dst, flip)
 
     def _crop(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
-        """Sample the crop (draws from ``rng``), decode (DCT-scaled) and return the crop's view."""
+        """Sample the crop (draws from ``rng``), decode (DCT-scaled) and return the crop (BGR)."""
         dims = jpeg_size(jpeg)
-        img = None
         if dims is None:  # not a JPEG (or odd header): decode fully, take the size from pixels
             img = _imdecode(jpeg, _FULL)
-            dims = (img.shape[1], img.shape[0])
+            x, y, w, h = sample_crop(img.shape[1], img.shape[0], self.scale, self.ratio, rng)
+            return img[y:y + h, x:x + w]
         width, height = dims
-        x, y, w, h = sample_crop(width, height, self.scale, self.ratio, rng)
-        if img is None:
-            flags = _FULL
-            if self.dct_scaling:
-                for denom, reduced in _REDUCED:
-                    if w >= denom * self.size and h >= denom * self.size:
-                        flags = reduced
-                        break
-            img = _imdecode(jpeg, flags)
-        ih, iw = img.shape[:2]
-        if (iw, ih) != (width, height):
-            # reduced decode: libjpeg gives ceil(width / denom); map the box into those pixels
-            sx, sy = iw / width, ih / height
-            x0, y0 = int(round(x * sx)), int(round(y * sy))
-            x1 = min(iw, max(x0 + 1, int(round((x + w) * sx))))
-            y1 = min(ih, max(y0 + 1, int(round((y + h) * sy))))
-        else:
-            x0, y0, x1, y1 = x, y, x + w, y + h
+        box = sample_crop(width, height, self.scale, self.ratio, rng)
+        x, y, w, h = box
+        denom = 1
+        if self.dct_scaling:
+            for d, _ in _REDUCED:
+                if w >= d * self.size and h >= d * self.size:
+                    denom = d
+                    break
+        why = ""
+        if self.crop_decode and _jpegcrop is not None:
+            # libjpeg's scaled image is ceil(width / denom) x ceil(height / denom)
+            x0, y0, x1, y1 = _scaled_box(box, dims, (-(-width // denom), -(-height // denom)))
+            roi = _growing("crop", (y1 - y0, x1 - x0, 3))
+            try:
+                _jpegcrop.decode_crop(jpeg, x0, y0, x1 - x0, y1 - y0, denom, roi)
+                return roi
+            except _jpegcrop.UnsupportedError:
+                pass  # CMYK/YCCK: OpenCV converts those
+            except _jpegcrop.JpegError as e:
+                # OpenCV bundles another libjpeg-turbo version: it has the last word
+                why = f" (system libjpeg: {e})"
+        img = _imdecode(jpeg, _BY_DENOM[denom], why)
+        x0, y0, x1, y1 = _scaled_box(box, dims, (img.shape[1], img.shape[0]))
         return img[y0:y1, x0:x1]
+
+
+def _scaled_box(box: Tuple[int, int, int, int], dims: Tuple[int, int],
+                scaled: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of a full-resolution box ``(x, y, w, h)`` in an image of ``dims``
+    decoded at a reduced scale to ``scaled`` pixels (at least one pixel per side)."""
+    x, y, w, h = box
+    if scaled == dims:
+        return x, y, x + w, y + h
+    iw, ih = scaled
+    sx, sy = iw / dims[0], ih / dims[1]
+    x0, y0 = int(round(x * sx)), int(round(y * sy))
+    x1 = min(iw, max(x0 + 1, int(round((x + w) * sx))))
+    y1 = min(ih, max(y0 + 1, int(round((y + h) * sy))))
+    return x0, y0, x1, y1
 
 
 class ValTransform:

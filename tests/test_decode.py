@@ -180,12 +180,14 @@ def test_dct_path_is_taken_and_matches_full_decode(jpegs, monkeypatch):
     flags_seen = []
     real = decode._imdecode
 
-    def spy(buf, flags):
+    def spy(buf, flags, *why):
         flags_seen.append(flags)
-        return real(buf, flags)
+        return real(buf, flags, *why)
 
     monkeypatch.setattr(decode, "_imdecode", spy)
-    fast, full = TrainTransform(112), TrainTransform(112, dct_scaling=False)
+    # the whole-image cv2 path (the crop-decode path: tests/test_cropdecode.py)
+    fast = TrainTransform(112, crop_decode=False)
+    full = TrainTransform(112, dct_scaling=False, crop_decode=False)
     diffs = []
     for seed in range(40):
         a = fast(data, np.random.default_rng(seed))
@@ -204,13 +206,13 @@ def test_dct_scale_keeps_at_least_size_pixels(jpegs, monkeypatch):
     seen = []
     real = decode._imdecode
 
-    def spy(buf, flags):
-        img = real(buf, flags)
+    def spy(buf, flags, *why):
+        img = real(buf, flags, *why)
         seen.append(img.shape)
         return img
 
     monkeypatch.setattr(decode, "_imdecode", spy)
-    t = TrainTransform(224)
+    t = TrainTransform(224, crop_decode=False)  # cv2 path; crop-decode path: test_cropdecode
     for seed in range(50):
         rng = np.random.default_rng(seed)
         x, y, w, h = sample_crop(1600, 1200, t.scale, t.ratio, np.random.default_rng(seed))
