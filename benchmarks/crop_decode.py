@@ -142,8 +142,9 @@ def report(results: Dict[str, List[tuple]], jpegs: List[bytes], rounds: int,
     full = med["cv2.imdecode full size"][1]
     off = med["TrainTransform crop_decode=False"][1]
     whole = med["decode only: OpenCV whole image, scaled"][1]
+    here = os.path.dirname(os.path.abspath(__file__))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                            text=True, cwd=here).stdout.strip()
     lines = [
         "# Crop-only JPEG decoding in the train transform",
         "",
@@ -167,8 +168,8 @@ def report(results: Dict[str, List[tuple]], jpegs: List[bytes], rounds: int,
     on = med["TrainTransform crop_decode=True"][1]
     per_round = sorted(a[1] / b[1] for a, b in zip(results["TrainTransform crop_decode=False"],
                                                       results["TrainTransform crop_decode=True"]))
-    lines += ["", f"crop_decode=True: {off / on:.3f}x the images per CPU-second of crop_decode=False "
-              f"(per round {per_round[0]:.3f}-{per_round[-1]:.3f}); the train transform costs "
+    lines += ["", f"crop_decode=True: {off / on:.3f}x the images per CPU-second of "
+              f"crop_decode=False (per round {per_round[0]:.3f}-{per_round[-1]:.3f}); the train transform costs "
               f"{on / full:.3f}x a full-size decode (was {off / full:.3f}x).", ""]
     return "\n".join(lines)
 
