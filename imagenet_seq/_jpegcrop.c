@@ -1,6 +1,6 @@
 /* Decode only a rectangle of a JPEG, optionally DCT-scaled: imagenet_seq._jpegcrop.
  *
- * A RandomResizedCrop keeps on average about half of the image, and cv2.imdecode always
+ * A RandomResizedCrop keeps less than half of the image on average, and cv2.imdecode always
  * decodes all of it. libjpeg-turbo can do less: jpeg_crop_scanline() narrows decoding to the
  * iMCU columns that cover the box, jpeg_skip_scanlines() skips the rows above it without the
  * IDCT/upsampling/colour work, and the rows below it are never decoded (the object is destroyed
@@ -10,8 +10,9 @@
  *   - the decoder settings are OpenCV's (libjpeg defaults: JDCT_ISLOW, fancy upsampling, block
  *     smoothing; output JCS_EXT_BGR, which OpenCV also asks for);
  *   - the decoded columns are widened by EDGE pixels on each side before cropping: libjpeg
- *     treats the cropped region's edges as image edges when it upsamples chroma (4:2:0 / 4:2:2
- *     at scale 1/1), which would change the box's first/last column.
+ *     treats the cropped region's edges as image edges when it upsamples subsampled chroma (at
+ *     scale 1/1, and at reduced scales for some layouts), which would change the box's
+ *     first/last column by up to ~30 levels.
  * OpenCV bundles its own libjpeg-turbo, so "equal" is up to differences between the two
  * libjpeg-turbo versions (measured in tests/test_cropdecode.py).
  *
