@@ -11,8 +11,14 @@ benchmarks/results/slow_disk.md).
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import mmap
 import os
-from typing import Iterator, Optional, Tuple
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -36,25 +42,194 @@ def _map_base(path: str) -> Optional[int]:
     return None
 
 
+_PAGE = mmap.PAGESIZE
+_EXTEND_BYTES = 2 << 20  # read past a span's estimated end in steps of this
+_NEXT_BYTES = 3 * _PAGE  # the next record's first page: after this value and maybe a leaf page
+_WAIT_STEP = 1 << 20  # the read-ahead thread confirms a burst read this much at a time
+# IMAGENET_SEQ_DISK_TURNS=0: readers of one disk do not take turns (each reads when it likes)
+DISK_TURNS = os.environ.get("IMAGENET_SEQ_DISK_TURNS", "1") != "0"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _resident(addr: int, length: int) -> bool:
+    """Whether all pages of this process's memory ``[addr, addr + length)`` are in RAM
+    (``mincore``: for a file map, whether the page cache holds that part of the file)."""
+    if length <= 0:
+        return True
+    start = addr - addr % _PAGE
+    length += addr - start
+    vec = (ctypes.c_ubyte * (-(-length // _PAGE)))()
+    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+        return False
+    return bool((np.frombuffer(vec, np.uint8) & 1).all())
+
+
+class _DiskLock:
+    """One reader's handle on the node-wide turn to read a device: ``flock`` on
+    ``<tempdir>/imagenet_seq-<uid>-dev<st_dev>.lock``. The kernel drops a lock when its holder
+    dies, so a killed rank never leaves the others waiting.
+
+    Fair turns: a waiter also holds a shared lock on a second file (``.wait``) while it waits; a
+    holder that finds it busy when it releases lets a waiter in before its own next turn.
+    """
+
+    _POLL_S = 0.002   # a waiter retries this often
+    _YIELD_S = 0.010  # a releasing holder with waiters stays out this long
+
+    def __init__(self, turn_fd: int, wait_fd: int):
+        self.turn_fd, self.wait_fd = turn_fd, wait_fd
+        self.yield_until = 0.0
+
+    @classmethod
+    def for_fd(cls, data_fd: int) -> Optional["_DiskLock"]:
+        if not DISK_TURNS:
+            return None
+        try:
+            dev = os.fstat(data_fd).st_dev
+            stem = os.path.join(tempfile.gettempdir(), f"imagenet_seq-{os.getuid()}-dev{dev:x}")
+            turn = os.open(stem + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # e.g. a read-only temp dir: read without turns
+            return None
+        try:
+            return cls(turn, os.open(stem + ".wait", os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError:
+            os.close(turn)
+            return None
+
+    def acquire(self, cancelled: Callable[[], bool]) -> bool:
+        """Wait for the turn; False if ``cancelled()`` became true first."""
+        delay = self.yield_until - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        fcntl.flock(self.wait_fd, fcntl.LOCK_SH)  # exclusive only for an instant in release()
+        try:
+            while True:
+                try:
+                    fcntl.flock(self.turn_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if cancelled():
+                        return False
+                    time.sleep(self._POLL_S)
+        finally:
+            fcntl.flock(self.wait_fd, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self.turn_fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.wait_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # someone is waiting: let them have the next turn
+            self.yield_until = time.monotonic() + self._YIELD_S
+        else:
+            fcntl.flock(self.wait_fd, fcntl.LOCK_UN)
+            self.yield_until = 0.0
+
+    def close(self) -> None:
+        os.close(self.turn_fd)
+        os.close(self.wait_fd)
+
+
 class _Prefetch:
-    """Keeps a window of one span's bytes queued for reading ahead of the cursor."""
+    """Reads one span's bytes into the page cache ahead of the cursor, in turns with the other
+    readers of the same disk.
 
-    def __init__(self, fd: int, base: int, mean_record: float, count: int):
-        self.fd, self.base = fd, base
-        self.span_bytes = int((count + 2) * mean_record)
-        self.queued = self.end = None
+    A background thread keeps up to ``PREFETCH_BYTES`` of the span read ahead of the cursor, in
+    bursts of at least half of it. Each burst holds a node-wide lock for the file's device
+    (:class:`_DiskLock`) while the disk reads it: several DDP ranks on one disk then take turns,
+    and the disk serves one deep sequential queue at a time instead of interleaving every rank's
+    stream into a seek per few MB (the kernel's mq-deadline scheduler switches streams after 16
+    requests once one has waited 0.5 s). The cursor waits for its bytes to be read rather than
+    faulting them in itself, so no reader sends the disk requests out of turn. Bytes already in
+    the page cache are neither waited for nor read again.
 
-    def at(self, value) -> None:
+    The span's byte length is estimated from the mean record size (an exact B-tree lookup costs
+    a few seeks); a cursor that runs past the estimate has the thread read ``_EXTEND_BYTES``
+    more, in its next turn.
+    """
+
+    def __init__(self, fd: int, base: int, span_bytes: int):
+        self.fd, self.base, self.span_bytes = fd, base, span_bytes
+        self.file_bytes = os.fstat(fd).st_size
+        self.cursor = self.queued = self.done = self.end = 0
+        self.need = 0  # the byte the cursor waits for (a record larger than the window)
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.thread: Optional[threading.Thread] = None
+
+    def at(self, value, last: bool) -> None:
+        """The cursor reached ``value`` (a buffer into the map): return once its bytes are read,
+        and (unless ``last``) the first pages of the next record, which LMDB's cursor touches
+        when it steps to it."""
         off = np.frombuffer(value, np.uint8).ctypes.data - self.base
-        if self.end is None:
-            self.queued, self.end = off, off + self.span_bytes
-        if self.queued - off >= PREFETCH_BYTES // 2:
-            return  # refill in bursts: a burst sits together in the disk's queue
-        target = min(off + PREFETCH_BYTES, self.end)
-        while self.queued < target:
-            n = min(_FADVISE_STEP, self.end - self.queued)
-            os.posix_fadvise(self.fd, self.queued, n, os.POSIX_FADV_WILLNEED)
-            self.queued += n
+        stop = min(off + len(value) + (0 if last else _NEXT_BYTES), self.file_bytes)
+        with self.cond:
+            if self.thread is None:  # the span's first record: start reading from here
+                self.cursor = self.queued = self.done = off - off % _PAGE
+                self.end = min(off + self.span_bytes, self.file_bytes)
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="imagenet_seq-readahead")
+                self.thread.start()
+            self.cursor, self.need = off, stop
+            if stop > self.end:
+                self.end = min(stop + _EXTEND_BYTES, self.file_bytes)
+            self.cond.notify_all()
+            while stop > self.done and self.thread.is_alive():
+                self.cond.wait(0.1)
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        lock = _DiskLock.for_fd(self.fd)
+        try:
+            while True:
+                with self.cond:
+                    while not self.stopped and self.queued >= self.need and not (
+                            self.queued < self.end and
+                            self.queued - self.cursor < PREFETCH_BYTES // 2):
+                        self.cond.wait()
+                    if self.stopped:
+                        return
+                    begin = self.queued
+                    target = max(min(self.cursor + PREFETCH_BYTES, self.end), self.need)
+                if not _resident(self.base + begin, target - begin):
+                    if lock is not None and not lock.acquire(lambda: self.stopped):
+                        return
+                    try:
+                        self._burst(begin, target)
+                    finally:
+                        if lock is not None:
+                            lock.release()
+                with self.cond:
+                    self.queued = self.done = max(self.done, target)
+                    self.cond.notify_all()
+        finally:
+            if lock is not None:
+                lock.close()
+            with self.cond:
+                self.done = self.file_bytes  # a waiting cursor goes on by itself
+                self.cond.notify_all()
+
+    def _burst(self, begin: int, target: int) -> None:
+        """Queue ``[begin, target)`` as one deep sequential read, wait until it is all read."""
+        pos = begin
+        while pos < target:  # queue it all: the disk sees one deep sequential run
+            n = min(_FADVISE_STEP, target - pos)
+            os.posix_fadvise(self.fd, pos, n, os.POSIX_FADV_WILLNEED)
+            pos += n
+        buf = bytearray(_WAIT_STEP)
+        for pos in range(begin, target, _WAIT_STEP):
+            if self.stopped:
+                return
+            n = min(_WAIT_STEP, target - pos)
+            if not _resident(self.base + pos, n):
+                # blocks until the queued pages arrive; reads any the kernel dropped from the queue
+                os.preadv(self.fd, [memoryview(buf)[:n]], pos)
+            with self.cond:
+                self.done = pos + n
+                self.cond.notify_all()
 
 
 class SplitReader:
@@ -115,28 +290,35 @@ class SplitReader:
             return
         if start < 0 or start + count > self.meta.num_records:
             raise IndexError(f"range [{start}, {start + count}) outside 0..{self.meta.num_records}")
-        total = self.meta.total_bytes or os.fstat(self._fd).st_size  # legacy: no byte count
         ahead = None if self._base is None else \
-            _Prefetch(self._fd, self._base, total / max(1, self.meta.num_records) + 64, count)
-        with self._env.begin(buffers=True) as txn:
-            cur = txn.cursor()
-            if not cur.set_key(fmt.record_key(start)):
-                raise KeyError(f"{self.path}: record {fmt.record_key(start)!r} missing")
-            for i in range(start, start + count):
-                key, value = cur.item()
-                if ahead is not None:
-                    ahead.at(value)
-                if bytes(key) != fmt.record_key(i):
-                    raise KeyError(f"{self.path}: expected key {fmt.record_key(i)!r}, "
-                                   f"found {bytes(key)!r}; the file is damaged")
-                if self.legacy:
-                    jpeg, label = fmt.decode_legacy_value(value)
-                else:
-                    view, label = fmt.decode_record(value)
-                    jpeg = view.tobytes()  # copy out: buffers die with the transaction
-                yield i, jpeg, label
-                if i + 1 < start + count and not cur.next():
-                    raise KeyError(f"{self.path}: file ends before record {i + 1}")
+            _Prefetch(self._fd, self._base, int(count * self._mean_bytes()))
+        try:
+            with self._env.begin(buffers=True) as txn:
+                cur = txn.cursor()
+                if not cur.set_key(fmt.record_key(start)):
+                    raise KeyError(f"{self.path}: record {fmt.record_key(start)!r} missing")
+                for i in range(start, start + count):
+                    key, value = cur.item()
+                    if ahead is not None:
+                        ahead.at(value, i + 1 == start + count)
+                    if bytes(key) != fmt.record_key(i):
+                        raise KeyError(f"{self.path}: expected key {fmt.record_key(i)!r}, "
+                                       f"found {bytes(key)!r}; the file is damaged")
+                    if self.legacy:
+                        jpeg, label = fmt.decode_legacy_value(value)
+                    else:
+                        view, label = fmt.decode_record(value)
+                        jpeg = view.tobytes()  # copy out: buffers die with the transaction
+                    yield i, jpeg, label
+                    if i + 1 < start + count and not cur.next():
+                        raise KeyError(f"{self.path}: file ends before record {i + 1}")
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _mean_bytes(self) -> float:
+        """Mean bytes a record takes in the file (value, LMDB page headers and B-tree)."""
+        return os.fstat(self._fd).st_size / max(1, self.meta.num_records)
 
     def read_all(self) -> Iterator[Tuple[int, bytes, int]]:
         return self.read_range(0, self.meta.num_records)

@@ -1,0 +1,155 @@
+"""The sequential reader's read-ahead: bursts, turn-taking between readers of one disk."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from imagenet_seq import reader
+
+
+def _plain(path, start, count):
+    """``(index, jpeg, label)`` of records by single lookups (no cursor, no read-ahead)."""
+    from imagenet_seq import format as fmt
+
+    env = fmt.acquire_env(path)
+    try:
+        with env.begin() as txn:
+            out = []
+            for i in range(start, start + count):
+                view, label = fmt.decode_record(txn.get(fmt.record_key(i)))
+                out.append((i, bytes(view), label))
+            return out
+    finally:
+        fmt.release_env(path)
+
+
+def _readahead_threads():
+    return [t for t in threading.enumerate() if t.name == "imagenet_seq-readahead"]
+
+
+@pytest.mark.parametrize("prefetch", [64 << 10, 256 << 10, reader.PREFETCH_BYTES])
+def test_bursts_and_extensions_return_every_record(sample_lmdb, monkeypatch, prefetch):
+    # a small window makes many bursts; spans are estimated from the mean record size, so
+    # spans of larger-than-mean records need extensions past the estimate
+    monkeypatch.setattr(reader, "PREFETCH_BYTES", prefetch)
+    r = reader.SplitReader(sample_lmdb, "train")
+    try:
+        for start, count in [(0, len(r)), (5, 7), (len(r) - 3, 3), (10, 1)]:
+            fd = os.open(r.path, os.O_RDONLY)  # cold cache where the kernel allows: real bursts
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            got = [(i, bytes(j), lab) for i, j, lab in r.read_range(start, count)]
+            assert got == _plain(r.path, start, count)
+    finally:
+        r.close()
+
+
+def test_readahead_thread_ends_with_its_span(sample_lmdb):
+    r = reader.SplitReader(sample_lmdb, "train")
+    try:
+        list(r.read_range(0, len(r)))
+        it = r.read_range(0, len(r))
+        next(it)
+        assert _readahead_threads(), "a span being read has a read-ahead thread"
+        it.close()  # `break` mid-span
+        deadline = time.monotonic() + 5
+        while _readahead_threads() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _readahead_threads()
+    finally:
+        r.close()
+
+
+def test_disk_turns_can_be_switched_off(sample_lmdb, monkeypatch):
+    fd = os.open(os.path.join(sample_lmdb, "ILSVRC-train.lmdb"), os.O_RDONLY)
+    try:
+        lock = reader._DiskLock.for_fd(fd)
+        assert lock is not None
+        lock.close()
+        monkeypatch.setattr(reader, "DISK_TURNS", False)
+        assert reader._DiskLock.for_fd(fd) is None
+    finally:
+        os.close(fd)
+
+
+_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from imagenet_seq import reader
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    lock = reader._DiskLock.for_fd(fd)
+    assert lock.acquire(lambda: False)
+    print("held", flush=True)
+    sys.stdin.readline()  # hold the turn until told
+    lock.release()
+    print("released", flush=True)
+    assert lock.acquire(lambda: False)  # wants the next turn at once
+    print("again", time.monotonic(), flush=True)
+    lock.release()
+""")
+
+
+def test_turns_exclude_each_other_and_pass_to_a_waiter(sample_lmdb, tmp_path):
+    path = os.path.join(sample_lmdb, "ILSVRC-train.lmdb")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fd = os.open(path, os.O_RDONLY)
+        lock = reader._DiskLock.for_fd(fd)
+        try:
+            got = []
+            t = threading.Thread(target=lambda: got.append(
+                (lock.acquire(lambda: False), time.monotonic())))
+            t.start()
+            time.sleep(0.3)
+            assert not got, "the turn is held by another process"
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            t.join(10)
+            assert got and got[0][0]
+            mine = got[0][1]
+            time.sleep(0.05)
+            lock.release()
+            out = holder.communicate(timeout=10)[0].split()
+            assert out[0] == "released" and out[1] == "again"
+            # the waiter had the turn before the holder's immediate second try
+            assert float(out[2]) > mine
+        finally:
+            lock.close()
+            os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_frees_the_turn(sample_lmdb):
+    path = os.path.join(sample_lmdb, "ILSVRC-train.lmdb")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    fd = os.open(path, os.O_RDONLY)
+    lock = reader._DiskLock.for_fd(fd)
+    try:
+        t0 = time.monotonic()
+        assert lock.acquire(lambda: time.monotonic() - t0 > 5)
+        lock.release()
+    finally:
+        lock.close()
+        os.close(fd)
+
+
+def test_resident_reports_the_page_cache(sample_lmdb):
+    r = reader.SplitReader(sample_lmdb, "train")
+    try:
+        list(r.read_range(0, len(r)))  # maps the file and reads it all
+        size = os.fstat(r._fd).st_size
+        assert reader._resident(r._base, size)
+        assert reader._resident(r._base, 0)
+    finally:
+        r.close()
