@@ -124,6 +124,15 @@ class _DiskLock:
             fcntl.flock(self.wait_fd, fcntl.LOCK_UN)
             self.yield_until = 0.0
 
+    def contended(self) -> bool:
+        """Whether another reader is waiting for the turn (the holder asks)."""
+        try:
+            fcntl.flock(self.wait_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.wait_fd, fcntl.LOCK_UN)
+        return False
+
     def close(self) -> None:
         os.close(self.turn_fd)
         os.close(self.wait_fd)
@@ -172,7 +181,8 @@ class _Prefetch:
             self.cursor, self.need = off, stop
             if stop > self.end:
                 self.end = min(stop + _EXTEND_BYTES, self.file_bytes)
-            self.cond.notify_all()
+            if stop > self.done or self.queued - off < PREFETCH_BYTES // 2:
+                self.cond.notify_all()  # only when the thread has work: no wake-up per record
             while stop > self.done and self.thread.is_alive():
                 self.cond.wait(0.1)
 
@@ -198,7 +208,7 @@ class _Prefetch:
                     if lock is not None and not lock.acquire(lambda: self.stopped):
                         return
                     try:
-                        self._burst(begin, target)
+                        target = self._burst(begin, target, lock)
                     finally:
                         if lock is not None:
                             lock.release()
@@ -212,24 +222,34 @@ class _Prefetch:
                 self.done = self.file_bytes  # a waiting cursor goes on by itself
                 self.cond.notify_all()
 
-    def _burst(self, begin: int, target: int) -> None:
-        """Queue ``[begin, target)`` as one deep sequential read, wait until it is all read."""
+    def _queue(self, begin: int, target: int) -> None:
         pos = begin
-        while pos < target:  # queue it all: the disk sees one deep sequential run
+        while pos < target:  # in read-ahead-sized calls: the disk sees one deep sequential run
             n = min(_FADVISE_STEP, target - pos)
             os.posix_fadvise(self.fd, pos, n, os.POSIX_FADV_WILLNEED)
             pos += n
+
+    def _burst(self, begin: int, target: int, lock: Optional["_DiskLock"]) -> int:
+        """Queue ``[begin, target)`` for reading and wait until it is read; while no other
+        reader waits for the disk, keep the queue topped up as the cursor moves on (one
+        continuous stream). Returns the end of what was read."""
+        self._queue(begin, target)
         buf = bytearray(_WAIT_STEP)
-        for pos in range(begin, target, _WAIT_STEP):
-            if self.stopped:
-                return
+        pos = begin
+        while pos < target and not self.stopped:
             n = min(_WAIT_STEP, target - pos)
             if not _resident(self.base + pos, n):
                 # blocks until the queued pages arrive; reads any the kernel dropped from the queue
                 os.preadv(self.fd, [memoryview(buf)[:n]], pos)
+            pos += n
             with self.cond:
-                self.done = pos + n
+                self.done = pos
                 self.cond.notify_all()
+                more = max(min(self.cursor + PREFETCH_BYTES, self.end), self.need)
+            if more - target >= PREFETCH_BYTES // 2 and (lock is None or not lock.contended()):
+                self._queue(target, more)
+                target = more
+        return pos
 
 
 class SplitReader:
