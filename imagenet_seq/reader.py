@@ -3,11 +3,12 @@
 Read-ahead: a cursor walking an mmap faults in one read-ahead window (128 KiB) at a time, and an
 LMDB leaf page sits a few MB away from the records it indexes, so a plain walk makes the disk
 seek back and forth, and several readers on one disk (DDP ranks) interleave their small
-requests into a seek each. The reader therefore keeps ``PREFETCH_BYTES`` of its span queued
-ahead of the cursor with ``posix_fadvise(WILLNEED)``, refilled in bursts of half of it: the disk
-sees one deep sequential queue per span (measured on the emulated HDD of
-``benchmarks/slowfs.py``: raw streaming 65 % -> 80-92 % of the disk's bandwidth; see
-benchmarks/results/slow_disk.md).
+requests into a seek each. So each span is read ahead by a thread (:class:`_Prefetch`): up to
+``PREFETCH_BYTES`` ahead of the cursor, queued with ``posix_fadvise(WILLNEED)`` as one deep
+sequential run, in bursts during which the reader holds a node-wide lock for the file's device
+(:class:`_DiskLock`): ranks on one disk take turns instead of interleaving. Measured on the
+emulated HDD of ``benchmarks/slowfs.py`` (BENCHMARKS.md): raw stream 95 % of the disk's
+bandwidth, 4 ranks 60 % -> 73 %.
 """
 from __future__ import annotations
 
