@@ -176,12 +176,27 @@ def run_ours_thread(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[
     return _timed(_epochs(_ours(d, "thread")), warmup, measure)
 
 
+def _own_mib(pid: int) -> float:
+    """A process's share of anonymous and shared-memory pages (``Pss_Anon + Pss_Shmem``, MiB):
+    its heap, buffers and shared rings, without file pages it has mapped (the LMDB map: page
+    cache, counted in RSS/PSS as the reader touches it) or shared libraries."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
+                    total += int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return float("nan")
+    return total
+
+
 def tree_memory() -> Dict[str, float]:
     """RSS and PSS (MiB) of this process ("main_") and summed over it and its descendants."""
     import psutil
 
     me = psutil.Process()
-    out = {"rss_mib": 0.0, "pss_mib": 0.0}
+    out = {"rss_mib": 0.0, "pss_mib": 0.0, "own_mib": 0.0}
     for p in [me] + me.children(recursive=True):
         try:
             info = p.memory_full_info()
@@ -190,6 +205,7 @@ def tree_memory() -> Dict[str, float]:
         rss, pss = info.rss / 2 ** 20, getattr(info, "pss", info.rss) / 2 ** 20
         out["rss_mib"] += rss
         out["pss_mib"] += pss
+        out["own_mib"] += _own_mib(p.pid)
         if p.pid == me.pid:
             out["main_rss_mib"], out["main_pss_mib"] = rss, pss
     return out

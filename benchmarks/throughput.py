@@ -27,8 +27,9 @@ wall-clock images/s it records CPU time per image over all of a peer's processes
 shared with other work, a peer with more processes gets a larger CPU share, so "cpu" ratios
 (2 cores / CPU per image) are the contention-robust comparison.
 Peers that are not installed are skipped with a note. Also reports the Loader's memory (RSS
-and PSS summed over all its processes) at the end of epochs 1..5, per worker type, each in a
-fresh process. The peers themselves live in benchmarks/peers.py.
+and PSS summed over all its processes, and "own PSS": anonymous + shared-memory pages only, i.e.
+without the page cache of the LMDB map the reader touches) at the end of epochs 1..5, per
+worker type, each in a fresh process. The peers themselves live in benchmarks/peers.py.
 """
 from __future__ import annotations
 
@@ -219,7 +220,9 @@ def report(med, cpu, runs, notes, memory, load) -> None:
         e1, e2, e5 = series[0], series[1], series[4]
         print(f"\nLoader memory, {wt} workers, all processes (MiB, end of each epoch 1..5):")
         for key, name in (("rss_mib", "RSS summed"), ("pss_mib", "PSS summed"),
-                          ("main_rss_mib", "main RSS")):
+                          ("own_mib", "own PSS"), ("main_rss_mib", "main RSS")):
+            if key not in e1:
+                continue
             vals = " ".join(f"{m.get(key, 0):.0f}" for m in series)
             print(f"  {name:11s} {vals}   epoch 1->5 {e5[key] / e1[key] - 1:+.1%}, "
                   f"2->5 {e5[key] / e2[key] - 1:+.1%}  (target growth <= 5 %)")

@@ -21,6 +21,7 @@ from .distributed import resolve_rank
 from .reader import SplitReader
 from .shuffle import buffer_records, buffered_shuffle
 from .batch import DecodedBatch, DecodeSpec, RawBatch, decode_batch, pack_batch
+from .malloc import trim
 from .workers import InlinePool, ProcessPool, RingCache, ThreadPool
 
 WORKER_TYPES = ("process", "thread")
@@ -235,6 +236,7 @@ class Loader:
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
         self.close()  # `break` earlier: stop its workers before starting new ones
+        trim()  # the last epoch's freed batches: not into the next epoch's forked workers
         epoch = self._epoch
         if not self._epoch_fixed:
             self._epoch += 1

@@ -23,3 +23,11 @@ def keep_decode_buffers() -> bool:
         return True
     except (OSError, AttributeError):
         return False
+
+
+def trim() -> bool:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
