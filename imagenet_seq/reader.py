@@ -191,6 +191,8 @@ class _Prefetch:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
+        if self.thread is not None:  # it reads the reader's fd, which may be closed next
+            self.thread.join(timeout=10.0)
 
     def _run(self) -> None:
         lock = _DiskLock.for_fd(self.fd)
