@@ -41,38 +41,55 @@ def drop_cache(path: str, fd: Optional[int] = None) -> None:
         os.close(fd)
 
 
-def cached_fraction(path: str) -> Optional[float]:
-    """Fraction (0..1) of ``path``'s pages in the page cache, or None when it cannot be known."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+def _load_libc() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name, use_errno=True) if name else None
+    if libc is None or not hasattr(libc, "mincore"):
         return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if not hasattr(libc, "mincore"):
-        return None
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0.0
-    page = mmap.PAGESIZE
-    pages = (size + page - 1) // page
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+_LIBC = _load_libc()
+
+
+def page_residency(addr: int, length: int) -> Optional[bytes]:
+    """``mincore(2)`` of this process's memory ``[addr, addr + length)``: one byte per page,
+    bit 0 set where the page is in RAM (for a file map: in the page cache). None when it cannot
+    be known."""
+    if _LIBC is None:
+        return None
+    start = addr - addr % mmap.PAGESIZE
+    length += addr - start
+    vec = (ctypes.c_ubyte * (-(-length // mmap.PAGESIZE)))()
+    if _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
+        return None
+    return bytes(vec)
+
+
+def cached_fraction(path: str) -> Optional[float]:
+    """Fraction (0..1) of ``path``'s pages in the page cache, or None when it cannot be known."""
+    if _LIBC is None:
+        return None
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             return None
         try:
-            vec = (ctypes.c_ubyte * pages)()
-            rc = libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec)
-            resident = sum(b & 1 for b in bytes(vec)) if rc == 0 else None
+            vec = page_residency(addr, size)
         finally:
-            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+            _LIBC.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
     finally:
         os.close(fd)
-    return None if resident is None else resident / pages
+    return None if vec is None else sum(b & 1 for b in vec) / len(vec)
 
 
 def evict(path: str) -> Tuple[bool, str]:

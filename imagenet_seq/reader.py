@@ -12,7 +12,6 @@ bandwidth, 4 ranks 60 % -> 73 %.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -24,6 +23,7 @@ from typing import Callable, Iterator, Optional, Tuple
 import numpy as np
 
 from . import format as fmt
+from .evict import page_residency
 
 PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
 _FADVISE_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
@@ -49,20 +49,15 @@ _NEXT_BYTES = 3 * _PAGE  # the next record's first page: after this value and ma
 _WAIT_STEP = 1 << 20  # the read-ahead thread confirms a burst read this much at a time
 # IMAGENET_SEQ_DISK_TURNS=0: readers of one disk do not take turns (each reads when it likes)
 DISK_TURNS = os.environ.get("IMAGENET_SEQ_DISK_TURNS", "1") != "0"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _resident(addr: int, length: int) -> bool:
-    """Whether all pages of this process's memory ``[addr, addr + length)`` are in RAM
-    (``mincore``: for a file map, whether the page cache holds that part of the file)."""
+    """Whether all pages of this process's memory ``[addr, addr + length)`` are in RAM (for a
+    file map: whether the page cache holds that part of the file); False when unknown."""
     if length <= 0:
         return True
-    start = addr - addr % _PAGE
-    length += addr - start
-    vec = (ctypes.c_ubyte * (-(-length // _PAGE)))()
-    if _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) != 0:
-        return False
-    return bool((np.frombuffer(vec, np.uint8) & 1).all())
+    vec = page_residency(addr, length)
+    return vec is not None and bool((np.frombuffer(vec, np.uint8) & 1).all())
 
 
 class _DiskLock:
