@@ -187,11 +187,14 @@ def _bytes_at(samples, t: float) -> float:
     return ba + (bb - ba) * (t - ta) / (tb - ta) if tb > ta else float(bb)
 
 
-def all_ranks_window(parts) -> dict:
-    """Aggregate rate while every rank was reading: from the last rank's start to the first
-    rank's end (process start-up is staggered on 2 cores, and ranks finish their shares at
-    different times; a training job's ranks read in step for the whole epoch)."""
-    t0 = max(p["t_start"] for p in parts)
+def all_ranks_window(parts, warmup: float = 0.0) -> dict:
+    """Aggregate rate while every rank was reading: from ``warmup`` seconds after the last
+    rank's start to the first rank's end (process start-up is staggered on 2 cores, and ranks
+    finish their shares at different times; a training job's ranks read in step for the whole
+    epoch). The warm-up leaves out each rank filling its shuffle buffer and read-ahead window
+    (~110 MB a rank here: 4 ranks read ~440 MB, 3 s of the disk, before their first record
+    is counted), which an epoch does once."""
+    t0 = max(p["t_start"] for p in parts) + warmup
     t1 = min(p["t_end"] for p in parts)
     if t1 <= t0:
         return {}
@@ -326,9 +329,9 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0,
     with slowfs.mounted(paths["data"], mnt, device, args.model_args[device]) as stats:
         target = os.path.join(mnt, target_rel)
         base = [python, os.path.abspath(__file__), "_measure"]
-        limit = args.seconds + 120
+        limit = args.seconds + args.warmup + 120
         if ranks:
-            cmds = [base + [kind, target, str(args.seconds), "0", f"--rank={r}",
+            cmds = [base + [kind, target, str(args.seconds + args.warmup), "0", f"--rank={r}",
                             f"--world-size={ranks}"] + opts for r in range(ranks)]
             from concurrent.futures import ThreadPoolExecutor
 
@@ -339,7 +342,7 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0,
             r = dict(images=sum(p["images"] for p in parts),
                      bytes=sum(p["bytes"] for p in parts), seconds=t1 - t0,
                      per_rank_mb_per_s=[p["bytes"] / p["seconds"] / 1e6 for p in parts],
-                     all_ranks=all_ranks_window(parts))
+                     all_ranks=all_ranks_window(parts, args.warmup))
         else:
             r = _child(base + [kind, target, str(args.seconds), str(args.workers)] + opts, limit)
             r.pop("t_start", None), r.pop("t_end", None)
@@ -380,6 +383,9 @@ def main(argv=None) -> int:
         return _measure_main(argv[1:])
     p = argparse.ArgumentParser(description="slow-disk benchmark (FUSE-emulated HDD and NFS)")
     p.add_argument("--seconds", type=float, default=15.0, help="per measurement")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="rank measurements: seconds each rank reads before the window counted "
+                        "(fills shuffle buffer and read-ahead; ranks then run seconds + warmup)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--workdir", default="/tmp/imagenet_seq_slow_disk")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -403,6 +409,8 @@ def main(argv=None) -> int:
                    help="a python with torchvision for the ImageFolder baseline")
     args = p.parse_args(argv)
     args.argv = argv
+    if args.warmup < 0:
+        p.error(f"--warmup={args.warmup}; expected >= 0")
     if args.seconds <= 0:
         p.error(f"--seconds={args.seconds}; expected > 0")
     if min(args.prefetch_mb) < 0:

@@ -139,7 +139,7 @@ def write_report(res: list, args, info: dict, failed: list = ()) -> str:
                   "count) sharing the emulated HDD, % of its bandwidth. Read-ahead = "
                   "`imagenet_seq.reader.PREFETCH_BYTES`; chunk = `Loader(chunk_size=)`, the "
                   "records of one contiguous span (~90 KB each here, ~110 KB in ImageNet). "
-                  "The read-ahead stops at the end of a span; ranks take turns on the disk (one reader's burst at a time, `imagenet_seq.reader._DiskLock`). Measured over the window in which all N ranks read (last start to first end; the first-start-to-last-end rate is in the JSON as `mb_per_s_first_to_last`).", "",
+                  "With the offsets index (`imagenet_seq.offsets`) the read-ahead runs on from one span into the next; ranks take turns on the disk (one reader's burst at a time, `imagenet_seq.reader._DiskLock`). Measured over the window in which all N ranks read, from `--warmup` seconds after the last rank's start (each rank first fills its shuffle buffer and read-ahead, which an epoch does once) to the first rank's end; the first-start-to-last-end rate, fill included, is in the JSON as `mb_per_s_first_to_last`.", "",
                   "| read-ahead | chunk (records, MB) | " +
                   " | ".join(f"{n} rank{'s' if n > 1 else ''}" for n in ranks) + " |",
                   "|---:|---:|" + "---:|" * len(ranks)]

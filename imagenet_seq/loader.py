@@ -257,14 +257,8 @@ class Loader:
         """This rank's records of ``epoch`` in order, grouped into ``len(self)`` batches."""
         spans = self.read_spans(epoch)
 
-        def records():
-            for start, count in spans:
-                for rec in self.reader.read_range(start, count):
-                    if stop.is_set():  # `break` while the buffer fills: stop reading now
-                        return
-                    yield rec
-
-        items = records()
+        # `break` while the buffer fills: stop reading now
+        items = self.reader.read_spans(spans, stop)
         if self.shuffle and self.buffer_size > 1:
             items = buffered_shuffle(items, self.buffer_size,
                                      order.shuffle_rng(self.seed, epoch, self.rank))

@@ -12,35 +12,24 @@ bandwidth, 4 ranks 60 % -> 73 %.
 """
 from __future__ import annotations
 
+import bisect
 import fcntl
 import mmap
 import os
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import format as fmt
+from . import offsets as offsets_index
+from . import evict
 from .evict import page_residency
 
 PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
 _FADVISE_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
-
-
-def _map_base(path: str) -> Optional[int]:
-    """Address where this process mapped ``path`` at file offset 0 (Linux), else None."""
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].strip() == real and int(parts[2], 16) == 0:
-                    return int(parts[0].split("-")[0], 16)
-    except OSError:
-        pass
-    return None
 
 
 _PAGE = mmap.PAGESIZE
@@ -135,49 +124,86 @@ class _DiskLock:
 
 
 class _Prefetch:
-    """Reads one span's bytes into the page cache ahead of the cursor, in turns with the other
-    readers of the same disk.
+    """Reads the bytes a reader will need into the page cache ahead of it, in turns with the
+    other readers of the same disk.
 
-    A background thread keeps up to ``PREFETCH_BYTES`` of the span read ahead of the cursor, in
+    The bytes needed are a list of file ranges (segments: the records of one span, or of every
+    span of an epoch) read in order; positions below count needed bytes, not file offsets, so
+    the read-ahead runs from one span into the next without waiting for the reader to get there.
+    A background thread keeps up to ``PREFETCH_BYTES`` of them read ahead of the reader, in
     bursts of at least half of it. Each burst holds a node-wide lock for the file's device
     (:class:`_DiskLock`) while the disk reads it: several DDP ranks on one disk then take turns,
     and the disk serves one deep sequential queue at a time instead of interleaving every rank's
     stream into a seek per few MB (the kernel's mq-deadline scheduler switches streams after 16
-    requests once one has waited 0.5 s). The cursor waits for its bytes to be read rather than
+    requests once one has waited 0.5 s). The reader waits for its bytes to be read rather than
     faulting them in itself, so no reader sends the disk requests out of turn. Bytes already in
     the page cache are neither waited for nor read again.
 
-    The span's byte length is estimated from the mean record size (an exact B-tree lookup costs
-    a few seeks); a cursor that runs past the estimate has the thread read ``_EXTEND_BYTES``
-    more, in its next turn.
+    Without the offsets index the segment is the one span the cursor walks, started at its
+    first record and estimated from the mean record size (an exact B-tree lookup costs a few
+    seeks); a cursor that runs past the estimate has the thread read ``_EXTEND_BYTES`` more, in
+    its next turn.
     """
 
-    def __init__(self, fd: int, base: int, span_bytes: int):
+    def __init__(self, fd: int, base: int, span_bytes: int = 0,
+                 segments: Sequence[Tuple[int, int]] = ()):
         self.fd, self.base, self.span_bytes = fd, base, span_bytes
         self.file_bytes = os.fstat(fd).st_size
-        self.cursor = self.queued = self.done = self.end = 0
-        self.need = 0  # the byte the cursor waits for (a record larger than the window)
+        self.seg_file: List[int] = []  # file offset where each segment starts
+        self.seg_pos: List[int] = [0]  # position (needed bytes) where each starts; then the total
+        for begin, end in segments:
+            self._add(begin, end)
+        self.cursor = self.queued = self.done = 0
+        self.end = self.seg_pos[-1]
+        self.need = 0  # the position the reader waits for (a record larger than the window)
         self.cond = threading.Condition()
         self.stopped = False
         self.thread: Optional[threading.Thread] = None
+        self._seg = 0  # the segment the reader is in
+
+    def _add(self, begin: int, end: int) -> None:
+        begin, end = begin - begin % _PAGE, min(-(-end // _PAGE) * _PAGE, self.file_bytes)
+        last_end = self.seg_file[-1] + self.seg_pos[-1] - self.seg_pos[-2] if self.seg_file else -1
+        if self.seg_file and self.seg_file[-1] <= begin < last_end:
+            begin = last_end  # the page this one shares with the last one
+        if begin == last_end:
+            self.seg_pos[-1] += end - begin  # contiguous with the last one: one segment
+        elif end > begin:
+            self.seg_file.append(begin)
+            self.seg_pos.append(self.seg_pos[-1] + end - begin)
 
     def at(self, value, last: bool) -> None:
         """The cursor reached ``value`` (a buffer into the map): return once its bytes are read,
         and (unless ``last``) the first pages of the next record, which LMDB's cursor touches
         when it steps to it."""
         off = np.frombuffer(value, np.uint8).ctypes.data - self.base
-        stop = min(off + len(value) + (0 if last else _NEXT_BYTES), self.file_bytes)
+        if not self.seg_file:  # the span's first record: its one segment starts here
+            self._add(off, min(off + self.span_bytes, self.file_bytes))
+            self.end = self.seg_pos[-1]
+        self.at_bytes(off, len(value) + (0 if last else _NEXT_BYTES))
+
+    def at_bytes(self, off: int, length: int) -> None:
+        """The reader needs file bytes ``[off, off + length)`` (in segment order): return once
+        they are read."""
+        while (self._seg + 1 < len(self.seg_file) and off >= self.seg_file[self._seg + 1]
+               and off < self.seg_file[self._seg + 1] + self.seg_pos[self._seg + 2]
+               - self.seg_pos[self._seg + 1]):
+            self._seg += 1
+        k = self._seg
+        pos = self.seg_pos[k] + off - self.seg_file[k]
+        stop = min(pos + length, self.seg_pos[k] + self.file_bytes - self.seg_file[k])
         with self.cond:
-            if self.thread is None:  # the span's first record: start reading from here
-                self.cursor = self.queued = self.done = off - off % _PAGE
-                self.end = min(off + self.span_bytes, self.file_bytes)
+            if self.thread is None:
+                self.cursor = self.queued = self.done = pos - pos % _PAGE
                 self.thread = threading.Thread(target=self._run, daemon=True,
                                                name="imagenet_seq-readahead")
                 self.thread.start()
-            self.cursor, self.need = off, stop
-            if stop > self.end:
-                self.end = min(stop + _EXTEND_BYTES, self.file_bytes)
-            if stop > self.done or self.queued - off < PREFETCH_BYTES // 2:
+            self.cursor, self.need = pos, stop
+            if stop > self.end:  # past the estimated end of the one segment: extend it
+                self.end = self.seg_pos[-1] = min(stop + _EXTEND_BYTES,
+                                                  self.seg_pos[-2] + self.file_bytes
+                                                  - self.seg_file[-1])
+            if stop > self.done or self.queued - pos < PREFETCH_BYTES // 2:
                 self.cond.notify_all()  # only when the thread has work: no wake-up per record
             while stop > self.done and self.thread.is_alive():
                 self.cond.wait(0.1)
@@ -188,6 +214,19 @@ class _Prefetch:
             self.cond.notify_all()
         if self.thread is not None:  # it reads the reader's fd, which may be closed next
             self.thread.join(timeout=10.0)
+
+    def _pieces(self, begin: int, end: int) -> Iterator[Tuple[int, int]]:
+        """The file ranges ``(offset, length)`` of positions ``[begin, end)``."""
+        k = max(0, bisect.bisect_right(self.seg_pos, begin) - 1)
+        while begin < end and k < len(self.seg_file):
+            stop = min(end, self.seg_pos[k + 1])
+            if stop > begin:
+                yield self.seg_file[k] + begin - self.seg_pos[k], stop - begin
+                begin = stop
+            k += 1
+
+    def _all_resident(self, begin: int, end: int) -> bool:
+        return all(_resident(self.base + off, n) for off, n in self._pieces(begin, end))
 
     def _run(self) -> None:
         lock = _DiskLock.for_fd(self.fd)
@@ -202,7 +241,7 @@ class _Prefetch:
                         return
                     begin = self.queued
                     target = max(min(self.cursor + PREFETCH_BYTES, self.end), self.need)
-                if not _resident(self.base + begin, target - begin):
+                if not self._all_resident(begin, target):
                     if lock is not None and not lock.acquire(lambda: self.stopped):
                         return
                     try:
@@ -217,29 +256,31 @@ class _Prefetch:
             if lock is not None:
                 lock.close()
             with self.cond:
-                self.done = self.file_bytes  # a waiting cursor goes on by itself
+                self.done = 1 << 62  # a waiting reader goes on by itself
                 self.cond.notify_all()
 
     def _queue(self, begin: int, target: int) -> None:
-        pos = begin
-        while pos < target:  # in read-ahead-sized calls: the disk sees one deep sequential run
-            n = min(_FADVISE_STEP, target - pos)
-            os.posix_fadvise(self.fd, pos, n, os.POSIX_FADV_WILLNEED)
-            pos += n
+        for pos, n in self._pieces(begin, target):
+            end = pos + n
+            while pos < end:  # in read-ahead-sized calls: the disk sees one deep sequential run
+                step = min(_FADVISE_STEP, end - pos)
+                os.posix_fadvise(self.fd, pos, step, os.POSIX_FADV_WILLNEED)
+                pos += step
 
     def _burst(self, begin: int, target: int, lock: Optional["_DiskLock"]) -> int:
-        """Queue ``[begin, target)`` for reading and wait until it is read; while no other
-        reader waits for the disk, keep the queue topped up as the cursor moves on (one
-        continuous stream). Returns the end of what was read."""
+        """Queue positions ``[begin, target)`` for reading and wait until they are read; while
+        no other reader waits for the disk, keep the queue topped up as the reader moves on
+        (one continuous stream). Returns the end of what was read."""
         self._queue(begin, target)
         buf = bytearray(_WAIT_STEP)
         pos = begin
         while pos < target and not self.stopped:
-            n = min(_WAIT_STEP, target - pos)
-            if not _resident(self.base + pos, n):
-                # blocks until the queued pages arrive; reads any the kernel dropped from the queue
-                os.preadv(self.fd, [memoryview(buf)[:n]], pos)
-            pos += n
+            step = min(_WAIT_STEP, target - pos)
+            for off, n in self._pieces(pos, pos + step):
+                if not _resident(self.base + off, n):
+                    # blocks until the queued pages arrive; reads any the kernel dropped
+                    os.preadv(self.fd, [memoryview(buf)[:n]], off)
+            pos += step
             with self.cond:
                 self.done = pos
                 self.cond.notify_all()
@@ -272,6 +313,7 @@ class SplitReader:
         self._env = None
         self._fd: Optional[int] = None
         self._base: Optional[int] = None
+        self._index: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     def __len__(self) -> int:
         return self.meta.num_records
@@ -279,9 +321,10 @@ class SplitReader:
     def reset_state(self) -> None:
         self.close()
         self._env = fmt.acquire_env(self.path)
-        data = self.path if os.path.isfile(self.path) else os.path.join(self.path, "data.mdb")
+        data = evict.data_file(self.path)
         self._fd = os.open(data, os.O_RDONLY)
-        self._base = _map_base(data)
+        self._base = offsets_index.map_base(data)
+        self._index = None if self.legacy else self._read_index()
 
     def close(self) -> None:
         if self._env is not None:
@@ -293,7 +336,7 @@ class SplitReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_env"] = state["_fd"] = state["_base"] = None
+        state["_env"] = state["_fd"] = state["_base"] = state["_index"] = None
         return state
 
     def read_range(self, start: int, count: int) -> Iterator[Tuple[int, bytes, int]]:
@@ -308,6 +351,9 @@ class SplitReader:
             return
         if start < 0 or start + count > self.meta.num_records:
             raise IndexError(f"range [{start}, {start + count}) outside 0..{self.meta.num_records}")
+        if self._index is not None:
+            yield from self._read_indexed([(start, count)])
+            return
         ahead = None if self._base is None else \
             _Prefetch(self._fd, self._base, int(count * self._mean_bytes()))
         try:
@@ -333,6 +379,73 @@ class SplitReader:
         finally:
             if ahead is not None:
                 ahead.close()
+
+    def _read_index(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        return offsets_index.read(self._env, self.meta.num_records, self.path)
+
+    def read_spans(self, spans: Sequence[Tuple[int, int]],
+                   stop: Optional[threading.Event] = None) -> Iterator[Tuple[int, bytes, int]]:
+        """``read_range`` of each ``(start, count)`` in turn; with the offsets index, the
+        read-ahead runs on from one span into the next. Ends early once ``stop`` is set."""
+        if self._env is None:
+            self.reset_state()
+        for start, count in spans:
+            if start < 0 or count < 0 or start + count > self.meta.num_records:
+                raise IndexError(f"range [{start}, {start + count}) outside "
+                                 f"0..{self.meta.num_records}")
+        if self._index is not None:
+            yield from self._read_indexed(spans, stop)
+            return
+        for start, count in spans:
+            for rec in self.read_range(start, count):
+                if stop is not None and stop.is_set():
+                    return
+                yield rec
+
+    def _read_indexed(self, spans: Sequence[Tuple[int, int]],
+                      stop: Optional[threading.Event] = None) -> Iterator[Tuple[int, bytes, int]]:
+        """Records of ``spans`` through the offsets index: each record's bytes straight from the
+        file (``pread``), no B-tree page read; exactly the spans' bytes are read ahead."""
+        offs, lens = self._index
+        ahead = None
+        if self._base is not None:
+            segments = []
+            for start, count in spans:
+                o, n = offs[start:start + count], lens[start:start + count]
+                placed = np.flatnonzero(o >= 0)
+                if len(placed):
+                    segments.append((int(o[placed[0]]), int(o[placed[-1]] + n[placed[-1]])))
+            if segments:
+                ahead = _Prefetch(self._fd, self._base, segments=segments)
+        try:
+            for start, count in spans:
+                for i in range(start, start + count):
+                    if stop is not None and stop.is_set():
+                        return
+                    yield self._indexed_record(i, ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _indexed_record(self, i: int, ahead: Optional[_Prefetch]) -> Tuple[int, bytes, int]:
+        off, n = int(self._index[0][i]), int(self._index[1][i])
+        if off < 0:  # a small value inside a leaf page: through the B-tree
+            with self._env.begin() as txn:
+                value = txn.get(fmt.record_key(i))
+            if value is None:
+                raise KeyError(f"{self.path}: record {fmt.record_key(i)!r} missing")
+        else:
+            if ahead is not None:
+                ahead.at_bytes(off, n)
+            value = os.pread(self._fd, n, off)
+        view, label = fmt.decode_record(value)
+        if len(value) != n or (self.labels is not None and label != self.labels[i]) \
+                or view[:2] != b"\xff\xd8":
+            raise offsets_index.StaleOffsets(
+                f"{self.path}: record {i} at byte {off} does not match the offsets index (the "
+                "file was changed after conversion); rebuild the index with "
+                f"`python -m imagenet_seq.offsets --rebuild {self.path}`")
+        return i, view.tobytes(), label
 
     def _mean_bytes(self) -> float:
         """Mean bytes a record takes in the file (value, LMDB page headers and B-tree)."""

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from . import format as fmt
+from . import offsets
 from .images import BrokenImage, normalise
 from .malloc import keep_decode_buffers
 from .scan import Scan
@@ -192,6 +193,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
     os.makedirs(out_dir, exist_ok=True)
     env = fmt.open_env(partial, readonly=False, lock=False)
     try:
+        finished = None
         state = {"fingerprint": fp, "plan_pos": 0, "written": 0, "bytes": 0, "converted": 0,
                  "skipped": 0, "class_counts": [0] * len(scan.classes)}
         with env.begin() as txn:
@@ -204,9 +206,21 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                         "--max-size or --quality differ); run with the same ones, or pass "
                         "--overwrite to start over")
                 state = old
+            elif txn.get(fmt.META_KEY) is not None:
+                finished = fmt.read_metadata(txn, partial)  # killed just before the rename
+                has_offsets = txn.get(offsets.OFFSETS_KEY) is not None
             elif txn.stat()["entries"] and txn.get(fmt.record_key(0)) is not None:
                 raise ConversionError(f"{partial} holds records but no progress record; "
                                       "pass --overwrite to start over")
+        if finished is not None:
+            if not has_offsets:
+                offsets.write(env, partial, finished.num_records)
+            env.sync(True)
+            os.replace(partial, final)  # lock=False: renaming the open file is safe
+            _remove(partial)
+            res.written, res.bytes, res.resumed_at = (finished.num_records, finished.total_bytes,
+                                                       len(plan))
+            return res
         res.resumed_at = state["plan_pos"]
         t0 = time.perf_counter()
         if start_progress:
@@ -268,6 +282,8 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             txn.put(fmt.META_KEY, meta.to_json())  # metadata last
             txn.commit()
             txn = None
+            # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
+            offsets.write(env, partial, state["written"])
         finally:
             if txn is not None:
                 # keep what is committed; a clean abort of the open transaction loses only
