@@ -166,6 +166,8 @@ class _Prefetch:
         last_end = self.seg_file[-1] + self.seg_pos[-1] - self.seg_pos[-2] if self.seg_file else -1
         if self.seg_file and self.seg_file[-1] <= begin < last_end:
             begin = last_end  # the page this one shares with the last one
+        if end <= begin:
+            return
         if begin == last_end:
             self.seg_pos[-1] += end - begin  # contiguous with the last one: one segment
         elif end > begin:

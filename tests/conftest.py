@@ -101,6 +101,32 @@ def sample_tree(tmp_path_factory):
     return str(root), classes
 
 
+def strip_offsets(src_root: str, dst_root: str) -> str:
+    """A copy of a converted folder whose splits have no offsets index (as an older imagenet_seq
+    wrote them): readers take the B-tree path."""
+    from imagenet_seq import format as fmt
+    from imagenet_seq.offsets import OFFSETS_KEY
+
+    os.makedirs(dst_root, exist_ok=True)
+    for split in fmt.SPLITS:
+        src = os.path.join(src_root, fmt.split_filename(split))
+        if not os.path.exists(src):
+            continue
+        dst = os.path.join(dst_root, fmt.split_filename(split))
+        shutil.copy(src, dst)
+        env = fmt.open_env(dst, readonly=False, lock=False)
+        with env.begin(write=True) as txn:
+            assert txn.delete(OFFSETS_KEY)
+        env.close()
+    return dst_root
+
+
+@pytest.fixture(scope="session")
+def sample_lmdb_no_index(sample_lmdb, tmp_path_factory):
+    """sample_lmdb without the offsets index."""
+    return strip_offsets(sample_lmdb, str(tmp_path_factory.mktemp("lmdb_no_index")))
+
+
 @pytest.fixture(scope="session")
 def sample_lmdb(sample_tree, tmp_path_factory):
     """sample_tree converted with preprocess (train + val)."""

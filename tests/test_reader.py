@@ -31,22 +31,79 @@ def _readahead_threads():
     return [t for t in threading.enumerate() if t.name == "imagenet_seq-readahead"]
 
 
+@pytest.mark.parametrize("indexed", [True, False])
 @pytest.mark.parametrize("cold", [True, False])
 @pytest.mark.parametrize("prefetch", [64 << 10, 256 << 10, reader.PREFETCH_BYTES])
-def test_bursts_and_extensions_return_every_record(sample_lmdb, monkeypatch, prefetch, cold):
-    # a small window makes many bursts; spans are estimated from the mean record size, so
-    # spans of larger-than-mean records need extensions past the estimate. cold: every byte
-    # counts as not in the page cache, so each burst takes the disk's turn and reads
+def test_bursts_and_extensions_return_every_record(sample_lmdb, sample_lmdb_no_index,
+                                                   monkeypatch, prefetch, cold, indexed):
+    # a small window makes many bursts. Without the index, spans are estimated from the mean
+    # record size, so spans of larger-than-mean records need extensions past the estimate.
+    # cold: every byte counts as not in the page cache, so each burst takes the disk's turn
     monkeypatch.setattr(reader, "PREFETCH_BYTES", prefetch)
     if cold:
         monkeypatch.setattr(reader, "_resident", lambda addr, length: False)
-    r = reader.SplitReader(sample_lmdb, "train")
+    r = reader.SplitReader(sample_lmdb if indexed else sample_lmdb_no_index, "train")
     try:
         for start, count in [(0, len(r)), (5, 7), (len(r) - 3, 3), (10, 1)]:
             got = [(i, bytes(j), lab) for i, j, lab in r.read_range(start, count)]
             assert got == _plain(r.path, start, count)
+        assert (r._index is not None) == indexed
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+@pytest.mark.parametrize("cold", [True, False])
+@pytest.mark.parametrize("prefetch", [16 << 10, 96 << 10, reader.PREFETCH_BYTES])
+def test_read_spans_reads_ahead_across_spans(sample_lmdb, sample_lmdb_no_index, monkeypatch,
+                                             prefetch, cold, indexed):
+    # spans in a shuffled order, adjacent ones, one-record and empty ones: with the index one
+    # read-ahead covers them all, bursts crossing from one span into the next
+    monkeypatch.setattr(reader, "PREFETCH_BYTES", prefetch)
+    if cold:
+        monkeypatch.setattr(reader, "_resident", lambda addr, length: False)
+    r = reader.SplitReader(sample_lmdb if indexed else sample_lmdb_no_index, "train")
+    try:
+        spans = [(30, 6), (0, 10), (10, 5), (47, 1), (20, 0), (15, 15), (36, 11)]
+        want = [rec for s, c in spans for rec in _plain(r.path, s, c)]
+        got = [(i, bytes(j), lab) for i, j, lab in r.read_spans(spans)]
+        assert got == want
+        stop = threading.Event()
+        it = r.read_spans(spans, stop)
+        assert [next(it)[0] for _ in range(3)] == [30, 31, 32]
+        stop.set()
+        assert list(it) == []
+        with pytest.raises(IndexError, match="outside"):
+            list(r.read_spans([(0, 1), (40, 9)]))
+    finally:
+        r.close()
+    deadline = time.monotonic() + 5
+    while _readahead_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _readahead_threads()
+
+
+def test_segments_merge_adjacent_spans_and_share_no_page(tmp_path):
+    page = reader._PAGE
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (20 * page))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pre = reader._Prefetch(fd, 0, segments=[
+            (page + 100, 3 * page),       # pages 1-2
+            (3 * page, 4 * page + 10),    # contiguous: pages 3-4, same segment
+            (4 * page + 20, 6 * page),    # starts in page 4, which the last one has: 5
+            (5 * page + 8, 5 * page + 9),  # inside the last one: nothing new
+            (10 * page, 11 * page),       # elsewhere: page 10
+            (page, 2 * page)])            # back to page 1: read again (a later span)
+        assert pre.seg_file == [page, 10 * page, page]
+        assert pre.seg_pos == [0, 5 * page, 6 * page, 7 * page] and pre.end == 7 * page
+        assert list(pre._pieces(0, pre.end)) == [(page, 5 * page), (10 * page, page),
+                                                (page, page)]
+        assert list(pre._pieces(4 * page + 5, 6 * page)) == [(5 * page + 5, page - 5),
+                                                              (10 * page, page)]
+    finally:
+        os.close(fd)
 
 
 def test_readahead_thread_ends_with_its_span(sample_lmdb):
