@@ -11,6 +11,8 @@ A split is ONE LMDB file (``subdir=False``), e.g. ``/lmdb/ILSVRC-train.lmdb``, h
   plans and shuffle diagnostics need no pass over the image bytes.
 * ``__skip__%08d``: one JSON record per skipped source file (path, reason).
 * ``__progress__``: only while a conversion is in progress (see ``writer.py``).
+* ``__offsets__``: file offset and length of every record's value, in one transaction after
+  ``__meta__`` (``offsets.py``); optional, readers without it walk the B-tree.
 
 Keys starting with ``__`` sort after the digit keys, so a cursor walking the digit range sees
 only records. LMDBs written by the original tool (tensorpack ``LMDBSerializer``: keys ``%08d``,

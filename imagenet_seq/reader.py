@@ -1,14 +1,17 @@
 """The one sequential reader: contiguous record ranges of one split's LMDB, in file order.
 
-Read-ahead: a cursor walking an mmap faults in one read-ahead window (128 KiB) at a time, and an
-LMDB leaf page sits a few MB away from the records it indexes, so a plain walk makes the disk
-seek back and forth, and several readers on one disk (DDP ranks) interleave their small
-requests into a seek each. So each span is read ahead by a thread (:class:`_Prefetch`): up to
-``PREFETCH_BYTES`` ahead of the cursor, queued with ``posix_fadvise(WILLNEED)`` as one deep
-sequential run, in bursts during which the reader holds a node-wide lock for the file's device
-(:class:`_DiskLock`): ranks on one disk take turns instead of interleaving. Measured on the
-emulated HDD of ``benchmarks/slowfs.py`` (BENCHMARKS.md): raw stream 95 % of the disk's
-bandwidth, 4 ranks 60 % -> 73 %.
+Records: with the offsets index preprocess writes (``offsets.py``), each record's bytes are read
+with ``pread`` from where they lie, and the read-ahead knows the exact bytes of every span a
+rank will read this epoch, so it runs on from one span into the next. Without it (older files,
+the original tool's) a cursor walks LMDB's B-tree, whose leaf pages copy-on-write commits leave
+away from their records: a seek there and back each on an HDD.
+
+Read-ahead (:class:`_Prefetch`): up to ``PREFETCH_BYTES`` ahead of the reader, queued with
+``posix_fadvise(WILLNEED)`` as one deep sequential run, in bursts during which the reader holds
+a node-wide lock for the file's device (:class:`_DiskLock`): ranks on one disk take turns
+instead of interleaving. Measured on the emulated HDD of ``benchmarks/slow_disk.py``
+(BENCHMARKS.md): raw stream 95 % of the disk's bandwidth; 4 DDP ranks on one disk 91 % (the
+B-tree path 82 % in the same session).
 """
 from __future__ import annotations
 
@@ -431,23 +434,26 @@ class SplitReader:
 
     def _indexed_record(self, i: int, ahead: Optional[_Prefetch]) -> Tuple[int, bytes, int]:
         off, n = int(self._index[0][i]), int(self._index[1][i])
+        size = fmt.RECORD_HEADER.size
         if off < 0:  # a small value inside a leaf page: through the B-tree
             with self._env.begin() as txn:
                 value = txn.get(fmt.record_key(i))
             if value is None:
                 raise KeyError(f"{self.path}: record {fmt.record_key(i)!r} missing")
+            header, jpeg = value[:size], value[size:]
         else:
             if ahead is not None:
                 ahead.at_bytes(off, n)
-            value = os.pread(self._fd, n, off)
-        view, label = fmt.decode_record(value)
-        if len(value) != n or (self.labels is not None and label != self.labels[i]) \
-                or view[:2] != b"\xff\xd8":
+            # two reads, so the JPEG lands in its own bytes object (no second copy)
+            header, jpeg = os.pread(self._fd, size, off), os.pread(self._fd, n - size, off + size)
+        label = fmt.RECORD_HEADER.unpack(header)[0] if len(header) == size else -1
+        if len(jpeg) != n - size or jpeg[:2] != b"\xff\xd8" or (
+                self.labels is not None and label != self.labels[i]):
             raise offsets_index.StaleOffsets(
                 f"{self.path}: record {i} at byte {off} does not match the offsets index (the "
                 "file was changed after conversion); rebuild the index with "
                 f"`python -m imagenet_seq.offsets --rebuild {self.path}`")
-        return i, view.tobytes(), label
+        return i, jpeg, label
 
     def _mean_bytes(self) -> float:
         """Mean bytes a record takes in the file (value, LMDB page headers and B-tree)."""
