@@ -360,6 +360,12 @@ def run(args: argparse.Namespace) -> Dict:
     except KeyboardInterrupt:
         result["interrupted"] = True
     result.setdefault("mean_record_kb", 0.0)
+    result["offsets_index"] = reader.indexed
+    if not reader.indexed and not reader.legacy:
+        result["notes"].append(
+            "records: read through LMDB's B-tree, this file has no offsets index (converted by "
+            "an older imagenet_seq); `python -m imagenet_seq.offsets "
+            f"{reader.path}` adds it and saves the seeks to B-tree pages")
     for m in measured:
         result[m.name] = m.projection(records, args.epochs)
         result["notes"].append(f"{m.name}: {m.note}")

@@ -323,6 +323,13 @@ class SplitReader:
     def __len__(self) -> int:
         return self.meta.num_records
 
+    @property
+    def indexed(self) -> bool:
+        """Whether records are read through the offsets index (else through the B-tree)."""
+        if self._env is None:
+            self.reset_state()
+        return self._index is not None
+
     def reset_state(self) -> None:
         self.close()
         self._env = fmt.acquire_env(self.path)

@@ -73,6 +73,14 @@ def test_real_stream_measurement_evicts_and_reads_every_record(sample_lmdb, monk
     assert r["stream"]["mb_per_s"] == pytest.approx(total / 1e6 / r["stream"]["seconds"])
     assert r["stream"]["hours"] == pytest.approx(48 * 2 / r["stream"]["images_per_s"] / 3600)
     assert isinstance(r["page_cache_evicted"], bool)
+    assert r["offsets_index"] is True
+    assert not any("offsets index" in n for n in r["notes"])
+
+
+def test_bench_names_a_missing_offsets_index(sample_lmdb_no_index, capsys):
+    rc, r = run_json([sample_lmdb_no_index, "--seconds", "5", "--skip-pipeline"], capsys)
+    assert rc == 0 and r["offsets_index"] is False and r["stream"]["images"] == 48
+    assert any("python -m imagenet_seq.offsets" in n for n in r["notes"])
 
 
 def _meta_json(root):
