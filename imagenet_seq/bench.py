@@ -339,6 +339,8 @@ def run(args: argparse.Namespace) -> Dict:
     reader = open_split(args.lmdb, args.split)
     records = len(reader)
     total = reader.meta.total_bytes
+    indexed = reader.indexed
+    reader.close()  # the stream measurement opens it again after evicting the file
     result: Dict = {"path": args.lmdb, "split": args.split, "records": records,
                     "epochs": args.epochs, "seconds": args.seconds, "notes": []}
     measured: List[Measurement] = []
@@ -360,8 +362,8 @@ def run(args: argparse.Namespace) -> Dict:
     except KeyboardInterrupt:
         result["interrupted"] = True
     result.setdefault("mean_record_kb", 0.0)
-    result["offsets_index"] = reader.indexed
-    if not reader.indexed and not reader.legacy:
+    result["offsets_index"] = indexed
+    if not indexed and not reader.legacy:
         result["notes"].append(
             "records: read through LMDB's B-tree, this file has no offsets index (converted by "
             "an older imagenet_seq); `python -m imagenet_seq.offsets "
