@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -153,6 +154,16 @@ def _committed_skips(env):
             yield json.loads(bytes(v))
 
 
+def _write_offsets(env, path: str, num_records: int) -> None:
+    """The offsets index (``offsets.py``); where it cannot be made (no ``/proc/self/maps``) the
+    file is complete without it and readers use the B-tree: warn, do not fail the conversion."""
+    try:
+        offsets.write(env, path, num_records)
+    except OSError as e:
+        warnings.warn(f"{path}: no offsets index written ({e}); readers will walk the B-tree "
+                      "(slower from an HDD)")
+
+
 def _remove(path: str) -> None:
     for p in (path, path + "-lock"):
         if os.path.exists(p):
@@ -214,7 +225,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                                       "pass --overwrite to start over")
         if finished is not None:
             if not has_offsets:
-                offsets.write(env, partial, finished.num_records)
+                _write_offsets(env, partial, finished.num_records)
             env.sync(True)
             os.replace(partial, final)  # lock=False: renaming the open file is safe
             _remove(partial)
@@ -283,7 +294,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             txn.commit()
             txn = None
             # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
-            offsets.write(env, partial, state["written"])
+            _write_offsets(env, partial, state["written"])
         finally:
             if txn is not None:
                 # keep what is committed; a clean abort of the open transaction loses only

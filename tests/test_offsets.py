@@ -164,3 +164,14 @@ def test_resume_finishes_a_conversion_killed_before_its_index(sample_tree, tmp_p
     assert not os.path.exists(final + ".partial")
     got, indexed = _read_all(out)
     assert indexed and got == want
+
+
+def test_conversion_without_proc_maps_completes_without_the_index(sample_tree, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(offsets, "map_base", lambda path: None)
+    out = str(tmp_path / "out")
+    with pytest.warns(UserWarning, match="no offsets index written"):
+        assert preprocess([sample_tree[0], out, "--splits", "val", "--workers", "0",
+                           "--no-progress"]) == 0
+    got, indexed = _read_all(out, "val")
+    assert not indexed and len(got) == 12
