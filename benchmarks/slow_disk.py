@@ -17,7 +17,7 @@ measures, each for ``--seconds``:
   decode replaced by a byte count) streaming their shards from the one emulated disk, once per
   ``--prefetch-mb`` x ``--chunk-size`` setting.
 
-``--prefetch-mb`` sets ``imagenet_seq.reader.PREFETCH_BYTES`` (the span read-ahead of
+``--prefetch-mb`` sets ``imagenet_seq.readahead.PREFETCH_BYTES`` (the span read-ahead of
 ``SplitReader.read_range``) in the measurement processes; the first value is used for the
 single-reader methods. ``--chunk-size`` is the Loader's ``chunk_size`` (records per contiguous
 span); the read-ahead never runs past a span, so a window larger than a chunk changes nothing.
@@ -44,7 +44,7 @@ IMAGENET_IMAGES = 1_281_167
 IMAGENET_MEAN_BYTES = 110e3
 EPOCHS = 90
 BATCH = 64
-DEFAULT_PREFETCH_MB = 64  # imagenet_seq.reader.PREFETCH_BYTES
+DEFAULT_PREFETCH_MB = 64  # imagenet_seq.readahead.PREFETCH_BYTES
 DEFAULT_CHUNK = 1024  # imagenet_seq.order.DEFAULT_CHUNK_RECORDS
 SHUFFLE_BUFFER = 512  # records: ~4 % of the sample LMDB (ImageNet default: 19,500 = 1.5 %)
 
@@ -237,9 +237,9 @@ def _measure_main(argv) -> int:
     p.add_argument("--chunk-size", type=int, default=None)
     a = p.parse_args(argv)
     if a.prefetch_mb is not None and a.kind != "folder":  # before any reader exists; forked workers inherit it
-        from imagenet_seq import reader
+        from imagenet_seq import readahead
 
-        reader.PREFETCH_BYTES = int(a.prefetch_mb * (1 << 20))
+        readahead.PREFETCH_BYTES = int(a.prefetch_mb * (1 << 20))
     if a.kind == "rank":
         out = measure_loader(a.target, a.seconds, a.workers, a.rank, a.world_size, decode=False,
                              chunk_size=a.chunk_size)
@@ -248,9 +248,9 @@ def _measure_main(argv) -> int:
     else:
         out = MEASURES[a.kind](a.target, a.seconds, a.workers)
     if a.kind != "folder":  # torchvision's python may lack imagenet_seq
-        from imagenet_seq import reader
+        from imagenet_seq import readahead
 
-        out["prefetch_bytes"] = reader.PREFETCH_BYTES
+        out["prefetch_bytes"] = readahead.PREFETCH_BYTES
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
                    default=["folder", "original", "loader", "stream"])
     p.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4])
     p.add_argument("--prefetch-mb", nargs="+", type=float, default=[DEFAULT_PREFETCH_MB],
-                   help="imagenet_seq.reader.PREFETCH_BYTES in MB for the measurement processes; "
+                   help="imagenet_seq.readahead.PREFETCH_BYTES in MB for the measurement processes; "
                         "ranks are measured with each value, the methods with the first")
     p.add_argument("--chunk-size", nargs="+", type=int, default=[DEFAULT_CHUNK],
                    help="Loader chunk_size (records per span); ranks are measured with each "

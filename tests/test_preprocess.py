@@ -339,7 +339,7 @@ def test_ctrl_c_keeps_partial_and_resumes(tmp_path):
 def test_reader_queues_its_span_ahead(sample_lmdb, monkeypatch):
     """read_range keeps the span's bytes queued with WILLNEED ahead of the cursor, in order
     (as for a cold cache: bytes already in the page cache are not queued again)."""
-    import imagenet_seq.reader as reader_mod
+    import imagenet_seq.readahead as reader_mod
 
     monkeypatch.setattr(reader_mod, "_resident", lambda addr, length: False)
     calls = []

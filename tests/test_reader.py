@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from imagenet_seq import reader
+from imagenet_seq import reader, readahead
 
 
 def _plain(path, start, count):
@@ -33,15 +33,15 @@ def _readahead_threads():
 
 @pytest.mark.parametrize("indexed", [True, False])
 @pytest.mark.parametrize("cold", [True, False])
-@pytest.mark.parametrize("prefetch", [64 << 10, 256 << 10, reader.PREFETCH_BYTES])
+@pytest.mark.parametrize("prefetch", [64 << 10, 256 << 10, readahead.PREFETCH_BYTES])
 def test_bursts_and_extensions_return_every_record(sample_lmdb, sample_lmdb_no_index,
                                                    monkeypatch, prefetch, cold, indexed):
     # a small window makes many bursts. Without the index, spans are estimated from the mean
     # record size, so spans of larger-than-mean records need extensions past the estimate.
     # cold: every byte counts as not in the page cache, so each burst takes the disk's turn
-    monkeypatch.setattr(reader, "PREFETCH_BYTES", prefetch)
+    monkeypatch.setattr(readahead, "PREFETCH_BYTES", prefetch)
     if cold:
-        monkeypatch.setattr(reader, "_resident", lambda addr, length: False)
+        monkeypatch.setattr(readahead, "_resident", lambda addr, length: False)
     r = reader.SplitReader(sample_lmdb if indexed else sample_lmdb_no_index, "train")
     try:
         for start, count in [(0, len(r)), (5, 7), (len(r) - 3, 3), (10, 1)]:
@@ -54,14 +54,14 @@ def test_bursts_and_extensions_return_every_record(sample_lmdb, sample_lmdb_no_i
 
 @pytest.mark.parametrize("indexed", [True, False])
 @pytest.mark.parametrize("cold", [True, False])
-@pytest.mark.parametrize("prefetch", [16 << 10, 96 << 10, reader.PREFETCH_BYTES])
+@pytest.mark.parametrize("prefetch", [16 << 10, 96 << 10, readahead.PREFETCH_BYTES])
 def test_read_spans_reads_ahead_across_spans(sample_lmdb, sample_lmdb_no_index, monkeypatch,
                                              prefetch, cold, indexed):
     # spans in a shuffled order, adjacent ones, one-record and empty ones: with the index one
     # read-ahead covers them all, bursts crossing from one span into the next
-    monkeypatch.setattr(reader, "PREFETCH_BYTES", prefetch)
+    monkeypatch.setattr(readahead, "PREFETCH_BYTES", prefetch)
     if cold:
-        monkeypatch.setattr(reader, "_resident", lambda addr, length: False)
+        monkeypatch.setattr(readahead, "_resident", lambda addr, length: False)
     r = reader.SplitReader(sample_lmdb if indexed else sample_lmdb_no_index, "train")
     try:
         spans = [(30, 6), (0, 10), (10, 5), (47, 1), (20, 0), (15, 15), (36, 11)]
@@ -84,12 +84,12 @@ def test_read_spans_reads_ahead_across_spans(sample_lmdb, sample_lmdb_no_index, 
 
 
 def test_segments_merge_adjacent_spans_and_share_no_page(tmp_path):
-    page = reader._PAGE
+    page = readahead._PAGE
     path = tmp_path / "f"
     path.write_bytes(b"x" * (20 * page))
     fd = os.open(path, os.O_RDONLY)
     try:
-        pre = reader._Prefetch(fd, 0, segments=[
+        pre = readahead.Prefetch(fd, 0, segments=[
             (page + 100, 3 * page),       # pages 1-2
             (3 * page, 4 * page + 10),    # contiguous: pages 3-4, same segment
             (4 * page + 20, 6 * page),    # starts in page 4, which the last one has: 5
@@ -125,20 +125,20 @@ def test_readahead_thread_ends_with_its_span(sample_lmdb):
 def test_disk_turns_can_be_switched_off(sample_lmdb, monkeypatch):
     fd = os.open(os.path.join(sample_lmdb, "ILSVRC-train.lmdb"), os.O_RDONLY)
     try:
-        lock = reader._DiskLock.for_fd(fd)
+        lock = readahead.DiskLock.for_fd(fd)
         assert lock is not None
         lock.close()
-        monkeypatch.setattr(reader, "DISK_TURNS", False)
-        assert reader._DiskLock.for_fd(fd) is None
+        monkeypatch.setattr(readahead, "DISK_TURNS", False)
+        assert readahead.DiskLock.for_fd(fd) is None
     finally:
         os.close(fd)
 
 
 _HOLDER = textwrap.dedent("""
     import os, sys, time
-    from imagenet_seq import reader
+    from imagenet_seq import readahead
     fd = os.open(sys.argv[1], os.O_RDONLY)
-    lock = reader._DiskLock.for_fd(fd)
+    lock = readahead.DiskLock.for_fd(fd)
     assert lock.acquire(lambda: False)
     print("held", flush=True)
     sys.stdin.readline()  # hold the turn until told
@@ -157,7 +157,7 @@ def test_turns_exclude_each_other_and_pass_to_a_waiter(sample_lmdb, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         fd = os.open(path, os.O_RDONLY)
-        lock = reader._DiskLock.for_fd(fd)
+        lock = readahead.DiskLock.for_fd(fd)
         try:
             got = []
             t = threading.Thread(target=lambda: got.append(
@@ -192,7 +192,7 @@ def test_a_killed_holder_frees_the_turn(sample_lmdb):
     holder.kill()
     holder.wait()
     fd = os.open(path, os.O_RDONLY)
-    lock = reader._DiskLock.for_fd(fd)
+    lock = readahead.DiskLock.for_fd(fd)
     try:
         t0 = time.monotonic()
         assert lock.acquire(lambda: time.monotonic() - t0 > 5)
@@ -207,7 +207,7 @@ def test_resident_reports_the_page_cache(sample_lmdb):
     try:
         list(r.read_range(0, len(r)))  # maps the file and reads it all
         size = os.fstat(r._fd).st_size
-        assert reader._resident(r._base, size)
-        assert reader._resident(r._base, 0)
+        assert readahead._resident(r._base, size)
+        assert readahead._resident(r._base, 0)
     finally:
         r.close()
