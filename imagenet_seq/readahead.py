@@ -179,11 +179,9 @@ class Prefetch:
     def at_bytes(self, off: int, length: int) -> None:
         """The reader needs file bytes ``[off, off + length)`` (in segment order): return once
         they are read."""
-        while (self._seg + 1 < len(self.seg_file) and off >= self.seg_file[self._seg + 1]
-               and off < self.seg_file[self._seg + 1] + self.seg_pos[self._seg + 2]
-               - self.seg_pos[self._seg + 1]):
-            self._seg += 1
         k = self._seg
+        if not self._holds(k, off) and k + 1 < len(self.seg_file) and self._holds(k + 1, off):
+            self._seg = k = k + 1  # the reader went on to the next span
         pos = self.seg_pos[k] + off - self.seg_file[k]
         stop = min(pos + length, self.seg_pos[k] + self.file_bytes - self.seg_file[k])
         with self.cond:
@@ -201,6 +199,10 @@ class Prefetch:
                 self.cond.notify_all()  # only when the thread has work: no wake-up per record
             while stop > self.done and self.thread.is_alive():
                 self.cond.wait(0.1)
+
+    def _holds(self, k: int, off: int) -> bool:
+        """Whether segment ``k`` holds file offset ``off``."""
+        return 0 <= off - self.seg_file[k] < self.seg_pos[k + 1] - self.seg_pos[k]
 
     def close(self) -> None:
         with self.cond:

@@ -57,14 +57,16 @@ def test_bursts_and_extensions_return_every_record(sample_lmdb, sample_lmdb_no_i
 @pytest.mark.parametrize("prefetch", [16 << 10, 96 << 10, readahead.PREFETCH_BYTES])
 def test_read_spans_reads_ahead_across_spans(sample_lmdb, sample_lmdb_no_index, monkeypatch,
                                              prefetch, cold, indexed):
-    # spans in a shuffled order, adjacent ones, one-record and empty ones: with the index one
-    # read-ahead covers them all, bursts crossing from one span into the next
+    # spans in a shuffled order, adjacent ones, one-record and empty ones, every record once:
+    # with the index one read-ahead covers them all, bursts crossing from one span to the next
     monkeypatch.setattr(readahead, "PREFETCH_BYTES", prefetch)
     if cold:
         monkeypatch.setattr(readahead, "_resident", lambda addr, length: False)
     r = reader.SplitReader(sample_lmdb if indexed else sample_lmdb_no_index, "train")
     try:
-        spans = [(30, 6), (0, 10), (10, 5), (47, 1), (20, 0), (15, 15), (36, 11)]
+        # after (30, 6) the span just before it in the file; (0, 10) + (10, 5) are contiguous
+        spans = [(30, 6), (25, 5), (0, 10), (10, 5), (47, 1), (20, 0), (15, 10), (36, 11)]
+        assert sorted(i for s, c in spans for i in range(s, s + c)) == list(range(len(r)))
         want = [rec for s, c in spans for rec in _plain(r.path, s, c)]
         got = [(i, bytes(j), lab) for i, j, lab in r.read_spans(spans)]
         assert got == want
