@@ -8,8 +8,8 @@ away from their records: a seek there and back each on an HDD.
 
 Read-ahead (``readahead.py``): up to ``PREFETCH_BYTES`` ahead of the reader, in bursts taken
 in turns by the readers of one disk. Measured on the emulated HDD of ``benchmarks/slow_disk.py``
-(BENCHMARKS.md): raw stream 95 % of the disk's bandwidth; 4 DDP ranks on one disk 91 % (the
-B-tree path 82 % in the same session).
+(BENCHMARKS.md): raw stream 92-96 % of the disk's bandwidth; 4 DDP ranks on one disk 87-91 %
+(the B-tree path 82 % in the same session as a 91 % run).
 """
 from __future__ import annotations
 
