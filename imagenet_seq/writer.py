@@ -224,6 +224,12 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                 raise ConversionError(f"{partial} holds records but no progress record; "
                                       "pass --overwrite to start over")
         if finished is not None:
+            if finished.classes != scan.classes or finished.options != opts.content():
+                raise ConversionError(
+                    f"{partial} is a finished conversion of other inputs or options (classes, "
+                    "seed, --max-size or --quality differ); run with the same ones, or pass "
+                    "--overwrite to start over")
+            res.skipped = [(d["path"], d["reason"]) for d in _committed_skips(env)]
             if not has_offsets:
                 _write_offsets(env, partial, finished.num_records)
             env.sync(True)

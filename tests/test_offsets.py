@@ -164,6 +164,11 @@ def test_resume_finishes_a_conversion_killed_before_its_index(sample_tree, tmp_p
     assert not os.path.exists(final + ".partial")
     got, indexed = _read_all(out)
     assert indexed and got == want
+    # the same state, resumed with another seed: refused, nothing renamed
+    os.rename(final, final + ".partial")
+    assert preprocess([sample_tree[0], out, "--splits", "train", "--workers", "0",
+                       "--no-progress", "--resume", "--seed", "3"]) != 0
+    assert os.path.exists(final + ".partial") and not os.path.exists(final)
 
 
 def test_conversion_without_proc_maps_completes_without_the_index(sample_tree, tmp_path,
