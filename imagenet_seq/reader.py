@@ -65,7 +65,8 @@ class SplitReader:
         data = evict.data_file(self.path)
         self._fd = os.open(data, os.O_RDONLY)
         self._base = offsets_index.map_base(data)
-        self._index = None if self.legacy else self._read_index()
+        self._index = None if self.legacy else \
+            offsets_index.read(self._env, self.meta.num_records, self.path)
 
     def close(self) -> None:
         if self._env is not None:
@@ -90,8 +91,7 @@ class SplitReader:
             self.reset_state()
         if count <= 0:
             return
-        if start < 0 or start + count > self.meta.num_records:
-            raise IndexError(f"range [{start}, {start + count}) outside 0..{self.meta.num_records}")
+        self._check_span(start, count)
         if self._index is not None:
             yield from self._read_indexed([(start, count)])
             return
@@ -121,8 +121,9 @@ class SplitReader:
             if ahead is not None:
                 ahead.close()
 
-    def _read_index(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-        return offsets_index.read(self._env, self.meta.num_records, self.path)
+    def _check_span(self, start: int, count: int) -> None:
+        if start < 0 or count < 0 or start + count > self.meta.num_records:
+            raise IndexError(f"range [{start}, {start + count}) outside 0..{self.meta.num_records}")
 
     def read_spans(self, spans: Sequence[Tuple[int, int]],
                    stop: Optional[threading.Event] = None) -> Iterator[Tuple[int, bytes, int]]:
@@ -131,9 +132,7 @@ class SplitReader:
         if self._env is None:
             self.reset_state()
         for start, count in spans:
-            if start < 0 or count < 0 or start + count > self.meta.num_records:
-                raise IndexError(f"range [{start}, {start + count}) outside "
-                                 f"0..{self.meta.num_records}")
+            self._check_span(start, count)
         if self._index is not None:
             yield from self._read_indexed(spans, stop)
             return
