@@ -14,6 +14,14 @@ A split is ONE LMDB file (``subdir=False``), e.g. ``/lmdb/ILSVRC-train.lmdb``, h
 * ``__offsets__``: file offset and length of every record's value, in one transaction after
   ``__meta__`` (``offsets.py``); optional, readers without it walk the B-tree.
 
+* ``__crc__``: a CRC-32 of every record's value, written at conversion (``checksums.py``);
+  optional, ``imagenet-seq-verify --add-checksums`` adds it to older files.
+
+Every environment is opened through :func:`open_env`, which first checks the file against its
+LMDB header (:func:`check_file`): a file shorter than the pages LMDB will map (an interrupted
+copy) is a :class:`DamagedFile` error naming its size, the size it should have and the fix,
+not a SIGBUS on the first page touched past its end.
+
 Keys starting with ``__`` sort after the digit keys, so a cursor walking the digit range sees
 only records. LMDBs written by the original tool (tensorpack ``LMDBSerializer``: keys ``%08d``,
 values serialized ``[uint8 JPEG array, label]``, a ``__keys__`` record) are recognised and read
@@ -30,6 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .lmdbfile import REMEDY, DamagedFile, check_file, check_in_file, data_file, map_base
+
 FORMAT_NAME = "imagenet_seq"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -44,6 +54,18 @@ LEGACY_KEYS_KEY = b"__keys__"
 RECORD_HEADER = struct.Struct("<I")
 # 1 TiB of address space: LMDB only reserves it; the file grows with the data (Linux, 64-bit).
 MAP_SIZE = 1 << 40
+
+
+class RecordError(RuntimeError):
+    """One record is bad (fails to decode, checksum or label); ``key`` is its LMDB key."""
+
+    def __init__(self, message: str, key: bytes = b"", index: int = -1):
+        super().__init__(message)
+        self.key = key
+        self.index = index
+
+    def __reduce__(self):  # keeps key and index across a process pool's pickling
+        return type(self), (str(self), self.key, self.index)
 
 
 def split_filename(split: str) -> str:
@@ -110,8 +132,11 @@ class Metadata:
         try:
             d = json.loads(bytes(raw))
         except ValueError as e:
-            raise ValueError(f"{path}: __meta__ record is not valid JSON ({e}); "
-                             "re-run preprocess_sequential.py --overwrite") from None
+            raise DamagedFile(f"{path}: __meta__ record is not valid JSON ({e}); "
+                              f"{REMEDY}") from None
+        if not isinstance(d, dict):
+            raise DamagedFile(f"{path}: __meta__ holds a JSON {type(d).__name__}, not an "
+                              f"object; {REMEDY}")
         if d.get("format") != FORMAT_NAME:
             raise ValueError(f"{path}: __meta__ names format {d.get('format')!r}, "
                              f"expected {FORMAT_NAME!r}")
@@ -121,20 +146,52 @@ class Metadata:
                 f"version {FORMAT_VERSION}; re-run preprocess_sequential.py --overwrite with "
                 "this version, or install the imagenet_seq version that wrote it")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+        try:
+            meta = cls(**known)
+            sane = (meta.split in SPLITS and 0 <= int(meta.num_records) < MAX_RECORDS
+                    and len(meta.class_counts) == len(meta.classes)
+                    and sum(meta.class_counts) == meta.num_records)
+        except (TypeError, ValueError):
+            sane = False
+        if not sane:
+            raise DamagedFile(f"{path}: __meta__ is inconsistent (split, record count or class "
+                              f"counts); {REMEDY}")
+        return meta
 
 
 def open_env(path: str, readonly: bool = True, **kw):
-    """Open one LMDB file. Readers take no lock (read-only media, many processes)."""
+    """Open one LMDB file, after :func:`check_file` (a new or empty file is fine for writing).
+    Readers take no lock (read-only media, many processes).
+
+    Raises:
+        DamagedFile: the file is truncated, or LMDB refuses it (not an LMDB file, damaged).
+        FileNotFoundError: a read-only open of a missing file.
+    """
     import lmdb
 
-    if readonly:
-        return lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=True,
-                         meminit=False, max_readers=1024, **kw)
-    # sync=False: commits do not fsync (a kill -9 loses nothing committed; a power cut may lose
-    # the last commits, which --resume redoes); the writer syncs once before the final rename.
-    return lmdb.open(path, subdir=False, map_size=MAP_SIZE, readonly=False, meminit=False,
-                     sync=False, **kw)
+    if readonly or (os.path.exists(data_file(path)) and os.path.getsize(data_file(path)) > 0):
+        check_file(path)
+    try:
+        if readonly:
+            return lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=True,
+                             meminit=False, max_readers=1024, **kw)
+        # sync=False: commits do not fsync (a kill -9 loses nothing committed; a power cut may
+        # lose the last commits, which --resume redoes); the writer syncs once before the rename.
+        return lmdb.open(path, subdir=False, map_size=MAP_SIZE, readonly=False, meminit=False,
+                         sync=False, **kw)
+    except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError,
+            lmdb.PageNotFoundError) as e:
+        raise DamagedFile(f"{path}: LMDB cannot open it ({e}); {REMEDY}") from None
+
+
+def get_checked(txn, key: bytes, path: str):
+    """``txn.get(key)`` of a ``buffers=True`` transaction, checked with :func:`check_in_file`
+    (the few metadata records read at open; records themselves use the reader's own check)."""
+    value = txn.get(key)
+    if isinstance(value, memoryview):
+        check_in_file(value, map_base(path), os.path.getsize(data_file(path)), path,
+                      f"record {key!r}")
+    return value
 
 
 _SHARED: Dict[Tuple[int, str], list] = {}  # (pid, real path) -> [env, references]
@@ -191,6 +248,12 @@ def find_split(root: str, split: str) -> str:
         inner = os.path.join(path, "data.mdb")
         if os.path.isfile(inner):
             return path
+        inside = sorted(os.listdir(path))
+        raise FileNotFoundError(
+            f"{path} is a folder ({', '.join(inside[:5]) or 'empty'}), not an LMDB file: "
+            "preprocess_sequential.py writes one file per split (other tools' folders hold a "
+            f"data.mdb); re-copy the file, or run `python preprocess_sequential.py "
+            f"/path/to/imagenet {root}`")
     found = sorted(os.listdir(root))
     partial = [f for f in found if f.endswith(".partial")]
     hint = (f" ({', '.join(partial)} is an unfinished conversion: run preprocess_sequential.py "
@@ -202,13 +265,13 @@ def find_split(root: str, split: str) -> str:
 
 def read_metadata(txn, path: str) -> Metadata:
     """Metadata of an open LMDB: ours (version checked) or the original tool's (legacy)."""
-    raw = txn.get(META_KEY)
+    raw = get_checked(txn, META_KEY, path)
     if raw is not None:
         return Metadata.from_json(raw, path)
-    if txn.get(PROGRESS_KEY) is not None:
+    if get_checked(txn, PROGRESS_KEY, path) is not None:
         raise ValueError(f"{path} is an unfinished conversion; "
                          "run preprocess_sequential.py --resume")
-    keys = txn.get(LEGACY_KEYS_KEY)
+    keys = get_checked(txn, LEGACY_KEYS_KEY, path)
     if keys is None:
         raise ValueError(
             f"{path} is an LMDB without an imagenet_seq __meta__ record or the original tool's "
@@ -221,12 +284,21 @@ def read_metadata(txn, path: str) -> Metadata:
                     order="unknown", legacy=True)
 
 
-def read_labels(txn, meta: Metadata) -> Optional[np.ndarray]:
-    """Every record's label (int32, record order), or None for legacy files."""
-    raw = txn.get(LABELS_KEY)
+def read_labels(txn, meta: Metadata, path: str = "") -> Optional[np.ndarray]:
+    """Every record's label (int32, record order), or None for legacy files.
+
+    Raises:
+        DamagedFile: a wrong count, or a label outside ``[0, len(meta.classes))``.
+    """
+    raw = get_checked(txn, LABELS_KEY, path) if path else txn.get(LABELS_KEY)
     if raw is None:
         return None
     labels = np.frombuffer(bytes(raw), dtype="<i4")
     if len(labels) != meta.num_records:
-        raise ValueError(f"__labels__ holds {len(labels)} labels for {meta.num_records} records")
+        raise DamagedFile(f"{path}: __labels__ holds {len(labels)} labels for "
+                          f"{meta.num_records} records; {REMEDY}")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(meta.classes)))
+    if meta.classes and len(bad):
+        raise DamagedFile(f"{path}: __labels__ gives record {bad[0]} label {labels[bad[0]]}, "
+                          f"outside 0..{len(meta.classes) - 1} ({len(bad)} such); {REMEDY}")
     return labels

@@ -30,8 +30,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from . import evict
 from . import format as fmt
+from .format import map_base
 
 OFFSETS_KEY = b"__offsets__"
 _HEAD = struct.Struct("<4sIQQ")
@@ -43,24 +43,10 @@ class StaleOffsets(ValueError):
     """The ``__offsets__`` record does not describe this file."""
 
 
-def map_base(path: str) -> Optional[int]:
-    """Address where this process mapped ``path`` at file offset 0 (Linux), else None."""
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].strip() == real and int(parts[2], 16) == 0:
-                    return int(parts[0].split("-")[0], 16)
-    except OSError:
-        pass
-    return None
-
-
 def compute(env, path: str, num_records: int) -> Tuple[np.ndarray, np.ndarray]:
     """Offsets and lengths of records ``0 .. num_records-1`` of an open environment, found by
     walking its records once (this reads the leaf pages, not the values)."""
-    base = map_base(evict.data_file(path))
+    base = map_base(path)
     if base is None:
         raise OSError(f"cannot find where {path} is mapped (/proc/self/maps); the offsets "
                       "index needs Linux")
@@ -112,8 +98,8 @@ def decode(raw, num_records: int, last_txn: int, path: str) -> Tuple[np.ndarray,
 def read(env, num_records: int, path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The index of an open environment: None when the file has none, or (with a warning that
     names the fix) when it no longer describes the file."""
-    with env.begin() as txn:
-        raw = txn.get(OFFSETS_KEY)
+    with env.begin(buffers=True) as txn:
+        raw = fmt.get_checked(txn, OFFSETS_KEY, path)
         if raw is None:
             return None
         try:

@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from . import checksums
 from . import format as fmt
 from . import offsets
 from .images import BrokenImage, normalise
@@ -239,6 +240,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                                                        len(plan))
             return res
         res.resumed_at = state["plan_pos"]
+        crcs = checksums.Log(state["written"])  # records before it: checksums committed
         t0 = time.perf_counter()
         if start_progress:
             start_progress(len(plan), state["plan_pos"])
@@ -269,6 +271,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                     nbytes = 0
                 else:
                     txn.put(fmt.record_key(state["written"]), payload)
+                    crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
                     state["written"] += 1
                     state["class_counts"][label] += 1
                     nbytes = len(payload) - fmt.RECORD_HEADER.size
@@ -281,6 +284,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                     progress(1, nbytes, state["skipped"])
                 if pending_n >= COMMIT_RECORDS or pending_b >= COMMIT_BYTES:
                     txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
+                    crcs.commit(txn)  # with their records: a resume keeps them
                     txn.commit()
                     txn = env.begin(write=True)
                     pending_n = pending_b = 0
@@ -295,6 +299,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                 order="random" if split == "train" else "sorted",
                 options=opts.content(), skipped=state["skipped"])
             txn.put(fmt.LABELS_KEY, labels.tobytes())
+            crcs.finish(txn, state["written"])
             txn.delete(fmt.PROGRESS_KEY)
             txn.put(fmt.META_KEY, meta.to_json())  # metadata last
             txn.commit()
