@@ -9,12 +9,14 @@ grayscale replicated to three channels, a PNG's alpha dropped.
   orientation tag while PIL does not, and stripping it makes every decoder agree with PIL.
 * CMYK/YCCK JPEGs, PNGs (also when named ``.JPEG``) and other formats PIL reads are converted
   with PIL and re-encoded as RGB JPEG (4:4:4, ``quality``).
-* Truncated or undecodable files raise :class:`BrokenImage` with the reason.
+* Truncated or undecodable files, and images above PIL's pixel limit (:func:`pixel_limit`),
+  raise :class:`BrokenImage` with the reason.
 """
 from __future__ import annotations
 
 import io
 import struct
+import warnings
 from typing import Optional, Tuple
 
 import cv2
@@ -58,15 +60,17 @@ def _jpeg_segments(data: bytes):
         pos = end
 
 
-def inspect_jpeg(data: bytes) -> Tuple[int, bool]:
-    """(number of colour components, has EXIF APP1) of a JPEG; BrokenImage if truncated."""
-    components = 0
+def inspect_jpeg(data: bytes) -> Tuple[int, bool, int]:
+    """(colour components, has EXIF APP1, pixels) of a JPEG; BrokenImage if truncated."""
+    components = pixels = 0
     has_exif = False
     sos_end = None
     for marker, start, end in _jpeg_segments(data):
         if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
                       0xCF):
             components = data[start + 9]
+            height, width = struct.unpack_from(">HH", data, start + 5)
+            pixels = height * width
         elif marker == 0xE1 and data[start + 4:start + 10] == b"Exif\x00\x00":
             has_exif = True
         elif marker == 0xDA:
@@ -77,7 +81,26 @@ def inspect_jpeg(data: bytes) -> Tuple[int, bool]:
     # the first scan header can only be the end-of-image marker.
     if data.rfind(b"\xff\xd9", sos_end) < 0:  # from the end: EOI is normally the last 2 bytes
         raise BrokenImage("truncated JPEG (no end-of-image marker)")
-    return components, has_exif
+    return components, has_exif, pixels
+
+
+def pixel_limit() -> Optional[int]:
+    """Pixels above which PIL refuses to open an image (``DecompressionBombError``): twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 by default), None if a user disabled it.
+
+    torchvision's ImageFolder cannot load such an image, so it is never stored, whatever its
+    format (OpenCV alone would decode a JPEG up to 2**30 pixels).
+    """
+    from PIL import Image
+
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def _check_pixels(pixels: int) -> None:
+    limit = pixel_limit()
+    if limit and pixels > limit:
+        raise BrokenImage(f"{pixels} pixels, above PIL's limit of {limit} (a decompression "
+                          "bomb to PIL: torchvision's ImageFolder cannot open it either)")
 
 
 def strip_exif(data: bytes) -> bytes:
@@ -97,8 +120,8 @@ def _decode_cv2(data: bytes) -> Optional[np.ndarray]:
     return cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
 
 
-def _encode_rgb(rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+def _encode_bgr(bgr: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", bgr,
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality),
                             cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
     if not ok:
@@ -106,26 +129,52 @@ def _encode_rgb(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def _pil_rgb(data: bytes) -> np.ndarray:
+_STRIP_BYTES = 16 << 20
+
+
+def _pil_bgr(data: bytes) -> np.ndarray:
+    """PIL's RGB pixels (the reference), channels in OpenCV's BGR order.
+
+    Memory: the decoded image plus one numpy copy, ~6 bytes per pixel at peak (7 for RGBA or
+    CMYK sources while ``convert`` runs). Copied in strips: ``np.asarray(im)`` of a whole
+    image goes through ``tobytes()`` and would hold two more copies.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            # above MAX_IMAGE_PIXELS PIL warns from every worker; the README states the cost
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode != "RGB":  # convert() of an RGB image would copy it
+                    rgb = im.convert("RGB")
+                    im.close()
+                    im = rgb
+                with im:
+                    w, h = im.size
+                    out = np.empty((h, w, 3), np.uint8)
+                    step = max(1, _STRIP_BYTES // max(1, 3 * w))
+                    for y in range(0, h, step):
+                        strip = np.asarray(im.crop((0, y, w, min(h, y + step))))
+                        out[y:y + step] = strip[:, :, ::-1]
+                    return out
     except UnidentifiedImageError:
         raise BrokenImage("not an image (PIL cannot identify it)") from None
+    except Image.DecompressionBombError as e:
+        raise BrokenImage(f"{e} (PIL refuses it: torchvision's ImageFolder cannot open it "
+                          "either)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BrokenImage(f"undecodable image ({e})") from None
 
 
-def _limit(rgb: np.ndarray, max_size: Optional[int]) -> Tuple[np.ndarray, bool]:
-    h, w = rgb.shape[:2]
+def _limit(img: np.ndarray, max_size: Optional[int]) -> Tuple[np.ndarray, bool]:
+    h, w = img.shape[:2]
     if not max_size or max(h, w) <= max_size:
-        return rgb, False
+        return img, False
     s = max_size / max(h, w)
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), True
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA), True
 
 
 def normalise(data: bytes, max_size: Optional[int] = None,
@@ -139,13 +188,14 @@ def normalise(data: bytes, max_size: Optional[int] = None,
         raise BrokenImage("empty file")
     note = None
     if data[:3] == b"\xff\xd8\xff":
-        components, has_exif = inspect_jpeg(data)
+        components, has_exif, pixels = inspect_jpeg(data)
+        _check_pixels(pixels)
         if components in (1, 3):
             img = _decode_cv2(data)
             if img is not None:
                 if max_size and max(img.shape[:2]) > max_size:
-                    small, _ = _limit(img[:, :, ::-1], max_size)
-                    return _encode_rgb(small, quality), f"resized to max side {max_size}"
+                    small, _ = _limit(img, max_size)
+                    return _encode_bgr(small, quality), f"resized to max side {max_size}"
                 if has_exif:
                     return strip_exif(data), "EXIF removed"
                 return data, None
@@ -154,11 +204,11 @@ def normalise(data: bytes, max_size: Optional[int] = None,
             note = f"{'CMYK/YCCK' if components == 4 else f'{components}-channel'} JPEG -> RGB"
     else:
         note = "converted to RGB JPEG"
-    rgb = _pil_rgb(data)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise BrokenImage(f"unexpected decoded shape {rgb.shape}")
-    rgb, resized = _limit(rgb, max_size)
-    out = _encode_rgb(np.ascontiguousarray(rgb), quality)
+    bgr = _pil_bgr(data)
+    if bgr.size == 0:
+        raise BrokenImage(f"unexpected decoded shape {bgr.shape}")
+    bgr, resized = _limit(bgr, max_size)
+    out = _encode_bgr(bgr, quality)
     if resized:
         note += f", resized to max side {max_size}"
     return out, note

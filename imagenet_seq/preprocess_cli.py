@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 import lmdb
@@ -69,7 +71,9 @@ def _write_report(dst: str, split: str, skipped) -> Optional[str]:
         if os.path.exists(path):
             os.remove(path)
         return None
-    with open(path, "w") as f:
+    # surrogateescape: a name that is not UTF-8 is written as its bytes on disk, so the report
+    # names the file exactly (``cut -f1`` gives paths that ``rm`` finds)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write("path\treason\n")
         for rel, reason in skipped:
             f.write(f"{rel}\t{reason}\n")
@@ -80,15 +84,46 @@ def _table(rows) -> str:
     head = ["split", "images", "converted", "skipped", "GB", "seconds", "img/s"]
     body = [[r.split, r.written, r.converted, len(r.skipped), f"{r.bytes / 1e9:.3f}",
              f"{r.seconds:.1f}", f"{r.written / r.seconds:.0f}" if r.seconds else "-"]
-            if not r.already_complete else [r.split, "complete", "-", "-", "-", "-", "-"]
+            if not r.already_complete else
+            [r.split, r.written, "-", len(r.skipped), f"{r.bytes / 1e9:.3f}", "kept", "-"]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
     return "\n".join(lines)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: workers killed, committed records kept, --resume hint."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _stopped(e: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
+def _status(e: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # only the main thread may set handlers (a library caller in a thread keeps the default)
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:  # before or after the writing (scan, summary)
+        print(f"\n{_stopped(e)}", file=sys.stderr)
+        return _status(e)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(args) -> int:
     try:
         splits = _check(args)
         classes = find_classes(os.path.join(args.src, "train"))
@@ -125,10 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ConversionError as e:
             print(f"\nerror: {e}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; the finished part is kept in {args.dst}: run again with "
+        except KeyboardInterrupt as e:
+            print(f"\n{_stopped(e)}; the finished part is kept in {args.dst}: run again with "
                   "--resume to continue", file=sys.stderr)
-            return 130
+            return _status(e)
         except (OSError, lmdb.Error) as e:  # disk full, read-only folder, map full
             print(f"\nerror writing {args.dst}: {e}; free space or fix the output folder, then "
                   "run again with --resume", file=sys.stderr)
@@ -138,8 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bar.close()
         # files that are not images are reported beside the broken ones
         res.skipped = [(rel, reason) for rel, reason in scan.not_images] + res.skipped
-        res.report = _write_report(args.dst, split, res.skipped) if not res.already_complete \
-            else None
+        res.report = _write_report(args.dst, split, res.skipped)
         results.append(res)
     if args.json:
         print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,

@@ -6,7 +6,9 @@ Class indices are the sorted class folder names of ``train/``: the indices torch
 from __future__ import annotations
 
 import csv
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -28,18 +30,80 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _files_under(folder: str) -> List[str]:
-    """Every file below ``folder`` (recursive, following links), relative, sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, folder)
-        for f in filenames:
-            out.append(f if rel == "." else os.path.join(rel, f))
-    return sorted(out)
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a directory"))
 
 
-def _split_images(folder: str, files: List[str], prefix: str = ""):
+def not_a_file_reason(path: str) -> Optional[str]:
+    """Why ``path`` cannot be an image file without opening it, or None for a regular file.
+
+    FIFOs, sockets and devices are never opened (opening a FIFO blocks until a writer comes);
+    dangling symbolic links and link loops have no content. All of them are skipped and
+    reported, like any other file that is not an image.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return f"dangling symbolic link (to {os.readlink(path)!r})"
+        return None  # unreadable for another reason: the read reports it
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((k for test, k in _KINDS if test(mode)), f"mode {mode:o}")
+    return f"not a regular file ({kind}); never opened"
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; False for link loops and dangling links (reported as files)."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:  # ELOOP: DirEntry.is_dir swallows only ENOENT
+        return False
+
+
+def _files_under(folder: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(regular files below ``folder``, (path, reason) of what cannot be read), relative, sorted.
+
+    Recursive and following links to folders, as torchvision's ImageFolder lists files, except
+    that a link back to a folder on the way down is reported instead of walked again (os.walk
+    would list the same images once per lap until the path length limit).
+    """
+    files: List[str] = []
+    bad: List[Tuple[str, str]] = []
+
+    def walk(path: str, rel: str, ancestors) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            bad.append((rel or ".", f"cannot list folder: {e.strerror or e}"))
+            return
+        for e in entries:
+            r = os.path.join(rel, e.name) if rel else e.name
+            if _is_dir(e):
+                st = os.stat(e.path)
+                if (st.st_dev, st.st_ino) in ancestors:
+                    bad.append((r, "symbolic link loop (links to a folder above it)"))
+                    continue
+                walk(e.path, r, ancestors | {(st.st_dev, st.st_ino)})
+                continue
+            reason = not_a_file_reason(e.path)
+            if reason:
+                bad.append((r, reason))
+            else:
+                files.append(r)
+
+    st = os.stat(folder)
+    walk(folder, "", frozenset({(st.st_dev, st.st_ino)}))
+    return sorted(files), sorted(bad)
+
+
+def _split_images(folder: str, prefix: str = ""):
+    """(image paths, (path, reason) of the rest) below ``folder``, relative to its parent
+    (``prefix`` = the class folder name)."""
+    files, bad = _files_under(folder)
     images, others = [], []
     for f in files:
         rel = os.path.join(prefix, f) if prefix else f
@@ -48,14 +112,15 @@ def _split_images(folder: str, files: List[str], prefix: str = ""):
         else:
             ext = os.path.splitext(f)[1] or os.path.basename(f)
             others.append((rel, f"not an image file ({ext!r} is not one of the image extensions)"))
-    return images, others
+    others += [(os.path.join(prefix, f) if prefix else f, reason) for f, reason in bad]
+    return images, sorted(others)
 
 
 def find_classes(train_dir: str) -> List[str]:
     if not os.path.isdir(train_dir):
         raise ScanError(f"{train_dir} does not exist; expected the ImageFolder layout "
                         "<root>/train/<class>/<image> (and <root>/val/...)")
-    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and
+    classes = sorted(e.name for e in os.scandir(train_dir) if _is_dir(e) and
                      not e.name.startswith("."))
     if not classes:
         raise ScanError(f"no class folders in {train_dir}; expected {train_dir}/<class>/<image> "
@@ -66,7 +131,7 @@ def find_classes(train_dir: str) -> List[str]:
 def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
     """``split_dir/<class>/...`` with the given class list (train's)."""
     index = {c: i for i, c in enumerate(classes)}
-    present = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and
+    present = sorted(e.name for e in os.scandir(split_dir) if _is_dir(e) and
                      not e.name.startswith("."))
     unknown = [c for c in present if c not in index]
     if unknown:
@@ -74,15 +139,15 @@ def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
                         "every val class must also be a train class")
     entries, not_images = [], []
     for c in present:
-        images, others = _split_images(os.path.join(split_dir, c),
-                                       _files_under(os.path.join(split_dir, c)), prefix=c)
+        images, others = _split_images(os.path.join(split_dir, c), prefix=c)
         if not images:
             raise ScanError(f"class folder {os.path.join(split_dir, c)} holds no images; add "
                             "images or remove the folder")
         entries.extend((p, index[c]) for p in images)
         not_images.extend(others)
-    for f in sorted(e.name for e in os.scandir(split_dir) if e.is_file()):
-        not_images.append((f, "file outside any class folder"))
+    for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if not _is_dir(e):  # files, links, FIFOs ...: reported, never opened
+            not_images.append((e.name, "file outside any class folder"))
     return Scan(classes, sorted(entries), not_images)
 
 
@@ -125,7 +190,7 @@ def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) 
                         "('<filename> <class>' lines or Kaggle's LOC_val_solution.csv)")
     labels = read_val_labels(labels_file)
     index = {c: i for i, c in enumerate(classes)}
-    images, not_images = _split_images(val_dir, _files_under(val_dir))
+    images, not_images = _split_images(val_dir)
     stems = {os.path.splitext(p)[0]: p for p in images}
     unknown_files = sorted(set(labels) - set(stems))
     if unknown_files:
@@ -148,7 +213,7 @@ def scan_split(root: str, split: str, classes: List[str], val_labels: Optional[s
         return scan_class_folders(split_dir, classes)
     if not os.path.isdir(split_dir):
         raise ScanError(f"{split_dir} does not exist; add it or pass --splits train")
-    has_dirs = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(split_dir))
+    has_dirs = any(_is_dir(e) and not e.name.startswith(".") for e in os.scandir(split_dir))
     if has_dirs:
         return scan_class_folders(split_dir, classes)
     return scan_flat_val(split_dir, classes, val_labels)

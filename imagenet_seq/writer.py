@@ -7,17 +7,16 @@ writes ``__labels__`` and ``__meta__`` and drops ``__progress__``; only then is 
 to ``ILSVRC-<split>.lmdb``. A killed run never leaves a file that looks complete, and
 ``resume=True`` continues from the last commit, ending with the record set a clean run writes.
 
-Memory: at most ``workers * 8`` chunks of ``CHUNK`` images are in flight and one uncommitted
+Memory: at most ``workers * 8`` chunks of 32 images are in flight (``convert_workers``) and one uncommitted
 transaction holds at most ``COMMIT_BYTES`` of records; nothing else grows
 with the dataset except the label list (4 bytes per image).
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
-import multiprocessing as mp
 import os
+import struct
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,11 +27,9 @@ import numpy as np
 from . import checksums
 from . import format as fmt
 from . import offsets
-from .images import BrokenImage, normalise
-from .malloc import keep_decode_buffers
+from .convert_workers import Workers, WorkerError, results
 from .scan import Scan
 
-CHUNK = 32
 COMMIT_RECORDS = 2000
 COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
 
@@ -79,69 +76,10 @@ def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
 def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) -> str:
     h = hashlib.sha1(json.dumps([classes, opts.content()]).encode())
     for path, label in plan:
-        h.update(f"{path}\t{label}\n".encode())
+        # surrogateescape: names that are not UTF-8 (listed by os.listdir as lone surrogates,
+        # as torchvision's ImageFolder lists them) hash as their bytes on disk
+        h.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
-
-
-def _process_chunk(args):
-    """Worker: read + validate + normalise a chunk. Returns [(status, payload, note)]."""
-    split_dir, items, max_size, quality = args
-    out = []
-    for rel, label in items:
-        path = os.path.join(split_dir, rel)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            out.append(("error", f"cannot read {path}: {e.strerror or e}; fix its permissions "
-                                 "or remove it, then run again with --resume", None))
-            continue
-        try:
-            jpeg, note = normalise(data, max_size=max_size, quality=quality)
-            out.append(("ok", fmt.encode_record(label, jpeg), note))
-        except BrokenImage as e:
-            out.append(("skip", str(e), None))
-    return out
-
-
-def _worker_init() -> None:
-    # malloc tuned for image buffers (see .malloc). No OpenCV call here: after a fork, OpenCV's
-    # thread pool (started by the parent) can deadlock on its lock (seen with cv2.setNumThreads).
-    keep_decode_buffers()
-
-
-def _chunks(plan, start, split_dir, opts):
-    for i in range(start, len(plan), CHUNK):
-        yield i, (split_dir, plan[i:i + CHUNK], opts.max_size, opts.quality)
-
-
-def _results(plan, start, split_dir, opts):
-    """Yield (plan position, status, payload, note) in plan order, with bounded look-ahead."""
-    chunks = _chunks(plan, start, split_dir, opts)
-    if opts.workers <= 0:
-        for i, args in chunks:
-            for j, r in enumerate(_process_chunk(args)):
-                yield (i + j,) + r
-        return
-    # fork: workers inherit imports; they hold no LMDB handle (the writer opens after the pool)
-    ctx = mp.get_context("fork")
-    pool = ctx.Pool(opts.workers, initializer=_worker_init)
-    try:
-        pending = collections.deque()
-        for i, args in chunks:
-            pending.append((i, pool.apply_async(_process_chunk, (args,))))
-            if len(pending) >= opts.workers * 8:
-                j0, res = pending.popleft()
-                for j, r in enumerate(res.get()):
-                    yield (j0 + j,) + r
-        while pending:
-            j0, res = pending.popleft()
-            for j, r in enumerate(res.get()):
-                yield (j0 + j,) + r
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 def _committed_skips(env):
@@ -163,6 +101,72 @@ def _write_offsets(env, path: str, num_records: int) -> None:
     except OSError as e:
         warnings.warn(f"{path}: no offsets index written ({e}); readers will walk the B-tree "
                       "(slower from an HDD)")
+
+
+_META = struct.Struct("<IIQQ96xQQ")  # magic, version, address, mapsize, 2 dbs, last page, txnid
+_MAGIC = 0xBEEFC0DE
+
+
+def _size_problem(path: str) -> Optional[str]:
+    """What is wrong with the size of LMDB file ``path``, or None.
+
+    The two meta pages (page 0 and 1, after a 16-byte page header) hold the page size (in the
+    free-list db's pad field, as LMDB stores it) and the last page in use; LMDB uses the meta
+    with the higher transaction id. 64-bit LMDB layout.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return None  # LMDB makes a new, empty environment
+    with open(path, "rb") as f:
+        head = f.read(16 + _META.size)
+        if len(head) < 16 + _META.size:
+            return f"{path} is {size} bytes, shorter than one LMDB meta page: truncated"
+        psize = struct.unpack_from("<I", head, 16 + 24)[0]
+        magic = _META.unpack_from(head, 16)[0]
+        if magic != _MAGIC or not 512 <= psize <= 1 << 16:
+            return None  # not an LMDB header: LMDB's own error says so, without a signal
+        f.seek(psize)
+        second = f.read(16 + _META.size)
+    metas = [_META.unpack_from(head, 16)]
+    if len(second) == 16 + _META.size and _META.unpack_from(second, 16)[0] == _MAGIC:
+        metas.append(_META.unpack_from(second, 16))
+    else:
+        return f"{path} is {size} bytes, shorter than LMDB's two meta pages ({2 * psize}): truncated"
+    last_pg, txnid = max(metas, key=lambda m: m[5])[4:6]
+    need = (last_pg + 1) * psize
+    if size < need:
+        return (f"{path} is {size} bytes but its LMDB header says {need} bytes "
+                f"(pages 0..{last_pg} of {psize}): truncated (an interrupted copy or a full disk?)")
+    return None
+
+
+def _check_not_truncated(path: str, way_out: str) -> None:
+    """Refuse an LMDB file shorter than its own meta pages say it is.
+
+    LMDB maps the file and would touch pages past its end: SIGBUS, no Python error. A file cut
+    short by an interrupted copy or a full disk looks exactly like this.
+    """
+    problem = _size_problem(path)
+    if problem:
+        raise ConversionError(f"{problem}; {way_out}")
+
+
+def _complete(final: str, res: Result) -> Result:
+    """``--resume`` over a finished split: keep it, and report what it skipped."""
+    _check_not_truncated(final, "delete it and convert again")
+    env = fmt.open_env(final)
+    try:
+        with env.begin() as txn:
+            meta = fmt.read_metadata(txn, final)
+        res.skipped = [(d["path"], d["reason"]) for d in _committed_skips(env)]
+    except ValueError as e:
+        raise ConversionError(f"{e} (found by --resume, which keeps finished files; pass "
+                              "--overwrite to convert it again)") from None
+    finally:
+        env.close()
+    res.already_complete = True
+    res.written, res.bytes = meta.num_records, meta.total_bytes
+    return res
 
 
 def _remove(path: str) -> None:
@@ -188,8 +192,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                               f"{fmt.MAX_RECORDS - 1}")
     if os.path.exists(final):
         if resume and not overwrite:
-            res.already_complete = True
-            return res
+            return _complete(final, res)
         if not overwrite:
             raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
                                   "(or --resume to keep it and finish the other splits)")
@@ -203,6 +206,8 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
     fp = fingerprint(plan, scan.classes, opts)
     split_dir = os.path.join(src_root, split)
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(partial):
+        _check_not_truncated(partial, "delete it and convert again (without --resume)")
     env = fmt.open_env(partial, readonly=False, lock=False)
     try:
         finished = None
@@ -250,10 +255,13 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             skipped_pos.add(d["pos"])
             res.skipped.append((d["path"], d["reason"]))
 
-        txn = env.begin(write=True)
+        workers = Workers(opts.workers) if opts.workers > 0 else None
+        txn = None
         pending_n = pending_b = 0
         try:
-            for pos, status, payload, note in _results(plan, state["plan_pos"], split_dir, opts):
+            txn = env.begin(write=True)
+            for pos, status, payload, note in results(split_dir, plan, state["plan_pos"],
+                                                      opts.max_size, opts.quality, workers):
                 rel, label = plan[pos]
                 if status == "error":
                     raise ConversionError(payload)
@@ -306,7 +314,11 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             txn = None
             # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
             _write_offsets(env, partial, state["written"])
+        except WorkerError as e:
+            raise ConversionError(str(e)) from None
         finally:
+            if workers is not None:
+                workers.close()  # first: kill, never wait for their cooperation
             if txn is not None:
                 # keep what is committed; a clean abort of the open transaction loses only
                 # records since the last commit, which --resume rewrites

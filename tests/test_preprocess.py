@@ -189,11 +189,40 @@ def test_bad_inputs(tmp_path, capsys):
     assert "nXXX" in _err([root, str(tmp_path / "o"), "--val-labels", str(bad)], capsys)
     bad.write_text(f"{names[0]} {classes[0]}\n")
     assert "no label" in _err([root, str(tmp_path / "o"), "--val-labels", str(bad)], capsys)
-    # an unreadable file (dangling link; chmod does not stop root) stops with its path
+    # a dangling link has no content: skipped and reported like any file that is not an image
     os.symlink(str(tmp_path / "missing.JPEG"), os.path.join(root, "train", classes[0], "x.JPEG"))
-    err = _err([root, str(tmp_path / "o"), "--splits", "train", "--workers", "0"], capsys, 1)
-    assert "x.JPEG" in err and "cannot read" in err
-    assert not os.path.exists(tmp_path / "o" / "ILSVRC-train.lmdb")
+    assert main([root, str(tmp_path / "o"), "--splits", "train", "--workers", "0",
+                 "--no-progress"]) == 0
+    report = open(tmp_path / "o" / "ILSVRC-train.report.tsv").read()
+    assert os.path.join(classes[0], "x.JPEG") + "\tdangling symbolic link" in report
+    os.remove(os.path.join(root, "train", classes[0], "x.JPEG"))
+
+
+def test_unreadable_file_stops_with_its_path(tmp_path, capsys, monkeypatch):
+    """A regular file that cannot be read (permissions, EIO: chmod does not stop root, so the
+    read is patched) stops the run naming it; fixing it and --resume finishes the file."""
+    import errno
+    import imagenet_seq.convert_workers as cw
+
+    root = str(tmp_path / "in")
+    classes = make_sample_imagefolder(root, train_per_class=3, val_per_class=1, num_classes=2)
+    real = cw.read_source
+    bad = os.path.join(classes[1], os.listdir(os.path.join(root, "train", classes[1]))[0])
+
+    def failing(path):
+        if path.endswith(bad):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real(path)
+    monkeypatch.setattr(cw, "read_source", failing)
+    out = str(tmp_path / "o")
+    err = _err([root, out, "--splits", "train", "--workers", "0"], capsys, 1)
+    assert bad in err and "cannot read" in err and "--resume" in err
+    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb"))
+    monkeypatch.setattr(cw, "read_source", real)
+    assert main([root, out, "--splits", "train", "--workers", "0", "--resume",
+                 "--no-progress"]) == 0
+    r, recs = read_split(out, "train")
+    assert len(recs) == r.meta.num_records == 6
 
 
 def test_refuse_overwrite_and_strict(sample_tree, tmp_path, capsys):

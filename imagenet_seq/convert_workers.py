@@ -1,0 +1,221 @@
+"""The converter's worker processes: read + validate + normalise chunks of source images.
+
+Why not ``multiprocessing.Pool``: its task-handler thread blocks putting into a full queue once
+the workers are gone, and ``Pool.terminate()`` joins that thread, so an error path (``--strict``,
+a full disk) could hang forever. Here the writer's own thread does all feeding, over one pipe
+per worker, with at most ``AHEAD`` chunks (a few KB of paths) queued per worker, so a send never
+waits on a busy worker. It waits on the result pipes and the processes' sentinels together, so a
+dead worker is an error, not a hang. Shutdown is SIGKILL + reap: no thread, queue or pipe is
+joined, so every exit path ends in well under a second whatever the workers are doing.
+
+Results come back in plan order; at most ``workers * WINDOW`` chunks are in flight or waiting
+to be written (memory bound: that many chunks of ``CHUNK`` images).
+"""
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import signal
+import stat
+import traceback
+from collections import deque
+from multiprocessing.connection import wait
+from typing import Iterable, Iterator, List, Optional, Tuple
+
+from . import format as fmt
+from .images import BrokenImage, normalise
+from .malloc import keep_decode_buffers
+from .scan import not_a_file_reason
+
+CHUNK = 32
+AHEAD = 2  # chunks queued per worker: one being processed, one ready to start
+WINDOW = 8  # chunks per worker between the oldest unwritten one and the newest sent
+
+Item = Tuple[str, int]  # (path relative to the split folder, label)
+Outcome = Tuple[str, object, Optional[str]]  # (status 'ok'|'skip'|'error', payload, note)
+
+
+class WorkerError(RuntimeError):
+    """A worker died or failed; the message names the chunk's first file and the way out."""
+
+
+def read_source(path: str) -> bytes:
+    """The bytes of a regular file. Never blocks on a FIFO or device that replaced a file after
+    the scan (opened non-blocking, checked with fstat before any read).
+
+    Raises:
+        BrokenImage: ``path`` is not a regular file (the reason says what it is).
+        OSError: it cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        reason = not_a_file_reason(path) if e.errno in (errno.ENOENT, errno.ELOOP) else None
+        if reason:
+            raise BrokenImage(reason) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BrokenImage(not_a_file_reason(path) or "not a regular file")
+        return f.read()
+
+
+def process_chunk(split_dir: str, items: List[Item], max_size: Optional[int],
+                  quality: int) -> List[Outcome]:
+    """Read + validate + normalise ``items``: one outcome per item, in order.
+
+    'ok' carries the encoded record, 'skip' the reason for the report (broken image, not a
+    regular file), 'error' a message that stops the conversion (a file that exists but cannot
+    be read: fixing it and resuming beats silently losing it).
+    """
+    out: List[Outcome] = []
+    for rel, label in items:
+        path = os.path.join(split_dir, rel)
+        try:
+            data = read_source(path)
+            jpeg, note = normalise(data, max_size=max_size, quality=quality)
+            out.append(("ok", fmt.encode_record(label, jpeg), note))
+        except BrokenImage as e:
+            out.append(("skip", str(e), None))
+        except OSError as e:
+            out.append(("error", f"cannot read {path}: {e.strerror or e}; fix it (permissions, "
+                                 "disk) or remove it, then run again with --resume", None))
+    return out
+
+
+def _serve(conn, inherited) -> None:
+    """Worker loop: chunk in, outcomes out, until ``None`` or the writer is gone."""
+    for c in inherited:  # other workers' writer-side pipe ends: keep EOF detection working
+        c.close()
+    # Ctrl-C reaches the whole process group: the writer handles it and kills the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the writer's handler is not for workers
+    # malloc tuned for image buffers (see .malloc). No OpenCV call here: after a fork, OpenCV's
+    # thread pool (started by the parent) can deadlock on its lock (seen with cv2.setNumThreads).
+    keep_decode_buffers()
+    try:
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            cid, args = task
+            try:
+                result = ("done", process_chunk(*args))
+            except BaseException:  # a bug, or memory: the writer reports it and stops
+                result = ("crash", traceback.format_exc(limit=4))
+            conn.send((cid, result))
+    except (EOFError, OSError):  # the writer died (kill -9): nobody to report to, leave quietly
+        return
+
+
+class Workers:
+    """``n`` forked worker processes; use as a context manager (exit kills them).
+
+    Fork: workers inherit imports. They never touch the writer's LMDB handle.
+    """
+
+    def __init__(self, n: int):
+        ctx = mp.get_context("fork")
+        self.conns, self.procs = [], []
+        try:
+            for _ in range(n):
+                mine, theirs = ctx.Pipe(duplex=True)
+                p = ctx.Process(target=_serve, args=(theirs, list(self.conns) + [mine]),
+                                daemon=True, name="imagenet_seq-convert")
+                p.start()
+                theirs.close()
+                self.conns.append(mine)
+                self.procs.append(p)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill and reap every worker at once: nothing here waits on a worker's cooperation."""
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for c in self.conns:
+            c.close()
+        for p in self.procs:
+            p.join(timeout=5)  # SIGKILL cannot be ignored: this is a reap, not a wait
+        self.procs, self.conns = [], []
+
+    def map_ordered(self, jobs: Iterable[tuple]) -> Iterator[List[Outcome]]:
+        """``process_chunk(*job)`` for each job, yielded in job order.
+
+        Raises:
+            WorkerError: a worker died (killed, out of memory) or raised.
+        """
+        n = len(self.procs)
+        jobs = enumerate(jobs)
+        queued = [deque() for _ in range(n)]  # (chunk id, first path) per worker
+        done, next_out, sent, exhausted = {}, 0, 0, False
+        while True:
+            while not exhausted and sent - next_out < n * WINDOW:
+                w = min(range(n), key=lambda k: len(queued[k]))
+                if len(queued[w]) >= AHEAD:
+                    break
+                try:
+                    cid, args = next(jobs)
+                except StopIteration:
+                    exhausted = True
+                    break
+                first = os.path.join(args[0], args[1][0][0]) if args[1] else "?"
+                try:
+                    self.conns[w].send((cid, args))
+                except OSError:
+                    self._died(w, first)
+                queued[w].append((cid, first))
+                sent += 1
+            if next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+                continue
+            if exhausted and next_out == sent:
+                return
+            busy = [w for w in range(n) if queued[w]]
+            ready = wait([self.conns[w] for w in busy] + [self.procs[w].sentinel for w in busy])
+            for w in busy:
+                if self.conns[w] in ready:
+                    try:
+                        cid, (kind, payload) = self.conns[w].recv()
+                    except (EOFError, OSError):
+                        self._died(w, queued[w][0][1])
+                    first = queued[w].popleft()[1]
+                    if kind == "crash":
+                        raise WorkerError(f"a converter worker failed on the chunk starting at "
+                                          f"{first}:\n{payload}")
+                    done[cid] = payload
+                elif self.procs[w].sentinel in ready:
+                    self._died(w, queued[w][0][1])
+
+    def _died(self, w: int, first: str):
+        p = self.procs[w]
+        p.join(timeout=1)
+        code = p.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise WorkerError(
+            f"a converter worker died ({how}: killed, or out of memory?) while reading the "
+            f"chunk starting at {first}; run again with --resume (fewer --workers if memory "
+            "is short)")
+
+
+def results(split_dir: str, plan: List[Item], start: int, max_size: Optional[int],
+            quality: int, workers: Optional[Workers]) -> Iterator[Tuple[int, str, object,
+                                                                        Optional[str]]]:
+    """(plan position, status, payload, note) for ``plan[start:]``, in plan order."""
+    starts = range(start, len(plan), CHUNK)
+    jobs = ((split_dir, plan[i:i + CHUNK], max_size, quality) for i in starts)
+    chunks = (process_chunk(*j) for j in jobs) if workers is None else workers.map_ordered(jobs)
+    for i, outcomes in zip(starts, chunks):
+        for j, r in enumerate(outcomes):
+            yield (i + j,) + r
