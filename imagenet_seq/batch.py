@@ -14,6 +14,9 @@ import cv2
 import numpy as np
 import torch
 
+from .checksums import ChecksumMismatch, of_record
+from .format import RecordError  # noqa: F401 - the error decode_batch raises; defined with the format
+
 
 @dataclass
 class RawBatch:
@@ -31,6 +34,7 @@ class RawBatch:
     data: Any  # 1-D uint8 numpy array (a view of a shared slot while ``slot >= 0``) or None
     slot: int = -1  # input slot of a process pool holding ``data``; -1: ``data`` travels itself
     blobs: Optional[List[bytes]] = None  # the JPEGs themselves when ``data`` is None
+    crcs: Optional[np.ndarray] = None  # stored checksums to verify before decoding (uint32)
 
     def jpeg(self, i: int) -> Any:
         if self.blobs is not None:
@@ -42,11 +46,13 @@ class RawBatch:
 
 
 def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
-               dest: Optional[np.ndarray] = None, slot: int = -1) -> RawBatch:
+               dest: Optional[np.ndarray] = None, slot: int = -1,
+               checksums: Optional[np.ndarray] = None) -> RawBatch:
     """Records ``(index, jpeg, label)`` -> a :class:`RawBatch`.
 
     The bytes are copied into ``dest`` (a pool's shared input slot) when they fit; otherwise the
-    batch keeps the records' ``bytes`` objects (no copy).
+    batch keeps the records' ``bytes`` objects (no copy). ``checksums``: every record's stored
+    checksum (the file's ``__crc__``); the batch carries its records' for the decode stage.
     """
     n = len(items)
     records, blobs, labels = zip(*items) if n else ((), (), ())
@@ -60,8 +66,9 @@ def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
             data[offsets[k]:offsets[k + 1]] = np.frombuffer(jpeg, np.uint8)
     else:
         slot = -1
-    return RawBatch(index, np.array(records, np.int64), np.array(labels, np.int64), offsets,
-                    data, slot, kept)
+    records = np.array(records, np.int64)
+    return RawBatch(index, records, np.array(labels, np.int64), offsets, data, slot, kept,
+                    None if checksums is None else checksums[records])
 
 
 @dataclass
@@ -97,15 +104,6 @@ class DecodedBatch:
     targets: torch.Tensor
     records: np.ndarray  # record indices of the images, in batch order
     skipped: List[Tuple[int, str]] = field(default_factory=list)
-
-
-class RecordError(RuntimeError):
-    """A record failed to decode; ``key`` is its LMDB key (``b'%08d'``)."""
-
-    def __init__(self, message: str, key: bytes = b"", index: int = -1):
-        super().__init__(message)
-        self.key = key
-        self.index = index
 
 
 def augment_rng(seed: int, epoch: int, record: int) -> np.random.Generator:
@@ -163,10 +161,14 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
     transform, seed, epoch = spec.transform, spec.seed, spec.epoch
     records = raw.records.tolist()
     blobs, data, offsets = raw.blobs, raw.data, raw.offsets.tolist()
+    crcs = None if raw.crcs is None else raw.crcs.tolist()
+    labels = raw.labels.tolist() if crcs is not None else None
     for i in range(n):
         rec = records[i]
         try:
             jpeg = blobs[i] if blobs is not None else memoryview(data[offsets[i]:offsets[i + 1]])
+            if crcs is not None:
+                check_record(jpeg, labels[i], crcs[i])
             if dst is not None:
                 write(jpeg, _reused_rng(seed, epoch, rec), dst[len(kept)])
             else:
@@ -179,6 +181,8 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
             if spec.skip_broken:
                 skipped.append((rec, f"{type(e).__name__}: {e}"))
                 continue
+            if isinstance(e, ChecksumMismatch):
+                raise _damaged(rec, spec.source, e) from None
             raise RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {spec.source} failed "
                               f"to decode: {type(e).__name__}: {e}", b"%08d" % rec, rec) from e
         kept.append(i)
@@ -195,6 +199,32 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
         images = torch.utils.data.default_collate(outs) if outs else torch.empty(0)
     return DecodedBatch(raw.index, images, targets,
                         raw.records if len(kept) == n else raw.records[kept], skipped)
+
+
+def check_record(jpeg, label: int, crc: int) -> None:
+    """Raise :class:`ChecksumMismatch` unless ``(label, jpeg)`` has the stored checksum."""
+    got = of_record(label, jpeg)
+    if got != crc:
+        raise ChecksumMismatch(f"failed its checksum (stored {crc:#010x}, read {got:#010x})")
+
+
+def check_batch(raw: RawBatch, source: str) -> None:
+    """:func:`check_record` of every record of ``raw`` that carries checksums (for decoders that
+    take the raw batch: DALI, a user callable); raises :class:`RecordError` on the first bad one."""
+    if raw.crcs is None:
+        return
+    for i, rec in enumerate(raw.records.tolist()):
+        try:
+            check_record(raw.jpeg(i), int(raw.labels[i]), int(raw.crcs[i]))
+        except ChecksumMismatch as e:
+            raise _damaged(rec, source, e) from None
+
+
+def _damaged(rec: int, source: str, e: ChecksumMismatch) -> RecordError:
+    return RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {source} {e}: its bytes "
+                       f"changed after conversion; `imagenet-seq-verify {source}` lists every "
+                       "damaged record; re-copy the file from its source or re-convert",
+                       b"%08d" % rec, rec)
 
 
 def _new_images(shape: Tuple[int, ...], spec: DecodeSpec) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .device import to_device
 from .distributed import resolve_rank
 from .reader import SplitReader
 from .shuffle import buffer_records, buffered_shuffle
-from .batch import DecodedBatch, DecodeSpec, RawBatch, decode_batch
+from .batch import DecodedBatch, DecodeSpec, RawBatch, check_batch, decode_batch
 from .epoch import EpochIterator
 from .malloc import trim
 from .workers import InlinePool, ProcessPool, RingCache, ThreadPool
@@ -89,6 +89,18 @@ class Loader:
             (less CPU per image: OpenCV releases the GIL), processes for torchvision-style
             transforms (Python code holding the GIL, torch's global RNG).
         prefetch: batches in flight (default ``num_workers + 2``).
+        verify: check every record against the checksum stored at conversion before decoding
+            (a mismatch is a :class:`RecordError` naming the key, or a skip with
+            ``skip_broken``); ~70 us per 110 KB record, in the decode workers. Labels outside
+            the classes are always an error, with or without it.
+        stall_timeout: seconds to wait for one batch before raising an error that says what
+            is stuck (a stopped worker, a hung read); ``None`` waits for ever.
+        check_split: refuse a file whose metadata names the other split (``mode='train'`` on
+            ``ILSVRC-val.lmdb`` would train on validation data).
+
+    One pass at a time: ``iter(loader)`` stops an unfinished earlier pass, whose iterator then
+    raises :class:`imagenet_seq.epoch.Superseded` (never a silently short epoch); for two
+    passes at once, make two Loaders.
     """
 
     def __init__(self, root: str, mode: str = "train", transform: Optional[Callable] = None, *,
@@ -102,7 +114,8 @@ class Loader:
                  distributed: Optional[bool] = None,
                  decoder: Union[str, Callable] = "cpu", device: Any = None,
                  skip_broken: bool = False, worker_type: Optional[str] = None,
-                 prefetch: Optional[int] = None):
+                 prefetch: Optional[int] = None, verify: bool = False,
+                 stall_timeout: Optional[float] = 300.0, check_split: bool = True):
         if mode not in order.MODES:
             raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
         if worker_type is not None and worker_type not in WORKER_TYPES:
@@ -117,9 +130,20 @@ class Loader:
             raise ValueError(f"num_workers={num_workers}; expected >= 0")
         if seed < 0:
             raise ValueError(f"seed={seed}; expected a non-negative integer")
+        if stall_timeout is not None and not stall_timeout > 0:
+            raise ValueError(f"stall_timeout={stall_timeout!r}; expected seconds > 0, or None "
+                             "to wait for ever")
         info = resolve_rank(rank, world_size, distributed)
         self.rank, self.world_size = info.rank, info.world_size
-        self.reader = SplitReader(root, mode)
+        self.reader = SplitReader(root, mode, check_split=check_split)
+        if verify and self.reader.checksums is None:
+            raise ValueError(
+                f"verify=True, but {self.reader.path} has no record checksums (converted before "
+                f"they existed{', by the original tool' if self.reader.legacy else ''}); add "
+                f"them with `imagenet-seq-verify --add-checksums {self.reader.path}`, or pass "
+                "verify=False")
+        self.verify = verify
+        self.stall_timeout = stall_timeout
         self.meta = self.reader.meta
         self.classes: List[str] = list(self.meta.classes)
         self.dataset_size = len(self.reader)
@@ -161,6 +185,7 @@ class Loader:
         # weak: an abandoned iterator (``next(iter(loader))``) is freed at once, stopping its
         # workers and closing the LMDB environment
         self._live: Optional[weakref.ref] = None
+        self._live_lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------------
     def _mean_record_bytes(self) -> float:
@@ -237,21 +262,25 @@ class Loader:
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
-        self.close()  # `break` earlier: stop its workers before starting new ones
-        trim()  # the last epoch's freed batches: not into the next epoch's forked workers
-        epoch = self._epoch
-        if not self._epoch_fixed:
-            self._epoch += 1
-        it = EpochIterator(self, epoch)
-        self._live = weakref.ref(it)
+        with self._live_lock:  # two threads starting passes: one stops the other, never both
+            old = self._live() if self._live is not None else None
+            if old is not None:  # `break` earlier: stop its workers before starting new ones
+                old.supersede()  # and if it is still iterated, it says so (not a short epoch)
+            trim()  # the last epoch's freed batches: not into the next epoch's forked workers
+            epoch = self._epoch
+            if not self._epoch_fixed:
+                self._epoch += 1
+            it = EpochIterator(self, epoch)
+            self._live = weakref.ref(it)
         return it
 
     def close(self) -> None:
-        """Stop the workers of an unfinished iteration (also done on the next ``iter``)."""
-        it = self._live() if self._live is not None else None
+        """Stop the workers of an unfinished iteration (it ends: ``StopIteration``)."""
+        with self._live_lock:
+            it = self._live() if self._live is not None else None
+            self._live = None
         if it is not None:
             it.close()
-        self._live = None
 
     def _record_batches(self, epoch: int, stop: threading.Event) -> Iterator[list]:
         """This rank's records of ``epoch`` in order, grouped into ``len(self)`` batches."""
@@ -302,6 +331,7 @@ class Loader:
             fn = self._dali
         else:
             fn = self.decoder
+        check_batch(raw, self.reader.path)  # verify=True: checksums before the decoder
         images, targets = fn(raw.jpegs(), raw.labels)
         return DecodedBatch(raw.index, images, targets, raw.records)
 

@@ -6,7 +6,10 @@ Three pools share one interface (``submit(raw)``, ``get(index)``, ``close()``):
 * :class:`ThreadPool`: N threads (OpenCV releases the GIL while decoding/resizing);
 * :class:`ProcessPool`: N forked processes. Raw JPEG bytes travel in one shared-memory tensor per
   batch, decoded images come back as shared-memory tensors (no pickling of pixels). Workers get
-  ``PR_SET_PDEATHSIG=SIGKILL`` so they die with the trainer even after ``kill -9``.
+  ``PR_SET_PDEATHSIG=SIGKILL`` so they die with the trainer even after ``kill -9``. The kernel
+  sends it when the *thread* that forked a worker ends, so every worker is forked by one
+  thread that lives as long as the process (:func:`start_processes`), not by whichever thread
+  called ``iter(loader)`` (a short-lived helper thread would take the workers with it).
 
 What a worker does with one batch is :func:`imagenet_seq.batch.decode_batch`.
 
@@ -25,6 +28,7 @@ import signal
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -154,7 +158,12 @@ class ThreadPool(_InOrder):
         self._put(raw.index, self._exec.submit(decode_batch, raw, self.spec))
 
     def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
-        return self._take(index, check).result()
+        fut = self._take(index, check)
+        while True:  # a decode that never returns is a stall the check reports
+            try:
+                return fut.result(timeout=_POLL_S)
+            except FutureTimeout:
+                check()
 
     def close(self) -> None:
         for fut in self._drain():
@@ -176,6 +185,56 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: rely on the parent's shutdown
         pass
+
+
+class _Forker:
+    """One daemon thread of this process that starts worker processes for any caller."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True, name="imagenet_seq-forker").start()
+
+    def _run(self) -> None:
+        while True:
+            fn, done, out = self.jobs.get()
+            try:
+                out.append(fn())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                out.append(e)
+            done.set()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        done, out = threading.Event(), []
+        self.jobs.put((fn, done, out))
+        done.wait()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+
+_forker: Optional[_Forker] = None
+_forker_lock = threading.Lock()
+
+
+def start_processes(procs) -> None:
+    """Start ``procs`` from this process's forker thread, which lives until the process ends:
+    ``PR_SET_PDEATHSIG`` then fires when the trainer process dies (``kill -9`` included), not
+    when the thread that asked for the workers ends."""
+    global _forker
+    with _forker_lock:
+        if _forker is None or _forker.pid != os.getpid():  # a forked child needs its own
+            _forker = _Forker()
+    _forker.call(lambda: [p.start() for p in procs])
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped), or ``?``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int, rings, out_shape) -> None:
@@ -256,8 +315,15 @@ class ProcessPool:
         self.procs = [ctx.Process(target=_worker_main, args=args,
                                   name=f"imagenet_seq-decode-{k}", daemon=True)
                       for k in range(num_workers)]
-        for p in self.procs:
-            p.start()
+        start_processes(self.procs)
+
+    def describe(self) -> str:
+        """What the workers are doing, for a stall report."""
+        stopped = [f"{p.name} (pid {p.pid})" for p in self.procs if _state(p.pid) in "tT"]
+        if stopped:
+            return (f"decode worker {', '.join(stopped)} is stopped (SIGSTOP, or a debugger); "
+                    "resume it with `kill -CONT <pid>`")
+        return f"{len(self.procs)} decode processes alive but no batch came back"
 
     def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
         """Where batch ``index``'s bytes go: (slot view, slot number)."""
