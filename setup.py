@@ -52,6 +52,7 @@ setup(
             "imagenet-seq-preprocess=imagenet_seq.preprocess_cli:main",
             "imagenet-seq-demo=imagenet_seq.demo:main",
             "imagenet-seq-bench=imagenet_seq.bench:main",
+            "imagenet-seq-verify=imagenet_seq.verify_cli:main",
         ],
     },
 )
