@@ -37,6 +37,7 @@ import cv2  # noqa: E402
 
 from imagenet_seq import decode  # noqa: E402
 from imagenet_seq.decode import TrainTransform, jpeg_size, sample_crop  # noqa: E402
+from imagenet_seq.resize import reduction  # noqa: E402
 from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
 from imagenet_seq.sample import _photos, imagenet_like_jpeg  # noqa: E402
 
@@ -55,10 +56,8 @@ def _boxes(jpegs: List[bytes], t: TrainTransform, seed: int):
     for data in jpegs:
         width, height = jpeg_size(data)
         box = sample_crop(width, height, t.scale, t.ratio, rng)
-        denom = next((d for d, _ in decode._REDUCED
-                      if box[2] >= d * t.size and box[3] >= d * t.size), 1)
-        scaled = (-(-width // denom), -(-height // denom))
-        out.append((decode._scaled_box(box, (width, height), scaled), denom))
+        denom = reduction(box[2], box[3], t.size, t.size, t.antialias) if t.dct_scaling else 1
+        out.append((decode._scaled_box(box, denom, (width, height)), denom))
     return out
 
 
@@ -68,7 +67,7 @@ def _val_regions(jpegs: List[bytes], size: int = 224, resize: int = 256):
     out = []
     for data in jpegs:
         width, height = jpeg_size(data)
-        denom = next((d for d, _ in decode._REDUCED if min(width, height) // d >= resize), 1)
+        denom = next((d for d, _ in decode._REDUCED if min(width, height) // d >= 2 * resize), 1)
         w, h = -(-width // denom), -(-height // denom)
         nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))

@@ -18,24 +18,25 @@ only numbers (or a user's transform), so they pickle into worker processes.
 * :class:`PILTransform` — the original tool's path: PIL ``convert('RGB')`` then a torchvision-style
   transform.
 
-Interpolation: ``cv2.INTER_LINEAR``, except ``cv2.INTER_AREA`` (antialiased) when shrinking by
-2x or more on both axes. With DCT scaling the remaining shrink of a train crop is almost always
-below 2x, and a 500x375 val image shrinks 1.46x, so bilinear is the common case (torchvision's PIL
-path uses an antialiased bilinear filter; below 2x the two differ by a few grey levels). EXIF orientation is
-always ignored (``cv2.IMREAD_IGNORE_ORIENTATION``), as PIL does; preprocess strips EXIF anyway.
+Interpolation: torchvision's antialiased bilinear filter at every scale (:mod:`.resize`), so
+the pixels are torchvision's within 1 grey level; ``antialias=False`` selects OpenCV's faster
+``INTER_LINEAR`` / ``INTER_AREA``, which gives other pixels (and, measured, a model that scores
+lower on torchvision-processed images). DCT-scaled decoding is used only where it keeps the
+pixels (:func:`.resize.reduction`). EXIF orientation is always ignored
+(``cv2.IMREAD_IGNORE_ORIENTATION``), as PIL does; preprocess strips EXIF anyway.
 """
 from __future__ import annotations
 
 import io
 import math
 import struct
-import threading
 from typing import Any, Callable, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from imagenet_seq.images import BrokenImage, _jpeg_segments
+from imagenet_seq.resize import growing, reduction, resize, resize_box, resize_into
 
 __all__ = ["DecodeError", "TrainTransform", "ValTransform", "PILTransform", "jpeg_size",
            "sample_crop"]
@@ -125,68 +126,6 @@ def _imdecode(data: bytes, flags: int, why: str = "") -> np.ndarray:
     return img
 
 
-def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    # INTER_AREA (a box filter) only where bilinear would skip source pixels: a shrink by >= 2x
-    # on both axes. Below 2x bilinear reads every source pixel, aliases little and is ~4x faster
-    # than OpenCV's INTER_AREA at non-integer factors.
-    big = img.shape[1] >= 2 * w and img.shape[0] >= 2 * h
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
-
-
-_scratch = threading.local()
-
-
-def _buffer(name: str, shape: Tuple[int, ...]) -> np.ndarray:
-    """A per-thread reusable uint8 buffer (decode threads each get their own), one per shape."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    buf = bufs.get((name, shape))
-    if buf is None:
-        if len(bufs) >= 16:  # many image shapes (val): keep the memory bounded
-            bufs.clear()
-        buf = bufs[(name, shape)] = np.empty(shape, np.uint8)
-    return buf
-
-
-def _growing(name: str, shape: Tuple[int, ...]) -> np.ndarray:
-    """A per-thread uint8 array of ``shape`` in a buffer kept at the largest size asked so far:
-    for shapes that change with every image (crop boxes), where :func:`_buffer` would thrash."""
-    n = math.prod(shape)
-    bufs = getattr(_scratch, "growing", None)
-    if bufs is None:
-        bufs = _scratch.growing = {}
-    buf = bufs.get(name)
-    if buf is None or buf.size < n:
-        buf = bufs[name] = np.empty(n, np.uint8)
-    return buf[:n].reshape(shape)
-
-
-def _resize_into(bgr: np.ndarray, w: int, h: int, dst: np.ndarray, flip: bool = False) -> None:
-    """Resize a BGR (view of an) image, flip it horizontally if asked, write RGB into ``dst``.
-
-    ``dst``: ``(h, w, 3)`` HWC or ``(3, h, w)`` CHW uint8. Same pixels as ``_resize`` then
-    ``cvtColor(BGR2RGB)`` then ``flip``; the colour swap is folded into the last copy (CHW: the
-    B, G, R planes are split straight into the R, G, B planes of ``dst``), and the intermediate
-    images live in per-thread buffers, so nothing is allocated (or page-faulted) per image.
-    """
-    if bgr.shape[:2] == (h, w):
-        out = bgr
-    else:
-        out = _buffer("resized", (h, w, 3))
-        big = bgr.shape[1] >= 2 * w and bgr.shape[0] >= 2 * h
-        cv2.resize(bgr, (w, h), dst=out,
-                   interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
-    if flip:
-        out = cv2.flip(out, 1, dst=_buffer("flipped", (h, w, 3)))
-    if dst.shape == (3, h, w):
-        cv2.split(out, [dst[2], dst[1], dst[0]])
-    elif dst.shape == (h, w, 3):
-        cv2.cvtColor(out, cv2.COLOR_BGR2RGB, dst=dst)
-    else:
-        raise ValueError(f"dst of shape {dst.shape}; expected {(h, w, 3)} or {(3, h, w)}")
-
-
 def _check_size(name: str, value: int) -> int:
     if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name}={value!r}; expected a positive int (e.g. 224)")
@@ -209,12 +148,17 @@ class TrainTransform:
         scale: range of the crop's area as a fraction of the image area.
         ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
         flip: flip horizontally with probability 0.5.
-        dct_scaling: decode at libjpeg scale 1/2, 1/4 or 1/8 when the crop keeps >= ``size``
-            pixels per side at that scale (same pixels within rounding, much less work). Turn off
-            only to compare against a full-resolution decode.
+        dct_scaling: decode at libjpeg scale 1/2, 1/4 or 1/8 when the crop keeps >= 2 x
+            ``size`` pixels per side at that scale (within 0.5 grey level of a full decode, much
+            less work; see :func:`.resize.reduction`). Turn off only to compare against a
+            full-resolution decode.
         crop_decode: decode only the crop with :mod:`imagenet_seq._jpegcrop` when it is built
             (same pixels as decoding the whole image, less work). Turn off only to compare
             against whole-image OpenCV decodes.
+        antialias: torchvision's antialiased bilinear resize (default: the pixels of
+            ``RandomResizedCrop`` on a PIL image, within 1 grey level). ``False``: OpenCV's
+            ``INTER_LINEAR``/``INTER_AREA``, ~2.5x cheaper to resize but other pixels; a model
+            trained on them scores lower on torchvision-processed images (``BENCHMARKS.md``).
 
     Call with ``(jpeg_bytes, rng)``; returns a C-contiguous ``(size, size, 3)`` uint8 RGB array.
     Draws from ``rng``: the crop (as :func:`sample_crop`), then one uniform for the flip.
@@ -225,8 +169,10 @@ class TrainTransform:
 
     def __init__(self, size: int = 224, scale: Tuple[float, float] = (0.08, 1.0),
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                 dct_scaling: bool = True, crop_decode: bool = True) -> None:
+                 dct_scaling: bool = True, crop_decode: bool = True,
+                 antialias: bool = True) -> None:
         self.size = _check_size("size", size)
+        self.antialias = bool(antialias)
         self.scale = _check_range("scale", scale, positive=False)
         self.ratio = _check_range("ratio", ratio, positive=True)
         self.flip = bool(flip)
@@ -236,7 +182,7 @@ class TrainTransform:
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
                 f"flip={self.flip}, dct_scaling={self.dct_scaling}, "
-                f"crop_decode={self.crop_decode})")
+                f"crop_decode={self.crop_decode}, antialias={self.antialias})")
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
         out = np.empty((self.size, self.size, 3), np.uint8)
@@ -250,57 +196,65 @@ class TrainTransform:
             dst: ``(size, size, 3)`` RGB (HWC) or ``(3, size, size)`` RGB planes (CHW) uint8
                 array, e.g. one image of a batch tensor; same pixels as ``self(jpeg, rng)``.
         """
-        roi = self._crop(jpeg, rng)
+        roi, sub = self._crop(jpeg, rng)
         flip = self.flip and rng.random() < 0.5
-        _resize_into(roi, self.size, self.size, dst, flip)
+        if sub is not None and self.antialias:  # a reduced decode: resize the exact box
+            roi = resize_box(roi, sub, self.size, self.size)
+        resize_into(roi, self.size, self.size, dst, flip, self.antialias)
 
-    def _crop(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
-        """Sample the crop (draws from ``rng``), decode (DCT-scaled) and return the crop (BGR)."""
+    def _crop(self, jpeg: bytes, rng: np.random.Generator
+              ) -> Tuple[np.ndarray, Optional[Tuple[float, float, float, float]]]:
+        """Sample the crop (draws from ``rng``), decode (DCT-scaled) and return ``(region,
+        box)``: the BGR pixels covering the crop, and for a reduced decode the crop's exact
+        fractional box inside them (``None``: the region is the crop)."""
         dims = jpeg_size(jpeg)
         if dims is None:  # not a JPEG (or odd header): decode fully, take the size from pixels
             img = _imdecode(jpeg, _FULL)
             x, y, w, h = sample_crop(img.shape[1], img.shape[0], self.scale, self.ratio, rng)
-            return img[y:y + h, x:x + w]
+            return img[y:y + h, x:x + w], None
         width, height = dims
         box = sample_crop(width, height, self.scale, self.ratio, rng)
         x, y, w, h = box
-        denom = 1
-        if self.dct_scaling:
-            for d, _ in _REDUCED:
-                if w >= d * self.size and h >= d * self.size:
-                    denom = d
-                    break
+        denom = reduction(w, h, self.size, self.size, self.antialias) if self.dct_scaling else 1
         why = ""
+        # libjpeg's scaled image is ceil(width / denom) x ceil(height / denom)
+        x0, y0, x1, y1 = region = _scaled_box(box, denom, dims)
+        sub = None if denom == 1 else _sub_box(box, denom, region)
         if self.crop_decode and _jpegcrop is not None:
-            # libjpeg's scaled image is ceil(width / denom) x ceil(height / denom)
-            x0, y0, x1, y1 = _scaled_box(box, dims, (-(-width // denom), -(-height // denom)))
-            roi = _growing("crop", (y1 - y0, x1 - x0, 3))
+            roi = growing("crop", (y1 - y0, x1 - x0, 3))
             try:
                 _jpegcrop.decode_crop(jpeg, x0, y0, x1 - x0, y1 - y0, denom, roi)
-                return roi
+                return roi, sub
             except _jpegcrop.UnsupportedError:
                 pass  # CMYK/YCCK: OpenCV converts those
             except _jpegcrop.JpegError as e:
                 # OpenCV bundles another libjpeg-turbo version: it has the last word
                 why = f" (system libjpeg: {e})"
         img = _imdecode(jpeg, _BY_DENOM[denom], why)
-        x0, y0, x1, y1 = _scaled_box(box, dims, (img.shape[1], img.shape[0]))
-        return img[y0:y1, x0:x1]
+        return img[y0:y1, x0:x1], sub
 
 
-def _scaled_box(box: Tuple[int, int, int, int], dims: Tuple[int, int],
-                scaled: Tuple[int, int]) -> Tuple[int, int, int, int]:
-    """``(x0, y0, x1, y1)`` of a full-resolution box ``(x, y, w, h)`` in an image of ``dims``
-    decoded at a reduced scale to ``scaled`` pixels (at least one pixel per side)."""
+def _scaled_box(box: Tuple[int, int, int, int], denom: int,
+                dims: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``: the pixels of an image of ``dims`` decoded at scale ``1/denom``
+    that cover the full-resolution box ``(x, y, w, h)`` (reduced pixel i covers full-resolution
+    pixels [i * denom, (i + 1) * denom); the scaled image is ``ceil(dims / denom)``)."""
     x, y, w, h = box
-    if scaled == dims:
+    if denom == 1:
         return x, y, x + w, y + h
-    iw, ih = scaled
-    sx, sy = iw / dims[0], ih / dims[1]
-    x0, y0 = int(round(x * sx)), int(round(y * sy))
-    x1 = min(iw, max(x0 + 1, int(round((x + w) * sx))))
-    y1 = min(ih, max(y0 + 1, int(round((y + h) * sy))))
-    return x0, y0, x1, y1
+    iw, ih = -(-dims[0] // denom), -(-dims[1] // denom)
+    return (x // denom, y // denom, min(iw, -(-(x + w) // denom)),
+            min(ih, -(-(y + h) // denom)))
+
+
+def _sub_box(box: Tuple[int, int, int, int], denom: int,
+             region: Tuple[int, int, int, int]) -> Tuple[float, float, float, float]:
+    """The full-resolution ``box`` in the coordinates of the reduced ``region``: fractional,
+    so that resizing it lands where torchvision's crop of the full image does."""
+    x, y, w, h = box
+    x0, y0, x1, y1 = region
+    return (x / denom - x0, y / denom - y0, min(x1 - x0, (x + w) / denom - x0),
+            min(y1 - y0, (y + h) / denom - y0))
 
 
 class ValTransform:
@@ -308,16 +262,20 @@ class ValTransform:
 
     Geometry matches torchvision ``Resize(resize)`` + ``CenterCrop(size)``: the longer side
     becomes ``int(resize * long / short)``, the crop's top-left is ``round((side - size) / 2)``.
-    Decodes at libjpeg scale 1/2, 1/4 or 1/8 when the shorter side stays >= ``resize``.
-    Deterministic; ``rng`` is accepted for a uniform call signature and ignored.
+    Resized with torchvision's antialiased bilinear filter (``antialias=False``: OpenCV's, see
+    :class:`TrainTransform`). Decodes at libjpeg scale 1/2, 1/4 or 1/8 when the image still
+    shrinks 2x after it (:func:`.resize.reduction`). Deterministic; ``rng`` is accepted for a
+    uniform call signature and ignored.
 
     Raises:
         DecodeError: the bytes are not a decodable image.
         ValueError: ``size > resize``.
     """
 
-    def __init__(self, size: int = 224, resize: int = 256, dct_scaling: bool = True) -> None:
+    def __init__(self, size: int = 224, resize: int = 256, dct_scaling: bool = True,
+                 antialias: bool = True) -> None:
         self.size = _check_size("size", size)
+        self.antialias = bool(antialias)
         self.resize = _check_size("resize", resize)
         if self.size > self.resize:
             raise ValueError(f"size={size} > resize={resize}; the centre crop must fit inside the "
@@ -325,7 +283,8 @@ class ValTransform:
         self.dct_scaling = bool(dct_scaling)
 
     def __repr__(self) -> str:
-        return f"ValTransform(size={self.size}, resize={self.resize})"
+        return (f"ValTransform(size={self.size}, resize={self.resize}, "
+                f"antialias={self.antialias})")
 
     def __call__(self, jpeg: bytes, rng: Any = None) -> np.ndarray:
         out = np.empty((self.size, self.size, 3), np.uint8)
@@ -335,28 +294,30 @@ class ValTransform:
     def write(self, jpeg: bytes, rng: Any, dst: np.ndarray) -> None:
         """Like calling the transform, but into ``dst`` (``(size, size, 3)`` HWC or
         ``(3, size, size)`` CHW uint8 RGB): same pixels, no intermediate image allocated."""
-        flags = _FULL
-        dims = jpeg_size(jpeg) if self.dct_scaling else None
+        dims = jpeg_size(jpeg)
+        denom = 1
         if dims is not None:
-            short = min(dims)
-            for denom, reduced in _REDUCED:
-                if short // denom >= self.resize:  # ceil(short/denom) >= resize, kept exact
-                    flags = reduced
-                    break
-        img = _imdecode(jpeg, flags)
-        h, w = img.shape[:2]
-        if w <= h:
-            nw, nh = self.resize, int(self.resize * h / w)
-        else:
-            nw, nh = int(self.resize * w / h), self.resize
-        if (nw, nh) != (w, h):
-            big = w >= 2 * nw and h >= 2 * nh
-            img = cv2.resize(img, (nw, nh), dst=_buffer("val", (nh, nw, 3)),
-                             interpolation=cv2.INTER_AREA if big else cv2.INTER_LINEAR)
+            nw, nh = self._resized_dims(*dims)
+            if self.dct_scaling:
+                denom = reduction(dims[0], dims[1], nw, nh, self.antialias)
+        img = _imdecode(jpeg, _BY_DENOM[denom])
+        if dims is None:  # not a JPEG: the geometry comes from the decoded pixels
+            nw, nh = self._resized_dims(img.shape[1], img.shape[0])
+        if denom > 1 and self.antialias:  # the whole image is (w / denom) x (h / denom)
+            img = resize_box(img, (0, 0, dims[0] / denom, dims[1] / denom), nw, nh, "val")
+        elif (nw, nh) != (img.shape[1], img.shape[0]):
+            img = resize(img, nw, nh, self.antialias, "val")
         top = int(round((nh - self.size) / 2.0))
         left = int(round((nw - self.size) / 2.0))
         crop = img[top:top + self.size, left:left + self.size]
-        _resize_into(crop, self.size, self.size, dst)
+        resize_into(crop, self.size, self.size, dst)
+
+    def _resized_dims(self, w: int, h: int) -> Tuple[int, int]:
+        """torchvision ``Resize(resize)``: the shorter side to ``resize``, the longer one
+        ``int(resize * long / short)``, computed from the full-resolution size."""
+        if w <= h:
+            return self.resize, int(self.resize * h / w)
+        return int(self.resize * w / h), self.resize
 
 
 class PILTransform:

@@ -218,8 +218,10 @@ def test_dct_scale_keeps_at_least_size_pixels(jpegs, monkeypatch):
         x, y, w, h = sample_crop(1600, 1200, t.scale, t.ratio, np.random.default_rng(seed))
         t(data, rng)
         denom = 1600 / seen[-1][1]
-        assert w / denom >= 224 - 1 and h / denom >= 224 - 1
-        if w >= 2 * denom * 224 and h >= 2 * denom * 224:
+        # the reduced crop still shrinks >= 2x (REDUCING_GAP): pixels stay torchvision's
+        if denom > 1:
+            assert w / denom >= 2 * 224 - 1 and h / denom >= 2 * 224 - 1
+        if w >= 4 * denom * 224 and h >= 4 * denom * 224:
             assert denom == 8, "the largest allowed reduction is used"
 
 
@@ -227,58 +229,48 @@ def test_val_uses_reduced_decode_when_shorter_side_allows(jpegs, monkeypatch):
     seen = []
     real = decode._imdecode
     monkeypatch.setattr(decode, "_imdecode", lambda b, f: seen.append(f) or real(b, f))
-    a = ValTransform()(jpegs["large"])  # 1200 short side: 1/4 still gives 300 >= 256
-    assert seen[-1] & ~cv2.IMREAD_IGNORE_ORIENTATION == cv2.IMREAD_REDUCED_COLOR_4
+    a = ValTransform()(jpegs["large"])  # 1200 short side: 1/2 gives 600 >= 2 x 256, 1/4 not
+    assert seen[-1] & ~cv2.IMREAD_IGNORE_ORIENTATION == cv2.IMREAD_REDUCED_COLOR_2
     b = ValTransform(dct_scaling=False)(jpegs["large"])
-    assert np.abs(a.astype(np.int16) - b).mean() < 4.0
+    assert np.abs(a.astype(np.int16) - b).mean() < 0.5
     ValTransform()(jpegs["landscape"])  # 375 short side: no reduction possible
     assert seen[-1] == decode._FULL
 
 
 # --- validation pixels vs an independent reference ------------------------------------------
 
-def _reference_val(data, size=224, resize=256, interp=cv2.INTER_LINEAR):
-    rgb = pil_rgb(data)
-    h, w = rgb.shape[:2]
-    if w <= h:
-        nw, nh = resize, int(resize * h / w)
-    else:
-        nw, nh = int(resize * w / h), resize
-    r = cv2.resize(rgb, (nw, nh), interpolation=interp)
-    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
-    return r[top:top + size, left:left + size]
-
-
-@pytest.mark.parametrize("name", ["landscape", "portrait", "tiny"])
-def test_val_pixels_match_reference(jpegs, name):
-    data = jpegs[name]
-    out = ValTransform()(data)
-    ref = _reference_val(data)
-    diff = np.abs(out.astype(np.int16) - ref)
-    # PIL and libjpeg-turbo may differ in IDCT/upsampling by a level or two
-    assert diff.mean() < 1.0 and np.quantile(diff, 0.99) <= 6
-
-
-def test_val_close_to_torchvision_pil_path(jpegs):
-    """Same geometry as torchvision Resize(256)+CenterCrop(224) on PIL (antialiased bilinear)."""
-    data = jpegs["landscape"]
+def _reference_val(data, size=224, resize=256):
+    """torchvision's Resize(256) + CenterCrop(224) on a PIL image, written out with PIL."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
         w, h = im.size
-        nw, nh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+        nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
         r = im.resize((nw, nh), Image.BILINEAR)
-        top, left = int(round((nh - 224) / 2)), int(round((nw - 224) / 2))
-        ref = np.asarray(r.crop((left, top, left + 224, top + 224)))
-    diff = np.abs(ValTransform()(data).astype(np.int16) - ref)
-    assert diff.mean() < 4.0
+        top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+        return np.asarray(r.crop((left, top, left + size, top + size)))
+
+
+@pytest.mark.parametrize("name", ["landscape", "portrait", "tiny", "large"])
+def test_val_pixels_match_pil_reference(jpegs, name):
+    data = jpegs[name]
+    diff = np.abs(ValTransform()(data).astype(np.int16) - _reference_val(data))
+    assert diff.mean() < 0.5 and np.quantile(diff, 0.99) <= 3, (diff.mean(), diff.max())
+    if name != "large":  # no DCT scaling: the same filter, rounding apart
+        assert diff.max() <= 1
+
+
+def test_val_fast_filter_is_an_explicit_option_with_other_pixels(jpegs):
+    data = jpegs["landscape"]
+    diff = np.abs(ValTransform(antialias=False)(data).astype(np.int16) - _reference_val(data))
+    assert diff.mean() > 0.5  # measured ~1.6: the reason antialias is the default
 
 
 def test_train_full_crop_matches_reference(photo):
     """scale=ratio=1 on a square image: the output is the whole image resized (plus flip)."""
     data = imagenet_like_jpeg(photo, np.random.default_rng(4), (300, 300))
     out = TrainTransform(200, (1, 1), (1, 1), flip=False)(data, np.random.default_rng(0))
-    ref = cv2.resize(pil_rgb(data), (200, 200), interpolation=cv2.INTER_LINEAR)
-    assert np.abs(out.astype(np.int16) - ref).mean() < 1.0
+    ref = np.asarray(Image.fromarray(pil_rgb(data)).resize((200, 200), Image.BILINEAR))
+    assert np.abs(out.astype(np.int16) - ref).max() <= 1
 
 
 # --- errors ---------------------------------------------------------------------------------
