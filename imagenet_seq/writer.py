@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from . import checksums
 from . import format as fmt
 from . import offsets
 from .convert_workers import Workers, WorkerError, results
+from .lmdbfile import DamagedFile
 from .scan import Scan
 
 COMMIT_RECORDS = 2000
@@ -103,58 +103,18 @@ def _write_offsets(env, path: str, num_records: int) -> None:
                       "(slower from an HDD)")
 
 
-_META = struct.Struct("<IIQQ96xQQ")  # magic, version, address, mapsize, 2 dbs, last page, txnid
-_MAGIC = 0xBEEFC0DE
-
-
-def _size_problem(path: str) -> Optional[str]:
-    """What is wrong with the size of LMDB file ``path``, or None.
-
-    The two meta pages (page 0 and 1, after a 16-byte page header) hold the page size (in the
-    free-list db's pad field, as LMDB stores it) and the last page in use; LMDB uses the meta
-    with the higher transaction id. 64-bit LMDB layout.
-    """
-    size = os.path.getsize(path)
-    if size == 0:
-        return None  # LMDB makes a new, empty environment
-    with open(path, "rb") as f:
-        head = f.read(16 + _META.size)
-        if len(head) < 16 + _META.size:
-            return f"{path} is {size} bytes, shorter than one LMDB meta page: truncated"
-        psize = struct.unpack_from("<I", head, 16 + 24)[0]
-        magic = _META.unpack_from(head, 16)[0]
-        if magic != _MAGIC or not 512 <= psize <= 1 << 16:
-            return None  # not an LMDB header: LMDB's own error says so, without a signal
-        f.seek(psize)
-        second = f.read(16 + _META.size)
-    metas = [_META.unpack_from(head, 16)]
-    if len(second) == 16 + _META.size and _META.unpack_from(second, 16)[0] == _MAGIC:
-        metas.append(_META.unpack_from(second, 16))
-    else:
-        return f"{path} is {size} bytes, shorter than LMDB's two meta pages ({2 * psize}): truncated"
-    last_pg, txnid = max(metas, key=lambda m: m[5])[4:6]
-    need = (last_pg + 1) * psize
-    if size < need:
-        return (f"{path} is {size} bytes but its LMDB header says {need} bytes "
-                f"(pages 0..{last_pg} of {psize}): truncated (an interrupted copy or a full disk?)")
-    return None
-
-
-def _check_not_truncated(path: str, way_out: str) -> None:
-    """Refuse an LMDB file shorter than its own meta pages say it is.
-
-    LMDB maps the file and would touch pages past its end: SIGBUS, no Python error. A file cut
-    short by an interrupted copy or a full disk looks exactly like this.
-    """
-    problem = _size_problem(path)
-    if problem:
-        raise ConversionError(f"{problem}; {way_out}")
+def _open(path: str, way_out: str, **kw):
+    """``fmt.open_env``, whose size check refuses a file shorter than its LMDB header says
+    (LMDB would SIGBUS on it), as a ConversionError the CLI prints with ``way_out``."""
+    try:
+        return fmt.open_env(path, **kw)
+    except DamagedFile as e:
+        raise ConversionError(f"{e}. {way_out}") from None
 
 
 def _complete(final: str, res: Result) -> Result:
     """``--resume`` over a finished split: keep it, and report what it skipped."""
-    _check_not_truncated(final, "delete it and convert again")
-    env = fmt.open_env(final)
+    env = _open(final, "--resume keeps finished files: pass --overwrite to convert it again")
     try:
         with env.begin() as txn:
             meta = fmt.read_metadata(txn, final)
@@ -206,9 +166,8 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
     fp = fingerprint(plan, scan.classes, opts)
     split_dir = os.path.join(src_root, split)
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(partial):
-        _check_not_truncated(partial, "delete it and convert again (without --resume)")
-    env = fmt.open_env(partial, readonly=False, lock=False)
+    env = _open(partial, f"It is an unfinished conversion: delete {partial} and convert again "
+                "(or pass --overwrite instead of --resume)", readonly=False, lock=False)
     try:
         finished = None
         state = {"fingerprint": fp, "plan_pos": 0, "written": 0, "bytes": 0, "converted": 0,

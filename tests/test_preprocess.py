@@ -1,7 +1,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -261,46 +260,6 @@ def test_missing_lmdb_lists_folder(tmp_path):
         SplitReader(str(tmp_path), "test")
 
 
-@pytest.mark.slow
-def test_resume_after_kill(tmp_path):
-    root = str(tmp_path / "in")
-    classes = make_sample_imagefolder(root, train_per_class=150, val_per_class=1, num_classes=4,
-                                      size=(200, 150))
-    open(os.path.join(root, "train", classes[2], "empty.JPEG"), "wb").close()
-    clean = str(tmp_path / "clean")
-    assert main([root, clean, "--splits", "train", "--workers", "0", "--no-progress"]) == 0
-    out = str(tmp_path / "killed")
-    env = dict(os.environ, IMAGENET_SEQ_COMMIT_RECORDS="50")
-    cmd = [sys.executable, "-c",
-           "import sys, imagenet_seq.writer as w; w.COMMIT_RECORDS = 50;"
-           "from imagenet_seq.preprocess_cli import main; sys.exit(main(sys.argv[1:]))",
-           root, out, "--splits", "train", "--workers", "1", "--no-progress"]
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    partial = os.path.join(out, "ILSVRC-train.lmdb.partial")
-    # kill -9 once some commits have landed
-    import time
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if os.path.exists(partial) and os.path.getsize(partial) > 3_000_000:
-            break
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb"))
-    with pytest.raises(ValueError, match="unfinished"):
-        SplitReader(partial, "train")
-    # refusing to clobber the partial without --resume/--overwrite
-    assert main([root, out, "--splits", "train", "--workers", "0", "--no-progress"]) == 1
-    assert main([root, out, "--splits", "train", "--workers", "2", "--resume",
-                 "--no-progress"]) == 0
-    _, a = read_split(clean, "train")
-    _, b = read_split(out, "train")
-    assert [(j, l) for _, j, l in a] == [(j, l) for _, j, l in b]
-    ra, rb = SplitReader(clean, "train"), SplitReader(out, "train")
-    assert ra.meta.skipped == rb.meta.skipped == 1
-    assert list(ra.labels) == list(rb.labels)
-
-
 def test_script_and_console_entry(sample_tree, tmp_path):
     root, _ = sample_tree
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -335,34 +294,6 @@ def test_disk_full_then_resume(tmp_path, monkeypatch, capsys):
     _, a = read_split(clean, "train")
     _, b = read_split(out, "train")
     assert [(j, l) for _, j, l in a] == [(j, l) for _, j, l in b]
-
-
-@pytest.mark.slow
-def test_ctrl_c_keeps_partial_and_resumes(tmp_path):
-    root = str(tmp_path / "in")
-    make_sample_imagefolder(root, train_per_class=150, val_per_class=1, num_classes=4,
-                            size=(200, 150))
-    out = str(tmp_path / "o")
-    cmd = [sys.executable, "-c",
-           "import sys, imagenet_seq.writer as w; w.COMMIT_RECORDS = 50;"
-           "from imagenet_seq.preprocess_cli import main; sys.exit(main(sys.argv[1:]))",
-           root, out, "--splits", "train", "--workers", "2", "--no-progress"]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    partial = os.path.join(out, "ILSVRC-train.lmdb.partial")
-    import time
-    deadline = time.time() + 60
-    while time.time() < deadline and not (os.path.exists(partial) and
-                                          os.path.getsize(partial) > 2_000_000):
-        time.sleep(0.02)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 130, err
-    assert "--resume" in err
-    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb"))
-    assert main([root, out, "--splits", "train", "--resume", "--workers", "0",
-                 "--no-progress"]) == 0
-    r, recs = read_split(out, "train")
-    assert len(recs) == 600 == r.meta.num_records
 
 
 def test_reader_queues_its_span_ahead(sample_lmdb, monkeypatch):
