@@ -77,9 +77,9 @@ def _files_under(folder: str) -> Tuple[List[str], List[Tuple[str, str]]]:
     def walk(path: str, rel: str, ancestors) -> None:
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except OSError as e:
-            bad.append((rel or ".", f"cannot list folder: {e.strerror or e}"))
-            return
+        except OSError as e:  # like an unreadable file: fix it, do not drop its images
+            raise ScanError(f"cannot list {path}: {e.strerror or e}; fix its permissions (or "
+                            "the disk) or remove it") from None
         for e in entries:
             r = os.path.join(rel, e.name) if rel else e.name
             if _is_dir(e):

@@ -401,6 +401,25 @@ def test_unreadable_file_chmod(tree, clean, tmp_path):
     record("unreadable file (chmod 000)", "error")
 
 
+def test_unlistable_folder_stops_naming_it(tree, tmp_path):
+    """A sub-folder that cannot be listed (patched: root lists anything) stops the scan."""
+    root, classes = copy_tree(tree, tmp_path)
+    sub = os.path.join(root, "train", classes[0], "sub")
+    os.makedirs(sub)
+    prelude = f"""
+import errno, os
+_real = os.scandir
+def _sd(p=".", _real=_real):
+    if os.fspath(p) == {sub!r}:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+    return _real(p)
+os.scandir = _sd
+"""
+    rc, err = cli([root, str(tmp_path / "out"), "--splits", "train"], prelude=prelude)
+    assert rc == 2 and sub in err and "permissions" in err, err
+    record("unlistable sub-folder (EACCES)", "error")
+
+
 # ---------------------------------------------------------------- write faults
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
