@@ -25,7 +25,7 @@ import numpy as np
 
 from . import format as fmt
 
-CRC_KEY = b"__crc__"
+CRC_KEY = fmt.CRC_KEY
 PART_PREFIX = b"__crcpart__"
 _HEAD = struct.Struct("<4sQ")
 _MAGIC = b"CRC1"

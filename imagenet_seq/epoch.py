@@ -13,6 +13,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
+import lmdb
 import torch
 
 from . import format as fmt
@@ -62,6 +63,8 @@ class _Feeder:
         path = self.loader.reader.path
         if isinstance(self.error, (fmt.DamagedFile, fmt.RecordError)):
             raise self.error  # names the file, the record and the fix already
+        if isinstance(self.error, lmdb.Error):  # a page LMDB found damaged
+            raise fmt.damaged(path, self.error) from self.error
         if self.error is not None:
             raise RuntimeError(f"reading {path} failed: {type(self.error).__name__}: "
                                f"{self.error}") from self.error

@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .lmdbfile import REMEDY, DamagedFile, check_file, check_in_file, data_file, map_base
+from .lmdbfile import (REMEDY, DamagedFile, Tree, check_file, check_in_file, data_file,
+                       map_base)
 
 FORMAT_NAME = "imagenet_seq"
 FORMAT_VERSION = 1
@@ -50,6 +51,10 @@ LABELS_KEY = b"__labels__"
 PROGRESS_KEY = b"__progress__"
 SKIP_PREFIX = b"__skip__"
 LEGACY_KEYS_KEY = b"__keys__"
+OFFSETS_KEY = b"__offsets__"  # offsets.py
+CRC_KEY = b"__crc__"  # checksums.py
+# what readers look up at open: open_env checks LMDB's way to each before LMDB walks it
+METADATA_KEYS = (META_KEY, LABELS_KEY, PROGRESS_KEY, LEGACY_KEYS_KEY, OFFSETS_KEY, CRC_KEY)
 
 RECORD_HEADER = struct.Struct("<I")
 # 1 TiB of address space: LMDB only reserves it; the file grows with the data (Linux, 64-bit).
@@ -164,12 +169,20 @@ def open_env(path: str, readonly: bool = True, **kw):
     Readers take no lock (read-only media, many processes).
 
     Raises:
-        DamagedFile: the file is truncated, or LMDB refuses it (not an LMDB file, damaged).
+        DamagedFile: the file is truncated, its B-tree is damaged on the way to the metadata,
+            or LMDB refuses it (not an LMDB file).
         FileNotFoundError: a read-only open of a missing file.
     """
     import lmdb
 
-    if readonly or (os.path.exists(data_file(path)) and os.path.getsize(data_file(path)) > 0):
+    if readonly:
+        tree = Tree(path)  # check_file, then the B-tree pages on the way to the metadata
+        try:
+            for key in METADATA_KEYS:
+                tree.check_lookup(key)
+        finally:
+            tree.close()
+    elif os.path.exists(data_file(path)) and os.path.getsize(data_file(path)) > 0:
         check_file(path)
     try:
         if readonly:
@@ -182,6 +195,12 @@ def open_env(path: str, readonly: bool = True, **kw):
     except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError,
             lmdb.PageNotFoundError) as e:
         raise DamagedFile(f"{path}: LMDB cannot open it ({e}); {REMEDY}") from None
+
+
+def damaged(path: str, e: Exception) -> DamagedFile:
+    """An LMDB error met while reading ``path`` (a page not found, a corrupted page), as the
+    error that names the file and the way out."""
+    return DamagedFile(f"{path}: LMDB: {e}: the file is damaged; {REMEDY}")
 
 
 def get_checked(txn, key: bytes, path: str):

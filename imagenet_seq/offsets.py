@@ -28,18 +28,19 @@ import sys
 import warnings
 from typing import List, Optional, Tuple
 
+import lmdb
 import numpy as np
 
 from . import format as fmt
 from .format import map_base
 
-OFFSETS_KEY = b"__offsets__"
+OFFSETS_KEY = fmt.OFFSETS_KEY
 _HEAD = struct.Struct("<4sIQQ")
 _MAGIC = b"OFS1"
 _PAGE_HEADER = 16  # LMDB's page header: an overflow value starts this far into its first page
 
 
-class StaleOffsets(ValueError):
+class StaleOffsets(fmt.DamagedFile):
     """The ``__offsets__`` record does not describe this file."""
 
 
@@ -56,16 +57,18 @@ def compute(env, path: str, num_records: int) -> Tuple[np.ndarray, np.ndarray]:
     with env.begin(buffers=True) as txn:
         cur = txn.cursor()
         if num_records and not cur.set_key(fmt.record_key(0)):
-            raise KeyError(f"{path}: record {fmt.record_key(0)!r} missing")
+            raise fmt.DamagedFile(f"{path}: record {fmt.record_key(0)!r} missing; {fmt.REMEDY}")
         for i in range(num_records):
             key, value = cur.item()
             if bytes(key) != fmt.record_key(i):
-                raise KeyError(f"{path}: expected key {fmt.record_key(i)!r}, found {bytes(key)!r}")
+                raise fmt.DamagedFile(f"{path}: expected key {fmt.record_key(i)!r}, found "
+                                      f"{bytes(key)!r}; {fmt.REMEDY}")
             off = np.frombuffer(value, np.uint8).ctypes.data - base  # the address; reads nothing
             offs[i] = off if off % psize == _PAGE_HEADER else -1  # else inside a leaf page
             lens[i] = len(value)
             if i + 1 < num_records and not cur.next():
-                raise KeyError(f"{path}: file ends before record {i + 1}")
+                raise fmt.DamagedFile(f"{path}: the records end before record {i + 1}; "
+                                      f"{fmt.REMEDY}")
     return offs, lens
 
 
@@ -120,9 +123,15 @@ def write(env, path: str, num_records: int) -> None:
 def add_to(path: str, rebuild: bool = False) -> str:
     """Add ``__offsets__`` to a converted split that lacks it (or, with ``rebuild``, replace
     it); needs write access. Returns what was done, for the command line."""
+    tree = fmt.Tree(path)  # every B-tree page checked before LMDB walks them all below
+    try:
+        for _ in tree.keys():
+            pass
+    finally:
+        tree.close()
     env = fmt.open_env(path, readonly=False, lock=False)
     try:
-        with env.begin() as txn:
+        with env.begin(buffers=True) as txn:
             meta = fmt.read_metadata(txn, path)
             if meta.legacy:
                 raise ValueError(f"{path} was written by the original tool; its records are "
@@ -158,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for q in paths:
         try:
             print(add_to(q, rebuild=args.rebuild))
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, lmdb.Error) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0

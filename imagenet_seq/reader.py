@@ -17,6 +17,7 @@ import os
 import threading
 from typing import Iterator, Optional, Sequence, Tuple
 
+import lmdb
 import numpy as np
 
 from . import checksums
@@ -38,11 +39,9 @@ class SplitReader:
         self.split = split
         env = fmt.acquire_env(self.path)
         try:
-            with env.begin(buffers=True) as txn:
-                self.meta = fmt.read_metadata(txn, self.path)
-                self.labels: Optional[np.ndarray] = fmt.read_labels(txn, self.meta, self.path)
-                self.checksums: Optional[np.ndarray] = None if self.meta.legacy else \
-                    checksums.read(txn, self.meta.num_records, self.path)
+            self._read_metadata(env)
+        except lmdb.Error as e:
+            raise fmt.damaged(self.path, e) from None
         finally:
             fmt.release_env(self.path)
         self.legacy = self.meta.legacy
@@ -59,6 +58,13 @@ class SplitReader:
         self._base: Optional[int] = None
         self._size = 0
         self._index: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    def _read_metadata(self, env) -> None:
+        with env.begin(buffers=True) as txn:
+            self.meta = fmt.read_metadata(txn, self.path)
+            self.labels: Optional[np.ndarray] = fmt.read_labels(txn, self.meta, self.path)
+            self.checksums: Optional[np.ndarray] = None if self.meta.legacy else \
+                checksums.read(txn, self.meta.num_records, self.path)
 
     def __len__(self) -> int:
         return self.meta.num_records
@@ -247,7 +253,9 @@ class SplitReader:
             raise offsets_index.StaleOffsets(
                 f"{self.path}: record {i} is at byte {where[0]}, its offsets index says {off} "
                 "(the file was changed after conversion); rebuild the index with "
-                f"`python -m imagenet_seq.offsets --rebuild {self.path}`")
+                f"`python -m imagenet_seq.offsets --rebuild {self.path}` (if the file was damaged "
+                f"rather than rewritten, `imagenet-seq-verify {self.path}` names the records: "
+                "re-copy it)")
         expected = "" if self.labels is None else f", __labels__ says {self.labels[i]}"
         raise fmt.RecordError(
             f"record {key!r} (index {i}) of {self.path} changed after conversion (label "

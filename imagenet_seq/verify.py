@@ -18,6 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import lmdb
 import numpy as np
 
 from . import checksums
@@ -92,23 +93,24 @@ def _values(env, path: str, n: int, index, report: SplitReport) -> Iterator[Tupl
         os.close(fd)
 
 
-def _walk_keys(env, n: int, report: SplitReport) -> None:
-    """Every record key ``0 .. n-1`` in the B-tree, in order (reads leaf pages, not values)."""
-    with env.begin(buffers=True) as txn:
-        cur = txn.cursor()
+def _walk_keys(path: str, n: int, report: SplitReport) -> None:
+    """Every record key ``0 .. n-1`` in the B-tree, in order, every branch and leaf page checked
+    in Python (``lmdbfile.Tree``) before LMDB walks them to find values."""
+    tree = fmt.Tree(path)
+    try:
         expect = 0
-        if cur.first():
-            for key in cur.iternext(keys=True, values=False):
-                key = bytes(key)
-                if key.startswith(b"__"):
-                    break
-                if key != fmt.record_key(expect):
-                    report.add(key.decode("latin-1"), f"B-tree key out of place (expected "
-                                                      f"{fmt.record_key(expect).decode()})")
-                    return
-                expect += 1
+        for key in tree.keys():
+            if key.startswith(b"__"):
+                continue
+            if key != fmt.record_key(expect):
+                report.add(key.decode("latin-1"), f"B-tree key out of place (expected "
+                                                  f"{fmt.record_key(expect).decode()})")
+                return
+            expect += 1
         if expect != n:
             report.add("file", f"the B-tree holds {expect} record keys, __meta__ says {n}")
+    finally:
+        tree.close()
 
 
 def verify_split(path: str, decode: bool = False,
@@ -146,7 +148,7 @@ def verify_split(path: str, decode: bool = False,
             warnings.simplefilter("ignore")  # a stale index: read through the B-tree instead
             index = None if meta.legacy else offsets.read(env, meta.num_records, path)
         report.indexed = index is not None
-        _walk_keys(env, meta.num_records, report)
+        _walk_keys(path, meta.num_records, report)
         counts = np.zeros(len(meta.classes), np.int64)
         for i, value in _values(env, path, meta.num_records, index, report):
             label = _check_record(i, value, meta, labels, crcs, decode, report)
@@ -160,8 +162,8 @@ def verify_split(path: str, decode: bool = False,
             for c in np.flatnonzero(counts != np.asarray(meta.class_counts)):
                 report.add("__meta__", f"class {c} ({meta.classes[c]}): __meta__ counts "
                                        f"{meta.class_counts[c]} records, the file holds {counts[c]}")
-    except (fmt.DamagedFile, ValueError, OSError) as e:
-        report.add("file", str(e))
+    except (fmt.DamagedFile, ValueError, OSError, lmdb.Error) as e:
+        report.add("file", str(fmt.damaged(path, e)) if isinstance(e, lmdb.Error) else str(e))
     finally:
         env.close()
         report.seconds = time.perf_counter() - t0
