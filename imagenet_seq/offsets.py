@@ -122,7 +122,18 @@ def write(env, path: str, num_records: int) -> None:
 
 def add_to(path: str, rebuild: bool = False) -> str:
     """Add ``__offsets__`` to a converted split that lacks it (or, with ``rebuild``, replace
-    it); needs write access. Returns what was done, for the command line."""
+    it); needs write access. Returns what was done, for the command line.
+
+    Raises:
+        DamagedFile: the file is truncated or its B-tree damaged (naming the way out).
+    """
+    try:
+        return _add_to(path, rebuild)
+    except lmdb.Error as e:
+        raise fmt.damaged(path, e) from None
+
+
+def _add_to(path: str, rebuild: bool) -> str:
     tree = fmt.Tree(path)  # every B-tree page checked before LMDB walks them all below
     try:
         for _ in tree.keys():
