@@ -305,3 +305,70 @@ def test_two_loaders_of_one_split_in_one_process(sample_lmdb):
     n_b = sum(len(t) for _, t in b)  # b runs a whole epoch while a is mid-epoch
     rest = sum(len(t) for _, t in it)
     assert n_b == len(first[1]) + rest == a.dataset_size
+
+
+def test_a_second_pass_stops_the_first_which_then_says_so(sample_lmdb):
+    from imagenet_seq.epoch import Superseded
+
+    ld = Loader(sample_lmdb, "train", num_workers=1, **SMALL)
+    with pytest.raises(Superseded, match=r"newer iter\(loader\).*second Loader"):
+        list(zip(ld, ld))
+    outer = []
+    with pytest.raises(Superseded, match="after 1 of 10 batches"):
+        for x, _ in ld:
+            outer.append(x)
+            inner = sum(len(y) for _, y in ld)  # the inner pass is whole
+            assert inner == 48
+    assert len(outer) == 1
+    it = iter(ld)  # an explicit close ends a pass: StopIteration, as documented
+    next(it)
+    ld.close()
+    assert list(it) == []
+    assert sum(len(y) for _, y in ld) == 48  # and the Loader goes on as before
+
+
+def test_file_problems_name_the_file_and_the_fix(sample_lmdb, tmp_path):
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "ILSVRC-train.lmdb").write_bytes(b"")
+    with pytest.raises(fmt.DamagedFile, match=r"ILSVRC-train.lmdb is 0 bytes.*re-copy"):
+        Loader(str(tmp_path / "zero"), "train")
+    (tmp_path / "dir" / "ILSVRC-train.lmdb").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"is a folder \(empty\), not an LMDB file"):
+        Loader(str(tmp_path / "dir"), "train")
+    val = fmt.find_split(sample_lmdb, "val")
+    with pytest.raises(ValueError, match=r"holds the 'val' split.*mode='val'.*check_split"):
+        Loader(val, "train")
+    assert Loader(val, "train", check_split=False, num_workers=0).dataset_size == 12
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    src = fmt.find_split(sample_lmdb, "train")
+    size = os.path.getsize(src)
+    with open(src, "rb") as f, open(trunc / "ILSVRC-train.lmdb", "wb") as g:
+        g.write(f.read(size // 2))
+    with pytest.raises(fmt.DamagedFile, match=rf"is {size // 2:,} bytes but its LMDB header "
+                                              rf"says .*\({size:,} bytes\).*re-copy"):
+        Loader(str(trunc), "train")
+
+
+def test_a_label_changed_in_place_names_the_real_remedy(sample_lmdb, tmp_path):
+    from imagenet_seq import offsets
+
+    root = tmp_path / "lab"
+    root.mkdir()
+    path = str(root / "ILSVRC-train.lmdb")
+    shutil.copy(fmt.find_split(sample_lmdb, "train"), path)
+    env = fmt.open_env(path)
+    offs, _ = offsets.read(env, 48, path)
+    env.close()
+    labels = SplitReader(str(root), "train").labels
+    for value, match in [((int(labels[5]) + 1) % 4, r"00000005.*changed after conversion"),
+                         (999, r"00000005.*label 999")]:
+        with open(path, "r+b") as f:  # in place: no LMDB transaction, the index stays current
+            f.seek(int(offs[5]))
+            f.write(fmt.RECORD_HEADER.pack(value))
+        for _ in range(2):  # the advice is verify + re-copy, not --rebuild (which changes nothing)
+            with pytest.raises(RecordError, match=match + r".*imagenet-seq-verify.*re-copy") as e:
+                for _ in Loader(str(root), "train", num_workers=0, skip_broken=True, **SMALL):
+                    pass
+            assert "--rebuild" not in str(e.value) and e.value.key == b"00000005"
+            assert offsets.main([path, "--rebuild"]) == 0

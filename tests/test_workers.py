@@ -26,7 +26,15 @@ TRAINER = textwrap.dedent("""
     root, pidfile, how = sys.argv[1], sys.argv[2], sys.argv[3]
     ld = Loader(root, "train", batch_size=4, num_workers=2, chunk_size=4, buffer_size=8,
                 worker_type="process")
-    it = iter(ld)
+    if how == "thread":  # the iterator (and its workers) made by a thread that then ends
+        import threading
+        box = []
+        t = threading.Thread(target=lambda: box.append(iter(ld)))
+        t.start()
+        t.join()
+        it = box[0]
+    else:
+        it = iter(ld)
     next(it)
     with open(pidfile + ".tmp", "w") as f:
         f.write(" ".join(str(p.pid) for p in psutil.Process().children()))
@@ -196,3 +204,55 @@ def test_pdeathsig_is_set_in_the_child():
         os._exit(0)
     os.waitpid(child, 0)
     assert int(os.read(r, 16)) == signal.SIGTERM
+
+
+def test_workers_outlive_the_thread_that_started_them(sample_lmdb, tmp_path):
+    # PR_SET_PDEATHSIG fires when the forking *thread* ends: workers are forked by a thread
+    # that lives as long as the process, so they survive the helper thread and still die
+    # with the trainer after kill -9
+    proc, pids = start_trainer(sample_lmdb, tmp_path, "thread")
+    time.sleep(1.0)
+    assert alive(pids) == pids, "workers died with the thread that started the iterator"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_gone(pids)
+
+
+def test_an_epoch_from_a_short_lived_thread_is_complete(sample_lmdb):
+    from imagenet_seq.data import Loader
+    import threading
+
+    ld = Loader(sample_lmdb, "train", batch_size=4, num_workers=2, worker_type="process")
+    box = []
+    t = threading.Thread(target=lambda: box.append(iter(ld)))
+    t.start()
+    t.join()
+    time.sleep(0.5)
+    assert sum(len(y) for _, y in box[0]) == 48
+
+
+def test_a_stopped_worker_is_a_stall_error_not_a_hang(sample_lmdb):
+    from imagenet_seq.data import Loader
+
+    ld = Loader(sample_lmdb, "train", batch_size=4, num_workers=2, worker_type="process",
+                prefetch=2, stall_timeout=2)
+    it = iter(ld)
+    next(it)
+    pids = [p.pid for p in it._feeder.pool.procs]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        with pytest.raises(RuntimeError, match=r"no batch for \d+ s.*is stopped.*kill -CONT.*"
+                                               r"stall_timeout"):
+            for _ in it:
+                pass
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert time.time() - t0 < 30
+    with pytest.raises(ValueError, match="stall_timeout=0"):
+        Loader(sample_lmdb, "train", stall_timeout=0)
