@@ -27,7 +27,7 @@ setup(
         "opencv-python-headless>=4.5",
         "tqdm",
         "pillow",
-        "torch>=2.0",
+        "torch>=2.1",  # 2.1: uint8 antialiased resize (the fast path's filter)
         # tensorpack's DataFlow (module tensorpack.dataflow); the PyPI package `dataflow` is unrelated
         "tensorpack>=0.11",
         "msgpack",

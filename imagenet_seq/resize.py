@@ -41,7 +41,19 @@ __all__ = ["REDUCING_GAP", "reduction", "resize", "resize_box", "resize_into", "
 
 REDUCING_GAP = 2
 _DENOMS = (8, 4, 2)  # libjpeg scale denominators, largest reduction first
-_aa = torch._C._nn._upsample_bilinear2d_aa
+
+def _aa_public(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor) -> None:
+    out.copy_(torch.nn.functional.interpolate(src, size=size, mode="bilinear", antialias=True,
+                                              align_corners=False))
+
+
+def _aa_op(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor) -> None:
+    # the op behind F.interpolate(antialias=True), writing straight into our buffer
+    torch._C._nn._upsample_bilinear2d_aa(src, size, False, None, None, out=out)
+
+
+# a torch that renames its private op still gets the filter, through the public call
+_aa = _aa_op if hasattr(torch._C._nn, "_upsample_bilinear2d_aa") else _aa_public
 
 _local = threading.local()
 
@@ -95,7 +107,7 @@ def resize(bgr: np.ndarray, w: int, h: int, antialias: bool = True,
     if antialias:
         # HWC arrays are NCHW tensors in channels_last layout: the kernel's fast uint8 path
         src = torch.from_numpy(bgr).permute(2, 0, 1).unsqueeze(0)
-        _aa(src, (h, w), False, None, None, out=torch.from_numpy(out).permute(2, 0, 1)[None])
+        _aa(src, (h, w), torch.from_numpy(out).permute(2, 0, 1)[None])
     else:
         # INTER_AREA (a box filter) only where bilinear would skip source pixels
         big = bgr.shape[1] >= 2 * w and bgr.shape[0] >= 2 * h

@@ -179,3 +179,19 @@ def test_loader_val_batches_match_torchvision_imagefolder(sample_tree, sample_lm
     assert torch.equal(targets, ref_targets)  # val is in sorted file order, like ImageFolder
     mean, p99, mx = stats(images.numpy(), ref.numpy())
     assert mean <= 0.5 and p99 <= 3 and mx <= 2, (mean, p99, mx)
+
+
+def test_private_op_and_public_interpolate_agree():
+    """resize.py calls torch's private AA op (no extra copy); the public fallback gives the same."""
+    import torch
+
+    from imagenet_seq import resize
+
+    img = np.random.default_rng(0).integers(0, 256, (300, 410, 3), dtype=np.uint8)
+    src = torch.from_numpy(img).permute(2, 0, 1)[None]
+    outs = []
+    for fn in (resize._aa_op, resize._aa_public):
+        out = np.empty((173, 224, 3), np.uint8)
+        fn(src, (173, 224), torch.from_numpy(out).permute(2, 0, 1)[None])
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
