@@ -1,23 +1,25 @@
-"""The converter's worker processes: read + validate + normalise chunks of source images.
+"""The converter's worker processes: validate + normalise chunks of source images' bytes.
+
+The bytes come from ONE reader (``source_reader``), in on-disk order: workers never touch the
+source disk, so their parallelism cannot turn its sequential reads into seeks.
 
 Why not ``multiprocessing.Pool``: its task-handler thread blocks putting into a full queue once
 the workers are gone, and ``Pool.terminate()`` joins that thread, so an error path (``--strict``,
 a full disk) could hang forever. Here the writer's own thread does all feeding, over one pipe
-per worker, with at most ``AHEAD`` chunks (a few KB of paths) queued per worker, so a send never
+per worker, with at most ``AHEAD`` chunks queued per worker, so a send never
 waits on a busy worker. It waits on the result pipes and the processes' sentinels together, so a
 dead worker is an error, not a hang. Shutdown is SIGKILL + reap: no thread, queue or pipe is
 joined, so every exit path ends in well under a second whatever the workers are doing.
 
-Results come back in plan order; at most ``workers * WINDOW`` chunks are in flight or waiting
-to be written (memory bound: that many chunks of ``CHUNK`` images).
+Results come back in the order read; at most ``workers * WINDOW`` chunks are in flight or
+waiting to be written (memory bound: that many chunks of at most ``source_reader.CHUNK_BYTES``
+of source bytes, and their records).
 """
 from __future__ import annotations
 
-import errno
 import multiprocessing as mp
 import os
 import signal
-import stat
 import traceback
 from collections import deque
 from multiprocessing.connection import wait
@@ -26,13 +28,11 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 from . import format as fmt
 from .images import BrokenImage, normalise
 from .malloc import keep_decode_buffers
-from .scan import not_a_file_reason
 
-CHUNK = 32
 AHEAD = 2  # chunks queued per worker: one being processed, one ready to start
 WINDOW = 8  # chunks per worker between the oldest unwritten one and the newest sent
 
-Item = Tuple[str, int]  # (path relative to the split folder, label)
+Item = Tuple[str, int, object]  # (path relative to the split folder, label, bytes or verdict)
 Outcome = Tuple[str, object, Optional[str]]  # (status 'ok'|'skip'|'error', payload, note)
 
 
@@ -40,48 +40,24 @@ class WorkerError(RuntimeError):
     """A worker died or failed; the message names the chunk's first file and the way out."""
 
 
-def read_source(path: str) -> bytes:
-    """The bytes of a regular file. Never blocks on a FIFO or device that replaced a file after
-    the scan (opened non-blocking, checked with fstat before any read).
-
-    Raises:
-        BrokenImage: ``path`` is not a regular file (the reason says what it is).
-        OSError: it cannot be read.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        reason = not_a_file_reason(path) if e.errno in (errno.ENOENT, errno.ELOOP) else None
-        if reason:
-            raise BrokenImage(reason) from None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BrokenImage(not_a_file_reason(path) or "not a regular file")
-        return f.read()
-
-
 def process_chunk(split_dir: str, items: List[Item], max_size: Optional[int],
                   quality: int) -> List[Outcome]:
-    """Read + validate + normalise ``items``: one outcome per item, in order.
+    """Validate + normalise ``items`` (bytes read by ``source_reader``): one outcome per item.
 
     'ok' carries the encoded record, 'skip' the reason for the report (broken image, not a
     regular file), 'error' a message that stops the conversion (a file that exists but cannot
     be read: fixing it and resuming beats silently losing it).
     """
     out: List[Outcome] = []
-    for rel, label in items:
-        path = os.path.join(split_dir, rel)
+    for rel, label, data in items:
+        if not isinstance(data, bytes):  # the reader's verdict: ('skip'|'error', message)
+            out.append((data[0], data[1], None))
+            continue
         try:
-            data = read_source(path)
             jpeg, note = normalise(data, max_size=max_size, quality=quality)
             out.append(("ok", fmt.encode_record(label, jpeg), note))
         except BrokenImage as e:
             out.append(("skip", str(e), None))
-        except OSError as e:
-            out.append(("error", f"cannot read {path}: {e.strerror or e}; fix it (permissions, "
-                                 "disk) or remove it, then run again with --resume", None))
     return out
 
 
@@ -209,13 +185,17 @@ class Workers:
             "is short)")
 
 
-def results(split_dir: str, plan: List[Item], start: int, max_size: Optional[int],
-            quality: int, workers: Optional[Workers]) -> Iterator[Tuple[int, str, object,
-                                                                        Optional[str]]]:
-    """(plan position, status, payload, note) for ``plan[start:]``, in plan order."""
-    starts = range(start, len(plan), CHUNK)
-    jobs = ((split_dir, plan[i:i + CHUNK], max_size, quality) for i in starts)
-    chunks = (process_chunk(*j) for j in jobs) if workers is None else workers.map_ordered(jobs)
-    for i, outcomes in zip(starts, chunks):
-        for j, r in enumerate(outcomes):
-            yield (i + j,) + r
+def results(split_dir: str, chunks: Iterable[list], max_size: Optional[int], quality: int,
+            workers: Optional[Workers]) -> Iterator[Tuple[int, str, object, Optional[str]]]:
+    """(plan position, status, payload, note) for each item of ``chunks`` (``source_reader``
+    chunks of (position, rel, label, bytes)), in the order they were read."""
+    positions: deque = deque()
+
+    def jobs():
+        for chunk in chunks:
+            positions.append([c[0] for c in chunk])
+            yield (split_dir, [c[1:] for c in chunk], max_size, quality)
+    outs = (process_chunk(*j) for j in jobs()) if workers is None else workers.map_ordered(jobs())
+    for outcomes in outs:
+        for pos, r in zip(positions.popleft(), outcomes):
+            yield (pos,) + r

@@ -13,7 +13,8 @@ import lmdb
 
 from . import format as fmt
 from .scan import ScanError, find_classes, scan_split
-from .writer import ConversionError, Options, convert_split
+from .writer import (DEFAULT_MEMORY, FIXED_BYTES, MIN_MEMORY, ConversionError, Options,
+                     convert_split)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-encode images whose longer side exceeds N pixels (default: keep)")
     p.add_argument("--quality", type=int, default=95, metavar="Q",
                    help="JPEG quality of re-encoded images (default: 95)")
+    p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY // 1_000_000, metavar="MB",
+                   help="memory bound of the conversion's buffers (default: %(default)s MB; "
+                        "at least 256): the sorted run held before it is written, then the "
+                        "runs' read buffers during the merge")
+    p.add_argument("--tmp", metavar="DIR",
+                   help="folder for the temporary sorted runs, about the size of the sources "
+                        "(default: the output folder; another disk than the sources' is best)")
+    p.add_argument("--read-order", choices=["auto", "inode", "name"], default="auto",
+                   help="order in which the source files are read: auto = on-disk order "
+                        "(FIEMAP extents where the filesystem tells them, else inode numbers); "
+                        "name = sorted paths")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion; complete splits are kept")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
@@ -60,6 +72,12 @@ def _check(args) -> List[str]:
         raise ValueError(f"--quality {args.quality}; expected 1..100")
     if not os.path.isdir(args.src):
         raise ValueError(f"input folder {args.src!r} does not exist")
+    if args.memory_mb * 1_000_000 < MIN_MEMORY:
+        raise ValueError(f"--memory-mb {args.memory_mb}; expected at least "
+                         f"{MIN_MEMORY // 1_000_000} (the fixed buffers take "
+                         f"{FIXED_BYTES // 1_000_000} MB)")
+    if args.tmp is not None and not os.path.isdir(args.tmp):
+        raise ValueError(f"--tmp {args.tmp!r} is not a folder; create it or pass another")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
     return splits
@@ -132,7 +150,8 @@ def _run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
-                   workers=args.workers, strict=args.strict)
+                   workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
+                   tmp=args.tmp, read_order=args.read_order)
     results = []
     for split in splits:
         scan = scans[split]
@@ -140,10 +159,13 @@ def _run(args) -> int:
         if not args.no_progress:
             from tqdm import tqdm
 
-            def start(total, initial, split=split):
+            def start(total, initial, phase, split=split):
                 nonlocal bar
-                bar = tqdm(total=total, initial=initial, unit="img", desc=split, smoothing=0.05,
-                           dynamic_ncols=True, file=sys.stderr)
+                if bar is not None:
+                    bar.close()
+                # one bar per pass: 'read' (sources -> sorted runs), 'merge' (runs -> LMDB)
+                bar = tqdm(total=total, initial=initial, unit="img", desc=f"{split} {phase}",
+                           smoothing=0.05, dynamic_ncols=True, file=sys.stderr)
                 bar.mb = 0.0
 
             def progress(n, nbytes, skipped):
@@ -156,7 +178,8 @@ def _run(args) -> int:
             start = progress = None
         try:
             res = convert_split(args.src, args.dst, split, scan, opts, overwrite=args.overwrite,
-                                resume=args.resume, progress=progress, start_progress=start)
+                                resume=args.resume, progress=progress, start_progress=start,
+                                notice=lambda text: print(text, file=sys.stderr))
         except ConversionError as e:
             print(f"\nerror: {e}", file=sys.stderr)
             return 1
@@ -179,7 +202,9 @@ def _run(args) -> int:
         print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,
                                     "skipped": len(r.skipped), "bytes": r.bytes,
                                     "seconds": round(r.seconds, 3), "report": r.report,
-                                    "already_complete": r.already_complete}
+                                    "already_complete": r.already_complete,
+                                    "read_order": r.read_order, "runs": r.runs,
+                                    "tmp_bytes": r.tmp_bytes}
                           for r in results}))
     else:
         print(_table(results))

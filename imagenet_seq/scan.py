@@ -9,7 +9,7 @@ import csv
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .images import IMAGE_EXTENSIONS
@@ -24,6 +24,11 @@ class Scan:
     classes: List[str]
     entries: List[Tuple[str, int]]  # (path relative to the split folder, label), sorted by path
     not_images: List[Tuple[str, str]]  # (relative path, reason): reported, never stored
+    # rel -> (inode, size) from the scan's stat: on-disk read order, source bytes, temp space
+    stats: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+
+    def inode_size(self, rel: str) -> Tuple[int, int]:
+        return self.stats.get(rel, (0, 0))
 
 
 def _is_image_name(name: str) -> bool:
@@ -37,23 +42,30 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
 
 def not_a_file_reason(path: str) -> Optional[str]:
     """Why ``path`` cannot be an image file without opening it, or None for a regular file.
+    (:func:`stat_or_reason` without the stat.)"""
+    return stat_or_reason(path)[1]
+
+
+def stat_or_reason(path: str):
+    """(os.stat_result or None, why ``path`` cannot be an image file or None for a regular file).
 
     FIFOs, sockets and devices are never opened (opening a FIFO blocks until a writer comes);
     dangling symbolic links and link loops have no content. All of them are skipped and
     reported, like any other file that is not an image.
     """
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return "symbolic link loop"
+            return None, "symbolic link loop"
         if e.errno == errno.ENOENT and os.path.islink(path):
-            return f"dangling symbolic link (to {os.readlink(path)!r})"
-        return None  # unreadable for another reason: the read reports it
+            return None, f"dangling symbolic link (to {os.readlink(path)!r})"
+        return None, None  # unreadable for another reason: the read reports it
+    mode = st.st_mode
     if stat.S_ISREG(mode):
-        return None
+        return st, None
     kind = next((k for test, k in _KINDS if test(mode)), f"mode {mode:o}")
-    return f"not a regular file ({kind}); never opened"
+    return st, f"not a regular file ({kind}); never opened"
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -64,8 +76,10 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _files_under(folder: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+def _files_under(folder: str, stats: Optional[Dict[str, Tuple[int, int]]] = None
+                 ) -> Tuple[List[str], List[Tuple[str, str]]]:
     """(regular files below ``folder``, (path, reason) of what cannot be read), relative, sorted.
+    ``stats`` (if given) receives ``rel -> (inode, size)`` of each regular file.
 
     Recursive and following links to folders, as torchvision's ImageFolder lists files, except
     that a link back to a folder on the way down is reported instead of walked again (os.walk
@@ -89,26 +103,31 @@ def _files_under(folder: str) -> Tuple[List[str], List[Tuple[str, str]]]:
                     continue
                 walk(e.path, r, ancestors | {(st.st_dev, st.st_ino)})
                 continue
-            reason = not_a_file_reason(e.path)
+            st, reason = stat_or_reason(e.path)
             if reason:
                 bad.append((r, reason))
             else:
                 files.append(r)
+                if stats is not None and st is not None:
+                    stats[r] = (st.st_ino, st.st_size)
 
     st = os.stat(folder)
     walk(folder, "", frozenset({(st.st_dev, st.st_ino)}))
     return sorted(files), sorted(bad)
 
 
-def _split_images(folder: str, prefix: str = ""):
+def _split_images(folder: str, prefix: str = "", stats=None):
     """(image paths, (path, reason) of the rest) below ``folder``, relative to its parent
-    (``prefix`` = the class folder name)."""
-    files, bad = _files_under(folder)
+    (``prefix`` = the class folder name); ``stats`` receives (inode, size) per image."""
+    found: Dict[str, Tuple[int, int]] = {}
+    files, bad = _files_under(folder, found)
     images, others = [], []
     for f in files:
         rel = os.path.join(prefix, f) if prefix else f
         if _is_image_name(os.path.basename(f)):
             images.append(rel)
+            if stats is not None and f in found:
+                stats[rel] = found[f]
         else:
             ext = os.path.splitext(f)[1] or os.path.basename(f)
             others.append((rel, f"not an image file ({ext!r} is not one of the image extensions)"))
@@ -137,9 +156,9 @@ def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
     if unknown:
         raise ScanError(f"{split_dir} has class folders not in train: {unknown[:5]}; "
                         "every val class must also be a train class")
-    entries, not_images = [], []
+    entries, not_images, stats = [], [], {}
     for c in present:
-        images, others = _split_images(os.path.join(split_dir, c), prefix=c)
+        images, others = _split_images(os.path.join(split_dir, c), prefix=c, stats=stats)
         if not images:
             raise ScanError(f"class folder {os.path.join(split_dir, c)} holds no images; add "
                             "images or remove the folder")
@@ -148,7 +167,7 @@ def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
     for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if not _is_dir(e):  # files, links, FIFOs ...: reported, never opened
             not_images.append((e.name, "file outside any class folder"))
-    return Scan(classes, sorted(entries), not_images)
+    return Scan(classes, sorted(entries), not_images, stats)
 
 
 def read_val_labels(path: str) -> Dict[str, str]:
@@ -190,7 +209,8 @@ def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) 
                         "('<filename> <class>' lines or Kaggle's LOC_val_solution.csv)")
     labels = read_val_labels(labels_file)
     index = {c: i for i, c in enumerate(classes)}
-    images, not_images = _split_images(val_dir)
+    stats: Dict[str, Tuple[int, int]] = {}
+    images, not_images = _split_images(val_dir, stats=stats)
     stems = {os.path.splitext(p)[0]: p for p in images}
     unknown_files = sorted(set(labels) - set(stems))
     if unknown_files:
@@ -204,7 +224,7 @@ def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) 
         raise ScanError(f"{len(unlabelled)} images in {val_dir} have no label in {labels_file}, "
                         f"e.g. {unlabelled[:3]}; add their labels or remove the files")
     entries = sorted((p, index[labels[s]]) for s, p in stems.items())
-    return Scan(classes, entries, not_images)
+    return Scan(classes, entries, not_images, stats)
 
 
 def scan_split(root: str, split: str, classes: List[str], val_labels: Optional[str] = None) -> Scan:

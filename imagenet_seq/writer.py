@@ -1,21 +1,32 @@
-"""Convert one split: N worker processes read + validate + normalise, ONE writer appends.
+"""Convert one split in two passes: read in on-disk order into sorted runs, merge into the LMDB.
 
-Crash safety: records go into ``ILSVRC-<split>.lmdb.partial``; every commit carries a
-``__progress__`` record (plan position, counts, a fingerprint of the inputs and options) in the
-same transaction, so the file always describes exactly what it holds. The final transaction
-writes ``__labels__`` and ``__meta__`` and drops ``__progress__``; only then is the file renamed
-to ``ILSVRC-<split>.lmdb``. A killed run never leaves a file that looks complete, and
-``resume=True`` continues from the last commit, ending with the record set a clean run writes.
+The data path: ONE reader (``source_reader``) reads the files in the order they lie on the disk
+(``disk_order``) → N worker processes validate + normalise (``convert_workers``) → pass 1: the
+records, tagged with their position in the plan (``plan_order``: a seeded permutation for train,
+sorted for val), fill a run buffer that is sorted and written as one sequential temporary file
+when full (``sort_runs``) → pass 2: the runs are merged by position and appended, in plan order,
+to ``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end. The output is
+exactly what the one-pass converter wrote (same plan, same records, same order).
 
-Memory: at most ``workers * 8`` chunks of 32 images are in flight (``convert_workers``) and one uncommitted
-transaction holds at most ``COMMIT_BYTES`` of records; nothing else grows
-with the dataset except the label list (4 bytes per image).
+Crash safety: ``__progress__`` in the .partial says where the conversion stands, committed in
+the same transaction as what it describes. Pass 1: which plan positions are done (a bitmap), the
+finished runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the
+byte offset reached in each run and the records written. ``resume=True`` deletes runs that no
+commit lists, re-reads what pass 1 had not committed and ends with the records of a clean run.
+
+Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer and pass 2 the runs'
+read buffers, each ``memory - FIXED_BYTES``; fixed: one uncommitted transaction
+(``COMMIT_BYTES``), the reader's queue (32 MB) and the chunks in flight to the workers
+(``workers * 8`` chunks of <= 4 MB); the plan (~150 bytes per image) grows with the dataset.
+Temporary space: about the split's source bytes, in ``Options.tmp`` (default: the output
+folder), checked against free space before the run and deleted at the end.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,19 +34,15 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from . import checksums
 from . import format as fmt
 from . import offsets
-from .convert_workers import Workers, WorkerError, results
+from .convert_passes import (DEFAULT_MEMORY, FIXED_BYTES, MAX_RUNS, MIN_MEMORY,  # noqa: F401
+                             ConversionError, merge_pass, pack, prepare_runs, read_pass,
+                             space_check, unpack)
+from .disk_order import disk_order
 from .lmdbfile import DamagedFile
 from .scan import Scan
 
-COMMIT_RECORDS = 2000
-COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
-
-
-class ConversionError(RuntimeError):
-    """The conversion cannot go on; the message names the file or value and the fix."""
 
 
 @dataclass
@@ -45,6 +52,9 @@ class Options:
     quality: int = 95
     workers: int = 0
     strict: bool = False
+    memory: int = DEFAULT_MEMORY  # bytes: the buffers' bound (module docstring)
+    tmp: Optional[str] = None  # folder for the sorted runs (default: the output folder)
+    read_order: str = "auto"  # disk_order method: auto (FIEMAP, else inode), inode, name
 
     def content(self) -> dict:
         """Options that change what is written (workers do not)."""
@@ -63,6 +73,9 @@ class Result:
     resumed_at: int = 0
     already_complete: bool = False
     report: Optional[str] = None  # the skipped-files report the CLI wrote
+    read_order: str = "-"  # how the source was ordered (disk_order): fiemap, inode, name
+    runs: int = 0
+    tmp_bytes: int = 0  # temporary bytes written (the runs)
 
 
 def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
@@ -135,14 +148,17 @@ def _remove(path: str) -> None:
             os.remove(p)
 
 
+
 def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Options,
                   overwrite: bool = False, resume: bool = False,
                   progress: Optional[Callable[[int, int, int], None]] = None,
-                  start_progress: Optional[Callable[[int, int], None]] = None) -> Result:
+                  start_progress: Optional[Callable[[int, int, str], None]] = None,
+                  notice: Optional[Callable[[str], None]] = None) -> Result:
     """Write ``out_dir/ILSVRC-<split>.lmdb`` from ``scan``.
 
     ``progress(n_done_delta, bytes_delta, skipped_total)`` is called as records land;
-    ``start_progress(total, initial)`` once before the first.
+    ``start_progress(total, initial, pass_name)`` before each pass ('read', 'merge');
+    ``notice(text)`` with the statement of sizes and free space before the run.
     """
     final = os.path.join(out_dir, fmt.split_filename(split))
     partial = final + ".partial"
@@ -156,22 +172,29 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
         if not overwrite:
             raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
                                   "(or --resume to keep it and finish the other splits)")
+    run_dir = os.path.join(os.path.abspath(opts.tmp or out_dir), os.path.basename(partial)
+                           + ".runs")
     if os.path.exists(partial) and not resume:
         if not overwrite:
             raise ConversionError(f"{partial} is an unfinished conversion; pass --resume to "
                                   "continue it or --overwrite to start over")
         _remove(partial)
+    if not resume and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
 
     plan = plan_order(scan, split, opts.seed)
     fp = fingerprint(plan, scan.classes, opts)
     split_dir = os.path.join(src_root, split)
     os.makedirs(out_dir, exist_ok=True)
+    if opts.tmp is not None and not os.path.isdir(opts.tmp):
+        raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
     env = _open(partial, f"It is an unfinished conversion: delete {partial} and convert again "
                 "(or pass --overwrite instead of --resume)", readonly=False, lock=False)
     try:
         finished = None
-        state = {"fingerprint": fp, "plan_pos": 0, "written": 0, "bytes": 0, "converted": 0,
-                 "skipped": 0, "class_counts": [0] * len(scan.classes)}
+        state = {"fingerprint": fp, "phase": "read", "run_dir": run_dir, "runs": [],
+                 "done": pack(np.zeros(len(plan), bool)), "written": 0, "bytes": 0,
+                 "converted": 0, "skipped": 0, "class_counts": [0] * len(scan.classes)}
         with env.begin() as txn:
             raw = txn.get(fmt.PROGRESS_KEY)
             if raw is not None:
@@ -181,6 +204,15 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                         f"{partial} was started with other inputs or options (file list, seed, "
                         "--max-size or --quality differ); run with the same ones, or pass "
                         "--overwrite to start over")
+                if "phase" not in old:
+                    raise ConversionError(
+                        f"{partial} was started by an older version of the converter (one "
+                        "pass, no sorted runs); pass --overwrite to start over")
+                if old["run_dir"] != run_dir:
+                    raise ConversionError(
+                        f"{partial} keeps its temporary runs in {old['run_dir']}; pass --tmp "
+                        f"{os.path.dirname(old['run_dir'])} to continue it, or --overwrite to "
+                        "start over")
                 state = old
             elif txn.get(fmt.META_KEY) is not None:
                 finished = fmt.read_metadata(txn, partial)  # killed just before the rename
@@ -200,61 +232,32 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             env.sync(True)
             os.replace(partial, final)  # lock=False: renaming the open file is safe
             _remove(partial)
+            shutil.rmtree(run_dir, ignore_errors=True)
             res.written, res.bytes, res.resumed_at = (finished.num_records, finished.total_bytes,
                                                        len(plan))
             return res
-        res.resumed_at = state["plan_pos"]
-        crcs = checksums.Log(state["written"])  # records before it: checksums committed
+        res.resumed_at = state["written"] if state["phase"] == "merge" else int(
+            unpack(state["done"], len(plan)).sum())
+        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+        space_check(scan, plan, state, run_dir, out_dir, split, opts.memory, notice)
+        prepare_runs(run_dir, state, partial)
         t0 = time.perf_counter()
-        if start_progress:
-            start_progress(len(plan), state["plan_pos"])
-        # records written == plan positions done minus skipped, so labels follow from the plan
         skipped_pos = set()
         for d in _committed_skips(env):
             skipped_pos.add(d["pos"])
             res.skipped.append((d["path"], d["reason"]))
+        if state["phase"] == "read":
+            rels = [rel for rel, _ in plan]
+            read_order, res.read_order = disk_order(
+                split_dir, rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
+            read_pass(env, split_dir, plan, read_order, state, run_dir, opts, res, progress,
+                       start_progress)
+            skipped_pos = {d["pos"] for d in _committed_skips(env)}
+        if len(state["runs"]) > MAX_RUNS:
+            raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
+                                  " can be merged at once; pass a larger --memory-mb")
 
-        workers = Workers(opts.workers) if opts.workers > 0 else None
-        txn = None
-        pending_n = pending_b = 0
-        try:
-            txn = env.begin(write=True)
-            for pos, status, payload, note in results(split_dir, plan, state["plan_pos"],
-                                                      opts.max_size, opts.quality, workers):
-                rel, label = plan[pos]
-                if status == "error":
-                    raise ConversionError(payload)
-                if status == "skip":
-                    if opts.strict:
-                        raise ConversionError(
-                            f"{os.path.join(split_dir, rel)}: {payload} (--strict stops at the "
-                            "first broken file; remove or fix it, or run without --strict to "
-                            "skip and report it)")
-                    txn.put(fmt.skip_key(state["skipped"]),
-                            json.dumps({"path": rel, "reason": payload, "pos": pos}).encode())
-                    state["skipped"] += 1
-                    skipped_pos.add(pos)
-                    res.skipped.append((rel, payload))
-                    nbytes = 0
-                else:
-                    txn.put(fmt.record_key(state["written"]), payload)
-                    crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
-                    state["written"] += 1
-                    state["class_counts"][label] += 1
-                    nbytes = len(payload) - fmt.RECORD_HEADER.size
-                    state["bytes"] += nbytes
-                    state["converted"] += note is not None
-                state["plan_pos"] = pos + 1
-                pending_n += 1
-                pending_b += nbytes
-                if progress:
-                    progress(1, nbytes, state["skipped"])
-                if pending_n >= COMMIT_RECORDS or pending_b >= COMMIT_BYTES:
-                    txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
-                    crcs.commit(txn)  # with their records: a resume keeps them
-                    txn.commit()
-                    txn = env.begin(write=True)
-                    pending_n = pending_b = 0
+        def finish(txn):
             labels = np.array([lab for p, (_, lab) in enumerate(plan) if p not in skipped_pos],
                               dtype="<i4")
             if len(labels) != state["written"]:
@@ -266,27 +269,20 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                 order="random" if split == "train" else "sorted",
                 options=opts.content(), skipped=state["skipped"])
             txn.put(fmt.LABELS_KEY, labels.tobytes())
-            crcs.finish(txn, state["written"])
             txn.delete(fmt.PROGRESS_KEY)
             txn.put(fmt.META_KEY, meta.to_json())  # metadata last
-            txn.commit()
-            txn = None
-            # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
-            _write_offsets(env, partial, state["written"])
-        except WorkerError as e:
-            raise ConversionError(str(e)) from None
-        finally:
-            if workers is not None:
-                workers.close()  # first: kill, never wait for their cooperation
-            if txn is not None:
-                # keep what is committed; a clean abort of the open transaction loses only
-                # records since the last commit, which --resume rewrites
-                txn.abort()
+
+        merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress)
+        # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
+        _write_offsets(env, partial, state["written"])
         env.sync(True)
     finally:
         env.close()
     os.replace(partial, final)
     _remove(partial)
+    res.runs = len(state["runs"])
+    res.tmp_bytes = sum(r[2] for r in state["runs"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # after the rename: a kill before keeps them
     res.written = state["written"]
     res.bytes = state["bytes"]
     res.converted = state["converted"]

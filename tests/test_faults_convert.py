@@ -30,7 +30,9 @@ from imagenet_seq.sample import make_sample_imagefolder
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60  # far above any case here (~1 s each): reaching it means a hang
 OUTCOMES = collections.OrderedDict()  # case -> 'stored' | 'error' | 'skipped'
-SMALL_COMMITS = "import imagenet_seq.writer as w; w.COMMIT_RECORDS = 4\n"
+# small commits and small sorted runs: a 31-image split is cut into many runs and commits, so
+# faults land in pass 1 (reading into runs) as well as pass 2 (merging into the LMDB)
+SMALL_COMMITS = "import imagenet_seq.convert_passes as w; w.COMMIT_RECORDS = 4; w.RUN_RECORDS = 7\n"
 
 SHIM_C = r"""
 #define _GNU_SOURCE
@@ -359,7 +361,7 @@ print((peak - base) / (3000 * 4000))
 # ---------------------------------------------------------------- unreadable files
 
 READ_FAULT = """
-import errno, os, imagenet_seq.convert_workers as cw
+import errno, os, imagenet_seq.source_reader as cw
 _real = cw.read_source
 def _failing(path, _real=_real):
     if path.endswith({name!r}):
@@ -480,6 +482,55 @@ def test_kill9_then_resume_is_identical(at, tree, clean, shim, written, tmp_path
     record(f"kill -9 at {at:.1%} of the writes", "stored")
 
 
+@pytest.fixture(scope="module")
+def written_runs(tree, shim, tmp_path_factory):
+    """Bytes pass 1 writes to its temporary sorted runs (7-record runs)."""
+    root, _ = tree
+    d = tmp_path_factory.mktemp("count_runs")
+    total = str(d / "total")
+    rc, err = cli([root, str(d / "out"), "--splits", "train", "--workers", "2"],
+                  prelude=SMALL_COMMITS,
+                  env={"LD_PRELOAD": shim, "FAULT_PATH": ".partial.runs/",
+                       "FAULT_AFTER_BYTES": str(1 << 50), "FAULT_REPORT": total})
+    assert rc == 0, err
+    n = int(open(total).read())
+    assert n > 50_000  # 30 images of ~3 KB, in 5 runs
+    return n
+
+
+@pytest.mark.parametrize("at", [0.0, 0.3, 0.55, 0.999])
+def test_kill9_in_the_read_pass_then_resume_is_identical(at, tree, clean, shim, written_runs,
+                                                         tmp_path):
+    """SIGKILL while pass 1 writes a sorted run (or fsyncs it): the unlisted run is deleted on
+    resume, its images read again; the result equals a clean run record by record."""
+    root, _ = tree
+    out = str(tmp_path / "out")
+    cli([root, out, "--splits", "train", "--workers", "2"], prelude=SMALL_COMMITS,
+        env={"LD_PRELOAD": shim, "FAULT_PATH": ".partial.runs/", "FAULT_KILL": "1",
+             "FAULT_AFTER_BYTES": str(int(written_runs * at))}, expect_signal=signal.SIGKILL)
+    assert os.path.isdir(os.path.join(out, "ILSVRC-train.lmdb.partial.runs"))
+    resume(root, out, workers="2")
+    assert_same(out, clean[1])
+    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb.partial.runs"))
+    record(f"kill -9 at {at:.1%} of the sorted runs' writes", "stored")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_run_write_fault_then_resume(code, tree, clean, shim, written_runs, tmp_path):
+    """A full or failing temporary disk: exit 1 naming the run file and --tmp / --resume."""
+    root, _ = tree
+    out = str(tmp_path / "out")
+    rc, err = cli([root, out, "--splits", "train", "--workers", "2"], prelude=SMALL_COMMITS,
+                  env={"LD_PRELOAD": shim, "FAULT_PATH": ".partial.runs/",
+                       "FAULT_AFTER_BYTES": str(written_runs // 2), "FAULT_ERRNO": str(code)})
+    assert rc == 1, err
+    assert "temporary run" in err and "--tmp" in err and "--resume" in err, err
+    assert os.strerror(code) in err, err
+    resume(root, out)
+    assert_same(out, clean[1])
+    record(f"{errno.errorcode[code]} writing a sorted run", "error")
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_kill9_at_the_rename_then_resume(when, tree, clean, tmp_path):
     root, _ = tree
@@ -549,7 +600,7 @@ def test_worker_killed_is_an_error_not_a_hang(tree, clean, tmp_path):
 import os, signal, imagenet_seq.convert_workers as cw
 _real, _main = cw.process_chunk, os.getpid()
 def _die(split_dir, items, *a, _real=_real):
-    if os.getpid() != _main and any(rel == {victim!r} for rel, _ in items):
+    if os.getpid() != _main and any(rel == {victim!r} for rel, *_ in items):
         os.kill(os.getpid(), signal.SIGKILL)
     return _real(split_dir, items, *a)
 cw.process_chunk = _die

@@ -201,7 +201,7 @@ def test_unreadable_file_stops_with_its_path(tmp_path, capsys, monkeypatch):
     """A regular file that cannot be read (permissions, EIO: chmod does not stop root, so the
     read is patched) stops the run naming it; fixing it and --resume finishes the file."""
     import errno
-    import imagenet_seq.convert_workers as cw
+    import imagenet_seq.source_reader as cw
 
     root = str(tmp_path / "in")
     classes = make_sample_imagefolder(root, train_per_class=3, val_per_class=1, num_classes=2)
@@ -280,7 +280,7 @@ def test_disk_full_then_resume(tmp_path, monkeypatch, capsys):
                             size=(200, 150))
     clean = str(tmp_path / "clean")
     assert main([root, clean, "--splits", "train", "--workers", "0", "--no-progress"]) == 0
-    import imagenet_seq.writer as w
+    import imagenet_seq.convert_passes as w
     monkeypatch.setattr(w, "COMMIT_RECORDS", 10)
     monkeypatch.setattr(fmt, "MAP_SIZE", 400_000)  # room for a few commits only
     out = str(tmp_path / "o")

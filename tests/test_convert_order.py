@@ -1,0 +1,254 @@
+"""Converter read order and external sort: sources read once in on-disk order by one reader,
+records sorted through temporary runs, output identical whatever the read order or run size."""
+import os
+import random
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from imagenet_seq import convert_passes, disk_order, sort_runs, source_reader
+from imagenet_seq.preprocess_cli import main
+from imagenet_seq.reader import SplitReader
+from imagenet_seq.sample import make_sample_imagefolder
+
+
+def records(out, split="train"):
+    r = SplitReader(out, split)
+    try:
+        return [(bytes(j), int(lab)) for _, j, lab in r.read_all()], r.meta.options
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def shuffled_tree(tmp_path_factory):
+    """An ImageFolder tree whose files were created in a random order: inode (creation) order
+    differs from name order, as after extracting an archive that is not sorted."""
+    src = str(tmp_path_factory.mktemp("src") / "in")
+    classes = make_sample_imagefolder(src, train_per_class=9, val_per_class=3, num_classes=3,
+                                      size=(64, 48))
+    root = str(tmp_path_factory.mktemp("shuffled") / "in")
+    files = []
+    for d, _, fs in os.walk(src):
+        rel = os.path.relpath(d, src)
+        os.makedirs(os.path.join(root, rel), exist_ok=True)
+        files += [os.path.join(rel, f) for f in fs]
+    random.Random(5).shuffle(files)
+    for f in files:
+        shutil.copyfile(os.path.join(src, f), os.path.join(root, f))
+    return root, classes
+
+
+@pytest.fixture(scope="module")
+def reference(shuffled_tree, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    assert main([shuffled_tree[0], out, "--workers", "0", "--read-order", "name",
+                 "--no-progress"]) == 0
+    return out
+
+
+# ---------------------------------------------------------------- pure parts
+
+def test_disk_order_methods(shuffled_tree):
+    root, classes = shuffled_tree
+    d = os.path.join(root, "train")
+    rels = sorted(os.path.join(c, f) for c in classes for f in os.listdir(os.path.join(d, c)))
+    inodes = [os.stat(os.path.join(d, r)).st_ino for r in rels]
+    assert disk_order.disk_order(d, rels, inodes, "name") == (list(range(len(rels))), "name")
+    by_ino, how = disk_order.disk_order(d, rels, inodes, "inode")
+    assert how == "inode" and [inodes[i] for i in by_ino] == sorted(inodes)
+    assert by_ino != list(range(len(rels)))  # the fixture's point: creation != name order
+    auto, how = disk_order.disk_order(d, rels, inodes, "auto")
+    assert how in ("fiemap", "inode") and sorted(auto) == list(range(len(rels)))
+    with pytest.raises(ValueError, match="'sideways'"):
+        disk_order.disk_order(d, rels, inodes, "sideways")
+
+
+def test_fiemap_orders_by_physical_offset(tmp_path):
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(os.urandom(20000))
+        paths.append(str(p))
+    os.sync()  # delayed allocation: no physical block before writeback
+    try:
+        phys = [disk_order.first_extent(p) for p in paths]
+    except OSError as e:
+        pytest.skip(f"no FIEMAP on this filesystem ({e})")
+    order, how = disk_order.disk_order(str(tmp_path), [os.path.basename(p) for p in paths],
+                                       [os.stat(p).st_ino for p in paths], "auto")
+    assert how == "fiemap"
+    assert [phys[i] for i in order] == sorted(phys)
+
+
+def test_runs_merge_in_position_order_and_resume_from_offsets(tmp_path):
+    rng = np.random.default_rng(0)
+    positions = rng.permutation(200)
+    payloads = {int(p): os.urandom(int(rng.integers(0, 3000))) for p in positions}
+    paths = []
+    run = sort_runs.RunBuffer(max_bytes=1 << 30, max_records=37)
+    for p in positions:  # read order: random
+        run.add(int(p), payloads[int(p)])
+        if run.full():
+            paths.append(str(tmp_path / f"run{len(paths)}"))
+            assert run.write(paths[-1])[0] == 37
+    paths.append(str(tmp_path / f"run{len(paths)}"))
+    run.write(paths[-1])
+    assert len(paths) == 6 and not run.items
+    got = list(sort_runs.merge(paths, [0] * len(paths), merge_bytes=1000))
+    assert [g[0] for g in got] == list(range(200))
+    assert all(payloads[pos] == data for pos, data, _, _ in got)
+    # resume after 77 records: the offsets a commit would have stored
+    offsets = [0] * len(paths)
+    for _, _, i, after in got[:77]:
+        offsets[i] = after
+    rest = list(sort_runs.merge(paths, offsets, merge_bytes=1 << 20))
+    assert [g[0] for g in rest] == list(range(77, 200))
+    # a run cut short is named, never a wrong record
+    with open(paths[0], "r+b") as f:
+        f.truncate(os.path.getsize(paths[0]) - 5)
+    with pytest.raises(ValueError, match="run0 ends inside"):
+        list(sort_runs.merge(paths, [0] * len(paths), merge_bytes=1000))
+
+
+def test_reader_chunks_in_given_order_and_stops(tmp_path, monkeypatch):
+    for i in range(10):
+        (tmp_path / f"{i}.JPEG").write_bytes(bytes([i]) * (i + 1))
+    items = [(i, f"{i}.JPEG", 0) for i in (3, 1, 4, 0, 9, 2, 6, 5, 8, 7)]
+    monkeypatch.setattr(source_reader, "CHUNK", 4)
+    r = source_reader.Reader(str(tmp_path), items)
+    got = [it for chunk in r for it in chunk]
+    assert [g[0] for g in got] == [i for i, _, _ in items]
+    assert all(g[3] == bytes([g[0]]) * (g[0] + 1) for g in got)
+    # missing file: a verdict for the report, not an exception
+    (tmp_path / "3.JPEG").unlink()
+    os.symlink(str(tmp_path / "gone"), tmp_path / "3.JPEG")
+    first = next(iter(source_reader.Reader(str(tmp_path), items)))
+    assert first[0][3][0] == "skip" and "dangling" in first[0][3][1]
+    # close() stops a reader whose consumer went away (bounded queue full)
+    monkeypatch.setattr(source_reader, "QUEUE_CHUNKS", 1)
+    r = source_reader.Reader(str(tmp_path), items * 50)
+    r.close()
+    r._thread.join(timeout=5)
+    assert not r._thread.is_alive()
+
+
+def test_reader_error_reaches_the_consumer(tmp_path, monkeypatch):
+    def boom(split_dir, rel):
+        raise MemoryError("no room")
+    monkeypatch.setattr(source_reader, "read_one", boom)
+    r = source_reader.Reader(str(tmp_path), [(0, "a.JPEG", 0)])
+    with pytest.raises(MemoryError):
+        list(r)
+
+
+# ---------------------------------------------------------------- the converter
+
+def test_sources_read_once_in_disk_order_by_one_thread(shuffled_tree, monkeypatch, tmp_path):
+    root, classes = shuffled_tree
+    seen = []
+    real = source_reader.read_source
+
+    def spy(path):
+        seen.append((path, threading.current_thread().name))
+        return real(path)
+    monkeypatch.setattr(source_reader, "read_source", spy)
+    out = str(tmp_path / "out")
+    assert main([root, out, "--splits", "train", "--workers", "2", "--read-order", "inode",
+                 "--no-progress"]) == 0
+    paths = [p for p, _ in seen]
+    assert len(paths) == len(set(paths)) == 27  # each file read exactly once
+    assert {t for _, t in seen} == {"imagenet_seq-source-reader"}  # one reader
+    inodes = [os.stat(p).st_ino for p in paths]
+    assert inodes == sorted(inodes)
+    assert paths != sorted(paths)
+
+
+@pytest.mark.parametrize("read_order, run_records, workers",
+                         [("inode", None, "0"), ("auto", 5, "2"), ("name", 1, "2")])
+def test_output_independent_of_read_order_and_runs(read_order, run_records, workers,
+                                                   shuffled_tree, reference, monkeypatch,
+                                                   tmp_path):
+    """The records and their order are the plan's (seeded permutation / sorted), whatever
+    order the sources were read in and however many runs the sort used."""
+    monkeypatch.setattr(convert_passes, "RUN_RECORDS", run_records)
+    out = str(tmp_path / "out")
+    assert main([shuffled_tree[0], out, "--workers", workers, "--read-order", read_order,
+                 "--no-progress", "--json"]) == 0
+    for split in ("train", "val"):
+        assert records(out, split) == records(reference, split)
+    assert not [f for f in os.listdir(out) if f.endswith(".runs")]  # temporary runs deleted
+
+
+def test_tmp_folder_holds_the_runs(shuffled_tree, reference, monkeypatch, tmp_path, capsys):
+    tmp = tmp_path / "scratch"
+    tmp.mkdir()
+    seen = []
+    real = sort_runs.RunBuffer.write
+
+    def spy(self, path):
+        seen.append(path)
+        return real(self, path)
+    monkeypatch.setattr(sort_runs.RunBuffer, "write", spy)
+    monkeypatch.setattr(convert_passes, "RUN_RECORDS", 10)
+    out = str(tmp_path / "out")
+    assert main([shuffled_tree[0], out, "--splits", "train", "--workers", "0", "--tmp",
+                 str(tmp), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert len(seen) == 3 and all(p.startswith(str(tmp)) for p in seen)
+    assert "temporary runs" in err and str(tmp) in err and "GB free" in err  # stated first
+    assert os.listdir(tmp) == []  # deleted at the end
+    assert records(out) == records(reference)
+
+
+def test_too_little_temporary_space_is_refused_before_reading(shuffled_tree, monkeypatch,
+                                                              tmp_path, capsys):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=10_000))
+    read = []
+    monkeypatch.setattr(source_reader, "read_source", lambda p: read.append(p))
+    out = str(tmp_path / "out")
+    assert main([shuffled_tree[0], out, "--splits", "train", "--workers", "0",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "too little temporary space" in err and "--tmp DIR" in err and out in err, err
+    assert read == []
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--memory-mb", "100"], "--memory-mb 100; expected at least 256"),
+    (["--tmp", "/nonexistent/scratch"], "--tmp '/nonexistent/scratch' is not a folder")])
+def test_bad_options(argv, msg, shuffled_tree, tmp_path, capsys):
+    assert main([shuffled_tree[0], str(tmp_path / "o"), "--no-progress", *argv]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_resume_with_another_tmp_is_named(shuffled_tree, monkeypatch, tmp_path, capsys):
+    """Killed in pass 1 (here: a run write fails), resumed with another --tmp: the error
+    names the folder that holds the runs; with it, the resume finishes."""
+    monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
+    calls = []
+    real = sort_runs.RunBuffer.write
+
+    def failing(self, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, path)
+    monkeypatch.setattr(sort_runs.RunBuffer, "write", failing)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    out = str(tmp_path / "out")
+    args = [shuffled_tree[0], out, "--splits", "train", "--workers", "0", "--no-progress"]
+    assert main(args + ["--tmp", str(a)]) == 1
+    err = capsys.readouterr().err
+    assert "temporary run" in err and "No space left" in err and "--resume" in err, err
+    assert main(args + ["--tmp", str(b), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"--tmp {a}" in err, err
+    assert main(args + ["--tmp", str(a), "--resume"]) == 0
+    assert len(calls) == 3 + 7 - 2  # the two committed runs are kept, not rewritten
