@@ -99,7 +99,7 @@ def prepare_runs(run_dir: str, state: dict, partial: str) -> None:
                 f"temporary runs of {partial} were changed; pass --overwrite to start over")
 
 
-def read_pass(env, split_dir, plan, read_order, state, run_dir, opts, res, progress,
+def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
                start_progress) -> None:
     """Pass 1: every plan position not yet done, read in ``read_order``, into sorted runs."""
     done = unpack(state["done"], len(plan))
@@ -108,7 +108,7 @@ def read_pass(env, split_dir, plan, read_order, state, run_dir, opts, res, progr
         start_progress(len(plan), len(plan) - len(todo), "read")
     run = RunBuffer(buffer_bytes(opts.memory), RUN_RECORDS)
     workers = Workers(opts.workers) if opts.workers > 0 and todo else None
-    reader = Reader(split_dir, [(p, plan[p][0], plan[p][1]) for p in todo]) if todo else None
+    reader = Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo]) if todo else None
     txn = env.begin(write=True)
     pending = 0
 
@@ -132,7 +132,7 @@ def read_pass(env, split_dir, plan, read_order, state, run_dir, opts, res, progr
         pending = 0
 
     try:
-        for pos, status, payload, note in (results(split_dir, reader, opts.max_size,
+        for pos, status, payload, note in (results(source.describe(""), reader, opts.max_size,
                                                    opts.quality, workers) if todo else ()):
             rel, label = plan[pos]
             nbytes = 0
@@ -141,7 +141,7 @@ def read_pass(env, split_dir, plan, read_order, state, run_dir, opts, res, progr
             if status == "skip":
                 if opts.strict:
                     raise ConversionError(
-                        f"{os.path.join(split_dir, rel)}: {payload} (--strict stops at the "
+                        f"{source.describe(rel)}: {payload} (--strict stops at the "
                         "first broken file; remove or fix it, or run without --strict to "
                         "skip and report it)")
                 txn.put(fmt.skip_key(state["skipped"]),

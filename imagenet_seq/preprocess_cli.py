@@ -12,7 +12,8 @@ from typing import List, Optional
 import lmdb
 
 from . import format as fmt
-from .scan import ScanError, find_classes, scan_split
+from .inputs import resolve
+from .scan import ScanError
 from .writer import (DEFAULT_MEMORY, FIXED_BYTES, MIN_MEMORY, ConversionError, Options,
                      convert_split)
 
@@ -21,15 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="preprocess_sequential.py",
         description="Convert an ImageFolder tree (train/<class>/*, val/<class>/* or a flat val/ "
-                    "with --val-labels) into ILSVRC-train.lmdb / ILSVRC-val.lmdb: raw JPEG "
-                    "bytes + labels, train in a seeded random order, val in sorted order.")
-    p.add_argument("src", help="dataset root holding train/ and val/")
+                    "with --val-labels), a tar of one, or ImageNet's archives into "
+                    "ILSVRC-train.lmdb / ILSVRC-val.lmdb: raw JPEG bytes + labels, train in a "
+                    "seeded random order, val in sorted order. Sources are read once, in "
+                    "on-disk order, by one reader; records are sorted through temporary runs.")
+    p.add_argument("src", nargs="+",
+                   help="dataset root holding train/ and val/; or a tar of such a tree; or "
+                        "ImageNet's ILSVRC2012_img_train.tar and/or ILSVRC2012_img_val.tar "
+                        "(or a folder holding them): read in place, never extracted")
     p.add_argument("dst", help="output folder for the .lmdb files")
     p.add_argument("--splits", default="train,val",
                    help="comma-separated splits to convert (default: train,val)")
     p.add_argument("--val-labels", metavar="FILE",
                    help="labels for a flat val/ folder: '<filename> <class>' lines or Kaggle's "
                         "LOC_val_solution.csv")
+    p.add_argument("--devkit", metavar="FILE",
+                   help="ILSVRC2012_devkit_t12.tar.gz: labels of ILSVRC2012_img_val.tar "
+                        "(data/meta.mat + validation ground truth; needs scipy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train write order")
     p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1,
                    help="processes that read and validate images (0: in this process)")
@@ -70,8 +79,6 @@ def _check(args) -> List[str]:
         raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality {args.quality}; expected 1..100")
-    if not os.path.isdir(args.src):
-        raise ValueError(f"input folder {args.src!r} does not exist")
     if args.memory_mb * 1_000_000 < MIN_MEMORY:
         raise ValueError(f"--memory-mb {args.memory_mb}; expected at least "
                          f"{MIN_MEMORY // 1_000_000} (the fixed buffers take "
@@ -127,7 +134,8 @@ def _status(e: KeyboardInterrupt) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: "train.tar val.tar --devkit kit.tar.gz DST" (options between the paths)
+    args = build_parser().parse_intermixed_args(argv)
     # only the main thread may set handlers (a library caller in a thread keeps the default)
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
@@ -144,9 +152,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     try:
         splits = _check(args)
-        classes = find_classes(os.path.join(args.src, "train"))
-        scans = {s: scan_split(args.src, s, classes, args.val_labels) for s in splits}
-    except (ValueError, ScanError) as e:
+        inputs = resolve(args.src, splits, args.val_labels, args.devkit)
+        scans = inputs.scans
+    except (ValueError, ScanError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
@@ -177,7 +185,7 @@ def _run(args) -> int:
         else:
             start = progress = None
         try:
-            res = convert_split(args.src, args.dst, split, scan, opts, overwrite=args.overwrite,
+            res = convert_split(inputs.root, args.dst, split, scan, opts, overwrite=args.overwrite,
                                 resume=args.resume, progress=progress, start_progress=start,
                                 notice=lambda text: print(text, file=sys.stderr))
         except ConversionError as e:

@@ -26,6 +26,9 @@ class Scan:
     not_images: List[Tuple[str, str]]  # (relative path, reason): reported, never stored
     # rel -> (inode, size) from the scan's stat: on-disk read order, source bytes, temp space
     stats: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    # where the bytes are: None = files below <root>/<split>; else an object with read(rel),
+    # order(rels, keys, method), describe(rel), close() (source_reader.FolderSource's contract)
+    source: Optional[object] = None
 
     def inode_size(self, rel: str) -> Tuple[int, int]:
         return self.stats.get(rel, (0, 0))

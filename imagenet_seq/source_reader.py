@@ -16,6 +16,7 @@ import stat
 import threading
 from typing import Iterator, List, Sequence, Tuple, Union
 
+from .disk_order import disk_order
 from .images import BrokenImage
 from .scan import not_a_file_reason
 
@@ -61,11 +62,31 @@ def read_one(split_dir: str, rel: str) -> Union[bytes, Tuple[str, str]]:
                          "or remove it, then run again with --resume")
 
 
-def _chunks(split_dir: str, items: Sequence[Tuple[int, str, int]]) -> Iterator[List[Item]]:
+class FolderSource:
+    """Images as files below ``root`` (a split folder of an ImageFolder tree)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def describe(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def read(self, rel: str) -> Union[bytes, Tuple[str, str]]:
+        return read_one(self.root, rel)
+
+    def order(self, rels: Sequence[str], keys: Sequence[int], method: str):
+        """(indices of ``rels`` in on-disk order, method); ``keys`` = inodes from the scan."""
+        return disk_order(self.root, rels, keys, method)
+
+    def close(self) -> None:
+        pass
+
+
+def _chunks(source, items: Sequence[Tuple[int, str, int]]) -> Iterator[List[Item]]:
     chunk: List[Item] = []
     size = 0
     for pos, rel, label in items:
-        data = read_one(split_dir, rel)
+        data = source.read(rel)
         chunk.append((pos, rel, label, data))
         size += len(data) if isinstance(data, bytes) else 0
         if len(chunk) >= CHUNK or size >= CHUNK_BYTES:
@@ -81,16 +102,19 @@ class _Failed:
 
 
 class Reader:
-    """Reads ``items`` ((plan position, rel, label), already in on-disk order) in a thread.
+    """Reads ``items`` ((plan position, rel, label), already in on-disk order) from ``source``
+    (``FolderSource``, ``tar_source.TarSource``: ``read(rel)`` -> bytes or verdict) in a thread.
 
     Iterate for chunks (lists of :data:`Item`) in the same order. ``close()`` stops the thread
     at its next chunk; it is a daemon, so an exit never waits for a read stuck on a dying disk.
     """
 
-    def __init__(self, split_dir: str, items: Sequence[Tuple[int, str, int]]):
+    def __init__(self, source, items: Sequence[Tuple[int, str, int]]):
+        if isinstance(source, str):
+            source = FolderSource(source)
         self._q: "queue.Queue" = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(split_dir, items), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(source, items), daemon=True,
                                         name="imagenet_seq-source-reader")
         self._thread.start()
 
@@ -103,14 +127,16 @@ class Reader:
                 continue
         return False
 
-    def _run(self, split_dir, items) -> None:
+    def _run(self, source, items) -> None:
         try:
-            for chunk in _chunks(split_dir, items):
+            for chunk in _chunks(source, items):
                 if not self._put(chunk):
                     return
             self._put(None)
         except BaseException as e:  # a bug or MemoryError: re-raised in the consumer
             self._put(_Failed(e))
+        finally:
+            source.close()  # here: no other thread can be inside a read of it
 
     def __iter__(self) -> Iterator[List[Item]]:
         while True:

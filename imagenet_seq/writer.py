@@ -39,9 +39,9 @@ from . import offsets
 from .convert_passes import (DEFAULT_MEMORY, FIXED_BYTES, MAX_RUNS, MIN_MEMORY,  # noqa: F401
                              ConversionError, merge_pass, pack, prepare_runs, read_pass,
                              space_check, unpack)
-from .disk_order import disk_order
 from .lmdbfile import DamagedFile
 from .scan import Scan
+from .source_reader import FolderSource
 
 
 
@@ -248,10 +248,11 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             res.skipped.append((d["path"], d["reason"]))
         if state["phase"] == "read":
             rels = [rel for rel, _ in plan]
-            read_order, res.read_order = disk_order(
-                split_dir, rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
-            read_pass(env, split_dir, plan, read_order, state, run_dir, opts, res, progress,
-                       start_progress)
+            source = scan.source or FolderSource(split_dir)
+            read_order, res.read_order = source.order(
+                rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
+            read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
+                      start_progress)
             skipped_pos = {d["pos"] for d in _committed_skips(env)}
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"

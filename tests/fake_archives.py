@@ -1,0 +1,100 @@
+"""Tiny stand-ins for ImageNet's archives, built from a sample ImageFolder tree.
+
+``ILSVRC2012_img_train.tar``: one ``<class>.tar`` per class inside the outer tar.
+``ILSVRC2012_img_val.tar``: flat ``ILSVRC2012_val_%08d.JPEG``.
+``ILSVRC2012_devkit_t12.tar.gz``: ``data/meta.mat`` (scipy.io.savemat, the real layout: a
+struct array ``synsets`` with ILSVRC2012_ID, WNID, words, gloss, num_children, children,
+wordnet_height, num_train_images, leaves first, plus one parent synset) and
+``data/ILSVRC2012_validation_ground_truth.txt``. ILSVRC2012_IDs run in REVERSE class-name order,
+so a converter that used them as class indices would fail the tests.
+"""
+import io
+import os
+import tarfile
+
+import numpy as np
+
+FIELDS = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+          "wordnet_height", "num_train_images"]
+
+
+def tar_tree(root, out, prefix="imagenet", extra=()):
+    """A tar of the tree at ``root`` (members ``prefix/train/...``); ``extra``: (name, bytes)."""
+    with tarfile.open(out, "w") as tf:
+        for d, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for f in sorted(files):
+                p = os.path.join(d, f)
+                tf.add(p, arcname=os.path.join(prefix, os.path.relpath(p, root)))
+        for name, data in extra:
+            info = tarfile.TarInfo(os.path.join(prefix, name))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out
+
+
+def _add_bytes(tf, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def train_tar(root, classes, out):
+    with tarfile.open(out, "w") as outer:
+        for c in classes:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                d = os.path.join(root, "train", c)
+                for f in sorted(os.listdir(d), reverse=True):  # archive order != name order
+                    inner.add(os.path.join(d, f), arcname=f)
+            _add_bytes(outer, f"{c}.tar", buf.getvalue())
+    return out
+
+
+def val_tar(root, classes, out):
+    """Flat val archive; returns {val file name: class} and writes nothing else."""
+    labels = {}
+    with tarfile.open(out, "w") as tf:
+        i = 0
+        for c in classes:
+            d = os.path.join(root, "val", c)
+            for f in sorted(os.listdir(d)):
+                i += 1
+                name = f"ILSVRC2012_val_{i:08d}.JPEG"
+                labels[name] = c
+                tf.add(os.path.join(d, f), arcname=name)
+    return labels
+
+
+def meta_mat(classes, parent=True):
+    from scipy.io import savemat
+
+    n = len(classes) + (1 if parent else 0)
+    arr = np.zeros((n, 1), dtype=[(f, "O") for f in FIELDS])
+    ids = {c: len(classes) - i for i, c in enumerate(classes)}  # reverse of sorted order
+    for i, c in enumerate(classes):
+        arr[i, 0] = (np.array([[ids[c]]]), c, f"words {c}", "gloss", np.array([[0]]),
+                     np.zeros((0, 0)), np.array([[0]]), np.array([[10]]))
+    if parent:
+        arr[n - 1, 0] = (np.array([[len(classes) + 1]]), "n99999999", "entity", "gloss",
+                         np.array([[len(classes)]]),
+                         np.arange(1, len(classes) + 1).reshape(1, -1),
+                         np.array([[5]]), np.array([[0]]))
+    buf = io.BytesIO()
+    savemat(buf, {"synsets": arr})
+    return buf.getvalue(), ids
+
+
+def devkit(classes, val_labels, out, year="2012", with_meta=True, drop_last=0):
+    """``val_labels``: {val file name: class} in file order."""
+    meta, ids = meta_mat(classes)
+    gt = "".join(f"{ids[c]}\n" for _, c in sorted(val_labels.items()))
+    if drop_last:
+        gt = "".join(gt.splitlines(True)[:-drop_last])
+    top = f"ILSVRC{year}_devkit"
+    with tarfile.open(out, "w:gz") as tf:
+        _add_bytes(tf, f"{top}/readme.txt", b"devkit\n")
+        if with_meta:
+            _add_bytes(tf, f"{top}/data/meta.mat", meta)
+        _add_bytes(tf, f"{top}/data/ILSVRC{year}_validation_ground_truth.txt", gt.encode())
+    return out
