@@ -19,7 +19,7 @@ import numpy as np
 
 from . import checksums
 from . import format as fmt
-from .convert_workers import Workers, WorkerError, results
+from .convert_workers import WINDOW, Workers, WorkerError, results
 from .sort_runs import HEAD as RUN_HEAD
 from .sort_runs import RunBuffer, merge
 from .source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
@@ -36,16 +36,25 @@ class ConversionError(RuntimeError):
     """The conversion cannot go on; the message names the file or value and the fix."""
 
 
-FIXED_BYTES = COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES + 96_000_000  # + chunks in flight
+def fixed_bytes(workers: int) -> int:
+    """Buffers besides the run / merge buffers: one uncommitted transaction, the reader's
+    queue, and the chunks in flight to and from the workers (``convert_workers.WINDOW`` each)."""
+    return COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES + max(1, workers) * WINDOW * CHUNK_BYTES
 
 
-def buffer_bytes(memory: int) -> int:
-    """Run buffer (pass 1) = merge read buffers (pass 2) within ``memory`` bytes."""
-    if memory < MIN_MEMORY:
-        raise ValueError(f"memory {memory / 1e6:.0f} MB; expected at least "
-                         f"{MIN_MEMORY / 1e6:.0f} MB (the fixed buffers take "
-                         f"{FIXED_BYTES / 1e6:.0f} MB)")
-    return memory - FIXED_BYTES
+def buffer_bytes(memory: int, workers: int) -> int:
+    """Run buffer (pass 1) = merge read buffers (pass 2) within ``memory`` bytes.
+
+    Raises:
+        ValueError: ``memory`` below the minimum, or too small for the fixed buffers.
+    """
+    rest = memory - fixed_bytes(workers)
+    if memory < MIN_MEMORY or rest < MIN_MEMORY // 4:
+        raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least "
+                         f"{max(MIN_MEMORY, fixed_bytes(workers) + MIN_MEMORY // 4) // 1_000_000}"
+                         f" with --workers {workers} (fixed buffers: "
+                         f"{fixed_bytes(workers) // 1_000_000} MB)")
+    return rest
 
 
 def pack(done: np.ndarray) -> str:
@@ -106,7 +115,7 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
     todo = [p for p in read_order if not done[p]]
     if start_progress:
         start_progress(len(plan), len(plan) - len(todo), "read")
-    run = RunBuffer(buffer_bytes(opts.memory), RUN_RECORDS)
+    run = RunBuffer(buffer_bytes(opts.memory, opts.workers), RUN_RECORDS)
     workers = Workers(opts.workers) if opts.workers > 0 and todo else None
     reader = Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo]) if todo else None
     txn = env.begin(write=True)
@@ -191,7 +200,7 @@ def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progr
     pending_n = pending_b = 0
     try:
         for pos, payload, i, after in merge(paths, state["offsets"],
-                                            buffer_bytes(opts.memory)):
+                                            buffer_bytes(opts.memory, opts.workers)):
             txn.put(fmt.record_key(state["written"]), payload)
             crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
             state["written"] += 1

@@ -14,8 +14,8 @@ import lmdb
 from . import format as fmt
 from .inputs import resolve
 from .scan import ScanError
-from .writer import (DEFAULT_MEMORY, FIXED_BYTES, MIN_MEMORY, ConversionError, Options,
-                     convert_split)
+from .convert_passes import buffer_bytes
+from .writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +79,7 @@ def _check(args) -> List[str]:
         raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality {args.quality}; expected 1..100")
-    if args.memory_mb * 1_000_000 < MIN_MEMORY:
-        raise ValueError(f"--memory-mb {args.memory_mb}; expected at least "
-                         f"{MIN_MEMORY // 1_000_000} (the fixed buffers take "
-                         f"{FIXED_BYTES // 1_000_000} MB)")
+    buffer_bytes(args.memory_mb * 1_000_000, args.workers)  # ValueError naming the minimum
     if args.tmp is not None and not os.path.isdir(args.tmp):
         raise ValueError(f"--tmp {args.tmp!r} is not a folder; create it or pass another")
     if args.resume and args.overwrite:

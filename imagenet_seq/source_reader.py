@@ -5,7 +5,7 @@ Why one: parallel readers on one HDD interleave their requests and every switch 
 disk (``disk_order``), while the worker processes validate and normalise what it has read.
 The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` images or
 ``CHUNK_BYTES`` bytes (one oversized file is a chunk of its own): memory
-``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MB) plus the file being read.
+``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the file being read.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from .images import BrokenImage
 from .scan import not_a_file_reason
 
 CHUNK = 32
-CHUNK_BYTES = 4 << 20
-QUEUE_CHUNKS = 8
+CHUNK_BYTES = 1 << 20
+QUEUE_CHUNKS = 32
 
 # (plan position, path relative to the split folder, label, bytes or (status, message))
 Item = Tuple[int, str, int, Union[bytes, Tuple[str, str]]]

@@ -15,9 +15,9 @@ byte offset reached in each run and the records written. ``resume=True`` deletes
 commit lists, re-reads what pass 1 had not committed and ends with the records of a clean run.
 
 Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer and pass 2 the runs'
-read buffers, each ``memory - FIXED_BYTES``; fixed: one uncommitted transaction
-(``COMMIT_BYTES``), the reader's queue (32 MB) and the chunks in flight to the workers
-(``workers * 8`` chunks of <= 4 MB); the plan (~150 bytes per image) grows with the dataset.
+read buffers, each ``memory - fixed_bytes(workers)``; fixed: one uncommitted transaction
+(``COMMIT_BYTES``), the reader's queue (32 MiB) and the chunks in flight to the workers
+(``workers * 8`` chunks of <= 1 MiB); the plan (~150 bytes per image) grows with the dataset.
 Temporary space: about the split's source bytes, in ``Options.tmp`` (default: the output
 folder), checked against free space before the run and deleted at the end.
 """
@@ -36,7 +36,7 @@ import numpy as np
 
 from . import format as fmt
 from . import offsets
-from .convert_passes import (DEFAULT_MEMORY, FIXED_BYTES, MAX_RUNS, MIN_MEMORY,  # noqa: F401
+from .convert_passes import (DEFAULT_MEMORY, MAX_RUNS, MIN_MEMORY,  # noqa: F401
                              ConversionError, merge_pass, pack, prepare_runs, read_pass,
                              space_check, unpack)
 from .lmdbfile import DamagedFile

@@ -219,7 +219,8 @@ def test_too_little_temporary_space_is_refused_before_reading(shuffled_tree, mon
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--memory-mb", "100"], "--memory-mb 100; expected at least 256"),
+    (["--memory-mb", "100"], "--memory-mb 100; expected at least 256 with --workers"),
+    (["--memory-mb", "300", "--workers", "64"], "with --workers 64 (fixed buffers: 637 MB)"),
     (["--tmp", "/nonexistent/scratch"], "--tmp '/nonexistent/scratch' is not a folder")])
 def test_bad_options(argv, msg, shuffled_tree, tmp_path, capsys):
     assert main([shuffled_tree[0], str(tmp_path / "o"), "--no-progress", *argv]) == 2
