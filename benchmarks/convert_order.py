@@ -1,0 +1,318 @@
+"""Conversion speed by read order: today's converter against on-disk order and a tar, from an
+emulated HDD and from page cache, same files, same run.
+
+    python benchmarks/convert_order.py [--images 1000] [--workers 2] [--baseline-commit 7ae8970]
+
+Data: ImageNet-like JPEGs (``imagenet_seq.sample``: real photo crops, 500x375, ~90 KB), copied
+into ``tree/`` in a random order, so creation (inode, block) order differs from name order as
+after extracting an archive that is not sorted; ``imagenet.tar`` holds the same tree.
+
+Configurations (train split, ``--workers N``):
+  * ``today``: the converter at ``--baseline-commit`` (workers read the files in the seeded
+    write order), run from a ``git worktree`` of that commit;
+  * ``name``: this converter, files read in sorted-path order (``--read-order name``);
+  * ``disk``: this converter, on-disk order (``--read-order auto``: FIEMAP, else inodes);
+  * ``tar``: this converter reading ``imagenet.tar`` in place.
+Devices: ``hdd`` = ``slowfs``'s HDD model (8 ms seek + 4.17 ms rotation per non-contiguous
+request, 150 MB/s) over a layout in which the files lie contiguously in creation order (the
+FUSE mirror reports the backing inodes, so ``disk`` order can find it); ``cache`` = the local
+folder, read once beforehand so every byte comes from page cache.
+
+Reported per run: images/s over the whole command (start-up, scan/listing, both passes),
+peak RSS of the process tree (sampled every 20 ms), temporary bytes (the sorted runs), the
+device's seeks, and the projection to ImageNet (1,331,167 images) at that rate.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import slowfs  # noqa: E402
+
+IMAGENET_IMAGES = 1_331_167
+ALIGN = 4096
+
+
+# ---------------------------------------------------------------- the emulated disk's layout
+
+class LayoutHDD(slowfs.HDDModel):
+    """``slowfs.HDDModel`` on one platter: file ``key`` starts at ``base[key]``, so reading
+    files in layout order is one sequential stream and any other order pays seeks."""
+
+    def __init__(self, base, **kw):
+        super().__init__(**kw)
+        self.base = base
+        self.far = max(base.values(), default=0) + (1 << 40)
+
+    def _at(self, key, offset):
+        return self.base.get(key, self.far) + offset
+
+    def schedule(self, key, offset, size, now):
+        return super().schedule("disk", self._at(key, offset), size, now)
+
+    def pick(self, pending, now, **kw):
+        return super().pick([("disk", self._at(k, o), s, t) for k, o, s, t in pending], now,
+                            **kw)
+
+
+def layout(root: str) -> dict:
+    """FUSE path -> byte offset on the emulated platter: files in creation (inode) order."""
+    files = []
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            st = os.stat(p)
+            files.append((st.st_ino, "/" + os.path.relpath(p, root), st.st_size))
+    base, at = {}, 0
+    for _, key, size in sorted(files):
+        base[key] = at
+        at += (size + ALIGN - 1) // ALIGN * ALIGN
+    return base
+
+
+def serve(source, mountpoint, layout_path, stats_path) -> int:
+    """Child process: mount ``source`` read-only through LayoutHDD, with the backing inodes."""
+    with open(layout_path) as f:
+        model = LayoutHDD(json.load(f))
+    fuse, ops = slowfs._operations(source, model)
+    plain = ops.getattr
+
+    def getattr_with_ino(path, fh=None):
+        d = plain(path, fh)
+        d["st_ino"] = os.lstat(os.path.join(source, path.lstrip("/"))).st_ino
+        return d
+    def readdir_with_ino(path, fh):
+        # with use_ino the kernel takes d_ino from here, and readdir(3) drops entries with 0
+        full = os.path.join(source, path.lstrip("/"))
+        out = [(".", {"st_ino": os.lstat(full).st_ino}, 0), ("..", {"st_ino": 1}, 0)]
+        for e in os.scandir(full):
+            st = e.stat(follow_symlinks=False)
+            out.append((e.name, {"st_ino": st.st_ino, "st_mode": st.st_mode}, 0))
+        return out
+    ops.getattr = getattr_with_ino
+    ops.readdir = readdir_with_ino
+    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype="hdd",
+              max_threads=64, use_ino=True)
+    with open(stats_path, "w") as f:
+        json.dump(model.stats(), f)
+    return 0
+
+
+@contextlib.contextmanager
+def mounted(source, mountpoint, layout_path, timeout=20.0):
+    os.makedirs(mountpoint, exist_ok=True)
+    stats_path = mountpoint.rstrip("/") + ".stats.json"
+    if os.path.exists(stats_path):
+        os.remove(stats_path)
+    log = open(mountpoint.rstrip("/") + ".log", "wb")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", source,
+                             mountpoint, layout_path, stats_path], stdout=subprocess.DEVNULL,
+                            stderr=log, preexec_fn=slowfs._die_with_parent)
+    stats = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"slowfs did not mount {mountpoint}: see {log.name}")
+            time.sleep(0.02)
+        yield stats
+    finally:
+        slowfs.unmount(mountpoint)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if os.path.exists(stats_path):
+            with open(stats_path) as f:
+                stats.update(json.load(f))
+
+
+# ---------------------------------------------------------------- data
+
+def make_data(work: str, images: int) -> str:
+    from imagenet_seq.sample import make_sample_imagefolder
+
+    data = os.path.join(work, f"data_{images}")
+    if os.path.exists(os.path.join(data, "imagenet.tar")):
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    src = data + ".sample"
+    make_sample_imagefolder(src, train_per_class=images // 8, val_per_class=1, seed=3)
+    files = []
+    for d, _, fs in os.walk(src):
+        files += [os.path.relpath(os.path.join(d, f), src) for f in fs]
+    random.Random(0).shuffle(files)  # creation order != name order
+    tree = os.path.join(data, "tree")
+    for rel in files:
+        os.makedirs(os.path.join(tree, os.path.dirname(rel)), exist_ok=True)
+        shutil.copyfile(os.path.join(src, rel), os.path.join(tree, rel))
+    with tarfile.open(os.path.join(data, "imagenet.tar.tmp"), "w") as tf:
+        for rel in sorted(files):
+            tf.add(os.path.join(tree, rel), arcname=os.path.join("imagenet", rel))
+    os.replace(os.path.join(data, "imagenet.tar.tmp"), os.path.join(data, "imagenet.tar"))
+    shutil.rmtree(src)
+    os.sync()  # blocks allocated: FIEMAP sees the layout
+    return data
+
+
+def baseline_tree(work: str, commit: str) -> str:
+    wt = os.path.join(work, f"baseline_{commit}")
+    if not os.path.exists(os.path.join(wt, "preprocess_sequential.py")):
+        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", wt, commit],
+                       check=True, capture_output=True)
+    return wt
+
+
+# ---------------------------------------------------------------- one run
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p] + p.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run(cmd, cwd, timeout) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_rss(p.pid))
+            stop.wait(0.02)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        t.join()
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} failed ({p.returncode}): {err.decode()[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mb": peak[0] / 1e6, "json": json.loads(out)}
+
+
+def measure(config, device, data, out, args, wt) -> dict:
+    conv = [sys.executable, os.path.join(wt if config == "today" else REPO,
+                                         "preprocess_sequential.py")]
+    src = os.path.join(data, "imagenet.tar" if config == "tar" else "tree")
+    extra = ["--read-order", config] if config in ("name",) else []
+    cmd = [*conv, src, out, "--splits", "train", "--workers", str(args.workers),
+           "--no-progress", "--json", "--overwrite", *extra]
+    if config != "today":
+        cmd += ["--tmp", os.path.join(args.work, "tmp")]
+        os.makedirs(os.path.join(args.work, "tmp"), exist_ok=True)
+    r = run(cmd, REPO, args.timeout)
+    train = r["json"]["train"]
+    row = {"config": config, "device": device, "images": train["images"],
+           "wall_s": round(r["wall_s"], 2), "img_per_s": round(train["images"] / r["wall_s"], 1),
+           "mb_per_s": round(train["bytes"] / 1e6 / r["wall_s"], 1),
+           "peak_rss_mb": round(r["peak_rss_mb"], 1), "tmp_bytes": train.get("tmp_bytes", 0),
+           "runs": train.get("runs", 0), "read_order": train.get("read_order", "plan")}
+    row["imagenet_hours"] = round(IMAGENET_IMAGES / row["img_per_s"] / 3600, 2)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--baseline-commit", default="7ae8970")
+    p.add_argument("--configs", default="today,name,disk,tar")
+    p.add_argument("--devices", default="hdd,cache")
+    p.add_argument("--work", default=os.path.join(REPO, "bench_out", "convert_order"))
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "convert_order.json"))
+    p.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        return serve(*args.serve)
+    os.makedirs(args.work, exist_ok=True)
+    data = make_data(args.work, args.images)
+    wt = baseline_tree(args.work, args.baseline_commit)
+    configs = args.configs.split(",")
+    rows = []
+    for device in args.devices.split(","):
+        for config in configs:
+            out = os.path.join(args.work, "out")
+            if device == "cache":
+                for d, _, fs in os.walk(data):  # every byte into page cache first
+                    for f in fs:
+                        with open(os.path.join(d, f), "rb") as fh:
+                            while fh.read(1 << 20):
+                                pass
+                row = measure(config, device, data, out, args, wt)
+            else:
+                reason = slowfs.fuse_unavailable_reason()
+                if reason:
+                    print(f"skip hdd: {reason}", file=sys.stderr)
+                    break
+                lay = os.path.join(args.work, "layout.json")
+                with open(lay, "w") as f:
+                    json.dump(layout(data), f)
+                mnt = os.path.join(args.work, "mnt")
+                with mounted(data, mnt, lay) as stats:
+                    row = measure(config, device, mnt, out, args, wt)
+                row.update(seeks=stats.get("seeks"), requests=stats.get("requests"),
+                           device_mb=round(stats.get("bytes", 0) / 1e6, 1))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    res = {"images": args.images, "workers": args.workers, "cpus": os.cpu_count(),
+           "baseline_commit": args.baseline_commit, "commit": _commit(), "rows": rows,
+           "command": "python benchmarks/convert_order.py " + " ".join(argv or sys.argv[1:])}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(table(rows))
+    return 0
+
+
+def _commit() -> str:
+    r = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                       text=True)
+    return r.stdout.strip()
+
+
+def table(rows) -> str:
+    head = ["device", "config", "read order", "img/s", "MB/s", "x today", "seeks",
+            "peak RSS MB", "tmp MB", "ImageNet h"]
+    today = {r["device"]: r["img_per_s"] for r in rows if r["config"] == "today"}
+    body = [[r["device"], r["config"], r["read_order"], r["img_per_s"], r["mb_per_s"],
+             f"{r['img_per_s'] / today[r['device']]:.1f}" if r["device"] in today else "-",
+             r.get("seeks", "-"), r["peak_rss_mb"], round(r["tmp_bytes"] / 1e6, 1),
+             r["imagenet_hours"]] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths))
+                     for row in [head] + body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
