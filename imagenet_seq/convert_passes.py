@@ -29,7 +29,7 @@ COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds
 DEFAULT_MEMORY = 2_000_000_000
 MIN_MEMORY = 256_000_000
 RUN_RECORDS: Optional[int] = None  # tests: runs of a few records, to cut a tiny split in many
-MAX_RUNS = 1000  # each is open during the merge (file descriptors), each gets a read buffer
+MAX_RUNS = 500  # each is open during the merge (file descriptors; ulimit -n is often 1024)
 
 
 class ConversionError(RuntimeError):
@@ -66,9 +66,10 @@ def unpack(text: str, n: int) -> np.ndarray:
 
 
 def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
-                 memory: int, notice) -> int:
+                 memory: int, workers: int, notice) -> int:
     """Temporary (and output) bytes this split still needs, stated, and checked against free
-    space before anything is read. Returns the estimate of the runs' total size."""
+    space before anything is read; so is the number of runs the memory bound implies.
+    Returns the estimate of the runs' total size."""
     src = sum(scan.inode_size(rel)[1] for rel, _ in plan)
     est = src + len(plan) * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
     have = sum(r[2] for r in state.get("runs", []))
@@ -81,6 +82,13 @@ def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
         notice(f"{split}: {len(plan)} images, {src / 1e9:.2f} GB of sources; temporary runs "
                f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
                f"{free / 1e9:.1f} GB free there; buffers <= {memory / 1e9:.2f} GB")
+    runs = -(-int(est * 1.1) // buffer_bytes(memory, workers))  # +10%: re-encoded images
+    if runs > MAX_RUNS:
+        raise ConversionError(
+            f"{split}: about {est / 1e9:.1f} GB in runs of "
+            f"{buffer_bytes(memory, workers) / 1e9:.2f} GB makes ~{runs} runs, more than the "
+            f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
+            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers)) // 1_000_000 + 1} or more")
     if need > free:
         raise ConversionError(
             f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "

@@ -114,7 +114,9 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
                                              labels_name)
         return Inputs(path, scans)
     classes = None
-    if "train" in by_kind:
+    # listing the train archive costs about one read of it: only when its images or its
+    # classes (no devkit) are needed
+    if "train" in by_kind and ("train" in splits or kit_classes is None):
         members, not_files = tar_source.list_tar(by_kind["train"])
         files = {n: (o, z) for n, o, z in members}
         classes = sorted({r.split("/")[0] for r in files if "/" in r and tar_source.is_image(r)})

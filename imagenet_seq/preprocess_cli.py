@@ -103,11 +103,14 @@ def _write_report(dst: str, split: str, skipped) -> Optional[str]:
 
 
 def _table(rows) -> str:
-    head = ["split", "images", "converted", "skipped", "GB", "seconds", "img/s"]
+    head = ["split", "images", "converted", "skipped", "GB", "seconds", "img/s", "read order",
+            "runs"]
     body = [[r.split, r.written, r.converted, len(r.skipped), f"{r.bytes / 1e9:.3f}",
-             f"{r.seconds:.1f}", f"{r.written / r.seconds:.0f}" if r.seconds else "-"]
+             f"{r.seconds:.1f}", f"{r.written / r.seconds:.0f}" if r.seconds else "-",
+             r.read_order, r.runs]
             if not r.already_complete else
-            [r.split, r.written, "-", len(r.skipped), f"{r.bytes / 1e9:.3f}", "kept", "-"]
+            [r.split, r.written, "-", len(r.skipped), f"{r.bytes / 1e9:.3f}", "kept", "-", "-",
+             "-"]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]

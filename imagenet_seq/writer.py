@@ -174,6 +174,8 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                                   "(or --resume to keep it and finish the other splits)")
     run_dir = os.path.join(os.path.abspath(opts.tmp or out_dir), os.path.basename(partial)
                            + ".runs")
+    if opts.tmp is not None:  # a shared scratch folder: one run folder per output file
+        run_dir += "-" + hashlib.sha1(os.path.abspath(partial).encode()).hexdigest()[:8]
     if os.path.exists(partial) and not resume:
         if not overwrite:
             raise ConversionError(f"{partial} is an unfinished conversion; pass --resume to "
@@ -239,7 +241,8 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
         res.resumed_at = state["written"] if state["phase"] == "merge" else int(
             unpack(state["done"], len(plan)).sum())
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        space_check(scan, plan, state, run_dir, out_dir, split, opts.memory, notice)
+        space_check(scan, plan, state, run_dir, out_dir, split, opts.memory, opts.workers,
+                    notice)
         prepare_runs(run_dir, state, partial)
         t0 = time.perf_counter()
         skipped_pos = set()

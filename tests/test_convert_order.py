@@ -253,3 +253,15 @@ def test_resume_with_another_tmp_is_named(shuffled_tree, monkeypatch, tmp_path, 
     assert f"--tmp {a}" in err, err
     assert main(args + ["--tmp", str(a), "--resume"]) == 0
     assert len(calls) == 3 + 7 - 2  # the two committed runs are kept, not rewritten
+
+
+def test_too_many_runs_is_refused_before_reading(shuffled_tree, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(convert_passes, "MAX_RUNS", 2)
+    monkeypatch.setattr(convert_passes, "buffer_bytes", lambda memory, workers: 1000)
+    read = []
+    monkeypatch.setattr(source_reader, "read_source", lambda p: read.append(p))
+    assert main([shuffled_tree[0], str(tmp_path / "o"), "--splits", "train", "--workers", "0",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "more than the 2 one merge reads at once; pass --memory-mb" in err, err
+    assert read == []

@@ -194,3 +194,18 @@ def test_archive_is_read_front_to_back(ilsvrc, tmp_path, monkeypatch):
                  "--no-progress"]) == 0
     assert len(offsets) == 18
     assert all(b[0] >= a[0] + a[1] for a, b in zip(offsets, offsets[1:]))
+
+
+def test_val_only_does_not_list_the_train_archive(ilsvrc, tmp_path, monkeypatch, capsys):
+    """With the devkit, the classes come from meta.mat: the train archive (a full read on a
+    disk) is not listed for --splits val."""
+    import imagenet_seq.tar_source as ts
+
+    listed = []
+    real = ts.list_tar
+    monkeypatch.setattr(ts, "list_tar", lambda p: listed.append(p) or real(p))
+    out = str(tmp_path / "out")
+    convert([ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], "--splits", "val",
+             out], capsys)
+    assert listed == [ilsvrc["val"]]
+    assert records(out, "val") == records(ilsvrc["ref"], "val")
