@@ -20,6 +20,7 @@ import numpy as np
 from . import checksums
 from . import format as fmt
 from .convert_workers import WINDOW, Workers, WorkerError, results
+from .scan import Scan
 from .sort_runs import HEAD as RUN_HEAD
 from .sort_runs import RunBuffer, merge
 from .source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader

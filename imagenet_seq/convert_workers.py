@@ -5,9 +5,9 @@ source disk, so their parallelism cannot turn its sequential reads into seeks.
 
 Why not ``multiprocessing.Pool``: its task-handler thread blocks putting into a full queue once
 the workers are gone, and ``Pool.terminate()`` joins that thread, so an error path (``--strict``,
-a full disk) could hang forever. Here the writer's own thread does all feeding, over one pipe
-per worker, with at most ``AHEAD`` chunks queued per worker, so a send never
-waits on a busy worker. It waits on the result pipes and the processes' sentinels together, so a
+a full disk) could hang forever. Here the writer's thread decides all feeding, one pipe per
+worker, at most ``AHEAD`` chunks queued per worker; a sender thread per worker does the
+(possibly blocking) sends, so the writer never waits on a busy worker. It waits on the result pipes and the processes' sentinels together, so a
 dead worker is an error, not a hang. Shutdown is SIGKILL + reap: no thread, queue or pipe is
 joined, so every exit path ends in well under a second whatever the workers are doing.
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
 import traceback
 from collections import deque
 from multiprocessing.connection import wait
@@ -86,6 +88,18 @@ def _serve(conn, inherited) -> None:
         return
 
 
+def _send_all(conn, q) -> None:
+    """Sender thread: jobs from ``q`` to one worker until ``None`` or the worker is gone."""
+    while True:
+        job = q.get()
+        if job is None:
+            return
+        try:
+            conn.send(job)
+        except (OSError, ValueError):  # worker dead (EPIPE) or pipe closed: the writer sees it
+            return
+
+
 class Workers:
     """``n`` forked worker processes; use as a context manager (exit kills them).
 
@@ -94,7 +108,7 @@ class Workers:
 
     def __init__(self, n: int):
         ctx = mp.get_context("fork")
-        self.conns, self.procs = [], []
+        self.conns, self.procs, self.feeds, self.senders = [], [], [], []
         try:
             for _ in range(n):
                 mine, theirs = ctx.Pipe(duplex=True)
@@ -104,6 +118,17 @@ class Workers:
                 theirs.close()
                 self.conns.append(mine)
                 self.procs.append(p)
+            # A chunk carries ~1 MiB of image bytes, more than a pipe holds: sent from the
+            # writer's thread, it would block while the worker blocks sending its results
+            # back (deadlock). One sender thread per worker sends; the writer only queues.
+            # Started after the last fork: no child inherits a thread's half-held lock.
+            for conn in self.conns:
+                q: "queue.SimpleQueue" = queue.SimpleQueue()
+                t = threading.Thread(target=_send_all, args=(conn, q), daemon=True,
+                                     name="imagenet_seq-convert-feed")
+                t.start()
+                self.feeds.append(q)
+                self.senders.append(t)
         except BaseException:
             self.close()
             raise
@@ -119,11 +144,21 @@ class Workers:
         for p in self.procs:
             if p.is_alive():
                 p.kill()
-        for c in self.conns:
-            c.close()
+        for q in self.feeds:
+            q.put(None)
         for p in self.procs:
             p.join(timeout=5)  # SIGKILL cannot be ignored: this is a reap, not a wait
-        self.procs, self.conns = [], []
+        # a sender blocked in a write gets EPIPE now that its worker is dead; only then may
+        # the pipe be closed (a thread writing to a closed, reused fd number would write into
+        # whatever file got that number)
+        for t in self.senders:
+            t.join(timeout=5)
+        if any(t.is_alive() for t in self.senders):
+            self.procs, self.feeds, self.senders = [], [], []
+            return  # leak the pipes rather than risk that write (the process is ending)
+        for c in self.conns:
+            c.close()
+        self.procs, self.conns, self.feeds, self.senders = [], [], [], []
 
     def map_ordered(self, jobs: Iterable[tuple]) -> Iterator[List[Outcome]]:
         """``process_chunk(*job)`` for each job, yielded in job order.
@@ -146,10 +181,7 @@ class Workers:
                     exhausted = True
                     break
                 first = os.path.join(args[0], args[1][0][0]) if args[1] else "?"
-                try:
-                    self.conns[w].send((cid, args))
-                except OSError:
-                    self._died(w, first)
+                self.feeds[w].put((cid, args))  # a dead worker shows as its sentinel below
                 queued[w].append((cid, first))
                 sent += 1
             if next_out in done:

@@ -265,3 +265,24 @@ def test_too_many_runs_is_refused_before_reading(shuffled_tree, monkeypatch, tmp
     err = capsys.readouterr().err
     assert "more than the 2 one merge reads at once; pass --memory-mb" in err, err
     assert read == []
+
+
+def test_full_size_images_with_workers_do_not_deadlock(tmp_path):
+    """Chunks of ~1 MiB of real-size JPEGs (more than a pipe holds) go to busy workers while
+    they send ~1 MiB of results back: the sends must not block the writer (they did: a hang)."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "in")
+    make_sample_imagefolder(root, train_per_class=12, val_per_class=1, num_classes=4)
+    code = ("import sys; from imagenet_seq.preprocess_cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, root, str(tmp_path / "o"), "--splits",
+                            "train", "--workers", "2", "--no-progress", "--json"],
+                           capture_output=True, text=True, timeout=60,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the converter hung with full-size images and 2 workers")
+    assert r.returncode == 0, r.stderr
+    assert '"images": 48' in r.stdout
