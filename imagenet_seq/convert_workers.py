@@ -7,9 +7,10 @@ Why not ``multiprocessing.Pool``: its task-handler thread blocks putting into a 
 the workers are gone, and ``Pool.terminate()`` joins that thread, so an error path (``--strict``,
 a full disk) could hang forever. Here the writer's thread decides all feeding, one pipe per
 worker, at most ``AHEAD`` chunks queued per worker; a sender thread per worker does the
-(possibly blocking) sends, so the writer never waits on a busy worker. It waits on the result pipes and the processes' sentinels together, so a
-dead worker is an error, not a hang. Shutdown is SIGKILL + reap: no thread, queue or pipe is
-joined, so every exit path ends in well under a second whatever the workers are doing.
+(possibly blocking) sends, so the writer never waits on a busy worker. It waits on the result
+pipes and the processes' sentinels together, so a dead worker is an error, not a hang.
+Shutdown is SIGKILL + reap: the senders end with EPIPE once their worker is dead, so every
+exit path ends in well under a second whatever the workers are doing.
 
 Results come back in the order read; at most ``workers * WINDOW`` chunks are in flight or
 waiting to be written (memory bound: that many chunks of at most ``source_reader.CHUNK_BYTES``
