@@ -209,3 +209,15 @@ def test_val_only_does_not_list_the_train_archive(ilsvrc, tmp_path, monkeypatch,
              out], capsys)
     assert listed == [ilsvrc["val"]]
     assert records(out, "val") == records(ilsvrc["ref"], "val")
+
+
+def test_tar_of_a_tree_with_flat_val_and_labels(ilsvrc, tmp_path, capsys):
+    tar = fa.tar_tree(os.path.join(ilsvrc["dir"], "folder"), str(tmp_path / "flat.tar"),
+                      prefix="data")
+    labels = os.path.join(ilsvrc["dir"], "labels.txt")
+    out = str(tmp_path / "out")
+    err = convert([tar, out], capsys, rc=2)
+    assert "flat layout" in err and "--val-labels" in err, err
+    convert([tar, out, "--val-labels", labels], capsys)
+    for split in ("train", "val"):
+        assert records(out, split) == records(ilsvrc["ref"], split)
