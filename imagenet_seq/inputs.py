@@ -51,9 +51,14 @@ def _expand(srcs: List[str], devkit: Optional[str]):
     return srcs, devkit
 
 
+def _list(path: str, progress):
+    return tar_source.list_tar(path, progress(path) if progress else None)
+
+
 def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None,
-            devkit: Optional[str] = None) -> Inputs:
-    """Scans of ``splits`` from the sources given on the command line.
+            devkit: Optional[str] = None, progress=None) -> Inputs:
+    """Scans of ``splits`` from the sources given on the command line. ``progress(path)``
+    gives a callback ``(bytes_passed, size)`` for listing the archive at ``path``, or None.
 
     Raises:
         ScanError: a missing/unknown input, a damaged archive, images without labels..., the
@@ -92,7 +97,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     scans: Dict[str, Scan] = {}
     if "tree" in by_kind:
         path = by_kind["tree"]
-        members, not_files = tar_source.list_tar(path)
+        members, not_files = _list(path, progress)
         parts = {s: tar_source.split_members(members, s) for s in ("train", "val")}
         if parts["train"] is None:
             raise ScanError(f"{path} holds no train/ folder (first members: "
@@ -117,7 +122,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     # listing the train archive costs about one read of it: only when its images or its
     # classes (no devkit) are needed
     if "train" in by_kind and ("train" in splits or kit_classes is None):
-        members, not_files = tar_source.list_tar(by_kind["train"])
+        members, not_files = _list(by_kind["train"], progress)
         files = {n: (o, z) for n, o, z in members}
         classes = sorted({r.split("/")[0] for r in files if "/" in r and tar_source.is_image(r)})
         if kit_classes is not None and classes != kit_classes:
@@ -141,7 +146,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
         if labels is None:
             raise ScanError(f"{by_kind[s]} is flat and needs labels: pass --devkit "
                             "ILSVRC2012_devkit_t12.tar.gz or --val-labels LOC_val_solution.csv")
-        members, not_files = tar_source.list_tar(by_kind[s])
+        members, not_files = _list(by_kind[s], progress)
         files = {n: (o, z) for n, o, z in members}
         scans[s] = tar_source.scan_files(by_kind[s], "", files, classes, True, labels,
                                          not_files, labels_name)

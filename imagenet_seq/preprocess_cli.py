@@ -152,7 +152,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     try:
         splits = _check(args)
-        inputs = resolve(args.src, splits, args.val_labels, args.devkit)
+        bars = []
+
+        def listing(path):  # archives are listed (every header read) before converting
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                             desc=f"listing {os.path.basename(path)}", file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.5))
+
+            def tick(at, total, bar=bars[-1]):
+                bar.update(at - bar.n)
+            return tick
+        try:
+            inputs = resolve(args.src, splits, args.val_labels, args.devkit,
+                             progress=None if args.no_progress else listing)
+        finally:
+            for b in bars:
+                b.close()
         scans = inputs.scans
     except (ValueError, ScanError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

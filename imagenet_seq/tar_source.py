@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .images import IMAGE_EXTENSIONS
 from .scan import Scan, ScanError
@@ -30,10 +30,12 @@ def _tar_error(path: str, what: str, e: Exception) -> ScanError:
 
 
 def _members(tf: tarfile.TarFile, path: str, what: str, base: int,
-             skipped: List[Tuple[str, str]], prefix: str = "") -> List[tuple]:
+             skipped: List[Tuple[str, str]], prefix: str = "", progress=None) -> List[tuple]:
     out = []
     try:
         for m in tf:
+            if progress is not None:
+                progress(base + m.offset_data)
             name = prefix + (m.name[2:] if m.name.startswith("./") else m.name)
             if m.isdir():
                 continue
@@ -51,8 +53,11 @@ def _members(tf: tarfile.TarFile, path: str, what: str, base: int,
     return out
 
 
-def list_tar(path: str) -> Tuple[List[Member], List[Tuple[str, str]]]:
+def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
+             ) -> Tuple[List[Member], List[Tuple[str, str]]]:
     """(members in archive order, (name, reason) of entries that are not files).
+    ``progress(bytes_passed, archive_size)`` is called as the listing moves through the file
+    (it reads every header: about one read of the archive).
 
     Members named ``*.tar`` are opened as nested tars and listed as ``<stem>/<inner name>``
     (ImageNet's train archive: ``n01440764.tar`` -> ``n01440764/n01440764_10026.JPEG``).
@@ -72,7 +77,9 @@ def list_tar(path: str) -> Tuple[List[Member], List[Tuple[str, str]]]:
         except tarfile.ReadError as e:
             raise _tar_error(path, "the file", e) from None
         out: List[Member] = []
-        for name, off, size, m in _members(tf, path, "the archive", 0, skipped):
+        total = os.fstat(f.fileno()).st_size
+        tick = (lambda at: progress(at, total)) if progress else None
+        for name, off, size, m in _members(tf, path, "the archive", 0, skipped, progress=tick):
             if not name.lower().endswith(".tar"):
                 out.append((name, off, size))
                 continue
@@ -82,7 +89,7 @@ def list_tar(path: str) -> Tuple[List[Member], List[Tuple[str, str]]]:
             except tarfile.ReadError as e:
                 raise _tar_error(path, f"nested tar {name}", e) from None
             for iname, ioff, isize, _ in _members(inner, path, f"nested tar {name}", off,
-                                                   skipped, prefix=stem + "/"):
+                                                   skipped, prefix=stem + "/", progress=tick):
                 if ioff + isize > off + size:
                     raise _tar_error(path, f"nested tar {name}",
                                      ValueError(f"member {iname} runs past its end"))

@@ -24,8 +24,8 @@ def records(out, split):
         r.close()
 
 
-def convert(argv, capsys=None, rc=0):
-    got = main([*argv, "--workers", "0", "--no-progress"])
+def convert(argv, capsys=None, rc=0, progress=False):
+    got = main([*argv, "--workers", "0"] + ([] if progress else ["--no-progress"]))
     err = capsys.readouterr().err if capsys else ""
     assert got == rc, err
     return err
@@ -80,7 +80,10 @@ def test_tar_of_a_tree_equals_the_tree(tree, tmp_path, capsys):
 
 def test_imagenet_archives_with_devkit(ilsvrc, tmp_path, capsys):
     out = str(tmp_path / "out")
-    convert([ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], out], capsys)
+    err = convert([ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], out], capsys,
+                  progress=True)
+    assert "listing ILSVRC2012_img_train.tar" in err and "train read" in err, err
+    assert "train merge" in err, err
     for split in ("train", "val"):
         assert records(out, split) == records(ilsvrc["ref"], split)
     # class index = position of the WNID among the sorted WNIDs, not the ILSVRC2012_ID
@@ -203,7 +206,7 @@ def test_val_only_does_not_list_the_train_archive(ilsvrc, tmp_path, monkeypatch,
 
     listed = []
     real = ts.list_tar
-    monkeypatch.setattr(ts, "list_tar", lambda p: listed.append(p) or real(p))
+    monkeypatch.setattr(ts, "list_tar", lambda p, *a: listed.append(p) or real(p, *a))
     out = str(tmp_path / "out")
     convert([ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], "--splits", "val",
              out], capsys)
