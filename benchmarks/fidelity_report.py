@@ -140,7 +140,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(jpath + ".tmp", "w") as f:
                 json.dump(state, f, indent=1)
             os.replace(jpath + ".tmp", jpath)
-    summary = summarise({c: state["runs"][c] for c in configs if c in state["runs"]}, seeds)
+    # every config measured so far, each over the seeds it has (a run that adds seeds to some
+    # configs keeps the others' results in the report)
+    all_seeds = sorted({int(k) for r in state["runs"].values() for k in r})
+    summary = summarise(state["runs"], all_seeds)
     meta = {"command": " ".join(["python benchmarks/fidelity.py"] + (argv or sys.argv[1:])),
             "commit": _commit(), "train": paths["train"], "val": paths["val"],
             "epochs": args.epochs, "host": f"{os.cpu_count()} CPUs, {platform.python_version()},"

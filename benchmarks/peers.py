@@ -16,7 +16,8 @@ BATCH = 64
 WORKERS = 2
 SIZE = 224
 TV_PYTHON = "/opt/tv-venv/bin/python"
-PEERS = ("decode", "tensorpack", "dali", "torchvision", "ours_process", "ours_thread")
+PEERS = ("decode", "tensorpack", "dali", "torchvision", "ours_process", "ours_thread",
+         "ours_opencv")
 TARGETS = {"tensorpack": 1.5, "dali": 1.5, "torchvision": 2.5, "decode_limit": 0.80}
 
 
@@ -151,12 +152,12 @@ def run_torchvision(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[
     return _timed(batches(), warmup, measure)
 
 
-def _ours(d: bench_data.BenchData, worker_type: str):
+def _ours(d: bench_data.BenchData, worker_type: str, **kw):
     from imagenet_seq.data import Loader
 
     # the same ~4 % shuffle buffer as tensorpack's and DALI's (ImageNet default: ~1.5 %)
     return Loader(d.lmdb, "train", batch_size=BATCH, num_workers=WORKERS, shuffle=True,
-                  worker_type=worker_type, buffer_size=max(BATCH, d.images // 25))
+                  worker_type=worker_type, buffer_size=max(BATCH, d.images // 25), **kw)
 
 
 def _epochs(loader):
@@ -174,6 +175,15 @@ def run_ours_process(d: bench_data.BenchData, warmup: int, measure: int) -> Dict
 
 def run_ours_thread(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
     return _timed(_epochs(_ours(d, "thread")), warmup, measure)
+
+
+def run_ours_opencv(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
+    """Threads with OpenCV's non-antialiased filter (antialias=False, the default before issue
+    11): what torchvision's pixels cost, measured in the same run."""
+    from imagenet_seq.decode import TrainTransform
+
+    return _timed(_epochs(_ours(d, "thread", transform=TrainTransform(antialias=False))),
+                  warmup, measure)
 
 
 def _own_mib(pid: int) -> float:
@@ -236,8 +246,10 @@ def run_memory_process(d: bench_data.BenchData, warmup: int, measure: int) -> Di
 
 RUNNERS = {"decode": run_decode, "tensorpack": run_tensorpack, "dali": run_dali,
            "torchvision": run_torchvision, "ours_process": run_ours_process,
-           "ours_thread": run_ours_thread, "memory_thread": run_memory_thread,
+           "ours_thread": run_ours_thread, "ours_opencv": run_ours_opencv,
+           "memory_thread": run_memory_thread,
            "memory_process": run_memory_process}
 IMPORTS = {"tensorpack": "tensorpack.dataflow", "dali": "nvidia.dali", "torchvision": "torchvision",
            "ours_process": "imagenet_seq.data", "ours_thread": "imagenet_seq.data",
+           "ours_opencv": "imagenet_seq.data",
            "memory_thread": "imagenet_seq.data", "memory_process": "imagenet_seq.data"}

@@ -20,6 +20,8 @@ session, killed as a group afterwards), alternating across rounds:
                Normalize); runs in --tv-python (a venv: torchvision pulls its own torch)
   ours         imagenet_seq.data.Loader(lmdb, 'train', batch_size=64, num_workers=2),
                worker_type 'process' and 'thread'
+  ours_opencv  the same with thread workers and TrainTransform(antialias=False): OpenCV's
+               faster filter, other pixels than torchvision (the cost of pixel parity)
 
 Each run skips warm-up batches (worker start, buffer fill), then times a fixed number of
 batches, crossing epochs where a peer has them (epoch restarts are part of the cost). Besides
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
 
 
 def _verdicts(name: str, value: Dict[str, float], limit: Optional[float], notes) -> None:
-    for ours in ("ours_process", "ours_thread"):
+    for ours in ("ours_process", "ours_thread", "ours_opencv"):
         if ours not in value:
             continue
         parts = []
