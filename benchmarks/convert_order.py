@@ -201,7 +201,17 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run(cmd, cwd, timeout) -> dict:
+    """Wall time, peak RSS of the process tree, CPU seconds of the tree (the converter and its
+    reaped workers: RUSAGE_CHILDREN, robust to other jobs on the machine), parsed --json."""
+    c0 = _children_cpu()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak, stop = [0], threading.Event()
@@ -218,9 +228,10 @@ def run(cmd, cwd, timeout) -> dict:
         stop.set()
         t.join()
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - c0
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mb": peak[0] / 1e6, "json": json.loads(out)}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak[0] / 1e6, "json": json.loads(out)}
 
 
 def measure(config, device, data, out, args, wt) -> dict:
@@ -239,6 +250,9 @@ def measure(config, device, data, out, args, wt) -> dict:
            "wall_s": round(r["wall_s"], 2), "img_per_s": round(train["images"] / r["wall_s"], 1),
            "mb_per_s": round(train["bytes"] / 1e6 / r["wall_s"], 1),
            "passes_s": train["seconds"],  # the converter's own time: both passes, no start-up
+           "cpu_us_per_img": round(r["cpu_s"] / train["images"] * 1e6),
+           # what the CPUs allow with nothing else running: cores / CPU time per image
+           "cpu_bound_img_per_s": round(os.cpu_count() * train["images"] / r["cpu_s"], 1),
            "peak_rss_mb": round(r["peak_rss_mb"], 1), "tmp_bytes": train.get("tmp_bytes", 0),
            "runs": train.get("runs", 0), "read_order": train.get("read_order", "plan")}
     row["imagenet_hours"] = round(IMAGENET_IMAGES / row["img_per_s"] / 3600, 2)
@@ -290,7 +304,11 @@ def main(argv=None) -> int:
                 with mounted(data, mnt, lay) as stats:
                     row = measure(config, device, mnt, out, args, wt)
                 row.update(seeks=stats.get("seeks"), requests=stats.get("requests"),
-                           device_mb=round(stats.get("bytes", 0) / 1e6, 1))
+                           device_mb=round(stats.get("bytes", 0) / 1e6, 1),
+                           device_busy_s=round(stats.get("busy_s", 0), 2),
+                           # what the emulated disk allows: images / its busy time
+                           disk_bound_img_per_s=round(row["images"] / max(
+                               stats.get("busy_s", 0), 1e-9), 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
     res = {"images": args.images, "workers": args.workers, "cpus": os.cpu_count(),
@@ -312,11 +330,13 @@ def _commit() -> str:
 
 def table(rows) -> str:
     head = ["device", "config", "read order", "img/s", "MB/s", "x today", "seeks",
-            "peak RSS MB", "tmp MB", "ImageNet h"]
+            "CPU us/img", "CPU-bound img/s", "disk-bound img/s", "peak RSS MB", "tmp MB",
+            "ImageNet h"]
     today = {r["device"]: r["img_per_s"] for r in rows if r["config"] == "today"}
     body = [[r["device"], r["config"], r["read_order"], r["img_per_s"], r["mb_per_s"],
              f"{r['img_per_s'] / today[r['device']]:.1f}" if r["device"] in today else "-",
-             r.get("seeks", "-"), r["peak_rss_mb"], round(r["tmp_bytes"] / 1e6, 1),
+             r.get("seeks", "-"), r["cpu_us_per_img"], r["cpu_bound_img_per_s"],
+             r.get("disk_bound_img_per_s", "-"), r["peak_rss_mb"], round(r["tmp_bytes"] / 1e6, 1),
              r["imagenet_hours"]] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths))
