@@ -18,7 +18,7 @@ request, 150 MB/s) over a layout in which the files lie contiguously in creation
 FUSE mirror reports the backing inodes, so ``disk`` order can find it); ``cache`` = the local
 folder, read once beforehand so every byte comes from page cache.
 
-The new converter runs with ``--memory-mb 256`` by default, so its sort spills several runs as
+The new converter runs with ``--memory-mb 512`` by default, so its sort spills several runs as
 ImageNet's would at the default 2000 MB.
 
 Reported per run: images/s over the whole command (start-up, scan/listing, both passes),
@@ -264,8 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--baseline-commit", default="7ae8970")
-    p.add_argument("--memory-mb", type=int, default=256,
-                   help="the new converter's --memory-mb (default 256: the sort spills several "
+    p.add_argument("--memory-mb", type=int, default=512,
+                   help="the new converter's --memory-mb (default 512: the sort spills several "
                         "runs, as ImageNet does at the default 2000)")
     p.add_argument("--configs", default="today,name,disk,tar")
     p.add_argument("--devices", default="hdd,cache")

@@ -28,7 +28,6 @@ from .source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
 COMMIT_RECORDS = 2000
 COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
 DEFAULT_MEMORY = 2_000_000_000
-MIN_MEMORY = 256_000_000
 RUN_RECORDS: Optional[int] = None  # tests: runs of a few records, to cut a tiny split in many
 MAX_RUNS = 500  # each is open during the merge (file descriptors; ulimit -n is often 1024)
 
@@ -37,24 +36,36 @@ class ConversionError(RuntimeError):
     """The conversion cannot go on; the message names the file or value and the fix."""
 
 
-def fixed_bytes(workers: int) -> int:
-    """Buffers besides the run / merge buffers: one uncommitted transaction, the reader's
-    queue, and the chunks in flight to and from the workers (``convert_workers.WINDOW`` each)."""
-    return COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES + max(1, workers) * WINDOW * CHUNK_BYTES
+# Measured (benchmarks/convert_order.py, peak of RSS minus shared pages): the converter's own
+# process ~64 MB with its libraries, each worker ~40 MB; the file list, its read order and the
+# reader's item list ~600 bytes per image (Python tuples and strings).
+PROCESS_BYTES = 80_000_000
+WORKER_BYTES = 50_000_000
+PER_IMAGE_BYTES = 600
+MIN_BUFFER = 64_000_000
 
 
-def buffer_bytes(memory: int, workers: int) -> int:
-    """Run buffer (pass 1) = merge read buffers (pass 2) within ``memory`` bytes.
+def fixed_bytes(workers: int, images: int = 0) -> int:
+    """Memory besides the run / merge buffers: the processes themselves, one uncommitted
+    transaction, the reader's queue, the chunks in flight to and from the workers
+    (``convert_workers.WINDOW`` each) and the per-image lists."""
+    return (PROCESS_BYTES + COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES
+            + max(1, workers) * (WORKER_BYTES + WINDOW * CHUNK_BYTES) + images * PER_IMAGE_BYTES)
+
+
+def buffer_bytes(memory: int, workers: int, images: int = 0) -> int:
+    """Run buffer (pass 1) = merge read buffers (pass 2): what ``memory`` leaves.
 
     Raises:
-        ValueError: ``memory`` below the minimum, or too small for the fixed buffers.
+        ValueError: ``memory`` too small for the fixed part plus a 64 MB buffer.
     """
-    rest = memory - fixed_bytes(workers)
-    if memory < MIN_MEMORY or rest < MIN_MEMORY // 4:
-        raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least "
-                         f"{max(MIN_MEMORY, fixed_bytes(workers) + MIN_MEMORY // 4) // 1_000_000}"
-                         f" with --workers {workers} (fixed buffers: "
-                         f"{fixed_bytes(workers) // 1_000_000} MB)")
+    rest = memory - fixed_bytes(workers, images)
+    if rest < MIN_BUFFER:
+        need = (fixed_bytes(workers, images) + MIN_BUFFER) // 1_000_000 + 1
+        raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least {need} with "
+                         f"--workers {workers}{f' and {images} images' if images else ''} "
+                         f"(processes, queues and file list: "
+                         f"{fixed_bytes(workers, images) // 1_000_000} MB)")
     return rest
 
 
@@ -83,13 +94,18 @@ def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
         notice(f"{split}: {len(plan)} images, {src / 1e9:.2f} GB of sources; temporary runs "
                f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
                f"{free / 1e9:.1f} GB free there; buffers <= {memory / 1e9:.2f} GB")
-    runs = -(-int(est * 1.1) // buffer_bytes(memory, workers))  # +10%: re-encoded images
+    try:
+        buf = buffer_bytes(memory, workers, len(plan))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    runs = -(-int(est * 1.1) // buf)  # +10%: re-encoded images
     if runs > MAX_RUNS:
         raise ConversionError(
             f"{split}: about {est / 1e9:.1f} GB in runs of "
-            f"{buffer_bytes(memory, workers) / 1e9:.2f} GB makes ~{runs} runs, more than the "
+            f"{buf / 1e9:.2f} GB makes ~{runs} runs, more than the "
             f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
-            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers)) // 1_000_000 + 1} or more")
+            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, len(plan))) // 1_000_000 + 1}"
+            " or more")
     if need > free:
         raise ConversionError(
             f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "
@@ -124,7 +140,7 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
     todo = [p for p in read_order if not done[p]]
     if start_progress:
         start_progress(len(plan), len(plan) - len(todo), "read")
-    run = RunBuffer(buffer_bytes(opts.memory, opts.workers), RUN_RECORDS)
+    run = RunBuffer(buffer_bytes(opts.memory, opts.workers, len(plan)), RUN_RECORDS)
     workers = Workers(opts.workers) if opts.workers > 0 and todo else None
     reader = Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo]) if todo else None
     txn = env.begin(write=True)
@@ -194,7 +210,8 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
                               "with --resume")
 
 
-def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress) -> None:
+def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
+               images: int) -> None:
     """Pass 2: the runs merged by plan position into the LMDB, committed with their offsets;
     ``finish(txn)`` adds the final records (labels, metadata) to the last transaction."""
     state.pop("done", None)  # pass 1 is over: no need to carry the bitmap in every commit
@@ -209,7 +226,7 @@ def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progr
     pending_n = pending_b = 0
     try:
         for pos, payload, i, after in merge(paths, state["offsets"],
-                                            buffer_bytes(opts.memory, opts.workers)):
+                                            buffer_bytes(opts.memory, opts.workers, images)):
             txn.put(fmt.record_key(state["written"]), payload)
             crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
             state["written"] += 1

@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=95, metavar="Q",
                    help="JPEG quality of re-encoded images (default: 95)")
     p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY // 1_000_000, metavar="MB",
-                   help="memory bound of the conversion's buffers (default: %(default)s MB; "
-                        "at least 256): the sorted run held before it is written, then the "
-                        "runs' read buffers during the merge")
+                   help="memory bound of the conversion, workers included (default: "
+                        "%(default)s MB): what the processes, queues and file list leave is the "
+                        "sorted run held before it is written, then the runs' read buffers")
     p.add_argument("--tmp", metavar="DIR",
                    help="folder for the temporary sorted runs, about the size of the sources "
                         "(default: the output folder; another disk than the sources' is best)")

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import format as fmt
 from . import offsets
-from .convert_passes import (DEFAULT_MEMORY, MAX_RUNS, MIN_MEMORY,  # noqa: F401
+from .convert_passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
                              ConversionError, merge_pass, pack, prepare_runs, read_pass,
                              space_check, unpack)
 from .lmdbfile import DamagedFile
@@ -276,7 +276,8 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             txn.delete(fmt.PROGRESS_KEY)
             txn.put(fmt.META_KEY, meta.to_json())  # metadata last
 
-        merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress)
+        merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
+                   len(plan))
         # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
         _write_offsets(env, partial, state["written"])
         env.sync(True)

@@ -219,8 +219,10 @@ def test_too_little_temporary_space_is_refused_before_reading(shuffled_tree, mon
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--memory-mb", "100"], "--memory-mb 100; expected at least 256 with --workers"),
-    (["--memory-mb", "300", "--workers", "64"], "with --workers 64 (fixed buffers: 637 MB)"),
+    (["--memory-mb", "100", "--workers", "2"], "--memory-mb 100; expected at least 362 with "
+                                               "--workers 2 (processes, queues and file list: "
+                                               "297 MB)"),
+    (["--memory-mb", "600", "--workers", "64"], "expected at least 3982 with --workers 64"),
     (["--tmp", "/nonexistent/scratch"], "--tmp '/nonexistent/scratch' is not a folder")])
 def test_bad_options(argv, msg, shuffled_tree, tmp_path, capsys):
     assert main([shuffled_tree[0], str(tmp_path / "o"), "--no-progress", *argv]) == 2
@@ -257,7 +259,7 @@ def test_resume_with_another_tmp_is_named(shuffled_tree, monkeypatch, tmp_path, 
 
 def test_too_many_runs_is_refused_before_reading(shuffled_tree, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(convert_passes, "MAX_RUNS", 2)
-    monkeypatch.setattr(convert_passes, "buffer_bytes", lambda memory, workers: 1000)
+    monkeypatch.setattr(convert_passes, "buffer_bytes", lambda memory, workers, images: 1000)
     read = []
     monkeypatch.setattr(source_reader, "read_source", lambda p: read.append(p))
     assert main([shuffled_tree[0], str(tmp_path / "o"), "--splits", "train", "--workers", "0",
