@@ -22,7 +22,7 @@ The new converter runs with ``--memory-mb 512`` by default, so its sort spills s
 ImageNet's would at the default 2000 MB.
 
 Reported per run: images/s over the whole command (start-up, scan/listing, both passes),
-peak RSS of the process tree (sampled every 20 ms), temporary bytes (the sorted runs), the
+peak memory of the process tree (sum of PSS, sampled every 20 ms), temporary bytes (the sorted runs), the
 device's seeks, and the projection to ImageNet (1,331,167 images) at that rate.
 """
 from __future__ import annotations
@@ -184,7 +184,9 @@ def baseline_tree(work: str, commit: str) -> str:
 
 # ---------------------------------------------------------------- one run
 
-def _tree_rss(pid: int) -> int:
+def _tree_pss(pid: int) -> int:
+    """Memory of the process tree: the sum of PSS (shared pages split between the processes
+    that map them; summing RSS would count the forked workers' shared pages once each)."""
     import psutil
 
     try:
@@ -195,7 +197,7 @@ def _tree_rss(pid: int) -> int:
     total = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            total += q.memory_full_info().pss
         except psutil.Error:
             pass
     return total
@@ -218,7 +220,7 @@ def run(cmd, cwd, timeout) -> dict:
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(p.pid))
+            peak[0] = max(peak[0], _tree_pss(p.pid))
             stop.wait(0.02)
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -231,7 +233,7 @@ def run(cmd, cwd, timeout) -> dict:
     cpu = _children_cpu() - c0
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak[0] / 1e6, "json": json.loads(out)}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_pss_mb": peak[0] / 1e6, "json": json.loads(out)}
 
 
 def measure(config, device, data, out, args, wt) -> dict:
@@ -253,7 +255,7 @@ def measure(config, device, data, out, args, wt) -> dict:
            "cpu_us_per_img": round(r["cpu_s"] / train["images"] * 1e6),
            # what the CPUs allow with nothing else running: cores / CPU time per image
            "cpu_bound_img_per_s": round(os.cpu_count() * train["images"] / r["cpu_s"], 1),
-           "peak_rss_mb": round(r["peak_rss_mb"], 1), "tmp_bytes": train.get("tmp_bytes", 0),
+           "peak_pss_mb": round(r["peak_pss_mb"], 1), "tmp_bytes": train.get("tmp_bytes", 0),
            "runs": train.get("runs", 0), "read_order": train.get("read_order", "plan")}
     row["imagenet_hours"] = round(IMAGENET_IMAGES / row["img_per_s"] / 3600, 2)
     return row
@@ -330,13 +332,13 @@ def _commit() -> str:
 
 def table(rows) -> str:
     head = ["device", "config", "read order", "img/s", "MB/s", "x today", "seeks",
-            "CPU us/img", "CPU-bound img/s", "disk-bound img/s", "peak RSS MB", "tmp MB",
+            "CPU us/img", "CPU-bound img/s", "disk-bound img/s", "peak PSS MB", "tmp MB",
             "ImageNet h"]
     today = {r["device"]: r["img_per_s"] for r in rows if r["config"] == "today"}
     body = [[r["device"], r["config"], r["read_order"], r["img_per_s"], r["mb_per_s"],
              f"{r['img_per_s'] / today[r['device']]:.1f}" if r["device"] in today else "-",
              r.get("seeks", "-"), r["cpu_us_per_img"], r["cpu_bound_img_per_s"],
-             r.get("disk_bound_img_per_s", "-"), r["peak_rss_mb"], round(r["tmp_bytes"] / 1e6, 1),
+             r.get("disk_bound_img_per_s", "-"), r["peak_pss_mb"], round(r["tmp_bytes"] / 1e6, 1),
              r["imagenet_hours"]] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths))

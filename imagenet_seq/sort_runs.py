@@ -111,8 +111,9 @@ class RunReader:
 
 
 def read_buffer(merge_bytes: int, runs: int) -> int:
-    """Bytes of read buffer per run for ``runs`` runs within ``merge_bytes``."""
-    return max(MIN_READ_BUFFER, min(MAX_READ_BUFFER, merge_bytes // max(1, runs)))
+    """Bytes of read buffer per run for ``runs`` runs within ``merge_bytes``: half the share,
+    because a refill briefly holds the old buffer's tail and the new one together."""
+    return max(MIN_READ_BUFFER, min(MAX_READ_BUFFER, merge_bytes // (2 * max(1, runs))))
 
 
 def merge(paths: List[str], offsets: List[int], merge_bytes: int
