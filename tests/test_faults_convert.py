@@ -515,6 +515,29 @@ def test_kill9_in_the_read_pass_then_resume_is_identical(at, tree, clean, shim, 
     record(f"kill -9 at {at:.1%} of the sorted runs' writes", "stored")
 
 
+@pytest.mark.parametrize("at", [0, 9, 17, 29])
+def test_kill9_in_the_merge_pass_then_resume_is_identical(at, tree, clean, tmp_path):
+    """SIGKILL while pass 2 merges the runs into the LMDB (after ``at`` records): the resume
+    continues from the per-run offsets of the last commit, record by record as a clean run."""
+    root, _ = tree
+    out = str(tmp_path / "out")
+    prelude = SMALL_COMMITS + f"""
+import os, signal, imagenet_seq.convert_passes as cp
+_merge = cp.merge
+def _killing(*a, **k):
+    for i, rec in enumerate(_merge(*a, **k)):
+        if i == {at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield rec
+cp.merge = _killing
+"""
+    cli([root, out, "--splits", "train", "--workers", "2"], prelude=prelude,
+        expect_signal=signal.SIGKILL)
+    resume(root, out, workers="2")
+    assert_same(out, clean[1])
+    record(f"kill -9 after {at} records of the merge", "stored")
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
 def test_run_write_fault_then_resume(code, tree, clean, shim, written_runs, tmp_path):
     """A full or failing temporary disk: exit 1 naming the run file and --tmp / --resume."""
