@@ -37,13 +37,15 @@ setup(
     ],
     extras_require={
         "sample": ["scikit-image"],
+        # preprocess_sequential.py --devkit ILSVRC2012_devkit_t12.tar.gz reads meta.mat
+        "devkit": ["scipy"],
         "examples": ["torchvision", "scikit-image"],
         "dali": ["nvidia-dali-cuda120"],
         # imagenet-seq-bench --plot; benchmarks/ (slow-disk emulator: also Debian fuse3)
         # benchmarks/fidelity.py also needs torchvision (its data: scikit-learn's digits)
         "bench": ["matplotlib", "scikit-image", "psutil", "scikit-learn"],
         "slowdisk": ["mfusepy", "matplotlib", "scikit-image"],
-        "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn"],
+        "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "scipy"],
         # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
         # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
         "prctl": ["python-prctl"],
