@@ -28,7 +28,6 @@ device's seeks, and the projection to ImageNet (1,331,167 images) at that rate.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -115,35 +114,12 @@ def serve(source, mountpoint, layout_path, stats_path) -> int:
     return 0
 
 
-@contextlib.contextmanager
 def mounted(source, mountpoint, layout_path, timeout=20.0):
-    os.makedirs(mountpoint, exist_ok=True)
+    """The HDD model over ``layout_path``'s file layout, served by ``--serve`` (this file)."""
     stats_path = mountpoint.rstrip("/") + ".stats.json"
-    if os.path.exists(stats_path):
-        os.remove(stats_path)
-    log = open(mountpoint.rstrip("/") + ".log", "wb")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", source,
-                             mountpoint, layout_path, stats_path], stdout=subprocess.DEVNULL,
-                            stderr=log, preexec_fn=slowfs._die_with_parent)
-    stats = {}
-    try:
-        deadline = time.monotonic() + timeout
-        while not os.path.ismount(mountpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"slowfs did not mount {mountpoint}: see {log.name}")
-            time.sleep(0.02)
-        yield stats
-    finally:
-        slowfs.unmount(mountpoint)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if os.path.exists(stats_path):
-            with open(stats_path) as f:
-                stats.update(json.load(f))
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", source, mountpoint, layout_path,
+           stats_path]
+    return slowfs.serving(cmd, mountpoint, stats_path, timeout)
 
 
 # ---------------------------------------------------------------- data

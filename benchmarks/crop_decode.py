@@ -36,9 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cv2  # noqa: E402
 
 from imagenet_seq import decode  # noqa: E402
-from imagenet_seq.decode import TrainTransform, jpeg_size, sample_crop  # noqa: E402
-from imagenet_seq.resize import reduction  # noqa: E402
+from imagenet_seq.decode import (TrainTransform, ValTransform, jpeg_size,  # noqa: E402
+                                 sample_crop)
 from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
+from imagenet_seq.resize import reduction  # noqa: E402
 from imagenet_seq.sample import _photos, imagenet_like_jpeg  # noqa: E402
 
 
@@ -64,10 +65,12 @@ def _boxes(jpegs: List[bytes], t: TrainTransform, seed: int):
 def _val_regions(jpegs: List[bytes], size: int = 224, resize: int = 256):
     """(source box, denom) per image that ValTransform's centre crop reads (+2 px for the
     bilinear taps): what a crop-decoding ValTransform would decode. Estimate only."""
+    val = ValTransform(size, resize)
     out = []
     for data in jpegs:
         width, height = jpeg_size(data)
-        denom = next((d for d, _ in decode._REDUCED if min(width, height) // d >= 2 * resize), 1)
+        full = val._resized_dims(width, height)  # the scale policy ValTransform applies
+        denom = reduction(width, height, *full) if val.dct_scaling else 1
         w, h = -(-width // denom), -(-height // denom)
         nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))

@@ -404,12 +404,23 @@ def mounted(source: str, mountpoint: str, device: str = "hdd", extra_args: List[
     Raises:
         RuntimeError: the mount did not come up within ``timeout`` (stderr of the emulator).
     """
-    os.makedirs(mountpoint, exist_ok=True)
     stats_path = mountpoint.rstrip("/") + ".stats.json"
-    if os.path.exists(stats_path):
-        os.remove(stats_path)
     cmd = [sys.executable, os.path.abspath(__file__), source, mountpoint, "--device", device,
            "--stats", stats_path, *extra_args]
+    with serving(cmd, mountpoint, stats_path, timeout) as stats:
+        yield stats
+
+
+@contextlib.contextmanager
+def serving(cmd: List[str], mountpoint: str, stats_path: str,
+            timeout: float = 20.0) -> Iterator[Dict[str, float]]:
+    """Run the FUSE server ``cmd`` (one that mounts ``mountpoint`` and writes its counters to
+    ``stats_path`` as JSON when unmounted) for the ``with`` body: wait for the mount, then
+    unmount, reap the server and yield its counters. :func:`mounted` runs this module's server;
+    a benchmark with its own server (another layout model) passes its command."""
+    os.makedirs(mountpoint, exist_ok=True)
+    if os.path.exists(stats_path):
+        os.remove(stats_path)
     # stderr to a file, not a pipe: a pipe nobody reads fills up and stalls the filesystem
     log_path = mountpoint.rstrip("/") + ".log"
     log = open(log_path, "wb")

@@ -7,8 +7,9 @@ only numbers (or a user's transform), so they pickle into worker processes.
 * :class:`TrainTransform` — torchvision's ``RandomResizedCrop`` + horizontal flip, on OpenCV /
   libjpeg-turbo with **DCT-scaled decoding**: the crop is sampled in full-resolution
   coordinates from the JPEG header's size (no pixels decoded), then the image is decoded at the
-  smallest libjpeg scale (1/2, 1/4, 1/8) that keeps at least ``size`` pixels on each side of the
-  crop. Skipped IDCT work makes a 1/2 decode about 2-3x cheaper than a full one. With the C
+  smallest libjpeg scale (1/2, 1/4, 1/8) after which the crop still shrinks 2x to ``size``
+  (:func:`.resize.reduction`; less would change the pixels). Skipped IDCT work makes a 1/2
+  decode about 2-3x cheaper than a full one. With the C
   extension :mod:`imagenet_seq._jpegcrop` (built at install against the system libjpeg-turbo)
   only the crop is decoded: the iMCU columns covering it, rows above it skipped without IDCT,
   rows below it never read. Same pixels as decoding the whole image with OpenCV then slicing;

@@ -42,6 +42,7 @@ __all__ = ["REDUCING_GAP", "reduction", "resize", "resize_box", "resize_into", "
 REDUCING_GAP = 2
 _DENOMS = (8, 4, 2)  # libjpeg scale denominators, largest reduction first
 
+
 def _aa_public(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor) -> None:
     out.copy_(torch.nn.functional.interpolate(src, size=size, mode="bilinear", antialias=True,
                                               align_corners=False))

@@ -175,9 +175,10 @@ def _check_record(i: int, value: bytes, meta: fmt.Metadata, labels: Optional[np.
                   report: SplitReport) -> Optional[int]:
     """Report what is wrong with record ``i``; returns its label when it has one."""
     key = fmt.record_key(i).decode()
-    if crcs is not None and checksums.of_value(value) != crcs[i]:
-        report.add(key, f"checksum mismatch (stored {int(crcs[i]):#010x}, read "
-                        f"{checksums.of_value(value):#010x}): its bytes changed after conversion")
+    got = None if crcs is None else checksums.of_value(value)
+    if got is not None and got != crcs[i]:
+        report.add(key, f"checksum mismatch (stored {int(crcs[i]):#010x}, read {got:#010x}): "
+                        "its bytes changed after conversion")
     try:
         if meta.legacy:
             jpeg, label = fmt.decode_legacy_value(value)

@@ -190,18 +190,22 @@ def shim(tmp_path_factory):
     return str(d / "fault.so")
 
 
+def bytes_written(tree, shim, d, fault_path: str) -> int:
+    """Bytes a clean conversion (small commits and runs) writes to files whose path contains
+    ``fault_path``, counted by the shim: the scale of the fault points."""
+    total = str(d / "total")
+    rc, err = cli([tree[0], str(d / "out"), "--splits", "train", "--workers", "2"],
+                  prelude=SMALL_COMMITS,
+                  env={"LD_PRELOAD": shim, "FAULT_PATH": fault_path,
+                       "FAULT_AFTER_BYTES": str(1 << 50), "FAULT_REPORT": total})
+    assert rc == 0, err
+    return int(open(total).read())
+
+
 @pytest.fixture(scope="module")
 def written(tree, shim, tmp_path_factory):
     """Bytes a conversion (4-record commits) writes to its .partial: the fault points' scale."""
-    root, _ = tree
-    d = tmp_path_factory.mktemp("count")
-    total = str(d / "total")
-    rc, err = cli([root, str(d / "out"), "--splits", "train", "--workers", "2"],
-                  prelude=SMALL_COMMITS,
-                  env={"LD_PRELOAD": shim, "FAULT_PATH": ".partial",
-                       "FAULT_AFTER_BYTES": str(1 << 50), "FAULT_REPORT": total})
-    assert rc == 0, err
-    n = int(open(total).read())
+    n = bytes_written(tree, shim, tmp_path_factory.mktemp("count"), ".partial")
     assert n > 100_000
     return n
 
@@ -485,15 +489,7 @@ def test_kill9_then_resume_is_identical(at, tree, clean, shim, written, tmp_path
 @pytest.fixture(scope="module")
 def written_runs(tree, shim, tmp_path_factory):
     """Bytes pass 1 writes to its temporary sorted runs (7-record runs)."""
-    root, _ = tree
-    d = tmp_path_factory.mktemp("count_runs")
-    total = str(d / "total")
-    rc, err = cli([root, str(d / "out"), "--splits", "train", "--workers", "2"],
-                  prelude=SMALL_COMMITS,
-                  env={"LD_PRELOAD": shim, "FAULT_PATH": ".partial.runs/",
-                       "FAULT_AFTER_BYTES": str(1 << 50), "FAULT_REPORT": total})
-    assert rc == 0, err
-    n = int(open(total).read())
+    n = bytes_written(tree, shim, tmp_path_factory.mktemp("count_runs"), ".partial.runs/")
     assert n > 50_000  # 30 images of ~3 KB, in 5 runs
     return n
 
