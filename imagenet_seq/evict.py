@@ -12,11 +12,7 @@ import mmap
 import os
 from typing import Optional, Tuple
 
-
-def data_file(path: str) -> str:
-    """The file that holds an LMDB's data: ``path`` itself, or ``path/data.mdb`` (subdir LMDBs)."""
-    inner = os.path.join(path, "data.mdb")
-    return inner if os.path.isdir(path) and os.path.isfile(inner) else path
+from .lmdbfile import data_file
 
 
 def drop_cache(path: str, fd: Optional[int] = None) -> None:
