@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from . import tar_source
 from .devkit import read_devkit
-from .scan import Scan, ScanError, find_classes, read_val_labels, scan_split
+from .scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "img_train", "img_val", "devkit"
 
@@ -104,12 +104,12 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
                             f"{[m[0] for m in members[:3]]}); expected a tar of "
                             "train/<class>/<image> (and val/...)")
         files = parts["train"][1]
-        classes = sorted({r.split("/")[0] for r in files if "/" in r and tar_source.is_image(r)})
+        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
         for s in splits:
             if parts[s] is None:
                 raise ScanError(f"{path} holds no {s}/ folder; add it or pass --splits train")
             prefix, files = parts[s]
-            flat = s == "val" and not any("/" in r for r in files if tar_source.is_image(r))
+            flat = s == "val" and not any("/" in r for r in files if is_image(r))
             if flat and labels is None:
                 raise ScanError(f"{path}:{prefix} has no class folders (flat layout); pass "
                                 "--val-labels FILE ('<filename> <class>' lines or Kaggle's "
@@ -124,7 +124,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     if "train" in by_kind and ("train" in splits or kit_classes is None):
         members, not_files = _list(by_kind["train"], progress)
         files = {n: (o, z) for n, o, z in members}
-        classes = sorted({r.split("/")[0] for r in files if "/" in r and tar_source.is_image(r)})
+        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
         if kit_classes is not None and classes != kit_classes:
             extra = sorted(set(classes) ^ set(kit_classes))[:3]
             raise ScanError(f"the classes of {by_kind['train']} ({len(classes)}) differ from the "

@@ -34,8 +34,15 @@ class Scan:
         return self.stats.get(rel, (0, 0))
 
 
-def _is_image_name(name: str) -> bool:
+def is_image(path: str) -> bool:
+    """An image by its file name (extension; hidden files never): folders and archives alike."""
+    name = os.path.basename(path)
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def not_image_reason(path: str) -> str:
+    ext = os.path.splitext(path)[1] or os.path.basename(path)
+    return f"not an image file ({ext!r} is not one of the image extensions)"
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -127,13 +134,12 @@ def _split_images(folder: str, prefix: str = "", stats=None):
     images, others = [], []
     for f in files:
         rel = os.path.join(prefix, f) if prefix else f
-        if _is_image_name(os.path.basename(f)):
+        if is_image(f):
             images.append(rel)
             if stats is not None and f in found:
                 stats[rel] = found[f]
         else:
-            ext = os.path.splitext(f)[1] or os.path.basename(f)
-            others.append((rel, f"not an image file ({ext!r} is not one of the image extensions)"))
+            others.append((rel, not_image_reason(f)))
     others += [(os.path.join(prefix, f) if prefix else f, reason) for f, reason in bad]
     return images, sorted(others)
 

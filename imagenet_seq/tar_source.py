@@ -18,8 +18,7 @@ import os
 import tarfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .images import IMAGE_EXTENSIONS
-from .scan import Scan, ScanError
+from .scan import Scan, ScanError, is_image, not_image_reason
 
 Member = Tuple[str, int, int]  # (name inside the archive, absolute data offset, size)
 
@@ -97,11 +96,6 @@ def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
     return out, skipped
 
 
-def is_image(name: str) -> bool:
-    base = os.path.basename(name)
-    return base.lower().endswith(IMAGE_EXTENSIONS) and not base.startswith(".")
-
-
 class TarSource:
     """Reads members of one archive by absolute offset (``source_reader.FolderSource``'s
     contract). The file is opened by the reader thread on first use and closed by it."""
@@ -168,9 +162,7 @@ def scan_files(path: str, display: str, files: Dict[str, Tuple[int, int]], class
             not_images.append((rel, "file outside any class folder"))
             continue
         if not is_image(rel):
-            ext = os.path.splitext(rel)[1] or os.path.basename(rel)
-            not_images.append((rel, f"not an image file ({ext!r} is not one of the image "
-                                    "extensions)"))
+            not_images.append((rel, not_image_reason(rel)))
             continue
         if flat:
             stem = os.path.splitext(os.path.basename(rel))[0]
