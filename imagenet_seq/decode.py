@@ -36,14 +36,12 @@ from typing import Any, Callable, Optional, Tuple
 import cv2
 import numpy as np
 
-from imagenet_seq.images import BrokenImage, _jpeg_segments
+from imagenet_seq.images import SOF_MARKERS, BrokenImage, _jpeg_segments
 from imagenet_seq.resize import growing, reduction, resize, resize_box, resize_into
 
 __all__ = ["DecodeError", "TrainTransform", "ValTransform", "PILTransform", "jpeg_size",
            "sample_crop"]
 
-_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
-                          0xCE, 0xCF))
 _FLAGS = cv2.IMREAD_IGNORE_ORIENTATION
 # libjpeg scale denominator -> imread flag, largest reduction first
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8 | _FLAGS), (4, cv2.IMREAD_REDUCED_COLOR_4 | _FLAGS),
@@ -72,7 +70,7 @@ def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
         return None
     try:
         for marker, start, _end in _jpeg_segments(data):
-            if marker in _SOF_MARKERS:
+            if marker in SOF_MARKERS:
                 h, w = struct.unpack_from(">HH", data, start + 5)
                 return (w, h) if w > 0 and h > 0 else None
     except (BrokenImage, struct.error):

@@ -31,6 +31,11 @@ class BrokenImage(Exception):
     """A source file that must not be stored; ``str(e)`` is the reason for the report."""
 
 
+# start-of-frame markers (baseline, progressive, lossless, ...): the segment holding the size
+SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                         0xCE, 0xCF))
+
+
 def _jpeg_segments(data: bytes):
     """Yield (marker, start, end) of each header segment up to and including SOS.
 
@@ -66,8 +71,7 @@ def inspect_jpeg(data: bytes) -> Tuple[int, bool, int]:
     has_exif = False
     sos_end = None
     for marker, start, end in _jpeg_segments(data):
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
-                      0xCF):
+        if marker in SOF_MARKERS:
             components = data[start + 9]
             height, width = struct.unpack_from(">HH", data, start + 5)
             pixels = height * width
