@@ -28,8 +28,6 @@ skipped when the same command runs again (--fresh to start over).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import socket
@@ -47,7 +45,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import fidelity_data  # noqa: E402
 from fidelity_data import IMAGE_SIZE, RESIZE_SIZE  # noqa: E402
 from imagenet_seq.data import Loader, to_device  # noqa: E402
 

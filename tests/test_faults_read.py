@@ -18,7 +18,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from imagenet_seq import checksums
 from imagenet_seq import format as fmt

@@ -6,7 +6,6 @@ import shutil
 import zlib
 
 import lmdb
-import numpy as np
 import pytest
 
 from imagenet_seq import checksums, offsets
