@@ -96,6 +96,7 @@ def check_file(path: str) -> int:
             f"damaged); {REMEDY}")
     return size
 
+
 def map_base(path: str) -> Optional[int]:
     """Address where this process mapped ``path`` at file offset 0 (Linux), else None."""
     real = os.path.realpath(data_file(path))
