@@ -1,10 +1,10 @@
 from setuptools import Extension, find_packages, setup
 
-# Partial JPEG decoding for TrainTransform (imagenet_seq/_jpegcrop.c) against the system
+# Partial JPEG decoding for TrainTransform (imagenet_seq/decode/_jpegcrop.c) against the system
 # libjpeg-turbo (Debian/Ubuntu: apt-get install libjpeg62-turbo-dev / libjpeg-turbo8-dev).
 # optional: without the headers the build prints a warning, the install goes on, and decoding
 # uses the cv2 path (same pixels, slower).
-JPEGCROP = Extension("imagenet_seq._jpegcrop", ["imagenet_seq/_jpegcrop.c"],
+JPEGCROP = Extension("imagenet_seq.decode._jpegcrop", ["imagenet_seq/decode/_jpegcrop.c"],
                      libraries=["jpeg"], optional=True)
 
 setup(
@@ -52,10 +52,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "imagenet-seq-preprocess=imagenet_seq.preprocess_cli:main",
-            "imagenet-seq-demo=imagenet_seq.demo:main",
-            "imagenet-seq-bench=imagenet_seq.bench:main",
-            "imagenet-seq-verify=imagenet_seq.verify_cli:main",
+            "imagenet-seq-preprocess=imagenet_seq.convert.cli:main",
+            "imagenet-seq-demo=imagenet_seq.tools.demo:main",
+            "imagenet-seq-bench=imagenet_seq.tools.bench:main",
+            "imagenet-seq-verify=imagenet_seq.tools.verify_cli:main",
         ],
     },
 )

@@ -3,7 +3,7 @@ emulated HDD and from page cache, same files, same run.
 
     python benchmarks/convert_order.py [--images 1000] [--workers 2] [--baseline-commit 7ae8970]
 
-Data: ImageNet-like JPEGs (``imagenet_seq.sample``: real photo crops, 500x375, ~90 KB), copied
+Data: ImageNet-like JPEGs (``imagenet_seq.tools.sample``: real photo crops, 500x375, ~90 KB), copied
 into ``tree/`` in a random order, so creation (inode, block) order differs from name order as
 after extracting an archive that is not sorted; ``imagenet.tar`` holds the same tree.
 
@@ -125,7 +125,7 @@ def mounted(source, mountpoint, layout_path, timeout=20.0):
 # ---------------------------------------------------------------- data
 
 def make_data(work: str, images: int) -> str:
-    from imagenet_seq.sample import make_sample_imagefolder
+    from imagenet_seq.tools.sample import make_sample_imagefolder
 
     data = os.path.join(work, f"data_{images}")
     if os.path.exists(os.path.join(data, "imagenet.tar")):

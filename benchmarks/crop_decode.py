@@ -1,8 +1,8 @@
-"""Crop-only decoding (imagenet_seq._jpegcrop) vs whole-image OpenCV decoding, per image.
+"""Crop-only decoding (imagenet_seq.decode._jpegcrop) vs whole-image OpenCV decoding, per image.
 
     python benchmarks/crop_decode.py [--images 300] [--rounds 7] [--out benchmarks/results/crop_decode.md]
 
-Builds ImageNet-like JPEGs in memory (``imagenet_seq.sample``: real-photo crops, 500x375 or
+Builds ImageNet-like JPEGs in memory (``imagenet_seq.tools.sample``: real-photo crops, 500x375 or
 375x500, quality 94, ~90 KB) and times, single-threaded in this process, several rounds with the
 methods interleaved within each round (so load from other jobs hits all of them alike):
 
@@ -35,12 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cv2  # noqa: E402
 
-from imagenet_seq import decode  # noqa: E402
-from imagenet_seq.decode import (TrainTransform, ValTransform, jpeg_size,  # noqa: E402
+from imagenet_seq.decode import transforms as decode  # noqa: E402
+from imagenet_seq.decode.transforms import (TrainTransform, ValTransform, jpeg_size,  # noqa: E402
                                  sample_crop)
-from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
-from imagenet_seq.resize import reduction  # noqa: E402
-from imagenet_seq.sample import _photos, imagenet_like_jpeg  # noqa: E402
+from imagenet_seq.decode.malloc import keep_decode_buffers  # noqa: E402
+from imagenet_seq.decode.resize import reduction  # noqa: E402
+from imagenet_seq.tools.sample import _photos, imagenet_like_jpeg  # noqa: E402
 
 
 def make_jpegs(n: int, seed: int = 11) -> List[bytes]:
@@ -152,7 +152,7 @@ def report(results: Dict[str, List[tuple]], jpegs: List[bytes], rounds: int,
         "",
         "`" + " ".join(["python benchmarks/crop_decode.py"] + argv) + "`",
         "",
-        f"{len(jpegs)} ImageNet-like JPEGs (imagenet_seq.sample: 500x375 / 375x500, quality 94, "
+        f"{len(jpegs)} ImageNet-like JPEGs (imagenet_seq.tools.sample: 500x375 / 375x500, quality 94, "
         f"mean {statistics.mean(len(d) for d in jpegs) / 1e3:.0f} KB), in memory; one "
         f"thread; {rounds} rounds, methods interleaved in each round, medians. Commit {commit}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
@@ -184,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", help="also write the report (markdown) here")
     args = p.parse_args(argv)
     if decode._jpegcrop is None:
-        p.error("imagenet_seq._jpegcrop is not built: python setup.py build_ext --inplace")
+        p.error("imagenet_seq.decode._jpegcrop is not built: python setup.py build_ext --inplace")
     keep_decode_buffers()
     cv2.setNumThreads(1)  # per-core figures: no OpenCV worker threads in resize
     jpegs = make_jpegs(args.images)

@@ -4,7 +4,7 @@
 
 Under ``<out>/imagenet_<N>/``:
   * ``folder/train/<class>/*.JPEG`` (+ a small ``val``): real-photo crops, 500x375 / 375x500,
-    ~90 KB, made by ``imagenet_seq.sample.make_sample_imagefolder`` (8 classes);
+    ~90 KB, made by ``imagenet_seq.tools.sample.make_sample_imagefolder`` (8 classes);
   * ``lmdb/ILSVRC-{train,val}.lmdb``: the same images through ``preprocess_sequential.py``;
   * ``legacy/ILSVRC-train.lmdb``: the same train images in the original tool's format (tensorpack
     ``LMDBSerializer.save`` of ``[uint8 JPEG array, label]``), for tensorpack's own flow.
@@ -54,7 +54,7 @@ def train_files(folder: str) -> List[Tuple[str, int]]:
 
 
 def _build_folder(path: str, images: int) -> None:
-    from imagenet_seq.sample import make_sample_imagefolder
+    from imagenet_seq.tools.sample import make_sample_imagefolder
 
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,7 +64,7 @@ def _build_folder(path: str, images: int) -> None:
 
 
 def _build_lmdb(folder: str, path: str) -> None:
-    from imagenet_seq.preprocess_cli import main
+    from imagenet_seq.convert.cli import main
 
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -83,10 +83,10 @@ def _tv_train(folder: str, seed: int):
 
 def _class_order(path: str, seed: int, epoch: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """Sequential read of a class-ordered file through a 128-record local buffer, decode, batch."""
-    from imagenet_seq.batch import augment_rng
-    from imagenet_seq.decode import TrainTransform
-    from imagenet_seq.reader import SplitReader
-    from imagenet_seq.shuffle import buffered_shuffle
+    from imagenet_seq.decode.batch import augment_rng
+    from imagenet_seq.decode.transforms import TrainTransform
+    from imagenet_seq.read.reader import SplitReader
+    from imagenet_seq.plan.shuffle import buffered_shuffle
 
     reader = SplitReader(path, "val")
     reader.reset_state()
@@ -114,7 +114,7 @@ def _stack(images: List[np.ndarray], labels: List[int]) -> Tuple[torch.Tensor, t
 def train_source(config: str, paths: dict, seed: int):
     """``(epoch, steps)``: ``epoch(e)`` -> iterable of uint8 (images, targets) batches, and the
     number of batches per epoch."""
-    from imagenet_seq.decode import TrainTransform
+    from imagenet_seq.decode.transforms import TrainTransform
 
     if config == "torchvision":
         dl = _tv_train(paths["folder"], seed)

@@ -71,7 +71,7 @@ def _render(digit: np.ndarray, backgrounds: List[np.ndarray], rng: np.random.Gen
 def make_folder(root: str, renders: int = 2, seed: int = 0, val_fraction: float = 0.25,
                 limit: int = 0, val_renders: int = 4) -> Tuple[int, int]:
     """Write the ImageFolder under ``root``; returns (train images, val images)."""
-    from imagenet_seq.sample import _photos
+    from imagenet_seq.tools.sample import _photos
 
     images, labels = _digits()
     rng = np.random.default_rng(seed)
@@ -97,7 +97,7 @@ def make_folder(root: str, renders: int = 2, seed: int = 0, val_fraction: float 
 
 def build(out: str, renders: int = 2, seed: int = 0, limit: int = 0) -> dict:
     """Folder + LMDBs under ``out`` (reused when complete); returns their paths and sizes."""
-    from imagenet_seq.preprocess_cli import main as preprocess
+    from imagenet_seq.convert.cli import main as preprocess
 
     folder, lmdb, ordered = (os.path.join(out, n) for n in ("folder", "lmdb", "class_order"))
     done = os.path.join(out, "COMPLETE")

@@ -61,8 +61,8 @@ def run_decode(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, 
     import numpy as np
 
     # the best single-core rate: the decode limit must not be inflated by glibc's mmap/munmap
-    # of every output (imagenet_seq.malloc)
-    from imagenet_seq.malloc import keep_decode_buffers
+    # of every output (imagenet_seq.decode.malloc)
+    from imagenet_seq.decode.malloc import keep_decode_buffers
 
     keep_decode_buffers()
     cv2.setNumThreads(1)
@@ -180,7 +180,7 @@ def run_ours_thread(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[
 def run_ours_opencv(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, float]:
     """Threads with OpenCV's non-antialiased filter (antialias=False, the default before issue
     11): what torchvision's pixels cost, measured in the same run."""
-    from imagenet_seq.decode import TrainTransform
+    from imagenet_seq.decode.transforms import TrainTransform
 
     return _timed(_epochs(_ours(d, "thread", transform=TrainTransform(antialias=False))),
                   warmup, measure)

@@ -2,7 +2,7 @@
 
     python benchmarks/preprocess.py [--images 3000] [--workers 2] [--rounds 2]
 
-Builds ImageNet-like JPEGs (real photo crops, 500x375, ~90 KB; imagenet_seq.sample) once under
+Builds ImageNet-like JPEGs (real photo crops, 500x375, ~90 KB; imagenet_seq.tools.sample) once under
 bench_out/, then alternates, in one run on the same files in page cache:
   * single-core ``cv2.imdecode`` of every file at full size (the decode limit per core),
   * a full conversion (``--workers N``: read + validate + normalise + one writer), sampling the
@@ -30,8 +30,8 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
-from imagenet_seq.sample import make_sample_imagefolder  # noqa: E402
+from imagenet_seq.decode.malloc import keep_decode_buffers  # noqa: E402
+from imagenet_seq.tools.sample import make_sample_imagefolder  # noqa: E402
 
 
 def dataset(root: str, images: int) -> str:

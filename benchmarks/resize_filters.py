@@ -1,8 +1,8 @@
-"""Which resize gives torchvision's pixels, and at what cost (the choice behind imagenet_seq.resize).
+"""Which resize gives torchvision's pixels, and at what cost (the choice behind imagenet_seq.decode.resize).
 
     python benchmarks/resize_filters.py [--images 120] [--rounds 3]
 
-ImageNet-like 500x375 / 375x500 JPEGs (imagenet_seq.sample), decoded once; each candidate resizes
+ImageNet-like 500x375 / 375x500 JPEGs (imagenet_seq.tools.sample), decoded once; each candidate resizes
 them with torchvision's val geometry (shorter side to 256) on one thread. Reference:
 torchvision's PIL path, ``Image.resize(..., BILINEAR)`` (what ``Resize(256)`` computes).
 Prints mean / p99 / max absolute difference (grey levels) and the median time per image over
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from imagenet_seq.sample import _photos, imagenet_like_jpeg  # noqa: E402
+from imagenet_seq.tools.sample import _photos, imagenet_like_jpeg  # noqa: E402
 
 
 def _geometry(w: int, h: int, size: int = 256):

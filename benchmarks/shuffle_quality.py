@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagenet_seq import order  # noqa: E402
-from imagenet_seq.diagnostics import shuffle_report  # noqa: E402
-from imagenet_seq.shuffle import (DEFAULT_NODE_BUFFER_BYTES,  # noqa: E402
+from imagenet_seq.plan import order  # noqa: E402
+from imagenet_seq.tools.diagnostics import shuffle_report  # noqa: E402
+from imagenet_seq.plan.shuffle import (DEFAULT_NODE_BUFFER_BYTES,  # noqa: E402
                                   IMAGENET_MEAN_RECORD_BYTES, buffer_records)
 
 IMAGENET_TRAIN = 1_281_167
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
 
     if args.lmdb:
-        from imagenet_seq.reader import SplitReader
+        from imagenet_seq.read.reader import SplitReader
 
         reader = SplitReader(args.lmdb, "train")
         labels = reader.labels

@@ -2,7 +2,7 @@
 
     python benchmarks/slow_disk.py [--seconds 15] [--workdir /tmp/imagenet_seq_slow_disk]
 
-Makes ImageNet-like JPEGs (``imagenet_seq.sample``), converts them with preprocess, then for each
+Makes ImageNet-like JPEGs (``imagenet_seq.tools.sample``), converts them with preprocess, then for each
 emulated device (``benchmarks/slowfs.py``, mounted fresh -- cold cache -- per measurement)
 measures, each for ``--seconds``:
 
@@ -17,7 +17,7 @@ measures, each for ``--seconds``:
   decode replaced by a byte count) streaming their shards from the one emulated disk, once per
   ``--prefetch-mb`` x ``--chunk-size`` setting.
 
-``--prefetch-mb`` sets ``imagenet_seq.readahead.PREFETCH_BYTES`` (the span read-ahead of
+``--prefetch-mb`` sets ``imagenet_seq.read.readahead.PREFETCH_BYTES`` (the span read-ahead of
 ``SplitReader.read_range``) in the measurement processes; the first value is used for the
 single-reader methods. ``--chunk-size`` is the Loader's ``chunk_size`` (records per contiguous
 span); the read-ahead never runs past a span, so a window larger than a chunk changes nothing.
@@ -44,8 +44,8 @@ IMAGENET_IMAGES = 1_281_167
 IMAGENET_MEAN_BYTES = 110e3
 EPOCHS = 90
 BATCH = 64
-DEFAULT_PREFETCH_MB = 64  # imagenet_seq.readahead.PREFETCH_BYTES
-DEFAULT_CHUNK = 1024  # imagenet_seq.order.DEFAULT_CHUNK_RECORDS
+DEFAULT_PREFETCH_MB = 64  # imagenet_seq.read.readahead.PREFETCH_BYTES
+DEFAULT_CHUNK = 1024  # imagenet_seq.plan.order.DEFAULT_CHUNK_RECORDS
 SHUFFLE_BUFFER = 512  # records: ~4 % of the sample LMDB (ImageNet default: 19,500 = 1.5 %)
 
 
@@ -146,7 +146,7 @@ def measure_original(lmdb_file: str, seconds: float, workers: int, **_) -> dict:
 
 
 def _mean_record_bytes(lmdb_file: str) -> float:
-    from imagenet_seq.reader import SplitReader
+    from imagenet_seq.read.reader import SplitReader
 
     meta = SplitReader(lmdb_file, "train").meta
     return meta.total_bytes / meta.num_records
@@ -209,7 +209,7 @@ def _count_bytes(jpegs, labels):
 
 
 def measure_stream(lmdb_file: str, seconds: float, workers: int, **_) -> dict:
-    from imagenet_seq.reader import SplitReader
+    from imagenet_seq.read.reader import SplitReader
 
     reader = SplitReader(lmdb_file, "train")
     t0, n, nbytes = time.monotonic(), 0, 0
@@ -237,7 +237,7 @@ def _measure_main(argv) -> int:
     p.add_argument("--chunk-size", type=int, default=None)
     a = p.parse_args(argv)
     if a.prefetch_mb is not None and a.kind != "folder":  # before any reader exists; forked workers inherit it
-        from imagenet_seq import readahead
+        from imagenet_seq.read import readahead
 
         readahead.PREFETCH_BYTES = int(a.prefetch_mb * (1 << 20))
     if a.kind == "rank":
@@ -248,7 +248,7 @@ def _measure_main(argv) -> int:
     else:
         out = MEASURES[a.kind](a.target, a.seconds, a.workers)
     if a.kind != "folder":  # torchvision's python may lack imagenet_seq
-        from imagenet_seq import readahead
+        from imagenet_seq.read import readahead
 
         out["prefetch_bytes"] = readahead.PREFETCH_BYTES
     print("RESULT " + json.dumps(out), flush=True)
@@ -260,8 +260,8 @@ def _measure_main(argv) -> int:
 def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
     """ImageNet-like JPEGs (cached in ``workdir``); the LMDB holds ``copies`` of each image."""
     sys.path.insert(0, os.path.dirname(HERE))
-    from imagenet_seq.preprocess_cli import main as preprocess
-    from imagenet_seq.sample import make_sample_imagefolder
+    from imagenet_seq.convert.cli import main as preprocess
+    from imagenet_seq.tools.sample import make_sample_imagefolder
 
     data = os.path.join(workdir, "data")
     tree = os.path.join(workdir, "tree")
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
                    default=["folder", "original", "loader", "stream"])
     p.add_argument("--ranks", nargs="*", type=int, default=[1, 2, 4])
     p.add_argument("--prefetch-mb", nargs="+", type=float, default=[DEFAULT_PREFETCH_MB],
-                   help="imagenet_seq.readahead.PREFETCH_BYTES in MB for the measurement processes; "
+                   help="imagenet_seq.read.readahead.PREFETCH_BYTES in MB for the measurement processes; "
                         "ranks are measured with each value, the methods with the first")
     p.add_argument("--chunk-size", nargs="+", type=int, default=[DEFAULT_CHUNK],
                    help="Loader chunk_size (records per span); ranks are measured with each "
@@ -436,14 +436,14 @@ def main(argv=None) -> int:
         args.bandwidth[dev] = slowfs.make_model(mp.parse_args(["--device", dev] + extra)).bandwidth
     os.makedirs(args.out, exist_ok=True)
     paths = prepare(args.workdir, args.classes, args.per_class, args.copies)
-    from imagenet_seq.reader import SplitReader
+    from imagenet_seq.read.reader import SplitReader
 
     meta = SplitReader(os.path.join(paths["data"], paths["lmdb"]), "train").meta
     info = {"machine": f"{os.cpu_count()} CPU cores, Linux {os.uname().release}, load average "
                        f"at start {' / '.join(f'{x:.2f}' for x in os.getloadavg())} "
                        "(1 / 5 / 15 min; other jobs share the cores)",
             "commit": _commit(),
-            "data": f"{args.classes * args.per_class} ImageNet-like JPEGs (imagenet_seq.sample, "
+            "data": f"{args.classes * args.per_class} ImageNet-like JPEGs (imagenet_seq.tools.sample, "
                     f"mean {meta.total_bytes / meta.num_records / 1e3:.0f} KB); the LMDB holds "
                     f"{args.copies} copies of each ({meta.num_records} records, "
                     f"{meta.total_bytes / 1e6:.0f} MB)",

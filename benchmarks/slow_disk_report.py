@@ -137,9 +137,9 @@ def write_report(res: list, args, info: dict, failed: list = ()) -> str:
         lines += ["", "## DDP ranks on one HDD: read-ahead window and chunk size", "",
                   "Aggregate read rate of N rank processes (Loader, decode replaced by a byte "
                   "count) sharing the emulated HDD, % of its bandwidth. Read-ahead = "
-                  "`imagenet_seq.readahead.PREFETCH_BYTES`; chunk = `Loader(chunk_size=)`, the "
+                  "`imagenet_seq.read.readahead.PREFETCH_BYTES`; chunk = `Loader(chunk_size=)`, the "
                   "records of one contiguous span (~90 KB each here, ~110 KB in ImageNet). "
-                  "With the offsets index (`imagenet_seq.offsets`) the read-ahead runs on from one span into the next; ranks take turns on the disk (one reader's burst at a time, `imagenet_seq.readahead.DiskLock`). Measured over the window in which all N ranks read, from `--warmup` seconds after the last rank's start (each rank first fills its shuffle buffer and read-ahead, which an epoch does once) to the first rank's end; the first-start-to-last-end rate, fill included, is in the JSON as `mb_per_s_first_to_last`.", "",
+                  "With the offsets index (`imagenet_seq.format.offsets`) the read-ahead runs on from one span into the next; ranks take turns on the disk (one reader's burst at a time, `imagenet_seq.read.readahead.DiskLock`). Measured over the window in which all N ranks read, from `--warmup` seconds after the last rank's start (each rank first fills its shuffle buffer and read-ahead, which an epoch does once) to the first rank's end; the first-start-to-last-end rate, fill included, is in the JSON as `mb_per_s_first_to_last`.", "",
                   "| read-ahead | chunk (records, MB) | " +
                   " | ".join(f"{n} rank{'s' if n > 1 else ''}" for n in ranks) + " |",
                   "|---:|---:|" + "---:|" * len(ranks)]
@@ -274,7 +274,7 @@ def _plot_ranks(ax, rank_res: list, args) -> None:
     ax.text(mbs[0], 81.5, "4-rank target 80 %", ha="left", fontsize=8, color="gray")
     ax.set_xscale("log", base=2)
     ax.set_xticks(mbs, [f"{m:g}" for m in mbs])
-    ax.set_xlabel("read-ahead window, MB (imagenet_seq.readahead.PREFETCH_BYTES)")
+    ax.set_xlabel("read-ahead window, MB (imagenet_seq.read.readahead.PREFETCH_BYTES)")
     ax.set_ylim(0, 110)
     ax.set_ylabel(f"aggregate read rate, % of the HDD's {args.bandwidth['hdd'] / 1e6:.0f} MB/s")
     ax.set_title("DDP ranks sharing one emulated HDD (Loader, I/O only; chunk in records)",

@@ -47,8 +47,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     root = args.lmdb
     if args.make_sample:
-        from imagenet_seq.preprocess_cli import main as preprocess
-        from imagenet_seq.sample import make_sample_imagefolder
+        from imagenet_seq.convert.cli import main as preprocess
+        from imagenet_seq.tools.sample import make_sample_imagefolder
 
         make_sample_imagefolder(os.path.join(args.make_sample, "img"), 100, 10,
                                 num_classes=10, seed=2)

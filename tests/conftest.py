@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_seq.sample import imagenet_like_jpeg, make_sample_imagefolder
+from imagenet_seq.tools.sample import imagenet_like_jpeg, make_sample_imagefolder
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def add_odd_files(root, cls):
 
 
 def _base_photo():
-    from imagenet_seq.sample import _photos
+    from imagenet_seq.tools.sample import _photos
 
     return _photos()[0][1]
 
@@ -105,7 +105,7 @@ def strip_offsets(src_root: str, dst_root: str) -> str:
     """A copy of a converted folder whose splits have no offsets index (as an older imagenet_seq
     wrote them): readers take the B-tree path."""
     from imagenet_seq import format as fmt
-    from imagenet_seq.offsets import OFFSETS_KEY
+    from imagenet_seq.format.offsets import OFFSETS_KEY
 
     os.makedirs(dst_root, exist_ok=True)
     for split in fmt.SPLITS:
@@ -130,7 +130,7 @@ def sample_lmdb_no_index(sample_lmdb, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample_lmdb(sample_tree, tmp_path_factory):
     """sample_tree converted with preprocess (train + val)."""
-    from imagenet_seq.preprocess_cli import main
+    from imagenet_seq.convert.cli import main
 
     out = str(tmp_path_factory.mktemp("lmdb"))
     assert main([sample_tree[0], out, "--workers", "0", "--no-progress"]) == 0

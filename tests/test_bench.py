@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from imagenet_seq import bench, evict
+from imagenet_seq.tools import bench
+from imagenet_seq.read import evict
 from imagenet_seq import format as fmt
 
 
@@ -80,7 +81,7 @@ def test_real_stream_measurement_evicts_and_reads_every_record(sample_lmdb, monk
 def test_bench_names_a_missing_offsets_index(sample_lmdb_no_index, capsys):
     rc, r = run_json([sample_lmdb_no_index, "--seconds", "5", "--skip-pipeline"], capsys)
     assert rc == 0 and r["offsets_index"] is False and r["stream"]["images"] == 48
-    assert any("python -m imagenet_seq.offsets" in n for n in r["notes"])
+    assert any("python -m imagenet_seq.format.offsets" in n for n in r["notes"])
 
 
 def _meta_json(root):
@@ -125,7 +126,7 @@ def _has_matplotlib():
 
 
 def test_ctrl_c_prints_what_was_measured(sample_lmdb, monkeypatch, capsys):
-    from imagenet_seq.reader import SplitReader
+    from imagenet_seq.read.reader import SplitReader
 
     real = SplitReader.read_range
 

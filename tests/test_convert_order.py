@@ -8,10 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from imagenet_seq import convert_passes, disk_order, sort_runs, source_reader
-from imagenet_seq.preprocess_cli import main
-from imagenet_seq.reader import SplitReader
-from imagenet_seq.sample import make_sample_imagefolder
+from imagenet_seq.convert import passes as convert_passes
+from imagenet_seq.convert import disk_order
+from imagenet_seq.convert import sort_runs
+from imagenet_seq.convert import source_reader
+from imagenet_seq.convert.cli import main
+from imagenet_seq.read.reader import SplitReader
+from imagenet_seq.tools.sample import make_sample_imagefolder
 
 
 def records(out, split="train"):
@@ -277,7 +280,7 @@ def test_full_size_images_with_workers_do_not_deadlock(tmp_path):
 
     root = str(tmp_path / "in")
     make_sample_imagefolder(root, train_per_class=12, val_per_class=1, num_classes=4)
-    code = ("import sys; from imagenet_seq.preprocess_cli import main; "
+    code = ("import sys; from imagenet_seq.convert.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
     try:
         r = subprocess.run([sys.executable, "-c", code, root, str(tmp_path / "o"), "--splits",

@@ -1,4 +1,4 @@
-"""Crop-only JPEG decoding (imagenet_seq._jpegcrop) and TrainTransform's use of it.
+"""Crop-only JPEG decoding (imagenet_seq.decode._jpegcrop) and TrainTransform's use of it.
 
 Pixel standard: the extension decodes a box with the system libjpeg-turbo; the reference is
 cv2.imdecode of the whole image at the same DCT scale (OpenCV bundles its own libjpeg-turbo),
@@ -20,13 +20,13 @@ import psutil
 import pytest
 from PIL import Image
 
-from imagenet_seq import decode
-from imagenet_seq.decode import DecodeError, TrainTransform, jpeg_size
-from imagenet_seq.sample import _photos, imagenet_like_jpeg
+from imagenet_seq.decode import transforms as decode
+from imagenet_seq.decode.transforms import DecodeError, TrainTransform, jpeg_size
+from imagenet_seq.tools.sample import _photos, imagenet_like_jpeg
 
 jc = decode._jpegcrop
 needs_ext = pytest.mark.skipif(
-    jc is None, reason="imagenet_seq._jpegcrop is not built (libjpeg headers were missing at "
+    jc is None, reason="imagenet_seq.decode._jpegcrop is not built (libjpeg headers were missing at "
     "install: apt-get install libjpeg62-turbo-dev, then pip install -e . again)")
 
 _READ = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -134,7 +134,7 @@ def test_extension_built_where_libjpeg_headers_exist():
                if os.path.exists(p)]
     if not headers:
         pytest.skip("no jpeglib.h on this machine: the extension is optional here")
-    assert jc is not None, (f"{headers[0]} exists but imagenet_seq._jpegcrop did not import; "
+    assert jc is not None, (f"{headers[0]} exists but imagenet_seq.decode._jpegcrop did not import; "
                             "rebuild: pip install -e . (or python setup.py build_ext --inplace)")
 
 

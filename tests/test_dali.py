@@ -1,4 +1,4 @@
-"""imagenet_seq.dali.DaliDecoder on DALI's CPU backend (CI has no GPU), plus GPU tests that skip
+"""imagenet_seq.decode.dali.DaliDecoder on DALI's CPU backend (CI has no GPU), plus GPU tests that skip
 without CUDA, plus the Loader with decoder='dali' (exact epochs, DDP equal batch counts)."""
 import importlib.util
 import io
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagenet_seq.decode import DecodeError, ValTransform
+from imagenet_seq.decode.transforms import DecodeError, ValTransform
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and \
     importlib.util.find_spec("nvidia.dali") is not None
@@ -36,7 +36,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
 def dali_decoder(*args, **kwargs):
-    from imagenet_seq.dali import DaliDecoder
+    from imagenet_seq.decode.dali import DaliDecoder
 
     kwargs.setdefault("device", "cpu")
     return DaliDecoder(*args, **kwargs)
@@ -80,7 +80,7 @@ def as_hwc(images: torch.Tensor) -> np.ndarray:
 # -- errors that need no DALI ----------------------------------------------------------------
 
 def test_missing_dali_names_the_install_line(monkeypatch):
-    from imagenet_seq import dali
+    from imagenet_seq.decode import dali
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda120") as info:
@@ -261,7 +261,7 @@ def test_last_partial_batch_and_oversized_input(jpegs):
 def test_outputs_stay_valid_after_later_runs_and_rebuilds(jpegs, monkeypatch, exec_dynamic):
     """Dynamic executor: outputs are DALI buffers shared through DLPack (no copy); older
     executors: copied out. Either way a returned batch must not change afterwards."""
-    from imagenet_seq.dali import DaliDecoder
+    from imagenet_seq.decode.dali import DaliDecoder
 
     monkeypatch.setattr(DaliDecoder, "_pipeline_options", {"exec_dynamic": exec_dynamic})
     dec = dali_decoder("val", 4)
@@ -439,8 +439,8 @@ def colour_lmdb(tmp_path_factory):
 
     Returns (lmdb folder, {split: record index -> id}, {split: labels by record}).
     """
-    from imagenet_seq.preprocess_cli import main as preprocess
-    from imagenet_seq.reader import SplitReader
+    from imagenet_seq.convert.cli import main as preprocess
+    from imagenet_seq.read.reader import SplitReader
 
     src = tmp_path_factory.mktemp("dali_colour_tree")
     for split, n, offset in (("train", N_TRAIN, 0), ("val", N_VAL, 1000)):

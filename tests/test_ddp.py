@@ -41,7 +41,7 @@ def colour_lmdb(tmp_path_factory):
 
     Returns (lmdb folder, {split: {id: label}}).
     """
-    from imagenet_seq.preprocess_cli import main as preprocess
+    from imagenet_seq.convert.cli import main as preprocess
 
     src = tmp_path_factory.mktemp("colour_tree")
     truth = {"train": {}, "val": {}}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_seq import decode
-from imagenet_seq.decode import (DecodeError, PILTransform, TrainTransform, ValTransform,
+from imagenet_seq.decode import transforms as decode
+from imagenet_seq.decode.transforms import (DecodeError, PILTransform, TrainTransform, ValTransform,
                                  jpeg_size, sample_crop)
-from imagenet_seq.sample import _photos, imagenet_like_jpeg
+from imagenet_seq.tools.sample import _photos, imagenet_like_jpeg
 
 from conftest import pil_rgb
 

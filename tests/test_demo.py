@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from imagenet_seq import demo
+from imagenet_seq.tools import demo
 
 SMALL = ["--classes", "2", "--train-per-class", "8", "--val-per-class", "3", "-b", "4", "-j", "1",
          "--image-size", "32"]
@@ -54,7 +54,7 @@ def test_demo_json(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_console_run(tmp_path):
     """As a user runs it (python -m == the imagenet-seq-demo console script), human output."""
-    r = subprocess.run([sys.executable, "-m", "imagenet_seq.demo", "--workdir", str(tmp_path)]
+    r = subprocess.run([sys.executable, "-m", "imagenet_seq.tools.demo", "--workdir", str(tmp_path)]
                        + SMALL, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -24,15 +24,15 @@ import time
 import pytest
 
 from imagenet_seq import format as fmt
-from imagenet_seq.preprocess_cli import main
-from imagenet_seq.sample import make_sample_imagefolder
+from imagenet_seq.convert.cli import main
+from imagenet_seq.tools.sample import make_sample_imagefolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60  # far above any case here (~1 s each): reaching it means a hang
 OUTCOMES = collections.OrderedDict()  # case -> 'stored' | 'error' | 'skipped'
 # small commits and small sorted runs: a 31-image split is cut into many runs and commits, so
 # faults land in pass 1 (reading into runs) as well as pass 2 (merging into the LMDB)
-SMALL_COMMITS = "import imagenet_seq.convert_passes as w; w.COMMIT_RECORDS = 4; w.RUN_RECORDS = 7\n"
+SMALL_COMMITS = "import imagenet_seq.convert.passes as w; w.COMMIT_RECORDS = 4; w.RUN_RECORDS = 7\n"
 
 SHIM_C = r"""
 #define _GNU_SOURCE
@@ -99,7 +99,7 @@ def record(case, outcome):
 
 def cli(args, prelude="", env=None, expect_signal=None, **popen):
     """Run the converter CLI in a subprocess under a timeout; (returncode, stderr text)."""
-    code = "import sys\n" + prelude + ("from imagenet_seq.preprocess_cli import main\n"
+    code = "import sys\n" + prelude + ("from imagenet_seq.convert.cli import main\n"
                                        "sys.exit(main(sys.argv[1:]))\n")
     try:
         p = subprocess.run([sys.executable, "-c", code, *args, "--no-progress"], cwd=REPO,
@@ -118,8 +118,8 @@ def cli(args, prelude="", env=None, expect_signal=None, **popen):
 
 def contents(out, split="train"):
     """Everything a conversion decides: records in order, labels, metadata, skip records."""
-    from imagenet_seq.reader import SplitReader
-    from imagenet_seq.writer import _committed_skips
+    from imagenet_seq.read.reader import SplitReader
+    from imagenet_seq.convert.writer import _committed_skips
 
     r = SplitReader(out, split)
     try:
@@ -307,7 +307,7 @@ def _png_header_only(width, height):
 
 def _jpeg_declaring(src_jpeg, width, height):
     """A copy of a JPEG whose frame header declares width x height."""
-    from imagenet_seq.images import _jpeg_segments
+    from imagenet_seq.convert.images import _jpeg_segments
 
     data = bytearray(src_jpeg)
     for marker, start, _ in _jpeg_segments(bytes(data)):
@@ -346,7 +346,7 @@ def test_large_image_memory_is_about_two_copies(tmp_path):
 import io, resource, sys
 import numpy as np
 from PIL import Image
-from imagenet_seq.images import normalise
+from imagenet_seq.convert.images import normalise
 im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), np.uint8))
 buf = io.BytesIO(); im.save(buf, "PNG", compress_level=1); data = buf.getvalue(); del im, buf
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -365,7 +365,7 @@ print((peak - base) / (3000 * 4000))
 # ---------------------------------------------------------------- unreadable files
 
 READ_FAULT = """
-import errno, os, imagenet_seq.source_reader as cw
+import errno, os, imagenet_seq.convert.source_reader as cw
 _real = cw.read_source
 def _failing(path, _real=_real):
     if path.endswith({name!r}):
@@ -518,7 +518,7 @@ def test_kill9_in_the_merge_pass_then_resume_is_identical(at, tree, clean, tmp_p
     root, _ = tree
     out = str(tmp_path / "out")
     prelude = SMALL_COMMITS + f"""
-import os, signal, imagenet_seq.convert_passes as cp
+import os, signal, imagenet_seq.convert.passes as cp
 _merge = cp.merge
 def _killing(*a, **k):
     for i, rec in enumerate(_merge(*a, **k)):
@@ -567,7 +567,7 @@ def test_kill9_at_the_rename_then_resume(when, tree, clean, tmp_path):
 
 
 SLOW_WORKERS = SMALL_COMMITS + """
-import time, imagenet_seq.convert_workers as cw
+import time, imagenet_seq.convert.workers as cw
 _real = cw.normalise
 def _slow(*a, _real=_real, **k):
     time.sleep(0.1)  # per image: the whole conversion takes ~3 s, the signal comes at ~0.3 s
@@ -583,7 +583,7 @@ def test_signal_stops_cleanly_then_resume(how, tree, clean, tmp_path):
     worker traceback; the committed part is kept and --resume ends as a clean run."""
     root, _ = tree
     out = str(tmp_path / "out")
-    code = "import sys\n" + SLOW_WORKERS + ("from imagenet_seq.preprocess_cli import main\n"
+    code = "import sys\n" + SLOW_WORKERS + ("from imagenet_seq.convert.cli import main\n"
                                             "sys.exit(main(sys.argv[1:]))\n")
     p = subprocess.Popen([sys.executable, "-c", code, root, out, "--splits", "train",
                           "--workers", "2", "--no-progress"], cwd=REPO,
@@ -616,7 +616,7 @@ def test_worker_killed_is_an_error_not_a_hang(tree, clean, tmp_path):
     victim = os.path.join(classes[1], sorted(os.listdir(os.path.join(root, "train",
                                                                      classes[1])))[2])
     prelude = SMALL_COMMITS + f"""
-import os, signal, imagenet_seq.convert_workers as cw
+import os, signal, imagenet_seq.convert.workers as cw
 _real, _main = cw.process_chunk, os.getpid()
 def _die(split_dir, items, *a, _real=_real):
     if os.getpid() != _main and any(rel == {victim!r} for rel, *_ in items):

@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from imagenet_seq import checksums
+from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
-from imagenet_seq import offsets
+from imagenet_seq.format import offsets
 
 CASE_TIMEOUT_S = 60
 REMEDIES = ("re-copy", "re-convert", "--overwrite", "imagenet-seq-verify", "--rebuild",
@@ -33,7 +33,7 @@ def _child(clean: str, workdir: str) -> None:
     import hashlib
 
     from imagenet_seq.data import Loader
-    from imagenet_seq.verify import verify_split
+    from imagenet_seq.tools.verify import verify_split
 
     def run_loader(root):
         loader = Loader(root, "train", batch_size=16, num_workers=0, shuffle=False,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagenet_seq.decode import TrainTransform, ValTransform, sample_crop
-from imagenet_seq.images import normalise
-from imagenet_seq.sample import _photos, imagenet_like_jpeg
+from imagenet_seq.decode.transforms import TrainTransform, ValTransform, sample_crop
+from imagenet_seq.convert.images import normalise
+from imagenet_seq.tools.sample import _photos, imagenet_like_jpeg
 
 try:
     import torchvision.transforms as T
@@ -185,7 +185,7 @@ def test_private_op_and_public_interpolate_agree():
     """resize.py calls torch's private AA op (no extra copy); the public fallback gives the same."""
     import torch
 
-    from imagenet_seq import resize
+    from imagenet_seq.decode import resize
 
     img = np.random.default_rng(0).integers(0, 256, (300, 410, 3), dtype=np.uint8)
     src = torch.from_numpy(img).permute(2, 0, 1)[None]

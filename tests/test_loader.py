@@ -9,8 +9,8 @@ import torch
 
 from imagenet_seq import format as fmt
 from imagenet_seq.data import ImagenetLoader, Loader, RecordError, to_device
-from imagenet_seq.decode import PILTransform, ValTransform
-from imagenet_seq.reader import SplitReader
+from imagenet_seq.decode.transforms import PILTransform, ValTransform
+from imagenet_seq.read.reader import SplitReader
 from conftest import copy_with_format_version
 from invariants import check_epochs, check_shards, run_epoch
 
@@ -292,7 +292,7 @@ def test_dali_decoder_is_imported_lazily(sample_lmdb):
     import sys
 
     ld = Loader(sample_lmdb, "val", decoder="dali", batch_size=4)
-    assert "imagenet_seq.dali" not in sys.modules or ld._dali is None
+    assert "imagenet_seq.decode.dali" not in sys.modules or ld._dali is None
     assert ld._dali is None and len(ld) == 3
 
 
@@ -308,7 +308,7 @@ def test_two_loaders_of_one_split_in_one_process(sample_lmdb):
 
 
 def test_a_second_pass_stops_the_first_which_then_says_so(sample_lmdb):
-    from imagenet_seq.epoch import Superseded
+    from imagenet_seq.loader.epoch import Superseded
 
     ld = Loader(sample_lmdb, "train", num_workers=1, **SMALL)
     with pytest.raises(Superseded, match=r"newer iter\(loader\).*second Loader"):
@@ -351,7 +351,7 @@ def test_file_problems_name_the_file_and_the_fix(sample_lmdb, tmp_path):
 
 
 def test_a_label_changed_in_place_names_the_real_remedy(sample_lmdb, tmp_path):
-    from imagenet_seq import offsets
+    from imagenet_seq.format import offsets
 
     root = tmp_path / "lab"
     root.mkdir()

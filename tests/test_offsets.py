@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from imagenet_seq import format as fmt
-from imagenet_seq import offsets, reader
-from imagenet_seq.preprocess_cli import main as preprocess
+from imagenet_seq.format import offsets
+from imagenet_seq.read import reader
+from imagenet_seq.convert.cli import main as preprocess
 
 from conftest import strip_offsets
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from imagenet_seq import order
+from imagenet_seq.plan import order
 
 
 def flat(spans):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from imagenet_seq import format as fmt
-from imagenet_seq.preprocess_cli import main
-from imagenet_seq.reader import SplitReader
-from imagenet_seq.sample import make_sample_imagefolder
+from imagenet_seq.convert.cli import main
+from imagenet_seq.read.reader import SplitReader
+from imagenet_seq.tools.sample import make_sample_imagefolder
 
 from conftest import add_odd_files, copy_with_format_version, cv2_rgb, pil_rgb
 
@@ -117,7 +117,7 @@ def test_odd_and_broken_files(tmp_path, capsys):
 
 def test_exif_stripped_losslessly(tmp_path):
     from PIL import Image
-    from imagenet_seq.images import inspect_jpeg, normalise
+    from imagenet_seq.convert.images import inspect_jpeg, normalise
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8))
     ex = Image.Exif()
@@ -201,7 +201,7 @@ def test_unreadable_file_stops_with_its_path(tmp_path, capsys, monkeypatch):
     """A regular file that cannot be read (permissions, EIO: chmod does not stop root, so the
     read is patched) stops the run naming it; fixing it and --resume finishes the file."""
     import errno
-    import imagenet_seq.source_reader as cw
+    import imagenet_seq.convert.source_reader as cw
 
     root = str(tmp_path / "in")
     classes = make_sample_imagefolder(root, train_per_class=3, val_per_class=1, num_classes=2)
@@ -280,7 +280,7 @@ def test_disk_full_then_resume(tmp_path, monkeypatch, capsys):
                             size=(200, 150))
     clean = str(tmp_path / "clean")
     assert main([root, clean, "--splits", "train", "--workers", "0", "--no-progress"]) == 0
-    import imagenet_seq.convert_passes as w
+    import imagenet_seq.convert.passes as w
     monkeypatch.setattr(w, "COMMIT_RECORDS", 10)
     monkeypatch.setattr(fmt, "MAP_SIZE", 400_000)  # room for a few commits only
     out = str(tmp_path / "o")
@@ -299,7 +299,7 @@ def test_disk_full_then_resume(tmp_path, monkeypatch, capsys):
 def test_reader_queues_its_span_ahead(sample_lmdb, monkeypatch):
     """read_range keeps the span's bytes queued with WILLNEED ahead of the cursor, in order
     (as for a cold cache: bytes already in the page cache are not queued again)."""
-    import imagenet_seq.readahead as reader_mod
+    import imagenet_seq.read.readahead as reader_mod
 
     monkeypatch.setattr(reader_mod, "_resident", lambda addr, length: False)
     calls = []

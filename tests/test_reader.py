@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from imagenet_seq import reader, readahead
+from imagenet_seq.read import reader
+from imagenet_seq.read import readahead
 
 
 def _plain(path, start, count):
@@ -138,7 +139,7 @@ def test_disk_turns_can_be_switched_off(sample_lmdb, monkeypatch):
 
 _HOLDER = textwrap.dedent("""
     import os, sys, time
-    from imagenet_seq import readahead
+    from imagenet_seq.read import readahead
     fd = os.open(sys.argv[1], os.O_RDONLY)
     lock = readahead.DiskLock.for_fd(fd)
     assert lock.acquire(lambda: False)

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from imagenet_seq import diagnostics, order
-from imagenet_seq.shuffle import (DEFAULT_NODE_BUFFER_BYTES, buffer_records, buffered_shuffle)
+from imagenet_seq.tools import diagnostics
+from imagenet_seq.plan import order
+from imagenet_seq.plan.shuffle import (DEFAULT_NODE_BUFFER_BYTES, buffer_records, buffered_shuffle)
 
 
 @pytest.mark.parametrize("n,size", [(0, 5), (1, 5), (10, 3), (10, 10), (10, 50), (1000, 64)])

@@ -158,7 +158,7 @@ def test_measure_sets_prefetch_bytes_in_the_measuring_process(sample_lmdb):
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
         got[mb] = json.loads(line[7:])
         assert got[mb]["images"] == 48  # the whole sample split, streamed once
-    from imagenet_seq import readahead
+    from imagenet_seq.read import readahead
 
     assert got[None]["prefetch_bytes"] == readahead.PREFETCH_BYTES
     assert got[32]["prefetch_bytes"] == 32 << 20

@@ -6,10 +6,10 @@ import tarfile
 
 import pytest
 
-from imagenet_seq import convert_passes
-from imagenet_seq.preprocess_cli import main
-from imagenet_seq.reader import SplitReader
-from imagenet_seq.sample import make_sample_imagefolder
+from imagenet_seq.convert import passes as convert_passes
+from imagenet_seq.convert.cli import main
+from imagenet_seq.read.reader import SplitReader
+from imagenet_seq.tools.sample import make_sample_imagefolder
 
 import fake_archives as fa
 
@@ -109,7 +109,7 @@ def test_folder_of_archives_and_kaggle_labels(ilsvrc, tmp_path, capsys):
 
 
 def test_interrupted_tar_conversion_resumes_exactly(ilsvrc, tmp_path, monkeypatch, capsys):
-    from imagenet_seq import sort_runs
+    from imagenet_seq.convert import sort_runs
 
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
     real, calls = sort_runs.RunBuffer.write, []
@@ -184,7 +184,7 @@ def test_bad_devkit_or_missing_labels(case, expect, ilsvrc, tmp_path, capsys):
 
 def test_archive_is_read_front_to_back(ilsvrc, tmp_path, monkeypatch):
     """One forward sweep: every pread starts at or after the previous one's end."""
-    import imagenet_seq.tar_source as ts
+    import imagenet_seq.convert.tar_source as ts
 
     offsets = []
     real = os.pread
@@ -202,7 +202,7 @@ def test_archive_is_read_front_to_back(ilsvrc, tmp_path, monkeypatch):
 def test_val_only_does_not_list_the_train_archive(ilsvrc, tmp_path, monkeypatch, capsys):
     """With the devkit, the classes come from meta.mat: the train archive (a full read on a
     disk) is not listed for --splits val."""
-    import imagenet_seq.tar_source as ts
+    import imagenet_seq.convert.tar_source as ts
 
     listed = []
     real = ts.list_tar

@@ -8,10 +8,11 @@ import zlib
 import lmdb
 import pytest
 
-from imagenet_seq import checksums, offsets
+from imagenet_seq.format import checksums
+from imagenet_seq.format import offsets
 from imagenet_seq import format as fmt
 from imagenet_seq.data import Loader, RecordError
-from imagenet_seq.verify_cli import main as verify
+from imagenet_seq.tools.verify_cli import main as verify
 
 
 def _copy(sample_lmdb, tmp_path):

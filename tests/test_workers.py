@@ -16,7 +16,8 @@ import numpy as np
 import psutil
 import pytest
 
-from imagenet_seq import batch, workers
+from imagenet_seq.decode import batch
+from imagenet_seq.decode import workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,247 @@
+"""``preprocess_sequential.py SRC DST``: convert an ImageFolder tree into sequential LMDBs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+import lmdb
+
+from imagenet_seq import format as fmt
+from imagenet_seq.convert.inputs import resolve
+from imagenet_seq.convert.scan import ScanError
+from imagenet_seq.convert.passes import buffer_bytes
+from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preprocess_sequential.py",
+        description="Convert an ImageFolder tree (train/<class>/*, val/<class>/* or a flat val/ "
+                    "with --val-labels), a tar of one, or ImageNet's archives into "
+                    "ILSVRC-train.lmdb / ILSVRC-val.lmdb: raw JPEG bytes + labels, train in a "
+                    "seeded random order, val in sorted order. Sources are read once, in "
+                    "on-disk order, by one reader; records are sorted through temporary runs.")
+    p.add_argument("src", nargs="+",
+                   help="dataset root holding train/ and val/; or a tar of such a tree; or "
+                        "ImageNet's ILSVRC2012_img_train.tar and/or ILSVRC2012_img_val.tar "
+                        "(or a folder holding them): read in place, never extracted")
+    p.add_argument("dst", help="output folder for the .lmdb files")
+    p.add_argument("--splits", default="train,val",
+                   help="comma-separated splits to convert (default: train,val)")
+    p.add_argument("--val-labels", metavar="FILE",
+                   help="labels for a flat val/ folder: '<filename> <class>' lines or Kaggle's "
+                        "LOC_val_solution.csv")
+    p.add_argument("--devkit", metavar="FILE",
+                   help="ILSVRC2012_devkit_t12.tar.gz: labels of ILSVRC2012_img_val.tar "
+                        "(data/meta.mat + validation ground truth; needs scipy)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train write order")
+    p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1,
+                   help="processes that read and validate images (0: in this process)")
+    p.add_argument("--max-size", type=int, default=None, metavar="N",
+                   help="re-encode images whose longer side exceeds N pixels (default: keep)")
+    p.add_argument("--quality", type=int, default=95, metavar="Q",
+                   help="JPEG quality of re-encoded images (default: 95)")
+    p.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY // 1_000_000, metavar="MB",
+                   help="memory bound of the conversion, workers included (default: "
+                        "%(default)s MB): what the processes, queues and file list leave is the "
+                        "sorted run held before it is written, then the runs' read buffers")
+    p.add_argument("--tmp", metavar="DIR",
+                   help="folder for the temporary sorted runs, about the size of the sources "
+                        "(default: the output folder; another disk than the sources' is best)")
+    p.add_argument("--read-order", choices=["auto", "inode", "name"], default="auto",
+                   help="order in which the source files are read: auto = on-disk order "
+                        "(FIEMAP extents where the filesystem tells them, else inode numbers); "
+                        "name = sorted paths")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted conversion; complete splits are kept")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with a non-zero exit at the first broken image")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _check(args) -> List[str]:
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    bad = [s for s in splits if s not in fmt.SPLITS]
+    if bad or not splits:
+        raise ValueError(f"--splits {args.splits!r}; expected a comma-separated subset of "
+                         f"{','.join(fmt.SPLITS)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}; expected 0 or more")
+    if args.max_size is not None and args.max_size < 16:
+        raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality {args.quality}; expected 1..100")
+    buffer_bytes(args.memory_mb * 1_000_000, args.workers)  # ValueError naming the minimum
+    if args.tmp is not None and not os.path.isdir(args.tmp):
+        raise ValueError(f"--tmp {args.tmp!r} is not a folder; create it or pass another")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    return splits
+
+
+def _write_report(dst: str, split: str, skipped) -> Optional[str]:
+    path = os.path.join(dst, f"ILSVRC-{split}.report.tsv")
+    if not skipped:
+        if os.path.exists(path):
+            os.remove(path)
+        return None
+    # surrogateescape: a name that is not UTF-8 is written as its bytes on disk, so the report
+    # names the file exactly (``cut -f1`` gives paths that ``rm`` finds)
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("path\treason\n")
+        for rel, reason in skipped:
+            f.write(f"{rel}\t{reason}\n")
+    return path
+
+
+def _table(rows) -> str:
+    head = ["split", "images", "converted", "skipped", "GB", "seconds", "img/s", "read order",
+            "runs"]
+    body = [[r.split, r.written, r.converted, len(r.skipped), f"{r.bytes / 1e9:.3f}",
+             f"{r.seconds:.1f}", f"{r.written / r.seconds:.0f}" if r.seconds else "-",
+             r.read_order, r.runs]
+            if not r.already_complete else
+            [r.split, r.written, "-", len(r.skipped), f"{r.bytes / 1e9:.3f}", "kept", "-", "-",
+             "-"]
+            for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
+    return "\n".join(lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: workers killed, committed records kept, --resume hint."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _stopped(e: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+
+
+def _status(e: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # intermixed: "train.tar val.tar --devkit kit.tar.gz DST" (options between the paths)
+    args = build_parser().parse_intermixed_args(argv)
+    # only the main thread may set handlers (a library caller in a thread keeps the default)
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:  # before or after the writing (scan, summary)
+        print(f"\n{_stopped(e)}", file=sys.stderr)
+        return _status(e)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _run(args) -> int:
+    try:
+        splits = _check(args)
+        bars = []
+
+        def listing(path):  # archives are listed (every header read) before converting
+            from tqdm import tqdm
+
+            bars.append(tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                             desc=f"listing {os.path.basename(path)}", file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.5))
+
+            def tick(at, total, bar=bars[-1]):
+                bar.update(at - bar.n)
+            return tick
+        try:
+            inputs = resolve(args.src, splits, args.val_labels, args.devkit,
+                             progress=None if args.no_progress else listing)
+        finally:
+            for b in bars:
+                b.close()
+        scans = inputs.scans
+    except (ValueError, ScanError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
+                   workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
+                   tmp=args.tmp, read_order=args.read_order)
+    results = []
+    for split in splits:
+        scan = scans[split]
+        bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            def start(total, initial, phase, split=split):
+                nonlocal bar
+                if bar is not None:
+                    bar.close()
+                # one bar per pass: 'read' (sources -> sorted runs), 'merge' (runs -> LMDB)
+                bar = tqdm(total=total, initial=initial, unit="img", desc=f"{split} {phase}",
+                           smoothing=0.05, dynamic_ncols=True, file=sys.stderr)
+                bar.mb = 0.0
+
+            def progress(n, nbytes, skipped):
+                bar.mb += nbytes / 1e6
+                bar.update(n)
+                if bar.n % 256 == 0:
+                    el = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix(MBps=f"{bar.mb / el:.1f}", skipped=skipped, refresh=False)
+        else:
+            start = progress = None
+        try:
+            res = convert_split(inputs.root, args.dst, split, scan, opts, overwrite=args.overwrite,
+                                resume=args.resume, progress=progress, start_progress=start,
+                                notice=lambda text: print(text, file=sys.stderr))
+        except ConversionError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:
+            print(f"\n{_stopped(e)}; the finished part is kept in {args.dst}: run again with "
+                  "--resume to continue", file=sys.stderr)
+            return _status(e)
+        except (OSError, lmdb.Error) as e:  # disk full, read-only folder, map full
+            print(f"\nerror writing {args.dst}: {e}; free space or fix the output folder, then "
+                  "run again with --resume", file=sys.stderr)
+            return 1
+        finally:
+            if bar is not None:
+                bar.close()
+        # files that are not images are reported beside the broken ones
+        res.skipped = [(rel, reason) for rel, reason in scan.not_images] + res.skipped
+        res.report = _write_report(args.dst, split, res.skipped)
+        results.append(res)
+    if args.json:
+        print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,
+                                    "skipped": len(r.skipped), "bytes": r.bytes,
+                                    "seconds": round(r.seconds, 3), "report": r.report,
+                                    "already_complete": r.already_complete,
+                                    "read_order": r.read_order, "runs": r.runs,
+                                    "tmp_bytes": r.tmp_bytes}
+                          for r in results}))
+    else:
+        print(_table(results))
+    skipped = sum(len(r.skipped) for r in results)
+    if skipped:
+        reports = ", ".join(r.report for r in results if r.report)
+        print(f"warning: {skipped} files skipped (not stored); reasons in {reports}",
+              file=sys.stderr)
+        if args.strict:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

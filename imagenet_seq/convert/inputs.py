@@ -1,0 +1,153 @@
+"""What the converter was given, as one Scan per split: an ImageFolder tree, a tar of one, or
+ImageNet's own archives (train tar of per-class tars, flat val tar + devkit or Kaggle labels).
+
+    preprocess_sequential.py /imagenet DST                      # train/, val/ folders
+    preprocess_sequential.py imagenet.tar DST                   # a tar of that tree
+    preprocess_sequential.py ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar \\
+        --devkit ILSVRC2012_devkit_t12.tar.gz DST               # or a folder holding them
+
+Class indices are always the sorted class names (WNIDs for ImageNet).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from imagenet_seq.convert import tar_source
+from imagenet_seq.convert.devkit import read_devkit
+from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
+
+TRAIN_TAR, VAL_TAR, DEVKIT = "img_train", "img_val", "devkit"
+
+
+@dataclass
+class Inputs:
+    root: str  # the folder (ImageFolder) or the first archive, for messages
+    scans: Dict[str, Scan]
+
+
+def _kind(path: str) -> str:
+    base = os.path.basename(path).lower()
+    if DEVKIT in base:
+        return "devkit"
+    if not base.endswith(".tar") and os.path.isfile(path):
+        return "compressed" if base.endswith((".tar.gz", ".tgz")) else "unknown"
+    return "train" if TRAIN_TAR in base else "val" if VAL_TAR in base else "tree"
+
+
+def _expand(srcs: List[str], devkit: Optional[str]):
+    """Folders holding ImageNet's archives -> the archives (and the devkit beside them)."""
+    if len(srcs) == 1 and os.path.isdir(srcs[0]) and not any(
+            os.path.isdir(os.path.join(srcs[0], s)) for s in ("train", "val")):
+        names = sorted(os.listdir(srcs[0]))
+        tars = [os.path.join(srcs[0], n) for n in names if n.endswith(".tar")]
+        kits = [os.path.join(srcs[0], n) for n in names if DEVKIT in n.lower()]
+        if not tars:
+            raise ScanError(f"{srcs[0]} holds neither train/ and val/ folders nor .tar archives "
+                            f"(found: {', '.join(names[:6]) or 'nothing'}); expected an "
+                            "ImageFolder tree or ILSVRC2012_img_train.tar / _img_val.tar")
+        return tars, devkit or (kits[0] if kits else None)
+    return srcs, devkit
+
+
+def _list(path: str, progress):
+    return tar_source.list_tar(path, progress(path) if progress else None)
+
+
+def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None,
+            devkit: Optional[str] = None, progress=None) -> Inputs:
+    """Scans of ``splits`` from the sources given on the command line. ``progress(path)``
+    gives a callback ``(bytes_passed, size)`` for listing the archive at ``path``, or None.
+
+    Raises:
+        ScanError: a missing/unknown input, a damaged archive, images without labels..., the
+            message naming the file or member and the way out.
+    """
+    for s in srcs:
+        if not os.path.exists(s):
+            raise ScanError(f"input {s!r} does not exist")
+    if len(srcs) == 1 and os.path.isdir(srcs[0]) and any(
+            os.path.isdir(os.path.join(srcs[0], s)) for s in ("train", "val")):
+        if devkit is not None:
+            raise ScanError("--devkit labels ImageNet's flat val archive; for a folder tree "
+                            "pass --val-labels FILE for a flat val/ folder")
+        classes = find_classes(os.path.join(srcs[0], "train"))
+        return Inputs(srcs[0], {s: scan_split(srcs[0], s, classes, val_labels) for s in splits})
+    srcs, devkit = _expand(srcs, devkit)
+    by_kind: Dict[str, str] = {}
+    for s in srcs:
+        k = _kind(s)
+        if k in ("compressed", "unknown"):
+            raise ScanError(f"{s} is not a folder or an uncompressed .tar; "
+                            + ("decompress it first (gunzip)" if k == "compressed" else
+                               "expected an ImageFolder tree or tar archives"))
+        if k == "devkit":
+            devkit = devkit or s
+            continue
+        if k in by_kind:
+            raise ScanError(f"two {k} inputs: {by_kind[k]} and {s}; pass one")
+        by_kind[k] = s
+    if "tree" in by_kind and len(by_kind) > 1:
+        raise ScanError(f"{by_kind['tree']} is neither ILSVRC2012_img_train.tar nor _img_val.tar"
+                        "; pass a tar of an ImageFolder tree alone, or ImageNet's archives")
+    kit_classes, kit_labels = read_devkit(devkit) if devkit else (None, None)
+    labels = read_val_labels(val_labels) if val_labels else kit_labels
+    labels_name = val_labels or devkit or ""
+    scans: Dict[str, Scan] = {}
+    if "tree" in by_kind:
+        path = by_kind["tree"]
+        members, not_files = _list(path, progress)
+        parts = {s: tar_source.split_members(members, s) for s in ("train", "val")}
+        if parts["train"] is None:
+            raise ScanError(f"{path} holds no train/ folder (first members: "
+                            f"{[m[0] for m in members[:3]]}); expected a tar of "
+                            "train/<class>/<image> (and val/...)")
+        files = parts["train"][1]
+        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
+        for s in splits:
+            if parts[s] is None:
+                raise ScanError(f"{path} holds no {s}/ folder; add it or pass --splits train")
+            prefix, files = parts[s]
+            flat = s == "val" and not any("/" in r for r in files if is_image(r))
+            if flat and labels is None:
+                raise ScanError(f"{path}:{prefix} has no class folders (flat layout); pass "
+                                "--val-labels FILE ('<filename> <class>' lines or Kaggle's "
+                                "LOC_val_solution.csv)")
+            mine = [(n[len(prefix):], r) for n, r in not_files if n.startswith(prefix)]
+            scans[s] = tar_source.scan_files(path, prefix, files, classes, flat, labels, mine,
+                                             labels_name)
+        return Inputs(path, scans)
+    classes = None
+    # listing the train archive costs about one read of it: only when its images or its
+    # classes (no devkit) are needed
+    if "train" in by_kind and ("train" in splits or kit_classes is None):
+        members, not_files = _list(by_kind["train"], progress)
+        files = {n: (o, z) for n, o, z in members}
+        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
+        if kit_classes is not None and classes != kit_classes:
+            extra = sorted(set(classes) ^ set(kit_classes))[:3]
+            raise ScanError(f"the classes of {by_kind['train']} ({len(classes)}) differ from the "
+                            f"devkit's ({len(kit_classes)}), e.g. {extra}: the devkit is of "
+                            "another year or dataset; pass ILSVRC2012_devkit_t12.tar.gz")
+        if "train" in splits:
+            scans["train"] = tar_source.scan_files(by_kind["train"], "", files, classes, False,
+                                                   None, not_files, "")
+    classes = classes or kit_classes
+    for s in splits:
+        if s in scans:
+            continue
+        if s == "train" or s not in by_kind:
+            raise ScanError(f"no {s} input: pass ILSVRC2012_img_{s}.tar (or --splits "
+                            f"{'val' if s == 'train' else 'train'})")
+        if classes is None:
+            raise ScanError("the class list comes from the train archive or the devkit: pass "
+                            "ILSVRC2012_img_train.tar or --devkit ILSVRC2012_devkit_t12.tar.gz")
+        if labels is None:
+            raise ScanError(f"{by_kind[s]} is flat and needs labels: pass --devkit "
+                            "ILSVRC2012_devkit_t12.tar.gz or --val-labels LOC_val_solution.csv")
+        members, not_files = _list(by_kind[s], progress)
+        files = {n: (o, z) for n, o, z in members}
+        scans[s] = tar_source.scan_files(by_kind[s], "", files, classes, True, labels,
+                                         not_files, labels_name)
+    return Inputs(srcs[0], scans)

@@ -1,0 +1,261 @@
+"""The two passes of a split's conversion (``writer`` runs them and owns the .partial's state).
+
+Pass 1 (:func:`read_pass`): ONE reader thread reads the files not yet done in on-disk order
+(``source_reader``), worker processes validate + normalise (``convert_workers``), the records
+fill a run buffer that is sorted by plan position and written as one sequential temporary file
+(``sort_runs``); each run is fsync'd, then listed in ``__progress__`` with the bitmap of plan
+positions done and the skip records, in one transaction. Pass 2 (:func:`merge_pass`): the runs
+merged by position into the LMDB, each commit storing the byte offset reached in every run.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from typing import Optional
+
+import numpy as np
+
+from imagenet_seq.format import checksums
+from imagenet_seq import format as fmt
+from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
+from imagenet_seq.decode.malloc import trim
+from imagenet_seq.convert.scan import Scan
+from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
+from imagenet_seq.convert.sort_runs import RunBuffer, merge
+from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
+
+COMMIT_RECORDS = 2000
+COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
+DEFAULT_MEMORY = 2_000_000_000
+RUN_RECORDS: Optional[int] = None  # tests: runs of a few records, to cut a tiny split in many
+MAX_RUNS = 500  # each is open during the merge (file descriptors; ulimit -n is often 1024)
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot go on; the message names the file or value and the fix."""
+
+
+# Measured (benchmarks/convert_order.py, peak of RSS minus shared pages): the converter's own
+# process ~64 MB with its libraries, each worker ~40 MB; the file list, its read order and the
+# reader's item list ~600 bytes per image (Python tuples and strings).
+PROCESS_BYTES = 80_000_000
+WORKER_BYTES = 50_000_000
+PER_IMAGE_BYTES = 600
+MIN_BUFFER = 64_000_000
+
+
+def fixed_bytes(workers: int, images: int = 0) -> int:
+    """Memory besides the run / merge buffers: the processes themselves, one uncommitted
+    transaction, the reader's queue, the chunks in flight to and from the workers
+    (``convert_workers.WINDOW`` each) and the per-image lists."""
+    return (PROCESS_BYTES + COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES
+            + max(1, workers) * (WORKER_BYTES + WINDOW * CHUNK_BYTES) + images * PER_IMAGE_BYTES)
+
+
+def buffer_bytes(memory: int, workers: int, images: int = 0) -> int:
+    """Run buffer (pass 1) = merge read buffers (pass 2): what ``memory`` leaves.
+
+    Raises:
+        ValueError: ``memory`` too small for the fixed part plus a 64 MB buffer.
+    """
+    rest = memory - fixed_bytes(workers, images)
+    if rest < MIN_BUFFER:
+        need = (fixed_bytes(workers, images) + MIN_BUFFER) // 1_000_000 + 1
+        raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least {need} with "
+                         f"--workers {workers}{f' and {images} images' if images else ''} "
+                         f"(processes, queues and file list: "
+                         f"{fixed_bytes(workers, images) // 1_000_000} MB)")
+    return rest
+
+
+def pack(done: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(done).tobytes()).decode()
+
+
+def unpack(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
+
+
+def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
+                 memory: int, workers: int, notice) -> int:
+    """Temporary (and output) bytes this split still needs, stated, and checked against free
+    space before anything is read; so is the number of runs the memory bound implies.
+    Returns the estimate of the runs' total size."""
+    src = sum(scan.inode_size(rel)[1] for rel, _ in plan)
+    est = src + len(plan) * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
+    have = sum(r[2] for r in state.get("runs", []))
+    need_tmp = 0 if state.get("phase") == "merge" else max(0, est - have)
+    need_out = max(0, est - state.get("bytes", 0) if state.get("phase") == "merge" else est)
+    same = os.stat(os.path.dirname(run_dir)).st_dev == os.stat(out_dir).st_dev
+    free = shutil.disk_usage(os.path.dirname(run_dir)).free
+    need = need_tmp + (need_out if same else 0)
+    if notice:
+        notice(f"{split}: {len(plan)} images, {src / 1e9:.2f} GB of sources; temporary runs "
+               f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
+               f"{free / 1e9:.1f} GB free there; buffers <= {memory / 1e9:.2f} GB")
+    try:
+        buf = buffer_bytes(memory, workers, len(plan))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    runs = -(-int(est * 1.1) // buf)  # +10%: re-encoded images
+    if runs > MAX_RUNS:
+        raise ConversionError(
+            f"{split}: about {est / 1e9:.1f} GB in runs of "
+            f"{buf / 1e9:.2f} GB makes ~{runs} runs, more than the "
+            f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
+            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, len(plan))) // 1_000_000 + 1}"
+            " or more")
+    if need > free:
+        raise ConversionError(
+            f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "
+            f"{os.path.dirname(run_dir)} (sorted runs {need_tmp / 1e9:.2f} GB"
+            + (f" + the output {need_out / 1e9:.2f} GB on the same disk" if same else "")
+            + f"), {free / 1e9:.2f} GB free; free space there or pass --tmp DIR on a disk "
+            "with room, then run again (--resume continues an interrupted run)")
+    return est
+
+
+def prepare_runs(run_dir: str, state: dict, partial: str) -> None:
+    """Runs the resume state lists must be whole; any other file in ``run_dir`` is a run
+    written after the last commit (or cut short): deleted, its records are read again."""
+    os.makedirs(run_dir, exist_ok=True)
+    listed = {name: size for name, _, size in state["runs"]}
+    for name in os.listdir(run_dir):
+        if name not in listed:
+            os.remove(os.path.join(run_dir, name))
+    for name, size in listed.items():
+        path = os.path.join(run_dir, name)
+        got = os.path.getsize(path) if os.path.exists(path) else None
+        if got != size:
+            raise ConversionError(
+                f"{path} is {'missing' if got is None else f'{got} bytes, not {size}'}: the "
+                f"temporary runs of {partial} were changed; pass --overwrite to start over")
+
+
+def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
+               start_progress) -> None:
+    """Pass 1: every plan position not yet done, read in ``read_order``, into sorted runs."""
+    done = unpack(state["done"], len(plan))
+    todo = [p for p in read_order if not done[p]]
+    if start_progress:
+        start_progress(len(plan), len(plan) - len(todo), "read")
+    run = RunBuffer(buffer_bytes(opts.memory, opts.workers, len(plan)), RUN_RECORDS)
+    workers = Workers(opts.workers) if opts.workers > 0 and todo else None
+    reader = Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo]) if todo else None
+    txn = env.begin(write=True)
+    pending = 0
+
+    def checkpoint():
+        nonlocal txn, pending
+        if run.items:
+            name = f"run-{len(state['runs']):05d}"
+            path = os.path.join(run_dir, name)
+            try:
+                n, size = run.write(path)
+            except OSError as e:
+                raise ConversionError(
+                    f"cannot write the temporary run {path}: {e.strerror or e}; free space in "
+                    f"{run_dir} (or pass --tmp DIR on a disk with room), then run again with "
+                    "--resume") from None
+            state["runs"].append([name, n, size])
+            # the run's records were allocated by the reader's thread (its own malloc arena):
+            # give them back now, or the next run / the merge piles on top (measured +140 MB)
+            trim()
+        state["done"] = pack(done)
+        txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
+        txn.commit()
+        txn = env.begin(write=True)
+        pending = 0
+
+    try:
+        for pos, status, payload, note in (results(source.describe(""), reader, opts.max_size,
+                                                   opts.quality, workers) if todo else ()):
+            rel, label = plan[pos]
+            nbytes = 0
+            if status == "error":
+                raise ConversionError(payload)
+            if status == "skip":
+                if opts.strict:
+                    raise ConversionError(
+                        f"{source.describe(rel)}: {payload} (--strict stops at the "
+                        "first broken file; remove or fix it, or run without --strict to "
+                        "skip and report it)")
+                txn.put(fmt.skip_key(state["skipped"]),
+                        json.dumps({"path": rel, "reason": payload, "pos": pos}).encode())
+                state["skipped"] += 1
+                res.skipped.append((rel, payload))
+            else:
+                run.add(pos, payload)
+                state["class_counts"][label] += 1
+                nbytes = len(payload) - fmt.RECORD_HEADER.size
+                state["bytes"] += nbytes
+                state["converted"] += note is not None
+            done[pos] = True
+            pending += 1
+            if progress:
+                progress(1, nbytes, state["skipped"])
+            if run.full():
+                checkpoint()
+        if pending:
+            checkpoint()
+    except WorkerError as e:
+        raise ConversionError(str(e)) from None
+    finally:
+        if workers is not None:
+            workers.close()  # first: kill, never wait for their cooperation
+        if reader is not None:
+            reader.close()
+        if txn is not None:
+            txn.abort()  # a no-op after the last checkpoint's fresh transaction
+    if not done.all():
+        raise ConversionError(f"internal: {int((~done).sum())} images not read; run again "
+                              "with --resume")
+
+
+def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
+               images: int) -> None:
+    """Pass 2: the runs merged by plan position into the LMDB, committed with their offsets;
+    ``finish(txn)`` adds the final records (labels, metadata) to the last transaction."""
+    state.pop("done", None)  # pass 1 is over: no need to carry the bitmap in every commit
+    state["phase"] = "merge"
+    state.setdefault("offsets", [0] * len(state["runs"]))
+    total = sum(r[1] for r in state["runs"])
+    if start_progress:
+        start_progress(total, state["written"], "merge")
+    crcs = checksums.Log(state["written"])  # records before it: checksums committed
+    paths = [os.path.join(run_dir, r[0]) for r in state["runs"]]
+    txn = env.begin(write=True)
+    pending_n = pending_b = 0
+    try:
+        for pos, payload, i, after in merge(paths, state["offsets"],
+                                            buffer_bytes(opts.memory, opts.workers, images)):
+            txn.put(fmt.record_key(state["written"]), payload)
+            crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
+            state["written"] += 1
+            state["offsets"][i] = after
+            nbytes = len(payload) - fmt.RECORD_HEADER.size
+            pending_n += 1
+            pending_b += nbytes
+            if progress:
+                progress(1, nbytes, state["skipped"])
+            if pending_n >= COMMIT_RECORDS or pending_b >= COMMIT_BYTES:
+                txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
+                crcs.commit(txn)  # with their records: a resume keeps them
+                txn.commit()
+                txn = env.begin(write=True)
+                pending_n = pending_b = 0
+        if state["written"] != total:
+            raise ConversionError(f"internal: merged {state['written']} of {total} records; "
+                                  "run again with --overwrite")
+        crcs.finish(txn, state["written"])
+        finish(txn)  # the same transaction: a kill leaves either the progress or the metadata
+        txn.commit()
+        txn = None
+    except ValueError as e:  # a run cut short (sort_runs.RunReader)
+        raise ConversionError(f"{e}: the temporary runs of {partial} were changed; pass "
+                              "--overwrite to start over") from None
+    finally:
+        if txn is not None:
+            txn.abort()

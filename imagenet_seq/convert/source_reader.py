@@ -1,0 +1,151 @@
+"""ONE reader per source disk: the source files' bytes, read in on-disk order, in chunks.
+
+Why one: parallel readers on one HDD interleave their requests and every switch is a seek
+(the Loader's lesson, DESIGN.md). So a single thread reads, in the order the files lie on the
+disk (``disk_order``), while the worker processes validate and normalise what it has read.
+The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` images or
+``CHUNK_BYTES`` bytes (one oversized file is a chunk of its own): memory
+``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the file being read.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import stat
+import threading
+from typing import Iterator, List, Sequence, Tuple, Union
+
+from imagenet_seq.convert.disk_order import disk_order
+from imagenet_seq.convert.images import BrokenImage
+from imagenet_seq.convert.scan import not_a_file_reason
+
+CHUNK = 32
+CHUNK_BYTES = 1 << 20
+QUEUE_CHUNKS = 32
+
+# (plan position, path relative to the split folder, label, bytes or (status, message))
+Item = Tuple[int, str, int, Union[bytes, Tuple[str, str]]]
+
+
+def read_source(path: str) -> bytes:
+    """The bytes of a regular file. Never blocks on a FIFO or device that replaced a file after
+    the scan (opened non-blocking, checked with fstat before any read).
+
+    Raises:
+        BrokenImage: ``path`` is not a regular file (the reason says what it is).
+        OSError: it cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        reason = not_a_file_reason(path) if e.errno in (errno.ENOENT, errno.ELOOP) else None
+        if reason:
+            raise BrokenImage(reason) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BrokenImage(not_a_file_reason(path) or "not a regular file")
+        return f.read()
+
+
+def read_one(split_dir: str, rel: str) -> Union[bytes, Tuple[str, str]]:
+    """The file's bytes, or ('skip', reason) / ('error', message naming the file and the fix)."""
+    path = os.path.join(split_dir, rel)
+    try:
+        return read_source(path)
+    except BrokenImage as e:
+        return ("skip", str(e))
+    except OSError as e:
+        return ("error", f"cannot read {path}: {e.strerror or e}; fix it (permissions, disk) "
+                         "or remove it, then run again with --resume")
+
+
+class FolderSource:
+    """Images as files below ``root`` (a split folder of an ImageFolder tree)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def describe(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def read(self, rel: str) -> Union[bytes, Tuple[str, str]]:
+        return read_one(self.root, rel)
+
+    def order(self, rels: Sequence[str], keys: Sequence[int], method: str):
+        """(indices of ``rels`` in on-disk order, method); ``keys`` = inodes from the scan."""
+        return disk_order(self.root, rels, keys, method)
+
+    def close(self) -> None:
+        pass
+
+
+def _chunks(source, items: Sequence[Tuple[int, str, int]]) -> Iterator[List[Item]]:
+    chunk: List[Item] = []
+    size = 0
+    for pos, rel, label in items:
+        data = source.read(rel)
+        chunk.append((pos, rel, label, data))
+        size += len(data) if isinstance(data, bytes) else 0
+        if len(chunk) >= CHUNK or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Reader:
+    """Reads ``items`` ((plan position, rel, label), already in on-disk order) from ``source``
+    (``FolderSource``, ``tar_source.TarSource``: ``read(rel)`` -> bytes or verdict) in a thread.
+
+    Iterate for chunks (lists of :data:`Item`) in the same order. ``close()`` stops the thread
+    at its next chunk; it is a daemon, so an exit never waits for a read stuck on a dying disk.
+    """
+
+    def __init__(self, source, items: Sequence[Tuple[int, str, int]]):
+        if isinstance(source, str):
+            source = FolderSource(source)
+        self._q: "queue.Queue" = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, items), daemon=True,
+                                        name="imagenet_seq-source-reader")
+        self._thread.start()
+
+    def _put(self, obj) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source, items) -> None:
+        try:
+            for chunk in _chunks(source, items):
+                if not self._put(chunk):
+                    return
+            self._put(None)
+        except BaseException as e:  # a bug or MemoryError: re-raised in the consumer
+            self._put(_Failed(e))
+        finally:
+            source.close()  # here: no other thread can be inside a read of it
+
+    def __iter__(self) -> Iterator[List[Item]]:
+        while True:
+            got = self._q.get()
+            if got is None:
+                return
+            if isinstance(got, _Failed):
+                raise got.exc
+            yield got
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,193 @@
+"""Images inside tar archives, read front to back with no extraction.
+
+Two layouts: a tar of an ImageFolder tree (``[prefix/]train/<class>/<image>``, ``val/...``)
+and ImageNet's archives: ``ILSVRC2012_img_train.tar`` (one tar per class, ``<wnid>.tar``,
+inside the outer tar) and ``ILSVRC2012_img_val.tar`` (flat; labels from ``devkit``).
+
+Why a listing pass first: the write order (``writer.plan_order``) is a permutation of the
+sorted file list, the same plan as for the extracted tree, so a tar and its extracted tree give
+the same LMDB record for record. Listing reads only the 512-byte headers (``tarfile`` seeks over
+the data), which on a spinning disk costs about one sequential read of the archive. Reading
+then uses each member's absolute byte offset: ``os.pread`` in offset order is one forward
+sweep of the archive. Nested tars are members of the outer file, so their images' offsets are
+absolute too. Compressed (``.tar.gz``) archives cannot be read this way: decompress first.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from imagenet_seq.convert.scan import Scan, ScanError, is_image, not_image_reason
+
+Member = Tuple[str, int, int]  # (name inside the archive, absolute data offset, size)
+
+
+def _tar_error(path: str, what: str, e: Exception) -> ScanError:
+    return ScanError(f"{path}: {what} is not a readable tar ({e}); the download may be "
+                     "truncated or damaged: check its size/checksum and download it again")
+
+
+def _members(tf: tarfile.TarFile, path: str, what: str, base: int,
+             skipped: List[Tuple[str, str]], prefix: str = "", progress=None) -> List[tuple]:
+    out = []
+    try:
+        for m in tf:
+            if progress is not None:
+                progress(base + m.offset_data)
+            name = prefix + (m.name[2:] if m.name.startswith("./") else m.name)
+            if m.isdir():
+                continue
+            if not m.isfile():
+                kind = "symbolic link" if m.issym() else "hard link" if m.islnk() else \
+                    f"tar type {m.type!r}"
+                skipped.append((name, f"not a regular file in the tar ({kind}); never read"))
+                continue
+            if m.issparse():
+                raise ScanError(f"{path}: member {name} is a sparse file, which cannot be read "
+                                "in place; extract the archive (tar -xf) and convert the folder")
+            out.append((name, base + m.offset_data, m.size, m))
+    except tarfile.ReadError as e:
+        raise _tar_error(path, what, e) from None
+    return out
+
+
+def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
+             ) -> Tuple[List[Member], List[Tuple[str, str]]]:
+    """(members in archive order, (name, reason) of entries that are not files).
+    ``progress(bytes_passed, archive_size)`` is called as the listing moves through the file
+    (it reads every header: about one read of the archive).
+
+    Members named ``*.tar`` are opened as nested tars and listed as ``<stem>/<inner name>``
+    (ImageNet's train archive: ``n01440764.tar`` -> ``n01440764/n01440764_10026.JPEG``).
+
+    Raises:
+        ScanError: not a tar, compressed, truncated, or a nested tar is damaged (named).
+    """
+    skipped: List[Tuple[str, str]] = []
+    with open(path, "rb") as f:
+        head = f.read(3)
+        if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
+            raise ScanError(f"{path} is compressed; the images are read in place from an "
+                            "uncompressed tar: decompress it first (e.g. gunzip)")
+        f.seek(0)
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as e:
+            raise _tar_error(path, "the file", e) from None
+        out: List[Member] = []
+        total = os.fstat(f.fileno()).st_size
+        tick = (lambda at: progress(at, total)) if progress else None
+        for name, off, size, m in _members(tf, path, "the archive", 0, skipped, progress=tick):
+            if not name.lower().endswith(".tar"):
+                out.append((name, off, size))
+                continue
+            stem = os.path.splitext(os.path.basename(name))[0]
+            try:
+                inner = tarfile.open(fileobj=tf.extractfile(m), mode="r:")
+            except tarfile.ReadError as e:
+                raise _tar_error(path, f"nested tar {name}", e) from None
+            for iname, ioff, isize, _ in _members(inner, path, f"nested tar {name}", off,
+                                                   skipped, prefix=stem + "/", progress=tick):
+                if ioff + isize > off + size:
+                    raise _tar_error(path, f"nested tar {name}",
+                                     ValueError(f"member {iname} runs past its end"))
+                out.append((iname, ioff, isize))
+    return out, skipped
+
+
+class TarSource:
+    """Reads members of one archive by absolute offset (``source_reader.FolderSource``'s
+    contract). The file is opened by the reader thread on first use and closed by it."""
+
+    def __init__(self, path: str, where: Dict[str, Tuple[int, int]], display: str):
+        self.path = path
+        self.where = where  # rel -> (absolute offset, size)
+        self.display = display
+        self.f = None
+
+    def describe(self, rel: str) -> str:
+        return f"{self.path}:{self.display}{rel}" if rel else f"{self.path}:{self.display}"
+
+    def read(self, rel: str) -> Union[bytes, Tuple[str, str]]:
+        off, size = self.where[rel]
+        try:
+            if self.f is None:
+                self.f = open(self.path, "rb", buffering=0)
+            data = os.pread(self.f.fileno(), size, off)
+        except OSError as e:
+            return ("error", f"cannot read {self.path}: {e.strerror or e}; fix the disk or "
+                             "the file, then run again with --resume")
+        if len(data) != size:
+            return ("error", f"{self.path} ends inside member {self.describe(rel)} (got "
+                             f"{len(data)} of {size} bytes): the archive was cut short; "
+                             "download it again, then run again with --resume")
+        return data
+
+    def order(self, rels: Sequence[str], keys: Sequence[int], method: str):
+        """Archive order (by offset): one forward sweep, whatever ``method`` says."""
+        return sorted(range(len(rels)), key=lambda i: self.where[rels[i]][0]), "tar"
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def split_members(members: List[Member], split: str
+                  ) -> Optional[Tuple[str, Dict[str, Tuple[int, int]]]]:
+    """For a tar of an ImageFolder tree: (prefix, rel -> (offset, size)) of the files below
+    ``[prefix/]<split>/``, or None when the archive has no such folder."""
+    prefix = None
+    for name, _, _ in members:
+        parts = name.split("/")
+        if split in parts[:-1]:
+            k = parts.index(split)
+            prefix = "/".join(parts[:k + 1]) + "/"
+            break
+    if prefix is None:
+        return None
+    return prefix, {name[len(prefix):]: (off, size) for name, off, size in members
+                    if name.startswith(prefix)}
+
+
+def scan_files(path: str, display: str, files: Dict[str, Tuple[int, int]], classes: List[str],
+               flat: bool, labels: Optional[Dict[str, str]], not_files, labels_name: str) -> Scan:
+    """A Scan of ``files`` (rel -> (offset, size)): class folders (``<class>/<image>``), or a
+    flat folder labelled by ``labels`` (file stem -> class name)."""
+    index = {c: i for i, c in enumerate(classes)}
+    entries, not_images = [], list(not_files)
+    for rel in sorted(files):
+        if not flat and "/" not in rel:  # as the folder scan says of files beside the classes
+            not_images.append((rel, "file outside any class folder"))
+            continue
+        if not is_image(rel):
+            not_images.append((rel, not_image_reason(rel)))
+            continue
+        if flat:
+            stem = os.path.splitext(os.path.basename(rel))[0]
+            if labels is None or stem not in labels:
+                continue  # reported below, all together
+            cls = labels[stem]
+        else:
+            cls = rel.split("/")[0]
+        if cls not in index:
+            raise ScanError(f"{path}:{display}{rel}: class {cls!r} is not a train class; "
+                            "convert the matching train archive (classes = its folders)")
+        entries.append((rel, index[cls]))
+    if flat:
+        images = {os.path.splitext(os.path.basename(r))[0]: r for r in files if is_image(r)}
+        unlabelled = sorted(r for s, r in images.items() if labels is None or s not in labels)
+        if unlabelled:
+            raise ScanError(f"{len(unlabelled)} images in {path}:{display} have no label"
+                            f"{' in ' + labels_name if labels_name else ''}, e.g. "
+                            f"{unlabelled[:3]}; pass --devkit ILSVRC2012_devkit_t12.tar.gz or "
+                            "--val-labels FILE (Kaggle's LOC_val_solution.csv) naming them")
+        missing = sorted(set(labels or ()) - set(images))
+        if missing:
+            raise ScanError(f"{labels_name} names {len(missing)} images not in {path}, e.g. "
+                            f"{missing[:3]}; the archive is incomplete, or the labels are for "
+                            "another set")
+    stats = {rel: files[rel] for rel, _ in entries}
+    return Scan(classes, entries, not_images, stats,
+                source=TarSource(path, stats, display))

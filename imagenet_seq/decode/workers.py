@@ -1,0 +1,393 @@
+"""Decode workers: whole raw batches in, decoded batches out, in batch order.
+
+Three pools share one interface (``submit(raw)``, ``get(index)``, ``close()``):
+
+* :class:`InlinePool` decodes in the caller (``num_workers=0``: debugging, profiling);
+* :class:`ThreadPool`: N threads (OpenCV releases the GIL while decoding/resizing);
+* :class:`ProcessPool`: N forked processes. Raw JPEG bytes travel in one shared-memory tensor per
+  batch, decoded images come back as shared-memory tensors (no pickling of pixels). Workers get
+  ``PR_SET_PDEATHSIG=SIGKILL`` so they die with the trainer even after ``kill -9``. The kernel
+  sends it when the *thread* that forked a worker ends, so every worker is forked by one
+  thread that lives as long as the process (:func:`start_processes`), not by whichever thread
+  called ``iter(loader)`` (a short-lived helper thread would take the workers with it).
+
+What a worker does with one batch is :func:`imagenet_seq.decode.batch.decode_batch`.
+
+Why not tensorpack's ``MultiProcessMapDataZMQ``: it pickles every decoded array through ZMQ, does
+not keep order unless ``strict=True`` and hung on a finite input with ``strict=False``; the loader
+needs ordered results, per-record error reports and shared-memory output, which take less code
+here than around it.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import queue
+import signal
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from imagenet_seq.decode.batch import DecodedBatch, DecodeSpec, RawBatch, RecordError, decode_batch
+
+_PR_SET_PDEATHSIG = 1
+_POLL_S = 0.5
+
+
+class SlotRing:
+    """Fixed shared-memory slots made before the workers fork (they inherit the mapping).
+
+    An anonymous ``MAP_SHARED`` mapping: no file, no name, nothing left behind after
+    ``kill -9``. ``touch`` bytes at the start of every slot are written once at creation, so
+    the memory a pool uses in steady state is there from its first batch (flat from epoch 1,
+    instead of growing as batches cycle through the slots); the rest of a slot costs memory
+    only once a batch needs it.
+    """
+
+    def __init__(self, slots: int, slot_bytes: int, touch: Optional[int] = None):
+        self.slots, self.slot_bytes = slots, max(1, int(slot_bytes))
+        self._mm = mmap.mmap(-1, self.slots * self.slot_bytes)
+        self._view = np.frombuffer(self._mm, np.uint8)
+        touch = self.slot_bytes if touch is None else min(self.slot_bytes, max(0, int(touch)))
+        if touch:
+            self._view.reshape(self.slots, self.slot_bytes)[:, :touch] = 0
+
+    def slot(self, k: int) -> np.ndarray:
+        return self._view[k * self.slot_bytes:(k + 1) * self.slot_bytes]
+
+    def release(self) -> None:
+        """Unmap now (not when a reference cycle is collected); views still held keep it."""
+        self._view = np.empty(0, np.uint8)
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view: freed with the last one
+            pass
+
+
+class RingCache:
+    """Keeps a process pool's rings for the next pool of the same shape (the next epoch's),
+    so they are allocated and written once per Loader, not once per epoch."""
+
+    def __init__(self) -> None:
+        self.key: Optional[Tuple[int, ...]] = None
+        self.rings: Optional[Tuple[SlotRing, SlotRing]] = None
+        self.busy = False
+
+    def take(self, key: Tuple[int, ...], make: Callable[[], Tuple["SlotRing", "SlotRing"]]):
+        """The cached rings if free and of this shape (else new ones, cached); marked busy."""
+        if self.busy:  # an older pool still has them: this one gets rings of its own
+            return make()
+        if self.rings is None or self.key != key:
+            self.rings, self.key = make(), key
+        self.busy = True
+        return self.rings
+
+    def give_back(self, reusable: bool) -> None:
+        """The pool using the cached rings closed; ``reusable``: its workers are all gone."""
+        self.busy = False
+        if not reusable:
+            self.rings = self.key = None
+
+
+class _InOrder:
+    """What was submitted, by batch index, for ``get`` to wait on (inline and thread pools)."""
+
+    def __init__(self):
+        self._items: Dict[int, Any] = {}
+        self._cond = threading.Condition()
+
+    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
+        return None
+
+    def _put(self, index: int, item: Any) -> None:
+        with self._cond:
+            self._items[index] = item
+            self._cond.notify_all()
+
+    def _take(self, index: int, check: Callable[[], None]) -> Any:
+        with self._cond:
+            while index not in self._items:
+                check()
+                self._cond.wait(_POLL_S)
+            return self._items.pop(index)
+
+    def _drain(self) -> list:
+        with self._cond:
+            items = list(self._items.values())
+            self._items.clear()
+        return items
+
+
+class InlinePool(_InOrder):
+    """Decode in the thread that asks for the batch (``num_workers=0``, or a raw-batch decoder).
+
+    Args:
+        decode: ``raw -> DecodedBatch``; e.g. ``functools.partial(decode_batch, spec=spec)``.
+    """
+
+    def __init__(self, decode: Callable[[RawBatch], DecodedBatch]):
+        super().__init__()
+        self._decode = decode
+
+    def submit(self, raw: RawBatch) -> None:
+        self._put(raw.index, raw)
+
+    def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
+        return self._decode(self._take(index, check))
+
+    def close(self) -> None:
+        self._drain()
+
+
+class ThreadPool(_InOrder):
+    """``num_workers`` decode threads in this process."""
+
+    def __init__(self, spec: DecodeSpec, num_workers: int):
+        super().__init__()
+        self.spec = spec
+        self._exec = ThreadPoolExecutor(num_workers, thread_name_prefix="imagenet_seq-decode")
+
+    def submit(self, raw: RawBatch) -> None:
+        self._put(raw.index, self._exec.submit(decode_batch, raw, self.spec))
+
+    def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
+        fut = self._take(index, check)
+        while True:  # a decode that never returns is a stall the check reports
+            try:
+                return fut.result(timeout=_POLL_S)
+            except FutureTimeout:
+                check()
+
+    def close(self) -> None:
+        for fut in self._drain():
+            fut.cancel()
+        self._exec.shutdown(wait=True, cancel_futures=True)
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only)."""
+    try:
+        import prctl  # python-prctl
+
+        prctl.set_pdeathsig(sig)
+        return
+    except ImportError:
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: rely on the parent's shutdown
+        pass
+
+
+class _Forker:
+    """One daemon thread of this process that starts worker processes for any caller."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True, name="imagenet_seq-forker").start()
+
+    def _run(self) -> None:
+        while True:
+            fn, done, out = self.jobs.get()
+            try:
+                out.append(fn())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                out.append(e)
+            done.set()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        done, out = threading.Event(), []
+        self.jobs.put((fn, done, out))
+        done.wait()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+
+_forker: Optional[_Forker] = None
+_forker_lock = threading.Lock()
+
+
+def start_processes(procs) -> None:
+    """Start ``procs`` from this process's forker thread, which lives until the process ends:
+    ``PR_SET_PDEATHSIG`` then fires when the trainer process dies (``kill -9`` included), not
+    when the thread that asked for the workers ends."""
+    global _forker
+    with _forker_lock:
+        if _forker is None or _forker.pid != os.getpid():  # a forked child needs its own
+            _forker = _Forker()
+    _forker.call(lambda: [p.start() for p in procs])
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped), or ``?``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int, rings, out_shape) -> None:
+    set_pdeathsig()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)
+    spec.shared = True
+    in_ring, out_ring = rings
+    while True:
+        raw = in_q.get()
+        if raw is None:
+            break
+        try:
+            slot = raw.index % in_ring.slots
+            if raw.slot >= 0:
+                raw.data = in_ring.slot(raw.slot)[: raw.offsets[-1]]
+            out = None
+            if out_shape is not None:
+                out = torch.from_numpy(out_ring.slot(slot)).view(out_shape)
+            res = decode_batch(raw, spec, out)
+            if out is not None:
+                res.images = ("slot", slot, len(res.targets))  # pixels stay in the ring
+            res.targets = res.targets.numpy()  # a torch tensor would get its own shm file
+            out_q.put(("ok", res))
+        except RecordError as e:
+            out_q.put(("record", raw.index, str(e), e.key, e.index))
+        except BaseException as e:  # noqa: BLE001 - every failure reaches the parent
+            out_q.put(("error", raw.index, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        del raw
+
+
+class ProcessPool:
+    """``num_workers`` forked decode processes fed through one queue; results reordered.
+
+    Batch ``i`` uses input and output slot ``i % slots`` of two shared rings, so at most
+    ``slots`` batches may be in flight (the Loader's ``prefetch``). JPEG bytes and pixels never
+    go through a pipe; only small descriptors do. Batches too large for a slot, and transforms
+    of unknown output size, fall back to pickling (torch shared-memory tensors).
+
+    Args:
+        spec: the per-record work.
+        num_workers: processes.
+        slots: batches in flight.
+        batch_size: largest batch (sizes the output slots).
+        in_slot_bytes: JPEG bytes one input slot holds.
+        in_touch_bytes: bytes of each input slot to allocate at once (a typical batch).
+        pin_memory: copy decoded batches out of the ring into pinned memory.
+        rings: a :class:`RingCache` to take the rings from and return them to (a Loader's,
+            across epochs); ``None``: rings of this pool only, unmapped on ``close``.
+    """
+
+    def __init__(self, spec: DecodeSpec, num_workers: int, slots: int = 4,
+                 batch_size: int = 256, in_slot_bytes: int = 64 << 20, pin_memory: bool = False,
+                 in_touch_bytes: int = 0, rings: Optional[RingCache] = None):
+        import torch.multiprocessing as tmp
+
+        ctx = tmp.get_context("fork")
+        self._in = ctx.Queue()
+        self._out = ctx.Queue()
+        self._ready: Dict[int, DecodedBatch] = {}
+        self._closed = False
+        self.pin_memory = pin_memory
+        self.out_shape = spec.out_shape(batch_size)
+        self.channels_last = spec.channels_last
+        out_bytes = int(np.prod(self.out_shape)) if self.out_shape else 1
+        def make() -> Tuple[SlotRing, SlotRing]:  # every decoded batch fills its out slot
+            return (SlotRing(slots, in_slot_bytes, touch=in_touch_bytes),
+                    SlotRing(slots, out_bytes))
+
+        self._cache = rings
+        self._rings = make() if rings is None else \
+            rings.take((slots, in_slot_bytes, in_touch_bytes, out_bytes), make)
+        self.in_ring, self.out_ring = self._rings
+        args = (self._in, self._out, spec, os.getpid(), (self.in_ring, self.out_ring),
+                self.out_shape)
+        self.procs = [ctx.Process(target=_worker_main, args=args,
+                                  name=f"imagenet_seq-decode-{k}", daemon=True)
+                      for k in range(num_workers)]
+        start_processes(self.procs)
+
+    def describe(self) -> str:
+        """What the workers are doing, for a stall report."""
+        stopped = [f"{p.name} (pid {p.pid})" for p in self.procs if _state(p.pid) in "tT"]
+        if stopped:
+            return (f"decode worker {', '.join(stopped)} is stopped (SIGSTOP, or a debugger); "
+                    "resume it with `kill -CONT <pid>`")
+        return f"{len(self.procs)} decode processes alive but no batch came back"
+
+    def input_slot(self, index: int) -> Optional[Tuple[np.ndarray, int]]:
+        """Where batch ``index``'s bytes go: (slot view, slot number)."""
+        k = index % self.in_ring.slots
+        return self.in_ring.slot(k), k
+
+    def submit(self, raw: RawBatch) -> None:
+        if raw.slot >= 0:
+            raw = replace(raw, data=None)  # the bytes are in the ring already
+        self._in.put(raw)
+
+    def _materialise(self, res: DecodedBatch) -> DecodedBatch:
+        res.targets = torch.from_numpy(res.targets)
+        if self.pin_memory:
+            res.targets = res.targets.pin_memory()
+        if isinstance(res.images, tuple):  # ("slot", k, n): copy out so the slot can be reused
+            _, k, n = res.images
+            ring = torch.from_numpy(self.out_ring.slot(k)).view(self.out_shape)[:n]
+            images = torch.empty(ring.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+            # one plain memcpy: torch's copy_ splits it over OpenMP threads that then spin
+            np.copyto(images.numpy(), ring.numpy())
+            res.images = images.permute(0, 3, 1, 2) if self.channels_last else images
+        return res
+
+    def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
+        while index not in self._ready:
+            try:
+                msg = self._out.get(timeout=_POLL_S)
+            except queue.Empty:
+                check()
+                for p in self.procs:
+                    if p.exitcode is not None:
+                        raise RuntimeError(
+                            f"decode worker {p.name} (pid {p.pid}) died with exit code "
+                            f"{p.exitcode} (killed, or out of memory?)")
+                continue
+            if msg[0] == "ok":
+                self._ready[msg[1].index] = msg[1]
+            elif msg[0] == "record":
+                raise RecordError(msg[2], msg[3], msg[4])
+            else:
+                raise RuntimeError(f"decode worker failed on batch {msg[1]}: {msg[2]}")
+        return self._materialise(self._ready.pop(index))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready.clear()
+        # Workers hold nothing worth finishing: stop them now rather than after queued batches.
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2.0)
+        for q in (self._in, self._out):
+            q.cancel_join_thread()
+            q.close()
+        idle = not any(p.is_alive() for p in self.procs)  # nobody writes into the rings now
+        if self._cache is not None and self._rings is self._cache.rings:
+            self._cache.give_back(reusable=idle)
+        elif idle:
+            self.in_ring.release()
+            self.out_ring.release()

@@ -1,0 +1,352 @@
+"""The Loader: plan -> one sequential reader -> shuffle buffer -> batches -> decode workers.
+
+It only composes the stages: :mod:`.order` (which records, in which order), :mod:`.reader`
+(one forward cursor per contiguous span), :mod:`.shuffle` (bounded buffer), :mod:`.workers`
+(decode + augment, ordered results), :mod:`.decode` (per-image transforms) and :mod:`.epoch`
+(one epoch's reader thread and ordered hand-out of batches).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from imagenet_seq.plan import order
+from imagenet_seq.loader.device import to_device
+from imagenet_seq.plan.distributed import resolve_rank
+from imagenet_seq.read.reader import SplitReader
+from imagenet_seq.plan.shuffle import buffer_records, buffered_shuffle
+from imagenet_seq.decode.batch import DecodedBatch, DecodeSpec, RawBatch, check_batch, decode_batch
+from imagenet_seq.loader.epoch import EpochIterator
+from imagenet_seq.decode.malloc import trim
+from imagenet_seq.decode.workers import InlinePool, ProcessPool, RingCache, ThreadPool
+
+WORKER_TYPES = ("process", "thread")
+_SKIP_LOG = 1000  # skipped records kept for inspection
+
+
+def _default_workers(local_world: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_world))
+
+
+class Loader:
+    """Batches of one split of a sequential LMDB, for one rank, epoch after epoch.
+
+    Example::
+
+        train = Loader('/data/lmdb', 'train', batch_size=256, num_workers=8)
+        for epoch in range(90):
+            train.set_epoch(epoch)
+            for images, targets in train:  # uint8 NCHW, int64
+                ...
+
+    Ordering guarantees (see :mod:`imagenet_seq.plan.order`): every epoch yields every record of this
+    rank's share exactly once; ``len(loader)`` batches, the last one partial unless
+    ``drop_last`` (then its records are left out of this epoch: a different set each epoch).
+    Train: order = pure function of (seed, epoch, rank, world_size, chunk_size, buffer_size);
+    ranks disjoint, equal batch counts, union = dataset minus a tail of ``N % world_size``.
+    Val: file order, rank r gets a contiguous slice, every image once across ranks, no padding.
+    Without ``set_epoch``, each new iteration takes the next epoch number (0, 1, 2, ...).
+
+    Memory (per rank): shuffle buffer ``buffer_size`` x mean JPEG record (default 2 GiB per
+    machine split among its ranks: ~19,500 ImageNet records) + ``prefetch`` raw batches (JPEG
+    bytes, ~28 MB at batch 256) + ``prefetch`` decoded batches (batch x 3 x 224 x 224 bytes,
+    ~38.5 MB at 256) + the batches the caller holds. ImageNet, batch 256, 8 workers, 1 rank:
+    ~2.1 GB + 10 x 67 MB ~ 2.8 GB.
+
+    Args:
+        root: folder holding ``ILSVRC-<mode>.lmdb`` (or the .lmdb file itself).
+        mode: ``'train'`` or ``'val'``.
+        transform: ``None`` for the fast OpenCV path (train: RandomResizedCrop + flip; val:
+            resize + centre crop), a :mod:`imagenet_seq.decode.transforms` transform, or a
+            torchvision-style transform (PIL image in) collated like ``default_collate``.
+        batch_size, drop_last, pin_memory: as for ``torch.utils.data.DataLoader``.
+        num_workers: decode workers (default: CPUs / ranks on this machine); 0 decodes in the
+            iterating thread.
+        shuffle: chunk permutation + shuffle buffer (default: True for train, False for val).
+        seed: the randomness of order and augmentation.
+        channels_last: images in channels_last memory format (free: stored NHWC).
+        image_size, resize_size, scale, ratio: the fast path's geometry.
+        buffer_size / buffer_bytes: shuffle buffer in records / bytes for this rank.
+        chunk_size: records per contiguous read when chunks are permuted.
+        rank, world_size, distributed: see :func:`imagenet_seq.plan.distributed.resolve_rank`.
+        decoder: ``'cpu'``; ``'dali'`` (raw JPEGs decoded on the GPU by
+            :class:`imagenet_seq.decode.dali.DaliDecoder`); or a callable ``(jpegs, labels) ->
+            (images, targets)`` applied to raw batches in the iterating thread.
+        device: move batches there and normalise (ImageNet mean/std, float) with :func:`to_device`.
+        skip_broken: skip records that fail to decode (counted in ``skipped``) instead of
+            raising :class:`imagenet_seq.decode.batch.RecordError`.
+        worker_type: ``'thread'`` or ``'process'``; default: threads for the OpenCV path
+            (less CPU per image: OpenCV releases the GIL), processes for torchvision-style
+            transforms (Python code holding the GIL, torch's global RNG).
+        prefetch: batches in flight (default ``num_workers + 2``).
+        verify: check every record against the checksum stored at conversion before decoding
+            (a mismatch is a :class:`RecordError` naming the key, or a skip with
+            ``skip_broken``); ~70 us per 110 KB record, in the decode workers. Labels outside
+            the classes are always an error, with or without it.
+        stall_timeout: seconds to wait for one batch before raising an error that says what
+            is stuck (a stopped worker, a hung read); ``None`` waits for ever.
+        check_split: refuse a file whose metadata names the other split (``mode='train'`` on
+            ``ILSVRC-val.lmdb`` would train on validation data).
+
+    One pass at a time: ``iter(loader)`` stops an unfinished earlier pass, whose iterator then
+    raises :class:`imagenet_seq.loader.epoch.Superseded` (never a silently short epoch); for two
+    passes at once, make two Loaders.
+    """
+
+    def __init__(self, root: str, mode: str = "train", transform: Optional[Callable] = None, *,
+                 batch_size: int = 256, num_workers: Optional[int] = None,
+                 shuffle: Optional[bool] = None, drop_last: bool = False, seed: int = 0,
+                 pin_memory: bool = False, channels_last: bool = False, image_size: int = 224,
+                 resize_size: int = 256, scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), buffer_size: Optional[int] = None,
+                 buffer_bytes: Optional[int] = None, chunk_size: Optional[int] = None,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 distributed: Optional[bool] = None,
+                 decoder: Union[str, Callable] = "cpu", device: Any = None,
+                 skip_broken: bool = False, worker_type: Optional[str] = None,
+                 prefetch: Optional[int] = None, verify: bool = False,
+                 stall_timeout: Optional[float] = 300.0, check_split: bool = True):
+        if mode not in order.MODES:
+            raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
+        if worker_type is not None and worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type={worker_type!r}; expected 'process', 'thread' or "
+                             "None (automatic)")
+        if not (decoder in ("cpu", "dali") or callable(decoder)):
+            raise ValueError(f"decoder={decoder!r}; expected 'cpu', 'dali' or a callable "
+                             "(jpegs, labels) -> (images, targets)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected >= 1")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}; expected >= 0")
+        if seed < 0:
+            raise ValueError(f"seed={seed}; expected a non-negative integer")
+        if stall_timeout is not None and not stall_timeout > 0:
+            raise ValueError(f"stall_timeout={stall_timeout!r}; expected seconds > 0, or None "
+                             "to wait for ever")
+        info = resolve_rank(rank, world_size, distributed)
+        self.rank, self.world_size = info.rank, info.world_size
+        self.reader = SplitReader(root, mode, check_split=check_split)
+        if verify and self.reader.checksums is None:
+            raise ValueError(
+                f"verify=True, but {self.reader.path} has no record checksums (converted before "
+                f"they existed{', by the original tool' if self.reader.legacy else ''}); add "
+                f"them with `imagenet-seq-verify --add-checksums {self.reader.path}`, or pass "
+                "verify=False")
+        self.verify = verify
+        self.stall_timeout = stall_timeout
+        self.meta = self.reader.meta
+        self.classes: List[str] = list(self.meta.classes)
+        self.dataset_size = len(self.reader)
+        self.mode = mode
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = (mode == "train") if shuffle is None else bool(shuffle)
+        self.seed = seed
+        self.chunk_size = chunk_size or order.DEFAULT_CHUNK_RECORDS
+        order.read_spans(self.dataset_size, mode, rank=self.rank, world_size=self.world_size,
+                         chunk_size=self.chunk_size)  # validates the combination now
+        self._mean_bytes = self._mean_record_bytes()
+        self.buffer_size = buffer_records(buffer_size, buffer_bytes, self._mean_bytes,
+                                          info.local_world_size) if self.shuffle else 0
+        self.num_workers = _default_workers(info.local_world_size) if num_workers is None \
+            else num_workers
+        self.prefetch = prefetch or self.num_workers + 2
+        self.pin_memory = pin_memory
+        self.channels_last = channels_last
+        self.device = device
+        self.skip_broken = skip_broken
+        self.decoder = decoder
+        self._dali = None
+        self._rings = RingCache()  # process workers' shared rings, reused across epochs
+        self._transform, self._collate = self._make_transform(
+            transform, image_size, resize_size, scale, ratio)
+        # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
+        # image on the OpenCV path (it releases the GIL); Python/PIL transforms hold the GIL
+        # and use torch's global RNG, so they get processes.
+        self.worker_type = worker_type or ("thread" if self._collate == "array" else "process")
+        self.dali_args = dict(mode=mode, batch_size=batch_size, image_size=image_size,
+                              resize_size=resize_size, scale=scale, ratio=ratio, seed=seed,
+                              channels_last=channels_last)
+        self.skipped = 0
+        self.skipped_records: List[Tuple[int, str]] = []
+        self.last_batch_records = np.empty(0, np.int64)
+        self._epoch = 0
+        self._epoch_fixed = False
+        # weak: an abandoned iterator (``next(iter(loader))``) is freed at once, stopping its
+        # workers and closing the LMDB environment
+        self._live: Optional[weakref.ref] = None
+        self._live_lock = threading.Lock()
+
+    # -- configuration -------------------------------------------------------------------------
+    def _mean_record_bytes(self) -> float:
+        if self.meta.total_bytes and self.dataset_size:
+            return self.meta.total_bytes / self.dataset_size
+        sizes = [len(j) for _, j, _ in self.reader.read_range(0, min(256, self.dataset_size))]
+        self.reader.close()
+        return float(np.mean(sizes)) if sizes else 0.0
+
+    def _make_transform(self, transform, image_size, resize_size, scale, ratio):
+        from imagenet_seq.decode import transforms as decode
+
+        if transform is None:
+            if self.mode == "train":
+                return decode.TrainTransform(image_size, scale, ratio), "array"
+            return decode.ValTransform(image_size, resize_size), "array"
+        if isinstance(transform, (decode.TrainTransform, decode.ValTransform)):
+            return transform, "array"
+        if isinstance(transform, decode.PILTransform):
+            return transform, "default"
+        if not callable(transform):
+            raise TypeError(f"transform={transform!r} is not callable; pass None (fast OpenCV "
+                            "path) or a torchvision-style transform")
+        return decode.PILTransform(transform), "default"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch of the next iterations (order and augmentation depend on it)."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}; expected >= 0")
+        self._epoch = int(epoch)
+        self._epoch_fixed = True
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def num_records(self) -> int:
+        """Images this rank yields per epoch (``drop_last`` applied; skipped records counted)."""
+        n = order.rank_records(self.dataset_size, self.mode, self.rank, self.world_size)
+        return len(self) * self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        n = order.rank_records(self.dataset_size, self.mode, self.rank, self.world_size)
+        return order.num_batches(n, self.batch_size, self.drop_last)
+
+    def read_spans(self, epoch: Optional[int] = None) -> List[order.Span]:
+        """The contiguous reads of this rank in ``epoch`` (default: the next one)."""
+        return order.read_spans(self.dataset_size, self.mode,
+                                seed=self.seed, epoch=self._epoch if epoch is None else epoch,
+                                rank=self.rank, world_size=self.world_size, shuffle=self.shuffle,
+                                chunk_size=self.chunk_size)
+
+    def epoch_order(self, epoch: Optional[int] = None) -> np.ndarray:
+        """Record indices in the order this rank yields them in ``epoch`` (no data read)."""
+        return order.epoch_order(self.dataset_size, self.mode, seed=self.seed,
+                                 epoch=self._epoch if epoch is None else epoch, rank=self.rank,
+                                 world_size=self.world_size, shuffle=self.shuffle,
+                                 chunk_size=self.chunk_size, buffer_size=self.buffer_size)
+
+    def memory_bound(self) -> Dict[str, int]:
+        """Estimated peak bytes this rank's loader holds, by part (excluding batches you keep).
+
+        ``shuffle_buffer`` = buffer records x mean record; ``in_flight`` = ``prefetch`` raw +
+        decoded batches (the process pool's shared rings have the same size); ``total``.
+        """
+        raw = int(self.batch_size * self._mean_bytes)
+        size = getattr(self._transform, "size", 0)
+        decoded = self.batch_size * 3 * size * size if isinstance(size, int) else 0
+        parts = {"shuffle_buffer": int(self.buffer_size * self._mean_bytes),
+                 "in_flight": self.prefetch * (raw + decoded)}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
+        with self._live_lock:  # two threads starting passes: one stops the other, never both
+            old = self._live() if self._live is not None else None
+            if old is not None:  # `break` earlier: stop its workers before starting new ones
+                old.supersede()  # and if it is still iterated, it says so (not a short epoch)
+            trim()  # the last epoch's freed batches: not into the next epoch's forked workers
+            epoch = self._epoch
+            if not self._epoch_fixed:
+                self._epoch += 1
+            it = EpochIterator(self, epoch)
+            self._live = weakref.ref(it)
+        return it
+
+    def close(self) -> None:
+        """Stop the workers of an unfinished iteration (it ends: ``StopIteration``)."""
+        with self._live_lock:
+            it = self._live() if self._live is not None else None
+            self._live = None
+        if it is not None:
+            it.close()
+
+    def _record_batches(self, epoch: int, stop: threading.Event) -> Iterator[list]:
+        """This rank's records of ``epoch`` in order, grouped into ``len(self)`` batches."""
+        spans = self.read_spans(epoch)
+
+        # `break` while the buffer fills: stop reading now
+        items = self.reader.read_spans(spans, stop)
+        if self.shuffle and self.buffer_size > 1:
+            items = buffered_shuffle(items, self.buffer_size,
+                                     order.shuffle_rng(self.seed, epoch, self.rank))
+        total, batch, index = len(self), [], 0
+        for item in items:
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield batch
+                index, batch = index + 1, []
+                if index == total or stop.is_set():
+                    return
+        if batch and index < total:
+            yield batch
+
+    def _make_pool(self, epoch: int):
+        if self.decoder != "cpu":
+            return InlinePool(self._raw_decode)
+        spec = DecodeSpec(self._transform, self.seed, epoch, self._collate, self.channels_last,
+                          self.skip_broken, self.reader.path)
+        if self.num_workers == 0:
+            return InlinePool(functools.partial(decode_batch, spec=spec))
+        if self.worker_type == "thread":
+            return ThreadPool(spec, self.num_workers)
+        slot_bytes = int(2 * self.batch_size * self._mean_bytes) + (4 << 20)
+        return ProcessPool(spec, self.num_workers, self.prefetch, self.batch_size, slot_bytes,
+                           pin_memory=self._pin(),
+                           in_touch_bytes=int(self.batch_size * self._mean_bytes),
+                           rings=self._rings)
+
+    def _pin(self) -> bool:
+        return self.pin_memory and self.device is None and torch.cuda.is_available()
+
+    def _raw_decode(self, raw: RawBatch) -> DecodedBatch:
+        if self.decoder == "dali":
+            if self._dali is None:
+                from imagenet_seq.decode.dali import DaliDecoder  # lazily: nvidia-dali is an optional extra
+
+                self._dali = DaliDecoder(device=self.device, output="uint8",
+                                         skip_broken=self.skip_broken, rank=self.rank,
+                                         **self.dali_args)
+            fn = self._dali
+        else:
+            fn = self.decoder
+        check_batch(raw, self.reader.path)  # verify=True: checksums before the decoder
+        images, targets = fn(raw.jpegs(), raw.labels)
+        return DecodedBatch(raw.index, images, targets, raw.records)
+
+    def _finish(self, res: DecodedBatch) -> Tuple[Any, torch.Tensor]:
+        if res.skipped:
+            self.skipped += len(res.skipped)
+            room = _SKIP_LOG - len(self.skipped_records)
+            self.skipped_records.extend(res.skipped[:max(0, room)])
+        self.last_batch_records = res.records
+        images, targets = res.images, res.targets
+        if self._pin():
+            if not images.is_pinned():
+                images = images.pin_memory()
+            targets = targets.pin_memory()
+        if self.device is not None and self.decoder == "cpu":
+            images, targets = to_device(images, targets, self.device,
+                                        channels_last=self.channels_last)
+        return images, targets
