@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from imagenet_seq.plan import order
+from imagenet_seq.loader import faces
 from imagenet_seq.loader.device import to_device
 from imagenet_seq.plan.distributed import resolve_rank
 from imagenet_seq.read.reader import SplitReader
@@ -221,6 +222,11 @@ class Loader:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    # DataLoader-shaped faces for code written against DataLoader + DistributedSampler
+    # (PyTorch's ImageNet example, Lightning): see imagenet_seq/loader/faces.py
+    sampler = property(lambda self: faces.LoaderSampler(self), doc=faces.LoaderSampler.__doc__)
+    dataset = property(lambda self: faces.LoaderDataset(self), doc=faces.LoaderDataset.__doc__)
 
     @property
     def num_records(self) -> int:
