@@ -21,6 +21,7 @@ setup(
     data_files=[("share/imagenet_seq/examples/imagenet",
                  [f"examples/imagenet/{m}.py" for m in
                   ("main", "models", "meters", "checkpoint", "loaders")])],
+    # core: what the package's own modules import (grep the imports before adding one)
     install_requires=[
         "numpy",
         "lmdb>=1.0",
@@ -28,24 +29,29 @@ setup(
         "tqdm",
         "pillow",
         "torch>=2.1",  # 2.1: uint8 antialiased resize (the fast path's filter)
-        # tensorpack's DataFlow (module tensorpack.dataflow); the PyPI package `dataflow` is unrelated
-        "tensorpack>=0.11",
-        "msgpack",
-        "msgpack-numpy",
-        "pyzmq",
-        "psutil",
     ],
     extras_require={
         "sample": ["scikit-image"],
         # preprocess_sequential.py --devkit ILSVRC2012_devkit_t12.tar.gz reads meta.mat
         "devkit": ["scipy"],
-        "examples": ["torchvision", "scikit-image"],
+        # torchvision is not here: pip would pick a wheel built for another torch (README:
+        # `pip install torch==2.14.1 torchvision==0.29.1`, a matching pair; see .ci/run)
+        "examples": ["scikit-image"],
         "dali": ["nvidia-dali-cuda120"],
-        # imagenet-seq-bench --plot; benchmarks/ (slow-disk emulator: also Debian fuse3)
-        # benchmarks/fidelity.py also needs torchvision (its data: scikit-learn's digits)
+        # tensorpack's DataFlow (module tensorpack.dataflow; the PyPI package `dataflow` is
+        # unrelated): reading LMDBs written by the original tool, imagenet_seq.dataflow
+        "tensorpack": ["tensorpack>=0.11", "msgpack", "msgpack-numpy", "pyzmq"],
+        "timm": ["timm"],
+        "lightning": ["lightning>=2.0"],
+        # imagenet-seq-bench --plot, imagenet-seq-diagnose --plot; benchmarks/ (slow-disk
+        # emulator: also Debian fuse3); benchmarks/fidelity.py also needs torchvision (its
+        # data: scikit-learn's digits)
         "bench": ["matplotlib", "scikit-image", "psutil", "scikit-learn"],
         "slowdisk": ["mfusepy", "matplotlib", "scikit-image"],
-        "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "scipy"],
+        # everything the test suite imports (torchvision: see "examples")
+        "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "scipy",
+                 "psutil", "tensorpack>=0.11", "msgpack", "msgpack-numpy", "pyzmq", "timm",
+                 "lightning>=2.0"],
         # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
         # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
         "prctl": ["python-prctl"],
@@ -56,6 +62,8 @@ setup(
             "imagenet-seq-demo=imagenet_seq.tools.demo:main",
             "imagenet-seq-bench=imagenet_seq.tools.bench:main",
             "imagenet-seq-verify=imagenet_seq.tools.verify_cli:main",
+            "imagenet-seq-info=imagenet_seq.tools.info:main",
+            "imagenet-seq-diagnose=imagenet_seq.tools.diagnostics:main",
         ],
     },
 )

@@ -2,6 +2,8 @@
 on the CPU with the tiny arch (no torchvision)."""
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,7 +51,39 @@ def test_unknown_arch_lists_available():
 
 @pytest.mark.skipif(_has_torchvision(), reason="checks the message without torchvision")
 def test_torchvision_arch_without_torchvision_names_pip_line():
-    with pytest.raises(ValueError, match="pip install torchvision"):
+    with pytest.raises(ValueError, match="pip install torch==2.14.1 torchvision==0.29.1"):
+        models.build_model("resnet18", 10)
+
+
+def test_torchvision_imports_whenever_it_is_installed():
+    """An installed torchvision must load with this torch (a wheel built for another torch fails
+    at import with "operator torchvision::nms does not exist"); README gives the matching pair."""
+    if not _has_torchvision():
+        pytest.skip("torchvision is not installed (optional: README, Train)")
+    assert models.torchvision_problem() == ""
+    import torchvision
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20, 30, 30]])
+    keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)  # a compiled op
+    assert keep.tolist() == [0, 2]
+
+
+def test_broken_torchvision_is_explained_with_the_matching_pair(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def broken(name, *a, **k):
+        if name.startswith("torchvision"):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    why = models.torchvision_problem()
+    assert "does not load with torch" in why and "torchvision::nms" in why
+    assert "pip install torch==2.14.1 torchvision==0.29.1" in why
+    assert models.available_archs() == ["tiny"]
+    with pytest.raises(ValueError, match="torchvision==0.29.1"):
         models.build_model("resnet18", 10)
 
 
@@ -209,7 +243,7 @@ def test_missing_resume(sample_lmdb, tmp_path, capsys):
 @pytest.mark.skipif(_has_torchvision(), reason="checks the message without torchvision")
 def test_folder_loader_without_torchvision(sample_tree, tmp_path, capsys):
     assert ex.main([sample_tree[0], "--loader", "folder"] + SMALL) == 2
-    assert "pip install torchvision" in capsys.readouterr().err
+    assert "torchvision==0.29.1" in capsys.readouterr().err
 
 
 def test_bad_numbers_exit_nonzero(tmp_path):
@@ -233,6 +267,19 @@ def test_folder_loader_and_torchvision_arch(sample_tree, sample_lmdb, tmp_path, 
     assert s["val"]["total"] == 12
     with pytest.raises(FileNotFoundError, match="ImageFolder root"):
         ex.run([sample_lmdb, "--loader", "folder"] + SMALL)
+
+
+@pytest.mark.skipif(not _has_torchvision(), reason="needs torchvision (README: the matching pair)")
+def test_example_script_trains_resnet18_a_few_steps(sample_lmdb, tmp_path):
+    """The command README gives, as a user runs it: a separate process, a torchvision model."""
+    cmd = [sys.executable, os.path.join(EXAMPLE_DIR, "main.py"), sample_lmdb, "-a", "resnet18",
+           "-b", "16", "-j", "1", "--image-size", "32", "--resize-size", "40", "-p", "1",
+           "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resnet18" in out.stdout + out.stderr
+    ck = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ck["arch"] == "resnet18" and ck["epoch"] == 1
 
 
 @pytest.mark.slow

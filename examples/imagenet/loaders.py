@@ -63,11 +63,13 @@ def folder_loaders(args: argparse.Namespace, device: torch.device, rank: int, wo
         ImportError: torchvision is missing (with the pip line).
         FileNotFoundError: ``args.data`` has no train/ or val/ class folders.
     """
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        raise ImportError("--loader folder needs torchvision: pip install torchvision "
-                          "(or use the default --loader seq)") from None
+    from models import torchvision_problem
+
+    problem = torchvision_problem()
+    if problem:
+        raise ImportError(f"--loader folder needs torchvision; {problem} (or use the default "
+                          "--loader seq)")
+    from torchvision import datasets, transforms
     for split in (("train", "val") if need_train else ("val",)):
         if not os.path.isdir(os.path.join(args.data, split)):
             raise FileNotFoundError(

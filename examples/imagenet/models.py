@@ -38,11 +38,30 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def _torchvision_models():
+# torchvision must be the build made for the installed torch (pip cannot pick it from an extra:
+# it takes the newest wheel for the pinned torch, which may be built for another CUDA/CPU variant)
+TORCHVISION_PIP = "pip install torch==2.14.1 torchvision==0.29.1"
+
+
+def torchvision_problem() -> str:
+    """Why torchvision's models cannot be used here ('' when they can), with the pip line."""
     try:
-        import torchvision.models as tvm
+        import torchvision.models  # noqa: F401
     except ImportError:
+        return ("torchvision is not installed: its archs such as resnet18 need it, in the build "
+                f"made for your torch, e.g. `{TORCHVISION_PIP}` (a matching pair)")
+    except (RuntimeError, OSError) as e:  # e.g. "operator torchvision::nms does not exist"
+        return (f"torchvision is installed but does not load with torch {torch.__version__} "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}): it was built for another "
+                f"torch; install a matching pair, e.g. `{TORCHVISION_PIP}`")
+    return ""
+
+
+def _torchvision_models():
+    if torchvision_problem():
         return None
+    import torchvision.models as tvm
+
     return tvm
 
 
@@ -70,9 +89,8 @@ def build_model(arch: str, num_classes: int, pretrained: bool = False) -> nn.Mod
         return TinyNet(num_classes)
     tvm = _torchvision_models()
     if tvm is None:
-        raise ValueError(
-            f"unknown arch {arch!r}; available: {', '.join(BUILTIN)} (torchvision is not "
-            "installed: its archs such as resnet18 need `pip install torchvision`)")
+        raise ValueError(f"unknown arch {arch!r}; available: {', '.join(BUILTIN)} "
+                         f"({torchvision_problem()})")
     if arch not in available_archs():
         raise ValueError(f"unknown arch {arch!r}; available: {', '.join(available_archs())}")
     if pretrained:

@@ -97,11 +97,28 @@ def decode_record(value) -> Tuple[memoryview, int]:
     return view[RECORD_HEADER.size:], label
 
 
+TENSORPACK_PIP = 'pip install "imagenet_seq[tensorpack]"'
+
+
+def _tensorpack_serialize(path: str = ""):
+    """tensorpack's ``serialize`` module (heavy, optional: only original-tool files need it).
+
+    Raises:
+        ImportError: tensorpack is not installed; the message names the file and the pip line.
+    """
+    try:
+        from tensorpack.utils import serialize
+    except ImportError as e:
+        what = f"{path} was" if path else "this record was"
+        raise ImportError(f"{what} written by the original tool (tensorpack LMDBSerializer); "
+                          f"reading it needs tensorpack: {TENSORPACK_PIP} (or re-convert the "
+                          f"images with preprocess_sequential.py) [{e}]") from None
+    return serialize
+
+
 def decode_legacy_value(value) -> Tuple[bytes, int]:
     """A value written by tensorpack's ``LMDBSerializer`` -> (JPEG bytes, label)."""
-    from tensorpack.utils import serialize  # heavy import, only for legacy files
-
-    obj = serialize.loads(bytes(value))
+    obj = _tensorpack_serialize().loads(bytes(value))
     if not isinstance(obj, (list, tuple)) or len(obj) < 2:
         raise ValueError(
             f"legacy record holds {type(obj).__name__}; expected [uint8 JPEG array, label] "
@@ -295,9 +312,7 @@ def read_metadata(txn, path: str) -> Metadata:
         raise ValueError(
             f"{path} is an LMDB without an imagenet_seq __meta__ record or the original tool's "
             "__keys__ record; convert the images with preprocess_sequential.py")
-    from tensorpack.utils import serialize
-
-    n = len(serialize.loads(bytes(keys)))
+    n = len(_tensorpack_serialize(path).loads(bytes(keys)))
     split = "train" if "train" in os.path.basename(path) else "val"
     return Metadata(split=split, classes=[], class_counts=[], num_records=n, total_bytes=0,
                     order="unknown", legacy=True)
