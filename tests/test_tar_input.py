@@ -182,21 +182,33 @@ def test_bad_devkit_or_missing_labels(case, expect, ilsvrc, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_archive_is_read_front_to_back(ilsvrc, tmp_path, monkeypatch):
-    """One forward sweep: every pread starts at or after the previous one's end."""
+@pytest.mark.parametrize("depth", [1, 8])
+def test_archive_is_read_front_to_back(depth, ilsvrc, tmp_path, monkeypatch):
+    """One forward sweep: the preads cover the members in archive order, each once; with the
+    read-ahead window (``READ_AHEAD`` reads in flight) a read starts at most that many members
+    early, and with a window of 1 every pread starts at or after the previous one's end."""
+    import threading
+
     import imagenet_seq.convert.tar_source as ts
+    from imagenet_seq.convert import source_reader
 
     offsets = []
     real = os.pread
+    lock = threading.Lock()
 
     def spy(fd, n, off):
-        offsets.append((off, n))
+        with lock:
+            offsets.append((off, n))
         return real(fd, n, off)
     monkeypatch.setattr(ts.os, "pread", spy)
+    monkeypatch.setattr(source_reader, "READ_AHEAD", depth)
     assert main([ilsvrc["train"], "--splits", "train", str(tmp_path / "o"), "--workers", "2",
                  "--no-progress"]) == 0
-    assert len(offsets) == 18
-    assert all(b[0] >= a[0] + a[1] for a, b in zip(offsets, offsets[1:]))
+    assert len(offsets) == len(set(offsets)) == 18
+    ranked = {o: i for i, o in enumerate(sorted(offsets))}
+    assert max(abs(ranked[o] - i) for i, o in enumerate(offsets)) < depth
+    if depth == 1:
+        assert all(b[0] >= a[0] + a[1] for a, b in zip(offsets, offsets[1:]))
 
 
 def test_val_only_does_not_list_the_train_archive(ilsvrc, tmp_path, monkeypatch, capsys):

@@ -5,7 +5,14 @@ Why one: parallel readers on one HDD interleave their requests and every switch 
 disk (``disk_order``), while the worker processes validate and normalise what it has read.
 The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` images or
 ``CHUNK_BYTES`` bytes (one oversized file is a chunk of its own): memory
-``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the file being read.
+``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the files being read.
+
+Read-ahead: the reader keeps ``READ_AHEAD`` reads of the NEXT files in on-disk order in flight
+(``READ_AHEAD`` helper threads, file ``i`` read by helper ``i % READ_AHEAD``, results taken in
+order). One file at a time leaves the disk idle during every request's round trip (open, the
+read's latency, Python); with the next few files queued, the disk's scheduler (or the emulator's
+model of it) serves them back to back in their on-disk order, so the requests stay one forward
+sweep. At most ``2 * READ_AHEAD`` files are read but not yet chunked.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from imagenet_seq.convert.scan import not_a_file_reason
 CHUNK = 32
 CHUNK_BYTES = 1 << 20
 QUEUE_CHUNKS = 32
+READ_AHEAD = 8  # reads of the next files in flight (see the module docstring)
 
 # (plan position, path relative to the split folder, label, bytes or (status, message))
 Item = Tuple[int, str, int, Union[bytes, Tuple[str, str]]]
@@ -82,18 +90,73 @@ class FolderSource:
         pass
 
 
-def _chunks(source, items: Sequence[Tuple[int, str, int]]) -> Iterator[List[Item]]:
+def _read_ahead(read, items: Sequence[Tuple[int, str, int]], stop: threading.Event,
+                depth: int) -> Iterator[Tuple[Tuple[int, str, int], object]]:
+    """``(item, read(rel))`` in the order of ``items``, with up to ``depth`` reads ahead.
+
+    Helper ``k`` reads items ``k, k + depth, ...`` and hands each result over through its own
+    one-slot queue, so the reads in flight are always the next ``depth`` files. The helpers are
+    daemon threads and stop at ``stop`` (a read stuck on a dying disk never delays an exit);
+    the generator joins them when it ends, so the caller may close the source afterwards.
+    """
+    depth = max(1, min(depth, len(items)))
+    slots = [queue.Queue(maxsize=1) for _ in range(depth)]
+
+    def helper(k: int) -> None:
+        for i in range(k, len(items), depth):
+            if stop.is_set():
+                return
+            try:
+                got = read(items[i][1])
+            except BaseException as e:  # a bug or MemoryError: re-raised by the consumer
+                got = _Failed(e)
+            while not stop.is_set():
+                try:
+                    slots[k].put(got, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(got, _Failed):
+                return
+
+    helpers = [threading.Thread(target=helper, args=(k,), daemon=True,
+                                name=f"imagenet_seq-source-read-{k}") for k in range(depth)]
+    for t in helpers:
+        t.start()
+    try:
+        for i, item in enumerate(items):
+            while True:
+                try:
+                    got = slots[i % depth].get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+            if isinstance(got, _Failed):
+                raise got.exc
+            yield item, got
+    finally:
+        stop.set()
+        for t in helpers:
+            t.join()
+
+
+def _chunks(source, items: Sequence[Tuple[int, str, int]],
+            stop: threading.Event) -> Iterator[List[Item]]:
     chunk: List[Item] = []
     size = 0
-    for pos, rel, label in items:
-        data = source.read(rel)
-        chunk.append((pos, rel, label, data))
-        size += len(data) if isinstance(data, bytes) else 0
-        if len(chunk) >= CHUNK or size >= CHUNK_BYTES:
+    reads = _read_ahead(source.read, items, stop, READ_AHEAD)
+    try:
+        for (pos, rel, label), data in reads:
+            chunk.append((pos, rel, label, data))
+            size += len(data) if isinstance(data, bytes) else 0
+            if len(chunk) >= CHUNK or size >= CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
             yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    finally:
+        reads.close()
 
 
 class _Failed:
@@ -114,7 +177,7 @@ class Reader:
             source = FolderSource(source)
         self._q: "queue.Queue" = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source, items), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(source, list(items)), daemon=True,
                                         name="imagenet_seq-source-reader")
         self._thread.start()
 
@@ -128,14 +191,17 @@ class Reader:
         return False
 
     def _run(self, source, items) -> None:
+        reads_done = threading.Event()  # the read-ahead helpers' stop; set when they are joined
+        chunks = _chunks(source, items, reads_done)
         try:
-            for chunk in _chunks(source, items):
+            for chunk in chunks:
                 if not self._put(chunk):
                     return
             self._put(None)
         except BaseException as e:  # a bug or MemoryError: re-raised in the consumer
             self._put(_Failed(e))
         finally:
+            chunks.close()  # joins the read-ahead helpers
             source.close()  # here: no other thread can be inside a read of it
 
     def __iter__(self) -> Iterator[List[Item]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from imagenet_seq.convert.scan import Scan, ScanError, is_image, not_image_reason
@@ -98,13 +99,16 @@ def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
 
 class TarSource:
     """Reads members of one archive by absolute offset (``source_reader.FolderSource``'s
-    contract). The file is opened by the reader thread on first use and closed by it."""
+    contract). The file is opened on first use (by one of the reader's read-ahead threads,
+    under a lock: ``pread`` on the shared descriptor is thread-safe) and closed by the reader
+    thread once no read is in flight."""
 
     def __init__(self, path: str, where: Dict[str, Tuple[int, int]], display: str):
         self.path = path
         self.where = where  # rel -> (absolute offset, size)
         self.display = display
         self.f = None
+        self._opening = threading.Lock()
 
     def describe(self, rel: str) -> str:
         return f"{self.path}:{self.display}{rel}" if rel else f"{self.path}:{self.display}"
@@ -113,7 +117,9 @@ class TarSource:
         off, size = self.where[rel]
         try:
             if self.f is None:
-                self.f = open(self.path, "rb", buffering=0)
+                with self._opening:
+                    if self.f is None:
+                        self.f = open(self.path, "rb", buffering=0)
             data = os.pread(self.f.fileno(), size, off)
         except OSError as e:
             return ("error", f"cannot read {self.path}: {e.strerror or e}; fix the disk or "
