@@ -215,8 +215,11 @@ def run(cmd, cwd, timeout) -> dict:
 def measure(config, device, data, out, args, wt) -> dict:
     conv = [sys.executable, os.path.join(wt if config == "today" else REPO,
                                          "preprocess_sequential.py")]
-    src = os.path.join(data, "imagenet.tar" if config == "tar" else "tree")
-    extra = ["--read-order", config] if config in ("name",) else []
+    base, _, ra = config.partition("-ra")  # e.g. disk-ra1: on-disk order, --read-ahead 1
+    src = os.path.join(data, "imagenet.tar" if base == "tar" else "tree")
+    extra = ["--read-order", base] if base in ("name",) else []
+    if ra:
+        extra += ["--read-ahead", ra]
     cmd = [*conv, src, out, "--splits", "train", "--workers", str(args.workers),
            "--no-progress", "--json", "--overwrite", *extra]
     if config != "today":

@@ -303,3 +303,12 @@ def test_full_size_images_with_workers_do_not_deadlock(tmp_path):
         pytest.fail("the converter hung with full-size images and 2 workers")
     assert r.returncode == 0, r.stderr
     assert '"images": 48' in r.stdout
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "1000"])
+def test_read_ahead_out_of_range_is_refused(bad, shuffled_tree, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert main([shuffled_tree[0], out, "--read-ahead", bad, "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert f"--read-ahead {bad}" in err and "expected 1..256" in err
+    assert not os.path.exists(os.path.join(out, "ILSVRC-train.lmdb"))

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order in which the source files are read: auto = on-disk order "
                         "(FIEMAP extents where the filesystem tells them, else inode numbers); "
                         "name = sorted paths")
+    p.add_argument("--read-ahead", type=int, default=None, metavar="N",
+                   help="source files read ahead, in read order (default: 8): keeps "
+                        "the disk's queue filled during each request's round trip; 1 reads "
+                        "one file at a time")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion; complete splits are kept")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
@@ -75,6 +79,9 @@ def _check(args) -> List[str]:
                          f"{','.join(fmt.SPLITS)}")
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}; expected 0 or more")
+    if args.read_ahead is not None and not 1 <= args.read_ahead <= 256:
+        raise ValueError(f"--read-ahead {args.read_ahead}; expected 1..256 files (8 keeps an "
+                         "HDD's queue filled; more helps only a high-latency NFS mount)")
     if args.max_size is not None and args.max_size < 16:
         raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
     if not 1 <= args.quality <= 100:
@@ -176,7 +183,7 @@ def _run(args) -> int:
         return 2
     opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
                    workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
-                   tmp=args.tmp, read_order=args.read_order)
+                   tmp=args.tmp, read_order=args.read_order, read_ahead=args.read_ahead)
     results = []
     for split in splits:
         scan = scans[split]

@@ -143,7 +143,8 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
         start_progress(len(plan), len(plan) - len(todo), "read")
     run = RunBuffer(buffer_bytes(opts.memory, opts.workers, len(plan)), RUN_RECORDS)
     workers = Workers(opts.workers) if opts.workers > 0 and todo else None
-    reader = Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo]) if todo else None
+    reader = (Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo], opts.read_ahead)
+              if todo else None)
     txn = env.begin(write=True)
     pending = 0
 

@@ -21,7 +21,7 @@ import os
 import queue
 import stat
 import threading
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from imagenet_seq.convert.disk_order import disk_order
 from imagenet_seq.convert.images import BrokenImage
@@ -141,11 +141,11 @@ def _read_ahead(read, items: Sequence[Tuple[int, str, int]], stop: threading.Eve
             t.join()
 
 
-def _chunks(source, items: Sequence[Tuple[int, str, int]],
-            stop: threading.Event) -> Iterator[List[Item]]:
+def _chunks(source, items: Sequence[Tuple[int, str, int]], stop: threading.Event,
+            depth: int) -> Iterator[List[Item]]:
     chunk: List[Item] = []
     size = 0
-    reads = _read_ahead(source.read, items, stop, READ_AHEAD)
+    reads = _read_ahead(source.read, items, stop, depth)
     try:
         for (pos, rel, label), data in reads:
             chunk.append((pos, rel, label, data))
@@ -172,9 +172,11 @@ class Reader:
     at its next chunk; it is a daemon, so an exit never waits for a read stuck on a dying disk.
     """
 
-    def __init__(self, source, items: Sequence[Tuple[int, str, int]]):
+    def __init__(self, source, items: Sequence[Tuple[int, str, int]],
+                 read_ahead: Optional[int] = None):
         if isinstance(source, str):
             source = FolderSource(source)
+        self._depth = READ_AHEAD if read_ahead is None else read_ahead
         self._q: "queue.Queue" = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source, list(items)), daemon=True,
@@ -192,7 +194,7 @@ class Reader:
 
     def _run(self, source, items) -> None:
         reads_done = threading.Event()  # the read-ahead helpers' stop; set when they are joined
-        chunks = _chunks(source, items, reads_done)
+        chunks = _chunks(source, items, reads_done, self._depth)
         try:
             for chunk in chunks:
                 if not self._put(chunk):

@@ -55,6 +55,7 @@ class Options:
     memory: int = DEFAULT_MEMORY  # bytes: the buffers' bound (module docstring)
     tmp: Optional[str] = None  # folder for the sorted runs (default: the output folder)
     read_order: str = "auto"  # disk_order method: auto (FIEMAP, else inode), inode, name
+    read_ahead: Optional[int] = None  # source reads in flight (None: source_reader.READ_AHEAD)
 
     def content(self) -> dict:
         """Options that change what is written (workers do not)."""
