@@ -273,7 +273,7 @@ def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
             shutil.rmtree(tree, ignore_errors=True)
             print(f"making {classes * per_class} ImageNet-like JPEGs in {tree} ...", flush=True)
             make_sample_imagefolder(tree, train_per_class=per_class, val_per_class=1,
-                                    num_classes=classes, seed=0)
+                                    num_classes=classes, seed=0, repeat_photos=True)
         # the folder baseline reads data/train; the LMDB is made from `copies` hard links of it
         shutil.copytree(os.path.join(tree, "train"), os.path.join(data, "train"),
                         copy_function=os.link)

@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from imagenet_seq.tools.sample import make_sample_imagefolder
 
         make_sample_imagefolder(os.path.join(args.make_sample, "img"), 100, 10,
-                                num_classes=10, seed=2)
+                                num_classes=10, seed=2, repeat_photos=True)
         root = os.path.join(args.make_sample, "lmdb")
         preprocess([os.path.join(args.make_sample, "img"), root, "--no-progress"])
     if not root:

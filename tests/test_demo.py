@@ -1,6 +1,7 @@
 """imagenet-seq-demo: the README's first command, end to end at small sizes."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,15 @@ def test_missing_example_exits_2(tmp_path, capsys):
     assert missing in err and "checkout" in err
 
 
+def test_more_classes_than_photographs_exits_2_naming_the_limit(tmp_path, capsys):
+    from imagenet_seq.tools.sample import PHOTOS
+
+    n = len(PHOTOS) + 2
+    assert demo.main(SMALL[2:] + ["--classes", str(n), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"num_classes={n}" in err and f"at most {len(PHOTOS)}" in err
+
+
 def test_bad_size_exits_nonzero():
     with pytest.raises(SystemExit) as e:
         demo.main(["--train-per-class", "0"])
@@ -63,3 +73,8 @@ def test_demo_console_run(tmp_path):
         assert step in r.stdout
     assert "images/s" in r.stdout and "1,281,167 images x 90 epochs at this rate:" in r.stdout
     assert "hours" in r.stdout and "Epoch 1/1 done" in r.stdout
+    assert r.stdout.startswith("runtime: imagenet_seq ")  # the runtime report's summary line
+    # one throughput per run: the result quotes the epoch line's figure
+    epoch = re.search(r"Epoch 1/1 done in \S+: [\d,]+ train images at ([\d,]+) img/s", r.stdout)
+    result = re.search(r"training throughput +([\d,]+) images/s", r.stdout)
+    assert epoch and result and epoch.group(1) == result.group(1)

@@ -335,6 +335,7 @@ def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, 
             dist.barrier()  # a resumed run must find the checkpoint of every finished epoch
         summary.update(epochs_run=summary["epochs_run"] + 1, val=val, best_acc1=best_acc1,
                        train_img_per_s=progress.steady_rate(),
+                       train_epoch_img_per_s=progress.epoch_rate(),
                        data_wait=progress.data_s / max(progress.step_s, 1e-9))
     if bar is not None:
         bar.close()

@@ -96,6 +96,10 @@ class Progress:
         return self.images * self.world_size / self.step_i / t if self.step_i and t > 0 \
             else float("nan")
 
+    def epoch_rate(self) -> float:
+        """Images/s over all ranks this epoch, every step counted (the epoch line's figure)."""
+        return self.images * self.world_size / self.step_s if self.step_s > 0 else float("nan")
+
     def val_estimate(self) -> float:
         """Seconds of one validation pass: measured, or ``val_steps`` x the train step time."""
         if self.val_seconds is not None:
@@ -170,7 +174,7 @@ class Progress:
         if val_seconds is not None:
             self.val_seconds = val_seconds
         wall = self.clock() - self.epoch_t0
-        rate = self.images * self.world_size / self.step_s if self.step_s > 0 else float("nan")
+        rate = self.epoch_rate()
         wait = 100.0 * self.data_s / self.step_s if self.step_s > 0 else float("nan")
         left = (self.epochs - self.epoch - 1) * (self.steps_per_epoch * self.mean_step_time()
                                                  + self.val_estimate())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import warnings
 from typing import Any, Callable, Optional, Tuple
 
 import cv2
@@ -51,8 +52,27 @@ _BY_DENOM = {1: _FULL, **dict(_REDUCED)}
 
 try:
     from imagenet_seq.decode import _jpegcrop
-except ImportError:  # not built (no libjpeg headers at install): whole-image cv2 decodes
+    JPEGCROP_ERROR = ""
+except ImportError as _e:  # not built (no libjpeg headers at install): whole-image cv2 decodes
     _jpegcrop = None
+    JPEGCROP_ERROR = str(_e)
+# what builds the extension: libjpeg-turbo's headers, then the package's build again
+CROP_DECODE_FIX = ("apt-get install libjpeg62-turbo-dev (Ubuntu: libjpeg-turbo8-dev), then "
+                   "pip install --force-reinstall --no-deps -e .")
+_fallback_warned = False  # once per process: every Loader builds a TrainTransform
+
+
+def _warn_crop_decode_fallback() -> None:
+    """Warn (once per process) that train crops take the slower whole-image path."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    warnings.warn(
+        "imagenet_seq: the crop-decode extension (imagenet_seq.decode._jpegcrop) is not built "
+        f"({JPEGCROP_ERROR}); train crops decode the whole image with OpenCV: same pixels, "
+        f"~1.15x the CPU per image. Fix: {CROP_DECODE_FIX} (`imagenet-seq-info` shows what "
+        "is on)", RuntimeWarning, stacklevel=3)
 
 
 class DecodeError(ValueError):
@@ -152,8 +172,9 @@ class TrainTransform:
             less work; see :func:`.resize.reduction`). Turn off only to compare against a
             full-resolution decode.
         crop_decode: decode only the crop with :mod:`imagenet_seq.decode._jpegcrop` when it is built
-            (same pixels as decoding the whole image, less work). Turn off only to compare
-            against whole-image OpenCV decodes.
+            (same pixels as decoding the whole image, less work); when it is not built, the
+            first such transform of the process warns (``RuntimeWarning``) and names the fix.
+            Turn off only to compare against whole-image OpenCV decodes.
         antialias: torchvision's antialiased bilinear resize (default: the pixels of
             ``RandomResizedCrop`` on a PIL image, within 1 grey level). ``False``: OpenCV's
             ``INTER_LINEAR``/``INTER_AREA``, ~2.5x cheaper to resize but other pixels; a model
@@ -177,6 +198,8 @@ class TrainTransform:
         self.flip = bool(flip)
         self.dct_scaling = bool(dct_scaling)
         self.crop_decode = bool(crop_decode)
+        if self.crop_decode and _jpegcrop is None:
+            _warn_crop_decode_fallback()
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "

@@ -3,7 +3,8 @@
 Used by the demo, the tests and the benchmarks: every image is a random crop of a real photo,
 resized to ImageNet's typical 500x375 (or 375x500), re-encoded as a JPEG (quality 94, mild grain), so
 decode cost and file sizes look like ImageNet's (~100 KB), unlike noise or solid colours.
-One class per source photo, so a model can learn something in one epoch.
+One class per source photo, so a model can learn something in one epoch; asking for more classes
+than photos is refused unless repeats are asked for (``repeat_photos=True``).
 """
 from __future__ import annotations
 
@@ -59,11 +60,28 @@ def imagenet_like_jpeg(photo: np.ndarray, rng: np.random.Generator,
 
 def make_sample_imagefolder(root: str, train_per_class: int = 16, val_per_class: int = 4,
                             num_classes: Optional[int] = None, seed: int = 0,
-                            size: Tuple[int, int] = (500, 375), quality: int = 94) -> List[str]:
-    """Write ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``; return the classes."""
+                            size: Tuple[int, int] = (500, 375), quality: int = 94,
+                            repeat_photos: bool = False) -> List[str]:
+    """Write ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``; return the classes.
+
+    Args:
+        num_classes: classes to make (default: one per photograph, ``len(PHOTOS)``).
+        repeat_photos: allow more classes than photographs: class ``i`` then takes photograph
+            ``i % len(PHOTOS)``, so classes repeat each other's images (fine for timing or
+            label-count shapes; a model cannot tell such classes apart).
+
+    Raises:
+        ValueError: more classes than photographs without ``repeat_photos``.
+    """
     rng = np.random.default_rng(seed)
     photos = _photos()
     if num_classes is not None:
+        if num_classes > len(photos) and not repeat_photos:
+            raise ValueError(
+                f"num_classes={num_classes}, but scikit-image ships {len(photos)} usable "
+                f"photographs ({', '.join(n for n, _ in photos)}), one per class: more classes "
+                f"would be copies of others that no model can tell apart; ask for at most "
+                f"{len(photos)} (or pass repeat_photos=True where that does not matter)")
         photos = [photos[i % len(photos)] for i in range(num_classes)]
     classes = []
     for ci, (name, photo) in enumerate(photos):
