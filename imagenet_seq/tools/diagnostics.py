@@ -9,12 +9,22 @@ the file: no image is read or decoded, so ImageNet-sized configurations take sec
   shares a batch again in epoch ``e + 1`` (full shuffle: ``(B - 1) / (N - 1)``, ~0.02 % for
   ImageNet at batch 256). A high value means the model sees the same groups of images together
   every epoch, i.e. the shuffle is only local.
+
+Validation is read in file order (complete, no shuffle), so its batches are the same every
+epoch: repetition 100 % is expected there and harmless (evaluation does not learn from order).
+
+    imagenet-seq-diagnose /data/lmdb --split train --world-size 8 --batch-size 256 --plot d.png
+    python -m imagenet_seq.tools.diagnostics /data/lmdb ...          # the same
+    loader_report(loader)  # prints the table for a Loader's configuration, returns the report
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, TextIO
 
 import numpy as np
 
@@ -39,12 +49,17 @@ def batch_ids(num_records: int, mode: str = "train", *, batch_size: int, seed: i
     return ids
 
 
-def mean_distinct_labels(ids: np.ndarray, labels: np.ndarray) -> float:
-    """Mean number of distinct labels per batch, given each record's batch id."""
+def distinct_labels_per_batch(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Number of distinct labels in each batch, given each record's batch id."""
     seen = ids >= 0
     pairs = np.unique(np.stack([ids[seen], labels[seen]]), axis=1)
     per_batch = np.bincount(pairs[0])
-    return float(per_batch[per_batch > 0].mean())
+    return per_batch[per_batch > 0]
+
+
+def mean_distinct_labels(ids: np.ndarray, labels: np.ndarray) -> float:
+    """Mean number of distinct labels per batch, given each record's batch id."""
+    return float(distinct_labels_per_batch(ids, labels).mean())
 
 
 def full_shuffle_distinct_labels(labels: np.ndarray, batch_size: int) -> float:
@@ -84,9 +99,49 @@ class ShuffleReport:
     diversity_ratio: float
     repetition: float
     full_shuffle_repetition: float
+    mode: str = "train"
+    shuffle: bool = True
+    epoch: int = 0
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
+
+    @property
+    def in_file_order(self) -> bool:
+        """Batches are the file's order every epoch (val, or ``shuffle=False``)."""
+        return self.mode == "val" or not self.shuffle
+
+    def explanation(self) -> str:
+        """What the figures mean for this configuration, in a sentence or two."""
+        if self.in_file_order:
+            what = "val is" if self.mode == "val" else "shuffle=False: batches are"
+            return (f"{what} read in file order, complete and unshuffled, so every epoch has "
+                    "the same batches: repetition 100 % is expected and harmless for evaluation "
+                    "(order does not change what a model scores)")
+        close = (self.diversity_ratio >= 0.98
+                 and self.repetition <= self.full_shuffle_repetition + 0.01)
+        verdict = ("close to a full shuffle (diversity within 2 %, repetition within 1 point)"
+                   if close else "far from a full shuffle: a larger buffer (buffer_size) or "
+                   "smaller chunks mix more")
+        return (f"{verdict}; README: >= 2,000 buffer records per rank keep repetition under "
+                "1 % on ImageNet")
+
+    def table(self, title: str = "") -> str:
+        """The plain-text table a person reads."""
+        e = self.epoch
+        lines = [title] if title else []
+        lines += [f"{self.num_records:,} records, batch {self.batch_size}, world size "
+                  f"{self.world_size}, chunk {self.chunk_size}, buffer {self.buffer_size:,} "
+                  f"records per rank, {self.mode}{'' if self.shuffle else ', file order'}", "",
+                  f"{'measure':<40}{'this config':>13}{'full shuffle':>14}{'ratio':>9}",
+                  "-" * 76,
+                  f"{'distinct labels per batch':<40}{self.distinct_labels:>13.2f}"
+                  f"{self.full_shuffle_distinct_labels:>14.2f}{self.diversity_ratio:>9.4f}",
+                  f"{f'co-batch repetition, epoch {e} -> {e + 1}':<40}"
+                  f"{100 * self.repetition:>12.3f}%{100 * self.full_shuffle_repetition:>13.3f}%"
+                  f"{_ratio(self.repetition, self.full_shuffle_repetition):>9}",
+                  "", "note: " + self.explanation()]
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return (f"N={self.num_records} batch={self.batch_size} world={self.world_size} "
@@ -117,21 +172,145 @@ def shuffle_report(labels: np.ndarray, *, batch_size: int, mode: str = "train", 
     ref = full_shuffle_distinct_labels(labels, batch_size)
     return ShuffleReport(n, batch_size, world_size, chunk_size, buffer_size, got, ref,
                          got / ref if ref else 1.0, cobatch_repetition(ids_a, ids_b),
-                         (min(batch_size, n) - 1) / max(1, n - 1))
+                         (min(batch_size, n) - 1) / max(1, n - 1), mode, bool(shuffle), epoch)
 
 
-def loader_report(loader, epoch: Optional[int] = None) -> ShuffleReport:
-    """:func:`shuffle_report` for a :class:`imagenet_seq.data.Loader`'s configuration.
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b > 0 else "-"
+
+
+def _labels_of(reader) -> np.ndarray:
+    if reader.labels is None:
+        raise ValueError(f"{reader.path} stores no __labels__ record (an original-tool "
+                         "LMDB); convert it with preprocess_sequential.py for diagnostics")
+    return reader.labels
+
+
+def loader_report(loader, epoch: Optional[int] = None, *, quiet: bool = False,
+                  file: Optional[TextIO] = None) -> ShuffleReport:
+    """Print (to ``file``, default stdout; nothing with ``quiet``) and return
+    :func:`shuffle_report` for a :class:`imagenet_seq.data.Loader`'s configuration.
 
     Raises:
         ValueError: the file stores no labels (original-tool LMDBs).
     """
-    labels = loader.reader.labels
-    if labels is None:
-        raise ValueError(f"{loader.reader.path} stores no __labels__ record (an original-tool "
-                         "LMDB); convert it with preprocess_sequential.py for diagnostics")
-    return shuffle_report(labels, batch_size=loader.batch_size, mode=loader.mode,
-                          seed=loader.seed, epoch=loader.epoch if epoch is None else epoch,
-                          world_size=loader.world_size, shuffle=loader.shuffle,
-                          chunk_size=loader.chunk_size, buffer_size=loader.buffer_size,
-                          drop_last=loader.drop_last)
+    rep = shuffle_report(_labels_of(loader.reader), batch_size=loader.batch_size,
+                         mode=loader.mode, seed=loader.seed,
+                         epoch=loader.epoch if epoch is None else epoch,
+                         world_size=loader.world_size, shuffle=loader.shuffle,
+                         chunk_size=loader.chunk_size, buffer_size=loader.buffer_size,
+                         drop_last=loader.drop_last)
+    if not quiet:
+        print(rep.table(f"{loader.reader.path} ({loader.mode}), rank "
+                        f"{loader.rank} of {loader.world_size}"), file=file)
+    return rep
+
+
+def write_plot(rep: ShuffleReport, labels: np.ndarray, path: str, seed: int = 0) -> None:
+    """Histogram of distinct labels per batch (this configuration vs the full-shuffle
+    expectation) and co-batch repetition bars, as a PNG.
+
+    Raises:
+        ImportError: matplotlib is missing (with the pip line).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install \"imagenet_seq[bench]\" "
+                          "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = batch_ids(rep.num_records, rep.mode, batch_size=rep.batch_size, seed=seed,
+                    epoch=rep.epoch, world_size=rep.world_size, shuffle=rep.shuffle,
+                    chunk_size=rep.chunk_size, buffer_size=rep.buffer_size)
+    per_batch = distinct_labels_per_batch(ids, labels)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110,
+                               gridspec_kw={"width_ratios": [2, 1]})
+    a.hist(per_batch, bins=min(50, max(5, len(np.unique(per_batch)))), color="#4c72b0")
+    a.axvline(rep.full_shuffle_distinct_labels, color="#c44e52", linestyle="--",
+              label=f"full shuffle {rep.full_shuffle_distinct_labels:.1f}")
+    a.set_xlabel("distinct labels in a batch")
+    a.set_ylabel("batches")
+    a.legend(fontsize=8)
+    a.set_title(f"label diversity (mean {rep.distinct_labels:.1f})", fontsize=10)
+    vals = [100 * rep.repetition, 100 * rep.full_shuffle_repetition]
+    bars = b.bar(["this config", "full shuffle"], vals, color=["#4c72b0", "#c44e52"])
+    for bar, v in zip(bars, vals):
+        b.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}%",
+               ha="center", va="bottom", fontsize=8)
+    b.set_ylabel("% of co-batched pairs")
+    b.set_title(f"co-batch repetition {rep.epoch} -> {rep.epoch + 1}", fontsize=10)
+    fig.suptitle(f"{rep.mode}: batch {rep.batch_size}, world {rep.world_size}, chunk "
+                 f"{rep.chunk_size}, buffer {rep.buffer_size:,}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imagenet-seq-diagnose",
+        description="How close a Loader configuration's batches are to a full shuffle (label "
+                    "diversity per batch, co-batch repetition between epochs), from the "
+                    "labels stored in the LMDB; no image is read.")
+    p.add_argument("root", help="folder with ILSVRC-<split>.lmdb (or the file)")
+    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--batch-size", type=int, default=256, help="per rank")
+    p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job")
+    p.add_argument("--ranks-per-machine", type=int,
+                   help="ranks sharing one machine's default buffer (default: --world-size, "
+                        "at most 8)")
+    p.add_argument("--buffer-size", type=int,
+                   help="shuffle buffer in records per rank (default: the Loader's, 2 GiB per "
+                        "machine / ranks per machine / mean record)")
+    p.add_argument("--chunk-size", type=int, default=order.DEFAULT_CHUNK_RECORDS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epoch", type=int, default=0, help="compare this epoch with the next")
+    p.add_argument("--no-shuffle", action="store_true", help="shuffle=False (train)")
+    p.add_argument("--drop-last", action="store_true")
+    p.add_argument("--plot", help="write a PNG (label-diversity histogram, repetition bars)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console entry: 0, or 2 with a one-line message naming the bad value."""
+    from imagenet_seq.plan.shuffle import buffer_records
+    from imagenet_seq.read.reader import SplitReader
+
+    args = build_parser().parse_args(argv)
+    try:
+        for name in ("batch_size", "world_size", "chunk_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}; "
+                                 "expected >= 1")
+        reader = SplitReader(args.root, args.split)
+        try:
+            labels, path = _labels_of(reader), reader.path
+            mean = reader.meta.total_bytes / max(1, len(reader))
+        finally:
+            reader.close()
+        shuffle = args.split == "train" and not args.no_shuffle
+        local = args.ranks_per_machine or min(args.world_size, 8)
+        buffer = buffer_records(args.buffer_size, None, mean, local) if shuffle else 0
+        rep = shuffle_report(labels, batch_size=args.batch_size, mode=args.split, seed=args.seed,
+                             epoch=args.epoch, world_size=args.world_size, shuffle=shuffle,
+                             chunk_size=args.chunk_size, buffer_size=buffer,
+                             drop_last=args.drop_last)
+        if args.plot:
+            write_plot(rep, labels, args.plot, args.seed)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"imagenet-seq-diagnose: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(dict(rep.as_dict(), path=path, note=rep.explanation())))
+    else:
+        print(rep.table(f"{path} ({args.split})"))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
