@@ -130,11 +130,16 @@ def test_break_then_new_epoch(sample_lmdb, labels):
     for k, _ in enumerate(ld):
         if k == 1:
             break
+    live = lambda: [p.pid for p in psutil.Process().children()  # noqa: E731
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    workers = live()
+    assert len(workers) == 2  # persistent: they stay for the next pass
     recs, tgts, _ = run_epoch(ld, 5)
     from invariants import check_epoch
     check_epoch(ld, recs, tgts, labels["train"])
-    assert not [p for p in psutil.Process().children() if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+    assert live() == workers  # the same processes served the next epoch: no fork per epoch
+    ld.close()
+    assert not live()
 
 
 def test_epoch_advances_without_set_epoch(sample_lmdb):

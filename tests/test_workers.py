@@ -46,6 +46,8 @@ TRAINER = textwrap.dedent("""
                 break
         del it
         print("children after break:", len(psutil.Process().children()), flush=True)
+        ld.close()
+        print("children after close:", len(psutil.Process().children()), flush=True)
         sys.exit(0)
     if how == "exception":
         raise RuntimeError("trainer crashed mid-epoch")
@@ -100,7 +102,8 @@ def test_break_stops_workers(sample_lmdb, tmp_path):
     proc, pids = start_trainer(sample_lmdb, tmp_path, "break")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "children after break: 0" in out
+    # persistent workers: a break keeps them for the next pass; close() ends them
+    assert "children after break: 2" in out and "children after close: 0" in out
     assert_gone(pids)
 
 
@@ -239,7 +242,7 @@ def test_a_stopped_worker_is_a_stall_error_not_a_hang(sample_lmdb):
                 prefetch=2, stall_timeout=2)
     it = iter(ld)
     next(it)
-    pids = [p.pid for p in it._feeder.pool.procs]
+    pids = [p.pid for p in ld.decode_stage().pool.procs]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     t0 = time.time()

@@ -35,6 +35,11 @@ class RawBatch:
     slot: int = -1  # input slot of a process pool holding ``data``; -1: ``data`` travels itself
     blobs: Optional[List[bytes]] = None  # the JPEGs themselves when ``data`` is None
     crcs: Optional[np.ndarray] = None  # stored checksums to verify before decoding (uint32)
+    # the per-epoch decode parameters travel with the batch, so one set of persistent workers
+    # serves every epoch: the augmentation epoch and the output side (None: the spec's)
+    epoch: Optional[int] = None
+    image_size: Optional[int] = None
+    run: int = 0  # the pass (one ``iter(loader)``) this batch belongs to
 
     def jpeg(self, i: int) -> Any:
         if self.blobs is not None:
@@ -47,7 +52,8 @@ class RawBatch:
 
 def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
                dest: Optional[np.ndarray] = None, slot: int = -1,
-               checksums: Optional[np.ndarray] = None) -> RawBatch:
+               checksums: Optional[np.ndarray] = None, *, epoch: Optional[int] = None,
+               image_size: Optional[int] = None, run: int = 0) -> RawBatch:
     """Records ``(index, jpeg, label)`` -> a :class:`RawBatch`.
 
     The bytes are copied into ``dest`` (a pool's shared input slot) when they fit; otherwise the
@@ -68,7 +74,7 @@ def pack_batch(index: int, items: Sequence[Tuple[int, bytes, int]],
         slot = -1
     records = np.array(records, np.int64)
     return RawBatch(index, records, np.array(labels, np.int64), offsets, data, slot, kept,
-                    None if checksums is None else checksums[records])
+                    None if checksums is None else checksums[records], epoch, image_size, run)
 
 
 @dataclass
@@ -89,12 +95,43 @@ class DecodeSpec:
     source: str = ""  # file path, for error messages
     shared: bool = False  # allocate outputs in shared memory (process pool)
 
-    def out_shape(self, batch_size: int) -> Optional[Tuple[int, ...]]:
+    def out_shape(self, batch_size: int, image_size: Optional[int] = None
+                  ) -> Optional[Tuple[int, ...]]:
         """Storage shape of a decoded batch when the transform's output size is known."""
-        size = getattr(self.transform, "size", None)
+        size = getattr(self.transform_for(image_size), "size", None)
         if self.collate != "array" or not isinstance(size, int):
             return None
         return (batch_size, size, size, 3) if self.channels_last else (batch_size, 3, size, size)
+
+    def transform_for(self, image_size: Optional[int]) -> Callable:
+        """The transform with output side ``image_size`` (``None``: as built). The built-in
+        transforms are copied with the new side (val keeps its resize/crop ratio); the copies
+        are cached, so a persistent worker builds one per size it meets."""
+        size = getattr(self.transform, "size", None)
+        if image_size is None or image_size == size or not hasattr(self.transform, "write"):
+            return self.transform  # (the Loader refuses other sizes for other transforms)
+        cache = self.__dict__.setdefault("_sized", {})
+        if image_size not in cache:
+            cache[image_size] = resized_transform(self.transform, image_size)
+        return cache[image_size]
+
+
+def resized_transform(transform: Any, image_size: int) -> Any:
+    """A copy of a built-in transform (``TrainTransform``/``ValTransform``) with output side
+    ``image_size``; a ValTransform keeps its ``resize / size`` ratio (256/224 by default).
+    Raises TypeError for other transforms (they decide their own size)."""
+    import copy
+
+    size = getattr(transform, "size", None)
+    if not isinstance(size, int) or not hasattr(transform, "write"):
+        raise TypeError(f"set_image_size works with the built-in transforms (transform=None, "
+                        f"TrainTransform, ValTransform); {transform!r} decides its own output "
+                        "size: change it in your transform instead")
+    new = copy.copy(transform)
+    new.size = int(image_size)
+    if hasattr(new, "resize"):
+        new.resize = max(int(image_size), int(round(transform.resize * image_size / size)))
+    return new
 
 
 @dataclass
@@ -153,12 +190,13 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
     kept: List[int] = []
     skipped: List[Tuple[int, str]] = []
     images = out
-    write = getattr(spec.transform, "write", None) if spec.collate == "array" else None
-    shape = spec.out_shape(n) if write is not None else None
+    transform = spec.transform_for(raw.image_size)
+    write = getattr(transform, "write", None) if spec.collate == "array" else None
+    shape = spec.out_shape(n, raw.image_size) if write is not None else None
     if shape is not None and images is None:
         images = _new_images(shape, spec)
     dst = images.numpy() if shape is not None else None  # one view per batch, not per image
-    transform, seed, epoch = spec.transform, spec.seed, spec.epoch
+    seed, epoch = spec.seed, spec.epoch if raw.epoch is None else raw.epoch
     records = raw.records.tolist()
     blobs, data, offsets = raw.blobs, raw.data, raw.offsets.tolist()
     crcs = None if raw.crcs is None else raw.crcs.tolist()

@@ -182,6 +182,7 @@ class DaliDecoder:
         self.rank = rank
         self.num_fallbacks = 0  # images decoded on the CPU because DALI failed on them
         self.last_skipped: List[int] = []  # skip_broken: positions left out by the last call
+        self.skip_reason = "neither DALI nor OpenCV could decode it"
         self._pipe: Any = None
         self._cpu_transform: Any = None
 
@@ -275,6 +276,18 @@ class DaliDecoder:
             return (left + 0.25) / dmath.max(d, 1)
 
         return new_w, new_h, centre(new_w), centre(new_h)
+
+    def set_image_size(self, size: int) -> None:
+        """Output side of the next calls (val keeps its resize/crop ratio); the pipeline is
+        rebuilt once, on the next call, when the size changes."""
+        size = int(size)
+        if size != self.image_size:
+            if self.mode == "val":
+                self.resize_size = max(size, int(round(self.resize_size * size /
+                                                       self.image_size)))
+            self.image_size = size
+            self._cpu_transform = None
+            self._drop_pipeline()
 
     def _drop_pipeline(self) -> None:
         self._pipe = None  # DALI marks a pipeline invalid after an error: build a fresh one

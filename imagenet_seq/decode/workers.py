@@ -1,6 +1,9 @@
 """Decode workers: whole raw batches in, decoded batches out, in batch order.
 
-Three pools share one interface (``submit(raw)``, ``get(index)``, ``close()``):
+Three pools share one interface (``submit(raw)``, ``get(index)``, ``reset()``, ``close()``).
+A pool lives as long as its Loader: the epoch and the output size travel with every batch
+(:class:`~imagenet_seq.decode.batch.RawBatch`), ``reset()`` drops what one pass left in flight
+(a ``break``) so the next pass starts clean, ``close()`` ends the workers.
 
 * :class:`InlinePool` decodes in the caller (``num_workers=0``: debugging, profiling);
 * :class:`ThreadPool`: N threads (OpenCV releases the GIL while decoding/resizing);
@@ -27,6 +30,7 @@ import queue
 import signal
 import threading
 import traceback
+from time import monotonic as _monotonic
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
@@ -69,31 +73,6 @@ class SlotRing:
             self._mm.close()
         except BufferError:  # a caller still holds a view: freed with the last one
             pass
-
-
-class RingCache:
-    """Keeps a process pool's rings for the next pool of the same shape (the next epoch's),
-    so they are allocated and written once per Loader, not once per epoch."""
-
-    def __init__(self) -> None:
-        self.key: Optional[Tuple[int, ...]] = None
-        self.rings: Optional[Tuple[SlotRing, SlotRing]] = None
-        self.busy = False
-
-    def take(self, key: Tuple[int, ...], make: Callable[[], Tuple["SlotRing", "SlotRing"]]):
-        """The cached rings if free and of this shape (else new ones, cached); marked busy."""
-        if self.busy:  # an older pool still has them: this one gets rings of its own
-            return make()
-        if self.rings is None or self.key != key:
-            self.rings, self.key = make(), key
-        self.busy = True
-        return self.rings
-
-    def give_back(self, reusable: bool) -> None:
-        """The pool using the cached rings closed; ``reusable``: its workers are all gone."""
-        self.busy = False
-        if not reusable:
-            self.rings = self.key = None
 
 
 class _InOrder:
@@ -142,6 +121,9 @@ class InlinePool(_InOrder):
     def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
         return self._decode(self._take(index, check))
 
+    def reset(self) -> None:
+        self._drain()
+
     def close(self) -> None:
         self._drain()
 
@@ -165,9 +147,14 @@ class ThreadPool(_InOrder):
             except FutureTimeout:
                 check()
 
-    def close(self) -> None:
+    def reset(self) -> None:
+        """Cancel queued batches; running ones finish into futures nobody holds (their
+        outputs are fresh tensors, so nothing is shared with the next pass)."""
         for fut in self._drain():
             fut.cancel()
+
+    def close(self) -> None:
+        self.reset()
         self._exec.shutdown(wait=True, cancel_futures=True)
 
 
@@ -237,7 +224,8 @@ def _state(pid: int) -> str:
         return "?"
 
 
-def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int, rings, out_shape) -> None:
+def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int, rings, batch_size: int,
+                 current) -> None:
     set_pdeathsig()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
@@ -249,32 +237,39 @@ def _worker_main(in_q, out_q, spec: DecodeSpec, parent: int, rings, out_shape) -
         raw = in_q.get()
         if raw is None:
             break
+        if raw.run != current.value:  # a pass that ended (a `break`): answer, do not decode
+            out_q.put(("stale", raw.run, raw.index))
+            continue
         try:
             slot = raw.index % in_ring.slots
             if raw.slot >= 0:
                 raw.data = in_ring.slot(raw.slot)[: raw.offsets[-1]]
-            out = None
-            if out_shape is not None:
-                out = torch.from_numpy(out_ring.slot(slot)).view(out_shape)
+            out, shape = None, spec.out_shape(batch_size, raw.image_size)
+            if shape is not None and int(np.prod(shape)) <= out_ring.slot_bytes:
+                out = torch.from_numpy(out_ring.slot(slot)[:int(np.prod(shape))]).view(shape)
             res = decode_batch(raw, spec, out)
-            if out is not None:
-                res.images = ("slot", slot, len(res.targets))  # pixels stay in the ring
+            if out is not None:  # pixels stay in the ring
+                res.images = ("slot", slot, len(res.targets), shape)
             res.targets = res.targets.numpy()  # a torch tensor would get its own shm file
-            out_q.put(("ok", res))
+            out_q.put(("ok", raw.run, res))
         except RecordError as e:
-            out_q.put(("record", raw.index, str(e), e.key, e.index))
+            out_q.put(("record", raw.run, raw.index, str(e), e.key, e.index))
         except BaseException as e:  # noqa: BLE001 - every failure reaches the parent
-            out_q.put(("error", raw.index, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            out_q.put(("error", raw.run, raw.index,
+                       f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         del raw
 
 
 class ProcessPool:
     """``num_workers`` forked decode processes fed through one queue; results reordered.
 
-    Batch ``i`` uses input and output slot ``i % slots`` of two shared rings, so at most
-    ``slots`` batches may be in flight (the Loader's ``prefetch``). JPEG bytes and pixels never
-    go through a pipe; only small descriptors do. Batches too large for a slot, and transforms
-    of unknown output size, fall back to pickling (torch shared-memory tensors).
+    The processes live until ``close()`` (one fork per Loader, not per epoch); every batch
+    carries its epoch, output size and pass number (``raw.run``). Batch ``i`` uses input and
+    output slot ``i % slots`` of two shared rings, so at most ``slots`` batches may be in
+    flight (the Loader's ``prefetch``). JPEG bytes and pixels never go through a pipe; only
+    small descriptors do. Batches too large for a slot (a larger ``image_size`` than the rings
+    were made for included), and transforms of unknown output size, fall back to pickling
+    (torch shared-memory tensors).
 
     Args:
         spec: the per-record work.
@@ -284,34 +279,31 @@ class ProcessPool:
         in_slot_bytes: JPEG bytes one input slot holds.
         in_touch_bytes: bytes of each input slot to allocate at once (a typical batch).
         pin_memory: copy decoded batches out of the ring into pinned memory.
-        rings: a :class:`RingCache` to take the rings from and return them to (a Loader's,
-            across epochs); ``None``: rings of this pool only, unmapped on ``close``.
     """
 
     def __init__(self, spec: DecodeSpec, num_workers: int, slots: int = 4,
                  batch_size: int = 256, in_slot_bytes: int = 64 << 20, pin_memory: bool = False,
-                 in_touch_bytes: int = 0, rings: Optional[RingCache] = None):
+                 in_touch_bytes: int = 0):
         import torch.multiprocessing as tmp
 
         ctx = tmp.get_context("fork")
         self._in = ctx.Queue()
         self._out = ctx.Queue()
+        self._current = ctx.Value("q", 0, lock=False)  # the pass workers decode for
         self._ready: Dict[int, DecodedBatch] = {}
         self._closed = False
+        self.broken = False
         self.pin_memory = pin_memory
-        self.out_shape = spec.out_shape(batch_size)
         self.channels_last = spec.channels_last
-        out_bytes = int(np.prod(self.out_shape)) if self.out_shape else 1
-        def make() -> Tuple[SlotRing, SlotRing]:  # every decoded batch fills its out slot
-            return (SlotRing(slots, in_slot_bytes, touch=in_touch_bytes),
-                    SlotRing(slots, out_bytes))
-
-        self._cache = rings
-        self._rings = make() if rings is None else \
-            rings.take((slots, in_slot_bytes, in_touch_bytes, out_bytes), make)
-        self.in_ring, self.out_ring = self._rings
+        self.run = 0
+        # answers still to come (any pass) = submitted - answered; one counter per thread
+        self.submitted = self.answered = 0
+        out_shape = spec.out_shape(batch_size)
+        out_bytes = int(np.prod(out_shape)) if out_shape else 1
+        self.in_ring = SlotRing(slots, in_slot_bytes, touch=in_touch_bytes)
+        self.out_ring = SlotRing(slots, out_bytes)
         args = (self._in, self._out, spec, os.getpid(), (self.in_ring, self.out_ring),
-                self.out_shape)
+                batch_size, self._current)
         self.procs = [ctx.Process(target=_worker_main, args=args,
                                   name=f"imagenet_seq-decode-{k}", daemon=True)
                       for k in range(num_workers)]
@@ -331,22 +323,33 @@ class ProcessPool:
         return self.in_ring.slot(k), k
 
     def submit(self, raw: RawBatch) -> None:
+        if raw.run != self.run:  # the first batch of a new pass
+            self.run = self._current.value = raw.run
         if raw.slot >= 0:
             raw = replace(raw, data=None)  # the bytes are in the ring already
+        self.submitted += 1
         self._in.put(raw)
 
     def _materialise(self, res: DecodedBatch) -> DecodedBatch:
         res.targets = torch.from_numpy(res.targets)
         if self.pin_memory:
             res.targets = res.targets.pin_memory()
-        if isinstance(res.images, tuple):  # ("slot", k, n): copy out so the slot can be reused
-            _, k, n = res.images
-            ring = torch.from_numpy(self.out_ring.slot(k)).view(self.out_shape)[:n]
+        if isinstance(res.images, tuple):  # ("slot", k, n, shape): copy out, the slot is reused
+            _, k, n, shape = res.images
+            ring = torch.from_numpy(self.out_ring.slot(k)[:int(np.prod(shape))]).view(shape)[:n]
             images = torch.empty(ring.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
             # one plain memcpy: torch's copy_ splits it over OpenMP threads that then spin
             np.copyto(images.numpy(), ring.numpy())
             res.images = images.permute(0, 3, 1, 2) if self.channels_last else images
         return res
+
+    def _dead(self) -> None:
+        for p in self.procs:
+            if p.exitcode is not None:
+                self.broken = True
+                raise RuntimeError(
+                    f"decode worker {p.name} (pid {p.pid}) died with exit code "
+                    f"{p.exitcode} (killed, or out of memory?)")
 
     def get(self, index: int, check: Callable[[], None] = lambda: None) -> DecodedBatch:
         while index not in self._ready:
@@ -354,19 +357,35 @@ class ProcessPool:
                 msg = self._out.get(timeout=_POLL_S)
             except queue.Empty:
                 check()
-                for p in self.procs:
-                    if p.exitcode is not None:
-                        raise RuntimeError(
-                            f"decode worker {p.name} (pid {p.pid}) died with exit code "
-                            f"{p.exitcode} (killed, or out of memory?)")
+                self._dead()
                 continue
+            self.answered += 1
+            if msg[1] != self.run or msg[0] == "stale":
+                continue  # an answer for a pass that ended
             if msg[0] == "ok":
-                self._ready[msg[1].index] = msg[1]
+                self._ready[msg[2].index] = msg[2]
             elif msg[0] == "record":
-                raise RecordError(msg[2], msg[3], msg[4])
+                raise RecordError(msg[3], msg[4], msg[5])
             else:
-                raise RuntimeError(f"decode worker failed on batch {msg[1]}: {msg[2]}")
+                raise RuntimeError(f"decode worker failed on batch {msg[2]}: {msg[3]}")
         return self._materialise(self._ready.pop(index))
+
+    def reset(self, timeout: float = 10.0) -> None:
+        """End the current pass: the workers skip its queued batches, and this returns once
+        every batch in flight has answered, so the next pass may reuse the ring slots. A
+        worker that is stopped, dead or does not answer within ``timeout`` marks the pool
+        ``broken`` (the caller replaces it)."""
+        self._ready.clear()
+        self._current.value = self.run = self.run + 1  # queued batches are now stale
+        deadline = _monotonic() + timeout
+        while self.submitted > self.answered and not self.broken:
+            try:
+                self._out.get(timeout=0.05)
+                self.answered += 1
+            except queue.Empty:
+                if _monotonic() > deadline or any(
+                        p.exitcode is not None or _state(p.pid) in "tTZ" for p in self.procs):
+                    self.broken = True
 
     def close(self) -> None:
         if self._closed:
@@ -385,9 +404,6 @@ class ProcessPool:
         for q in (self._in, self._out):
             q.cancel_join_thread()
             q.close()
-        idle = not any(p.is_alive() for p in self.procs)  # nobody writes into the rings now
-        if self._cache is not None and self._rings is self._cache.rings:
-            self._cache.give_back(reusable=idle)
-        elif idle:
+        if not any(p.is_alive() for p in self.procs):  # nobody writes into the rings now
             self.in_ring.release()
             self.out_ring.release()

@@ -7,7 +7,6 @@ It only composes the stages: :mod:`.order` (which records, in which order), :mod
 """
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
@@ -21,14 +20,16 @@ from imagenet_seq.loader import faces
 from imagenet_seq.loader.device import to_device
 from imagenet_seq.plan.distributed import resolve_rank
 from imagenet_seq.read.reader import SplitReader
-from imagenet_seq.plan.shuffle import buffer_records, buffered_shuffle
-from imagenet_seq.decode.batch import DecodedBatch, DecodeSpec, RawBatch, check_batch, decode_batch
+from imagenet_seq.plan.shuffle import buffer_records
+from imagenet_seq.plan.stage import Plan
+from imagenet_seq.decode.batch import DecodeSpec, resized_transform
+from imagenet_seq.decode.stage import Decode
+from imagenet_seq.loader import state as resume_state
 from imagenet_seq.loader.epoch import EpochIterator
+from imagenet_seq.loader.finish import Finish
 from imagenet_seq.decode.malloc import trim
-from imagenet_seq.decode.workers import InlinePool, ProcessPool, RingCache, ThreadPool
 
 WORKER_TYPES = ("process", "thread")
-_SKIP_LOG = 1000  # skipped records kept for inspection
 
 
 def _default_workers(local_world: int) -> int:
@@ -168,9 +169,16 @@ class Loader:
         self.skip_broken = skip_broken
         self.decoder = decoder
         self._dali = None
-        self._rings = RingCache()  # process workers' shared rings, reused across epochs
+        self._decode: Optional[Decode] = None  # the decode stage: workers made on first iter
+        self._decode_end = None
         self._transform, self._collate = self._make_transform(
             transform, image_size, resize_size, scale, ratio)
+        self.image_size = int(image_size)
+        self.plan = Plan(self.dataset_size, mode, seed, self.rank, self.world_size,
+                         self.shuffle, self.chunk_size)
+        self.finish = Finish(self._pin(), device, channels_last)
+        self._resume: Optional[Tuple[int, int]] = None  # (epoch, batch) the next iter starts at
+        self._position = None  # the last pass's epoch and batches handed out
         # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
         # image on the OpenCV path (it releases the GIL); Python/PIL transforms hold the GIL
         # and use torch's global RNG, so they get processes.
@@ -178,9 +186,6 @@ class Loader:
         self.dali_args = dict(mode=mode, batch_size=batch_size, image_size=image_size,
                               resize_size=resize_size, scale=scale, ratio=ratio, seed=seed,
                               channels_last=channels_last)
-        self.skipped = 0
-        self.skipped_records: List[Tuple[int, str]] = []
-        self.last_batch_records = np.empty(0, np.int64)
         self._epoch = 0
         self._epoch_fixed = False
         # weak: an abandoned iterator (``next(iter(loader))``) is freed at once, stopping its
@@ -213,11 +218,35 @@ class Loader:
         return decode.PILTransform(transform), "default"
 
     def set_epoch(self, epoch: int) -> None:
-        """Fix the epoch of the next iterations (order and augmentation depend on it)."""
+        """Fix the epoch of the next iterations (order and augmentation depend on it).
+
+        After :meth:`load_state_dict`, ``set_epoch`` of the saved epoch keeps the resume
+        position; another epoch starts that epoch from its first batch."""
         if epoch < 0:
             raise ValueError(f"epoch={epoch}; expected >= 0")
+        if self._resume is not None and self._resume[0] != int(epoch):
+            self._resume = None
         self._epoch = int(epoch)
         self._epoch_fixed = True
+
+    def set_image_size(self, size: int) -> None:
+        """Output side (pixels) of the images of the next passes (progressive resizing).
+
+        Travels with every batch, so the persistent workers honour it without a restart; the
+        crop decode picks its DCT scale for it. Val keeps its resize/crop ratio (256/224).
+        Works with the built-in transforms and DALI; a torchvision-style transform or a
+        callable decoder decides its own size (TypeError). ``size`` must be an int >= 16.
+        """
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+            raise ValueError(f"set_image_size({size!r}); expected an int >= 16 (pixels per side)")
+        size = int(size)
+        if self.decoder == "cpu":
+            resized_transform(self._transform, size)  # TypeError now, not in a worker
+        elif self.decoder != "dali":
+            raise TypeError(f"set_image_size: decoder={self.decoder!r} decides its own output "
+                            "size; change it in your decoder instead")
+        self.image_size = size
+        self.dali_args["image_size"] = size
 
     @property
     def epoch(self) -> int:
@@ -252,6 +281,54 @@ class Loader:
                                  world_size=self.world_size, shuffle=self.shuffle,
                                  chunk_size=self.chunk_size, buffer_size=self.buffer_size)
 
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Where this Loader is: the state to resume from (small; no data).
+
+        Mid-pass: the epoch of the pass and the batches it has handed out (save after the step
+        that used the last one). After a complete pass, or before any: the next epoch at batch
+        0. Under DDP each rank saves its own. See :mod:`imagenet_seq.loader.state`.
+        """
+        pos = self._position  # the last pass's (shared with its iterator)
+        if self._resume is not None:
+            epoch, batches = self._resume
+        elif pos is not None and pos.batches < len(self):
+            epoch, batches = pos.epoch, pos.batches
+        elif pos is not None:  # complete: the next epoch (or the one set_epoch chose since)
+            epoch, batches = max(pos.epoch + 1, self._epoch), 0
+        else:
+            epoch, batches = self._epoch, 0
+        return resume_state.make(self, epoch, batches)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next ``iter(loader)`` yields exactly the batches
+        the saved run would have yielded next (records, labels, augmented pixels, boundaries),
+        without decoding the consumed part again; it reads again at most ``buffer_size``
+        records (the shuffle buffer's contents at that point).
+
+        Raises:
+            ValueError: a state of another split, seed, batch size, dataset size, format or
+                state version; a mid-epoch state on another world size or rank (names the
+                field, both values and the way out).
+            RuntimeError: this Loader is in the middle of a pass.
+        """
+        it = self._live() if self._live is not None else None
+        if it is not None and it.running:
+            raise RuntimeError(
+                f"load_state_dict while a pass over {self.reader.path} is running (epoch "
+                f"{it.epoch}, {it.next_index} of {it.total} batches): call it before iter(loader), "
+                "or end the pass first (finish it, or loader.close())")
+        mine = resume_state.make(self, self._epoch, 0)
+        resume_state.check(state_dict, mine, len(self))
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        size = state_dict.get("image_size")
+        if size is not None and size != self.image_size:
+            self.set_image_size(size)
+        self.finish.restore(state_dict)
+        self._epoch = epoch
+        self._resume = (epoch, batches) if batches else None
+        self._position = None
+
     def memory_bound(self) -> Dict[str, int]:
         """Estimated peak bytes this rank's loader holds, by part (excluding batches you keep).
 
@@ -272,87 +349,76 @@ class Loader:
             old = self._live() if self._live is not None else None
             if old is not None:  # `break` earlier: stop its workers before starting new ones
                 old.supersede()  # and if it is still iterated, it says so (not a short epoch)
-            trim()  # the last epoch's freed batches: not into the next epoch's forked workers
             epoch = self._epoch
+            start = 0
+            if self._resume is not None and self._resume[0] == epoch:
+                start = self._resume[1]
+            self._resume = None
             if not self._epoch_fixed:
                 self._epoch += 1
-            it = EpochIterator(self, epoch)
+            it = EpochIterator(self, epoch, start)
+            self._position = it.position
             self._live = weakref.ref(it)
         return it
 
+    def decode_stage(self) -> Decode:
+        """The decode stage; its workers start on the first call and live until ``close()``."""
+        if self._decode is None:
+            if self.decoder == "cpu":
+                spec = DecodeSpec(self._transform, self.seed, 0, self._collate,
+                                  self.channels_last, self.skip_broken, self.reader.path)
+                if self.num_workers and self.worker_type == "process":
+                    trim()  # freed memory of this process: not into the forked workers
+                self._decode = Decode(
+                    spec, self.num_workers, self.worker_type, prefetch=self.prefetch,
+                    batch_size=self.batch_size,
+                    slot_bytes=int(2 * self.batch_size * self._mean_bytes) + (4 << 20),
+                    touch_bytes=int(self.batch_size * self._mean_bytes), pin_memory=self._pin(),
+                    source=self.reader.path)
+            else:
+                self._decode = Decode(external=self._external_decoder(),
+                                      source=self.reader.path)
+            # the workers end with the Loader even if close() is never called
+            self._decode_end = weakref.finalize(self, self._decode.close)
+        if self._dali is not None:
+            self._dali.set_image_size(self.image_size)
+        return self._decode
+
+    def _external_decoder(self) -> Callable:
+        if self.decoder != "dali":
+            return self.decoder
+        from imagenet_seq.decode.dali import DaliDecoder  # lazily: nvidia-dali is an optional extra
+
+        self._dali = DaliDecoder(device=self.device, output="uint8",
+                                 skip_broken=self.skip_broken, rank=self.rank, **self.dali_args)
+        return self._dali
+
     def close(self) -> None:
-        """Stop the workers of an unfinished iteration (it ends: ``StopIteration``)."""
+        """End an unfinished pass (its iterator ends: ``StopIteration``) and the decode
+        workers (a later ``iter`` starts new ones). Also: ``with Loader(...) as ld:``, and
+        garbage collection of the Loader."""
         with self._live_lock:
             it = self._live() if self._live is not None else None
             self._live = None
         if it is not None:
             it.close()
+        if self._decode_end is not None:
+            self._decode_end()  # Decode.close, once
+            self._decode = self._decode_end = None
 
-    def _record_batches(self, epoch: int, stop: threading.Event) -> Iterator[list]:
-        """This rank's records of ``epoch`` in order, grouped into ``len(self)`` batches."""
-        spans = self.read_spans(epoch)
+    def __enter__(self) -> "Loader":
+        return self
 
-        # `break` while the buffer fills: stop reading now
-        items = self.reader.read_spans(spans, stop)
-        if self.shuffle and self.buffer_size > 1:
-            items = buffered_shuffle(items, self.buffer_size,
-                                     order.shuffle_rng(self.seed, epoch, self.rank))
-        total, batch, index = len(self), [], 0
-        for item in items:
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield batch
-                index, batch = index + 1, []
-                if index == total or stop.is_set():
-                    return
-        if batch and index < total:
-            yield batch
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-    def _make_pool(self, epoch: int):
-        if self.decoder != "cpu":
-            return InlinePool(self._raw_decode)
-        spec = DecodeSpec(self._transform, self.seed, epoch, self._collate, self.channels_last,
-                          self.skip_broken, self.reader.path)
-        if self.num_workers == 0:
-            return InlinePool(functools.partial(decode_batch, spec=spec))
-        if self.worker_type == "thread":
-            return ThreadPool(spec, self.num_workers)
-        slot_bytes = int(2 * self.batch_size * self._mean_bytes) + (4 << 20)
-        return ProcessPool(spec, self.num_workers, self.prefetch, self.batch_size, slot_bytes,
-                           pin_memory=self._pin(),
-                           in_touch_bytes=int(self.batch_size * self._mean_bytes),
-                           rings=self._rings)
+    # what the finish stage counts (the same for every decoder)
+    skipped = property(lambda self: self.finish.skipped,
+                       doc="Records skipped so far (``skip_broken``), every decoder alike.")
+    skipped_records = property(lambda self: self.finish.skipped_records,
+                               doc="The first 1000 skipped records: ``(index, reason)``.")
+    last_batch_records = property(lambda self: self.finish.last_batch_records,
+                                  doc="Record indices of the last batch's images, in order.")
 
     def _pin(self) -> bool:
         return self.pin_memory and self.device is None and torch.cuda.is_available()
-
-    def _raw_decode(self, raw: RawBatch) -> DecodedBatch:
-        if self.decoder == "dali":
-            if self._dali is None:
-                from imagenet_seq.decode.dali import DaliDecoder  # lazily: nvidia-dali is an optional extra
-
-                self._dali = DaliDecoder(device=self.device, output="uint8",
-                                         skip_broken=self.skip_broken, rank=self.rank,
-                                         **self.dali_args)
-            fn = self._dali
-        else:
-            fn = self.decoder
-        check_batch(raw, self.reader.path)  # verify=True: checksums before the decoder
-        images, targets = fn(raw.jpegs(), raw.labels)
-        return DecodedBatch(raw.index, images, targets, raw.records)
-
-    def _finish(self, res: DecodedBatch) -> Tuple[Any, torch.Tensor]:
-        if res.skipped:
-            self.skipped += len(res.skipped)
-            room = _SKIP_LOG - len(self.skipped_records)
-            self.skipped_records.extend(res.skipped[:max(0, room)])
-        self.last_batch_records = res.records
-        images, targets = res.images, res.targets
-        if self._pin():
-            if not images.is_pinned():
-                images = images.pin_memory()
-            targets = targets.pin_memory()
-        if self.device is not None and self.decoder == "cpu":
-            images, targets = to_device(images, targets, self.device,
-                                        channels_last=self.channels_last)
-        return images, targets

@@ -9,7 +9,7 @@ Memory: ``size`` x mean record size (compressed JPEG bytes; ImageNet ~110 KB). T
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -20,6 +20,114 @@ DEFAULT_NODE_BUFFER_BYTES = 2 << 30
 #: Mean ImageNet train record (JPEG bytes); used when a file does not say (legacy files).
 IMAGENET_MEAN_RECORD_BYTES = 110_000
 _RANDOM_BLOCK = 4096
+NOTHING = object()  # what ShuffleBuffer.push returns while the buffer fills
+
+
+class ShuffleBuffer:
+    """The shuffle stage: a buffer of ``size`` items with explicit, replayable state.
+
+    ``run(items)`` yields every item once (see :func:`buffered_shuffle`). The state after ``k``
+    outputs is a function of (input length, ``size``, rng seed, ``k``) only, so a resume does
+    not store the buffer: :meth:`fast_forward` replays the shuffle on the input's *ids* (cheap:
+    no data) up to output ``k``, leaving the buffer holding the ids it would hold then;
+    :meth:`fill` swaps those ids for the records (read again: at most ``size`` of them), and
+    ``run(rest)`` continues with input item ``consumed`` onwards, exactly as the
+    uninterrupted stream would have.
+
+    Interface: iterate (``run``); ``state()`` (``consumed``/``emitted`` counts);
+    ``fast_forward`` + ``fill`` restore; ``close()`` drops the buffer.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size, self.rng = int(size), rng
+        self.buf: list = []
+        self.draws = np.empty(0, np.int64)
+        self.pos = 0
+        self.consumed = 0  # input items taken
+        self.emitted = 0  # output items given
+        self.drain: Optional[np.ndarray] = None  # the final permutation, once input ended
+        self.drain_pos = 0
+
+    def push(self, item: T) -> Any:
+        """Take one input item; return the item it displaces (:data:`NOTHING` while filling)."""
+        self.consumed += 1
+        if len(self.buf) < self.size:
+            self.buf.append(item)
+            return NOTHING
+        if self.pos == len(self.draws):
+            self.draws = self.rng.integers(0, self.size, _RANDOM_BLOCK)
+            self.pos = 0
+        j = int(self.draws[self.pos])
+        self.pos += 1
+        out = self.buf[j]
+        self.buf[j] = item
+        self.emitted += 1
+        return out
+
+    def drain_next(self) -> Optional[int]:
+        """After the input ended: the buffer position of the next output (None: done)."""
+        if self.drain is None:
+            self.drain = self.rng.permutation(len(self.buf))
+            self.drain_pos = 0
+        if self.drain_pos == len(self.drain):
+            return None
+        j = int(self.drain[self.drain_pos])
+        self.drain_pos += 1
+        self.emitted += 1
+        return j
+
+    def run(self, items: Iterable[T]) -> Iterator[T]:
+        if self.size <= 1:
+            for item in items:
+                self.consumed += 1
+                self.emitted += 1
+                yield item
+            return
+        if self.drain is None:
+            for item in items:
+                out = self.push(item)
+                if out is not NOTHING:
+                    yield out
+        while True:
+            j = self.drain_next()
+            if j is None:
+                return
+            yield self.buf[j]
+
+    def fast_forward(self, ids: Sequence[int], outputs: int) -> int:
+        """Replay the shuffle over ``ids`` (the whole input's ids, in input order) until
+        ``outputs`` items came out; returns how many input items that took (the input of the
+        resumed stream starts there). The buffer then holds ids; see :meth:`fill`."""
+        if self.size <= 1:
+            self.consumed = self.emitted = outputs
+            return outputs
+        n = len(ids)
+        while self.emitted < outputs:
+            if self.consumed < n:
+                self.push(ids[self.consumed])
+            elif self.drain_next() is None:
+                raise ValueError(f"{outputs} outputs asked of a stream of {n}")
+        return self.consumed
+
+    def pending_ids(self) -> List[int]:
+        """Ids the buffer still has to give out (after :meth:`fast_forward`)."""
+        if self.drain is None:
+            return list(self.buf)
+        return [self.buf[j] for j in self.drain[self.drain_pos:]]
+
+    def fill(self, lookup: Callable[[int], T]) -> None:
+        """Replace the ids in the buffer by ``lookup(id)`` (the records read again)."""
+        if self.drain is None:
+            self.buf = [lookup(i) for i in self.buf]
+            return
+        left = set(self.drain[self.drain_pos:].tolist())  # given out already: not read again
+        self.buf = [lookup(x) if j in left else None for j, x in enumerate(self.buf)]
+
+    def state(self) -> Dict[str, int]:
+        return {"consumed": self.consumed, "emitted": self.emitted}
+
+    def close(self) -> None:
+        self.buf = []
 
 
 def buffered_shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
@@ -36,26 +144,7 @@ def buffered_shuffle(items: Iterable[T], size: int, rng: np.random.Generator) ->
     Yields:
         every input item exactly once.
     """
-    if size <= 1:
-        yield from items
-        return
-    buf = []
-    draws = np.empty(0)
-    pos = 0
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        if pos == len(draws):
-            draws = rng.integers(0, size, _RANDOM_BLOCK)
-            pos = 0
-        j = int(draws[pos])
-        pos += 1
-        out = buf[j]
-        buf[j] = item
-        yield out
-    for j in rng.permutation(len(buf)):
-        yield buf[j]
+    return ShuffleBuffer(size, rng).run(items)
 
 
 def buffer_records(buffer_size: Optional[int], buffer_bytes: Optional[int],

@@ -1,0 +1,156 @@
+"""Persistent decode workers (issue 13, item 3) and set_image_size.
+
+Pools live as long as the Loader: one fork per Loader, the epoch and the output size travel
+with every batch; ``close()``, ``with`` and garbage collection end them; a ``break`` mid-epoch
+followed by the next epoch, 20 times, leaves no extra thread, process or shared memory.
+"""
+import faulthandler
+import gc
+import os
+import threading
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from imagenet_seq.data import Loader
+from imagenet_seq.decode.transforms import PILTransform
+
+SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8)
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    faulthandler.dump_traceback_later(180, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def children():
+    return sorted(p.pid for p in psutil.Process().children()
+                  if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+
+
+def shm_files():
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def threads():
+    return sorted(t.name for t in threading.enumerate())
+
+
+def maps():
+    """Shared mappings of this process (the process pool's rings are anonymous MAP_SHARED)."""
+    return sum(1 for m in psutil.Process().memory_maps(grouped=False) if "s" in m.perms[3:])
+
+
+@pytest.mark.parametrize("wtype", ["process", "thread"])
+def test_twenty_breaks_leave_nothing_behind(sample_lmdb, wtype):
+    ld = Loader(sample_lmdb, "train", num_workers=2, worker_type=wtype, **SMALL)
+    next(iter(ld))  # workers up
+    procs, names, shm = children(), threads(), shm_files()
+    n_maps = maps()
+    for epoch in range(20):
+        ld.set_epoch(epoch)
+        for k, _ in enumerate(ld):
+            if k == 2:
+                break
+        gc.collect()
+        assert children() == procs, f"round {epoch}: processes {children()} vs {procs}"
+    # a last full epoch: the workers still serve it correctly after 20 breaks
+    ld.set_epoch(20)
+    n = sum(len(y) for _, y in ld)
+    assert n == ld.num_records
+    assert children() == procs
+    assert threads() == names or len(threads()) <= len(names), (threads(), names)
+    assert shm_files() <= shm
+    assert maps() <= n_maps
+    ld.close()
+    assert children() == []
+    if wtype == "thread":
+        assert not [t for t in threading.enumerate() if t.name.startswith("imagenet_seq-decode")]
+
+
+def test_one_fork_per_loader(sample_lmdb):
+    ld = Loader(sample_lmdb, "train", num_workers=2, worker_type="process", **SMALL)
+    pids = None
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        for _ in ld:
+            if pids is None:
+                pids = children()
+        assert children() == pids
+    assert ld.decode_stage().forks == 1
+    ld.close()
+
+
+def test_context_manager_and_gc_end_the_workers(sample_lmdb):
+    with Loader(sample_lmdb, "train", num_workers=2, worker_type="process", **SMALL) as ld:
+        next(iter(ld))
+        assert len(children()) == 2
+    assert children() == []
+    ld = Loader(sample_lmdb, "train", num_workers=2, worker_type="process", **SMALL)
+    for _ in ld:
+        pass
+    assert len(children()) == 2
+    del ld
+    gc.collect()
+    assert children() == []
+
+
+def test_a_loader_reopens_after_close(sample_lmdb):
+    ld = Loader(sample_lmdb, "train", num_workers=2, worker_type="process", **SMALL)
+    a = [y.clone() for _, y in ld]
+    ld.close()
+    ld.set_epoch(0)
+    b = [y.clone() for _, y in ld]
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+    ld.close()
+
+
+@pytest.mark.parametrize("workers,wtype", [(0, "thread"), (2, "thread"), (2, "process")])
+def test_set_image_size_applies_to_the_next_pass(sample_lmdb, workers, wtype):
+    ld = Loader(sample_lmdb, "train", num_workers=workers, worker_type=wtype, image_size=32,
+                **SMALL)
+    pids = children()
+    x, _ = next(iter(ld))
+    assert x.shape[-1] == 32
+    pids = children()
+    for size in (48, 24, 32):  # larger than the rings were made for, smaller, back
+        ld.set_image_size(size)
+        ld.set_epoch(1)
+        shapes = {tuple(x.shape[1:]) for x, _ in ld}
+        assert shapes == {(3, size, size)}
+        assert children() == pids  # the same workers
+    # the pixels at a size are those of a Loader built for that size
+    ld.set_image_size(48)
+    ld.set_epoch(2)
+    got = [x for x, _ in ld]
+    ref = Loader(sample_lmdb, "train", num_workers=0, image_size=48, **SMALL)
+    ref.set_epoch(2)
+    want = [x for x, _ in ref]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    ld.close()
+
+
+def test_set_image_size_bad_input(sample_lmdb):
+    ld = Loader(sample_lmdb, "val", num_workers=0, batch_size=4)
+    for bad in (15, 0, -3, 2.5, "224", True):
+        with pytest.raises(ValueError, match=f"set_image_size\\({bad!r}\\)"):
+            ld.set_image_size(bad)
+    ld.set_image_size(112)  # val keeps the 256/224 ratio
+    x, _ = next(iter(ld))
+    assert x.shape[-2:] == (112, 112)
+    pil = Loader(sample_lmdb, "val", num_workers=0, batch_size=4,
+                 transform=PILTransform(lambda im: np.asarray(im.resize((8, 8)))))
+    with pytest.raises(TypeError, match="decides its own output size"):
+        pil.set_image_size(64)
+    call = Loader(sample_lmdb, "val", num_workers=0, batch_size=4,
+                  decoder=lambda j, l: (torch.zeros(len(j), 3, 8, 8, dtype=torch.uint8),
+                                        torch.as_tensor(l)))
+    with pytest.raises(TypeError, match="decides its own output size"):
+        call.set_image_size(64)
