@@ -119,9 +119,17 @@ def strip_exif(data: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _decode_cv2(data: bytes) -> Optional[np.ndarray]:
+def _decode_cv2(data: bytes, check_only: bool = False) -> Optional[np.ndarray]:
+    """OpenCV's decode; None where libjpeg fails (truncated, corrupt header or scan).
+
+    ``check_only``: decode at 1/8 scale. libjpeg still reads every scan's entropy-coded data
+    (the failures a check is for) but skips most of the inverse DCT and the upsampling: ~3x
+    less CPU per ImageNet JPEG (2.0 vs 6.2 ms on a loaded 2-core machine), and validation is
+    most of the conversion's CPU.
+    """
     arr = np.frombuffer(data, dtype=np.uint8)
-    return cv2.imdecode(arr, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = cv2.IMREAD_REDUCED_COLOR_8 if check_only else cv2.IMREAD_COLOR
+    return cv2.imdecode(arr, flags | cv2.IMREAD_IGNORE_ORIENTATION)
 
 
 def _encode_bgr(bgr: np.ndarray, quality: int) -> bytes:
@@ -195,7 +203,7 @@ def normalise(data: bytes, max_size: Optional[int] = None,
         components, has_exif, pixels = inspect_jpeg(data)
         _check_pixels(pixels)
         if components in (1, 3):
-            img = _decode_cv2(data)
+            img = _decode_cv2(data, check_only=not max_size)  # pixels needed only to resize
             if img is not None:
                 if max_size and max(img.shape[:2]) > max_size:
                     small, _ = _limit(img, max_size)
