@@ -3,6 +3,10 @@
 A checkpoint holds what ``--resume`` needs to continue exactly where the run stopped: the model
 (without the DDP wrapper), optimizer, LR schedule, AMP grad scaler, the next epoch and the best
 top-1 so far, plus the arch and class count so a mismatched resume fails with a clear message.
+A mid-epoch checkpoint (``--save-every N`` steps) has ``epoch`` = the unfinished epoch,
+``step`` and ``loader``: every rank's ``Loader.state_dict()`` (gathered to rank 0), so each
+rank resumes its own share at that batch, with the records and augmented pixels an
+uninterrupted run would have had.
 """
 from __future__ import annotations
 

@@ -74,6 +74,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="checkpoint.pth (or its folder) to continue from")
     p.add_argument("--start-epoch", type=int, default=None, help="override the resumed epoch")
     p.add_argument("--output-dir", default=".", help="where checkpoint.pth/model_best.pth go")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="also save checkpoint.pth every N training steps, with every rank's "
+                   "loader state: --resume then continues mid-epoch with exactly the batches "
+                   "the run would have seen (0 = only at the end of each epoch)")
+    p.add_argument("--log-batches", default="", metavar="PATH",
+                   help="append one JSON line per training step (epoch, step, rank, record "
+                   "ids, SHA-1 of the images): to compare a resumed run with an "
+                   "uninterrupted one")
     p.add_argument("-p", "--print-freq", type=int, default=10, help="steps between lines")
     p.add_argument("--tqdm", action="store_true", help="progress bar instead of lines")
     p.add_argument("--num-classes", type=int, default=None,
@@ -86,6 +94,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--threads={args.threads}; must be >= 0 (0 = automatic)")
     if args.workers < 0:
         p.error(f"--workers={args.workers}; must be >= 0 (0 = decode in the training process)")
+    if args.save_every < 0:
+        p.error(f"--save-every={args.save_every}; must be >= 0 steps (0 = at epoch ends only)")
     return args
 
 
@@ -150,14 +160,20 @@ def amp_dtype(args: argparse.Namespace, device: torch.device) -> Optional[torch.
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, dtype,
-                    args, progress: Progress) -> None:
-    """One pass over this rank's shard; timing and lines go through ``progress``."""
+                    args, progress: Progress, on_step=None, log_batch=None) -> None:
+    """One pass over this rank's shard (the rest of it, after a mid-epoch resume); timing and
+    lines go through ``progress``; ``on_step(step)`` after each optimizer step (mid-epoch
+    checkpoints); ``log_batch(step, images)`` before it (``--log-batches``)."""
     from imagenet_seq.data import to_device
 
     model.train()
     steps = len(loader)
+    # a Loader resumed mid-epoch starts at batch k: steps are numbered from there
+    first = loader.state_dict()["batches"] if hasattr(loader, "state_dict") else 0
     end = time.perf_counter()
-    for i, (images, target) in enumerate(loader):
+    for i, (images, target) in enumerate(loader, start=first):
+        if log_batch is not None:
+            log_batch(i, images)
         images, target = to_device(images, target, device, normalize=True,
                                    channels_last=args.channels_last)
         data_s = time.perf_counter() - end
@@ -175,6 +191,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             c1 = correct_counts(output.detach().float(), target, (1,))[0].item()
         now = time.perf_counter()
         progress.step(len(target), data_s, now - end, loss_v, c1)
+        if on_step is not None:
+            on_step(i + 1)
         end = now
 
 
@@ -285,6 +303,17 @@ def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, 
         ckpt = load_checkpoint(args.resume, model, optimizer, scheduler, scaler,
                                arch=args.arch, num_classes=num_classes)
         start_epoch, best_acc1 = int(ckpt["epoch"]), float(ckpt.get("best_acc1", 0.0))
+        if ckpt.get("loader") is not None and train_loader is not None:
+            # saved mid-epoch (--save-every): this rank's loader continues at that batch
+            states = ckpt["loader"]
+            if len(states) != world:
+                raise ValueError(
+                    f"--resume {ckpt['path']!r} was saved mid-epoch by {len(states)} rank(s); "
+                    f"this run has {world}. Resume it on {len(states)} rank(s), or start the "
+                    f"next epoch on {world} with --start-epoch {start_epoch + 1}")
+            train_loader.load_state_dict(states[rank])
+            log(f"=> mid-epoch: epoch {start_epoch + 1}, step {ckpt.get('step')} of "
+                f"{len(train_loader)}")
         log(f"=> resumed {ckpt['path']} (next epoch {start_epoch + 1}, best top1 "
             f"{best_acc1:.2f}%)")
     if args.start_epoch is not None:
@@ -312,25 +341,55 @@ def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, 
     progress = Progress(args.epochs, steps, len(val_loader), world, args.print_freq,
                         printer=(bar.write if bar is not None else print) if rank == 0 else None,
                         bar=bar)
+    batch_log = open(args.log_batches, "a") if args.log_batches else None
+
+    def checkpoint_state(epoch: int) -> Dict[str, Any]:
+        return {"epoch": epoch, "arch": args.arch, "num_classes": num_classes,
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "best_acc1": best_acc1, "args": vars(args)}
+
     for epoch in range(start_epoch, args.epochs):
         train_loader.set_epoch(epoch)
+
+        def on_step(step: int, epoch: int = epoch) -> None:
+            """--save-every: a checkpoint of this step with every rank's loader state."""
+            if not args.save_every or step % args.save_every or step >= steps:
+                return
+            states = [train_loader.state_dict()]
+            if dist.is_initialized():
+                states = [None] * world
+                dist.all_gather_object(states, train_loader.state_dict())
+            if rank == 0:
+                state = checkpoint_state(epoch)  # the epoch is not finished: resume inside it
+                state.update(step=step, loader=states)
+                save_checkpoint(args.output_dir, state, False)
+
+        def log_batch(step: int, images, epoch: int = epoch) -> None:
+            if batch_log is None:
+                return
+            import hashlib
+            import json
+
+            records = [int(r) for r in getattr(train_loader, "last_batch_records", [])]
+            digest = hashlib.sha1(images.cpu().contiguous().numpy().tobytes()).hexdigest()
+            batch_log.write(json.dumps({"epoch": epoch, "step": step, "rank": rank,
+                                        "records": records, "sha1": digest}) + "\n")
+            batch_log.flush()
         progress.start_epoch(epoch)
         if bar is not None:
             bar.reset(total=steps)
             bar.set_description(f"epoch {epoch + 1}/{args.epochs}")
         train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, device,
-                        dtype, args, progress)
+                        dtype, args, progress, on_step, log_batch)
         t0 = time.perf_counter()
         val = validate(model, val_loader, criterion, device, dtype, args)
         progress.end_epoch(val, time.perf_counter() - t0)
         is_best = val["top1"] > best_acc1 or best_acc1 == 0.0
         best_acc1 = max(best_acc1, val["top1"])
         if rank == 0:
-            summary["checkpoint"] = save_checkpoint(args.output_dir, {
-                "epoch": epoch + 1, "arch": args.arch, "num_classes": num_classes,
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "best_acc1": best_acc1, "args": vars(args)}, is_best)
+            summary["checkpoint"] = save_checkpoint(args.output_dir, checkpoint_state(epoch + 1),
+                                                    is_best)
         if dist.is_initialized():
             dist.barrier()  # a resumed run must find the checkpoint of every finished epoch
         summary.update(epochs_run=summary["epochs_run"] + 1, val=val, best_acc1=best_acc1,
@@ -339,6 +398,8 @@ def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, 
                        data_wait=progress.data_s / max(progress.step_s, 1e-9))
     if bar is not None:
         bar.close()
+    if batch_log is not None:
+        batch_log.close()
     return summary
 
 
