@@ -3,12 +3,20 @@
 Measures, each with the files' page cache dropped first (so the disk is measured, not RAM):
 
 * ``stream``: raw record streaming, one cursor walking the LMDB (the disk's sequential rate);
-* ``pipeline``: the full :class:`imagenet_seq.data.Loader` (read, shuffle, decode, augment, batch);
+  a file read in less than ``--seconds`` is read again, its cache dropped before each pass;
+* ``pipeline``: the full :class:`imagenet_seq.data.Loader` (read, shuffle, decode, augment,
+  batch), its shuffle-buffer fill counted: whole epochs when one fits in ``--seconds`` (a
+  split that fits the buffer is read whole before its first batch), else the steady window
+  while records still come from the device, the fill added to each epoch
+  (:func:`measure_pipeline`);
 * ``folder`` (``--folder``): random-order reads of the raw ImageFolder's files.
 
 Then projects each rate to ``--epochs`` epochs of the whole split (record count from the LMDB's
-metadata) and names the limiting stage: when the pipeline runs well below the stream rate the
-CPU (decode) limits and more workers/cores help; otherwise the disk does.
+metadata), says how many images and seconds each figure rests on (a warning when too few), and
+names the limiting stage from the pipeline's steady window: well below the stream rate the CPU
+(decode) limits and more workers/cores help; otherwise the disk does. Where the split gives no
+such window (it fits the shuffle buffer) the stage is not guessed, and the output says how to
+see it (``--buffer-size``).
 """
 from __future__ import annotations
 
@@ -19,13 +27,17 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from imagenet_seq.read.evict import evict
+from imagenet_seq.tools.bench_report import format_table, judge_limit, write_plot
+from imagenet_seq.tools.info import summary_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-# the pipeline counts as disk-bound while it keeps this fraction of the raw stream's rate
-DISK_BOUND_FRACTION = 0.8
+# a figure resting on less than this is flagged as rough
+MIN_IMAGES = 1000
+MIN_SECONDS = 3.0
+MAX_EPOCHS = 50  # whole-epoch measurements of a tiny split stop here
 
 
 class BenchError(ValueError):
@@ -34,16 +46,29 @@ class BenchError(ValueError):
 
 @dataclass
 class Measurement:
-    """What one measurement saw. ``seconds`` excludes start-up (workers, first batch)."""
+    """What one measurement saw: ``images`` in ``seconds`` is the figure's basis.
+
+    ``fill_s``: time before those seconds in which records were read from the device but no
+    image was delivered (the Loader's shuffle buffer filling); the projection adds it to every
+    epoch. ``method`` says how the figure was taken (see :func:`measure_pipeline`).
+    """
 
     name: str
     images: int = 0
     bytes: int = 0
     seconds: float = 0.0
     startup_s: float = 0.0
+    fill_s: float = 0.0
     evicted: bool = False
     note: str = ""
     interrupted: bool = False
+    method: str = ""
+    passes: int = 0
+    # the pipeline's epoch 0 after its first batch, while records still came from the device
+    steady_images: int = 0
+    steady_s: float = 0.0
+    buffer_records: int = 0
+    fits_buffer: bool = False  # the split fits the shuffle buffer: reads and decode never overlap
 
     @property
     def images_per_s(self) -> float:
@@ -53,14 +78,24 @@ class Measurement:
     def mb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
-    def projection(self, records: int, epochs: int) -> Dict[str, float]:
-        """images/s, MB/s, seconds per epoch and hours for ``epochs`` epochs of ``records``."""
+    def projection(self, records: int, epochs: int) -> Dict[str, Any]:
+        """images/s, MB/s, seconds per epoch and hours for ``epochs`` epochs of ``records``,
+        with what the figure rests on."""
         rate = self.images_per_s
-        epoch_s = records / rate if rate > 0 else float("inf")
+        epoch_s = self.fill_s + records / rate if rate > 0 else float("inf")
         return {"images_per_s": rate, "mb_per_s": self.mb_per_s, "epoch_s": epoch_s,
                 "hours": epoch_s * epochs / 3600.0, "images": self.images,
-                "seconds": self.seconds, "startup_s": self.startup_s,
+                "seconds": self.seconds, "startup_s": self.startup_s, "fill_s": self.fill_s,
+                "method": self.method, "passes": self.passes,
                 "page_cache_evicted": self.evicted, "interrupted": self.interrupted}
+
+    def too_little(self) -> str:
+        """Why this figure is rough ('' when it rests on enough)."""
+        if self.images >= MIN_IMAGES and self.seconds >= MIN_SECONDS:
+            return ""
+        return (f"the {self.name} figure rests on only {self.images:,} images in "
+                f"{self.seconds:.2f} s (want >= {MIN_IMAGES:,} images and >= {MIN_SECONDS:g} s): "
+                "treat it as rough; a larger split or a longer --seconds gives a firmer one")
 
 
 def _progress(desc: str, seconds: float, enabled: bool):
@@ -76,61 +111,104 @@ def _tick(bar, t0: float, m: Measurement) -> None:
 
 
 def measure_stream(reader, seconds: float, progress: bool = True) -> Measurement:
-    """Stream records from the start of the file for ``seconds`` (or to its end)."""
+    """Stream records from the start of the file for ``seconds``: a file read in less starts
+    again, its page cache dropped before each pass (so every pass reads the device)."""
     m = Measurement("stream")
-    m.evicted, m.note = evict(reader.path)
     bar = _progress("raw stream", seconds, progress)
-    t0 = time.monotonic()
+    spent = 0.0
     try:
-        for _, jpeg, _ in reader.read_range(0, len(reader)):
-            m.images += 1
-            m.bytes += len(jpeg)
-            if m.images % 64 == 0:
-                _tick(bar, t0, m)
-                if time.monotonic() - t0 >= seconds:
-                    break
+        while spent < seconds:
+            m.evicted, m.note = evict(reader.path)  # not timed: between passes
+            m.passes += 1
+            t0 = time.monotonic()
+            try:
+                for _, jpeg, _ in reader.read_range(0, len(reader)):
+                    m.images += 1
+                    m.bytes += len(jpeg)
+                    if m.images % 64 == 0:
+                        _tick(bar, t0 - spent, m)
+                        if spent + time.monotonic() - t0 >= seconds:
+                            break
+            finally:
+                spent += time.monotonic() - t0
     except KeyboardInterrupt:
         m.interrupted = True
     finally:
-        m.seconds = time.monotonic() - t0
+        m.seconds = spent
+        m.method = f"{m.passes} sequential pass(es) over the file, each from a dropped page cache"
         bar.close()
         reader.close()
     return m
 
 
 def measure_pipeline(root: str, split: str, batch_size: int, workers: int, seconds: float,
-                     mean_record_bytes: float, path: str, progress: bool = True) -> Measurement:
-    """Iterate the full Loader for ``seconds`` after its first batch; bytes = images x mean size."""
+                     mean_record_bytes: float, path: str, progress: bool = True,
+                     buffer_size: Optional[int] = None) -> Measurement:
+    """The full Loader's images/s from the device, its buffer fill counted.
+
+    Epoch 0 runs from a dropped page cache. If it ends within ``seconds`` of its first batch,
+    the figure is whole epochs (``method`` starts with ``whole epochs``): more epochs, each from
+    a dropped page cache, while they fit in ``seconds``; images / their total time, each
+    epoch's fill inside. Otherwise the figure is the steady window: from the first batch (the
+    shuffle buffer is full) for ``seconds``, closed early once the reader may have read the
+    last record (what follows comes from memory); the fill before it (``fill_s``) is added to
+    every epoch of the projection. Either way ``steady_images``/``steady_s`` sum the epochs'
+    steady windows (what the limiting stage is judged on); bytes = images x mean record.
+    """
     from imagenet_seq.data import Loader  # the heavy part (torch, workers), imported only when measured
 
     m = Measurement("pipeline")
-    m.evicted, m.note = evict(path)
-    bar = _progress("full pipeline", seconds, progress)
-    t_start = time.monotonic()
     loader = Loader(root, split, batch_size=batch_size, num_workers=workers,
-                    shuffle=(split == "train"))
-    it = iter(loader)
-    t0 = None
+                    shuffle=(split == "train"), buffer_size=buffer_size)
+    m.buffer_records = loader.buffer_size
+    # delivered images up to which the reader is still reading: the buffer's records and the
+    # batches in flight were read ahead of them
+    device_end = loader.num_records - loader.buffer_size - loader.prefetch * batch_size
+    m.fits_buffer = device_end <= batch_size
+    bar = _progress("full pipeline", seconds, progress)
+    epochs: List[Tuple[int, float]] = []
     try:
-        for images, _ in it:
-            if t0 is None:  # start-up (workers, first reads) is not the sustained rate
-                t0 = time.monotonic()
-                m.startup_s = t0 - t_start
-                continue
-            m.images += len(images)
-            _tick(bar, t0, m)
-            if time.monotonic() - t0 >= seconds:
-                break
+        while not epochs or (sum(t for _, t in epochs) + epochs[-1][1] <= seconds
+                             and len(epochs) < MAX_EPOCHS):
+            m.evicted, m.note = evict(path)  # not timed: between epochs
+            t0 = time.monotonic()
+            first, n0, delivered, steady = None, 0, 0, (0, 0.0)
+            for images, _ in loader:
+                now = time.monotonic()
+                delivered += len(images)
+                if first is None:  # workers started, the shuffle buffer full
+                    first, n0 = now, delivered
+                    m.startup_s = m.startup_s or now - t0
+                    continue
+                if delivered <= device_end:
+                    steady = (delivered - n0, now - first)
+                if not epochs:
+                    m.images = delivered
+                    _tick(bar, first, m)
+                    if now - first >= seconds:
+                        break
+            else:
+                epochs.append((delivered, time.monotonic() - t0))
+            m.steady_images += steady[0]
+            m.steady_s += steady[1]
+            if len(epochs) == 0:
+                break  # epoch 0 outlasts --seconds: the steady window is the figure
     except KeyboardInterrupt:
         m.interrupted = True
     finally:
-        m.seconds = time.monotonic() - t0 if t0 is not None else 0.0
-        m.bytes = int(m.images * mean_record_bytes)
         bar.close()
-        close = getattr(it, "close", None) or getattr(loader, "close", None)
-        if close is not None:
-            close()
-        del it, loader
+        loader.close()
+    if epochs:
+        m.method = (f"whole epochs ({len(epochs)}, each from a dropped page cache, its buffer "
+                    "fill counted)")
+        m.images, m.seconds = sum(n for n, _ in epochs), sum(t for _, t in epochs)
+        m.passes = len(epochs)
+    else:
+        m.method = ("steady window after the shuffle buffer filled; the fill "
+                    f"({m.startup_s:.1f} s) is added to every epoch")
+        m.images, m.seconds, m.fill_s = m.steady_images, m.steady_s, m.startup_s
+        m.passes = 1
+    m.bytes = int(m.images * mean_record_bytes)
     return m
 
 
@@ -210,83 +288,6 @@ def measure_folder(files: List[str], seconds: float, workers: int, seed: int = 0
     return m
 
 
-def _rows(result: Dict) -> List[tuple]:
-    labels = {"stream": "raw record stream", "pipeline": "full Loader pipeline",
-              "folder": "ImageFolder files"}
-    return [(labels[k], result[k]) for k in ("stream", "pipeline", "folder") if k in result]
-
-
-def format_table(result: Dict) -> str:
-    """The plain-text summary a person reads."""
-    e = result["epochs"]
-    head = (f"{result['path']} ({result['split']}): {result['records']:,} records, "
-            f"mean {result['mean_record_kb']:.0f} KB, {e} epochs")
-    lines = [head, "",
-             f"{'measurement':<22}{'images/s':>10}{'MB/s':>9}{'epoch':>10}{f'{e} epochs':>12}",
-             "-" * 63]
-    for label, r in _rows(result):
-        lines.append(f"{label:<22}{r['images_per_s']:>10,.0f}{r['mb_per_s']:>9.1f}"
-                     f"{_duration(r['epoch_s']):>10}{_hours(r['hours']):>12}"
-                     + ("  (interrupted)" if r["interrupted"] else ""))
-    lines.append("")
-    if "limit" in result:
-        lines.append(f"limiting stage: {result['limit']}")
-    if "speedup" in result:
-        what = "LMDB pipeline" if "pipeline" in result else "raw LMDB stream"
-        lines.append(f"speed-up of the {what} over folders: {result['speedup']:.1f}x")
-    for note in result["notes"]:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
-
-
-def _hours(h: float) -> str:
-    if h == float("inf"):
-        return "-"
-    return f"{h:,.0f} h" if h >= 100 else (f"{h:.1f} h" if h >= 1 else f"{h:.3g} h")
-
-
-def _duration(s: float) -> str:
-    if s == float("inf"):
-        return "-"
-    if s >= 3600:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
-
-
-def write_plot(result: Dict, path: str) -> None:
-    """A bar chart of hours for the requested epochs, one bar per measurement."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'imagenet_seq[bench]' "
-                          "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _rows(result)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.8 * len(rows)), dpi=120)
-    hours = [r["hours"] if r["hours"] != float("inf") else 0 for _, r in rows]
-    colors = {"raw record stream": "#4c72b0", "full Loader pipeline": "#55a868",
-              "ImageFolder files": "#c44e52"}
-    bars = ax.barh([lbl for lbl, _ in rows], hours, color=[colors[lbl] for lbl, _ in rows])
-    for bar, (_, r) in zip(bars, rows):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                f"  {_hours(r['hours'])}  ({r['images_per_s']:,.0f} img/s, {r['mb_per_s']:.0f} MB/s)",
-                va="center", fontsize=9)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(hours + [1e-9]) * 1.6)
-    ax.set_xlabel(f"hours for {result['epochs']} epochs of {result['records']:,} images")
-    title = f"{os.path.basename(result['path'].rstrip('/'))} ({result['split']})"
-    if "speedup" in result:
-        what = "LMDB pipeline" if "pipeline" in result else "raw LMDB stream"
-        title += f": {what} {result['speedup']:.1f}x faster than folders"
-    ax.set_title(title, fontsize=10)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imagenet-seq-bench",
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode workers of the Loader / reader threads for --folder")
     p.add_argument("--folder", help="the raw ImageFolder split to compare with")
     p.add_argument("--seconds", type=float, default=60.0, help="length of each measurement")
+    p.add_argument("--buffer-size", type=int,
+                   help="the Loader's shuffle buffer in records (default: the Loader's, 2 GiB "
+                        "/ mean record); a split that fits the buffer never overlaps reading "
+                        "and decoding: a smaller buffer shows which stage limits")
     p.add_argument("--skip-pipeline", action="store_true", help="measure raw streaming only")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -313,6 +318,8 @@ def _check(args: argparse.Namespace) -> None:
             raise BenchError(f"--{name.replace('_', '-')}={getattr(args, name)}; expected > 0")
     if args.workers < 0:
         raise BenchError(f"--workers={args.workers}; expected >= 0")
+    if args.buffer_size is not None and args.buffer_size < 0:
+        raise BenchError(f"--buffer-size={args.buffer_size}; expected >= 0 records")
 
 
 def open_split(root: str, split: str):
@@ -342,7 +349,8 @@ def run(args: argparse.Namespace) -> Dict:
     indexed = reader.indexed
     reader.close()  # the stream measurement opens it again after evicting the file
     result: Dict = {"path": args.lmdb, "split": args.split, "records": records,
-                    "epochs": args.epochs, "seconds": args.seconds, "notes": []}
+                    "epochs": args.epochs, "seconds": args.seconds, "notes": [],
+                    "warnings": [], "runtime": summary_line()}
     measured: List[Measurement] = []
     progress = not args.no_progress and not args.json and sys.stderr.isatty()
     try:
@@ -354,7 +362,7 @@ def run(args: argparse.Namespace) -> Dict:
             try:
                 measured.append(measure_pipeline(args.lmdb, args.split, args.batch_size,
                                                  args.workers, args.seconds, mean, reader.path,
-                                                 progress))
+                                                 progress, args.buffer_size))
             except ImportError as e:
                 result["notes"].append(f"pipeline: not measured ({e})")
         if files and not measured[-1].interrupted:
@@ -372,14 +380,12 @@ def run(args: argparse.Namespace) -> Dict:
         result[m.name] = m.projection(records, args.epochs)
         result["notes"].append(f"{m.name}: {m.note}")
         result["interrupted"] = result.get("interrupted", False) or m.interrupted
+        if m.too_little():
+            result["warnings"].append(m.too_little())
     result["page_cache_evicted"] = bool(measured) and all(m.evicted for m in measured)
-    if "stream" in result and "pipeline" in result and result["stream"]["images_per_s"] > 0:
-        ratio = result["pipeline"]["images_per_s"] / result["stream"]["images_per_s"]
-        result["limit"] = ("disk (the pipeline keeps up with the raw stream)"
-                           if ratio >= DISK_BOUND_FRACTION else
-                           f"CPU (decode: the pipeline runs at {ratio:.0%} of the disk's stream "
-                           "rate; more workers/cores would help)")
-        result["limit_stage"] = "disk" if ratio >= DISK_BOUND_FRACTION else "cpu"
+    pipe = next((m for m in measured if m.name == "pipeline"), None)
+    if pipe is not None and "stream" in result and result["stream"]["images_per_s"] > 0:
+        judge_limit(result, pipe, records, args.batch_size)
     if "folder" in result and result["folder"]["images_per_s"] > 0:
         best = result.get("pipeline", result["stream"])
         result["speedup"] = best["images_per_s"] / result["folder"]["images_per_s"]
