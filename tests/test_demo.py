@@ -73,6 +73,7 @@ def test_demo_console_run(tmp_path):
         assert step in r.stdout
     assert "images/s" in r.stdout and "1,281,167 images x 90 epochs at this rate:" in r.stdout
     assert "hours" in r.stdout and "Epoch 1/1 done" in r.stdout
+    assert "converted: of those, stored changed" in r.stdout  # the table's columns explained
     assert r.stdout.startswith("runtime: imagenet_seq ")  # the runtime report's summary line
     # one throughput per run: the result quotes the epoch line's figure
     epoch = re.search(r"Epoch 1/1 done in \S+: [\d,]+ train images at ([\d,]+) img/s", r.stdout)

@@ -121,6 +121,9 @@ def _table(rows) -> str:
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
+    lines.append("(images: records written; converted: of those, stored changed (EXIF removed, "
+                 "CMYK/PNG/other formats re-encoded as RGB JPEG, or --max-size resized), the "
+                 "rest are the original bytes; skipped: not stored, see the .report.tsv)")
     return "\n".join(lines)
 
 
