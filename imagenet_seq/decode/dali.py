@@ -18,78 +18,19 @@ DALI error (DALI's error says the pipeline object is no longer valid).
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import nullcontext as _nullcontext
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from imagenet_seq.decode.dali_setup import (DEVICE_PADDING, HOST_PADDING, IMAGENET_MEAN,
+                                            IMAGENET_STD, INSTALL_LINE, failed_sample,
+                                            import_dali, resolve_device, short_error)
+
 __all__ = ["DaliDecoder", "INSTALL_LINE"]
 
-INSTALL_LINE = "pip install nvidia-dali-cuda120"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# nvJPEG scratch sizes from NVIDIA's ImageNet examples: big enough for ImageNet's largest
-# images, so the mixed decoder never reallocates mid-epoch
-_DEVICE_PADDING = 211025920
-_HOST_PADDING = 140544512
-
 log = logging.getLogger(__name__)
-
-
-def _import_dali() -> Tuple[Any, Any, Any]:
-    """``(nvidia.dali, nvidia.dali.fn, nvidia.dali.types)``, or an ImportError with the fix."""
-    try:
-        import nvidia.dali as dali
-        from nvidia.dali import fn, types
-    except ImportError as e:
-        raise ImportError(
-            f"decoder='dali' needs NVIDIA DALI, which cannot be imported ({e}). Install it with:\n"
-            f"    {INSTALL_LINE}\n(or `pip install -e .[dali]`; CUDA 13 users: "
-            "pip install nvidia-dali-cuda130), or use decoder='cpu'") from e
-    return dali, fn, types
-
-
-def _resolve_device(device: Union[None, str, torch.device]) -> torch.device:
-    """The torch device outputs go to; ``None`` = this process's current CUDA device, else CPU."""
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r}; expected None, 'cpu', 'cuda', 'cuda:N' or a "
-                         f"torch.device ({e})") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device={device!r}; DALI outputs go to 'cpu' or 'cuda[:N]' only")
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={device!r} was requested but CUDA is not available here (torch "
-            f"{torch.__version__}, torch.version.cuda={torch.version.cuda}); pass device='cpu' "
-            "to run DALI's CPU backend, or run on a machine with a GPU and a CUDA build of torch")
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise RuntimeError(f"device={device!r}, but only {torch.cuda.device_count()} CUDA "
-                           "device(s) are visible (check CUDA_VISIBLE_DEVICES / LOCAL_RANK)")
-    return torch.device("cuda", index)
-
-
-def _failed_sample(err: BaseException) -> Optional[int]:
-    """The sample index DALI names in a decode error ("Failed to decode sample #3"), if any."""
-    m = re.search(r"sample #(\d+)", str(err))
-    return int(m.group(1)) if m else None
-
-
-def _short(err: BaseException) -> str:
-    """The informative line of a DALI error (its message is mostly a traceback of the graph)."""
-    text = str(err)
-    m = re.search(r"encountered:\s*(.+)", text)
-    line = m.group(1) if m else text.strip().splitlines()[-1] if text.strip() else repr(err)
-    return line.strip()[:300]
 
 
 class DaliDecoder:
@@ -159,11 +100,11 @@ class DaliDecoder:
             raise ValueError(f"output={output!r}; expected 'uint8' or 'float'")
         if backend not in (None, "cpu", "gpu"):
             raise ValueError(f"backend={backend!r}; expected None, 'cpu' or 'gpu'")
-        _import_dali()  # fail now, with the install line, not on the first batch
+        import_dali()  # fail now, with the install line, not on the first batch
         if backend == "gpu" and device is None and not torch.cuda.is_available():
             raise RuntimeError("backend='gpu' was requested but CUDA is not available here; "
                                "use backend='cpu' (or None) to run DALI's CPU backend")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.backend = backend or ("gpu" if self.device.type == "cuda" else "cpu")
         if self.backend == "gpu" and self.device.type != "cuda":
             raise ValueError(f"backend='gpu' with device={device!r}; the GPU backend writes to "
@@ -207,7 +148,7 @@ class DaliDecoder:
         return int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
     def _build(self) -> Any:
-        dali, fn, types = _import_dali()
+        dali, fn, types = import_dali()
         gpu = self.backend == "gpu"
         decode_device = "mixed" if gpu else "cpu"
         # prefetch_queue_depth=1: each call feeds exactly one batch and runs it
@@ -215,8 +156,8 @@ class DaliDecoder:
                              device_id=self.device.index if gpu else None,
                              seed=self._pipeline_seed(), prefetch_queue_depth=1,
                              **self._pipeline_options)
-        padding = dict(device_memory_padding=_DEVICE_PADDING,
-                       host_memory_padding=_HOST_PADDING) if gpu else {}
+        padding = dict(device_memory_padding=DEVICE_PADDING,
+                       host_memory_padding=HOST_PADDING) if gpu else {}
         with pipe:
             jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
             if self.mode == "train":
@@ -391,7 +332,7 @@ class DaliDecoder:
                 bad.append(idx[0])
                 errors[idx[0]] = err
                 continue
-            k = _failed_sample(err)
+            k = failed_sample(err)
             if k is not None and k < len(idx):
                 # DALI named the sample: a wrong guess only costs one CPU decode, still correct
                 bad.append(idx[k])
@@ -404,7 +345,7 @@ class DaliDecoder:
         if len(bad) == n:
             self._check_healthy(first_err)
         log.warning("DALI could not decode %d of %d images of this batch (%s); decoding them "
-                    "on the CPU with OpenCV", len(bad), n, _short(errors[bad[0]]))
+                    "on the CPU with OpenCV", len(bad), n, short_error(errors[bad[0]]))
         from imagenet_seq.decode.transforms import DecodeError
 
         fixed, broken = {}, []
@@ -414,7 +355,7 @@ class DaliDecoder:
             except Exception as e:  # noqa: BLE001 - DecodeError, or cv2.error on odd input
                 if not self.skip_broken:
                     raise DecodeError(f"image {i} of this batch ({arrays[i].size} bytes) cannot "
-                                      f"be decoded: DALI said {_short(errors[i])!r}; OpenCV "
+                                      f"be decoded: DALI said {short_error(errors[i])!r}; OpenCV "
                                       f"said {e}") from None
                 log.warning("skipping image %d of this batch: %s", i, e)
                 broken.append(i)
@@ -445,7 +386,7 @@ class DaliDecoder:
         except RuntimeError as probe_err:
             self._drop_pipeline()
             raise RuntimeError(f"DALI fails even on a known-good JPEG, so the problem is not the "
-                               f"images: {_short(probe_err)}") from err
+                               f"images: {short_error(probe_err)}") from err
 
     def _cpu_decode(self, data: np.ndarray) -> torch.Tensor:
         """One image through the CPU path's transform -> (1, 3, S, S) like DALI's output."""

@@ -1,13 +1,17 @@
-"""The Loader: plan -> one sequential reader -> shuffle buffer -> batches -> decode workers.
+"""The Loader: plan -> read -> shuffle -> batch -> decode -> finish, one pass per epoch.
 
-It only composes the stages: :mod:`.order` (which records, in which order), :mod:`.reader`
-(one forward cursor per contiguous span), :mod:`.shuffle` (bounded buffer), :mod:`.workers`
-(decode + augment, ordered results), :mod:`.decode` (per-image transforms) and :mod:`.epoch`
-(one epoch's reader thread and ordered hand-out of batches).
+It only composes the stages (each its own module, same interface: iterate; ``state()`` /
+restore where it holds state; ``close()``; see :mod:`imagenet_seq.loader`):
+:class:`~imagenet_seq.plan.stage.Plan` (which records, in which order: a pure function),
+:class:`~imagenet_seq.read.stage.Read` (one forward cursor per contiguous span),
+:class:`~imagenet_seq.plan.shuffle.ShuffleBuffer` (bounded, replayable),
+:class:`~imagenet_seq.loader.batcher.Batcher`, :class:`~imagenet_seq.decode.stage.Decode`
+(persistent workers, any decoder) and :class:`~imagenet_seq.loader.finish.Finish` (skip count,
+pinning, device). :mod:`.epoch` runs one pass (its reader thread, ordered hand-out);
+:mod:`.state` is the resume state.
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -17,7 +21,8 @@ import torch
 
 from imagenet_seq.plan import order
 from imagenet_seq.loader import faces
-from imagenet_seq.loader.device import to_device
+from imagenet_seq.loader.config import default_workers as _default_workers
+from imagenet_seq.loader.config import make_transform, mean_record_bytes
 from imagenet_seq.plan.distributed import resolve_rank
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.plan.shuffle import buffer_records
@@ -30,14 +35,6 @@ from imagenet_seq.loader.finish import Finish
 from imagenet_seq.decode.malloc import trim
 
 WORKER_TYPES = ("process", "thread")
-
-
-def _default_workers(local_world: int) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, cpus // max(1, local_world))
 
 
 class Loader:
@@ -157,7 +154,7 @@ class Loader:
         self.chunk_size = chunk_size or order.DEFAULT_CHUNK_RECORDS
         order.read_spans(self.dataset_size, mode, rank=self.rank, world_size=self.world_size,
                          chunk_size=self.chunk_size)  # validates the combination now
-        self._mean_bytes = self._mean_record_bytes()
+        self._mean_bytes = mean_record_bytes(self.meta, self.reader, self.dataset_size)
         self.buffer_size = buffer_records(buffer_size, buffer_bytes, self._mean_bytes,
                                           info.local_world_size) if self.shuffle else 0
         self.num_workers = _default_workers(info.local_world_size) if num_workers is None \
@@ -171,8 +168,8 @@ class Loader:
         self._dali = None
         self._decode: Optional[Decode] = None  # the decode stage: workers made on first iter
         self._decode_end = None
-        self._transform, self._collate = self._make_transform(
-            transform, image_size, resize_size, scale, ratio)
+        self._transform, self._collate = make_transform(transform, mode, image_size,
+                                                        resize_size, scale, ratio)
         self.image_size = int(image_size)
         self.plan = Plan(self.dataset_size, mode, seed, self.rank, self.world_size,
                          self.shuffle, self.chunk_size)
@@ -192,30 +189,6 @@ class Loader:
         # workers and closing the LMDB environment
         self._live: Optional[weakref.ref] = None
         self._live_lock = threading.Lock()
-
-    # -- configuration -------------------------------------------------------------------------
-    def _mean_record_bytes(self) -> float:
-        if self.meta.total_bytes and self.dataset_size:
-            return self.meta.total_bytes / self.dataset_size
-        sizes = [len(j) for _, j, _ in self.reader.read_range(0, min(256, self.dataset_size))]
-        self.reader.close()
-        return float(np.mean(sizes)) if sizes else 0.0
-
-    def _make_transform(self, transform, image_size, resize_size, scale, ratio):
-        from imagenet_seq.decode import transforms as decode
-
-        if transform is None:
-            if self.mode == "train":
-                return decode.TrainTransform(image_size, scale, ratio), "array"
-            return decode.ValTransform(image_size, resize_size), "array"
-        if isinstance(transform, (decode.TrainTransform, decode.ValTransform)):
-            return transform, "array"
-        if isinstance(transform, decode.PILTransform):
-            return transform, "default"
-        if not callable(transform):
-            raise TypeError(f"transform={transform!r} is not callable; pass None (fast OpenCV "
-                            "path) or a torchvision-style transform")
-        return decode.PILTransform(transform), "default"
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the epoch of the next iterations (order and augmentation depend on it).
