@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import math
 import os
@@ -50,6 +51,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -120,8 +122,8 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 def run_bounded(cmd: List[str], timeout: float, log_path: Optional[str] = None,
-                env: Optional[Dict[str, str]] = None, cwd: str = REPO) -> Tuple[Optional[int], float,
-                                                                                str]:
+                env: Optional[Dict[str, str]] = None,
+                cwd: str = REPO) -> Tuple[Optional[int], float, str]:
     """Run ``cmd`` in a new session, output to ``log_path`` (appended), killed with its process
     group after ``timeout`` s. Returns (exit status or None if it timed out, seconds, last
     output lines)."""
@@ -339,7 +341,8 @@ def diagnose(probe: Dict[str, Any], smi: Dict[str, Any], want_dali: bool,
                 out.append(("cuda_mismatch",
                             f"nvidia-smi sees {smi['gpus'][0]!r} (driver {smi.get('driver')}, "
                             f"runs CUDA <= {drv}) but torch {probe.get('torch')} built for CUDA "
-                            f"{tcuda} cannot use it ({probe.get('cuda_warning') or 'no reason given'})"
+                            f"{tcuda} cannot use it "
+                            f"({probe.get('cuda_warning') or 'no reason given'})"
                             ": install a torch built for CUDA <= the driver's, or a newer driver"))
         elif not dry_run:
             out.append(("no_gpu", "no CUDA device: " + (smi.get("error") or "nvidia-smi lists none")
@@ -432,13 +435,39 @@ def setup_wheels(run: Run, wheels: str) -> None:
                    {"wheels": names}, last_error(out))
 
 
+def extract_deb(deb: str, prefix: str) -> List[str]:
+    """``dpkg -x DEB PREFIX`` without dpkg: a .deb is an ar archive whose ``data.tar.*`` member
+    holds the files (symbolic links kept). Returns the member names extracted."""
+    with open(deb, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise ValueError(f"{deb} is not a Debian package (no ar header)")
+        while True:
+            head = f.read(60)
+            if len(head) < 60:
+                raise ValueError(f"{deb} has no data.tar member")
+            name = head[:16].decode().strip().rstrip("/")
+            size = int(head[48:58].decode().strip())
+            if name.startswith("data.tar"):
+                data = io.BytesIO(f.read(size))
+                break
+            f.seek(size + (size & 1), os.SEEK_CUR)
+    os.makedirs(prefix, exist_ok=True)
+    with tarfile.open(fileobj=data, mode="r:*") as tar:
+        names = tar.getnames()
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(prefix, filter="data")
+        else:  # Python < 3.12 without the backport: members of a Debian archive, relative paths
+            tar.extractall(prefix)
+    return names
+
+
 def setup_extension(run: Run, wheels: str, install: bool) -> None:
     """Build imagenet_seq/decode/_jpegcrop for this Python against the carried libjpeg-turbo.
 
-    The .debs (libjpeg62-turbo-dev + libjpeg62-turbo) are unpacked with ``dpkg -x`` into
-    WORK/jpeg, never into /. The module is compiled into WORK/ext; with ``install`` it is copied
-    next to _jpegcrop.c unless an extension for this Python is already there (the dry run never
-    writes into the package)."""
+    The .debs (libjpeg62-turbo-dev + libjpeg62-turbo) are unpacked like ``dpkg -x`` into
+    WORK/jpeg (by :func:`extract_deb`: no dpkg needed), never into /. The module is compiled
+    into WORK/ext; with ``install`` it is copied next to _jpegcrop.c unless an extension for this
+    Python is already there (the dry run never writes into the package)."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     pkg = os.path.join(REPO, "imagenet_seq", "decode")
     target = os.path.join(pkg, "_jpegcrop" + suffix)
@@ -450,15 +479,12 @@ def setup_extension(run: Run, wheels: str, install: bool) -> None:
     inc_dirs, lib_dirs = ["/usr/include"], []
     t0 = time.monotonic()
     if debs:
-        if shutil.which("dpkg") is None:
-            run.record("setup:extension", "failed", reason="dpkg is not installed: cannot unpack "
-                       f"{[os.path.basename(d) for d in debs]}")
-            return
         for deb in debs:
-            rc, _, out = run_bounded(["dpkg", "-x", deb, prefix], 30, run.log, run.env)
-            if rc != 0:
+            try:
+                extract_deb(deb, prefix)
+            except (OSError, ValueError, tarfile.TarError) as e:
                 run.record("setup:extension", "failed", time.monotonic() - t0,
-                           reason=f"dpkg -x {deb}: {last_error(out)}")
+                           reason=f"cannot unpack {deb}: {e}")
                 return
         inc_dirs = [os.path.join(prefix, "usr/include"),
                     os.path.join(prefix, "usr/include/x86_64-linux-gnu")]
@@ -700,7 +726,12 @@ def build_loader(p: Dict[str, Any], device: Any) -> Tuple[Iterator[Any], Callabl
 
     kind, B, S = p["kind"], p["batch"], p["image_size"]
     if kind in ("ours", "ours-dali"):
-        kw = dict(batch_size=B, image_size=S, device=device, channels_last=True, drop_last=True)
+        # the shuffle buffer of benchmarks/peers.py: ~4 % of the images (ImageNet's default is
+        # ~1.5 %); the default (2 GiB) would hold this whole sample, and each epoch would wait
+        # for all of it to be read before its first batch
+        buf = max(B, p["images"] // 25)
+        kw = dict(batch_size=B, image_size=S, device=device, channels_last=True, drop_last=True,
+                  buffer_size=buf)
         if kind == "ours":
             kw.update(num_workers=p["workers"], worker_type=p["worker_type"], decoder="cpu")
         else:
@@ -711,7 +742,8 @@ def build_loader(p: Dict[str, Any], device: Any) -> Tuple[Iterator[Any], Callabl
             ld.set_epoch(epoch)
             return iter(ld)
 
-        info = {"num_workers": ld.num_workers, "worker_type": getattr(ld, "worker_type", None)}
+        info = {"num_workers": ld.num_workers, "worker_type": getattr(ld, "worker_type", None),
+                "buffer_size": buf, "decoder": kw["decoder"]}
         return _endless(epoch_iter), ld.close, info
     if kind == "torchvision":
         from torchvision import datasets, transforms
@@ -1042,13 +1074,22 @@ def ratios(data: Dict[str, Any]) -> None:
         "ours_dali_over_dali_reference": div(dali, ref),
         "ours_dali_over_ours_cpu": div(dali, best_ours),
     }
+    # the training loop fed by each loader, as a share of the model's own rate
+    model = _rate(steps, "train:synthetic", "train")
+    for name in steps:
+        if name.startswith("loader:") and _rate(steps, name, "train"):
+            data["ratios"][f"train_{name[7:]}_over_synthetic"] = div(_rate(steps, name, "train"),
+                                                                     model)
     cores = p["cpus"]
     dali_step = steps.get("loader:ours-dali") or {}
     wait = ((dali_step.get("result") or {}).get("train") or {}).get("wait_share") \
         if dali_step.get("status") == "ok" else None
+    on_gpu = str(data.get("device", "")).startswith("cuda")
+    if not on_gpu:  # the GPU targets are for the GPU host; a CPU run says nothing of them
+        dali = wait = None
     data["targets"] = {
         "dali_images_per_s_>=5000": None if dali is None else dali >= 5000,
-        f"ours_{W}_workers_>=0.8x{cores}x1_thread": None if not (best_ours and one_t)
+        f"ours_{W}_workers_>=0.8x{cores}_cores_x1_thread": None if not (best_ours and one_t)
         else best_ours >= 0.8 * cores * one_t,
         "ours_>=1.5x_torchvision": None if not (best_ours and tv) else best_ours >= 1.5 * tv,
         "dali_train_wait_share_<=5%": None if wait is None else wait <= 0.05,

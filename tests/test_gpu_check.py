@@ -216,6 +216,37 @@ def test_parse_junit_counts_and_cuda_skips(tmp_path):
     assert no_cuda == ["no CUDA device"]
 
 
+def test_extract_deb_unpacks_the_data_member_with_links(tmp_path):
+    """A .deb (ar: debian-binary, control.tar, data.tar.xz) unpacked without dpkg, as the GPU
+    host does with the carried libjpeg-turbo packages."""
+    import io
+    import tarfile
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        body = b"#define JPEG_LIB_VERSION 62\n"
+        info = tarfile.TarInfo("./usr/include/jpeglib.h")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+        link = tarfile.TarInfo("./usr/lib/x86_64-linux-gnu/libjpeg.so")
+        link.type, link.linkname = tarfile.SYMTYPE, "libjpeg.so.62"
+        tar.addfile(link)
+
+    def member(name, payload):
+        head = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(payload):<10}`\n".encode()
+        return head + payload + (b"\n" if len(payload) % 2 else b"")
+
+    deb = tmp_path / "x.deb"
+    deb.write_bytes(b"!<arch>\n" + member("debian-binary", b"2.0\n") +
+                    member("control.tar.xz", b"abc") + member("data.tar.xz", data.getvalue()))
+    gpu_check.extract_deb(str(deb), str(tmp_path / "p"))
+    assert (tmp_path / "p/usr/include/jpeglib.h").read_bytes().startswith(b"#define")
+    assert os.readlink(tmp_path / "p/usr/lib/x86_64-linux-gnu/libjpeg.so") == "libjpeg.so.62"
+    (tmp_path / "bad.deb").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="not a Debian package"):
+        gpu_check.extract_deb(str(tmp_path / "bad.deb"), str(tmp_path / "q"))
+
+
 def test_wheel_parts_are_joined(tmp_path):
     wheels, work = tmp_path / "w", tmp_path / "work"
     wheels.mkdir()
