@@ -146,10 +146,39 @@ def test_steady_window_when_epoch_outlasts_the_budget(sample_lmdb, monkeypatch, 
     assert rc == 0
     p = r["pipeline"]
     assert p["method"].startswith("steady window") and p["fill_s"] == p["startup_s"] > 0
-    assert p["epoch_s"] == pytest.approx(p["fill_s"] + 48 / p["images_per_s"])
+    # the epoch: the fill, then every record at the window's rate; images/s is the epoch's
+    assert p["epoch_s"] == pytest.approx(p["fill_s"] + 48 * p["seconds"] / p["images"])
+    assert p["images_per_s"] == pytest.approx(48 / p["epoch_s"])
     # prefetch = workers + 2 = 3 batches in flight + 4 buffered records: the reader may be done
     # once 48 - 4 - 12 = 32 images were delivered; the window never goes past that
     assert 0 < p["images"] <= 32 - 4 and p["steady"]["images"] == p["images"]
+
+
+def test_split_in_the_buffer_whose_epoch_outlasts_the_budget(sample_lmdb, monkeypatch, capsys):
+    """The whole split is read in the fill; the batches after it come from memory. The epoch
+    is the fill plus decoding at the rate after it, never that rate alone."""
+    import time
+
+    from imagenet_seq.loader.loader import Loader
+
+    real_iter = Loader.__iter__
+
+    def slow(self):
+        for batch in real_iter(self):
+            time.sleep(0.02)
+            yield batch
+
+    monkeypatch.setattr(Loader, "__iter__", slow)
+    rc, r = run_json([sample_lmdb, "--seconds", "0.05", "--batch-size", "4", "--workers", "1"],
+                     capsys)
+    assert rc == 0
+    p = r["pipeline"]
+    assert p["method"].startswith("the split fits the shuffle buffer")
+    assert p["fill_s"] == p["startup_s"] > 0 and p["images"] >= 4
+    after = p["images"] / p["seconds"]
+    assert p["epoch_s"] == pytest.approx(p["fill_s"] + 48 / after)
+    assert p["images_per_s"] < after  # the fill counted
+    assert r["limit_stage"] == "unknown"
 
 
 @pytest.mark.parametrize("argv, needle", [(["--buffer-size", "-1"], "--buffer-size=-1")])

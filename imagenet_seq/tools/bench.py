@@ -80,10 +80,15 @@ class Measurement:
 
     def projection(self, records: int, epochs: int) -> Dict[str, Any]:
         """images/s, MB/s, seconds per epoch and hours for ``epochs`` epochs of ``records``,
-        with what the figure rests on."""
-        rate = self.images_per_s
-        epoch_s = self.fill_s + records / rate if rate > 0 else float("inf")
-        return {"images_per_s": rate, "mb_per_s": self.mb_per_s, "epoch_s": epoch_s,
+        with what the figure rests on (``images`` in ``seconds``, after ``fill_s``).
+
+        An epoch = ``fill_s`` + ``records`` at the measured rate; images/s and MB/s are the
+        epoch's (with a fill, below the rate measured after it)."""
+        measured = self.images_per_s
+        epoch_s = self.fill_s + records / measured if measured > 0 else float("inf")
+        rate = records / epoch_s if measured > 0 else 0.0
+        mb = rate * self.bytes / self.images / 1e6 if self.images else 0.0
+        return {"images_per_s": rate, "mb_per_s": mb, "epoch_s": epoch_s,
                 "hours": epoch_s * epochs / 3600.0, "images": self.images,
                 "seconds": self.seconds, "startup_s": self.startup_s, "fill_s": self.fill_s,
                 "method": self.method, "passes": self.passes,
@@ -152,7 +157,9 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     epoch's fill inside. Otherwise the figure is the steady window: from the first batch (the
     shuffle buffer is full) for ``seconds``, closed early once the reader may have read the
     last record (what follows comes from memory); the fill before it (``fill_s``) is added to
-    every epoch of the projection. Either way ``steady_images``/``steady_s`` sum the epochs'
+    every epoch of the projection. A split that fits the buffer but whose epoch outlasts
+    ``seconds`` is read whole in the fill: its epoch is the fill plus decoding from memory at the
+    rate measured after it. Either way ``steady_images``/``steady_s`` sum the epochs'
     steady windows (what the limiting stage is judged on); bytes = images x mean record.
     """
     from imagenet_seq.data import Loader  # the heavy part (torch, workers), imported only when measured
@@ -172,7 +179,7 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
                              and len(epochs) < MAX_EPOCHS):
             m.evicted, m.note = evict(path)  # not timed: between epochs
             t0 = time.monotonic()
-            first, n0, delivered, steady = None, 0, 0, (0, 0.0)
+            first, n0, delivered, steady, after = None, 0, 0, (0, 0.0), (0, 0.0)
             for images, _ in loader:
                 now = time.monotonic()
                 delivered += len(images)
@@ -180,8 +187,9 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
                     first, n0 = now, delivered
                     m.startup_s = m.startup_s or now - t0
                     continue
+                after = (delivered - n0, now - first)
                 if delivered <= device_end:
-                    steady = (delivered - n0, now - first)
+                    steady = after
                 if not epochs:
                     m.images = delivered
                     _tick(bar, first, m)
@@ -203,11 +211,17 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
                     "fill counted)")
         m.images, m.seconds = sum(n for n, _ in epochs), sum(t for _, t in epochs)
         m.passes = len(epochs)
+    elif m.fits_buffer:  # every record was read in the fill; the rest of an epoch is decoding
+        m.method = (f"the split fits the shuffle buffer: read whole in the fill "
+                    f"({m.startup_s:.1f} s), then decoded from memory; epoch = fill + "
+                    "decoding at the rate measured after it")
+        m.images, m.seconds = after
+        m.fill_s, m.passes = m.startup_s, 1
     else:
-        m.method = ("steady window after the shuffle buffer filled; the fill "
-                    f"({m.startup_s:.1f} s) is added to every epoch")
-        m.images, m.seconds, m.fill_s = m.steady_images, m.steady_s, m.startup_s
-        m.passes = 1
+        m.method = ("steady window after the shuffle buffer filled, records still coming "
+                    f"from the device; the fill ({m.startup_s:.1f} s) is added to every epoch")
+        m.images, m.seconds = m.steady_images, m.steady_s
+        m.fill_s, m.passes = m.startup_s, 1
     m.bytes = int(m.images * mean_record_bytes)
     return m
 

@@ -66,6 +66,7 @@ def format_table(result: Dict) -> str:
         lines.append(f"{label:<22}{r['images_per_s']:>10,.0f}{r['mb_per_s']:>9.1f}"
                      f"{_duration(r['epoch_s']):>10}{_hours(r['hours']):>12}"
                      f"  {r['images']:,} images in {r['seconds']:.1f} s"
+                     + (f" after a {r['fill_s']:.1f} s fill" if r.get("fill_s") else "")
                      + ("  (interrupted)" if r["interrupted"] else ""))
     lines.append("")
     for key, label in (("stream", "raw stream"), ("pipeline", "pipeline")):
