@@ -84,7 +84,8 @@ def plan(args: argparse.Namespace) -> Dict[str, Any]:
         image_size=32 if dry else 224,
         workers=[int(w) for w in (args.workers or ("2" if dry else "1,4,8,15")).split(",")],
         main_workers=int(args.main_workers or (2 if dry else 15)),
-        model=args.model or ("resnet18" if dry else "resnet50"),
+        # the dry run's model: small enough for a loaded 2-core CI machine (~0.1 s a step)
+        model=args.model or ("squeezenet1_1" if dry else "resnet50"),
         warmup_batches=1 if dry else 3,
         measure_s=0.5 if dry else args.measure_s,
         max_batches=4 if dry else 400,
@@ -92,7 +93,7 @@ def plan(args: argparse.Namespace) -> Dict[str, Any]:
         train_warmup=1 if dry else 6,
         train_measure_s=0.5 if dry else args.train_measure_s,
         train_min_steps=1 if dry else 8,
-        train_max_steps=2 if dry else 200,
+        train_max_steps=1 if dry else 200,
         dali_threads=2 if dry else 8,
         cpus=os.cpu_count() or 1,
     )
@@ -913,12 +914,7 @@ def child_loader(p: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     device = _device(p)
-    if p["kind"] in ("ours-dali", "dali-ref"):
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError as e:
-            return {"skipped": f"DALI not importable ({e}); {DALI_HINT}"}
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # DALI steps run only where the probe found DALI: a broken one fails
     batches, close, info = build_loader(p, device)
     try:
         res: Dict[str, Any] = {"loader": info, "throughput": throughput(batches, p, device)}
@@ -948,6 +944,7 @@ def child_synthetic(p: Dict[str, Any]) -> Dict[str, Any]:
 
 def child_probe(p: Dict[str, Any]) -> Dict[str, Any]:
     import importlib
+    import importlib.util
     import platform
     import warnings
 
@@ -978,27 +975,35 @@ def child_probe(p: Dict[str, Any]) -> Dict[str, Any]:
             out["kernel_ok"] = float((a @ a).sum()) == 256.0 ** 3
         except Exception as e:  # noqa: BLE001 - reported as cuda_mismatch
             out["kernel_error"] = f"{type(e).__name__}: {e}"[:400]
-    for mod, key in (("torchvision", "torchvision"), ("cv2", "cv2"), ("lmdb", "lmdb"),
-                     ("PIL", "pillow"), ("skimage", "skimage"), ("psutil", "psutil")):
+    # imported: what the steps need working here (fast); versions only: the rest (importing
+    # torchvision, scikit-image and DALI costs seconds; their steps report a broken install)
+    for mod, key in (("cv2", "cv2"), ("lmdb", "lmdb")):
         try:
             out[key] = importlib.import_module(mod).__version__
         except Exception as e:  # noqa: BLE001 - missing or broken: named in the result
             out[key] = None
             out[key + "_error"] = f"{type(e).__name__}: {e}"[:300]
-    try:
-        import nvidia.dali as dali
+    from importlib import metadata
 
-        out["dali"] = dali.__version__
-        from importlib import metadata
-
-        dists = [d.metadata["Name"] for d in metadata.distributions()
-                 if (d.metadata["Name"] or "").startswith("nvidia-dali")]
-        out["dali_dist"] = dists[0] if dists else None
-        m = re.search(r"cuda(\d+)", dists[0]) if dists else None
+    for dist, key in (("torchvision", "torchvision"), ("pillow", "pillow"),
+                      ("scikit-image", "skimage"), ("psutil", "psutil")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+            out[key + "_error"] = f"{dist} is not installed"
+    dists = sorted(d.metadata["Name"] for d in metadata.distributions()
+                   if (d.metadata["Name"] or "").lower().startswith("nvidia-dali"))
+    if dists and importlib.util.find_spec("nvidia") is not None and \
+            importlib.util.find_spec("nvidia.dali") is not None:
+        out["dali"] = metadata.version(dists[0])
+        out["dali_dist"] = dists[0]
+        m = re.search(r"cuda(\d+)", dists[0])
         out["dali_cuda"] = m.group(1) if m else None
-    except Exception as e:  # noqa: BLE001
+    else:
         out["dali"] = None
-        out["dali_error"] = f"{type(e).__name__}: {e}"[:300]
+        out["dali_error"] = "nvidia-dali is not installed" + (
+            f" ({dists[0]} is, without its nvidia.dali module)" if dists else "")
     try:
         from imagenet_seq.decode import _jpegcrop  # noqa: F401
 
@@ -1245,7 +1250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         if lp["kind"] in ("ours-dali", "dali-ref") and not have_dali:
             run.record(name, "skipped", reason="DALI not wanted (--no-dali / --skip dali)"
-                       if not want_dali else f"DALI not importable: {pr.get('dali_error')}")
+                       if not want_dali else f"{pr.get('dali_error')}; {DALI_HINT}")
             continue
         if s["status"] != "ok":
             run.record(name, "skipped", reason="no sample (see the sample step)")

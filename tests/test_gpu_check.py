@@ -133,10 +133,10 @@ def test_the_budget_skips_steps_that_do_not_fit(tmp_path):
 def test_a_failing_child_is_reported_with_its_error(tmp_path):
     run = gpu_check.Run(str(tmp_path), budget=120.0, dry_run=True, params={}, argv=[])
     os.makedirs(run.work, exist_ok=True)
-    entry = run.child("loader:bad", "loader", {"kind": "nonsense", "device": "cpu",
-                                                "batch": 2, "image_size": 32}, want=60)
+    entry = run.child("sample", "sample", {"root": str(tmp_path / "s"), "images": 8,
+                                           "procs": 0}, want=60)
     assert entry["status"] == "failed"
-    assert "ValueError" in entry["reason"] and "'nonsense'" in entry["reason"]
+    assert "ZeroDivisionError" in entry["reason"], entry  # 0 processes: the sample step fails
 
 
 # --- prerequisites: each problem named, with its fix -----------------------------------------
@@ -159,8 +159,8 @@ GOOD = {"torch": "2.11.0+cu130", "torch_cuda": "13.0", "cuda_available": True, "
      dict(GPU_SMI, driver_cuda="12.2"), ["cuda_mismatch"], ["CUDA 13.0", "<= 12.2", "too old"]),
     (dict(GOOD, kernel_error="RuntimeError: no kernel image is available", arch_list=["sm_80"]),
      GPU_SMI, ["cuda_mismatch"], ["no kernel image", "sm_80", "9.0"]),
-    (dict(GOOD, dali=None, dali_error="ModuleNotFoundError: No module named 'nvidia'"), GPU_SMI,
-     ["no_dali"], ["No module named 'nvidia'", "64 MiB", "--no-dali"]),
+    (dict(GOOD, dali=None, dali_error="nvidia-dali is not installed"), GPU_SMI,
+     ["no_dali"], ["nvidia-dali is not installed", "64 MiB", "--no-dali"]),
     (dict(GOOD, dali_cuda="130"), dict(GPU_SMI, driver_cuda="12.4"), ["no_dali"],
      ["CUDA 130", "nvidia-dali-cuda120"]),
     (dict(GOOD, lmdb=None, lmdb_error="ModuleNotFoundError: No module named 'lmdb'"), GPU_SMI,
