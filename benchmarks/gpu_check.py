@@ -64,8 +64,9 @@ MARKER_EXPR = "gpu or dali"
 DALI_HINT = ("nvidia-dali is not importable here; its wheel (nvidia-dali-cuda130 2.4.0: 190 MiB, "
              "plus nvidia-nvimgcodec-cu13 and nvidia-libnvcomp-cu13) does not fit the 64 MiB a "
              "run carries: install it on the host (pip install nvidia-dali-cuda130, driver >= 580 "
-             "for CUDA 13 / nvidia-dali-cuda120 for CUDA 12), or put its wheels (whole, or split "
-             "as NAME.whl.part-*) under the wheel folder; --no-dali skips DALI on purpose")
+             "for CUDA 13 / nvidia-dali-cuda120 for CUDA 12), or gather its wheels there "
+             "(whole, or split as NAME.whl.part-*, across calls on a warm host) in a folder "
+             "given as --wheels; --no-dali skips DALI on purpose")
 # a skip reason that means "this test needs CUDA/a GPU" (not: "tests the error raised without
 # CUDA", which skips where CUDA is present)
 NO_CUDA_SKIP = re.compile(r"\bno (CUDA|GPU)\b|(CUDA|GPU) (is )?not available|\bneeds? (a )?"
@@ -134,8 +135,13 @@ def run_bounded(cmd: List[str], timeout: float, log_path: Optional[str] = None,
         if log_path:
             log.write(f"\n$ {' '.join(cmd)}   (bound {timeout:.0f} s)\n".encode())
             log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True, stdin=subprocess.DEVNULL)
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
+        except OSError as e:  # no such program: an exit status, not a crash of the whole run
+            if log_path:
+                log.write(f"OSError: cannot run {cmd[0]}: {e}\n".encode())
+            return 127, time.monotonic() - t0, f"OSError: cannot run {cmd[0]}: {e}"
         try:
             rc: Optional[int] = proc.wait(max(timeout, 0.1))
             # workers a step left behind (they share its process group) end with it
@@ -284,6 +290,20 @@ class Run:
             f.write(markdown(self.data))
         os.replace(os.path.join(self.outdir, "gpu_check.md.tmp"),
                    os.path.join(self.outdir, "gpu_check.md"))
+
+
+def trim_log(path: str, keep: int = 4 << 20) -> None:
+    """Keep the log under what comes back from a GPU host (16 MiB a file): its first and last
+    ``keep`` bytes."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    if size <= 2 * keep:
+        return
+    with open(path, "rb") as f:
+        head = f.read(keep)
+        f.seek(size - keep)
+        end = f.read()
+    with open(path, "wb") as f:
+        f.write(head + f"\n[... {size - 2 * keep} bytes left out ...]\n".encode() + end)
 
 
 def last_line(out: str) -> str:
@@ -504,7 +524,12 @@ def setup_extension(run: Run, wheels: str, install: bool) -> None:
         return
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
-        cc = shutil.which("gcc") or shutil.which("cc") or cc
+        cc = shutil.which("gcc") or shutil.which("cc") or ""
+    if not cc:
+        run.record("setup:extension", "skipped", time.monotonic() - t0,
+                   reason="no C compiler (gcc/cc) on the PATH; the CPU path decodes with OpenCV "
+                   "(same pixels, slower)")
+        return
     os.makedirs(os.path.join(run.work, "ext"), exist_ok=True)
     built = os.path.join(run.work, "ext", "_jpegcrop" + suffix)
     cmd = [cc, "-shared", "-fPIC", "-O2", "-I" + pyinc] + ["-I" + d for d in inc_dirs] + \
@@ -774,21 +799,20 @@ def build_loader(p: Dict[str, Any], device: Any) -> Tuple[Iterator[Any], Callabl
     raise ValueError(f"loader kind {kind!r}; expected ours, ours-dali, torchvision, dali-ref")
 
 
-def dali_reference(p: Dict[str, Any], device: Any) -> Tuple[Iterator[Any], Callable[[], None],
-                                                            Dict[str, Any]]:
-    """DALI's own ImageNet training pipeline on the same files: file reader (shuffled), decode
-    of a random crop ('mixed': nvJPEG, on the GPU), resize to the side, crop/mirror/normalise to
-    float; channels-last (HWC) output, read through DALI's PyTorch iterator."""
+def dali_reference_pipeline(p: Dict[str, Any], gpu: bool, device_id: Optional[int]) -> Any:
+    """DALI's own ImageNet training pipeline on the sample's files (defined, not built): file
+    reader (shuffled), decode of a random crop ('mixed': nvJPEG on the GPU; else 'cpu'), resize to
+    the side, crop/mirror/normalise to float, channels-last (HWC) output. DALI checks every
+    argument here, so the GPU graph is checked on a machine without one."""
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    gpu = device.type == "cuda"
     S = p["image_size"]
 
     @pipeline_def
     def train_pipe():
         jpegs, labels = fn.readers.file(file_root=os.path.join(p["folder"], "train"),
                                         random_shuffle=True, name="Reader")
+        # nvJPEG's buffers sized once for ImageNet (NVIDIA's examples), not grown per batch
         kw = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
         images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu",
                                                output_type=types.RGB,
@@ -802,8 +826,17 @@ def dali_reference(p: Dict[str, Any], device: Any) -> Tuple[Iterator[Any], Calla
                                           mirror=fn.random.coin_flip(probability=0.5))
         return images, (labels.gpu() if gpu else labels)
 
-    pipe = train_pipe(batch_size=p["batch"], num_threads=p["dali_threads"],
-                      device_id=(device.index or 0) if gpu else None, seed=0)
+    return train_pipe(batch_size=p["batch"], num_threads=p["dali_threads"], device_id=device_id,
+                      seed=0)
+
+
+def dali_reference(p: Dict[str, Any], device: Any) -> Tuple[Iterator[Any], Callable[[], None],
+                                                            Dict[str, Any]]:
+    """:func:`dali_reference_pipeline` read through DALI's PyTorch iterator."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    gpu = device.type == "cuda"
+    pipe = dali_reference_pipeline(p, gpu, (device.index or 0) if gpu else None)
     pipe.build()
     it = DALIGenericIterator([pipe], ["data", "label"], reader_name="Reader",
                              last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
@@ -1281,6 +1314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     codes = [q["code"] for q in run.data["problems"]]
     run.data["exit"] = 2 if codes else (1 if failed else 0)
     run.write()
+    trim_log(run.log)
     print(markdown(run.data))
     print(f"gpu_check: wrote {run.outdir}/gpu_check.json and gpu_check.md; exit "
           f"{run.data['exit']}" + (f" (problems: {', '.join(codes)})" if codes else ""),

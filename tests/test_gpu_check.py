@@ -121,6 +121,20 @@ def test_a_hung_step_is_killed_with_its_workers(tmp_path):
         pytest.fail(f"worker {worker} outlived its step")
 
 
+def test_a_missing_program_is_an_exit_status_not_a_crash(tmp_path):
+    rc, _, out = gpu_check.run_bounded(["/nonexistent/cc", "-v"], 5.0, str(tmp_path / "log"))
+    assert rc == 127 and "cannot run /nonexistent/cc" in out
+
+
+def test_the_log_is_trimmed_to_what_comes_back(tmp_path):
+    log = tmp_path / "log"
+    log.write_bytes(b"a" * 3000 + b"b" * 3000)
+    gpu_check.trim_log(str(log), keep=1000)
+    text = log.read_bytes()
+    assert text.startswith(b"a" * 1000) and text.endswith(b"b" * 1000)
+    assert b"[... 4000 bytes left out ...]" in text and len(text) < 2100
+
+
 def test_the_budget_skips_steps_that_do_not_fit(tmp_path):
     run = gpu_check.Run(str(tmp_path), budget=4.0, dry_run=True, params={}, argv=[])
     os.makedirs(run.work, exist_ok=True)
@@ -258,6 +272,16 @@ def test_wheel_parts_are_joined(tmp_path):
     assert [os.path.basename(f) for f in files] == ["a-1-py3-none-any.whl",
                                                     "big-2-py3-none-any.whl"]
     assert (work / "big-2-py3-none-any.whl").read_bytes() == b"1234"
+
+
+@pytest.mark.dali
+@pytest.mark.skipif(not _have("nvidia.dali"), reason="nvidia-dali is not installed")
+def test_dali_reference_gpu_graph_is_well_formed_without_a_gpu(tmp_path):
+    """DALI checks operator arguments when the graph is defined: the 'mixed' pipeline the GPU
+    host will build is defined here (not built)."""
+    p = {"folder": str(tmp_path), "image_size": 224, "batch": 4, "dali_threads": 1}
+    assert gpu_check.dali_reference_pipeline(p, gpu=True, device_id=None) is not None
+    assert gpu_check.dali_reference_pipeline(p, gpu=False, device_id=None) is not None
 
 
 # --- CUDA: the Loader's device options (skip without CUDA; gpu_check runs them on the host) --
