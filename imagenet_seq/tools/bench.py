@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -29,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from imagenet_seq.read import readahead
 from imagenet_seq.read.evict import evict
 from imagenet_seq.tools.bench_report import format_table, judge_limit, write_plot
 from imagenet_seq.tools.info import summary_line
@@ -168,9 +170,11 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     loader = Loader(root, split, batch_size=batch_size, num_workers=workers,
                     shuffle=(split == "train"), buffer_size=buffer_size)
     m.buffer_records = loader.buffer_size
-    # delivered images up to which the reader is still reading: the buffer's records and the
-    # batches in flight were read ahead of them
-    device_end = loader.num_records - loader.buffer_size - loader.prefetch * batch_size
+    # delivered images up to which the reader is still reading from the device: the buffer's
+    # records, the batches in flight and the read-ahead's bytes were read ahead of them
+    ahead = math.ceil(readahead.PREFETCH_BYTES / max(1.0, mean_record_bytes))
+    device_end = (loader.num_records - loader.buffer_size - loader.prefetch * batch_size
+                  - ahead)
     m.fits_buffer = device_end <= batch_size
     bar = _progress("full pipeline", seconds, progress)
     epochs: List[Tuple[int, float]] = []
