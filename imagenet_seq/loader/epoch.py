@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from imagenet_seq.loader.loader import Loader
 
 
-def record_batches(loader: "Loader", epoch: int, start: int,
+def record_batches(loader: "PassConfig", epoch: int, start: int,
                    stop: threading.Event) -> Batcher:
     """plan -> read -> shuffle -> batch for one pass, from batch ``start`` of ``epoch``.
 
@@ -40,7 +41,7 @@ def record_batches(loader: "Loader", epoch: int, start: int,
     from where the uninterrupted pass would have been: nothing before it is decoded again.
     """
     plan, reader, size = loader.plan, loader.reader, loader.buffer_size
-    total, pos = len(loader), start * loader.batch_size
+    total, pos = loader.total, start * loader.batch_size
     shuffled = loader.shuffle and size > 1
     if not shuffled:
         items = iter(Read(reader, plan.spans_from(epoch, pos) if pos else plan.spans(epoch),
@@ -58,50 +59,126 @@ def record_batches(loader: "Loader", epoch: int, start: int,
     return Batcher(items, loader.batch_size, total, start, stop)
 
 
+@dataclass
+class PassConfig:
+    """What a feeder needs of its Loader (not the Loader itself: a feeder reading ahead into
+    the next epoch must not keep an unused Loader alive)."""
+
+    reader: Any
+    plan: Any
+    batch_size: int
+    total: int
+    buffer_size: int
+    shuffle: bool
+    seed: int
+    rank: int
+    prefetch: int
+    checksums: Any  # the stored checksums to verify, or None
+
+    @classmethod
+    def of(cls, loader: "Loader") -> "PassConfig":
+        return cls(loader.reader, loader.plan, loader.batch_size, len(loader),
+                   loader.buffer_size, loader.shuffle, loader.seed, loader.rank,
+                   loader.prefetch, loader.reader.checksums if loader.verify else None)
+
+
+@dataclass
+class Segment:
+    """One epoch in a feeder's stream of batches: global batch ``base + i`` is its batch ``i``."""
+
+    epoch: int
+    base: int
+    image_size: int
+
+
 class _Feeder:
     """The reader thread: batches of records -> raw batches -> decode stage, ``prefetch``
     ahead. Holds no reference to the iterator, so dropping the iterator frees everything.
+
+    Epochs back to back (``overlap_epochs``): once the last batch of its epoch is submitted,
+    the feeder goes on with epoch ``e + 1`` from batch 0 -- the next epoch's reads, shuffle
+    buffer fill and first decodes overlap this epoch's tail. Batches are numbered globally
+    (one stream, one ``prefetch`` window, one set of ring slots), so the tail and the head
+    share the window: memory across the boundary stays within the steady-state bound (the
+    buffer of epoch ``e`` is empty once its last batch is submitted; only then does ``e + 1``'s
+    fill). The next ``iter(loader)`` adopts the feeder when it asks for epoch ``e + 1`` from
+    batch 0 at the same image size (:meth:`continues`); anything else closes it.
     """
 
     def __init__(self, loader: "Loader", epoch: int, start: int, decode):
-        self.loader, self.epoch, self.start, self.decode = loader, epoch, start, decode
-        self.image_size = loader.image_size
+        self.cfg, self.decode = PassConfig.of(loader), decode
+        self._loader = weakref.ref(loader)  # live settings of the next epoch (image size)
+        self.segments = [Segment(epoch, 0, loader.image_size)]
+        self.start = start
+        self.lock = threading.Lock()
         self.stop = threading.Event()
         self.slots = threading.Semaphore(loader.prefetch)
         self.error: Optional[BaseException] = None
+        self.error_at = 1 << 62  # the first global batch the error concerns
         self.submitted = start
         self.thread = threading.Thread(target=self.run, daemon=True,
                                        name="imagenet_seq-reader")
         self.thread.start()
 
     def run(self) -> None:
-        try:
-            checksums = self.loader.reader.checksums if self.loader.verify else None
-            for index, items in record_batches(self.loader, self.epoch, self.start, self.stop):
-                # a free slot first: batch i reuses the shared input slot of batch i - prefetch
-                while not self.slots.acquire(timeout=0.2):
+        seg, start, total = self.segments[0], self.start, self.cfg.total
+        checksums = self.cfg.checksums
+        while True:
+            try:
+                for index, items in record_batches(self.cfg, seg.epoch, start, self.stop):
+                    # a free slot first: batch i reuses the shared input slot of batch
+                    # i - prefetch
+                    while not self.slots.acquire(timeout=0.2):
+                        if self.stop.is_set():
+                            return
                     if self.stop.is_set():
                         return
-                if self.stop.is_set():
+                    k = seg.base + index
+                    dest = self.decode.input_slot(k)
+                    raw = pack_batch(k, items, *(dest or (None, -1)), checksums=checksums,
+                                     epoch=seg.epoch, image_size=seg.image_size)
+                    self.decode.submit(raw)
+                    self.submitted = k + 1
+            except BaseException as e:  # noqa: BLE001 - re-raised in the iterating thread
+                self.error, self.error_at = e, self.submitted
+                return
+            loader = self._loader()
+            with self.lock:
+                if loader is None or self.stop.is_set() or not loader.overlap_epochs:
                     return
-                dest = self.decode.input_slot(index)
-                raw = pack_batch(index, items, *(dest or (None, -1)), checksums=checksums,
-                                 epoch=self.epoch, image_size=self.image_size)
-                self.decode.submit(raw)
-                self.submitted += 1
-        except BaseException as e:  # noqa: BLE001 - re-raised in the iterating thread
-            self.error = e
+                seg = Segment(seg.epoch + 1, seg.base + total, loader.image_size)
+                self.segments.append(seg)
+                start = 0
+            del loader
+
+    def continues(self, epoch: int, start: int, image_size: int, after: Segment) -> \
+            Optional[Segment]:
+        """The segment following ``after`` if it is what a new pass asks for, else None."""
+        if start != 0 or self.error is not None:
+            return None
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            with self.lock:
+                nxt = [s for s in self.segments if s.base > after.base]
+                if nxt:
+                    s = nxt[0]
+                    return s if (s.epoch, s.image_size) == (epoch, image_size) else None
+            if not self.thread.is_alive() or self.stop.is_set():
+                return None
+            time.sleep(0.001)
+        return None
 
     def check(self, index: int) -> None:
-        """Raise instead of waiting for a batch that will never come."""
-        path = self.loader.reader.path
-        if isinstance(self.error, (fmt.DamagedFile, fmt.RecordError)):
-            raise self.error  # names the file, the record and the fix already
-        if isinstance(self.error, lmdb.Error):  # a page LMDB found damaged
-            raise fmt.damaged(path, self.error) from self.error
-        if self.error is not None:
-            raise RuntimeError(f"reading {path} failed: {type(self.error).__name__}: "
-                               f"{self.error}") from self.error
+        """Raise instead of waiting for (global) batch ``index`` when it will never come."""
+        path = self.cfg.reader.path
+        error = self.error if index >= self.error_at else None
+        if isinstance(error, (fmt.DamagedFile, fmt.RecordError)):
+            raise error  # names the file, the record and the fix already
+        if isinstance(error, lmdb.Error):  # a page LMDB found damaged
+            raise fmt.damaged(path, error) from error
+        if error is not None:
+            raise RuntimeError(f"reading {path} failed: {type(error).__name__}: "
+                               f"{error}") from error
         if not self.thread.is_alive() and index >= self.submitted:
             raise RuntimeError(f"batch {index} was never read from {path}; "
                                "the file ended early")
@@ -112,7 +189,7 @@ class _Feeder:
         self.decode.end()  # drop this pass's batches in flight; the workers stay
         if not self.thread.is_alive():
             # drop this epoch's reference to the shared environment and its read-ahead fd
-            self.loader.reader.close()
+            self.cfg.reader.close()
 
 
 @dataclass
@@ -130,15 +207,21 @@ class Superseded(RuntimeError):
 class EpochIterator:
     """One pass over this rank's share: batches in order, ``len(loader)`` of them."""
 
-    def __init__(self, loader: "Loader", epoch: int, start: int = 0):
+    def __init__(self, loader: "Loader", epoch: int, start: int = 0,
+                 carry: Optional[Tuple["_Feeder", Segment]] = None):
         self.loader = loader
         self.epoch = epoch
         self.total = len(loader)
         self.next_index = start
         self.position = Position(epoch, start)
-        decode = loader.decode_stage()
-        decode.begin()
-        self._feeder = _Feeder(loader, epoch, start, decode)
+        if carry is not None:  # the previous pass already reads and decodes this epoch
+            self._feeder, self._segment = carry
+        else:
+            decode = loader.decode_stage()
+            decode.begin()
+            self._feeder = _Feeder(loader, epoch, start, decode)
+            self._segment = self._feeder.segments[0]
+        self.base = self._segment.base  # this pass's batch i is the feeder's batch base + i
         self._closed = False
         self._superseded = False
 
@@ -164,7 +247,8 @@ class EpochIterator:
         index = self.next_index
         since = time.monotonic()
         try:
-            res = self._feeder.decode.get(index, lambda: self._check(index, since))
+            res = self._feeder.decode.get(self.base + index,
+                                          lambda: self._check(index, since))
         except BaseException:
             self.close()
             if self._superseded:  # the pool was closed under us: say why, not how
@@ -174,14 +258,18 @@ class EpochIterator:
         self.next_index += 1
         self.position.batches = self.next_index
         if self.next_index == self.total:
-            self.close()
+            if self.loader.overlap_epochs and self._feeder.error is None:
+                self._closed = True  # the feeder goes on into the next epoch: hand it on
+                self.loader.next_pass = (self._feeder, self._segment)
+            else:
+                self.close()
         return self.loader.finish(res)
 
     def _check(self, index: int, since: float) -> None:
         """Called while waiting for batch ``index``: raise rather than wait for ever."""
         if self._superseded:
             raise self._superseded_error()
-        self._feeder.check(index)
+        self._feeder.check(self.base + index)
         limit = self.loader.stall_timeout
         waited = time.monotonic() - since
         if limit is not None and waited > limit:

@@ -96,6 +96,13 @@ class Loader:
             is stuck (a stopped worker, a hung read); ``None`` waits for ever.
         check_split: refuse a file whose metadata names the other split (``mode='train'`` on
             ``ILSVRC-val.lmdb`` would train on validation data).
+        overlap_epochs: once the last batch of epoch ``e`` is read, go on reading, shuffling
+            and decoding epoch ``e + 1`` (no stall between epochs: the buffer fill of the next
+            epoch overlaps this one's tail). Used when the next ``iter`` asks for ``e + 1``
+            from its first batch at the same image size, else dropped. Memory across the
+            boundary stays within :meth:`memory_bound` (the two epochs share the ``prefetch``
+            window; ``e``'s buffer is empty before ``e + 1``'s fills). Costs one extra buffer
+            fill of reading after the last epoch (``close()`` stops it).
 
     One pass at a time: ``iter(loader)`` stops an unfinished earlier pass, whose iterator then
     raises :class:`imagenet_seq.loader.epoch.Superseded` (never a silently short epoch); for two
@@ -114,7 +121,8 @@ class Loader:
                  decoder: Union[str, Callable] = "cpu", device: Any = None,
                  skip_broken: bool = False, worker_type: Optional[str] = None,
                  prefetch: Optional[int] = None, verify: bool = False,
-                 stall_timeout: Optional[float] = 300.0, check_split: bool = True):
+                 stall_timeout: Optional[float] = 300.0, check_split: bool = True,
+                 overlap_epochs: bool = True):
         if mode not in order.MODES:
             raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
         if worker_type is not None and worker_type not in WORKER_TYPES:
@@ -176,6 +184,8 @@ class Loader:
         self.finish = Finish(self._pin(), device, channels_last)
         self._resume: Optional[Tuple[int, int]] = None  # (epoch, batch) the next iter starts at
         self._position = None  # the last pass's epoch and batches handed out
+        self.overlap_epochs = bool(overlap_epochs)
+        self._carry: List[Any] = [None]  # next_pass, in a box the finaliser can hold
         # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
         # image on the OpenCV path (it releases the GIL); Python/PIL transforms hold the GIL
         # and use torch's global RNG, so they get processes.
@@ -301,6 +311,7 @@ class Loader:
         self._epoch = epoch
         self._resume = (epoch, batches) if batches else None
         self._position = None
+        _shutdown(self._carry, None)  # what was read ahead is not this state's next batch
 
     def memory_bound(self) -> Dict[str, int]:
         """Estimated peak bytes this rank's loader holds, by part (excluding batches you keep).
@@ -329,7 +340,13 @@ class Loader:
             self._resume = None
             if not self._epoch_fixed:
                 self._epoch += 1
-            it = EpochIterator(self, epoch, start)
+            carry, self.next_pass = self.next_pass, None
+            if carry is not None:  # the last pass read on into the next epoch: this one?
+                following = carry[0].continues(epoch, start, self.image_size, carry[1])
+                if following is None:
+                    carry[0].close()
+                carry = None if following is None else (carry[0], following)
+            it = EpochIterator(self, epoch, start, carry)
             self._position = it.position
             self._live = weakref.ref(it)
         return it
@@ -351,8 +368,9 @@ class Loader:
             else:
                 self._decode = Decode(external=self._external_decoder(),
                                       source=self.reader.path)
-            # the workers end with the Loader even if close() is never called
-            self._decode_end = weakref.finalize(self, self._decode.close)
+            # the workers (and a feeder reading ahead) end with the Loader even if close() is
+            # never called
+            self._decode_end = weakref.finalize(self, _shutdown, self._carry, self._decode)
         if self._dali is not None:
             self._dali.set_image_size(self.image_size)
         return self._decode
@@ -375,9 +393,20 @@ class Loader:
             self._live = None
         if it is not None:
             it.close()
+        _shutdown(self._carry, None)
         if self._decode_end is not None:
             self._decode_end()  # Decode.close, once
             self._decode = self._decode_end = None
+
+    @property
+    def next_pass(self):
+        """``overlap_epochs``: the finished pass's feeder, reading on into the next epoch, and
+        where that epoch starts in its stream; the next ``iter`` adopts or closes it."""
+        return self._carry[0]
+
+    @next_pass.setter
+    def next_pass(self, value) -> None:
+        self._carry[0] = value
 
     def __enter__(self) -> "Loader":
         return self
@@ -395,3 +424,12 @@ class Loader:
 
     def _pin(self) -> bool:
         return self.pin_memory and self.device is None and torch.cuda.is_available()
+
+
+def _shutdown(carry: List[Any], decode: Optional[Decode]) -> None:
+    """Stop a feeder reading ahead (``carry[0]``), then the decode workers."""
+    if carry[0] is not None:
+        feeder, carry[0] = carry[0][0], None
+        feeder.close()
+    if decode is not None:
+        decode.close()

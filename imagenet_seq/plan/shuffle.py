@@ -102,12 +102,32 @@ class ShuffleBuffer:
             self.consumed = self.emitted = outputs
             return outputs
         n = len(ids)
+        if self.consumed == 0 and outputs > 0:
+            self._skip_steady(ids, outputs)
         while self.emitted < outputs:
             if self.consumed < n:
                 self.push(ids[self.consumed])
             elif self.drain_next() is None:
                 raise ValueError(f"{outputs} outputs asked of a stream of {n}")
         return self.consumed
+
+    def _skip_steady(self, ids: Sequence[int], outputs: int) -> None:
+        """Fill, then the steady part (one in, one out) in a few numpy calls: the same rng
+        blocks as :meth:`push` draws; a slot ends holding the last id written to it."""
+        fill = min(self.size, len(ids))
+        buf = np.asarray(ids[:fill], dtype=np.int64)
+        steady = max(0, min(outputs, len(ids) - fill))
+        if steady:
+            blocks = -(-steady // _RANDOM_BLOCK)
+            drawn = [self.rng.integers(0, self.size, _RANDOM_BLOCK) for _ in range(blocks)]
+            draws = np.concatenate(drawn)[:steady]
+            last = np.full(self.size, -1, np.int64)
+            np.maximum.at(last, draws, np.arange(steady))
+            written = last >= 0
+            buf[written] = np.asarray(ids[fill:fill + steady], dtype=np.int64)[last[written]]
+            self.draws, self.pos = drawn[-1], steady - _RANDOM_BLOCK * (blocks - 1)
+        self.buf = buf.tolist()
+        self.consumed, self.emitted = fill + steady, steady
 
     def pending_ids(self) -> List[int]:
         """Ids the buffer still has to give out (after :meth:`fast_forward`)."""
