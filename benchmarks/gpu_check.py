@@ -104,6 +104,24 @@ def plan(args: argparse.Namespace) -> Dict[str, Any]:
 
 # --- running steps under bounds ------------------------------------------------------------
 
+ACTIVE: List[subprocess.Popen] = []  # the step running now (its group is killed with the run)
+
+
+def on_term(run: "Run") -> Callable[[int, Any], None]:
+    """SIGTERM/SIGINT (the outer ``timeout``, Ctrl-C): end the running step's process group,
+    record it, write the JSON and the table, exit 124."""
+    def handler(signum: int, frame: Any) -> None:
+        for proc in list(ACTIVE):
+            kill_group(proc, grace=1.0)
+        run.data["killed"] = f"signal {signum} after {time.monotonic() - run.t0:.0f} s"
+        run.data["exit"] = 124
+        run.write()
+        print(f"gpu_check: killed by signal {signum}; partial results in "
+              f"{run.outdir}/gpu_check.json", file=sys.stderr, flush=True)
+        os._exit(124)
+    return handler
+
+
 def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM the child's process group (its workers too), then SIGKILL after ``grace`` s."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
@@ -136,12 +154,15 @@ def run_bounded(cmd: List[str], timeout: float, log_path: Optional[str] = None,
             log.write(f"\n$ {' '.join(cmd)}   (bound {timeout:.0f} s)\n".encode())
             log.flush()
         try:
+            # its own process group (not session: whatever outlives the run is still ended by
+            # whoever ends this session), killed whole at the bound
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                    start_new_session=True, stdin=subprocess.DEVNULL)
+                                    preexec_fn=os.setpgrp, stdin=subprocess.DEVNULL)
         except OSError as e:  # no such program: an exit status, not a crash of the whole run
             if log_path:
                 log.write(f"OSError: cannot run {cmd[0]}: {e}\n".encode())
             return 127, time.monotonic() - t0, f"OSError: cannot run {cmd[0]}: {e}"
+        ACTIVE.append(proc)
         try:
             rc: Optional[int] = proc.wait(max(timeout, 0.1))
             # workers a step left behind (they share its process group) end with it
@@ -152,6 +173,8 @@ def run_bounded(cmd: List[str], timeout: float, log_path: Optional[str] = None,
         except subprocess.TimeoutExpired:
             kill_group(proc)
             rc = None
+        finally:
+            ACTIVE.remove(proc)
     finally:
         if log_path:
             log.close()
@@ -1240,6 +1263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               else argv)
     os.makedirs(run.work, exist_ok=True)
     open(run.log, "w").close()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_term(run))
     want_dali = not args.no_dali and "dali" not in skip
     failed = False
 

@@ -17,9 +17,10 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
     "[--skip setup,pytest,sweep,train,dali] (more: python3 benchmarks/gpu_check.py --help)" >&2
   exit 3
 fi
+# OUTDIR is taken relative to where the script is called from, then the run moves to the repo
+mkdir -p "$1" && out="$(cd "$1" && pwd)" || { echo "gpu_check.sh: cannot create OUTDIR $1" >&2; exit 3; }
+shift
 cd "$(dirname "$0")/.." || exit 3
-out="$1"
-mkdir -p "$out" || { echo "gpu_check.sh: cannot create OUTDIR $out" >&2; exit 3; }
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null \
   || { echo "gpu_check.sh: no $PY on the PATH (set PYTHON=...)" >&2; exit 2; }
@@ -34,7 +35,7 @@ for a in "$@"; do
   prev="$a"
 done
 export PYTHONUNBUFFERED=1
-timeout -k 5 $((budget + 30)) "$PY" benchmarks/gpu_check.py "$@"
+timeout -k 5 $((budget + 30)) "$PY" benchmarks/gpu_check.py "$out" "$@"
 rc=$?
 if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
   echo "gpu_check.sh: killed after $((budget + 30)) s; partial results in $out/gpu_check.json" >&2

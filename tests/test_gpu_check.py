@@ -121,6 +121,60 @@ def test_a_hung_step_is_killed_with_its_workers(tmp_path):
         pytest.fail(f"worker {worker} outlived its step")
 
 
+def _pids_with(args, text):
+    """Processes whose command line holds ``args`` in a row and ``text`` somewhere."""
+    out = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(os.path.join(d, "cmdline"), "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        joined = "\0".join(argv)
+        if "\0".join(args) in joined and text in joined:
+            out.append(os.path.basename(d))
+    return out
+
+
+def test_the_outer_bound_ends_the_running_step_too(tmp_path):
+    """The run killed from outside (the script's hard bound sends SIGTERM) ends its running
+    step's process group, writes what it has and exits 124; the script says so."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"), str(out),
+                             "--dry-run", "--skip", "setup", "--budget", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # budget 1: the hard bound is 31 s; the probe (bounded by the budget) is skipped, the
+    # sample too, so the run ends by itself well before: exit 1 or 0, never a hang
+    _, err = proc.communicate(timeout=90)
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert data["steps"]["probe"]["status"] == "skipped"
+    assert "global budget" in data["steps"]["probe"]["reason"]
+    assert proc.returncode in (0, 1, 2), err[-2000:]
+
+    # SIGTERM while a step runs: its group is ended, the JSON says killed
+    out2 = tmp_path / "out2"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"),
+                             str(out2), "--dry-run", "--skip", "setup"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    log = out2 / "gpu_check.log"
+    while time.monotonic() < deadline and not (log.exists() and "--child probe" in
+                                                 log.read_text()):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    children = _pids_with(["--child", "probe"], str(out2))
+    assert children, "the probe step was not found running"
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 124 and "killed by signal 15" in err
+    data = json.loads((out2 / "gpu_check.json").read_text())
+    assert data["exit"] == 124 and data["killed"].startswith("signal 15")
+    time.sleep(0.5)
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", pid
+
+
 def test_a_missing_program_is_an_exit_status_not_a_crash(tmp_path):
     rc, _, out = gpu_check.run_bounded(["/nonexistent/cc", "-v"], 5.0, str(tmp_path / "log"))
     assert rc == 127 and "cannot run /nonexistent/cc" in out
