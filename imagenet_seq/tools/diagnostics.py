@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry: 0, or 2 with a one-line message naming the bad value."""
+    from imagenet_seq.loader.config import mean_record_bytes
     from imagenet_seq.plan.shuffle import buffer_records
     from imagenet_seq.read.reader import SplitReader
 
@@ -288,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         reader = SplitReader(args.root, args.split)
         try:
             labels, path = _labels_of(reader), reader.path
-            mean = reader.meta.total_bytes / max(1, len(reader))
+            mean = mean_record_bytes(reader.meta, reader, len(reader))  # as the Loader's
         finally:
             reader.close()
         shuffle = args.split == "train" and not args.no_shuffle

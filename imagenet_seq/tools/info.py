@@ -83,7 +83,7 @@ def _cpus() -> int:
 def runtime_report() -> Dict[str, Any]:
     """Versions, optional parts (on/off and why) and the Loader's defaults on this machine."""
     import imagenet_seq
-    from imagenet_seq.loader.loader import _default_workers
+    from imagenet_seq.loader.config import default_workers
     from imagenet_seq.plan.distributed import resolve_rank
     from imagenet_seq.plan.shuffle import DEFAULT_NODE_BUFFER_BYTES, buffer_records
 
@@ -103,7 +103,7 @@ def runtime_report() -> Dict[str, Any]:
         "cuda": _cuda_status(),
         "cpus": _cpus(),
         "ranks_on_this_machine": local,
-        "default_workers": _default_workers(local),
+        "default_workers": default_workers(local),
         "default_buffer_bytes": buffer_bytes,
         "default_buffer_records_imagenet": buffer_records(None, None, IMAGENET_MEAN_KB * 1000,
                                                           local),
