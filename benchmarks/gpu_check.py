@@ -1322,7 +1322,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             lp["train"] = False
         items.append((name, "loader", lp, want))
     if train_ok and "train" not in skip:
-        items.append(("train:synthetic", "synthetic", dict(common), 90.0))
+        # the model's own rate right after the loaders that feed it, before the worker sweep
+        at = sum(1 for it in items if it[2].get("train"))
+        items.insert(at, ("train:synthetic", "synthetic", dict(common), 90.0))
     elif "train" not in skip:
         run.record("train:synthetic", "skipped",
                    reason=f"no usable CUDA device (device {device}): ResNet-50 at batch "
