@@ -184,6 +184,10 @@ def test_bad_states_name_the_field_both_values_and_the_way_out(sample_lmdb):
         bad = dict(sd, **{key: value})
         with pytest.raises(ValueError, match=msg):
             make().load_state_dict(bad)
+    with pytest.raises(ValueError, match=r"batches='3'; expected an int"):
+        make().load_state_dict(dict(sd, batches="3"))
+    with pytest.raises(ValueError, match=r"epoch=-1"):
+        make().load_state_dict(dict(sd, epoch=-1))
     with pytest.raises(ValueError, match="without a 'version' key"):
         make().load_state_dict({"epoch": 1})
     with pytest.raises(ValueError, match=r"lacks \['seed'\]"):

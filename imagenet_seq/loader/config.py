@@ -3,9 +3,47 @@ count, the mean record size (memory budgets) and the per-image transform."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
+
+WORKER_TYPES = ("process", "thread")
+MODES = ("train", "val")
+
+
+def check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: int,
+               num_workers: Optional[int], seed: int, stall_timeout: Optional[float]) -> None:
+    """ValueError naming the first bad Loader argument and what it expects."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
+    if worker_type is not None and worker_type not in WORKER_TYPES:
+        raise ValueError(f"worker_type={worker_type!r}; expected 'process', 'thread' or "
+                         "None (automatic)")
+    if not (decoder in ("cpu", "dali") or callable(decoder)):
+        raise ValueError(f"decoder={decoder!r}; expected 'cpu', 'dali' or a callable "
+                         "(jpegs, labels) -> (images, targets)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}; expected >= 0")
+    if seed < 0:
+        raise ValueError(f"seed={seed}; expected a non-negative integer")
+    if stall_timeout is not None and not stall_timeout > 0:
+        raise ValueError(f"stall_timeout={stall_timeout!r}; expected seconds > 0, or None "
+                         "to wait for ever")
+
+
+def memory_bound(batch_size: int, mean_bytes: float, buffer_size: int, prefetch: int,
+                 image_size: Optional[int]) -> Dict[str, int]:
+    """Estimated peak bytes of one rank's Loader by part: ``shuffle_buffer`` (records x mean
+    record), ``in_flight`` (``prefetch`` raw + decoded batches; the process pool's rings have
+    the same size; the epoch boundary shares this window), ``total``."""
+    raw = int(batch_size * mean_bytes)
+    decoded = batch_size * 3 * image_size * image_size if image_size else 0
+    parts = {"shuffle_buffer": int(buffer_size * mean_bytes),
+             "in_flight": prefetch * (raw + decoded)}
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def default_workers(local_world: int) -> int:

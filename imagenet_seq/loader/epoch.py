@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import lmdb
 import torch
@@ -304,3 +304,12 @@ class EpochIterator:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def shutdown(carry: List[Any], decode: Any = None) -> None:
+    """Stop a feeder reading ahead (``carry[0]``), then the decode workers."""
+    if carry[0] is not None:
+        feeder, carry[0] = carry[0][0], None
+        feeder.close()
+    if decode is not None:
+        decode.close()

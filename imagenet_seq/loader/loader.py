@@ -22,7 +22,8 @@ import torch
 from imagenet_seq.plan import order
 from imagenet_seq.loader import faces
 from imagenet_seq.loader.config import default_workers as _default_workers
-from imagenet_seq.loader.config import make_transform, mean_record_bytes
+from imagenet_seq.loader.config import (WORKER_TYPES, check_args, make_transform,  # noqa: F401
+                                        mean_record_bytes, memory_bound)
 from imagenet_seq.plan.distributed import resolve_rank
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.plan.shuffle import buffer_records
@@ -30,11 +31,9 @@ from imagenet_seq.plan.stage import Plan
 from imagenet_seq.decode.batch import DecodeSpec, resized_transform
 from imagenet_seq.decode.stage import Decode
 from imagenet_seq.loader import state as resume_state
-from imagenet_seq.loader.epoch import EpochIterator
+from imagenet_seq.loader.epoch import EpochIterator, shutdown
 from imagenet_seq.loader.finish import Finish
 from imagenet_seq.decode.malloc import trim
-
-WORKER_TYPES = ("process", "thread")
 
 
 class Loader:
@@ -123,23 +122,8 @@ class Loader:
                  prefetch: Optional[int] = None, verify: bool = False,
                  stall_timeout: Optional[float] = 300.0, check_split: bool = True,
                  overlap_epochs: bool = True):
-        if mode not in order.MODES:
-            raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
-        if worker_type is not None and worker_type not in WORKER_TYPES:
-            raise ValueError(f"worker_type={worker_type!r}; expected 'process', 'thread' or "
-                             "None (automatic)")
-        if not (decoder in ("cpu", "dali") or callable(decoder)):
-            raise ValueError(f"decoder={decoder!r}; expected 'cpu', 'dali' or a callable "
-                             "(jpegs, labels) -> (images, targets)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}; expected >= 1")
-        if num_workers is not None and num_workers < 0:
-            raise ValueError(f"num_workers={num_workers}; expected >= 0")
-        if seed < 0:
-            raise ValueError(f"seed={seed}; expected a non-negative integer")
-        if stall_timeout is not None and not stall_timeout > 0:
-            raise ValueError(f"stall_timeout={stall_timeout!r}; expected seconds > 0, or None "
-                             "to wait for ever")
+        check_args(mode=mode, worker_type=worker_type, decoder=decoder, batch_size=batch_size,
+                   num_workers=num_workers, seed=seed, stall_timeout=stall_timeout)
         info = resolve_rank(rank, world_size, distributed)
         self.rank, self.world_size = info.rank, info.world_size
         self.reader = SplitReader(root, mode, check_split=check_split)
@@ -311,7 +295,7 @@ class Loader:
         self._epoch = epoch
         self._resume = (epoch, batches) if batches else None
         self._position = None
-        _shutdown(self._carry, None)  # what was read ahead is not this state's next batch
+        shutdown(self._carry, None)  # what was read ahead is not this state's next batch
 
     def memory_bound(self) -> Dict[str, int]:
         """Estimated peak bytes this rank's loader holds, by part (excluding batches you keep).
@@ -319,13 +303,9 @@ class Loader:
         ``shuffle_buffer`` = buffer records x mean record; ``in_flight`` = ``prefetch`` raw +
         decoded batches (the process pool's shared rings have the same size); ``total``.
         """
-        raw = int(self.batch_size * self._mean_bytes)
-        size = getattr(self._transform, "size", 0)
-        decoded = self.batch_size * 3 * size * size if isinstance(size, int) else 0
-        parts = {"shuffle_buffer": int(self.buffer_size * self._mean_bytes),
-                 "in_flight": self.prefetch * (raw + decoded)}
-        parts["total"] = sum(parts.values())
-        return parts
+        sized = isinstance(getattr(self._transform, "size", None), int)
+        return memory_bound(self.batch_size, self._mean_bytes, self.buffer_size, self.prefetch,
+                            self.image_size if sized or self.decoder == "dali" else None)
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
@@ -370,7 +350,7 @@ class Loader:
                                       source=self.reader.path)
             # the workers (and a feeder reading ahead) end with the Loader even if close() is
             # never called
-            self._decode_end = weakref.finalize(self, _shutdown, self._carry, self._decode)
+            self._decode_end = weakref.finalize(self, shutdown, self._carry, self._decode)
         if self._dali is not None:
             self._dali.set_image_size(self.image_size)
         return self._decode
@@ -393,7 +373,7 @@ class Loader:
             self._live = None
         if it is not None:
             it.close()
-        _shutdown(self._carry, None)
+        shutdown(self._carry, None)
         if self._decode_end is not None:
             self._decode_end()  # Decode.close, once
             self._decode = self._decode_end = None
@@ -424,12 +404,3 @@ class Loader:
 
     def _pin(self) -> bool:
         return self.pin_memory and self.device is None and torch.cuda.is_available()
-
-
-def _shutdown(carry: List[Any], decode: Optional[Decode]) -> None:
-    """Stop a feeder reading ahead (``carry[0]``), then the decode workers."""
-    if carry[0] is not None:
-        feeder, carry[0] = carry[0][0], None
-        feeder.close()
-    if decode is not None:
-        decode.close()

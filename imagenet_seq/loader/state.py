@@ -89,6 +89,10 @@ def check(sd: Any, mine: Dict[str, Any], total: int) -> None:
     if missing:
         raise ValueError(f"load_state_dict: the state lacks {missing}; expected the dict "
                          "Loader.state_dict() returned")
+    for key in ("epoch", "batches"):
+        if isinstance(sd[key], bool) or not isinstance(sd[key], int):
+            raise ValueError(f"load_state_dict: {key}={sd[key]!r}; expected an int (the dict "
+                             "Loader.state_dict() returned)")
     fields = dict(_ALWAYS)
     if sd["batches"] > 0:
         fields.update(_MID_EPOCH)
@@ -98,7 +102,6 @@ def check(sd: Any, mine: Dict[str, Any], total: int) -> None:
                                                                  "mode") else ""
             raise ValueError(f"load_state_dict: {key} differs: the state has {sd[key]!r}{where}, "
                              f"this Loader has {mine[key]!r}; {fix}")
-    if not isinstance(sd["epoch"], int) or sd["epoch"] < 0 or \
-            not isinstance(sd["batches"], int) or not 0 <= sd["batches"] <= total:
+    if sd["epoch"] < 0 or not 0 <= sd["batches"] <= total:
         raise ValueError(f"load_state_dict: epoch={sd['epoch']!r}, batches={sd['batches']!r}; "
                          f"expected epoch >= 0 and 0 <= batches <= {total} (len(loader))")
