@@ -66,7 +66,8 @@ class Measurement:
     interrupted: bool = False
     method: str = ""
     passes: int = 0
-    # the pipeline's epoch 0 after its first batch, while records still came from the device
+    # the pipeline's images after each epoch's first batch while records still came from the
+    # device (the steady windows), summed over the epochs measured
     steady_images: int = 0
     steady_s: float = 0.0
     buffer_records: int = 0
@@ -75,10 +76,6 @@ class Measurement:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
     def projection(self, records: int, epochs: int) -> Dict[str, Any]:
         """images/s, MB/s, seconds per epoch and hours for ``epochs`` epochs of ``records``,
@@ -175,7 +172,7 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     ahead = math.ceil(readahead.PREFETCH_BYTES / max(1.0, mean_record_bytes))
     device_end = (loader.num_records - loader.buffer_size - loader.prefetch * batch_size
                   - ahead)
-    m.fits_buffer = device_end <= batch_size
+    m.fits_buffer = device_end <= batch_size  # not one batch while the reader still reads
     bar = _progress("full pipeline", seconds, progress)
     epochs: List[Tuple[int, float]] = []
     try:
@@ -203,7 +200,7 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
                 epochs.append((delivered, time.monotonic() - t0))
             m.steady_images += steady[0]
             m.steady_s += steady[1]
-            if len(epochs) == 0:
+            if not epochs:
                 break  # epoch 0 outlasts --seconds: the steady window is the figure
     except KeyboardInterrupt:
         m.interrupted = True
