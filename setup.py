@@ -7,6 +7,11 @@ from setuptools import Extension, find_packages, setup
 JPEGCROP = Extension("imagenet_seq.decode._jpegcrop", ["imagenet_seq/decode/_jpegcrop.c"],
                      libraries=["jpeg"], optional=True)
 
+# tensorpack's DataFlow (module tensorpack.dataflow; the PyPI package `dataflow` is unrelated) and
+# what its serialisation needs: reading LMDBs written by the original tool, imagenet_seq.dataflow,
+# the benchmarks' tensorpack peer
+TENSORPACK = ["tensorpack>=0.11", "msgpack", "msgpack-numpy", "pyzmq"]
+
 setup(
     name="imagenet_seq",
     version="0.1.0",
@@ -38,20 +43,17 @@ setup(
         # `pip install torch==2.14.1 torchvision==0.29.1`, a matching pair; see .ci/run)
         "examples": ["scikit-image"],
         "dali": ["nvidia-dali-cuda120"],
-        # tensorpack's DataFlow (module tensorpack.dataflow; the PyPI package `dataflow` is
-        # unrelated): reading LMDBs written by the original tool, imagenet_seq.dataflow
-        "tensorpack": ["tensorpack>=0.11", "msgpack", "msgpack-numpy", "pyzmq"],
+        "tensorpack": TENSORPACK,
         "timm": ["timm"],
         "lightning": ["lightning>=2.0"],
         # imagenet-seq-bench --plot, imagenet-seq-diagnose --plot; benchmarks/ (slow-disk
-        # emulator: also Debian fuse3); benchmarks/fidelity.py also needs torchvision (its
-        # data: scikit-learn's digits)
-        "bench": ["matplotlib", "scikit-image", "psutil", "scikit-learn"],
+        # emulator: also Debian fuse3; tensorpack: their peer); benchmarks/fidelity.py also
+        # needs torchvision (its data: scikit-learn's digits)
+        "bench": ["matplotlib", "scikit-image", "psutil", "scikit-learn"] + TENSORPACK,
         "slowdisk": ["mfusepy", "matplotlib", "scikit-image"],
         # everything the test suite imports (torchvision: see "examples")
         "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "scipy",
-                 "psutil", "tensorpack>=0.11", "msgpack", "msgpack-numpy", "pyzmq", "timm",
-                 "lightning>=2.0"],
+                 "psutil", "timm", "lightning>=2.0"] + TENSORPACK,
         # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
         # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
         "prctl": ["python-prctl"],

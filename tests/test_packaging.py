@@ -16,12 +16,18 @@ MODULE = {"opencv-python-headless": "cv2", "pillow": "PIL", "msgpack-numpy": "ms
 
 
 def _setup_kwargs():
-    """install_requires and extras_require, read from setup.py's source (nothing is run)."""
+    """install_requires and extras_require, read from setup.py's source: its literal constants
+    and the expressions of those two arguments (setup() itself is not run)."""
     tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    consts = {}
+    for n in tree.body:
+        if isinstance(n, ast.Assign) and isinstance(n.value, (ast.List, ast.Tuple)):
+            consts[n.targets[0].id] = ast.literal_eval(n.value)
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
                 and getattr(n.func, "id", "") == "setup")
-    return {k.arg: ast.literal_eval(k.value) for k in call.keywords
-            if k.arg in ("install_requires", "extras_require")}
+    return {k.arg: eval(compile(ast.Expression(k.value), "setup.py", "eval"),
+                        {"__builtins__": {}}, dict(consts))
+            for k in call.keywords if k.arg in ("install_requires", "extras_require")}
 
 
 def _name(req: str) -> str:
@@ -62,6 +68,7 @@ def test_extras_hold_the_optional_parts_and_test_holds_what_the_suite_needs():
     assert all("torchvision" not in v for v in extras.values())
     for extra in ("tensorpack", "timm", "lightning"):
         assert extras[extra] <= extras["test"]
+    assert extras["tensorpack"] <= extras["bench"]  # the benchmarks' tensorpack peer
     test_imports = _top_level_imports(os.path.join(ROOT, "tests"))
     for dist in ("psutil", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "tensorpack"):
         assert dist in extras["test"]
