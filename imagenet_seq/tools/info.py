@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from importlib import metadata
@@ -73,13 +72,6 @@ def _cuda_status() -> Dict[str, Any]:
                    + "; training runs on the CPU (examples/imagenet/main.py --device cpu)"}
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def runtime_report() -> Dict[str, Any]:
     """Versions, optional parts (on/off and why) and the Loader's defaults on this machine."""
     import imagenet_seq
@@ -101,7 +93,7 @@ def runtime_report() -> Dict[str, Any]:
         "prctl": _prctl_status(),
         "dali": _dali_status(),
         "cuda": _cuda_status(),
-        "cpus": _cpus(),
+        "cpus": default_workers(1),  # one rank's workers: every CPU this process may use
         "ranks_on_this_machine": local,
         "default_workers": default_workers(local),
         "default_buffer_bytes": buffer_bytes,
