@@ -64,6 +64,26 @@ def main():
         out["train_ids"].append(ids)
         out["train_labels"].append(labels)
         out["train_keys"].append(keys)
+    # mid-epoch resume under a process group: each rank saves its own state after k batches
+    # of the last epoch; a fresh Loader on the same rank yields exactly the rest
+    k = max(1, len(train) // 2)
+    train.set_epoch(args.epochs - 1)
+    it = iter(train)
+    for _ in range(k):
+        next(it)
+        dist.all_reduce(torch.ones(1))
+    state = json.loads(json.dumps(train.state_dict()))
+    train.close()
+    resumed = Loader(args.root, "train", shuffle=True, seed=0, chunk_size=args.chunk_size, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(args.epochs - 1)
+    rest = []
+    for _ in resumed:
+        dist.all_reduce(torch.ones(1))
+        rest += [int(r) for r in resumed.last_batch_records]
+    resumed.close()
+    out["resume_state"] = {key: state[key] for key in ("rank", "world_size", "epoch", "batches")}
+    out["resume_rest_keys"] = rest
     for images, targets in val:
         out["val_ids"] += ids_of(images)
         out["val_labels"] += targets.tolist()

@@ -90,6 +90,13 @@ def test_ddp_loader_shards(colour_lmdb, tmp_path):
         union = set(shards[0]) | set(shards[1])
         assert N_TRAIN - WORLD < len(union) <= N_TRAIN
         train_sets.append([frozenset(s) for s in shards])
+    # each rank resumed its own mid-epoch state (same process group): exactly the rest of its
+    # last epoch
+    for k, d in enumerate(ranks):
+        st = d["resume_state"]
+        assert (st["rank"], st["world_size"], st["epoch"]) == (k, WORLD, epochs - 1)
+        done = st["batches"] * 4
+        assert d["resume_rest_keys"] == d["train_keys"][epochs - 1][done:]
     # record keys (file positions) agree with the pixels: one fixed image per key
     key_to_id = {}
     for d in ranks:
