@@ -90,3 +90,18 @@ def test_original_tool_file_without_tensorpack_names_the_pip_line(sample_lmdb, t
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError:") and 'pip install "imagenet_seq[tensorpack]"' in last
     assert "ILSVRC-val.lmdb" in last and "original tool" in last
+
+
+def test_console_scripts_point_at_main_functions():
+    import importlib
+
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    eps = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "entry_points"))
+    scripts = dict(e.replace(" ", "").split("=") for e in eps["console_scripts"])
+    assert {"imagenet-seq-info", "imagenet-seq-diagnose", "imagenet-seq-bench",
+            "imagenet-seq-demo"} <= set(scripts)
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
