@@ -271,7 +271,8 @@ class Loader:
         """Resume from :meth:`state_dict`: the next ``iter(loader)`` yields exactly the batches
         the saved run would have yielded next (records, labels, augmented pixels, boundaries),
         without decoding the consumed part again; it reads again at most ``buffer_size``
-        records (the shuffle buffer's contents at that point).
+        records (the shuffle buffer's contents at that point). (``decoder='dali'``: DALI draws
+        crops from its own pipeline state: records and boundaries exact, train pixels not.)
 
         Raises:
             ValueError: a state of another split, seed, batch size, dataset size, format or
