@@ -79,3 +79,5 @@ def test_demo_console_run(tmp_path):
     epoch = re.search(r"Epoch 1/1 done in \S+: [\d,]+ train images at ([\d,]+) img/s", r.stdout)
     result = re.search(r"training throughput +([\d,]+) images/s", r.stdout)
     assert epoch and result and epoch.group(1) == result.group(1)
+    rates = set(re.findall(r"([\d,]+) img/s", r.stdout)) | {result.group(1)}
+    assert rates == {epoch.group(1)}, rates  # the progress line's too

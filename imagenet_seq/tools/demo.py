@@ -114,8 +114,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     rc = _quiet(preprocess_cli.main, convert) if args.json else preprocess_cli.main(convert)
     if rc != 0:
         raise RuntimeError(f"preprocess_sequential.py exited with {rc}")
+    # one progress line per epoch (-p = steps per epoch): its img/s is then the epoch's, the
+    # figure the result quotes, so the run shows one throughput
+    steps = -(-n_train // args.batch_size)
     common = [dst, "-a", "tiny", "-b", str(args.batch_size), "-j", str(args.workers),
-              "--image-size", str(args.image_size), "--lr", "0.05", "-p", "5"]
+              "--image-size", str(args.image_size), "--lr", "0.05", "-p", str(steps)]
     train_argv = common + ["--epochs", str(args.epochs), "--output-dir", out]
     say(f"3/4 python {_REL} {' '.join(train_argv)}")
     trained = _quiet(example.run, train_argv) if args.json else example.run(train_argv)
