@@ -223,6 +223,7 @@ class Loader:
     # (PyTorch's ImageNet example, Lightning): see imagenet_seq/loader/faces.py
     sampler = property(lambda self: faces.LoaderSampler(self), doc=faces.LoaderSampler.__doc__)
     dataset = property(lambda self: faces.LoaderDataset(self), doc=faces.LoaderDataset.__doc__)
+    batch_sampler = None  # as a DataLoader given batches by its dataset (Lightning reads it)
 
     @property
     def num_records(self) -> int:
