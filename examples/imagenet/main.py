@@ -61,6 +61,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="autocast: auto = fp16 on CUDA, off on the CPU")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     p.add_argument("--image-size", type=int, default=224, help="train/val crop size")
+    p.add_argument("--progressive", default=None, metavar="START:END",
+                   help="progressive resizing: the train crop grows linearly from START px "
+                   "(first epoch) to END px (last epoch), in steps of 32 px (FFCV's recipe, e.g. "
+                   "160:192); val stays at --image-size")
     p.add_argument("--resize-size", type=int, default=256, help="val: shorter side resized to")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--threads", type=int, default=0,
@@ -90,6 +94,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size", "resize_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be >= 1")
+    if args.progressive is not None:
+        try:
+            args.progressive = parse_progressive(args.progressive)
+        except ValueError as e:
+            p.error(str(e))
     if args.threads < 0:
         p.error(f"--threads={args.threads}; must be >= 0 (0 = automatic)")
     if args.workers < 0:
@@ -97,6 +106,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.save_every < 0:
         p.error(f"--save-every={args.save_every}; must be >= 0 steps (0 = at epoch ends only)")
     return args
+
+
+def parse_progressive(text: str):
+    """``'160:192'`` -> ``(160, 192)``; ValueError naming the value unless two ints >= 16."""
+    parts = text.split(":")
+    try:
+        start, end = (int(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"--progressive {text!r}; expected START:END, two image sizes in "
+                         "pixels, e.g. 160:192") from None
+    if min(start, end) < 16:
+        raise ValueError(f"--progressive {text!r}; sizes must be >= 16 px")
+    return start, end
+
+
+def progressive_size(epoch: int, epochs: int, start: int, end: int, step: int = 32) -> int:
+    """The train image size of ``epoch``: ``start`` at the first epoch, ``end`` at the last,
+    linear in between, rounded to a multiple of ``step`` and kept within [start, end]."""
+    frac = epoch / max(1, epochs - 1)
+    size = int(round((start + (end - start) * frac) / step)) * step
+    return max(min(start, end), min(max(start, end), size))
 
 
 def setup_distributed(args: argparse.Namespace):
@@ -258,6 +288,9 @@ def _run(args, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
     workers = rank_workers(args)[1]
     torch.manual_seed(args.seed)
     dtype = amp_dtype(args, device)
+    if args.progressive and args.loader == "folder":
+        raise ValueError("--progressive changes the Loader's image size per epoch; it needs "
+                         "--loader seq")
     if args.loader == "folder":
         from loaders import folder_loaders
         train_loader, val_loader, classes = folder_loaders(
@@ -351,6 +384,10 @@ def _train(args, rank, world, device, dtype, train_loader, val_loader, classes, 
 
     for epoch in range(start_epoch, args.epochs):
         train_loader.set_epoch(epoch)
+        if args.progressive:
+            size = progressive_size(epoch, args.epochs, *args.progressive)
+            train_loader.set_image_size(size)  # this epoch's crops (val keeps --image-size)
+            log(f"=> epoch {epoch + 1}: train images {size} px (--progressive)")
 
         def on_step(step: int, epoch: int = epoch) -> None:
             """--save-every: a checkpoint of this step with every rank's loader state."""
