@@ -44,7 +44,7 @@ setup(
         "examples": ["scikit-image"],
         "dali": ["nvidia-dali-cuda120"],
         "tensorpack": TENSORPACK,
-        "timm": ["timm"],
+        "timm": ["timm>=1.0"],  # imagenet_seq.integrations.timm checks it too
         "lightning": ["lightning>=2.0"],
         # imagenet-seq-bench --plot, imagenet-seq-diagnose --plot; benchmarks/ (slow-disk
         # emulator: also Debian fuse3; tensorpack: their peer); benchmarks/fidelity.py also

@@ -121,6 +121,16 @@ def test_bad_input(sample_lmdb):
         create_loader(sample_lmdb, (3, 32, 48), 8, device=CPU)
     with pytest.raises(ValueError, match="num_aug_repeats"):
         create_loader(sample_lmdb, 32, 8, num_aug_repeats=3, device=CPU)
+    with pytest.raises(ValueError, match="input_size_choices"):
+        create_loader(sample_lmdb, 32, 8, input_size_choices=[32, 48], device=CPU)
+    # the arguments today's timm train.py passes with their defaults are accepted
+    loader = create_loader(sample_lmdb, 32, 8, input_size_choices=None, batch_size_choices=None,
+                           batch_choice_weights=None, batch_choice_seed=0, num_batches=None,
+                           batch_choice_schedule="constant", batch_schedule_epochs=None,
+                           batch_schedule_spread=0.65, batch_schedule_random_mix=0.1,
+                           use_multi_epochs_loader=False, worker_seeding="all", num_workers=0,
+                           device=CPU)
+    assert loader.batch_sampler is None and len(loader.sampler) == 12  # train.py reads both
 
 
 def test_missing_or_old_timm_names_pip_line():
@@ -129,8 +139,8 @@ def test_missing_or_old_timm_names_pip_line():
             "except ImportError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert 'pip install "imagenet_seq[timm]"' in r.stdout, r.stdout + r.stderr
-    code = ("import timm; timm.__version__ = '0.6.12'\n"
+    code = ("import timm; timm.__version__ = '0.9.16'\n"
             "try:\n    import imagenet_seq.integrations.timm\n"
             "except ImportError as e:\n    print(e)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "found 0.6.12" in r.stdout and '[timm]" --upgrade' in r.stdout, r.stdout + r.stderr
+    assert "found 0.9.16" in r.stdout and '[timm]" --upgrade' in r.stdout, r.stdout + r.stderr

@@ -36,7 +36,7 @@ import torch
 
 from imagenet_seq.integrations import require
 
-TIMM_MIN = (0, 9)
+TIMM_MIN = (1, 0)
 _timm = require("timm", TIMM_MIN, "timm", "imagenet_seq.integrations.timm")
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from timm.data import create_transform  # noqa: E402
@@ -159,8 +159,15 @@ def create_loader(dataset: str, input_size: Union[int, Tuple[int, ...]], batch_s
     if path not in ("auto", "fast", "pil"):
         raise ValueError(f"path={path!r}; expected 'auto', 'fast' or 'pil'")
     for key in ("persistent_workers", "worker_seeding", "use_multi_epochs_loader",
-                "tf_preprocessing"):
+                "tf_preprocessing", "batch_choice_weights", "batch_choice_seed",
+                "batch_choice_schedule", "batch_schedule_epochs", "batch_schedule_spread",
+                "batch_schedule_random_mix"):
         loader_kwargs.pop(key, None)  # timm DataLoader options with no meaning here
+    for key in ("input_size_choices", "batch_size_choices", "num_batches"):
+        if loader_kwargs.pop(key, None) is not None:  # train.py passes None by default
+            raise ValueError(f"{key} (timm's scheduled-size batch sampler) is not supported; "
+                             "for progressive resizing call loader.loader.loader"
+                             ".set_image_size(size) between epochs (see the README)")
     size = _size(input_size)
     crop_pct = crop_pct or DEFAULT_CROP_PCT
     scale = tuple(scale or (0.08, 1.0))
@@ -177,11 +184,13 @@ def create_loader(dataset: str, input_size: Union[int, Tuple[int, ...]], batch_s
     fast = path == "fast" or (path == "auto" and not why)
     transform = None
     if not fast:
-        transform = create_transform(
+        newer = {k: v for k, v in (("color_jitter_prob", color_jitter_prob),
+                                   ("grayscale_prob", grayscale_prob),
+                                   ("gaussian_blur_prob", gaussian_blur_prob)) if v}
+        transform = create_transform(  # (arguments of later timm 1.0 releases only when used)
             (3, size, size), is_training=is_training, no_aug=no_aug, scale=scale, ratio=ratio,
-            hflip=hflip, vflip=vflip, color_jitter=color_jitter,
-            color_jitter_prob=color_jitter_prob, grayscale_prob=grayscale_prob,
-            gaussian_blur_prob=gaussian_blur_prob, auto_augment=auto_augment,
+            hflip=hflip, vflip=vflip, color_jitter=color_jitter, **newer,
+            auto_augment=auto_augment,
             interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct,
             crop_mode=crop_mode, crop_border_pixels=crop_border_pixels,
             re_prob=0. if use_prefetcher else re_prob, re_mode=re_mode, re_count=re_count,
