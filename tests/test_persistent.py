@@ -201,3 +201,15 @@ def test_the_next_pass_adopts_the_read_ahead(sample_lmdb):
     assert sum(len(y) for _, y in it) == ld.num_records
     ld.close()
     assert ld.next_pass is None and not feeder.thread.is_alive()
+
+
+def test_overlap_defaults_to_loaders_with_a_shuffle_buffer(sample_lmdb):
+    assert Loader(sample_lmdb, "train", num_workers=0, **SMALL).overlap_epochs
+    assert not Loader(sample_lmdb, "val", num_workers=0, batch_size=4).overlap_epochs
+    assert not Loader(sample_lmdb, "train", num_workers=0, shuffle=False).overlap_epochs
+    assert Loader(sample_lmdb, "val", num_workers=0, batch_size=4,
+                  overlap_epochs=True).overlap_epochs
+    val = Loader(sample_lmdb, "val", num_workers=0, batch_size=4)
+    for _ in val:
+        pass
+    assert val.next_pass is None  # nothing left open between val passes

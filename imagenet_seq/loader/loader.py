@@ -97,7 +97,8 @@ class Loader:
             ``ILSVRC-val.lmdb`` would train on validation data).
         overlap_epochs: once the last batch of epoch ``e`` is read, go on reading, shuffling
             and decoding epoch ``e + 1`` (no stall between epochs: the buffer fill of the next
-            epoch overlaps this one's tail). Used when the next ``iter`` asks for ``e + 1``
+            epoch overlaps this one's tail). Default: on with a shuffle buffer (train), off
+            without (val: nothing to fill; the file would stay open between passes). Used when the next ``iter`` asks for ``e + 1``
             from its first batch at the same image size, else dropped. Memory across the
             boundary stays within :meth:`memory_bound` (the two epochs share the ``prefetch``
             window; ``e``'s buffer is empty before ``e + 1``'s fills). Costs one extra buffer
@@ -121,7 +122,7 @@ class Loader:
                  skip_broken: bool = False, worker_type: Optional[str] = None,
                  prefetch: Optional[int] = None, verify: bool = False,
                  stall_timeout: Optional[float] = 300.0, check_split: bool = True,
-                 overlap_epochs: bool = True):
+                 overlap_epochs: Optional[bool] = None):
         check_args(mode=mode, worker_type=worker_type, decoder=decoder, batch_size=batch_size,
                    num_workers=num_workers, seed=seed, stall_timeout=stall_timeout)
         info = resolve_rank(rank, world_size, distributed)
@@ -168,7 +169,10 @@ class Loader:
         self.finish = Finish(self._pin(), device, channels_last)
         self._resume: Optional[Tuple[int, int]] = None  # (epoch, batch) the next iter starts at
         self._position = None  # the last pass's epoch and batches handed out
-        self.overlap_epochs = bool(overlap_epochs)
+        # default: where an epoch starts with a buffer fill (train); a val pass would only
+        # keep its file open and a few decoded batches between passes
+        self.overlap_epochs = (self.shuffle and self.buffer_size > 1) \
+            if overlap_epochs is None else bool(overlap_epochs)
         self._carry: List[Any] = [None]  # next_pass, in a box the finaliser can hold
         # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
         # image on the OpenCV path (it releases the GIL); Python/PIL transforms hold the GIL
