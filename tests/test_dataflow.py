@@ -1,6 +1,7 @@
 """imagenet_seq.dataflow with tensorpack's real stages: BatchData, MultiProcessRunnerZMQ,
 MultiProcessMapDataZMQ, LocallyShuffleData, TestDataSpeed (QueueInput needs TensorFlow)."""
 import contextlib
+import importlib.util
 import io
 import subprocess
 import sys
@@ -190,17 +191,15 @@ def test_missing_or_old_tensorpack_names_pip_line(monkeypatch):
     assert 'pip install "imagenet_seq[tensorpack]"' in r.stdout, r.stdout + r.stderr
 
 
-def test_queue_input_needs_tensorflow():
-    """tensorpack's trainers' QueueInput lives in tensorflow-only modules."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
+def test_queue_input_needs_tensorflow(sample_lmdb):
+    """tensorpack's trainers' QueueInput lives in TensorFlow-only modules."""
+    if importlib.util.find_spec("tensorflow") is None:
         with contextlib.redirect_stdout(io.StringIO()), pytest.raises(ImportError):
-            from tensorpack.input_source import QueueInput  # noqa: F401
+            import tensorpack.input_source  # noqa: F401
         pytest.skip("QueueInput needs TensorFlow (not installed): not tested")
-    from tensorpack.input_source import QueueInput  # pragma: no cover - needs TF
+    from tensorpack.input_source import QueueInput  # pragma: no cover - needs TensorFlow
 
-    QueueInput(isdf.LMDBSource.__new__(isdf.LMDBSource))  # pragma: no cover
+    QueueInput(isdf.LMDBSource(sample_lmdb, "train"))  # pragma: no cover
 
 
 def test_runner_picklable_decoder():

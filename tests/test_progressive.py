@@ -4,7 +4,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 from imagenet_seq.data import Loader
 

@@ -18,7 +18,7 @@ SCRIPT = os.path.join(HERE, "pytorch_example_ddp.py")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transform", ["torchvision", "fast"])
-def test_example_ddp_data_code_under_torchrun(colour_lmdb, tmp_path, transform):
+def test_example_ddp_data_code_under_torchrun(colour_lmdb, tmp_path, transform):  # noqa: F811
     if transform == "torchvision":
         pytest.importorskip("torchvision")
     root, truth = colour_lmdb
@@ -51,7 +51,7 @@ def test_example_ddp_data_code_under_torchrun(colour_lmdb, tmp_path, transform):
     assert ranks[0]["train_records"][0] != ranks[0]["train_records"][1]
 
 
-def test_faces_in_one_process(colour_lmdb):
+def test_faces_in_one_process(colour_lmdb):  # noqa: F811
     """sampler/dataset without a process group: lengths, set_epoch, iteration, pixels."""
     from imagenet_seq.data import Loader
 
