@@ -222,6 +222,10 @@ class ImageDecoder:
         if mode not in ("train", "val"):
             raise ValueError(f"mode={mode!r}; expected 'train' or 'val'")
         if transform is None:
+            from imagenet_seq.integrations import check_image_size
+
+            image_size = check_image_size(image_size)
+        if transform is None:
             transform = transforms.TrainTransform(image_size, scale, ratio) if mode == "train" \
                 else transforms.ValTransform(image_size, resize_size)
         self.transform = transform

@@ -1,6 +1,7 @@
 """imagenet_seq.dataflow with tensorpack's real stages: BatchData, MultiProcessRunnerZMQ,
 MultiProcessMapDataZMQ, LocallyShuffleData, TestDataSpeed (QueueInput needs TensorFlow)."""
 import contextlib
+import faulthandler
 import importlib.util
 import io
 import subprocess
@@ -17,6 +18,14 @@ from imagenet_seq.data import Loader  # noqa: E402
 
 td = isdf.import_tensorpack()
 SMALL = dict(image_size=32, resize_size=40)
+
+
+@pytest.fixture(autouse=True)
+def _timeout():
+    """tensorpack's ZMQ stages fork processes: any hang ends the run after 120 s with stacks."""
+    faulthandler.dump_traceback_later(120, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _collect(ds, n=None):
@@ -177,6 +186,9 @@ def test_bad_input(sample_lmdb):
         isdf.LoaderFlow(sample_lmdb, "train", device="cpu")
     with pytest.raises(ValueError, match="mode"):
         isdf.ImageDecoder("test")
+    for bad in (8, 15, 160.0, "160", True):
+        with pytest.raises(ValueError, match="image_size"):
+            isdf.ImageDecoder("train", image_size=bad)
 
 
 def test_missing_or_old_tensorpack_names_pip_line(monkeypatch):

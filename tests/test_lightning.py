@@ -94,6 +94,8 @@ def test_prepare_data_converts_once(sample_tree, tmp_path):
         ImagenetSeqDataModule(str(tmp_path / "empty")).prepare_data()
     with pytest.raises(ValueError, match="rank"):
         ImagenetSeqDataModule(str(out), rank=0)
+    with pytest.raises(ValueError, match="image_size=12"):
+        ImagenetSeqDataModule(str(out), image_size=12)
 
 
 def test_missing_or_old_lightning_names_pip_line():

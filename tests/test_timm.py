@@ -117,6 +117,9 @@ def test_eval_loader_normalises_the_loaders_pixels(sample_lmdb):
 
 
 def test_bad_input(sample_lmdb):
+    for bad in (8, 15.5, (3, 8, 8), "224"):
+        with pytest.raises(ValueError, match="input_size"):
+            create_loader(sample_lmdb, bad, 8, device=CPU)
     with pytest.raises(ValueError, match="square"):
         create_loader(sample_lmdb, (3, 32, 48), 8, device=CPU)
     with pytest.raises(ValueError, match="num_aug_repeats"):

@@ -42,3 +42,10 @@ def require(module: str, minimum: Tuple[int, ...], extra: str, what: str):
     if version_tuple(found) < minimum:
         raise ImportError(f"{what} needs {module} >= {need}, found {found}: {pip} --upgrade")
     return mod
+
+
+def check_image_size(value, name: str = "image_size") -> int:
+    """``value`` as an int >= 16, or ValueError naming ``name`` and the value."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 16:
+        raise ValueError(f"{name}={value!r}; expected an int >= 16 (pixels per side)")
+    return int(value)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from imagenet_seq.integrations import require
+from imagenet_seq.integrations import check_image_size, require
 
 LIGHTNING_MIN = (2, 0)
 L = require("lightning", LIGHTNING_MIN, "lightning", "imagenet_seq.integrations.lightning")
@@ -116,7 +116,8 @@ class ImagenetSeqDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.image_size, self.resize_size = image_size, resize_size
+        self.image_size = check_image_size(image_size)
+        self.resize_size = resize_size
         self.convert_workers = convert_workers
         self.loader_kwargs = loader_kwargs
         self.train_loader = None

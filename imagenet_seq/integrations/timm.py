@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from imagenet_seq.integrations import require
+from imagenet_seq.integrations import check_image_size, require
 
 TIMM_MIN = (1, 0)
 _timm = require("timm", TIMM_MIN, "timm", "imagenet_seq.integrations.timm")
@@ -89,11 +89,11 @@ class TimmBatches:
 
 
 def _size(input_size) -> int:
-    if isinstance(input_size, int):
-        return input_size
+    if not isinstance(input_size, (tuple, list)):
+        return check_image_size(input_size, "input_size")
     hw = tuple(input_size)[-2:]
     if len(hw) == 1 or hw[0] == hw[1]:
-        return int(hw[0])
+        return check_image_size(hw[0], "input_size")
     raise ValueError(f"input_size={input_size!r}: the Loader makes square images; use "
                      "(3, S, S)")
 
