@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FIEMAP extents where the filesystem tells them, else inode numbers); "
                         "name = sorted paths")
     p.add_argument("--read-ahead", type=int, default=None, metavar="N",
-                   help="source files read ahead, in read order (default: 8): keeps "
-                        "the disk's queue filled during each request's round trip; 1 reads "
-                        "one file at a time")
+                   help="source files read at once, the next ones in read order (default: 1, "
+                        "one at a time; more only for a high-latency mount such as NFS: on an "
+                        "HDD the reads then arrive out of order and cost seeks)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion; complete splits are kept")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
@@ -80,8 +80,8 @@ def _check(args) -> List[str]:
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}; expected 0 or more")
     if args.read_ahead is not None and not 1 <= args.read_ahead <= 256:
-        raise ValueError(f"--read-ahead {args.read_ahead}; expected 1..256 files (8 keeps an "
-                         "HDD's queue filled; more helps only a high-latency NFS mount)")
+        raise ValueError(f"--read-ahead {args.read_ahead}; expected 1..256 files (1 for an HDD; "
+                         "more only for a high-latency mount such as NFS)")
     if args.max_size is not None and args.max_size < 16:
         raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
     if not 1 <= args.quality <= 100:

@@ -7,12 +7,13 @@ The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` i
 ``CHUNK_BYTES`` bytes (one oversized file is a chunk of its own): memory
 ``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the files being read.
 
-Read-ahead: the reader keeps ``READ_AHEAD`` reads of the NEXT files in on-disk order in flight
-(``READ_AHEAD`` helper threads, file ``i`` read by helper ``i % READ_AHEAD``, results taken in
-order). One file at a time leaves the disk idle during every request's round trip (open, the
-read's latency, Python); with the next few files queued, the disk's scheduler (or the emulator's
-model of it) serves them back to back in their on-disk order, so the requests stay one forward
-sweep. At most ``2 * READ_AHEAD`` files are read but not yet chunked.
+Read-ahead (``--read-ahead N``): the reader can keep ``N`` reads of the NEXT files in on-disk
+order in flight (``N`` helper threads, file ``i`` read by helper ``i % N``, results taken in
+order), for mounts where each request waits a long round trip (NFS). The default is 1, one file
+at a time: on the emulated HDD (``benchmarks/convert_order.py``, 3,000 files) 8 reads in flight
+gave no faster conversion (271.7 vs 273.1 img/s from a folder) while the requests arrived out of
+order often enough to cost 327 seeks instead of 1, and from a tar 142 vs 211 img/s (323 seeks vs
+2). At most ``2 * N`` files are read but not yet chunked.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from imagenet_seq.convert.scan import not_a_file_reason
 CHUNK = 32
 CHUNK_BYTES = 1 << 20
 QUEUE_CHUNKS = 32
-READ_AHEAD = 8  # reads of the next files in flight (see the module docstring)
+READ_AHEAD = 1  # reads of the next files in flight (see the module docstring)
 
 # (plan position, path relative to the split folder, label, bytes or (status, message))
 Item = Tuple[int, str, int, Union[bytes, Tuple[str, str]]]
