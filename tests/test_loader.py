@@ -108,8 +108,7 @@ def test_train_output_independent_of_workers(sample_lmdb):
 
 
 def test_channels_last_and_to_device(sample_lmdb):
-    ld = Loader(sample_lmdb, "val", batch_size=4, num_workers=1, channels_last=True,
-                pin_memory=True)
+    ld = Loader(sample_lmdb, "val", batch_size=4, num_workers=1, channels_last=True)
     x, y = next(iter(ld))
     assert x.shape == (4, 3, 224, 224) and x.is_contiguous(memory_format=torch.channels_last)
     xf, yf = to_device(x, y, "cpu", channels_last=True)

@@ -11,6 +11,32 @@ WORKER_TYPES = ("process", "thread")
 MODES = ("train", "val")
 
 
+def check_device(device: Any, pin_memory: bool) -> None:
+    """Refuse a CUDA ``device`` where torch sees no CUDA device, before any stage starts (else
+    the first batch fails deep inside torch with "Found no NVIDIA driver"); warn that
+    ``pin_memory=True`` does nothing there (pinned memory only speeds copies to a GPU)."""
+    import torch
+
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a torch device ({e}); pass e.g. "
+                             "'cuda', 'cuda:0', 'cpu' or None") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} but torch {torch.__version__} sees no CUDA device "
+                f"(torch.cuda.is_available() is False, CUDA build: {torch.version.cuda}); run on "
+                "a machine with a GPU and a CUDA build of torch, or pass device='cpu' (float "
+                "normalised batches on the CPU) or device=None (uint8 batches)")
+    if pin_memory and device is None and not torch.cuda.is_available():
+        import warnings
+
+        warnings.warn("pin_memory=True has no effect: torch sees no CUDA device, and pinned "
+                      "memory only speeds up copies to a GPU; batches stay in ordinary memory",
+                      RuntimeWarning, stacklevel=3)
+
+
 def check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: int,
                num_workers: Optional[int], seed: int, stall_timeout: Optional[float]) -> None:
     """ValueError naming the first bad Loader argument and what it expects."""

@@ -22,8 +22,8 @@ import torch
 from imagenet_seq.plan import order
 from imagenet_seq.loader import faces
 from imagenet_seq.loader.config import default_workers as _default_workers
-from imagenet_seq.loader.config import (WORKER_TYPES, check_args, make_transform,  # noqa: F401
-                                        mean_record_bytes, memory_bound)
+from imagenet_seq.loader.config import (WORKER_TYPES, check_args, check_device,  # noqa: F401
+                                        make_transform, mean_record_bytes, memory_bound)
 from imagenet_seq.plan.distributed import resolve_rank
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.plan.shuffle import buffer_records
@@ -125,6 +125,7 @@ class Loader:
                  overlap_epochs: Optional[bool] = None):
         check_args(mode=mode, worker_type=worker_type, decoder=decoder, batch_size=batch_size,
                    num_workers=num_workers, seed=seed, stall_timeout=stall_timeout)
+        check_device(device, pin_memory)
         info = resolve_rank(rank, world_size, distributed)
         self.rank, self.world_size = info.rank, info.world_size
         self.reader = SplitReader(root, mode, check_split=check_split)
