@@ -70,7 +70,8 @@ def _warn_crop_decode_fallback() -> None:
     _fallback_warned = True
     warnings.warn(
         "imagenet_seq: the crop-decode extension (imagenet_seq.decode._jpegcrop) is not built "
-        f"({JPEGCROP_ERROR}); train crops decode the whole image with OpenCV: same pixels, "
+        f"({JPEGCROP_ERROR or 'not importable'}); train crops decode the whole image with "
+        "OpenCV: same pixels, "
         f"~1.15x the CPU per image. Fix: {CROP_DECODE_FIX} (`imagenet-seq-info` shows what "
         "is on)", RuntimeWarning, stacklevel=3)
 
