@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from imagenet_seq import format as fmt
+from imagenet_seq.format import offsets
 from imagenet_seq.data import ImagenetLoader, Loader, RecordError, to_device
 from imagenet_seq.decode.transforms import PILTransform, ValTransform
 from imagenet_seq.read.reader import SplitReader
@@ -203,6 +204,7 @@ def write_broken_lmdb(src_root, dst, bad_index=7):
         _, label = fmt.decode_record(txn.get(fmt.record_key(bad_index)))
         txn.put(fmt.record_key(bad_index), fmt.encode_record(label, b"\xff\xd8 not a jpeg"))
     env.close()
+    offsets.add_to(path, rebuild=True)  # the write moved records: a fresh index, no stale warning
     return dst
 
 

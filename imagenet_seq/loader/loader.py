@@ -67,6 +67,9 @@ class Loader:
         transform: ``None`` for the fast OpenCV path (train: RandomResizedCrop + flip; val:
             resize + centre crop), a :mod:`imagenet_seq.decode.transforms` transform, or a
             torchvision-style transform (PIL image in) collated like ``default_collate``.
+            The fast path yields uint8 NCHW batches; add ``device=`` to get float32
+            ImageNet-normalised batches on that device (the one-step switch from a torchvision
+            transform: a float model fed uint8 batches fails in its first layer).
         batch_size, drop_last, pin_memory: as for ``torch.utils.data.DataLoader``.
         num_workers: decode workers (default: CPUs / ranks on this machine); 0 decodes in the
             iterating thread.
@@ -80,7 +83,8 @@ class Loader:
         decoder: ``'cpu'``; ``'dali'`` (raw JPEGs decoded on the GPU by
             :class:`imagenet_seq.decode.dali.DaliDecoder`); or a callable ``(jpegs, labels) ->
             (images, targets)`` applied to raw batches in the iterating thread.
-        device: move batches there and normalise (ImageNet mean/std, float) with :func:`to_device`.
+        device: move batches there and normalise (ImageNet mean/std, float) with :func:`to_device`
+            (``'cuda'`` where torch sees no CUDA device: ValueError at construction).
         skip_broken: skip records that fail to decode (counted in ``skipped``) instead of
             raising :class:`imagenet_seq.decode.batch.RecordError`.
         worker_type: ``'thread'`` or ``'process'``; default: threads for the OpenCV path

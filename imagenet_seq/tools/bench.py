@@ -164,8 +164,10 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     from imagenet_seq.data import Loader  # the heavy part (torch, workers), imported only when measured
 
     m = Measurement("pipeline")
+    # overlap_epochs=False: each epoch is timed from a dropped page cache, and a Loader reading
+    # the next epoch ahead during this one's tail would have read part of it before the drop
     loader = Loader(root, split, batch_size=batch_size, num_workers=workers,
-                    shuffle=(split == "train"), buffer_size=buffer_size)
+                    shuffle=(split == "train"), buffer_size=buffer_size, overlap_epochs=False)
     m.buffer_records = loader.buffer_size
     # delivered images up to which the reader is still reading from the device: the buffer's
     # records, the batches in flight and the read-ahead's bytes were read ahead of them
