@@ -138,8 +138,8 @@ def _chunks(start: int, stop: int, chunk_size: int) -> List[Span]:
     return [(s, min(chunk_size, stop - s)) for s in range(start, stop, chunk_size)]
 
 
-def _slice_spans(spans: List[Span], begin: int, end: int) -> List[Span]:
-    """Positions ``[begin, end)`` of the sequence the spans describe, as spans."""
+def slice_spans(spans: Sequence[Span], begin: int, end: int) -> List[Span]:
+    """Positions ``[begin, end)`` of the record sequence ``spans`` describe, as spans."""
     out, pos = [], 0
     for start, count in spans:
         lo, hi = max(begin, pos), min(end, pos + count)
@@ -179,7 +179,7 @@ def _draw(num_records: int, seed: int, epoch: int, draw: int, world_size: int,
     seq = [chunks[i] for i in rng.permutation(len(chunks))]
     if world_size > 1:
         offset = int(rng.integers(num_records))
-        seq = _slice_spans(seq, offset, num_records) + _slice_spans(seq, 0, offset)
+        seq = slice_spans(seq, offset, num_records) + slice_spans(seq, 0, offset)
     return tuple(tuple(s) for s in _cut(seq, num_records // world_size, world_size))
 
 
@@ -272,7 +272,7 @@ def read_spans(num_records: int, mode: str = "train", *, seed: int = 0, epoch: i
         return _merge(spans)
     share = num_records // world_size
     if not shuffle:
-        return _merge(_slice_spans([(0, num_records)], rank * share, (rank + 1) * share))
+        return _merge(slice_spans([(0, num_records)], rank * share, (rank + 1) * share))
     chunk = effective_chunk_size(num_records, world_size, chunk_size)
     return _merge(_train_shares(num_records, seed, epoch, world_size, chunk)[rank])
 

@@ -14,19 +14,7 @@ from typing import List, Sequence
 import numpy as np
 
 from imagenet_seq.plan import order
-
-
-def slice_spans(spans: Sequence[order.Span], begin: int, end: int) -> List[order.Span]:
-    """Positions ``[begin, end)`` of the record sequence ``spans`` describe, as spans."""
-    out, pos = [], 0
-    for start, count in spans:
-        lo, hi = max(begin, pos), min(end, pos + count)
-        if lo < hi:
-            out.append((start + lo - pos, hi - lo))
-        pos += count
-        if pos >= end:
-            break
-    return out
+from imagenet_seq.plan.order import slice_spans
 
 
 def merge_ids(ids: Sequence[int]) -> List[order.Span]:
