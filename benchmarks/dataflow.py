@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict
@@ -36,7 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import data as bench_data  # noqa: E402
-from peers import BATCH, WORKERS, _timed, run_tensorpack  # noqa: E402
+from peers import BATCH, WORKERS, _timed, run_result_child, run_tensorpack  # noqa: E402
 
 PEERS = ("tensorpack", "dataflow_zmq", "dataflow_ready")
 
@@ -89,23 +87,7 @@ def run_child(peer: str, args, timeout: float = 600) -> Dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--peer", peer, "--images",
            str(args.images), "--out", args.out, "--warmup", str(args.warmup), "--measure",
            str(args.measure)]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=REPO, env=env, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        out, err = "", f"timed out after {timeout:.0f} s"
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": " | ".join((err or "").strip().splitlines()[-3:])}
+    return run_result_child(cmd, REPO, timeout)
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,12 @@ process of the peer. ``run_memory_<type>`` records the Loader's memory per epoch
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import data as bench_data  # benchmarks/data.py (benchmarks/ is on sys.path)
 
@@ -19,6 +23,30 @@ TV_PYTHON = "/opt/tv-venv/bin/python"
 PEERS = ("decode", "tensorpack", "dali", "torchvision", "ours_process", "ours_thread",
          "ours_opencv")
 TARGETS = {"tensorpack": 1.5, "dali": 1.5, "torchvision": 2.5, "decode_limit": 0.80}
+
+
+def run_result_child(cmd: Sequence[str], cwd: str, timeout: float) -> Dict:
+    """Run one measurement child (its own session, with ``cwd`` on its PYTHONPATH) and return
+    the JSON of its ``RESULT `` line, or ``{"error": ...}`` naming the exit status and the last
+    lines of its stderr. The child's whole process group (its workers) is killed at the end."""
+    env = dict(os.environ, PYTHONPATH=cwd + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=cwd, env=env, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = "", f"timed out after {timeout:.0f} s"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the peer's workers too
+        except ProcessLookupError:
+            pass
+        p.wait()
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = " | ".join((err or "").strip().splitlines()[-3:])
+    return {"error": f"exit {p.returncode}: {tail}"}
 
 
 # --- peers (each runs in a child process: ``--peer NAME``) ----------------------------------

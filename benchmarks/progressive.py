@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import data as bench_data  # noqa: E402
-from peers import BATCH, WORKERS, _timed  # noqa: E402
+from peers import BATCH, WORKERS, _timed, run_result_child  # noqa: E402
 
 SIZES = (128, 160, 192, 224)
 
@@ -56,27 +56,10 @@ def child(args) -> None:
 
 
 def run_child(size: int, args):
-    import signal
-    import subprocess
-
     cmd = [sys.executable, os.path.abspath(__file__), "--size", str(size), "--images",
            str(args.images), "--out", args.out, "--warmup", str(args.warmup), "--measure",
            str(args.measure)]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=REPO, env=env, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": " | ".join((err or "").strip().splitlines()[-3:])}
+    return run_result_child(cmd, REPO, 600)
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,8 @@ sys.path.insert(0, REPO)
 
 import data as bench_data  # noqa: E402  (benchmarks/data.py)
 
-from peers import BATCH, IMPORTS, PEERS, RUNNERS, TARGETS, TV_PYTHON, WORKERS  # noqa: E402
+from peers import (BATCH, IMPORTS, PEERS, RUNNERS, TARGETS, TV_PYTHON, WORKERS,  # noqa: E402
+                   run_result_child)
 
 
 def child(args) -> int:
@@ -94,24 +94,7 @@ def installed(peer: str, py: str) -> Optional[str]:
 def run_child(peer: str, py: str, args, timeout: float) -> Dict:
     cmd = [py, os.path.abspath(__file__), "--peer", peer, "--images", str(args.images),
            "--out", args.out, "--warmup", str(args.warmup), "--measure", str(args.measure)]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         env=env, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        out, err = "", f"timed out after {timeout:.0f} s"
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)  # the peer's workers too
-        except ProcessLookupError:
-            pass
-        p.wait()
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = " | ".join((err or "").strip().splitlines()[-3:])
-    return {"error": f"exit {p.returncode}: {tail}"}
+    return run_result_child(cmd, REPO, timeout)
 
 
 def main(argv=None) -> int:
