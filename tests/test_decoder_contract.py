@@ -5,18 +5,16 @@ here), a user callable -- a skipped record is counted and named, ``last_batch_re
 up with the images and targets, and ``device=`` hands out normalised float images.
 """
 import faulthandler
-import os
-import shutil
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from imagenet_seq import format as fmt
-from imagenet_seq.format import offsets
 from imagenet_seq.data import IMAGENET_MEAN, IMAGENET_STD, Loader
 from imagenet_seq.read.reader import SplitReader
+
+from damaged import write_broken_lmdb
 
 BAD = 7
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8, seed=1, image_size=32)
@@ -31,16 +29,7 @@ def no_hang():
 
 @pytest.fixture(scope="module")
 def broken(sample_lmdb, tmp_path_factory):
-    dst = str(tmp_path_factory.mktemp("broken"))
-    path = os.path.join(dst, fmt.split_filename("train"))
-    shutil.copy(fmt.find_split(sample_lmdb, "train"), path)
-    env = fmt.open_env(path, readonly=False)
-    with env.begin(write=True) as txn:
-        _, label = fmt.decode_record(txn.get(fmt.record_key(BAD)))
-        txn.put(fmt.record_key(BAD), fmt.encode_record(label, b"\xff\xd8 not a jpeg"))
-    env.close()
-    offsets.add_to(path, rebuild=True)  # the write moved records: a fresh index, no stale warning
-    return dst
+    return write_broken_lmdb(sample_lmdb, str(tmp_path_factory.mktemp("broken")), BAD)
 
 
 def _cv2_images(jpegs):

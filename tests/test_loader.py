@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from imagenet_seq import format as fmt
-from imagenet_seq.format import offsets
 from imagenet_seq.data import ImagenetLoader, Loader, RecordError, to_device
 from imagenet_seq.decode.transforms import PILTransform, ValTransform
 from imagenet_seq.read.reader import SplitReader
 from conftest import copy_with_format_version
+from damaged import write_broken_lmdb
 from invariants import check_epochs, check_shards, run_epoch
 
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8)
@@ -192,20 +192,6 @@ def test_raw_batch_decoder(sample_lmdb, labels):
         recs = ld.last_batch_records
         assert sizes.tolist() == [len(records[r][0]) for r in recs]
     assert calls and max(calls) == 5
-
-
-def write_broken_lmdb(src_root, dst, bad_index=7):
-    """A copy of the train split with record ``bad_index`` replaced by garbage bytes."""
-    os.makedirs(dst)
-    path = os.path.join(dst, fmt.split_filename("train"))
-    shutil.copy(fmt.find_split(src_root, "train"), path)
-    env = fmt.open_env(path, readonly=False)
-    with env.begin(write=True) as txn:
-        _, label = fmt.decode_record(txn.get(fmt.record_key(bad_index)))
-        txn.put(fmt.record_key(bad_index), fmt.encode_record(label, b"\xff\xd8 not a jpeg"))
-    env.close()
-    offsets.add_to(path, rebuild=True)  # the write moved records: a fresh index, no stale warning
-    return dst
 
 
 @pytest.mark.parametrize("workers,wtype", [(0, "process"), (2, "process"), (2, "thread")])
