@@ -260,3 +260,30 @@ def test_a_stopped_worker_is_a_stall_error_not_a_hang(sample_lmdb):
     assert time.time() - t0 < 30
     with pytest.raises(ValueError, match="stall_timeout=0"):
         Loader(sample_lmdb, "train", stall_timeout=0)
+
+
+def test_garbage_is_collected_before_workers_fork(sample_lmdb, tmp_path):
+    """Uncollected garbage (e.g. a dropped DALI pipeline in a reference cycle) is finalised in
+    the trainer before process workers fork, never in a worker, which lacks the threads such
+    finalisers belong to (a DALI pipeline's __del__ segfaulted a worker that way)."""
+    import gc
+
+    from imagenet_seq.data import Loader
+
+    log = str(tmp_path / "finalised")
+
+    class Cycle:
+        def __del__(self):
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    a, b = Cycle(), Cycle()
+    a.other, b.other = b, a
+    gc.collect()  # the cycle survives (still referenced) into the oldest generation, where
+    del a, b      # only a full collection finds it once it is garbage
+    ld = Loader(sample_lmdb, "val", batch_size=4, num_workers=2, worker_type="process")
+    with ld:
+        next(iter(ld))
+    with open(log) as f:
+        pids = [int(line) for line in f]
+    assert pids == [os.getpid()] * 2

@@ -10,6 +10,7 @@ live as long as the pool (a Loader's): each batch carries its epoch, output size
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import os
 import queue
@@ -110,6 +111,10 @@ def start_processes(procs) -> None:
     ``PR_SET_PDEATHSIG`` then fires when the trainer process dies (``kill -9`` included), not
     when the thread that asked for the workers ends."""
     global _forker
+    # objects that are garbage but not yet collected must die here, not in a child: a child's
+    # collector would run their finalisers without the threads they belong to (a dropped DALI
+    # pipeline's __del__ then segfaults the worker at its first collection)
+    gc.collect()
     with _forker_lock:
         if _forker is None or _forker.pid != os.getpid():  # a forked child needs its own
             _forker = _Forker()
