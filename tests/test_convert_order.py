@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,12 +150,12 @@ def test_reader_error_reaches_the_consumer(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the converter
 
-@pytest.mark.parametrize("depth", [1, 8])
+@pytest.mark.parametrize("depth", [1, 2, 8, None])
 def test_sources_read_once_in_disk_order_by_one_reader(depth, shuffled_tree, monkeypatch,
                                                        tmp_path):
     """One reader visits the files in on-disk (here: inode) order; its read-ahead keeps at most
-    ``READ_AHEAD`` of the next files in flight, so read starts stray from that order by less
-    than the window, and with a window of 1 they follow it exactly."""
+    ``--read-ahead`` of the next files in flight (a folder's default: 2), so read starts stray
+    from that order by less than the window, and with a window of 1 they follow it exactly."""
     root, classes = shuffled_tree
     seen = []
     real = source_reader.read_source
@@ -165,10 +166,10 @@ def test_sources_read_once_in_disk_order_by_one_reader(depth, shuffled_tree, mon
             seen.append((path, threading.current_thread().name))
         return real(path)
     monkeypatch.setattr(source_reader, "read_source", spy)
-    monkeypatch.setattr(source_reader, "READ_AHEAD", depth)
     out = str(tmp_path / "out")
     assert main([root, out, "--splits", "train", "--workers", "2", "--read-order", "inode",
-                 "--no-progress"]) == 0
+                 "--no-progress", *(["--read-ahead", str(depth)] if depth else [])]) == 0
+    depth = depth or 2  # a folder's default
     paths = [p for p, _ in seen]
     assert len(paths) == len(set(paths)) == 27  # each file read exactly once
     assert all(t.startswith("imagenet_seq-source-read") for _, t in seen)  # the one reader's
@@ -270,6 +271,76 @@ def test_resume_with_another_tmp_is_named(shuffled_tree, monkeypatch, tmp_path, 
     assert f"--tmp {a}" in err, err
     assert main(args + ["--tmp", str(a), "--resume"]) == 0
     assert len(calls) == 3 + 7 - 2  # the two committed runs are kept, not rewritten
+
+
+def test_runs_are_written_while_reading_goes_on_and_count_once_on_disk(
+        shuffled_tree, reference, monkeypatch, tmp_path, capsys):
+    """Pass 1 writes a full run in a thread while the reader fills the next one; the resume
+    state counts a run's records only once the run is on disk. Here the second run's write
+    waits until records of the third have arrived, then fails: the state committed lists one
+    run and counts exactly its records, and --resume ends with the clean run's records."""
+    import json
+
+    import lmdb
+
+    from imagenet_seq import format as fmt
+
+    monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
+    added, calls = [0], []
+    real_add, real_write = sort_runs.RunBuffer.add, sort_runs.RunBuffer.write
+
+    def add(self, pos, payload):
+        added[0] += 1
+        return real_add(self, pos, payload)
+
+    def write(self, path):
+        calls.append(path)
+        if len(calls) == 2:
+            deadline = time.monotonic() + 20
+            while added[0] < 2 * 4 + 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the main thread must go on reading meanwhile
+            assert added[0] >= 2 * 4 + 2, "reading stopped while a run was written"
+            raise OSError(28, "No space left on device")
+        return real_write(self, path)
+    monkeypatch.setattr(sort_runs.RunBuffer, "add", add)
+    monkeypatch.setattr(sort_runs.RunBuffer, "write", write)
+    out = str(tmp_path / "out")
+    args = [shuffled_tree[0], out, "--splits", "train", "--workers", "0", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "No space left" in err and "--resume" in err, err
+    env = lmdb.open(os.path.join(out, "ILSVRC-train.lmdb.partial"), subdir=False,
+                    readonly=True, lock=False)
+    with env.begin() as txn:
+        state = json.loads(txn.get(fmt.PROGRESS_KEY))
+    env.close()
+    assert [r[1] for r in state["runs"]] == [4]
+    assert sum(state["class_counts"]) == 4
+    assert int(convert_passes.unpack(state["done"], 27).sum()) == 4 + state["skipped"]
+    monkeypatch.setattr(sort_runs.RunBuffer, "write", real_write)
+    assert main(args + ["--resume"]) == 0
+    assert records(out) == records(reference)
+
+
+def test_workers_send_back_only_what_changed():
+    """A JPEG stored as it is comes back from a worker as a verdict (its bytes stay with the
+    reader); one that was changed (EXIF removed) comes back with its new bytes. ``results``
+    hands the writer the encoded record either way."""
+    import cv2
+
+    from imagenet_seq import format as fmt
+    from imagenet_seq.convert.workers import process_chunk, results
+
+    img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
+    plain = cv2.imencode(".jpg", img)[1].tobytes()
+    exif = (plain[:2] + b"\xff\xe1\x00\x10Exif\x00\x00" + b"\x00" * 8 + plain[2:])
+    outs = process_chunk("", [("a.jpg", 3, plain), ("b.jpg", 4, exif)], None, 95)
+    assert outs[0] == ("ok", None, None)
+    assert outs[1][0] == "ok" and outs[1][1] == fmt.encode_record(4, plain)
+    assert outs[1][2] == "EXIF removed"
+    got = list(results("", [[(7, "a.jpg", 3, plain), (9, "b.jpg", 4, exif)]], None, 95, None))
+    assert got == [(7, "ok", fmt.encode_record(3, plain), None),
+                   (9, "ok", fmt.encode_record(4, plain), "EXIF removed")]
 
 
 def test_too_many_runs_is_refused_before_reading(shuffled_tree, monkeypatch, tmp_path, capsys):

@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FIEMAP extents where the filesystem tells them, else inode numbers); "
                         "name = sorted paths")
     p.add_argument("--read-ahead", type=int, default=None, metavar="N",
-                   help="source files read at once, the next ones in read order (default: 1, "
-                        "one at a time; more only for a high-latency mount such as NFS: on an "
-                        "HDD the reads then arrive out of order and cost seeks)")
+                   help="source files read at once, the next ones in read order (default: 2 "
+                        "from a folder, 1 from a tar; more only for a high-latency mount such "
+                        "as NFS: on an HDD many reads in flight arrive out of order and cost "
+                        "seeks)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion; complete splits are kept")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")

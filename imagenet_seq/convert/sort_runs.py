@@ -25,7 +25,8 @@ HEAD = struct.Struct("<QI")
 PER_RECORD_OVERHEAD = 120  # bytes of Python objects per buffered record (tuple, bytes header)
 MIN_READ_BUFFER = 256 << 10
 MAX_READ_BUFFER = 64 << 20
-WRITE_BUFFER = 16 << 20
+WRITE_BUFFER = 16 << 20  # bytes per writev of a run
+WRITE_IOVECS = 1024  # parts per writev (Linux's IOV_MAX)
 
 
 class RunBuffer:
@@ -55,16 +56,32 @@ class RunBuffer:
         """
         self.items.sort(key=lambda it: it[0])
         size = 0
-        with open(path, "wb", buffering=WRITE_BUFFER) as f:
+        with open(path, "wb", buffering=0) as f:
+            batch: List[bytes] = []
+            batch_bytes = 0
             for pos, payload in self.items:
-                f.write(HEAD.pack(pos, len(payload)))
-                f.write(payload)
-                size += HEAD.size + len(payload)
-            f.flush()
+                batch += (HEAD.pack(pos, len(payload)), payload)
+                batch_bytes += HEAD.size + len(payload)
+                if len(batch) >= WRITE_IOVECS or batch_bytes >= WRITE_BUFFER:
+                    size += _write_all(f.fileno(), batch, batch_bytes)
+                    batch, batch_bytes = [], 0
+            if batch:
+                size += _write_all(f.fileno(), batch, batch_bytes)
             os.fsync(f.fileno())
         n = len(self.items)
         self.items, self.nbytes = [], 0
         return n, size
+
+
+def _write_all(fd: int, parts: List[bytes], total: int) -> int:
+    """``parts`` written with writev (no copy into a user-space buffer first); a short write
+    (a signal, a file size limit) goes on with the rest. Returns ``total``."""
+    done = os.writev(fd, parts)
+    if done < total:
+        rest = memoryview(b"".join(parts))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+    return total
 
 
 class RunReader:
@@ -80,19 +97,28 @@ class RunReader:
         self.f.seek(offset)
         self.offset = offset  # of the next record not yet returned
         self.buffer_bytes = buffer_bytes
-        self.buf = b""
+        self.buf = memoryview(b"")
         self.at = 0  # position in buf
 
     def _need(self, n: int) -> bool:
         if len(self.buf) - self.at >= n:
             return True
+        # a NEW buffer each refill: records handed out are views of the old one (no copy)
         rest = self.buf[self.at:]
-        more = self.f.read(max(self.buffer_bytes, n - len(rest)))
-        self.buf, self.at = rest + more, 0
-        return len(self.buf) >= n
+        new = bytearray(max(self.buffer_bytes, n))
+        new[:len(rest)] = rest
+        view, got = memoryview(new), len(rest)
+        while got < len(new):
+            k = self.f.readinto(view[got:])
+            if not k:
+                break
+            got += k
+        self.buf, self.at = view[:got], 0
+        return got >= n
 
-    def next(self) -> Optional[Tuple[int, bytes]]:
-        """(position, record), or None at the end. Raises ValueError on a cut-short run."""
+    def next(self) -> Optional[Tuple[int, memoryview]]:
+        """(position, record), or None at the end; the record is a view into the read buffer
+        (valid for as long as it is referenced). Raises ValueError on a cut-short run."""
         if not self._need(HEAD.size):
             if len(self.buf) - self.at:
                 raise ValueError(f"{self.path} ends inside a record header (at byte "

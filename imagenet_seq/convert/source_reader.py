@@ -7,13 +7,16 @@ The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` i
 ``CHUNK_BYTES`` bytes (one oversized file is a chunk of its own): memory
 ``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the files being read.
 
-Read-ahead (``--read-ahead N``): the reader can keep ``N`` reads of the NEXT files in on-disk
+Read-ahead (``--read-ahead N``): the reader keeps ``N`` reads of the NEXT files in on-disk
 order in flight (``N`` helper threads, file ``i`` read by helper ``i % N``, results taken in
-order), for mounts where each request waits a long round trip (NFS). The default is 1, one file
-at a time: on the emulated HDD (``benchmarks/convert_order.py``, 3,000 files) 8 reads in flight
-gave no faster conversion (271.7 vs 273.1 img/s from a folder) while the requests arrived out of
-order often enough to cost 327 seeks instead of 1, and from a tar 142 vs 211 img/s (323 seeks vs
-2). At most ``2 * N`` files are read but not yet chunked.
+order). A folder's default is 2: each file costs an open and a read, each a round trip to the
+disk's driver, and with one at a time the disk idles during those round trips. On the emulated
+HDD (``benchmarks/convert_order.py``, 3,000 files, three alternating pairs on a loaded 2-core
+machine) 2 in flight converted 28-39 % faster than 1 (e.g. 370.3 vs 265.8 img/s) with the same
+single seek; 8 in flight had arrived out of order often enough to cost 327 seeks (an earlier
+session), so more than 2 only for a high-latency mount such as NFS. A tar's default is 1: its
+members are ``pread`` from one open file, which the kernel already reads ahead. At most
+``2 * N`` files are read but not yet chunked.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from imagenet_seq.convert.scan import not_a_file_reason
 CHUNK = 32
 CHUNK_BYTES = 1 << 20
 QUEUE_CHUNKS = 32
-READ_AHEAD = 1  # reads of the next files in flight (see the module docstring)
+READ_AHEAD = 1  # reads in flight for a source that does not say (see the module docstring)
 
 # (plan position, path relative to the split folder, label, bytes or (status, message))
 Item = Tuple[int, str, int, Union[bytes, Tuple[str, str]]]
@@ -73,6 +76,8 @@ def read_one(split_dir: str, rel: str) -> Union[bytes, Tuple[str, str]]:
 
 class FolderSource:
     """Images as files below ``root`` (a split folder of an ImageFolder tree)."""
+
+    read_ahead = 2  # reads in flight by default (module docstring)
 
     def __init__(self, root: str):
         self.root = root
@@ -177,7 +182,8 @@ class Reader:
                  read_ahead: Optional[int] = None):
         if isinstance(source, str):
             source = FolderSource(source)
-        self._depth = READ_AHEAD if read_ahead is None else read_ahead
+        self._depth = (getattr(source, "read_ahead", READ_AHEAD) if read_ahead is None
+                       else read_ahead)
         self._q: "queue.Queue" = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source, list(items)), daemon=True,
