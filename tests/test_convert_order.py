@@ -101,7 +101,9 @@ def test_runs_merge_in_position_order_and_resume_from_offsets(tmp_path):
     paths.append(str(tmp_path / f"run{len(paths)}"))
     run.write(paths[-1])
     assert len(paths) == 6 and not run.items
-    got = list(sort_runs.merge(paths, [0] * len(paths), merge_bytes=1000))
+    # records are views into reused read buffers, valid until the next one: copied here
+    got = [(pos, bytes(data), i, after)
+           for pos, data, i, after in sort_runs.merge(paths, [0] * len(paths), merge_bytes=1000)]
     assert [g[0] for g in got] == list(range(200))
     assert all(payloads[pos] == data for pos, data, _, _ in got)
     # resume after 77 records: the offsets a commit would have stored
@@ -115,6 +117,31 @@ def test_runs_merge_in_position_order_and_resume_from_offsets(tmp_path):
         f.truncate(os.path.getsize(paths[0]) - 5)
     with pytest.raises(ValueError, match="run0 ends inside"):
         list(sort_runs.merge(paths, [0] * len(paths), merge_bytes=1000))
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 7, 100, 2999, 3011, 5000, 1 << 20])
+def test_run_reader_record_valid_until_the_call_after_next(buffer_bytes, tmp_path):
+    """The read buffers are reused: a record handed out stays intact through the next call
+    (the merge yields it after advancing its run once), whatever the record / buffer sizes,
+    also when one call refills twice (a header, then a record bigger than the buffer)."""
+    rng = np.random.default_rng(1)
+    recs = [(p, os.urandom(int(rng.integers(0, 3000)))) for p in range(300)]
+    run = sort_runs.RunBuffer(max_bytes=1 << 30)
+    for p, data in recs:
+        run.add(p, data)
+    path = str(tmp_path / "run")
+    run.write(path)
+    reader, out, prev = sort_runs.RunReader(path, 0, buffer_bytes), [], None
+    while True:
+        got = reader.next()
+        if prev is not None:
+            assert bytes(prev[0]) == prev[1]
+        if got is None:
+            break
+        out.append((got[0], bytes(got[1])))
+        prev = (got[1], bytes(got[1]))
+    reader.close()
+    assert out == recs
 
 
 def test_reader_chunks_in_given_order_and_stops(tmp_path, monkeypatch):
@@ -289,9 +316,9 @@ def test_runs_are_written_while_reading_goes_on_and_count_once_on_disk(
     added, calls = [0], []
     real_add, real_write = sort_runs.RunBuffer.add, sort_runs.RunBuffer.write
 
-    def add(self, pos, payload):
+    def add(self, *args):
         added[0] += 1
-        return real_add(self, pos, payload)
+        return real_add(self, *args)
 
     def write(self, path):
         calls.append(path)
@@ -325,10 +352,9 @@ def test_runs_are_written_while_reading_goes_on_and_count_once_on_disk(
 def test_workers_send_back_only_what_changed():
     """A JPEG stored as it is comes back from a worker as a verdict (its bytes stay with the
     reader); one that was changed (EXIF removed) comes back with its new bytes. ``results``
-    hands the writer the encoded record either way."""
+    hands the writer the JPEG to store either way."""
     import cv2
 
-    from imagenet_seq import format as fmt
     from imagenet_seq.convert.workers import process_chunk, results
 
     img = np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)
@@ -336,11 +362,10 @@ def test_workers_send_back_only_what_changed():
     exif = (plain[:2] + b"\xff\xe1\x00\x10Exif\x00\x00" + b"\x00" * 8 + plain[2:])
     outs = process_chunk("", [("a.jpg", 3, plain), ("b.jpg", 4, exif)], None, 95)
     assert outs[0] == ("ok", None, None)
-    assert outs[1][0] == "ok" and outs[1][1] == fmt.encode_record(4, plain)
-    assert outs[1][2] == "EXIF removed"
+    assert outs[1] == ("ok", plain, "EXIF removed")
     got = list(results("", [[(7, "a.jpg", 3, plain), (9, "b.jpg", 4, exif)]], None, 95, None))
-    assert got == [(7, "ok", fmt.encode_record(3, plain), None),
-                   (9, "ok", fmt.encode_record(4, plain), "EXIF removed")]
+    assert got == [(7, "ok", plain, None), (9, "ok", plain, "EXIF removed")]
+    assert got[0][2] is plain  # not copied
 
 
 def test_too_many_runs_is_refused_before_reading(shuffled_tree, monkeypatch, tmp_path, capsys):

@@ -240,7 +240,8 @@ def _run(args) -> int:
                                     "seconds": round(r.seconds, 3), "report": r.report,
                                     "already_complete": r.already_complete,
                                     "read_order": r.read_order, "runs": r.runs,
-                                    "tmp_bytes": r.tmp_bytes}
+                                    "tmp_bytes": r.tmp_bytes, "read_seconds": round(r.read_s, 3),
+                                    "merge_seconds": round(r.merge_s, 3)}
                           for r in results}))
     else:
         print(_table(results))

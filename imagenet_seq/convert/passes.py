@@ -158,7 +158,7 @@ class RunWriter:
 
     def start(self, run: _Run, path: str) -> None:
         assert self._thread is None, "wait() for the previous run first"
-        positions = [pos for pos, _ in run.items]
+        positions = [item[0] for item in run.items]
 
         def write():
             try:
@@ -269,10 +269,10 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
                 res.skipped.append((rel, payload))
                 done[pos] = True  # its record is in this transaction
                 pending += 1
-            else:
-                run.add(pos, payload)
+            else:  # payload: the JPEG to store; the run writes the record header before it
+                run.add(pos, payload, fmt.RECORD_HEADER.pack(label))
                 run.class_counts[label] += 1
-                nbytes = len(payload) - fmt.RECORD_HEADER.size
+                nbytes = len(payload)
                 run.bytes += nbytes
                 run.converted += note is not None
             if progress:

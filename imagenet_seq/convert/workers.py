@@ -28,7 +28,6 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Iterable, Iterator, List, Optional, Tuple
 
-from imagenet_seq import format as fmt
 from imagenet_seq.convert.images import BrokenImage, normalise
 from imagenet_seq.decode.malloc import keep_decode_buffers
 
@@ -47,7 +46,7 @@ def process_chunk(split_dir: str, items: List[Item], max_size: Optional[int],
                   quality: int) -> List[Outcome]:
     """Validate + normalise ``items`` (bytes read by ``source_reader``): one outcome per item.
 
-    'ok' carries the encoded record, or None where the source bytes are stored unchanged (most
+    'ok' carries the JPEG to store, or None where it is the source bytes unchanged (most
     images: the caller still holds them, so they do not travel back through the pipe, ~90 KB
     and two copies saved per image); 'skip' the reason for the report (broken image, not a
     regular file), 'error' a message that stops the conversion (a file that exists but cannot
@@ -60,7 +59,7 @@ def process_chunk(split_dir: str, items: List[Item], max_size: Optional[int],
             continue
         try:
             jpeg, note = normalise(data, max_size=max_size, quality=quality)
-            out.append(("ok", None if jpeg is data else fmt.encode_record(label, jpeg), note))
+            out.append(("ok", None if jpeg is data else jpeg, note))
         except BrokenImage as e:
             out.append(("skip", str(e), None))
     return out
@@ -224,7 +223,7 @@ def results(split_dir: str, chunks: Iterable[list], max_size: Optional[int], qua
             workers: Optional[Workers]) -> Iterator[Tuple[int, str, object, Optional[str]]]:
     """(plan position, status, payload, note) for each item of ``chunks`` (``source_reader``
     chunks of (position, rel, label, bytes)), in the order they were read; an 'ok' payload is
-    always the encoded record."""
+    always the JPEG to store (the record without its header)."""
     sent: deque = deque()  # the chunks in flight: their bytes are the records of unchanged images
 
     def jobs():
@@ -234,6 +233,4 @@ def results(split_dir: str, chunks: Iterable[list], max_size: Optional[int], qua
     outs = (process_chunk(*j) for j in jobs()) if workers is None else workers.map_ordered(jobs())
     for outcomes in outs:
         for (pos, _, label, data), (status, payload, note) in zip(sent.popleft(), outcomes):
-            if status == "ok" and payload is None:
-                payload = fmt.encode_record(label, data)
-            yield pos, status, payload, note
+            yield pos, status, data if status == "ok" and payload is None else payload, note

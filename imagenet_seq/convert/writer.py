@@ -77,6 +77,8 @@ class Result:
     read_order: str = "-"  # how the source was ordered (disk_order): fiemap, inode, name
     runs: int = 0
     tmp_bytes: int = 0  # temporary bytes written (the runs)
+    read_s: float = 0.0  # wall seconds of pass 1 (read, validate, write the runs)
+    merge_s: float = 0.0  # wall seconds of pass 2 (merge into the LMDB, offsets index)
 
 
 def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
@@ -255,8 +257,10 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             source = scan.source or FolderSource(split_dir)
             read_order, res.read_order = source.order(
                 rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
+            t1 = time.perf_counter()
             read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
                       start_progress)
+            res.read_s = time.perf_counter() - t1
             skipped_pos = {d["pos"] for d in _committed_skips(env)}
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
@@ -277,10 +281,12 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             txn.delete(fmt.PROGRESS_KEY)
             txn.put(fmt.META_KEY, meta.to_json())  # metadata last
 
+        t1 = time.perf_counter()
         merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
                    len(plan))
         # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
         _write_offsets(env, partial, state["written"])
+        res.merge_s = time.perf_counter() - t1
         env.sync(True)
     finally:
         env.close()
