@@ -349,6 +349,51 @@ def test_runs_are_written_while_reading_goes_on_and_count_once_on_disk(
     assert records(out) == records(reference)
 
 
+def test_run_being_filled_and_run_being_written_share_the_budget(shuffled_tree, reference,
+                                                                  monkeypatch, tmp_path):
+    """With a run disk slower than the reader, the run being filled and what the one being
+    written still holds never exceed the budget together (reading waits), and the runs are
+    not cut smaller for it: each but the last reaches the budget."""
+    import weakref
+
+    budget = 20_000
+    monkeypatch.setattr(convert_passes, "buffer_bytes", lambda memory, workers, images: budget)
+    live, peaks, sizes = weakref.WeakSet(), [], []
+    real_init, real_add, real_write = (sort_runs.RunBuffer.__init__, sort_runs.RunBuffer.add,
+                                       sort_runs.RunBuffer.write)
+    real_write_all = sort_runs._write_all
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        live.add(self)
+
+    def add(self, pos, payload, prefix=b""):
+        real_add(self, pos, payload, prefix)
+        peaks.append((sum(r.nbytes for r in list(live)), len(prefix) + len(payload)))
+
+    def write(self, path):
+        sizes.append(self.nbytes)
+        return real_write(self, path)
+
+    def slow_write_all(fd, parts, total):
+        time.sleep(0.3)  # a slow run disk: the reader gets ahead
+        return real_write_all(fd, parts, total)
+    monkeypatch.setattr(sort_runs.RunBuffer, "__init__", init)
+    monkeypatch.setattr(sort_runs.RunBuffer, "add", add)
+    monkeypatch.setattr(sort_runs.RunBuffer, "write", write)
+    monkeypatch.setattr(sort_runs, "_write_all", slow_write_all)
+    out = str(tmp_path / "out")
+    assert main([shuffled_tree[0], out, "--splits", "train", "--workers", "0",
+                 "--no-progress"]) == 0
+    # the check follows each record, and a full run ends one record past the budget: within
+    # two records of it (those bytes were already in memory, in the chunks from the workers)
+    slack = 2 * (max(size for _, size in peaks) + sort_runs.PER_RECORD_OVERHEAD)
+    assert all(total <= budget + slack for total, _ in peaks), peaks
+    assert max(total for total, _ in peaks) > budget // 2  # two runs did coexist
+    assert len(sizes) >= 3 and all(s >= budget for s in sizes[:-1]), sizes
+    assert records(out) == records(reference)
+
+
 def test_workers_send_back_only_what_changed():
     """A JPEG stored as it is comes back from a worker as a verdict (its bytes stay with the
     reader); one that was changed (EXIF removed) comes back with its new bytes. ``results``

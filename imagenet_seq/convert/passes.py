@@ -3,8 +3,9 @@
 Pass 1 (:func:`read_pass`): ONE reader thread reads the files not yet done in on-disk order
 (``source_reader``), worker processes validate + normalise (``convert_workers``), the records
 fill a run buffer that is sorted by plan position and written as one sequential temporary file
-(``sort_runs``); each run is fsync'd, then listed in ``__progress__`` with the bitmap of plan
-positions done and the skip records, in one transaction. Pass 2 (:func:`merge_pass`): the runs
+(``sort_runs``) by a thread (:class:`RunWriter`) while reading goes on into the next run; each
+run is fsync'd, then listed in ``__progress__`` with the bitmap of plan positions done (its
+records count only from then on) and the skip records, in one transaction. Pass 2 (:func:`merge_pass`): the runs
 merged by position into the LMDB, each commit storing the byte offset reached in every run.
 """
 from __future__ import annotations
@@ -100,15 +101,14 @@ def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
         buf = buffer_bytes(memory, workers, len(plan))
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    run = max(1, buf // 2)  # pass 1 fills one run while the previous one is written
-    runs = -(-int(est * 1.1) // run)  # +10%: re-encoded images
+    runs = -(-int(est * 1.1) // buf)  # +10%: re-encoded images
     if runs > MAX_RUNS:
-        need = 2 * int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, len(plan))
         raise ConversionError(
             f"{split}: about {est / 1e9:.1f} GB in runs of "
-            f"{run / 1e9:.2f} GB makes ~{runs} runs, more than the "
+            f"{buf / 1e9:.2f} GB makes ~{runs} runs, more than the "
             f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
-            f"{need // 1_000_000 + 1} or more")
+            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, len(plan))) // 1_000_000 + 1}"
+            " or more")
     if need > free:
         raise ConversionError(
             f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "
@@ -147,17 +147,26 @@ class _Run(RunBuffer):
 
 
 class RunWriter:
-    """Writes full runs in a thread while pass 1 goes on reading into the next run (two run
-    buffers of half the budget each): the source disk does not idle while a run is written
-    and fsync'd (~11 s per 1.6 GB run on an HDD, ~90 times for ImageNet). One write at a
-    time; :meth:`wait` returns the finished run or raises its OSError."""
+    """Writes a full run in a thread while pass 1 goes on reading into the next one: the
+    source disk does not idle while a run is written and fsync'd (~6 s per 0.9 GB run on an
+    HDD, ~170 times for ImageNet). The memory bound holds for both together: the write
+    releases records as they reach the file (``RunBuffer.write``), and the run being filled is
+    full when it and the rest of the one being written reach the budget. One write at a time;
+    :meth:`wait` returns the finished run or raises its OSError."""
 
     def __init__(self):
         self._thread: Optional[threading.Thread] = None
         self._out: list = []
+        self._run: Optional[_Run] = None
+
+    def pending_bytes(self) -> int:
+        """Bytes the run being written still holds (0 when none is)."""
+        run = self._run
+        return run.nbytes if run is not None else 0
 
     def start(self, run: _Run, path: str) -> None:
         assert self._thread is None, "wait() for the previous run first"
+        self._run = run
         positions = [item[0] for item in run.items]
 
         def write():
@@ -183,7 +192,7 @@ class RunWriter:
         self._thread.join(timeout)
         if self._thread.is_alive():
             return None
-        self._thread = None
+        self._thread = self._run = None
         got = self._out.pop()
         if isinstance(got, BaseException):
             raise got
@@ -197,7 +206,7 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
     todo = [p for p in read_order if not done[p]]
     if start_progress:
         start_progress(len(plan), len(plan) - len(todo), "read")
-    run_bytes = buffer_bytes(opts.memory, opts.workers, len(plan)) // 2  # filling + writing
+    run_bytes = buffer_bytes(opts.memory, opts.workers, len(plan))  # filling + writing
     classes = len(state["class_counts"])
     run = _Run(run_bytes, RUN_RECORDS, classes)
     writer = RunWriter()
@@ -279,8 +288,11 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
                 progress(1, nbytes, state["skipped"])
             if run.full():
                 hand_over()
-            elif writer.busy() and finish_write(timeout=0):
-                pass  # committed as soon as it was written
+            elif writer.busy():
+                # the memory bound: wait for the write when the run being filled and what the
+                # one being written still holds reach it (reading faster than the run disk);
+                # otherwise commit the written run as soon as it is on disk
+                finish_write(None if run.nbytes + writer.pending_bytes() >= run_bytes else 0)
         if run.items:
             hand_over()
         finish_write()

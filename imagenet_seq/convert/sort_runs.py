@@ -50,29 +50,35 @@ class RunBuffer:
             self.max_records is not None and len(self.items) >= self.max_records)
 
     def write(self, path: str) -> Tuple[int, int]:
-        """Sort, write to ``path`` (a new file), fsync; (records, bytes). Empties the buffer.
+        """Sort, write to ``path`` (a new file), fsync; (records, bytes). Empties the buffer
+        as it goes: each batch's records are released once written and ``nbytes`` drops, so
+        a run filled meanwhile (in another thread) can use the memory they held.
 
         Raises:
             OSError: the write failed (full disk, I/O error); ``path`` may hold part of the run
                 (the caller's resume state does not name it, so it is discarded).
         """
-        self.items.sort(key=lambda it: it[0])
+        items = self.items
+        items.sort(key=lambda it: it[0])
         size = 0
         with open(path, "wb", buffering=0) as f:
             batch: List[bytes] = []
-            batch_bytes = 0
-            for pos, prefix, payload in self.items:
+            batch_bytes = first = 0
+            for k, (pos, prefix, payload) in enumerate(items):
                 n = len(prefix) + len(payload)
                 batch += (HEAD.pack(pos, n), prefix, payload) if prefix else \
                     (HEAD.pack(pos, n), payload)
                 batch_bytes += HEAD.size + n
-                if len(batch) >= WRITE_IOVECS - 3 or batch_bytes >= WRITE_BUFFER:
+                if len(batch) >= WRITE_IOVECS - 3 or batch_bytes >= WRITE_BUFFER \
+                        or k == len(items) - 1:
                     size += _write_all(f.fileno(), batch, batch_bytes)
+                    released = batch_bytes + (k + 1 - first) * (PER_RECORD_OVERHEAD - HEAD.size)
                     batch, batch_bytes = [], 0
-            if batch:
-                size += _write_all(f.fileno(), batch, batch_bytes)
+                    items[first:k + 1] = [None] * (k + 1 - first)  # the records' bytes go now
+                    first = k + 1
+                    self.nbytes -= released
             os.fsync(f.fileno())
-        n = len(self.items)
+        n = len(items)
         self.items, self.nbytes = [], 0
         return n, size
 
