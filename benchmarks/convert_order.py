@@ -191,6 +191,20 @@ def _tree_pss(pid: int) -> int:
     return total
 
 
+def _emulator_cpu() -> float:
+    """CPU seconds of this process's ``--serve`` child (the FUSE emulator), 0 if none."""
+    import psutil
+
+    for c in psutil.Process().children():
+        try:
+            if "--serve" in c.cmdline():
+                t = c.cpu_times()
+                return t.user + t.system
+        except psutil.Error:
+            pass
+    return 0.0
+
+
 def _children_cpu() -> float:
     import resource
 
@@ -204,11 +218,18 @@ def run(cmd, cwd, timeout) -> dict:
     c0 = _children_cpu()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak, stop = [0], threading.Event()
+    peak, main_cpu, stop = [0], [0.0], threading.Event()
 
     def sample():
+        import psutil
+
         while not stop.is_set():
             peak[0] = max(peak[0], _tree_pss(p.pid))
+            try:  # the converter's own process, last seen (its workers are the rest)
+                t = psutil.Process(p.pid).cpu_times()
+                main_cpu[0] = t.user + t.system
+            except psutil.Error:
+                pass
             stop.wait(0.02)
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -221,7 +242,8 @@ def run(cmd, cwd, timeout) -> dict:
     cpu = _children_cpu() - c0
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({p.returncode}): {err.decode()[-2000:]}")
-    return {"wall_s": wall, "cpu_s": cpu, "peak_pss_mb": peak[0] / 1e6, "json": json.loads(out)}
+    return {"wall_s": wall, "cpu_s": cpu, "main_cpu_s": main_cpu[0], "peak_pss_mb": peak[0] / 1e6,
+            "json": json.loads(out)}
 
 
 def measure(config, device, data, out, args, wt) -> dict:
@@ -247,6 +269,10 @@ def measure(config, device, data, out, args, wt) -> dict:
            "mb_per_s": round(train["bytes"] / 1e6 / r["wall_s"], 1),
            "passes_s": train["seconds"],  # the converter's own time: both passes, no start-up
            "cpu_us_per_img": round(r["cpu_s"] / train["images"] * 1e6),
+           # split: the converter's process (reader, writer, merge) and its worker processes
+           "cpu_main_us_per_img": round(r["main_cpu_s"] / train["images"] * 1e6),
+           "cpu_workers_us_per_img": round((r["cpu_s"] - r["main_cpu_s"]) / train["images"]
+                                           * 1e6),
            # what the CPUs allow with nothing else running: cores / CPU time per image
            "cpu_bound_img_per_s": round(os.cpu_count() * train["images"] / r["cpu_s"], 1),
            "peak_pss_mb": round(r["peak_pss_mb"], 1), "tmp_bytes": train.get("tmp_bytes", 0),
@@ -307,7 +333,12 @@ def main(argv=None) -> int:
                     json.dump(layout(data), f)
                 mnt = os.path.join(args.work, "mnt")
                 with mounted(data, mnt, lay) as stats:
+                    emu0 = _emulator_cpu()
                     row = measure(config, device, mnt, out, args, wt)
+                    # the emulator's CPU shares the cores with the converter (a kernel serving
+                    # a real disk costs a few microseconds per file)
+                    row["cpu_emulator_us_per_img"] = round(
+                        (_emulator_cpu() - emu0) / row["images"] * 1e6)
                 row.update(seeks=stats.get("seeks"), requests=stats.get("requests"),
                            device_mb=round(stats.get("bytes", 0) / 1e6, 1),
                            device_busy_s=round(stats.get("busy_s", 0), 2),
@@ -335,12 +366,14 @@ def _commit() -> str:
 
 def table(rows) -> str:
     head = ["device", "config", "read order", "img/s", "MB/s", "x today", "seeks",
-            "CPU us/img", "CPU-bound img/s", "disk-bound img/s", "peak PSS MB", "tmp MB",
+            "CPU us/img", "main/workers/emulator us", "CPU-bound img/s", "disk-bound img/s", "peak PSS MB", "tmp MB",
             "ImageNet h", "pass 1 img/s", "pass 2 img/s", "ImageNet h (passes)"]
     today = {r["device"]: r["img_per_s"] for r in rows if r["config"] == "today"}
     body = [[r["device"], r["config"], r["read_order"], r["img_per_s"], r["mb_per_s"],
              f"{r['img_per_s'] / today[r['device']]:.1f}" if r["device"] in today else "-",
-             r.get("seeks", "-"), r["cpu_us_per_img"], r["cpu_bound_img_per_s"],
+             r.get("seeks", "-"), r["cpu_us_per_img"],
+             f"{r['cpu_main_us_per_img']}/{r['cpu_workers_us_per_img']}/"
+             f"{r.get('cpu_emulator_us_per_img', '-')}", r["cpu_bound_img_per_s"],
              r.get("disk_bound_img_per_s", "-"), r["peak_pss_mb"], round(r["tmp_bytes"] / 1e6, 1),
              r["imagenet_hours"], r.get("read_img_per_s", "-"), r.get("merge_img_per_s", "-"),
              r.get("imagenet_hours_passes", "-")] for r in rows]

@@ -11,10 +11,11 @@ Read-ahead (``--read-ahead N``): the reader keeps ``N`` reads of the NEXT files 
 order in flight (``N`` helper threads, file ``i`` read by helper ``i % N``, results taken in
 order). A folder's default is 2: each file costs an open and a read, each a round trip to the
 disk's driver, and with one at a time the disk idles during those round trips. On the emulated
-HDD (``benchmarks/convert_order.py``, 3,000 files, three alternating pairs on a loaded 2-core
-machine) 2 in flight converted 28-39 % faster than 1 (e.g. 370.3 vs 265.8 img/s) with the same
-single seek; 8 in flight had arrived out of order often enough to cost 327 seeks (an earlier
-session), so more than 2 only for a high-latency mount such as NFS. A tar's default is 1: its
+HDD (``benchmarks/convert_order.py``, 3,000 files, four alternating pairs on the 2-core
+machine, ``results/convert_order_readahead2.json``) 2 in flight won every pair: pass 1 at
+547-585 against 417-440 img/s, the whole command 363-383 against 305-333, with the same single
+seek; 8 in flight had arrived out of order often enough to cost 327 seeks (an earlier session),
+so more than 2 only for a high-latency mount such as NFS. A tar's default is 1: its
 members are ``pread`` from one open file, which the kernel already reads ahead. At most
 ``2 * N`` files are read but not yet chunked.
 """
