@@ -283,7 +283,11 @@ def measure(config, device, data, out, args, wt) -> dict:
     # the passes alone is the closer one for ImageNet; both are reported
     rs, ms = train.get("read_seconds"), train.get("merge_seconds")
     if rs and ms:
-        row.update(read_img_per_s=round(train["images"] / rs, 1),
+        row.update(read_main_cpu_us_per_img=round(train.get("read_cpu_seconds", 0)
+                                                  / train["images"] * 1e6),
+                   merge_cpu_us_per_img=round(train.get("merge_cpu_seconds", 0)
+                                              / train["images"] * 1e6),
+                   read_img_per_s=round(train["images"] / rs, 1),
                    merge_img_per_s=round(train["images"] / ms, 1),
                    imagenet_hours_passes=round(IMAGENET_IMAGES * (rs + ms) / train["images"]
                                                / 3600, 2))

@@ -241,7 +241,9 @@ def _run(args) -> int:
                                     "already_complete": r.already_complete,
                                     "read_order": r.read_order, "runs": r.runs,
                                     "tmp_bytes": r.tmp_bytes, "read_seconds": round(r.read_s, 3),
-                                    "merge_seconds": round(r.merge_s, 3)}
+                                    "merge_seconds": round(r.merge_s, 3),
+                                    "read_cpu_seconds": round(r.read_cpu_s, 3),
+                                    "merge_cpu_seconds": round(r.merge_cpu_s, 3)}
                           for r in results}))
     else:
         print(_table(results))

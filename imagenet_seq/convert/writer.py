@@ -79,6 +79,8 @@ class Result:
     tmp_bytes: int = 0  # temporary bytes written (the runs)
     read_s: float = 0.0  # wall seconds of pass 1 (read, validate, write the runs)
     merge_s: float = 0.0  # wall seconds of pass 2 (merge into the LMDB, offsets index)
+    read_cpu_s: float = 0.0  # CPU seconds of this process (all its threads) in pass 1
+    merge_cpu_s: float = 0.0  # and in pass 2 (workers not included)
 
 
 def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
@@ -257,10 +259,10 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             source = scan.source or FolderSource(split_dir)
             read_order, res.read_order = source.order(
                 rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
                       start_progress)
-            res.read_s = time.perf_counter() - t1
+            res.read_s, res.read_cpu_s = time.perf_counter() - t1, time.process_time() - c1
             skipped_pos = {d["pos"] for d in _committed_skips(env)}
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
@@ -281,12 +283,12 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             txn.delete(fmt.PROGRESS_KEY)
             txn.put(fmt.META_KEY, meta.to_json())  # metadata last
 
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
                    len(plan))
         # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
         _write_offsets(env, partial, state["written"])
-        res.merge_s = time.perf_counter() - t1
+        res.merge_s, res.merge_cpu_s = time.perf_counter() - t1, time.process_time() - c1
         env.sync(True)
     finally:
         env.close()
