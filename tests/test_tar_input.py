@@ -128,6 +128,55 @@ def test_interrupted_tar_conversion_resumes_exactly(ilsvrc, tmp_path, monkeypatc
         assert records(out, split) == records(ilsvrc["ref"], split)
 
 
+def test_resume_reuses_the_archive_listings(ilsvrc, tmp_path, monkeypatch, capsys):
+    """Listing an archive reads it about once; an interrupted conversion keeps the listings in
+    its output folder, so --resume does not list again. They are used only while the archive
+    is unchanged (size, modification time) and deleted once the conversion is complete."""
+    from imagenet_seq.convert import inputs, sort_runs, tar_source
+
+    monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
+    real_write, calls = sort_runs.RunBuffer.write, []
+
+    def failing(self, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real_write(self, path)
+    monkeypatch.setattr(sort_runs.RunBuffer, "write", failing)
+    real_list, listed = tar_source.list_tar, []
+
+    def counting(path, progress=None):
+        listed.append(os.path.basename(path))
+        return real_list(path, progress)
+    monkeypatch.setattr(tar_source, "list_tar", counting)
+    out = str(tmp_path / "out")
+    args = [ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], out]
+    convert(args, capsys, rc=1)
+    assert sorted(listed) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+    kept = sorted(f for f in os.listdir(out) if f.startswith(inputs.LISTING_PREFIX))
+    assert len(kept) == 2, os.listdir(out)
+    # the train archive touched (another download in its place?): listed again; val is not
+    st = os.stat(ilsvrc["train"])
+    os.utime(ilsvrc["train"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        listed.clear()
+        convert(args + ["--resume"], capsys)
+        assert listed == ["ILSVRC2012_img_train.tar"]
+    finally:
+        os.utime(ilsvrc["train"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    for split in ("train", "val"):
+        assert records(out, split) == records(ilsvrc["ref"], split)
+    assert not [f for f in os.listdir(out) if f.startswith(inputs.LISTING_PREFIX)]
+    # a damaged listing file is not trusted: the archive is listed again
+    bad = inputs.listing_path(str(tmp_path / "o2"), ilsvrc["val"])
+    os.makedirs(os.path.dirname(bad))
+    with open(bad, "w") as f:
+        f.write('{"stamp": ')
+    listed.clear()
+    members, _ = inputs._list(ilsvrc["val"], None, str(tmp_path / "o2"))
+    assert listed == ["ILSVRC2012_img_val.tar"] and members == real_list(ilsvrc["val"])[0]
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_truncated_archive_is_named(ilsvrc, tmp_path, capsys):

@@ -12,7 +12,7 @@ from typing import List, Optional
 import lmdb
 
 from imagenet_seq import format as fmt
-from imagenet_seq.convert.inputs import resolve
+from imagenet_seq.convert.inputs import remove_listings, resolve
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.convert.passes import buffer_bytes
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
@@ -177,7 +177,8 @@ def _run(args) -> int:
             return tick
         try:
             inputs = resolve(args.src, splits, args.val_labels, args.devkit,
-                             progress=None if args.no_progress else listing)
+                             progress=None if args.no_progress else listing,
+                             cache_dir=args.dst)  # archive listings kept for --resume
         finally:
             for b in bars:
                 b.close()
@@ -234,6 +235,7 @@ def _run(args) -> int:
         res.skipped = [(rel, reason) for rel, reason in scan.not_images] + res.skipped
         res.report = _write_report(args.dst, split, res.skipped)
         results.append(res)
+    remove_listings(args.dst, args.src)  # every split is complete: no resume needs them
     if args.json:
         print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,
                                     "skipped": len(r.skipped), "bytes": r.bytes,

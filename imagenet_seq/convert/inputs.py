@@ -10,6 +10,8 @@ Class indices are always the sorted class names (WNIDs for ImageNet).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -51,14 +53,67 @@ def _expand(srcs: List[str], devkit: Optional[str]):
     return srcs, devkit
 
 
-def _list(path: str, progress):
-    return tar_source.list_tar(path, progress(path) if progress else None)
+LISTING_PREFIX = ".listing-"  # + a hash of the archive's path + ".json", in the output folder
+
+
+def listing_path(cache_dir: str, path: str) -> str:
+    """Where the listing of the archive at ``path`` is kept in ``cache_dir``."""
+    key = hashlib.sha1(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()
+    return os.path.join(cache_dir, f"{LISTING_PREFIX}{key[:16]}.json")
+
+
+def _list(path: str, progress, cache_dir: Optional[str] = None):
+    """(members, entries that are not files) of the archive at ``path``.
+
+    Listing reads every header, about one sequential read of the archive (~15 min for
+    ImageNet's 138 GB train tar on an HDD). With ``cache_dir`` (the output folder) the result
+    is kept there until the conversion ends, so ``--resume`` after an interruption does not
+    read the archive once more; it is used only while the archive's size and modification
+    time are those it was listed with.
+    """
+    st = os.stat(path)
+    stamp = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = listing_path(cache_dir, path) if cache_dir else None
+    if cache and os.path.exists(cache):
+        try:
+            with open(cache) as f:
+                kept = json.load(f)
+            if kept.get("stamp") == stamp:
+                return ([tuple(m) for m in kept["members"]],
+                        [tuple(m) for m in kept["not_files"]])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: list again
+    members, not_files = tar_source.list_tar(path, progress(path) if progress else None)
+    if cache:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            with open(cache + ".tmp", "w") as f:
+                json.dump({"stamp": stamp, "members": members, "not_files": not_files}, f)
+            os.replace(cache + ".tmp", cache)
+        except OSError:
+            pass  # no room or read-only: the next run lists again, nothing else changes
+    return members, not_files
+
+
+def remove_listings(cache_dir: str, srcs: List[str]) -> None:
+    """Delete the kept listings of the archives in ``srcs`` (the conversion is complete)."""
+    try:
+        srcs, _ = _expand(srcs, None)
+    except ScanError:
+        return
+    for s in srcs:
+        try:
+            os.remove(listing_path(cache_dir, s))
+        except OSError:
+            pass
 
 
 def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None,
-            devkit: Optional[str] = None, progress=None) -> Inputs:
+            devkit: Optional[str] = None, progress=None,
+            cache_dir: Optional[str] = None) -> Inputs:
     """Scans of ``splits`` from the sources given on the command line. ``progress(path)``
     gives a callback ``(bytes_passed, size)`` for listing the archive at ``path``, or None.
+    ``cache_dir``: where archive listings are kept for a resumed run (:func:`_list`).
 
     Raises:
         ScanError: a missing/unknown input, a damaged archive, images without labels..., the
@@ -97,7 +152,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     scans: Dict[str, Scan] = {}
     if "tree" in by_kind:
         path = by_kind["tree"]
-        members, not_files = _list(path, progress)
+        members, not_files = _list(path, progress, cache_dir)
         parts = {s: tar_source.split_members(members, s) for s in ("train", "val")}
         if parts["train"] is None:
             raise ScanError(f"{path} holds no train/ folder (first members: "
@@ -122,7 +177,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     # listing the train archive costs about one read of it: only when its images or its
     # classes (no devkit) are needed
     if "train" in by_kind and ("train" in splits or kit_classes is None):
-        members, not_files = _list(by_kind["train"], progress)
+        members, not_files = _list(by_kind["train"], progress, cache_dir)
         files = {n: (o, z) for n, o, z in members}
         classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
         if kit_classes is not None and classes != kit_classes:
@@ -146,7 +201,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
         if labels is None:
             raise ScanError(f"{by_kind[s]} is flat and needs labels: pass --devkit "
                             "ILSVRC2012_devkit_t12.tar.gz or --val-labels LOC_val_solution.csv")
-        members, not_files = _list(by_kind[s], progress)
+        members, not_files = _list(by_kind[s], progress, cache_dir)
         files = {n: (o, z) for n, o, z in members}
         scans[s] = tar_source.scan_files(by_kind[s], "", files, classes, True, labels,
                                          not_files, labels_name)
