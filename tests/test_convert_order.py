@@ -16,6 +16,7 @@ from imagenet_seq.convert import source_reader
 from imagenet_seq.convert.cli import main
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.tools.sample import make_sample_imagefolder
+from run_faults import fail_nth_run_write
 
 
 def records(out, split="train"):
@@ -276,15 +277,7 @@ def test_resume_with_another_tmp_is_named(shuffled_tree, monkeypatch, tmp_path, 
     """Killed in pass 1 (here: a run write fails), resumed with another --tmp: the error
     names the folder that holds the runs; with it, the resume finishes."""
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
-    calls = []
-    real = sort_runs.RunBuffer.write
-
-    def failing(self, path):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return real(self, path)
-    monkeypatch.setattr(sort_runs.RunBuffer, "write", failing)
+    calls = fail_nth_run_write(monkeypatch, 3, OSError(28, "No space left on device"))
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -313,24 +306,20 @@ def test_runs_are_written_while_reading_goes_on_and_count_once_on_disk(
     from imagenet_seq import format as fmt
 
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
-    added, calls = [0], []
-    real_add, real_write = sort_runs.RunBuffer.add, sort_runs.RunBuffer.write
+    added = [0]
+    real_add = sort_runs.RunBuffer.add
 
     def add(self, *args):
         added[0] += 1
         return real_add(self, *args)
 
-    def write(self, path):
-        calls.append(path)
-        if len(calls) == 2:
-            deadline = time.monotonic() + 20
-            while added[0] < 2 * 4 + 2 and time.monotonic() < deadline:
-                time.sleep(0.01)  # the main thread must go on reading meanwhile
-            assert added[0] >= 2 * 4 + 2, "reading stopped while a run was written"
-            raise OSError(28, "No space left on device")
-        return real_write(self, path)
+    def reading_goes_on():
+        deadline = time.monotonic() + 20
+        while added[0] < 2 * 4 + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the main thread must go on reading meanwhile
+        assert added[0] >= 2 * 4 + 2, "reading stopped while a run was written"
     monkeypatch.setattr(sort_runs.RunBuffer, "add", add)
-    monkeypatch.setattr(sort_runs.RunBuffer, "write", write)
+    fail_nth_run_write(monkeypatch, 2, OSError(28, "No space left on device"), reading_goes_on)
     out = str(tmp_path / "out")
     args = [shuffled_tree[0], out, "--splits", "train", "--workers", "0", "--no-progress"]
     assert main(args) == 1
@@ -344,7 +333,6 @@ def test_runs_are_written_while_reading_goes_on_and_count_once_on_disk(
     assert [r[1] for r in state["runs"]] == [4]
     assert sum(state["class_counts"]) == 4
     assert int(convert_passes.unpack(state["done"], 27).sum()) == 4 + state["skipped"]
-    monkeypatch.setattr(sort_runs.RunBuffer, "write", real_write)
     assert main(args + ["--resume"]) == 0
     assert records(out) == records(reference)
 

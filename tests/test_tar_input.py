@@ -12,6 +12,7 @@ from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.tools.sample import make_sample_imagefolder
 
 import fake_archives as fa
+from run_faults import fail_nth_run_write
 
 pytest.importorskip("scipy")
 
@@ -109,17 +110,8 @@ def test_folder_of_archives_and_kaggle_labels(ilsvrc, tmp_path, capsys):
 
 
 def test_interrupted_tar_conversion_resumes_exactly(ilsvrc, tmp_path, monkeypatch, capsys):
-    from imagenet_seq.convert import sort_runs
-
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
-    real, calls = sort_runs.RunBuffer.write, []
-
-    def failing(self, path):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(5, "Input/output error")
-        return real(self, path)
-    monkeypatch.setattr(sort_runs.RunBuffer, "write", failing)
+    fail_nth_run_write(monkeypatch, 3, OSError(5, "Input/output error"))
     out = str(tmp_path / "out")
     args = [ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], out]
     convert(args, capsys, rc=1)
@@ -132,17 +124,10 @@ def test_resume_reuses_the_archive_listings(ilsvrc, tmp_path, monkeypatch, capsy
     """Listing an archive reads it about once; an interrupted conversion keeps the listings in
     its output folder, so --resume does not list again. They are used only while the archive
     is unchanged (size, modification time) and deleted once the conversion is complete."""
-    from imagenet_seq.convert import inputs, sort_runs, tar_source
+    from imagenet_seq.convert import inputs, tar_source
 
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
-    real_write, calls = sort_runs.RunBuffer.write, []
-
-    def failing(self, path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(5, "Input/output error")
-        return real_write(self, path)
-    monkeypatch.setattr(sort_runs.RunBuffer, "write", failing)
+    fail_nth_run_write(monkeypatch, 2, OSError(5, "Input/output error"))
     real_list, listed = tar_source.list_tar, []
 
     def counting(path, progress=None):
