@@ -5,8 +5,9 @@ Pass 1 (:func:`read_pass`): ONE reader thread reads the files not yet done in on
 fill a run buffer that is sorted by plan position and written as one sequential temporary file
 (``sort_runs``) by a thread (:class:`RunWriter`) while reading goes on into the next run; each
 run is fsync'd, then listed in ``__progress__`` with the bitmap of plan positions done (its
-records count only from then on) and the skip records, in one transaction. Pass 2 (:func:`merge_pass`): the runs
-merged by position into the LMDB, each commit storing the byte offset reached in every run.
+records count only from then on) and the skip records, in one transaction. Pass 2
+(:func:`merge_pass`): the runs merged by position into the LMDB, each commit storing the byte
+offset reached in every run.
 """
 from __future__ import annotations
 
@@ -142,6 +143,7 @@ class _Run(RunBuffer):
 
     def __init__(self, max_bytes: int, max_records: Optional[int], classes: int):
         super().__init__(max_bytes, max_records)
+        self.path: Optional[str] = None  # its file, once handed to the RunWriter
         self.class_counts = [0] * classes
         self.bytes = self.converted = 0
 
@@ -158,20 +160,22 @@ class RunWriter:
         self._thread: Optional[threading.Thread] = None
         self._out: list = []
         self._run: Optional[_Run] = None
+        self.path: Optional[str] = None  # of the run written last (named in its error)
 
     def pending_bytes(self) -> int:
         """Bytes the run being written still holds (0 when none is)."""
         run = self._run
         return run.nbytes if run is not None else 0
 
-    def start(self, run: _Run, path: str) -> None:
+    def start(self, run: _Run) -> None:
+        """Write ``run`` to ``run.path``."""
         assert self._thread is None, "wait() for the previous run first"
-        self._run = run
+        self._run, self.path = run, run.path
         positions = [item[0] for item in run.items]
 
         def write():
             try:
-                self._out.append((run, positions, run.write(path)))
+                self._out.append((run, positions, run.write(run.path)))
             except BaseException as e:  # OSError (full disk), MemoryError: the caller's
                 self._out.append(e)
             # the records were allocated by the reader's and the main thread (their malloc
@@ -241,7 +245,7 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
             got = writer.wait(timeout)
         except OSError as e:
             raise ConversionError(
-                f"cannot write the temporary run {writer_path[0]}: {e.strerror or e}; free "
+                f"cannot write the temporary run {writer.path}: {e.strerror or e}; free "
                 f"space in {run_dir} (or pass --tmp DIR on a disk with room), then run again "
                 "with --resume") from None
         if got is None:
@@ -249,14 +253,11 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
         commit(got)
         return True
 
-    writer_path = [None]
-
     def hand_over():
         nonlocal run
         finish_write()  # one write at a time: the memory bound holds two runs
-        name = f"run-{len(state['runs']):05d}"
-        run.path = writer_path[0] = os.path.join(run_dir, name)
-        writer.start(run, run.path)
+        run.path = os.path.join(run_dir, f"run-{len(state['runs']):05d}")
+        writer.start(run)
         run = _Run(run_bytes, RUN_RECORDS, classes)
 
     try:
