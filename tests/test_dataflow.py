@@ -15,6 +15,7 @@ pytest.importorskip("tensorpack.dataflow")
 
 from imagenet_seq import dataflow as isdf  # noqa: E402
 from imagenet_seq.data import Loader  # noqa: E402
+from import_errors import import_error  # noqa: E402
 
 td = isdf.import_tensorpack()
 SMALL = dict(image_size=32, resize_size=40)
@@ -197,10 +198,9 @@ def test_missing_or_old_tensorpack_names_pip_line(monkeypatch):
     monkeypatch.setattr(tensorpack, "__version__", "0.9.8")
     with pytest.raises(ImportError, match=r'pip install "imagenet_seq\[tensorpack\]" --upgrade'):
         isdf.import_tensorpack()
-    code = ("import sys; sys.modules['tensorpack'] = None\n"
-            "try:\n    import imagenet_seq.dataflow\nexcept ImportError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert 'pip install "imagenet_seq[tensorpack]"' in r.stdout, r.stdout + r.stderr
+    out, both = import_error("import sys; sys.modules['tensorpack'] = None",
+                             "imagenet_seq.dataflow", timeout=60)
+    assert 'pip install "imagenet_seq[tensorpack]"' in out, both
 
 
 def test_queue_input_needs_tensorflow(sample_lmdb):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from import_errors import import_error
 
 pytest.importorskip("lightning")
 
@@ -99,13 +100,9 @@ def test_prepare_data_converts_once(sample_tree, tmp_path):
 
 
 def test_missing_or_old_lightning_names_pip_line():
-    code = ("import sys; sys.modules['lightning'] = None\n"
-            "try:\n    import imagenet_seq.integrations.lightning\n"
-            "except ImportError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert 'pip install "imagenet_seq[lightning]"' in r.stdout, r.stdout + r.stderr
-    code = ("import lightning; lightning.__version__ = '1.9.0'\n"
-            "try:\n    import imagenet_seq.integrations.lightning\n"
-            "except ImportError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "found 1.9.0" in r.stdout and '[lightning]" --upgrade' in r.stdout, r.stdout + r.stderr
+    out, both = import_error("import sys; sys.modules['lightning'] = None",
+                             "imagenet_seq.integrations.lightning", timeout=60)
+    assert 'pip install "imagenet_seq[lightning]"' in out, both
+    out, both = import_error("import lightning; lightning.__version__ = '1.9.0'",
+                             "imagenet_seq.integrations.lightning")
+    assert "found 1.9.0" in out and '[lightning]" --upgrade' in out, both

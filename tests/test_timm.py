@@ -1,9 +1,6 @@
 """imagenet_seq.integrations.timm: timm's create_loader over the Loader, and timm's training
 step loop (model, optimizer, scheduler, FastCollateMixup / Mixup, PrefetchLoader, random
 erasing) run for a few steps on the CPU with it."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,6 +12,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 
 from imagenet_seq.integrations.timm import TimmBatches, create_loader  # noqa: E402
+from import_errors import import_error  # noqa: E402
 
 CPU = torch.device("cpu")
 N_CLASSES = 4
@@ -137,13 +135,9 @@ def test_bad_input(sample_lmdb):
 
 
 def test_missing_or_old_timm_names_pip_line():
-    code = ("import sys; sys.modules['timm'] = None\n"
-            "try:\n    import imagenet_seq.integrations.timm\n"
-            "except ImportError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert 'pip install "imagenet_seq[timm]"' in r.stdout, r.stdout + r.stderr
-    code = ("import timm; timm.__version__ = '0.9.16'\n"
-            "try:\n    import imagenet_seq.integrations.timm\n"
-            "except ImportError as e:\n    print(e)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "found 0.9.16" in r.stdout and '[timm]" --upgrade' in r.stdout, r.stdout + r.stderr
+    out, both = import_error("import sys; sys.modules['timm'] = None",
+                             "imagenet_seq.integrations.timm", timeout=60)
+    assert 'pip install "imagenet_seq[timm]"' in out, both
+    out, both = import_error("import timm; timm.__version__ = '0.9.16'",
+                             "imagenet_seq.integrations.timm")
+    assert "found 0.9.16" in out and '[timm]" --upgrade' in out, both
