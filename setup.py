@@ -51,9 +51,11 @@ setup(
         # needs torchvision (its data: scikit-learn's digits)
         "bench": ["matplotlib", "scikit-image", "psutil", "scikit-learn"] + TENSORPACK,
         "slowdisk": ["mfusepy", "matplotlib", "scikit-image"],
-        # everything the test suite imports (torchvision: see "examples")
+        # the docs/ site (mkdocs.yml; 1.6: its link and anchor validation settings)
+        "docs": ["mkdocs>=1.6"],
+        # everything the test suite imports (torchvision: see "examples"); mkdocs: tests/test_docs.py
         "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "scipy",
-                 "psutil", "timm", "lightning>=2.0"] + TENSORPACK,
+                 "psutil", "timm", "lightning>=2.0", "mkdocs>=1.6"] + TENSORPACK,
         # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
         # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
         "prctl": ["python-prctl"],
