@@ -3,6 +3,7 @@
 resume through Lightning's checkpoint (when the Loader has state_dict), the ImportError."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,11 +17,12 @@ SCRIPT = os.path.join(HERE, "lightning_fit.py")
 N_TRAIN, N_VAL = 48, 12  # sample_lmdb: 4 classes x 12 / x 3
 
 
-def fit(lmdb, out, *args, timeout=300):
+def fit(lmdb, out, *args, timeout=400, expect_rc=0):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run([sys.executable, SCRIPT, lmdb, str(out)] + [str(a) for a in args],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                       capture_output=True, text=True, timeout=timeout, env=env,
+                       start_new_session=True)
+    assert r.returncode == expect_rc, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
@@ -29,53 +31,98 @@ def load(out, tag, rank):
         return json.load(f)
 
 
-def test_fit_one_process(sample_lmdb, tmp_path):
-    fit(sample_lmdb, tmp_path, "--devices", 1, "--epochs", 2)
+def assert_epochs_are_the_loaders(d, epochs):
+    """Lightning's epoch e consumed exactly the Loader's epoch e: batch for batch (pixel and
+    target hashes), each epoch a permutation of this rank's share in epoch_order(e)."""
+    assert d["epochs_set"] == list(range(epochs))  # Lightning's set_epoch reached the Loader
+    ref = d["reference"]
+    for e in range(epochs):
+        r = ref[str(e)]
+        assert r["records"] == r["epoch_order"]  # the fresh Loader's batches are epoch_order(e)
+        assert d["seen"][str(e)] == r["hashes"], f"Lightning's epoch {e} is not the Loader's"
+        assert len(d["seen"][str(e)]) == d["len"]
+    for e in range(1, epochs):  # another order every epoch: no epoch repeated
+        assert ref[str(e)]["records"] != ref[str(e - 1)]["records"]
+        assert d["seen"][str(e)] != d["seen"][str(e - 1)]
+
+
+def test_fit_one_process_trains_each_epoch_once(sample_lmdb, tmp_path):
+    fit(sample_lmdb, tmp_path, "--devices", 1, "--epochs", 3)
     d = load(tmp_path, "run", 0)
     assert (d["loader_rank"], d["loader_world"]) == (0, 1)
-    assert d["epochs_set"] == [0, 1]  # Lightning's set_epoch reached the Loader
-    epochs = [sum(d["seen"][str(e)], []) for e in range(2)]
-    for recs in epochs:
-        assert sorted(recs) == list(range(N_TRAIN))  # every record once per epoch
-    assert epochs[0] != epochs[1]  # another order each epoch
-    assert len(d["seen"]["0"]) == d["len"] == N_TRAIN // 4
+    assert_epochs_are_the_loaders(d, 3)
+    for e in range(3):
+        assert sorted(d["reference"][str(e)]["records"]) == list(range(N_TRAIN))
+    assert d["len"] == N_TRAIN // 4
+    assert d["val_seen"] == d["val_reference"]["hashes"] * 3  # every val pass whole, in order
 
 
 @pytest.mark.slow
-def test_fit_ddp_two_processes(sample_lmdb, tmp_path):
-    fit(sample_lmdb, tmp_path, "--devices", 2, "--epochs", 2)
+def test_fit_ddp_two_processes_trains_each_epoch_once(sample_lmdb, tmp_path):
+    fit(sample_lmdb, tmp_path, "--devices", 2, "--epochs", 3)
     ranks = [load(tmp_path, "run", r) for r in (0, 1)]
     for r, d in enumerate(ranks):
         assert (d["loader_rank"], d["loader_world"], d["world"]) == (r, 2, 2)
-        assert d["epochs_set"] == [0, 1]
-    for e in ("0", "1"):
-        a, b = (sum(d["seen"][e], []) for d in ranks)
+        assert_epochs_are_the_loaders(d, 3)
+    for e in ("0", "1", "2"):
+        a, b = (d["reference"][e]["records"] for d in ranks)
         assert len(a) == len(b) == N_TRAIN // 2 and not set(a) & set(b)
-        assert len(ranks[0]["seen"][e]) == len(ranks[1]["seen"][e])
-    # val: every image once across the ranks (each val pass)
-    passes = [sum(d["val_seen"], []) for d in ranks]
-    assert sorted(passes[0] + passes[1]) == sorted(list(range(N_VAL)) * 2)  # 2 epochs
+    # val: every image once across the ranks, in every val pass
+    vals = [d["val_reference"]["records"] for d in ranks]
+    assert sorted(vals[0] + vals[1]) == list(range(N_VAL))
+    for d in ranks:
+        assert d["val_seen"] == d["val_reference"]["hashes"] * 3
 
 
 def test_mid_epoch_resume_through_lightning_checkpoint(sample_lmdb, tmp_path):
-    from imagenet_seq.data import Loader
-
-    if not hasattr(Loader, "load_state_dict"):
-        pytest.skip("this Loader has no state_dict yet")
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir()
     part.mkdir()
-    fit(sample_lmdb, full, "--epochs", 1, "--tag", "full")
-    # stop after 5 of 12 steps, checkpoint there (Lightning had already fetched batch 6)
-    fit(sample_lmdb, part, "--epochs", 1, "--max-steps", 5, "--ckpt-every", 5, "--tag", "a")
+    fit(sample_lmdb, full, "--epochs", 2, "--tag", "full")
+    # checkpoint after step 5 of 12, killed (SIGKILL) at the start of step 7: Lightning had
+    # fetched batches beyond the checkpoint, and none of it was saved
+    fit(sample_lmdb, part, "--epochs", 2, "--ckpt-every", 5, "--kill-at-step", 7,
+        "--tag", "a", expect_rc=-signal.SIGKILL)
     ckpt = part / "ckpt" / "epoch=0-step=5.ckpt"
     assert ckpt.exists(), os.listdir(part / "ckpt")
-    fit(sample_lmdb, part, "--epochs", 1, "--resume", ckpt, "--tag", "b")
-    want = load(full, "full", 0)["seen"]["0"]
-    first = load(part, "a", 0)["seen"]["0"]
-    rest = load(part, "b", 0)["seen"]["0"]
-    assert len(first) == 5 and len(rest) == len(want) - 5
-    assert first + rest == want  # the same batches, in order, none twice, none lost
+    fit(sample_lmdb, part, "--epochs", 2, "--resume", ckpt, "--tag", "b")
+    want = load(full, "full", 0)["seen"]
+    rest = load(part, "b", 0)["seen"]
+    assert len(rest["0"]) == len(want["0"]) - 5
+    assert rest["0"] == want["0"][5:]  # the same batches, in order, none twice, none lost
+    assert rest["1"] == want["1"]
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_under_ddp_gives_each_rank_its_own_state(sample_lmdb, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    full.mkdir()
+    part.mkdir()
+    fit(sample_lmdb, full, "--devices", 2, "--epochs", 2, "--tag", "full")
+    # 6 steps per epoch per rank: checkpoint after step 2, every rank killed at step 4
+    r = fit(sample_lmdb, part, "--devices", 2, "--epochs", 2, "--ckpt-every", 2,
+            "--kill-at-step", 4, "--tag", "a", expect_rc=-signal.SIGKILL, timeout=400)
+    ckpt = part / "ckpt" / "epoch=0-step=2.ckpt"
+    assert ckpt.exists(), os.listdir(part / "ckpt")
+    fit(sample_lmdb, part, "--devices", 2, "--epochs", 2, "--resume", ckpt, "--tag", "b")
+    for rank in (0, 1):
+        want = load(full, "full", rank)["seen"]
+        rest = load(part, "b", rank)["seen"]
+        assert rest["0"] == want["0"][2:], f"rank {rank} resumed elsewhere"
+        assert rest["1"] == want["1"]
+
+
+def test_a_ddp_checkpoint_on_another_world_size_is_refused_by_name(sample_lmdb):
+    from imagenet_seq.data import Loader
+    from imagenet_seq.integrations.lightning import _RANKS_KEY, _this_ranks
+
+    ld = Loader(sample_lmdb, "train", batch_size=4, num_workers=0)
+    mid = [dict(ld.state_dict(), batches=2, rank=r, world_size=2) for r in (0, 1)]
+    with pytest.raises(ValueError, match=r"mid-epoch loader states of 2 ranks.*this run has 1"):
+        _this_ranks({_RANKS_KEY: mid, "world_size": 2}, ld)
+    boundary = [dict(ld.state_dict(), rank=r, world_size=2) for r in (0, 1)]
+    assert _this_ranks({_RANKS_KEY: boundary, "world_size": 2}, ld)["batches"] == 0
+    ld.load_state_dict(_this_ranks({_RANKS_KEY: boundary, "world_size": 2}, ld))
 
 
 def test_prepare_data_converts_once(sample_tree, tmp_path):

@@ -14,11 +14,16 @@
   (they are not ``DataLoader`` objects), so leave ``use_distributed_sampler`` as it is.
 * Epochs: Lightning calls ``dataloader.sampler.set_epoch(epoch)`` before every epoch
   (``Loader.sampler``), which fixes the Loader's order and augmentation for that epoch.
-* Mid-epoch resume: when the Loader has ``state_dict`` / ``load_state_dict``, the train loader
-  Lightning sees has them too, and Lightning stores them in its checkpoints and restores them on
-  ``fit(ckpt_path=...)``: the resumed epoch yields exactly the batches the interrupted one had
-  left. (Lightning fetches one batch ahead; the saved position is the batches it has
-  processed, not the one it prefetched.)
+* Epochs are decided by ``set_epoch`` only: Lightning makes two iterators before it calls
+  ``set_epoch(0)``; a Loader's pass starts at its first batch, so those consume nothing and
+  Lightning's epoch ``e`` is the Loader's ``epoch_order(e)``.
+* Mid-epoch resume: the train loader Lightning sees has ``state_dict`` / ``load_state_dict``;
+  Lightning stores them in its checkpoints and restores them on ``fit(ckpt_path=...)``: the
+  resumed epoch yields exactly the batches the interrupted one had left. (Lightning fetches
+  one batch ahead; the saved position is the batches it has processed, not the one it
+  prefetched.) Under DDP the checkpoint holds every rank's state (gathered when it is saved)
+  and each rank resumes from its own; a mid-epoch checkpoint of another world size is a
+  ValueError saying so.
 * Batches are ``(uint8 NCHW images, int64 targets)`` on the host; normalise on the device in
   the model, e.g. ``imagenet_seq.data.to_device(images, targets, self.device)`` in
   ``training_step``, or pass ``device=`` through ``loader_kwargs`` for float batches.
@@ -66,23 +71,60 @@ class _Batches:
 
 
 class _ResumableBatches(_Batches):
-    """:class:`_Batches` with ``state_dict``/``load_state_dict`` (Lightning's ``_Stateful``)."""
+    """:class:`_Batches` with ``state_dict``/``load_state_dict`` (Lightning's ``_Stateful``).
+
+    Lightning writes the checkpoint from rank 0 only, and every rank loads that one file: a
+    per-rank state would hand rank 0's position to every rank. So under DDP ``state_dict``
+    gathers every rank's state (each rank calls it while the checkpoint is made, Lightning's
+    contract for ``save_checkpoint``) and ``load_state_dict`` gives each rank its own.
+    """
 
     def state_dict(self) -> Dict[str, Any]:
         state = self.loader.state_dict()
         trainer = self._module._trainer_or_none()
-        if trainer is None or self.loader.mode != "train":
+        if trainer is None:
             return state
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        # Lightning holds one prefetched batch the step has not seen: resume after the
-        # batches it processed
-        if (0 < state["batches"] < len(self.loader) and state["epoch"] == trainer.current_epoch
-                and 0 <= done < state["batches"]):
-            state = dict(state, batches=int(done))
-        return state
+        if self.loader.mode == "train":
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            # Lightning holds one prefetched batch the step has not seen: resume after the
+            # batches it processed
+            if (0 < state["batches"] < len(self.loader)
+                    and state["epoch"] == trainer.current_epoch and 0 <= done < state["batches"]):
+                state = dict(state, batches=int(done))
+        return _gather_ranks(state, self.loader.world_size)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.loader.load_state_dict(state_dict)
+        self.loader.load_state_dict(_this_ranks(state_dict, self.loader))
+
+
+_RANKS_KEY = "imagenet_seq_rank_states"
+
+
+def _gather_ranks(state: Dict[str, Any], world: int) -> Dict[str, Any]:
+    """Every rank's loader state, in rank order (one process: the state itself)."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return state
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return {_RANKS_KEY: states, "world_size": len(states)}
+
+
+def _this_ranks(saved: Dict[str, Any], loader) -> Dict[str, Any]:
+    """This rank's state out of what :func:`_gather_ranks` saved."""
+    if not isinstance(saved, dict) or _RANKS_KEY not in saved:
+        return saved  # one process's state: the Loader checks its rank and world size
+    states = saved[_RANKS_KEY]
+    if len(states) == loader.world_size:
+        return states[loader.rank]
+    if all(s.get("batches") == 0 for s in states):  # an epoch boundary: any world size
+        return states[0]
+    raise ValueError(
+        f"the checkpoint holds the mid-epoch loader states of {len(states)} ranks "
+        f"(epoch {states[0].get('epoch')}), this run has {loader.world_size}: resume on "
+        f"{len(states)} ranks, or resume from a checkpoint saved at an epoch boundary (a "
+        "mid-epoch position is not re-sharded)")
 
 
 class ImagenetSeqDataModule(L.LightningDataModule):

@@ -5,8 +5,9 @@ decoded, finished batches out in order, ``len(loader)`` of them (from batch ``st
 a resume), raising (never hanging) when reading or a worker fails, or when no batch comes for
 ``stall_timeout`` seconds.
 
-A Loader runs one pass at a time (one disk reader, one set of workers): ``iter(loader)`` stops
-the pass before it, and that older iterator then raises :class:`Superseded` instead of ending
+A Loader runs one pass at a time (one disk reader, one set of workers): a pass starts at its
+first ``next()`` (:class:`LazyPass`: ``iter(loader)`` alone decides nothing) and stops the pass
+before it, and that older iterator then raises :class:`Superseded` instead of ending
 early as if its epoch were complete (``zip(L, L)``, a nested loop over one Loader, two threads).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 import lmdb
 import torch
@@ -304,6 +305,36 @@ class EpochIterator:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+class LazyPass:
+    """What ``iter(loader)`` returns: the pass itself starts at the first ``next()``.
+
+    Frameworks make iterators they never use (Lightning calls ``iter()`` twice, then
+    ``set_epoch``, then iterates the second), and ``DataLoader`` + ``DistributedSampler`` read
+    the epoch only when the first batch is asked for; so does this. Until then nothing is
+    decided: the epoch, the resume point, the workers, the stopping of an earlier pass.
+    """
+
+    def __init__(self, start: Callable[[], EpochIterator]):
+        self._start: Optional[Callable[[], EpochIterator]] = start
+        self.started: Optional[EpochIterator] = None  # the pass, once the first batch is asked
+
+    def __iter__(self) -> "LazyPass":
+        return self
+
+    def __next__(self) -> Tuple[Any, torch.Tensor]:
+        if self.started is None:
+            if self._start is None:  # closed before it started
+                raise StopIteration
+            self.started, self._start = self._start(), None
+        return next(self.started)
+
+    def close(self) -> None:
+        """End the pass (or, unstarted, make sure it never starts)."""
+        self._start = None
+        if self.started is not None:
+            self.started.close()
 
 
 def shutdown(carry: List[Any], decode: Any = None) -> None:
