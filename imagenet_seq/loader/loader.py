@@ -31,7 +31,7 @@ from imagenet_seq.plan.stage import Plan
 from imagenet_seq.decode.batch import DecodeSpec, resized_transform
 from imagenet_seq.decode.stage import Decode
 from imagenet_seq.loader import state as resume_state
-from imagenet_seq.loader.epoch import EpochIterator, shutdown
+from imagenet_seq.loader.epoch import EpochIterator, LazyPass, shutdown
 from imagenet_seq.loader.finish import Finish
 from imagenet_seq.decode.malloc import trim
 
@@ -53,7 +53,8 @@ class Loader:
     Train: order = pure function of (seed, epoch, rank, world_size, chunk_size, buffer_size);
     ranks disjoint, equal batch counts, union = dataset minus a tail of ``N % world_size``.
     Val: file order, rank r gets a contiguous slice, every image once across ranks, no padding.
-    Without ``set_epoch``, each new iteration takes the next epoch number (0, 1, 2, ...).
+    Without ``set_epoch``, each new pass takes the next epoch number (0, 1, 2, ...); a pass
+    starts at its first batch, so ``iter(loader)`` alone consumes no epoch.
 
     Memory (per rank): shuffle buffer ``buffer_size`` x mean JPEG record (default 2 GiB per
     machine split among its ranks: ~19,500 ImageNet records) + ``prefetch`` raw batches (JPEG
@@ -108,7 +109,7 @@ class Loader:
             window; ``e``'s buffer is empty before ``e + 1``'s fills). Costs one extra buffer
             fill of reading after the last epoch (``close()`` stops it).
 
-    One pass at a time: ``iter(loader)`` stops an unfinished earlier pass, whose iterator then
+    One pass at a time: a pass's first ``next()`` stops an unfinished earlier pass, whose iterator then
     raises :class:`imagenet_seq.loader.epoch.Superseded` (never a silently short epoch); for two
     passes at once, make two Loaders.
     """
@@ -320,6 +321,13 @@ class Loader:
 
     # -- iteration -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Tuple[Any, torch.Tensor]]:
+        """A pass that starts at its first ``next()``: its epoch (``set_epoch`` or the next
+        number), resume point and workers are fixed then, not here. An iterator made and
+        dropped without yielding (Lightning makes two before it calls ``set_epoch``) changes
+        nothing: no epoch is consumed, no earlier pass is stopped."""
+        return LazyPass(self._start_pass)
+
+    def _start_pass(self) -> EpochIterator:
         with self._live_lock:  # two threads starting passes: one stops the other, never both
             old = self._live() if self._live is not None else None
             if old is not None:  # `break` earlier: stop its workers before starting new ones
