@@ -153,6 +153,28 @@ def test_epoch_advances_without_set_epoch(sample_lmdb):
     assert np.array_equal(np.concatenate(first), np.concatenate(again))
 
 
+def test_an_iterator_made_and_dropped_consumes_no_epoch(sample_lmdb):
+    """Lightning's pattern: iter(), iter(), set_epoch(0), then the second is iterated."""
+    ld = Loader(sample_lmdb, "train", num_workers=1, **SMALL)
+    a, b = iter(ld), iter(ld)
+    ld.set_epoch(0)
+    got = []
+    for _ in b:
+        got.append(ld.last_batch_records.copy())
+    assert np.array_equal(np.concatenate(got), ld.epoch_order(0))
+    del a  # never started: nothing to stop, nothing consumed
+    # without set_epoch: unstarted iterators take no number either
+    auto = Loader(sample_lmdb, "train", num_workers=0, **SMALL)
+    for _ in range(3):
+        iter(auto)
+    first = [auto.last_batch_records.copy() for _ in auto]
+    assert np.array_equal(np.concatenate(first), auto.epoch_order(0)) and auto.epoch == 1
+    c = iter(auto)
+    c.close()  # closed before it started: it never starts
+    assert list(c) == [] and auto.epoch == 1
+    ld.close()
+
+
 def test_memory_bound(sample_lmdb):
     ld = Loader(sample_lmdb, "train", batch_size=8, num_workers=2, buffer_size=10)
     mean = ld.meta.total_bytes / ld.dataset_size

@@ -195,10 +195,13 @@ def test_the_next_pass_adopts_the_read_ahead(sample_lmdb):
         pass
     feeder, seg = ld.next_pass
     assert seg.epoch == 0
-    it = iter(ld)  # epoch 1 (automatic numbering)
-    assert it._feeder is feeder and it.base == len(ld) and it.epoch == 1
+    it = iter(ld)  # epoch 1 (automatic numbering), adopted at its first batch
+    assert ld.next_pass is not None  # iter() alone decides nothing
+    first = next(it)
+    p = it.started
+    assert p._feeder is feeder and p.base == len(ld) and p.epoch == 1
     assert ld.next_pass is None
-    assert sum(len(y) for _, y in it) == ld.num_records
+    assert len(first[1]) + sum(len(y) for _, y in it) == ld.num_records
     ld.close()
     assert ld.next_pass is None and not feeder.thread.is_alive()
 

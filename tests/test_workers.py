@@ -30,13 +30,17 @@ TRAINER = textwrap.dedent("""
     if how == "thread":  # the iterator (and its workers) made by a thread that then ends
         import threading
         box = []
-        t = threading.Thread(target=lambda: box.append(iter(ld)))
+        def start():  # the pass starts (workers fork) at its first batch, in this thread
+            it = iter(ld)
+            next(it)
+            box.append(it)
+        t = threading.Thread(target=start)
         t.start()
         t.join()
         it = box[0]
     else:
         it = iter(ld)
-    next(it)
+        next(it)
     with open(pidfile + ".tmp", "w") as f:
         f.write(" ".join(str(p.pid) for p in psutil.Process().children()))
     os.rename(pidfile + ".tmp", pidfile)
@@ -228,11 +232,16 @@ def test_an_epoch_from_a_short_lived_thread_is_complete(sample_lmdb):
 
     ld = Loader(sample_lmdb, "train", batch_size=4, num_workers=2, worker_type="process")
     box = []
-    t = threading.Thread(target=lambda: box.append(iter(ld)))
+
+    def start():  # the pass starts (workers fork) at its first batch, in this thread
+        it = iter(ld)
+        box.append((len(next(it)[1]), it))
+    t = threading.Thread(target=start)
     t.start()
     t.join()
     time.sleep(0.5)
-    assert sum(len(y) for _, y in box[0]) == 48
+    first, it = box[0]
+    assert first + sum(len(y) for _, y in it) == 48
 
 
 def test_a_stopped_worker_is_a_stall_error_not_a_hang(sample_lmdb):
