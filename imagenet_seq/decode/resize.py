@@ -1,4 +1,5 @@
-"""Resizing for the fast path: torchvision's antialiased bilinear filter, on uint8 HWC images.
+"""Resizing for the fast path: torchvision's antialiased bilinear (or bicubic) filter, on uint8
+HWC images.
 
 torchvision's ``Resize`` / ``RandomResizedCrop`` on PIL images (and on tensors with
 ``antialias=True``) use an antialiased bilinear filter at every shrink: each output pixel is a
@@ -25,6 +26,13 @@ keeps the mean difference under 0.5 grey level and p99 under 3. A crop box rarel
 reduced image's pixel grid, and rounding it there shifts the crop by up to d/2 full-resolution
 pixels (measured: mean 0.4-1.9 grey levels instead of 0.15-0.5), so reduced decodes are resized
 from the exact fractional box (:func:`resize_box`, Pillow's ``resize(box=...)``).
+
+``interpolation='bicubic'`` (timm's default for most models) is torchvision's
+``Resize(..., InterpolationMode.BICUBIC)``: on a PIL image that is Pillow's antialiased bicubic
+(a = -0.5, support widened by the shrink), and torch's uint8 ``_upsample_bicubic2d_aa`` (behind
+``F.interpolate(..., mode='bicubic', antialias=True)``) is written to match it, at about the
+cost of the bilinear kernel. Same policy for DCT-scaled decodes (``tests/test_bicubic.py``
+measures both).
 """
 from __future__ import annotations
 
@@ -36,25 +44,45 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["REDUCING_GAP", "reduction", "resize", "resize_box", "resize_into", "scratch",
-           "growing"]
+__all__ = ["INTERPOLATIONS", "REDUCING_GAP", "check_interpolation", "reduction", "resize",
+           "resize_box", "resize_into", "scratch", "growing"]
+
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 REDUCING_GAP = 2
 _DENOMS = (8, 4, 2)  # libjpeg scale denominators, largest reduction first
 
 
-def _aa_public(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor) -> None:
-    out.copy_(torch.nn.functional.interpolate(src, size=size, mode="bilinear", antialias=True,
+_OPS = {"bilinear": "_upsample_bilinear2d_aa", "bicubic": "_upsample_bicubic2d_aa"}
+_PIL_FILTERS = {"bilinear": 2, "bicubic": 3}  # PIL.Image.BILINEAR, BICUBIC
+
+
+def _aa_public(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor,
+               mode: str = "bilinear") -> None:
+    out.copy_(torch.nn.functional.interpolate(src, size=size, mode=mode, antialias=True,
                                               align_corners=False))
 
 
-def _aa_op(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor) -> None:
+def _aa_op(src: torch.Tensor, size: Tuple[int, int], out: torch.Tensor,
+           mode: str = "bilinear") -> None:
     # the op behind F.interpolate(antialias=True), writing straight into our buffer
-    torch._C._nn._upsample_bilinear2d_aa(src, size, False, None, None, out=out)
+    getattr(torch._C._nn, _OPS[mode])(src, size, False, None, None, out=out)
 
 
-# a torch that renames its private op still gets the filter, through the public call
-_aa = _aa_op if hasattr(torch._C._nn, "_upsample_bilinear2d_aa") else _aa_public
+# a torch that renames its private ops still gets the filters, through the public call
+_aa = _aa_op if all(hasattr(torch._C._nn, op) for op in _OPS.values()) else _aa_public
+
+
+def check_interpolation(interpolation: str, antialias: bool = True) -> str:
+    """``interpolation`` if the fast path has it with this ``antialias``, else ValueError."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r}; expected one of "
+                         f"{', '.join(map(repr, INTERPOLATIONS))} (torchvision's antialiased "
+                         "filters); for others pass a torchvision transform (per-image PIL path)")
+    if interpolation != "bilinear" and not antialias:
+        raise ValueError(f"interpolation={interpolation!r} with antialias=False: OpenCV's "
+                         "filter is bilinear only; pass antialias=True (torchvision's pixels)")
+    return interpolation
 
 _local = threading.local()
 
@@ -101,14 +129,15 @@ def reduction(src_w: int, src_h: int, out_w: int, out_h: int, antialias: bool = 
 
 
 def resize(bgr: np.ndarray, w: int, h: int, antialias: bool = True,
-           buffer: str = "resized") -> np.ndarray:
+           buffer: str = "resized", interpolation: str = "bilinear") -> np.ndarray:
     """``bgr`` resized to ``(h, w, 3)``, in the calling thread's scratch buffer ``buffer``
-    (valid until the next call with the same buffer name and shape)."""
+    (valid until the next call with the same buffer name and shape). ``interpolation``: one of
+    :data:`INTERPOLATIONS` (``'bicubic'`` needs ``antialias``)."""
     out = scratch(buffer, (h, w, 3))
     if antialias:
         # HWC arrays are NCHW tensors in channels_last layout: the kernel's fast uint8 path
         src = torch.from_numpy(bgr).permute(2, 0, 1).unsqueeze(0)
-        _aa(src, (h, w), torch.from_numpy(out).permute(2, 0, 1)[None])
+        _aa(src, (h, w), torch.from_numpy(out).permute(2, 0, 1)[None], interpolation)
     else:
         # INTER_AREA (a box filter) only where bilinear would skip source pixels
         big = bgr.shape[1] >= 2 * w and bgr.shape[0] >= 2 * h
@@ -117,21 +146,22 @@ def resize(bgr: np.ndarray, w: int, h: int, antialias: bool = True,
 
 
 def resize_box(img: np.ndarray, box: Tuple[float, float, float, float], w: int, h: int,
-               buffer: str = "resized") -> np.ndarray:
+               buffer: str = "resized", interpolation: str = "bilinear") -> np.ndarray:
     """The fractional ``box`` ``(x0, y0, x1, y1)`` of ``img`` resized to ``(h, w, 3)`` with the
-    antialiased bilinear filter (Pillow's, which torchvision's PIL path uses), in the calling
-    thread's scratch buffer ``buffer``. For DCT-reduced decodes, whose crop box is fractional."""
+    antialiased ``interpolation`` filter (Pillow's, which torchvision's PIL path uses), in the
+    calling thread's scratch buffer ``buffer``. For DCT-reduced decodes, whose crop box is
+    fractional."""
     from PIL import Image
 
     src = Image.frombuffer("RGB", (img.shape[1], img.shape[0]), np.ascontiguousarray(img),
                            "raw", "RGB", 0, 1)  # channel order does not matter to a resize
     out = scratch(buffer, (h, w, 3))
-    out[...] = np.asarray(src.resize((w, h), Image.BILINEAR, box=box))
+    out[...] = np.asarray(src.resize((w, h), _PIL_FILTERS[interpolation], box=box))
     return out
 
 
 def resize_into(bgr: np.ndarray, w: int, h: int, dst: np.ndarray, flip: bool = False,
-                antialias: bool = True) -> None:
+                antialias: bool = True, interpolation: str = "bilinear") -> None:
     """Resize a BGR (view of an) image, flip it horizontally if asked, write RGB into ``dst``.
 
     Args:
@@ -139,6 +169,7 @@ def resize_into(bgr: np.ndarray, w: int, h: int, dst: np.ndarray, flip: bool = F
         dst: ``(h, w, 3)`` HWC or ``(3, h, w)`` CHW uint8 RGB.
         antialias: torchvision's antialiased bilinear filter (default); ``False``: OpenCV's
             ``INTER_LINEAR`` / ``INTER_AREA`` (faster, other pixels).
+        interpolation: ``'bilinear'`` or ``'bicubic'`` (torchvision's antialiased filters).
 
     The colour swap is folded into the last copy (CHW: the B, G, R planes are split straight
     into the R, G, B planes of ``dst``), and intermediate images live in per-thread buffers, so
@@ -146,7 +177,9 @@ def resize_into(bgr: np.ndarray, w: int, h: int, dst: np.ndarray, flip: bool = F
     """
     if dst.shape not in ((3, h, w), (h, w, 3)):
         raise ValueError(f"dst of shape {dst.shape}; expected {(h, w, 3)} or {(3, h, w)}")
-    out = bgr if bgr.shape[:2] == (h, w) else resize(bgr, w, h, antialias)
+    if bgr.shape[:2] != (h, w):
+        bgr = resize(bgr, w, h, antialias, interpolation=interpolation)
+    out = bgr
     if flip:
         out = cv2.flip(out, 1, dst=scratch("flipped", (h, w, 3)))
     if dst.shape == (3, h, w):

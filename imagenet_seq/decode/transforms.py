@@ -20,7 +20,8 @@ only numbers (or a user's transform), so they pickle into worker processes.
   transform.
 
 Interpolation: torchvision's antialiased bilinear filter at every scale (:mod:`.resize`), so
-the pixels are torchvision's within 1 grey level; ``antialias=False`` selects OpenCV's faster
+the pixels are torchvision's within 1 grey level (``interpolation='bicubic'``: its antialiased
+bicubic, timm's default); ``antialias=False`` selects OpenCV's faster
 ``INTER_LINEAR`` / ``INTER_AREA``, which gives other pixels (and, measured, a model that scores
 lower on torchvision-processed images). DCT-scaled decoding is used only where it keeps the
 pixels (:func:`.resize.reduction`). EXIF orientation is always ignored
@@ -38,7 +39,8 @@ import cv2
 import numpy as np
 
 from imagenet_seq.convert.images import SOF_MARKERS, BrokenImage, _jpeg_segments
-from imagenet_seq.decode.resize import growing, reduction, resize, resize_box, resize_into
+from imagenet_seq.decode.resize import (check_interpolation, growing, reduction, resize,
+                                        resize_box, resize_into)
 
 __all__ = ["DecodeError", "TrainTransform", "ValTransform", "PILTransform", "jpeg_size",
            "sample_crop"]
@@ -180,6 +182,8 @@ class TrainTransform:
             ``RandomResizedCrop`` on a PIL image, within 1 grey level). ``False``: OpenCV's
             ``INTER_LINEAR``/``INTER_AREA``, ~2.5x cheaper to resize but other pixels; a model
             trained on them scores lower on torchvision-processed images (``BENCHMARKS.md``).
+        interpolation: ``'bilinear'`` (torchvision's default) or ``'bicubic'`` (timm's for
+            most models): ``RandomResizedCrop(..., interpolation=...)``'s pixels on a PIL image.
 
     Call with ``(jpeg_bytes, rng)``; returns a C-contiguous ``(size, size, 3)`` uint8 RGB array.
     Draws from ``rng``: the crop (as :func:`sample_crop`), then one uniform for the flip.
@@ -191,9 +195,10 @@ class TrainTransform:
     def __init__(self, size: int = 224, scale: Tuple[float, float] = (0.08, 1.0),
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                  dct_scaling: bool = True, crop_decode: bool = True,
-                 antialias: bool = True) -> None:
+                 antialias: bool = True, interpolation: str = "bilinear") -> None:
         self.size = _check_size("size", size)
         self.antialias = bool(antialias)
+        self.interpolation = check_interpolation(interpolation, self.antialias)
         self.scale = _check_range("scale", scale, positive=False)
         self.ratio = _check_range("ratio", ratio, positive=True)
         self.flip = bool(flip)
@@ -205,7 +210,8 @@ class TrainTransform:
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
                 f"flip={self.flip}, dct_scaling={self.dct_scaling}, "
-                f"crop_decode={self.crop_decode}, antialias={self.antialias})")
+                f"crop_decode={self.crop_decode}, antialias={self.antialias}, "
+                f"interpolation={self.interpolation!r})")
 
     def __call__(self, jpeg: bytes, rng: np.random.Generator) -> np.ndarray:
         out = np.empty((self.size, self.size, 3), np.uint8)
@@ -222,8 +228,8 @@ class TrainTransform:
         roi, sub = self._crop(jpeg, rng)
         flip = self.flip and rng.random() < 0.5
         if sub is not None and self.antialias:  # a reduced decode: resize the exact box
-            roi = resize_box(roi, sub, self.size, self.size)
-        resize_into(roi, self.size, self.size, dst, flip, self.antialias)
+            roi = resize_box(roi, sub, self.size, self.size, interpolation=self.interpolation)
+        resize_into(roi, self.size, self.size, dst, flip, self.antialias, self.interpolation)
 
     def _crop(self, jpeg: bytes, rng: np.random.Generator
               ) -> Tuple[np.ndarray, Optional[Tuple[float, float, float, float]]]:
@@ -285,10 +291,11 @@ class ValTransform:
 
     Geometry matches torchvision ``Resize(resize)`` + ``CenterCrop(size)``: the longer side
     becomes ``int(resize * long / short)``, the crop's top-left is ``round((side - size) / 2)``.
-    Resized with torchvision's antialiased bilinear filter (``antialias=False``: OpenCV's, see
-    :class:`TrainTransform`). Decodes at libjpeg scale 1/2, 1/4 or 1/8 when the image still
-    shrinks 2x after it (:func:`.resize.reduction`). Deterministic; ``rng`` is accepted for a
-    uniform call signature and ignored.
+    Resized with torchvision's antialiased bilinear filter, or its bicubic one
+    (``interpolation='bicubic'``: ``Resize(resize, InterpolationMode.BICUBIC)``'s pixels;
+    ``antialias=False``: OpenCV's bilinear, see :class:`TrainTransform`). Decodes at libjpeg
+    scale 1/2, 1/4 or 1/8 when the image still shrinks 2x after it (:func:`.resize.reduction`).
+    Deterministic; ``rng`` is accepted for a uniform call signature and ignored.
 
     Raises:
         DecodeError: the bytes are not a decodable image.
@@ -296,9 +303,10 @@ class ValTransform:
     """
 
     def __init__(self, size: int = 224, resize: int = 256, dct_scaling: bool = True,
-                 antialias: bool = True) -> None:
+                 antialias: bool = True, interpolation: str = "bilinear") -> None:
         self.size = _check_size("size", size)
         self.antialias = bool(antialias)
+        self.interpolation = check_interpolation(interpolation, self.antialias)
         self.resize = _check_size("resize", resize)
         if self.size > self.resize:
             raise ValueError(f"size={size} > resize={resize}; the centre crop must fit inside the "
@@ -307,7 +315,7 @@ class ValTransform:
 
     def __repr__(self) -> str:
         return (f"ValTransform(size={self.size}, resize={self.resize}, "
-                f"antialias={self.antialias})")
+                f"antialias={self.antialias}, interpolation={self.interpolation!r})")
 
     def __call__(self, jpeg: bytes, rng: Any = None) -> np.ndarray:
         out = np.empty((self.size, self.size, 3), np.uint8)
@@ -326,10 +334,11 @@ class ValTransform:
         img = _imdecode(jpeg, _BY_DENOM[denom])
         if dims is None:  # not a JPEG: the geometry comes from the decoded pixels
             nw, nh = self._resized_dims(img.shape[1], img.shape[0])
+        mode = self.interpolation
         if denom > 1 and self.antialias:  # the whole image is (w / denom) x (h / denom)
-            img = resize_box(img, (0, 0, dims[0] / denom, dims[1] / denom), nw, nh, "val")
+            img = resize_box(img, (0, 0, dims[0] / denom, dims[1] / denom), nw, nh, "val", mode)
         elif (nw, nh) != (img.shape[1], img.shape[0]):
-            img = resize(img, nw, nh, self.antialias, "val")
+            img = resize(img, nw, nh, self.antialias, "val", mode)
         top = int(round((nh - self.size) / 2.0))
         left = int(round((nw - self.size) / 2.0))
         crop = img[top:top + self.size, left:left + self.size]

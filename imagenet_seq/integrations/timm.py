@@ -11,14 +11,20 @@ batches, which moves them to ``device``, normalises them there and applies rando
 Augmentation paths:
 
 * fast (chosen automatically when the arguments ask for nothing more): RandomResizedCrop
-  (``scale``, ``ratio``) + horizontal flip, bilinear (torchvision's antialiased filter: PIL's
-  ``BILINEAR`` pixels), crop-only DCT-scaled decode; eval: resize ``floor(size / crop_pct)`` +
+  (``scale``, ``ratio``) + horizontal flip, bilinear or bicubic (torchvision's antialiased
+  filters: PIL's ``BILINEAR`` / ``BICUBIC`` pixels; bicubic is timm's default for most models,
+  e.g. ``resnet10t``), crop-only DCT-scaled decode; eval: resize ``floor(size / crop_pct)`` +
   centre crop. Thread workers, no PIL.
-* PIL-compatible: anything else (``auto_augment='rand-m9-mstd0.5'``, ``color_jitter``, bicubic or
-  random interpolation, ``no_aug``, ``vflip``, aug splits...) runs timm's own
+* PIL-compatible: anything else (``auto_augment='rand-m9-mstd0.5'``, ``color_jitter``,
+  ``interpolation='random'``, ``no_aug``, ``vflip``, aug splits...) runs timm's own
   ``create_transform(..., use_prefetcher=True)`` on each image in process workers: the same
   images timm's loader makes. timm's ``train.py`` default ``--color-jitter 0.4`` selects it;
   pass ``color_jitter=0`` (``--color-jitter 0``) for the fast path.
+
+Each loader logs once, at INFO on the ``imagenet_seq.integrations.timm`` logger (timm's
+``train.py`` shows INFO), which path it took and, for the per-image one, which arguments chose
+it; :class:`TimmBatches` (``loader.loader`` under a ``PrefetchLoader``) keeps the same in
+``path`` (``'fast'`` / ``'per-image'``) and ``path_reason``.
 
 Differences from timm's loader: batches come in the Loader's order (exact epochs, chunked
 sequential reads, shuffle buffer) instead of a ``DistributedSampler``; validation under
@@ -29,6 +35,7 @@ keeps ``FastCollateMixup``'s even batch). ``loader.sampler.set_epoch`` works as 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -45,18 +52,23 @@ from timm.data.loader import PrefetchLoader  # noqa: E402
 __all__ = ["create_loader", "TIMM_MIN"]
 
 DEFAULT_CROP_PCT = 0.875
+FAST_INTERPOLATIONS = ("bilinear", "bicubic")
+log = logging.getLogger(__name__)
 
 
 class TimmBatches:
     """The Loader's batches as timm's loop expects them: ``collate_fn`` (e.g.
     ``FastCollateMixup``) applied per batch, ``sampler``/``dataset``/``collate_fn`` attributes,
     and (``normalize=(mean, std)``) float normalisation on the host for ``use_prefetcher=False``.
+    ``path`` / ``path_reason``: the augmentation path :func:`create_loader` chose and why.
     """
 
     def __init__(self, loader, collate_fn: Optional[Callable] = None,
-                 normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
+                 normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+                 path: str = "fast", path_reason: str = ""):
         self.loader = loader
         self.collate_fn = collate_fn
+        self.path, self.path_reason = path, path_reason
         self._norm = None
         if normalize is not None:
             mean, std = normalize
@@ -101,7 +113,7 @@ def _size(input_size) -> int:
 def _not_fast(is_training: bool, **a) -> list:
     """The arguments the fast path cannot honour (empty: it gives timm's augmentation)."""
     why = []
-    if a["interpolation"] not in ("bilinear",):
+    if a["interpolation"] not in FAST_INTERPOLATIONS:
         why.append(f"interpolation={a['interpolation']!r}")
     if is_training:
         checks = {"no_aug": not a["no_aug"], "auto_augment": not a["auto_augment"],
@@ -182,8 +194,18 @@ def create_loader(dataset: str, input_size: Union[int, Tuple[int, ...]], batch_s
         raise ValueError(f"path='fast' cannot honour {', '.join(why)}; use path='auto' (timm's "
                          "own transform for those) or drop them")
     fast = path == "fast" or (path == "auto" and not why)
-    transform = None
-    if not fast:
+    split = split or ("train" if is_training else "val")
+    resize_size = int(math.floor(size / crop_pct))
+    if fast:
+        from imagenet_seq.decode.transforms import TrainTransform, ValTransform
+
+        transform = (TrainTransform(size, scale, ratio, interpolation=interpolation)
+                     if is_training else ValTransform(size, resize_size,
+                                                      interpolation=interpolation))
+        reason = (f"{'RandomResizedCrop + flip' if is_training else 'resize + centre crop'} "
+                  f"with torchvision's antialiased {interpolation} filter, decoded by OpenCV in "
+                  "thread workers")
+    else:
         newer = {k: v for k, v in (("color_jitter_prob", color_jitter_prob),
                                    ("grayscale_prob", grayscale_prob),
                                    ("gaussian_blur_prob", gaussian_blur_prob)) if v}
@@ -196,13 +218,20 @@ def create_loader(dataset: str, input_size: Union[int, Tuple[int, ...]], batch_s
             re_prob=0. if use_prefetcher else re_prob, re_mode=re_mode, re_count=re_count,
             re_num_splits=0, use_prefetcher=use_prefetcher,
             separate=num_aug_splits > 0, train_crop_mode=train_crop_mode)
-    base = Loader(dataset, split or ("train" if is_training else "val"), transform,
+        reason = "timm's create_transform on PIL images in process workers, " + (
+            "path='pil' asked" if path == "pil" else
+            f"because the fast path cannot honour {', '.join(why)} (it covers RandomResizedCrop"
+            f" + flip / resize + centre crop, {' or '.join(FAST_INTERPOLATIONS)})")
+    chosen = "fast" if fast else "per-image"
+    base = Loader(dataset, split, transform,
                   batch_size=batch_size, num_workers=num_workers, shuffle=is_training,
                   drop_last=is_training, seed=seed, pin_memory=pin_memory,
-                  image_size=size, resize_size=int(math.floor(size / crop_pct)), scale=scale,
+                  image_size=size, resize_size=resize_size, scale=scale,
                   ratio=ratio, distributed=None if distributed else False, **loader_kwargs)
+    log.info("imagenet_seq timm %s loader (%s, %d px): %s path: %s", split, dataset, size,
+             chosen, reason)
     normalize = None if (use_prefetcher or not fast) else (mean, std)
-    loader = TimmBatches(base, collate_fn, normalize)
+    loader = TimmBatches(base, collate_fn, normalize, chosen, reason)
     if not use_prefetcher:
         return loader
     re_num_splits = (num_aug_splits or 2) if re_split else 0

@@ -169,7 +169,8 @@ class Loader:
         self._decode_end = None
         self._transform, self._collate = make_transform(transform, mode, image_size,
                                                         resize_size, scale, ratio)
-        self.image_size = int(image_size)
+        # a TrainTransform / ValTransform passed in keeps its own size (not the default 224)
+        self.image_size = int(getattr(self._transform, "size", image_size))
         self.plan = Plan(self.dataset_size, mode, seed, self.rank, self.world_size,
                          self.shuffle, self.chunk_size)
         self.finish = Finish(self._pin(), device, channels_last)
