@@ -9,12 +9,15 @@ import numpy as np
 
 WORKER_TYPES = ("process", "thread")
 MODES = ("train", "val")
+_pin_warned = False  # once per process: a script makes a train and a val Loader, per rank
 
 
 def check_device(device: Any, pin_memory: bool) -> None:
     """Refuse a CUDA ``device`` where torch sees no CUDA device, before any stage starts (else
     the first batch fails deep inside torch with "Found no NVIDIA driver"); warn that
-    ``pin_memory=True`` does nothing there (pinned memory only speeds copies to a GPU)."""
+    ``pin_memory=True`` does nothing there (pinned memory only speeds copies to a GPU), once
+    per process."""
+    global _pin_warned
     import torch
 
     if device is not None:
@@ -29,9 +32,10 @@ def check_device(device: Any, pin_memory: bool) -> None:
                 f"(torch.cuda.is_available() is False, CUDA build: {torch.version.cuda}); run on "
                 "a machine with a GPU and a CUDA build of torch, or pass device='cpu' (float "
                 "normalised batches on the CPU) or device=None (uint8 batches)")
-    if pin_memory and device is None and not torch.cuda.is_available():
+    if pin_memory and device is None and not _pin_warned and not torch.cuda.is_available():
         import warnings
 
+        _pin_warned = True
         warnings.warn("pin_memory=True has no effect: torch sees no CUDA device, and pinned "
                       "memory only speeds up copies to a GPU; batches stay in ordinary memory",
                       RuntimeWarning, stacklevel=3)
