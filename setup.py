@@ -54,8 +54,10 @@ setup(
         # the docs/ site (mkdocs.yml; 1.6: its link and anchor validation settings)
         "docs": ["mkdocs>=1.6"],
         # everything the test suite imports (torchvision: see "examples"); mkdocs: tests/test_docs.py
-        "test": ["pytest", "scikit-image", "mfusepy", "matplotlib", "scikit-learn", "scipy",
-                 "psutil", "timm", "lightning>=2.0", "mkdocs>=1.6"] + TENSORPACK,
+        # pytest-timeout: a hung test fails alone with its stacks (pytest.ini, conftest.py)
+        "test": ["pytest", "pytest-timeout>=2.1", "scikit-image", "mfusepy", "matplotlib",
+                 "scikit-learn", "scipy", "psutil", "timm", "lightning>=2.0",
+                 "mkdocs>=1.6"] + TENSORPACK,
         # workers die with the trainer (PR_SET_PDEATHSIG) through python-prctl when installed
         # (needs `apt-get install libcap-dev`); without it the same prctl call goes via ctypes
         "prctl": ["python-prctl"],

@@ -12,12 +12,37 @@ from PIL import Image
 from imagenet_seq.tools.sample import imagenet_like_jpeg, make_sample_imagefolder
 
 
-@pytest.fixture(autouse=True)
-def _watchdog():
-    """No test may hang CI: after 300 s every thread's stack is dumped and the run exits."""
-    faulthandler.dump_traceback_later(300, exit=True)
+# A slow or hung test fails alone, with every thread's stack in its report: pytest-timeout
+# (pytest.ini: timeout, timeout_method = signal) raises in the test's main thread. The old
+# watchdog (faulthandler with exit=True) ended the whole run with status 1 and its stacks went
+# into pytest's captured stderr, lost with the process: a silent death. The backstop below
+# fires only if the signal cannot interrupt the test (a C call that never returns): it writes
+# the stacks to the terminal pytest reports to, not to the captured stream, then ends the run.
+BACKSTOP_S = float(os.environ.get("IMAGENET_SEQ_TEST_BACKSTOP_S", 300))  # after the timeout
+
+
+def _terminal(config):
+    """A file on the terminal pytest writes to (fd capture points fd 1/2 at temporary files)."""
+    try:  # the capture plugin keeps a duplicate of the original fd 1
+        fd = config.pluginmanager.getplugin("capturemanager")._global_capturing.out.targetfd_save
+        return os.fdopen(os.dup(fd), "w")
+    except Exception:  # noqa: BLE001 - -s, another capture method, another pytest
+        return open(os.path.join(str(config.rootpath), ".pytest-hang.log"), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else \
+        float(item.config.getini("timeout") or 0)
+    if limit > 0:
+        out = _terminal(item.config)
+        out.write("")  # opened now: a stuck process cannot open files later
+        faulthandler.dump_traceback_later(limit + BACKSTOP_S, exit=True, file=out)
     yield
-    faulthandler.cancel_dump_traceback_later()
+    if limit > 0:
+        faulthandler.cancel_dump_traceback_later()
+        out.close()
 
 
 def copy_with_format_version(src: str, dst: str, version: int) -> None:

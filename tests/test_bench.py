@@ -358,5 +358,10 @@ def test_bench_behind_an_emulated_disk_is_never_faster_than_the_disk(tmp_path):
     # a 64-record buffer (and a short read-ahead): reads and decoding overlap, the steady
     # window judges the stage (which one depends on this shared machine's load: not asserted)
     small = results["small buffer"]
-    assert small["pipeline"]["steady"]["images"] >= bench_report.MIN_STEADY_IMAGES
-    assert small["limit_stage"] in ("disk", "cpu"), small["limit"]
+    # how many images the 4 s window holds depends on this shared machine's load: a window
+    # too short to judge must say so (never a guess), a long enough one names the stage
+    if small["pipeline"]["steady"]["images"] >= bench_report.MIN_STEADY_IMAGES:
+        assert small["limit_stage"] in ("disk", "cpu"), small["limit"]
+    else:
+        assert small["limit_stage"] == "unknown", small
+        assert f"want >= {bench_report.MIN_STEADY_IMAGES}" in small["limit"], small["limit"]

@@ -1,7 +1,6 @@
 """imagenet_seq.dataflow with tensorpack's real stages: BatchData, MultiProcessRunnerZMQ,
 MultiProcessMapDataZMQ, LocallyShuffleData, TestDataSpeed (QueueInput needs TensorFlow)."""
 import contextlib
-import faulthandler
 import importlib.util
 import io
 import subprocess
@@ -21,12 +20,8 @@ td = isdf.import_tensorpack()
 SMALL = dict(image_size=32, resize_size=40)
 
 
-@pytest.fixture(autouse=True)
-def _timeout():
-    """tensorpack's ZMQ stages fork processes: any hang ends the run after 120 s with stacks."""
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
 
 
 def _collect(ds, n=None):

@@ -4,7 +4,6 @@ Whatever decodes -- the OpenCV path inline, in threads or in processes, DALI (it
 here), a user callable -- a skipped record is counted and named, ``last_batch_records`` lines
 up with the images and targets, and ``device=`` hands out normalised float images.
 """
-import faulthandler
 
 import cv2
 import numpy as np
@@ -20,11 +19,8 @@ BAD = 7
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8, seed=1, image_size=32)
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The Loader on real LMDB files: every configuration through the shared invariant helper."""
-import faulthandler
 import os
 import shutil
 
@@ -18,12 +17,8 @@ from invariants import check_epochs, check_shards, run_epoch
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8)
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A hang fails the run with tracebacks instead of blocking CI."""
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")

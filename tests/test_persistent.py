@@ -4,9 +4,10 @@ Pools live as long as the Loader: one fork per Loader, the epoch and the output 
 with every batch; ``close()``, ``with`` and garbage collection end them; a ``break`` mid-epoch
 followed by the next epoch, 20 times, leaves no extra thread, process or shared memory.
 """
-import faulthandler
 import gc
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -20,11 +21,8 @@ from imagenet_seq.decode.transforms import PILTransform
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8)
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
 
 
 def children():
@@ -33,10 +31,17 @@ def children():
 
 
 def shm_files():
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
-        return set()
+    """/dev/shm files this process or its workers hold (open or mapped); other programs'
+    files come and go on a shared machine and are none of this test's business."""
+    held = set()
+    for proc in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            paths = [f.path for f in proc.open_files()]
+            paths += [m.path for m in proc.memory_maps(grouped=False)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        held.update(p for p in paths if p.startswith("/dev/shm/"))
+    return held
 
 
 def threads():
@@ -50,6 +55,17 @@ def maps():
 
 @pytest.mark.parametrize("wtype", ["process", "thread"])
 def test_twenty_breaks_leave_nothing_behind(sample_lmdb, wtype):
+    """In a process of its own: the children, threads and mappings counted are this Loader's
+    alone, not what earlier tests (or their dying workers) left in the pytest process."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from test_persistent import twenty_breaks; twenty_breaks(sys.argv[2], sys.argv[3])")
+    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), sample_lmdb,
+                        wtype], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ok: 20 breaks" in r.stdout
+
+
+def twenty_breaks(sample_lmdb, wtype):
     ld = Loader(sample_lmdb, "train", num_workers=2, worker_type=wtype, **SMALL)
     next(iter(ld))  # workers up
     procs, names, shm = children(), threads(), shm_files()
@@ -77,6 +93,7 @@ def test_twenty_breaks_leave_nothing_behind(sample_lmdb, wtype):
     assert maps() <= n_maps  # the pool's rings (and the LMDB map) are gone with close()
     if wtype == "thread":
         assert not [t for t in threading.enumerate() if t.name.startswith("imagenet_seq-decode")]
+    print("ok: 20 breaks")
 
 
 def test_one_fork_per_loader(sample_lmdb):

@@ -4,7 +4,6 @@ After a resume from batch k of epoch e the Loader yields exactly the batches of 
 uninterrupted run from k on (records, labels, augmented pixels, boundaries), decodes nothing
 of the consumed part and reads again at most ``buffer_size`` records.
 """
-import faulthandler
 import json
 
 import numpy as np
@@ -18,11 +17,8 @@ from imagenet_seq.read.reader import SplitReader
 SMALL = dict(batch_size=5, chunk_size=4, buffer_size=8, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    faulthandler.dump_traceback_later(180, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
 
 
 def epoch_batches(ld):

@@ -4,7 +4,6 @@ Each leak test runs a real trainer in a subprocess; the trainer writes its worke
 file; after the trainer ends (normally, by exception, by Ctrl-C or by ``kill -9``) every worker
 must be gone within 5 s.
 """
-import faulthandler
 import os
 import signal
 import subprocess
@@ -59,11 +58,8 @@ TRAINER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    faulthandler.dump_traceback_later(120, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
 
 
 def start_trainer(sample_lmdb, tmp_path, how):
