@@ -15,6 +15,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.convert.inputs import remove_listings, resolve
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.convert.passes import buffer_bytes
+from imagenet_seq.convert.report import write_report
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
 
 
@@ -96,18 +97,8 @@ def _check(args) -> List[str]:
 
 
 def _write_report(dst: str, split: str, skipped) -> Optional[str]:
-    path = os.path.join(dst, f"ILSVRC-{split}.report.tsv")
-    if not skipped:
-        if os.path.exists(path):
-            os.remove(path)
-        return None
-    # surrogateescape: a name that is not UTF-8 is written as its bytes on disk, so the report
-    # names the file exactly (``cut -f1`` gives paths that ``rm`` finds)
-    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write("path\treason\n")
-        for rel, reason in skipped:
-            f.write(f"{rel}\t{reason}\n")
-    return path
+    # one line per skipped file whatever its name holds (tabs, newlines escaped): report.py
+    return write_report(dst, split, skipped)
 
 
 def _table(rows) -> str:

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from imagenet_seq.convert import tar_source
+from imagenet_seq.convert import tar_names, tar_source
 from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
 
@@ -54,6 +54,7 @@ def _expand(srcs: List[str], devkit: Optional[str]):
 
 
 LISTING_PREFIX = ".listing-"  # + a hash of the archive's path + ".json", in the output folder
+LISTING_VERSION = 2  # 2: names normalised, links and unsafe names kept with their offsets
 
 
 def listing_path(cache_dir: str, path: str) -> str:
@@ -72,7 +73,8 @@ def _list(path: str, progress, cache_dir: Optional[str] = None):
     time are those it was listed with.
     """
     st = os.stat(path)
-    stamp = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "listing": LISTING_VERSION}
     cache = listing_path(cache_dir, path) if cache_dir else None
     if cache and os.path.exists(cache):
         try:
@@ -93,6 +95,14 @@ def _list(path: str, progress, cache_dir: Optional[str] = None):
         except OSError:
             pass  # no room or read-only: the next run lists again, nothing else changes
     return members, not_files
+
+
+def _archive_files(path: str, split: str, progress, cache_dir: Optional[str]):
+    """(name -> (offset, size), report rows) of one of ImageNet's archives: the whole archive
+    is the split's folder (``tar_names.assign``)."""
+    members, not_files = _list(path, progress, cache_dir)
+    parts, _ = tar_names.assign(members, not_files, {split: ""})
+    return parts[split]
 
 
 def remove_listings(cache_dir: str, srcs: List[str]) -> None:
@@ -153,32 +163,33 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     if "tree" in by_kind:
         path = by_kind["tree"]
         members, not_files = _list(path, progress, cache_dir)
-        parts = {s: tar_source.split_members(members, s) for s in ("train", "val")}
-        if parts["train"] is None:
+        roots = tar_names.split_roots(members, not_files, ("train", "val"))
+        if "train" not in roots:
             raise ScanError(f"{path} holds no train/ folder (first members: "
                             f"{[m[0] for m in members[:3]]}); expected a tar of "
                             "train/<class>/<image> (and val/...)")
-        files = parts["train"][1]
+        parts, stray = tar_names.assign(members, not_files, roots)
+        files = parts["train"][0]
         classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
         for s in splits:
-            if parts[s] is None:
+            if s not in roots:
                 raise ScanError(f"{path} holds no {s}/ folder; add it or pass --splits train")
-            prefix, files = parts[s]
+            prefix, (files, skipped) = roots[s], parts[s]
+            if s == splits[0]:  # unsafe names that point into no split: reported once
+                skipped = stray + skipped
             flat = s == "val" and not any("/" in r for r in files if is_image(r))
             if flat and labels is None:
                 raise ScanError(f"{path}:{prefix} has no class folders (flat layout); pass "
                                 "--val-labels FILE ('<filename> <class>' lines or Kaggle's "
                                 "LOC_val_solution.csv)")
-            mine = [(n[len(prefix):], r) for n, r in not_files if n.startswith(prefix)]
-            scans[s] = tar_source.scan_files(path, prefix, files, classes, flat, labels, mine,
-                                             labels_name)
+            scans[s] = tar_source.scan_files(path, prefix, files, classes, flat, labels,
+                                             skipped, labels_name)
         return Inputs(path, scans)
     classes = None
     # listing the train archive costs about one read of it: only when its images or its
     # classes (no devkit) are needed
     if "train" in by_kind and ("train" in splits or kit_classes is None):
-        members, not_files = _list(by_kind["train"], progress, cache_dir)
-        files = {n: (o, z) for n, o, z in members}
+        files, not_files = _archive_files(by_kind["train"], "train", progress, cache_dir)
         classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
         if kit_classes is not None and classes != kit_classes:
             extra = sorted(set(classes) ^ set(kit_classes))[:3]
@@ -201,8 +212,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
         if labels is None:
             raise ScanError(f"{by_kind[s]} is flat and needs labels: pass --devkit "
                             "ILSVRC2012_devkit_t12.tar.gz or --val-labels LOC_val_solution.csv")
-        members, not_files = _list(by_kind[s], progress, cache_dir)
-        files = {n: (o, z) for n, o, z in members}
+        files, not_files = _archive_files(by_kind[s], s, progress, cache_dir)
         scans[s] = tar_source.scan_files(by_kind[s], "", files, classes, True, labels,
                                          not_files, labels_name)
     return Inputs(srcs[0], scans)

@@ -86,19 +86,83 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _files_under(folder: str, stats: Optional[Dict[str, Tuple[int, int]]] = None
-                 ) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """(regular files below ``folder``, (path, reason) of what cannot be read), relative, sorted.
-    ``stats`` (if given) receives ``rel -> (inode, size)`` of each regular file.
+def _key(st: os.stat_result):
+    return (st.st_dev, st.st_ino)
 
-    Recursive and following links to folders, as torchvision's ImageFolder lists files, except
-    that a link back to a folder on the way down is reported instead of walked again (os.walk
-    would list the same images once per lap until the path length limit).
+
+class _Walk:
+    """The files below a split folder, each underlying file once.
+
+    Recursive and following links, as torchvision's ImageFolder lists files, except that
+    nothing is listed twice: a folder is walked once (a link to a folder above it is a loop,
+    a link to a folder already walked is not walked again: one report row each), and a file
+    reached twice (a link to it, a hard link, a folder reached twice) is kept once. The copy
+    kept is the one reached without following a link, else the first in sorted path order:
+    folders are walked before links to folders (which wait, in sorted path order, for the
+    next round), and files are ranked by (reached through a link, path). Repeats are
+    recognised by (st_dev, st_ino) and by the resolved path (for file systems whose inode
+    numbers are not stable). Class folders that are links count as real folders: the class
+    folder is where its images are.
     """
-    files: List[str] = []
-    bad: List[Tuple[str, str]] = []
 
-    def walk(path: str, rel: str, ancestors) -> None:
+    def __init__(self, split_dir: str):
+        st = os.stat(split_dir)
+        self.split_dir = split_dir
+        self.walked: Dict[tuple, str] = {_key(st): ""}  # folder -> rel where it was walked
+        self.top = frozenset({_key(st)})
+        self.found: List[tuple] = []  # (through a link, rel, stat or None, resolved path)
+        self.bad: List[Tuple[str, str]] = []
+        self.links: List[tuple] = []  # (rel, path, ancestors) of links to folders, for later
+
+    def root(self, name: str) -> None:
+        """Walk ``split_dir/name`` (``""``: the split folder itself) as a real folder."""
+        path = os.path.join(self.split_dir, name) if name else self.split_dir
+        st = os.stat(path)
+        if name:
+            other = self.walked.get(_key(st))
+            if other is not None:
+                raise ScanError(
+                    f"class folder {path} is the same folder as "
+                    f"{os.path.join(self.split_dir, other) if other else 'its split folder'} "
+                    "(a symbolic link or a bind mount): its images would be stored twice "
+                    "under two labels; remove the link, or copy the images if both classes "
+                    "must hold them")
+            self.walked[_key(st)] = name
+        self._dir(path, name, os.path.realpath(path), self.top | {_key(st)}, False)
+
+    def finish(self) -> Tuple[Dict[str, Optional[os.stat_result]], List[Tuple[str, str]]]:
+        """(rel -> stat (None: unreadable, the read reports it) of each file kept, report rows
+        of what was not kept), after walking the links to folders the walk met."""
+        while self.links:  # one round per link followed, each round in sorted path order
+            todo, self.links = sorted(self.links, key=lambda t: t[0]), []
+            for rel, path, ancestors in todo:
+                st = os.stat(path)
+                if _key(st) in ancestors:
+                    self.bad.append((rel, "symbolic link loop (links to a folder above it)"))
+                elif _key(st) in self.walked:
+                    first = self.walked[_key(st)]
+                    self.bad.append((rel, f"link to a folder already in this split "
+                                          f"({first or 'the split folder itself'}); not walked "
+                                          "again, so its files are not stored twice"))
+                else:
+                    self.walked[_key(st)] = rel
+                    self._dir(path, rel, os.path.realpath(path), ancestors | {_key(st)}, True)
+        files: Dict[str, Optional[os.stat_result]] = {}
+        seen: Dict[tuple, str] = {}
+        for linked, rel, st, real in sorted(self.found, key=lambda f: (f[0], f[1])):
+            keys = [("path", real)] + ([("inode", *_key(st))] if st is not None and st.st_ino
+                                       else [])
+            first = next((seen[k] for k in keys if k in seen), None)
+            if first is not None:
+                self.bad.append((rel, f"repeats {first} (the same file, reached through a "
+                                      "symbolic link or a hard link); stored once, as "
+                                      f"{first}"))
+                continue
+            seen.update((k, rel) for k in keys)
+            files[rel] = st
+        return files, sorted(self.bad)
+
+    def _dir(self, path: str, rel: str, real: str, ancestors, linked: bool) -> None:
         try:
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as e:  # like an unreadable file: fix it, do not drop its images
@@ -107,40 +171,39 @@ def _files_under(folder: str, stats: Optional[Dict[str, Tuple[int, int]]] = None
         for e in entries:
             r = os.path.join(rel, e.name) if rel else e.name
             if _is_dir(e):
-                st = os.stat(e.path)
-                if (st.st_dev, st.st_ino) in ancestors:
-                    bad.append((r, "symbolic link loop (links to a folder above it)"))
+                if e.is_symlink():
+                    self.links.append((r, e.path, ancestors))
                     continue
-                walk(e.path, r, ancestors | {(st.st_dev, st.st_ino)})
+                st = os.stat(e.path)
+                if _key(st) in self.walked:  # a bind mount of a folder above or beside it
+                    first = self.walked[_key(st)] or "the split folder itself"
+                    self.bad.append((r, f"the same folder as {first} (a bind mount); not "
+                                        "walked again"))
+                    continue
+                self.walked[_key(st)] = r
+                self._dir(e.path, r, os.path.join(real, e.name), ancestors | {_key(st)}, linked)
                 continue
             st, reason = stat_or_reason(e.path)
             if reason:
-                bad.append((r, reason))
-            else:
-                files.append(r)
-                if stats is not None and st is not None:
-                    stats[r] = (st.st_ino, st.st_size)
-
-    st = os.stat(folder)
-    walk(folder, "", frozenset({(st.st_dev, st.st_ino)}))
-    return sorted(files), sorted(bad)
+                self.bad.append((r, reason))
+                continue
+            link = e.is_symlink()
+            self.found.append((linked or link, r, st,
+                               os.path.realpath(e.path) if link else os.path.join(real, e.name)))
 
 
-def _split_images(folder: str, prefix: str = "", stats=None):
-    """(image paths, (path, reason) of the rest) below ``folder``, relative to its parent
-    (``prefix`` = the class folder name); ``stats`` receives (inode, size) per image."""
-    found: Dict[str, Tuple[int, int]] = {}
-    files, bad = _files_under(folder, found)
-    images, others = [], []
-    for f in files:
-        rel = os.path.join(prefix, f) if prefix else f
+def _split_images(walk: _Walk, stats):
+    """(image paths, (path, reason) of the rest) of a finished walk, relative to the split
+    folder; ``stats`` receives (inode, size) per image."""
+    files, bad = walk.finish()
+    images, others = [], list(bad)
+    for f, st in sorted(files.items()):
         if is_image(f):
-            images.append(rel)
-            if stats is not None and f in found:
-                stats[rel] = found[f]
+            images.append(f)
+            if st is not None:
+                stats[f] = (st.st_ino, st.st_size)
         else:
-            others.append((rel, not_image_reason(f)))
-    others += [(os.path.join(prefix, f) if prefix else f, reason) for f, reason in bad]
+            others.append((f, not_image_reason(f)))
     return images, sorted(others)
 
 
@@ -165,14 +228,21 @@ def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
     if unknown:
         raise ScanError(f"{split_dir} has class folders not in train: {unknown[:5]}; "
                         "every val class must also be a train class")
-    entries, not_images, stats = [], [], {}
+    walk = _Walk(split_dir)
     for c in present:
-        images, others = _split_images(os.path.join(split_dir, c), prefix=c, stats=stats)
-        if not images:
-            raise ScanError(f"class folder {os.path.join(split_dir, c)} holds no images; add "
-                            "images or remove the folder")
-        entries.extend((p, index[c]) for p in images)
-        not_images.extend(others)
+        walk.root(c)
+    stats: Dict[str, Tuple[int, int]] = {}
+    images, not_images = _split_images(walk, stats)
+    entries = [(p, index[p.split(os.sep)[0]]) for p in images]
+    held = {p.split(os.sep)[0] for p in images}
+    for c in present:
+        if c not in held:
+            repeats = sum(1 for p, why in not_images
+                          if p.split(os.sep)[0] == c and why.startswith("repeats "))
+            raise ScanError(f"class folder {os.path.join(split_dir, c)} holds no images"
+                            + (f" of its own (its {repeats} are files stored under another "
+                               "path, which they link to)" if repeats else "")
+                            + "; add images or remove the folder")
     for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
         if not _is_dir(e):  # files, links, FIFOs ...: reported, never opened
             not_images.append((e.name, "file outside any class folder"))
@@ -218,8 +288,10 @@ def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) 
                         "('<filename> <class>' lines or Kaggle's LOC_val_solution.csv)")
     labels = read_val_labels(labels_file)
     index = {c: i for i, c in enumerate(classes)}
+    walk = _Walk(val_dir)
+    walk.root("")
     stats: Dict[str, Tuple[int, int]] = {}
-    images, not_images = _split_images(val_dir, stats=stats)
+    images, not_images = _split_images(walk, stats)
     stems = {os.path.splitext(p)[0]: p for p in images}
     unknown_files = sorted(set(labels) - set(stems))
     if unknown_files:

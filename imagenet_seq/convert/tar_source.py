@@ -11,6 +11,8 @@ the data), which on a spinning disk costs about one sequential read of the archi
 then uses each member's absolute byte offset: ``os.pread`` in offset order is one forward
 sweep of the archive. Nested tars are members of the outer file, so their images' offsets are
 absolute too. Compressed (``.tar.gz``) archives cannot be read this way: decompress first.
+Member names are taken as a safe extractor takes them (``tar_names``): resolved, never outside
+the archive, the last of a name winning; links are never read.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from imagenet_seq.convert.scan import Scan, ScanError, is_image, not_image_reason
 
-Member = Tuple[str, int, int]  # (name inside the archive, absolute data offset, size)
+from imagenet_seq.convert.tar_names import Member, Problem, normalise
 
 
 def _tar_error(path: str, what: str, e: Exception) -> ScanError:
@@ -29,43 +31,56 @@ def _tar_error(path: str, what: str, e: Exception) -> ScanError:
                      "truncated or damaged: check its size/checksum and download it again")
 
 
-def _members(tf: tarfile.TarFile, path: str, what: str, base: int,
-             skipped: List[Tuple[str, str]], prefix: str = "", progress=None) -> List[tuple]:
+def _members(tf: tarfile.TarFile, path: str, what: str, base: int, problems: List[Problem],
+             root: str = "", shown: str = "", progress=None) -> List[tuple]:
+    """(name, absolute data offset, size, raw name, TarInfo) of the regular members, names
+    normalised below ``root`` (``tar_names.normalise``); the rest goes to ``problems``.
+    ``shown``: prefix of the raw names in messages (``"n01440764.tar:"`` in a nested tar)."""
     out = []
     try:
         for m in tf:
+            off = base + m.offset_data
             if progress is not None:
-                progress(base + m.offset_data)
-            name = prefix + (m.name[2:] if m.name.startswith("./") else m.name)
+                progress(off)
             if m.isdir():
                 continue
+            name, unsafe = normalise(m.name, root, shown + m.name)
+            # the name as the archive spells it; a nested member's safe name is its own
+            raw = shown + m.name if shown and unsafe else name if shown else m.name
+            if unsafe:
+                problems.append(("", off, raw, unsafe))
+                continue
             if not m.isfile():
-                kind = "symbolic link" if m.issym() else "hard link" if m.islnk() else \
-                    f"tar type {m.type!r}"
-                skipped.append((name, f"not a regular file in the tar ({kind}); never read"))
+                kind = f"symbolic link to {m.linkname!r}" if m.issym() else \
+                    f"hard link to {m.linkname!r}" if m.islnk() else f"tar type {m.type!r}"
+                problems.append((name, off, raw, f"not a regular file in the tar ({kind}); "
+                                                 "never read"))
                 continue
             if m.issparse():
                 raise ScanError(f"{path}: member {name} is a sparse file, which cannot be read "
                                 "in place; extract the archive (tar -xf) and convert the folder")
-            out.append((name, base + m.offset_data, m.size, m))
+            out.append((name, off, m.size, raw, m))
     except tarfile.ReadError as e:
         raise _tar_error(path, what, e) from None
     return out
 
 
 def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
-             ) -> Tuple[List[Member], List[Tuple[str, str]]]:
-    """(members in archive order, (name, reason) of entries that are not files).
-    ``progress(bytes_passed, archive_size)`` is called as the listing moves through the file
-    (it reads every header: about one read of the archive).
+             ) -> Tuple[List[Member], List[Problem]]:
+    """(regular members, members that are not read), both in archive order
+    (``tar_names``' tuples). ``progress(bytes_passed, archive_size)`` is called as the listing
+    moves through the file (it reads every header: about one read of the archive).
 
     Members named ``*.tar`` are opened as nested tars and listed as ``<stem>/<inner name>``
-    (ImageNet's train archive: ``n01440764.tar`` -> ``n01440764/n01440764_10026.JPEG``).
+    (ImageNet's train archive: ``n01440764.tar`` -> ``n01440764/n01440764_10026.JPEG``); an
+    inner name must stay inside ``<stem>/``. When a nested tar's name occurs twice, the later
+    copy replaces the earlier one as a whole (as extracting the outer tar would): the earlier
+    copy's members are reported, not read.
 
     Raises:
         ScanError: not a tar, compressed, truncated, or a nested tar is damaged (named).
     """
-    skipped: List[Tuple[str, str]] = []
+    problems: List[Problem] = []
     with open(path, "rb") as f:
         head = f.read(3)
         if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
@@ -77,24 +92,41 @@ def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
         except tarfile.ReadError as e:
             raise _tar_error(path, "the file", e) from None
         out: List[Member] = []
+        copies: Dict[str, List[Tuple[List[Member], List[Problem]]]] = {}
         total = os.fstat(f.fileno()).st_size
         tick = (lambda at: progress(at, total)) if progress else None
-        for name, off, size, m in _members(tf, path, "the archive", 0, skipped, progress=tick):
+        for name, off, size, raw, m in _members(tf, path, "the archive", 0, problems,
+                                                progress=tick):
             if not name.lower().endswith(".tar"):
-                out.append((name, off, size))
+                out.append((name, off, size, raw))
                 continue
             stem = os.path.splitext(os.path.basename(name))[0]
             try:
                 inner = tarfile.open(fileobj=tf.extractfile(m), mode="r:")
             except tarfile.ReadError as e:
                 raise _tar_error(path, f"nested tar {name}", e) from None
-            for iname, ioff, isize, _ in _members(inner, path, f"nested tar {name}", off,
-                                                   skipped, prefix=stem + "/", progress=tick):
+            mine: List[Member] = []
+            bad: List[Problem] = []
+            for iname, ioff, isize, iraw, _ in _members(
+                    inner, path, f"nested tar {name}", off, bad, root=stem + "/",
+                    shown=f"{raw}:", progress=tick):
                 if ioff + isize > off + size:
                     raise _tar_error(path, f"nested tar {name}",
                                      ValueError(f"member {iname} runs past its end"))
-                out.append((iname, ioff, isize))
-    return out, skipped
+                mine.append((iname, ioff, isize, iraw))
+            copies.setdefault(name, []).append((mine, bad))
+        for name, versions in copies.items():
+            for mine, bad in versions[:-1]:  # replaced by a later nested tar of this name
+                why = (f"in an earlier copy of the nested tar {name!r}, which a later member "
+                       "of the same name replaces, as extraction does; never read")
+                problems.extend((n, o, r, why) for n, o, _, r in mine)
+                problems.extend((n, o, r, why if n else w) for n, o, r, w in bad)
+            mine, bad = versions[-1]
+            out.extend(mine)
+            problems.extend(bad)
+    out.sort(key=lambda m: m[1])
+    problems.sort(key=lambda p: p[1])
+    return out, problems
 
 
 class TarSource:
@@ -140,23 +172,6 @@ class TarSource:
         if self.f is not None:
             self.f.close()
             self.f = None
-
-
-def split_members(members: List[Member], split: str
-                  ) -> Optional[Tuple[str, Dict[str, Tuple[int, int]]]]:
-    """For a tar of an ImageFolder tree: (prefix, rel -> (offset, size)) of the files below
-    ``[prefix/]<split>/``, or None when the archive has no such folder."""
-    prefix = None
-    for name, _, _ in members:
-        parts = name.split("/")
-        if split in parts[:-1]:
-            k = parts.index(split)
-            prefix = "/".join(parts[:k + 1]) + "/"
-            break
-    if prefix is None:
-        return None
-    return prefix, {name[len(prefix):]: (off, size) for name, off, size in members
-                    if name.startswith(prefix)}
 
 
 def scan_files(path: str, display: str, files: Dict[str, Tuple[int, int]], classes: List[str],
