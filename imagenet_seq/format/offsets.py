@@ -9,20 +9,25 @@ of every record's value; the reader then reads a span's bytes with ``pread`` fro
 they are, and the disk sees nothing but the records, in order.
 
 Value layout (little-endian): ``b"OFS1"``, uint32 page size, uint64 record count N, uint64 id
-of the transaction that wrote it, int64[N] value offsets, uint32[N] value lengths. An offset of -1 marks a value LMDB stored inside a leaf
-page (under ~2 KB; leaf pages move when the tree changes), which the reader fetches through the
-B-tree instead. Files without the record (older conversions, the original tool's) are read
-through the B-tree as before; ``python -m imagenet_seq.format.offsets /lmdb`` adds it to them.
+of the transaction that wrote it, int64[N] value offsets, uint32[N] value lengths. An offset of
+-1 marks a value LMDB stored inside a leaf page (under ~2 KB; leaf pages move when the tree
+changes), which the reader fetches through the B-tree instead. Files without the record (older
+conversions, the original tool's) are read through the B-tree as before;
+``python -m imagenet_seq.format.offsets /lmdb`` adds it to them.
 
 The offsets stay valid because the file is read-only once converted: LMDB never moves a value
 that is not rewritten. Any later write to the file makes a newer transaction than the one that
-wrote the index, and the reader then ignores the index (with a warning naming the fix) and reads
-through the B-tree; as a second guard it checks every record's label and JPEG marker.
+wrote the index, and the reader then ignores the index (with a warning naming the fix,
+:func:`rebuild_command`) and reads through the B-tree; as a second guard it checks every
+record's label against ``__labels__`` (on both paths) and, with the index, its JPEG marker.
+Rewritten records move (to the file's end, or into freed pages); the rebuilt index gives their
+new places, and the reader reads ahead each forward run of records in the order it needs them.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import struct
 import sys
 import warnings
@@ -109,8 +114,13 @@ def read(env, num_records: int, path: str) -> Optional[Tuple[np.ndarray, np.ndar
             return decode(raw, num_records, env.info()["last_txnid"], path)
         except StaleOffsets as e:
             warnings.warn(f"{e}; reading through the B-tree (slower from an HDD). Rebuild the "
-                          f"index: python -m imagenet_seq.format.offsets --rebuild {path}", stacklevel=3)
+                          f"index: {rebuild_command(path)}", stacklevel=3)
             return None
+
+
+def rebuild_command(path: str) -> str:
+    """The shell command that rebuilds ``path``'s index (the path quoted for a shell)."""
+    return f"python -m imagenet_seq.format.offsets --rebuild {shlex.quote(path)}"
 
 
 def write(env, path: str, num_records: int) -> None:

@@ -45,7 +45,12 @@ def require(module: str, minimum: Tuple[int, ...], extra: str, what: str):
 
 
 def check_image_size(value, name: str = "image_size") -> int:
-    """``value`` as an int >= 16, or ValueError naming ``name`` and the value."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 16:
-        raise ValueError(f"{name}={value!r}; expected an int >= 16 (pixels per side)")
+    """``value`` as an int in 16..4096 (the Loader's bound), or ValueError naming ``name`` and
+    the value."""
+    from imagenet_seq.loader.config import MAX_IMAGE_SIZE
+
+    if isinstance(value, bool) or not hasattr(value, "__index__") \
+            or not 16 <= int(value) <= MAX_IMAGE_SIZE:
+        raise ValueError(f"{name}={value!r}; expected an int in 16..{MAX_IMAGE_SIZE} (pixels "
+                         "per side)")
     return int(value)

@@ -9,6 +9,28 @@ import numpy as np
 
 WORKER_TYPES = ("process", "thread")
 MODES = ("train", "val")
+#: Largest ``image_size`` / ``resize_size`` (pixels per side) a Loader accepts: 18x ImageNet's
+#: 224 and above its typical 500x375 sources; a decoded batch of 256 at this size is already
+#: 12.9 GB, so a larger value is a typo or a damaged resume state, not a training setting.
+MAX_IMAGE_SIZE = 4096
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_size(name: str, value: Any, low: int = 1, call: bool = False) -> int:
+    """``value`` as an int in ``low .. MAX_IMAGE_SIZE``, else ValueError naming ``name``, the
+    value and the range (a bool is not a size); ``call``: ``name`` is a method, named
+    ``name(value)`` in the message."""
+    if not _is_int(value) or not low <= value <= MAX_IMAGE_SIZE:
+        said = f"{name}({value!r})" if call else f"{name}={value!r}"
+        raise ValueError(f"{said}; expected an int in {low}..{MAX_IMAGE_SIZE} "
+                         f"(pixels per side; {MAX_IMAGE_SIZE} is imagenet_seq's upper bound, "
+                         "e.g. 224)")
+    return int(value)
+
+
 _pin_warned = False  # once per process: a script makes a train and a val Loader, per rank
 
 
@@ -42,7 +64,8 @@ def check_device(device: Any, pin_memory: bool) -> None:
 
 
 def check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: int,
-               num_workers: Optional[int], seed: int, stall_timeout: Optional[float]) -> None:
+               num_workers: Optional[int], seed: int, stall_timeout: Optional[float],
+               image_size: int = 224, resize_size: int = 256) -> None:
     """ValueError naming the first bad Loader argument and what it expects."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
@@ -52,15 +75,17 @@ def check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: 
     if not (decoder in ("cpu", "dali") or callable(decoder)):
         raise ValueError(f"decoder={decoder!r}; expected 'cpu', 'dali' or a callable "
                          "(jpegs, labels) -> (images, targets)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected an int >= 1")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers={num_workers}; expected >= 0")
-    if seed < 0:
-        raise ValueError(f"seed={seed}; expected a non-negative integer")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed={seed!r}; expected a non-negative integer")
     if stall_timeout is not None and not stall_timeout > 0:
         raise ValueError(f"stall_timeout={stall_timeout!r}; expected seconds > 0, or None "
                          "to wait for ever")
+    check_size("image_size", image_size)
+    check_size("resize_size", resize_size)
 
 
 def memory_bound(batch_size: int, mean_bytes: float, buffer_size: int, prefetch: int,

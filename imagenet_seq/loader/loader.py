@@ -23,7 +23,8 @@ from imagenet_seq.plan import order
 from imagenet_seq.loader import faces
 from imagenet_seq.loader.config import default_workers as _default_workers
 from imagenet_seq.loader.config import (WORKER_TYPES, check_args, check_device,  # noqa: F401
-                                        make_transform, mean_record_bytes, memory_bound)
+                                        check_size, make_transform, mean_record_bytes,
+                                        memory_bound)
 from imagenet_seq.plan.distributed import resolve_rank
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.plan.shuffle import buffer_records
@@ -129,7 +130,8 @@ class Loader:
                  stall_timeout: Optional[float] = 300.0, check_split: bool = True,
                  overlap_epochs: Optional[bool] = None):
         check_args(mode=mode, worker_type=worker_type, decoder=decoder, batch_size=batch_size,
-                   num_workers=num_workers, seed=seed, stall_timeout=stall_timeout)
+                   num_workers=num_workers, seed=seed, stall_timeout=stall_timeout,
+                   image_size=image_size, resize_size=resize_size)
         check_device(device, pin_memory)
         info = resolve_rank(rank, world_size, distributed)
         self.rank, self.world_size = info.rank, info.world_size
@@ -213,11 +215,10 @@ class Loader:
         Travels with every batch, so the persistent workers honour it without a restart; the
         crop decode picks its DCT scale for it. Val keeps its resize/crop ratio (256/224).
         Works with the built-in transforms and DALI; a torchvision-style transform or a
-        callable decoder decides its own size (TypeError). ``size`` must be an int >= 16.
+        callable decoder decides its own size (TypeError). ``size`` must be an int in
+        16..4096 (``loader.config.MAX_IMAGE_SIZE``).
         """
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
-            raise ValueError(f"set_image_size({size!r}); expected an int >= 16 (pixels per side)")
-        size = int(size)
+        size = check_size("set_image_size", size, low=16, call=True)
         if self.decoder == "cpu":
             resized_transform(self._transform, size)  # TypeError now, not in a worker
         elif self.decoder != "dali":

@@ -12,6 +12,13 @@ Fields: ``version`` (of this layout), ``format_version`` and ``split`` (path, mo
 ``drop_last``, ``shuffle``, ``world_size``, ``rank``, ``chunk_size``, ``buffer_size``,
 ``epoch``, ``batches`` (of ``epoch`` already handed out), ``image_size``, ``skipped``.
 
+Checks (:func:`check`): every field must be present, of its type and in its range -- ints are
+ints (``True`` is not an int, ``'3'`` is not one), flags are ``True``/``False``, ``epoch``,
+``seed``, ``skipped``, ``buffer_size`` >= 0, ``rank`` < ``world_size``, ``batches`` at most
+``len(loader)``, ``image_size`` at most ``MAX_IMAGE_SIZE`` (4096) -- else a ValueError naming
+the field, its value and what is allowed; then the fields that fix the epoch must equal this
+Loader's. Keys beyond these fields are ignored.
+
 World size: a state saved mid-epoch (``batches > 0``) is refused by a Loader with another
 world size or rank (the rest of the epoch was cut for the old one; re-sharding it would need
 every rank's state and change what each rank's remaining batches hold). The error says the
@@ -22,9 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict
+import numbers
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from imagenet_seq.loader.config import MAX_IMAGE_SIZE, MODES
 
 STATE_VERSION = 1
+_WAY_OUT = ("save it again with loader.state_dict(), or start the epoch again with "
+            "loader.set_epoch(e)")
 
 # fields that must match whenever a state is loaded, with the way out when they do not
 _ALWAYS = {
@@ -63,45 +77,94 @@ def make(loader: Any, epoch: int, batches: int) -> Dict[str, Any]:
     return {
         "version": STATE_VERSION,
         "format_version": None if meta.legacy else meta.version,
-        "path": loader.reader.path, "mode": loader.mode, "num_records": loader.dataset_size,
+        "path": str(loader.reader.path), "mode": loader.mode,
+        "num_records": int(loader.dataset_size),
         "fingerprint": fingerprint(meta),
-        "seed": loader.seed, "batch_size": loader.batch_size, "drop_last": loader.drop_last,
-        "shuffle": loader.shuffle, "world_size": loader.world_size, "rank": loader.rank,
-        "chunk_size": loader.chunk_size, "buffer_size": loader.buffer_size,
-        "epoch": int(epoch), "batches": int(batches), "image_size": loader.image_size,
-        "skipped": loader.skipped,
+        "seed": int(loader.seed), "batch_size": int(loader.batch_size),
+        "drop_last": bool(loader.drop_last), "shuffle": bool(loader.shuffle),
+        "world_size": int(loader.world_size), "rank": int(loader.rank),
+        "chunk_size": int(loader.chunk_size), "buffer_size": int(loader.buffer_size),
+        "epoch": int(epoch), "batches": int(batches), "image_size": int(loader.image_size),
+        "skipped": int(loader.skipped),
+    }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _int_in(low: int, high: Optional[int] = None) -> Tuple[Callable[[Any], bool], str]:
+    if high is None:
+        return (lambda v: _is_int(v) and v >= low), f"an int >= {low}"
+    return (lambda v: _is_int(v) and low <= v <= high), f"an int in {low}..{high}"
+
+
+_BOOL = (lambda v: isinstance(v, (bool, np.bool_)), "True or False")
+_STR = (lambda v: isinstance(v, str), "a str")
+
+
+def _fields(sd: Dict[str, Any], total: int) -> Dict[str, Tuple[Callable[[Any], bool], str]]:
+    """Every field of a state: (test, what it allows). ``total`` = ``len(loader)``."""
+    world = sd.get("world_size")
+    return {
+        "version": _int_in(STATE_VERSION, STATE_VERSION),
+        "format_version": (lambda v: v is None or _is_int(v),
+                           "an int, or None (a file of the original tool)"),
+        "path": _STR,
+        "mode": (lambda v: isinstance(v, str) and v in MODES,
+                 f"one of {', '.join(map(repr, MODES))}"),
+        "num_records": _int_in(0),
+        "fingerprint": _STR,
+        "seed": _int_in(0),
+        "batch_size": _int_in(1),
+        "drop_last": _BOOL,
+        "shuffle": _BOOL,
+        "world_size": _int_in(1),
+        "rank": _int_in(0, world - 1) if _is_int(world) and world >= 1 else _int_in(0),
+        "chunk_size": _int_in(1),
+        "buffer_size": _int_in(0),
+        "epoch": _int_in(0),
+        "batches": (_int_in(0, total)[0], f"an int with 0 <= batches <= {total} (len(loader))"),
+        "image_size": _int_in(1, MAX_IMAGE_SIZE),
+        "skipped": _int_in(0),
     }
 
 
 def check(sd: Any, mine: Dict[str, Any], total: int) -> None:
     """Raise ValueError naming the first field of ``sd`` that this Loader (``mine``) cannot
-    resume from, both values and the way out."""
+    resume from: a field missing, of the wrong type or outside its range (its name, its value
+    and what is allowed: an edited or damaged state), or one that differs from this Loader's
+    (both values and the way out). Keys beyond the fields are ignored."""
     if not isinstance(sd, dict) or "version" not in sd:
         raise ValueError(f"load_state_dict got {type(sd).__name__} without a 'version' key; "
                          "expected the dict Loader.state_dict() returned")
-    if sd["version"] != STATE_VERSION:
+    if sd["version"] != STATE_VERSION or not _is_int(sd["version"]):
         raise ValueError(f"load_state_dict: state version {sd['version']!r} is unknown (this "
                          f"imagenet_seq reads version {STATE_VERSION}); load it with the "
                          "imagenet_seq version that saved it, or start the epoch again with "
                          "loader.set_epoch(e)")
-    missing = [k for k in list(_ALWAYS) + list(_MID_EPOCH) + ["epoch", "batches"]
-               if k not in sd]
+    fields = _fields(sd, total)
+    missing = [k for k in fields if k not in sd]
     if missing:
         raise ValueError(f"load_state_dict: the state lacks {missing}; expected the dict "
                          "Loader.state_dict() returned")
-    for key in ("epoch", "batches"):
-        if isinstance(sd[key], bool) or not isinstance(sd[key], int):
-            raise ValueError(f"load_state_dict: {key}={sd[key]!r}; expected an int (the dict "
-                             "Loader.state_dict() returned)")
-    fields = dict(_ALWAYS)
+    for key, (ok, allowed) in fields.items():
+        if key != "batches" and not ok(sd[key]):
+            raise ValueError(f"load_state_dict: {key}={sd[key]!r}; expected {allowed} (the "
+                             f"state was edited or damaged: {_WAY_OUT})")
+    if not _is_int(sd["batches"]):
+        raise ValueError(f"load_state_dict: batches={sd['batches']!r}; expected an int (the "
+                         f"state was edited or damaged: {_WAY_OUT})")
+    compare = dict(_ALWAYS)
     if sd["batches"] > 0:
-        fields.update(_MID_EPOCH)
-    for key, fix in fields.items():
+        compare.update(_MID_EPOCH)
+    for key, fix in compare.items():
         if sd[key] != mine[key]:
             where = f" (saved from {sd.get('path')})" if key in ("fingerprint", "num_records",
                                                                  "mode") else ""
             raise ValueError(f"load_state_dict: {key} differs: the state has {sd[key]!r}{where}, "
                              f"this Loader has {mine[key]!r}; {fix}")
-    if sd["epoch"] < 0 or not 0 <= sd["batches"] <= total:
+    ok, allowed = fields["batches"]
+    if not ok(sd["batches"]):
         raise ValueError(f"load_state_dict: epoch={sd['epoch']!r}, batches={sd['batches']!r}; "
-                         f"expected epoch >= 0 and 0 <= batches <= {total} (len(loader))")
+                         f"expected {allowed} (the state was edited or damaged: {_WAY_OUT})")

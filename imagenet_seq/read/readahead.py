@@ -28,6 +28,10 @@ _PAGE = mmap.PAGESIZE
 _EXTEND_BYTES = 2 << 20  # read past a span's estimated end in steps of this
 _NEXT_BYTES = 3 * _PAGE  # the next record's first page: after this value and maybe a leaf page
 _WAIT_STEP = 1 << 20  # the read-ahead thread confirms a burst read this much at a time
+_LOOK_AHEAD_SEGMENTS = 4  # segments searched past the reader's for its next bytes
+# records further apart than this are read ahead as two runs (reading the gap between them
+# costs more than the seek it saves: ~1 MB is what an HDD transfers in one seek's time)
+_GAP_BYTES = 1 << 20
 # IMAGENET_SEQ_DISK_TURNS=0: readers of one disk do not take turns (each reads when it likes)
 DISK_TURNS = os.environ.get("IMAGENET_SEQ_DISK_TURNS", "1") != "0"
 
@@ -39,6 +43,22 @@ def _resident(addr: int, length: int) -> bool:
         return True
     vec = page_residency(addr, length)
     return vec is not None and bool((np.frombuffer(vec, np.uint8) & 1).all())
+
+
+def forward_runs(offs: np.ndarray, lens: np.ndarray) -> List[Tuple[int, int]]:
+    """File ranges ``(begin, end)`` covering records at ``offs`` / ``lens`` (in the order they
+    are read) as forward runs: a run goes on while each record starts at or after the end of
+    the one before, at most ``_GAP_BYTES`` further on. A converted file's span is one run; a
+    record rewritten after conversion (it moved: the file's end, or a freed hole) is a run of
+    its own, so the read-ahead reads exactly the bytes needed, in the order they are needed."""
+    if not len(offs):
+        return []
+    offs = offs.astype(np.int64)
+    ends = offs + lens.astype(np.int64)
+    cut = np.flatnonzero((offs[1:] < ends[:-1]) | (offs[1:] - ends[:-1] > _GAP_BYTES)) + 1
+    firsts = np.concatenate(([0], cut))
+    lasts = np.concatenate((cut, [len(offs)])) - 1
+    return [(int(offs[a]), int(ends[b])) for a, b in zip(firsts, lasts)]
 
 
 class DiskLock:
@@ -178,10 +198,11 @@ class Prefetch:
 
     def at_bytes(self, off: int, length: int) -> None:
         """The reader needs file bytes ``[off, off + length)`` (in segment order): return once
-        they are read."""
-        k = self._seg
-        if not self._holds(k, off) and k + 1 < len(self.seg_file) and self._holds(k + 1, off):
-            self._seg = k = k + 1  # the reader went on to the next span
+        they are read. Bytes outside the segments (a record that moved after the reader
+        planned its reads) return at once: the reader reads them itself."""
+        k = self._segment_of(off)
+        if k is None:
+            return
         pos = self.seg_pos[k] + off - self.seg_file[k]
         stop = min(pos + length, self.seg_pos[k] + self.file_bytes - self.seg_file[k])
         with self.cond:
@@ -191,7 +212,7 @@ class Prefetch:
                                                name="imagenet_seq-readahead")
                 self.thread.start()
             self.cursor, self.need = pos, stop
-            if stop > self.end:  # past the estimated end of the one segment: extend it
+            if stop > self.end and self.span_bytes:  # past the one segment's estimated end
                 self.end = self.seg_pos[-1] = min(stop + _EXTEND_BYTES,
                                                   self.seg_pos[-2] + self.file_bytes
                                                   - self.seg_file[-1])
@@ -200,9 +221,27 @@ class Prefetch:
             while stop > self.done and self.thread.is_alive():
                 self.cond.wait(0.1)
 
-    def _holds(self, k: int, off: int) -> bool:
-        """Whether segment ``k`` holds file offset ``off``."""
-        return 0 <= off - self.seg_file[k] < self.seg_pos[k + 1] - self.seg_pos[k]
+    def _holds(self, k: int, off: int, slack: int = 0) -> bool:
+        """Whether segment ``k`` holds file offset ``off`` (or lies ``slack`` bytes past it)."""
+        return 0 <= off - self.seg_file[k] < self.seg_pos[k + 1] - self.seg_pos[k] + slack
+
+    def _segment_of(self, off: int) -> Optional[int]:
+        """The segment the reader's next bytes start in: its current one or one of the next
+        few (it moves on in segment order); None when none holds them (a record written
+        elsewhere after the segments were planned, e.g. in a file changed after conversion:
+        read without waiting, correct but out of turn)."""
+        if not self.seg_file:
+            return None
+        k = self._seg
+        last = len(self.seg_file) - 1
+        # the one estimated segment of a B-tree walk grows as the cursor runs past its end
+        if self._holds(k, off, _EXTEND_BYTES if self.span_bytes and k == last else 0):
+            return k
+        for j in range(k + 1, min(k + 1 + _LOOK_AHEAD_SEGMENTS, last + 1)):
+            if self._holds(j, off):
+                self._seg = j  # the reader went on to the next span
+                return j
+        return None
 
     def close(self) -> None:
         with self.cond:

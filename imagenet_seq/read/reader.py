@@ -23,7 +23,7 @@ import numpy as np
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets as offsets_index
-from imagenet_seq.read.readahead import Prefetch
+from imagenet_seq.read.readahead import Prefetch, forward_runs
 
 
 class SplitReader:
@@ -143,7 +143,7 @@ class SplitReader:
                     else:
                         view, label = fmt.decode_record(value)
                         jpeg = view.tobytes()  # copy out: buffers die with the transaction
-                        self._check_label(i, label)
+                    self._check_label(i, label)
                     yield i, jpeg, label
                     if i + 1 < start + count and not cur.next():
                         raise fmt.DamagedFile(f"{self.path}: the records end before record "
@@ -183,9 +183,8 @@ class SplitReader:
             segments = []
             for start, count in spans:
                 o, n = offs[start:start + count], lens[start:start + count]
-                placed = np.flatnonzero(o >= 0)
-                if len(placed):
-                    segments.append((int(o[placed[0]]), int(o[placed[-1]] + n[placed[-1]])))
+                placed = o >= 0
+                segments.extend(forward_runs(o[placed], n[placed]))
             if segments:
                 ahead = Prefetch(self._fd, self._base, segments=segments)
         try:
@@ -220,24 +219,33 @@ class SplitReader:
         label = fmt.RECORD_HEADER.unpack(header)[0] if len(header) == size else -1
         if len(jpeg) != n - size or jpeg[:2] != b"\xff\xd8" or (
                 self.labels is not None and label != self.labels[i]):
-            self._mismatch(i, off, n, len(header) + len(jpeg), label)
+            self._mismatch(i, off, n, len(header) + len(jpeg), label, jpeg[:4])
         self._check_label(i, label)
         return i, jpeg, label
 
     def _check_label(self, i: int, label: int) -> None:
-        """A label outside the classes is always an error (no ``skip_broken``): a model would
-        index past its last output, or learn from a wrong class without a word."""
+        """A label outside the classes, or other than ``__labels__`` gives the record, is
+        always an error (no ``skip_broken``), on every read path: a model would index past its
+        last output, or learn from a wrong class without a word."""
         if self.num_classes and not 0 <= label < self.num_classes:
             key = fmt.record_key(i)
             raise fmt.RecordError(
                 f"record {key!r} (index {i}) of {self.path} has label {label}, outside "
                 f"0..{self.num_classes - 1}: the file is damaged; `imagenet-seq-verify "
                 f"{self.path}` lists every damaged record; {fmt.REMEDY}", key, i)
+        if self.labels is not None and label != self.labels[i]:
+            key = fmt.record_key(i)
+            raise fmt.RecordError(
+                f"record {key!r} (index {i}) of {self.path} has label {label}, but the file's "
+                f"__labels__ says {self.labels[i]}: the record changed after conversion "
+                f"(rewritten, or damaged); `imagenet-seq-verify {self.path}` lists every such "
+                f"record; {fmt.REMEDY}", key, i)
 
-    def _mismatch(self, i: int, off: int, n: int, got: int, label: int) -> None:
+    def _mismatch(self, i: int, off: int, n: int, got: int, label: int, head: bytes) -> None:
         """Record ``i`` is not what the offsets index and ``__labels__`` say. Raises the error
         whose advice fixes it: a stale index (the B-tree puts the record elsewhere: rebuilding
-        the index fixes it), a file that shrank, or a record damaged in place (re-copy)."""
+        the index fixes it), a file that shrank, a label other than ``__labels__`` gives, or a
+        record that is not a JPEG (re-copy)."""
         key = fmt.record_key(i)
         if got < n and os.fstat(self._fd).st_size < off + n:
             raise fmt.DamagedFile(
@@ -253,13 +261,13 @@ class SplitReader:
             raise offsets_index.StaleOffsets(
                 f"{self.path}: record {i} is at byte {where[0]}, its offsets index says {off} "
                 "(the file was changed after conversion); rebuild the index with "
-                f"`python -m imagenet_seq.format.offsets --rebuild {self.path}` (if the file was damaged "
+                f"`{offsets_index.rebuild_command(self.path)}` (if the file was damaged "
                 f"rather than rewritten, `imagenet-seq-verify {self.path}` names the records: "
                 "re-copy it)")
-        expected = "" if self.labels is None else f", __labels__ says {self.labels[i]}"
+        self._check_label(i, label)
         raise fmt.RecordError(
-            f"record {key!r} (index {i}) of {self.path} changed after conversion (label "
-            f"{label}{expected}, or not a JPEG any more): the file is damaged; "
+            f"record {key!r} (index {i}) of {self.path} is not a JPEG any more (it starts "
+            f"{head!r}, not b'\\xff\\xd8'): it changed after conversion, or the file is damaged; "
             f"`imagenet-seq-verify {self.path}` lists every damaged record; {fmt.REMEDY}", key, i)
 
     def _mean_bytes(self) -> float:
