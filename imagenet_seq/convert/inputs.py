@@ -101,8 +101,9 @@ def _archive_files(path: str, split: str, progress, cache_dir: Optional[str]):
     """(name -> (offset, size), report rows) of one of ImageNet's archives: the whole archive
     is the split's folder (``tar_names.assign``)."""
     members, not_files = _list(path, progress, cache_dir)
-    parts, _ = tar_names.assign(members, not_files, {split: ""})
-    return parts[split]
+    parts, stray = tar_names.assign(members, not_files, {split: ""})
+    files, skipped = parts[split]
+    return files, stray + skipped  # stray: a name with no path at all ('/', '')
 
 
 def remove_listings(cache_dir: str, srcs: List[str]) -> None:

@@ -110,7 +110,10 @@ class _Walk:
         self.split_dir = split_dir
         self.walked: Dict[tuple, str] = {_key(st): ""}  # folder -> rel where it was walked
         self.top = frozenset({_key(st)})
-        self.found: List[tuple] = []  # (through a link, rel, stat or None, resolved path)
+        # (through a link, rel, st_dev, (st_ino, st_size) or None, resolved path if through
+        # a link)
+        self.found: List[tuple] = []
+        self.real_roots: List[Tuple[str, str]] = []  # (resolved path, rel) of each root
         self.bad: List[Tuple[str, str]] = []
         self.links: List[tuple] = []  # (rel, path, ancestors) of links to folders, for later
 
@@ -128,16 +131,20 @@ class _Walk:
                     "under two labels; remove the link, or copy the images if both classes "
                     "must hold them")
             self.walked[_key(st)] = name
-        self._dir(path, name, os.path.realpath(path), self.top | {_key(st)}, False)
+        real = os.path.realpath(path)
+        self.real_roots.append((real, name))
+        self._dir(path, name, real, self.top | {_key(st)}, False)
 
-    def finish(self) -> Tuple[Dict[str, Optional[os.stat_result]], List[Tuple[str, str]]]:
-        """(rel -> stat (None: unreadable, the read reports it) of each file kept, report rows
-        of what was not kept), after walking the links to folders the walk met."""
+    def finish(self) -> Tuple[Dict[str, Optional[Tuple[int, int]]], List[Tuple[str, str]]]:
+        """(rel -> (inode, size) (None: no stat, the read reports it) of each file kept,
+        report rows of what was not kept), after walking the links to folders it met."""
         while self.links:  # one round per link followed, each round in sorted path order
             todo, self.links = sorted(self.links, key=lambda t: t[0]), []
             for rel, path, ancestors in todo:
-                st = os.stat(path)
-                if _key(st) in ancestors:
+                st, reason = stat_or_reason(path)
+                if st is None:  # changed since it was listed
+                    self.bad.append((rel, reason or "cannot be read (changed during the scan)"))
+                elif _key(st) in ancestors:
                     self.bad.append((rel, "symbolic link loop (links to a folder above it)"))
                 elif _key(st) in self.walked:
                     first = self.walked[_key(st)]
@@ -147,20 +154,34 @@ class _Walk:
                 else:
                     self.walked[_key(st)] = rel
                     self._dir(path, rel, os.path.realpath(path), ancestors | {_key(st)}, True)
-        files: Dict[str, Optional[os.stat_result]] = {}
-        seen: Dict[tuple, str] = {}
-        for linked, rel, st, real in sorted(self.found, key=lambda f: (f[0], f[1])):
-            keys = [("path", real)] + ([("inode", *_key(st))] if st is not None and st.st_ino
-                                       else [])
+        files: Dict[str, Optional[Tuple[int, int]]] = {}
+        seen: Dict[object, str] = {}  # (st_dev, st_ino) or a resolved path -> the rel kept
+        self.found.sort(key=lambda f: (f[0], f[1]))  # real paths first, then by path
+        for linked, rel, dev, inode_size, real in self.found:
+            keys = ([(dev, inode_size[0])] if inode_size and inode_size[0] else []) + \
+                ([real] if real is not None else [])
             first = next((seen[k] for k in keys if k in seen), None)
+            if first is None and real is not None:
+                first = self._reached(real, files)
             if first is not None:
                 self.bad.append((rel, f"repeats {first} (the same file, reached through a "
                                       "symbolic link or a hard link); stored once, as "
                                       f"{first}"))
                 continue
             seen.update((k, rel) for k in keys)
-            files[rel] = st
+            files[rel] = inode_size
+        self.found = []
         return files, sorted(self.bad)
+
+    def _reached(self, real: str, files) -> Optional[str]:
+        """The rel of ``real`` if the walk reached it without a link (and kept it). A real
+        path has no link in it, so below a root it is the root's resolved path + the rel."""
+        for root_real, root_rel in self.real_roots:
+            if real.startswith(root_real.rstrip(os.sep) + os.sep):
+                rel = os.path.join(root_rel, real[len(root_real.rstrip(os.sep)) + 1:])
+                if rel in files:
+                    return rel
+        return None
 
     def _dir(self, path: str, rel: str, real: str, ancestors, linked: bool) -> None:
         try:
@@ -188,8 +209,10 @@ class _Walk:
                 self.bad.append((r, reason))
                 continue
             link = e.is_symlink()
-            self.found.append((linked or link, r, st,
-                               os.path.realpath(e.path) if link else os.path.join(real, e.name)))
+            where = os.path.realpath(e.path) if link else \
+                os.path.join(real, e.name) if linked else None
+            self.found.append((linked or link, r, st.st_dev if st else 0,
+                               (st.st_ino, st.st_size) if st else None, where))
 
 
 def _split_images(walk: _Walk, stats):
@@ -197,11 +220,11 @@ def _split_images(walk: _Walk, stats):
     folder; ``stats`` receives (inode, size) per image."""
     files, bad = walk.finish()
     images, others = [], list(bad)
-    for f, st in sorted(files.items()):
+    for f, inode_size in sorted(files.items()):
         if is_image(f):
             images.append(f)
-            if st is not None:
-                stats[f] = (st.st_ino, st.st_size)
+            if inode_size is not None:
+                stats[f] = inode_size
         else:
             others.append((f, not_image_reason(f)))
     return images, sorted(others)
