@@ -30,6 +30,9 @@ from imagenet_seq.read.reader import SplitReader
 SMALL = dict(batch_size=5, seed=3, image_size=32, resize_size=40, num_workers=0,
              buffer_size=8, chunk_size=6)
 
+# a hang fails the one test with its stacks (pytest-timeout; see conftest.py)
+pytestmark = pytest.mark.timeout(300)
+
 
 # -- item 6: resume states ----------------------------------------------------------------------
 
