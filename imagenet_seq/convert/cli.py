@@ -12,11 +12,13 @@ from typing import List, Optional
 import lmdb
 
 from imagenet_seq import format as fmt
+from imagenet_seq.convert.guards import check_output, write_failure
 from imagenet_seq.convert.inputs import remove_listings, resolve
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.convert.passes import buffer_bytes
 from imagenet_seq.convert.report import write_report
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
+from imagenet_seq.format.convlock import Busy, ConversionLock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +91,11 @@ def _check(args) -> List[str]:
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality {args.quality}; expected 1..100")
     buffer_bytes(args.memory_mb * 1_000_000, args.workers)  # ValueError naming the minimum
-    if args.tmp is not None and not os.path.isdir(args.tmp):
-        raise ValueError(f"--tmp {args.tmp!r} is not a folder; create it or pass another")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
+    # a file where the output folder goes, a folder where a split's file goes, an output or
+    # --tmp inside a split's source folder: refused before anything is written
+    check_output(args.src, args.dst, args.tmp, splits)
     return splits
 
 
@@ -154,6 +157,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     try:
         splits = _check(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # one conversion at a time per output folder, from before its first write to its end
+    lock = ConversionLock(args.dst)
+    try:
+        lock.acquire()
+    except Busy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot create the output folder's lock file {lock.path}: "
+              f"{e.strerror or e}; pass a folder you can write to", file=sys.stderr)
+        return 1
+    try:
+        return _convert(args, splits)
+    finally:
+        lock.release()
+
+
+def _convert(args, splits: List[str]) -> int:
+    try:
         bars = []
 
         def listing(path):  # archives are listed (every header read) before converting
@@ -216,8 +241,7 @@ def _run(args) -> int:
                   "--resume to continue", file=sys.stderr)
             return _status(e)
         except (OSError, lmdb.Error) as e:  # disk full, read-only folder, map full
-            print(f"\nerror writing {args.dst}: {e}; free space or fix the output folder, then "
-                  "run again with --resume", file=sys.stderr)
+            print(f"\nerror: {write_failure(e, args.dst)}", file=sys.stderr)
             return 1
         finally:
             if bar is not None:

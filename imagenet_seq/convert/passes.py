@@ -84,7 +84,8 @@ def unpack(text: str, n: int) -> np.ndarray:
 def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
                  memory: int, workers: int, notice) -> int:
     """Temporary (and output) bytes this split still needs, stated, and checked against free
-    space before anything is read; so is the number of runs the memory bound implies.
+    space before anything is read (the output's disk too when --tmp is on another one); so is
+    the number of runs the memory bound implies.
     Returns the estimate of the runs' total size."""
     src = sum(scan.inode_size(rel)[1] for rel, _ in plan)
     est = src + len(plan) * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
@@ -94,10 +95,14 @@ def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
     same = os.stat(os.path.dirname(run_dir)).st_dev == os.stat(out_dir).st_dev
     free = shutil.disk_usage(os.path.dirname(run_dir)).free
     need = need_tmp + (need_out if same else 0)
+    free_out = free if same else shutil.disk_usage(out_dir).free
     if notice:
         notice(f"{split}: {len(plan)} images, {src / 1e9:.2f} GB of sources; temporary runs "
                f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
-               f"{free / 1e9:.1f} GB free there; buffers <= {memory / 1e9:.2f} GB")
+               f"{free / 1e9:.1f} GB free there"
+               + ("" if same else f"; output ~{est / 1e9:.2f} GB in {out_dir}, "
+                  f"{free_out / 1e9:.1f} GB free there")
+               + f"; buffers <= {memory / 1e9:.2f} GB")
     try:
         buf = buffer_bytes(memory, workers, len(plan))
     except ValueError as e:
@@ -110,6 +115,13 @@ def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
             f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
             f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, len(plan))) // 1_000_000 + 1}"
             " or more")
+    if not same and need_out > free_out:  # --tmp on another disk: the output's disk too
+        raise ConversionError(
+            f"too little space for the output of {split}: about {need_out / 1e9:.2f} GB "
+            f"needed in {out_dir} (the .lmdb file; the sorted runs go to --tmp "
+            f"{os.path.dirname(run_dir)}), {free_out / 1e9:.2f} GB free; free space there "
+            "or pass an output folder on a disk with room, then run again (--resume "
+            "continues an interrupted run)")
     if need > free:
         raise ConversionError(
             f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import time
 import warnings
@@ -39,6 +40,8 @@ from imagenet_seq.format import offsets
 from imagenet_seq.convert.passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
                              ConversionError, merge_pass, pack, prepare_runs, read_pass,
                              space_check, unpack)
+from imagenet_seq.format.convlock import ABANDONED, Busy, ConversionLock
+from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.source_reader import FolderSource
@@ -164,7 +167,50 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
     ``progress(n_done_delta, bytes_delta, skipped_total)`` is called as records land;
     ``start_progress(total, initial, pass_name)`` before each pass ('read', 'merge');
     ``notice(text)`` with the statement of sizes and free space before the run.
+
+    The output folder's conversion lock (``format.convlock``) is held throughout (the CLI
+    already holds it for the whole run); another live conversion into ``out_dir`` is a
+    ConversionError naming its PID, before anything is written.
     """
+    final = os.path.join(out_dir, fmt.split_filename(split))
+    for path in (final, final + ".partial"):
+        if os.path.isdir(path):
+            raise ConversionError(in_place_of_output(path))
+    try:
+        lock = ConversionLock(out_dir)
+        lock.acquire()
+    except Busy as e:
+        raise ConversionError(str(e)) from None
+    try:
+        return _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
+                        start_progress, notice)
+    finally:
+        lock.release()
+
+
+def _check_same_file(partial: str, ino: int, out_dir: str) -> None:
+    """The .partial must still be the file this conversion opened: never report success
+    over a file another process put there (the lock prevents it where flock works)."""
+    try:
+        now = os.stat(partial).st_ino
+    except FileNotFoundError:
+        now = None
+    if now != ino:
+        raise ConversionError(
+            f"{partial} was {'deleted' if now is None else 'replaced'} by another process "
+            f"while this conversion wrote it (another conversion into {out_dir}?): what this "
+            "one wrote is lost and nothing was renamed; when no other conversion runs there, "
+            "run again (--resume continues whatever .partial is there)")
+
+
+def _adopt_runs(old: str, run_dir: str) -> bool:
+    """Whether the runs recorded at ``old`` were moved to ``run_dir`` (the output folder, or
+    --tmp, moved as a whole): they are used there; ``prepare_runs`` checks every size."""
+    return old != run_dir and os.path.isdir(run_dir) and not os.path.exists(old)
+
+
+def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
+             start_progress, notice) -> Result:
     final = os.path.join(out_dir, fmt.split_filename(split))
     partial = final + ".partial"
     res = Result(split, final)
@@ -183,8 +229,9 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
         run_dir += "-" + hashlib.sha1(os.path.abspath(partial).encode()).hexdigest()[:8]
     if os.path.exists(partial) and not resume:
         if not overwrite:
-            raise ConversionError(f"{partial} is an unfinished conversion; pass --resume to "
-                                  "continue it or --overwrite to start over")
+            raise ConversionError(f"{partial} is an unfinished conversion; "
+                                  f"{ABANDONED}. Pass --resume to continue it or "
+                                  "--overwrite to start over")
         _remove(partial)
     if not resume and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
@@ -197,6 +244,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
     env = _open(partial, f"It is an unfinished conversion: delete {partial} and convert again "
                 "(or pass --overwrite instead of --resume)", readonly=False, lock=False)
+    ino = os.stat(partial).st_ino
     try:
         finished = None
         state = {"fingerprint": fp, "phase": "read", "run_dir": run_dir, "runs": [],
@@ -215,11 +263,14 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                     raise ConversionError(
                         f"{partial} was started by an older version of the converter (one "
                         "pass, no sorted runs); pass --overwrite to start over")
-                if old["run_dir"] != run_dir:
+                if _adopt_runs(old["run_dir"], run_dir):
+                    old["run_dir"] = run_dir  # committed with the next progress record
+                elif old["run_dir"] != run_dir:
                     raise ConversionError(
                         f"{partial} keeps its temporary runs in {old['run_dir']}; pass --tmp "
-                        f"{os.path.dirname(old['run_dir'])} to continue it, or --overwrite to "
-                        "start over")
+                        f"{os.path.dirname(old['run_dir'])} to continue it (or move that "
+                        f"folder: `mv {shlex.quote(old['run_dir'])} {shlex.quote(run_dir)}`), "
+                        "or --overwrite to start over")
                 state = old
             elif txn.get(fmt.META_KEY) is not None:
                 finished = fmt.read_metadata(txn, partial)  # killed just before the rename
@@ -237,6 +288,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             if not has_offsets:
                 _write_offsets(env, partial, finished.num_records)
             env.sync(True)
+            _check_same_file(partial, ino, out_dir)
             os.replace(partial, final)  # lock=False: renaming the open file is safe
             _remove(partial)
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -292,6 +344,7 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
         env.sync(True)
     finally:
         env.close()
+    _check_same_file(partial, ino, out_dir)
     os.replace(partial, final)
     _remove(partial)
     res.runs = len(state["runs"])

@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from imagenet_seq.format.convlock import describe_unfinished
+from imagenet_seq.format.lmdbdir import folder_error, is_env_folder
 from imagenet_seq.format.lmdbfile import (REMEDY, DamagedFile, Tree, check_file, check_in_file, data_file,
                        map_base)
 
@@ -188,10 +190,13 @@ def open_env(path: str, readonly: bool = True, **kw):
     Raises:
         DamagedFile: the file is truncated, its B-tree is damaged on the way to the metadata,
             or LMDB refuses it (not an LMDB file).
-        FileNotFoundError: a read-only open of a missing file.
+        FileNotFoundError: a read-only open of a missing file, or ``path`` is a folder (an
+            LMDB environment directory: ``lmdbdir.folder_error`` says what to do).
     """
     import lmdb
 
+    if os.path.isdir(path):  # LMDB would say only "Is a directory"
+        raise folder_error(path)
     if readonly:
         tree = Tree(path)  # check_file, then the B-tree pages on the way to the metadata
         try:
@@ -280,20 +285,15 @@ def find_split(root: str, split: str) -> str:
     path = os.path.join(root, split_filename(split))
     if os.path.isfile(path):
         return path
-    if os.path.isdir(path):  # written with subdir=True by other tools
-        inner = os.path.join(path, "data.mdb")
-        if os.path.isfile(inner):
-            return path
-        inside = sorted(os.listdir(path))
-        raise FileNotFoundError(
-            f"{path} is a folder ({', '.join(inside[:5]) or 'empty'}), not an LMDB file: "
-            "preprocess_sequential.py writes one file per split (other tools' folders hold a "
-            f"data.mdb); re-copy the file, or run `python preprocess_sequential.py "
-            f"/path/to/imagenet {root}`")
+    if os.path.isdir(path):  # e.g. an LMDB made with lmdb.open's default subdir=True
+        raise folder_error(path)
+    if is_env_folder(root):  # the split's "file" passed itself, and it is a folder
+        raise folder_error(root)
     found = sorted(os.listdir(root))
-    partial = [f for f in found if f.endswith(".partial")]
-    hint = (f" ({', '.join(partial)} is an unfinished conversion: run preprocess_sequential.py "
-            "--resume)") if partial else ""
+    own = split_filename(split) + ".partial"
+    partial = [own] if own in found else [f for f in found if f.endswith(".partial")]
+    hint = (f" ({partial[0]} is an unfinished conversion: "
+            f"{describe_unfinished(os.path.join(root, partial[0]))})") if partial else ""
     raise FileNotFoundError(
         f"no {split_filename(split)} in {root} (found: {', '.join(found) or 'nothing'}){hint}; "
         f"run `python preprocess_sequential.py /path/to/imagenet {root}` first")
@@ -305,9 +305,10 @@ def read_metadata(txn, path: str) -> Metadata:
     if raw is not None:
         return Metadata.from_json(raw, path)
     if get_checked(txn, PROGRESS_KEY, path) is not None:
-        raise ValueError(f"{path} is an unfinished conversion; "
-                         "run preprocess_sequential.py --resume")
+        raise ValueError(f"{path} is an unfinished conversion: {describe_unfinished(path)}")
     keys = get_checked(txn, LEGACY_KEYS_KEY, path)
+    if keys is None and path.endswith(".partial"):  # before the converter's first commit
+        raise ValueError(f"{path} is an unfinished conversion: {describe_unfinished(path)}")
     if keys is None:
         raise ValueError(
             f"{path} is an LMDB without an imagenet_seq __meta__ record or the original tool's "

@@ -221,7 +221,7 @@ def summary(reports: List[SplitReport]) -> str:
         if not r.checksums and r.records:
             lines.append("  without checksums a record whose bytes changed but still decode "
                          f"passes; add them: imagenet-seq-verify --add-checksums {r.path}")
-    if any(not r.ok for r in reports):
+    if any(not r.ok and not os.path.isdir(r.path) for r in reports):  # a folder: said above
         lines.append("Damaged records: re-copy the file from its source (or re-convert with "
                      "preprocess_sequential.py --overwrite); Loader(skip_broken=True) skips "
                      "records that fail to decode or (with verify=True) their checksum.")

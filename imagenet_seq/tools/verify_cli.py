@@ -12,15 +12,21 @@ import sys
 from typing import List, Optional
 
 from imagenet_seq.format import checksums
+from imagenet_seq.format.lmdbdir import is_env_folder
 from imagenet_seq import format as fmt
 from imagenet_seq.tools.verify import as_dicts, summary, verify_split
 
 
 def _paths(root: str, splits: str) -> List[str]:
+    """The split files to check; a folder in a split file's place is kept, so that its
+    report says what it is (``format.lmdbdir``) instead of LMDB's "Is a directory"."""
     if os.path.isfile(root):
         return [root]
     names = [fmt.split_filename(s.strip()) for s in splits.split(",") if s.strip()]
-    return [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n))]
+    found = [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n))]
+    if not found and is_env_folder(root):  # the split's "file" given, and it is a folder
+        return [root]
+    return found
 
 
 def _bar(path: str, total: int, enabled: bool, unit: str = "B"):
