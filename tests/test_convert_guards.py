@@ -248,6 +248,48 @@ def test_after_kill9_messages_say_resume_is_safe(stage, tree, clean, tmp_path):
     assert not os.path.exists(os.path.join(out, ".convert.lock"))
 
 
+def test_a_forked_child_never_keeps_a_dead_conversions_lock(tmp_path):
+    """The converter's workers are forked: a child that outlives its killed parent must not
+    keep the folder locked (children close their copy at fork)."""
+    from imagenet_seq.format.convlock import ConversionLock, holder
+
+    folder = str(tmp_path / "out")
+    code = f"""
+import os, signal, sys, time
+from imagenet_seq.format.convlock import ConversionLock
+ConversionLock({folder!r}).acquire()
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)  # let the test's pipe close: run() returns while this child lives
+    os.dup2(null, 2)
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    child = int(p.stdout.split()[0])
+    try:
+        assert os.path.exists(f"/proc/{child}")  # the child lives on
+        assert os.path.exists(os.path.join(folder, ".convert.lock"))  # left by the kill
+        assert holder(folder) is None  # but nobody holds it
+        with ConversionLock(folder):
+            assert holder(folder)["pid"] == os.getpid()
+    finally:
+        os.kill(child, signal.SIGKILL)
+    assert not os.path.exists(os.path.join(folder, ".convert.lock"))
+
+
+def test_a_bad_input_leaves_no_output_folder(tmp_path):
+    out = str(tmp_path / "out")
+    rc, err = cli([str(tmp_path / "missing"), out, "--workers", "0"])
+    assert rc == 2 and "does not exist" in err, err
+    assert not os.path.exists(out)
+
+
 def test_a_replaced_partial_is_never_reported_as_done(tree, tmp_path):
     """Where no lock protects (a filesystem without flock), a .partial swapped under a running
     conversion makes it fail, not print its count over a file it did not write."""

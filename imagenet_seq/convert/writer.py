@@ -13,6 +13,9 @@ the same transaction as what it describes. Pass 1: which plan positions are done
 finished runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the
 byte offset reached in each run and the records written. ``resume=True`` deletes runs that no
 commit lists, re-reads what pass 1 had not committed and ends with the records of a clean run.
+One conversion at a time per output folder: the folder's lock (``format.convlock``) is held
+throughout, and the .partial is checked to be the file this conversion opened before it is
+renamed, so no conversion reports success over a file it did not write.
 
 Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer and pass 2 the runs'
 read buffers, each ``memory - fixed_bytes(workers)``; fixed: one uncommitted transaction

@@ -33,7 +33,8 @@ RETRY_SECONDS = 1.0
 ABANDONED = ("no conversion is running on it (the one that wrote it stopped), so "
              "preprocess_sequential.py --resume is safe: it continues where that one stopped")  # a reader's probe lasts microseconds; a conversion holds it for hours
 
-_HELD: Dict[str, list] = {}  # real path of the lock file -> [fd, references] (this process)
+# real path of the lock file -> [fd, references, whether acquire made the folder] (this process)
+_HELD: Dict[str, list] = {}
 _HELD_LOCK = threading.Lock()
 
 
@@ -47,7 +48,7 @@ class Busy(RuntimeError):
 
 def _after_fork_in_child() -> None:
     # close (never LOCK_UN: that would release the parent's lock, the open file is shared)
-    for fd, _ in _HELD.values():
+    for fd, *_ in _HELD.values():
         try:
             os.close(fd)
         except OSError:
@@ -153,6 +154,7 @@ class ConversionLock:
             Busy: a live process holds it (the message names it and the way out).
             OSError: the folder cannot be created or written.
         """
+        made = not os.path.isdir(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         key = os.path.realpath(self.path)
         with _HELD_LOCK:
@@ -202,7 +204,7 @@ class ConversionLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         with _HELD_LOCK:
-            _HELD[key] = [fd, 1]
+            _HELD[key] = [fd, 1, made]
         self._key = key
 
     def release(self) -> None:
@@ -223,3 +225,8 @@ class ConversionLock:
         except OSError:
             pass
         os.close(entry[0])
+        if entry[2]:  # made by this lock and nothing was written (e.g. a bad input): gone
+            try:
+                os.rmdir(self.folder)
+            except OSError:
+                pass
