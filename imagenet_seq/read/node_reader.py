@@ -1,0 +1,441 @@
+"""The node reader: one process per job, node and file, reading for every local rank.
+
+Started by the first local rank that finds none (:mod:`.node_client`) as
+``python -m imagenet_seq.read.node_reader CONFIG_JSON`` -- a fresh interpreter: no CUDA, no
+threads or locks copied from a trainer, its own GIL, so no rank's long step or busy Python slows
+the disk down. It listens on an abstract Unix socket (:func:`.wire.address`); each rank
+connects, says who it is (``HELLO``) and gets its ring (``WELCOME`` + a memfd, :mod:`.ring`).
+
+A rank asks for records as pieces ``(start, count, key)`` (``READ``): the pieces of its node
+plan (:mod:`imagenet_seq.plan.node`), keyed by ``(epoch, place in the node sweep)``. The
+reader keeps one sweep: every active request's remaining pieces in key order, read with one
+:class:`~imagenet_seq.read.reader.SplitReader` (its read-ahead runs through the whole sweep),
+each record copied once into its rank's ring and announced in ``ITEMS`` messages. A request
+that arrives or is cancelled changes the sweep: the reader finishes the record in hand and
+plans the rest again (a rank joining late is served first until it is back in step).
+
+Flow control: the reader waits only when the ring of the rank whose record comes next is full,
+i.e. a rank that stops consuming holds the others up once they have emptied their own rings
+(``RING_BYTES`` each). Faults: a rank's socket closing without ``BYE`` (killed: the kernel
+closes it) makes the reader send ``FAIL`` naming it to every other rank and exit; a read error
+is sent to every rank (the rank it was for gets the original error type) and the reader exits;
+when the last rank says ``BYE`` the reader exits. Nothing outlives it: the socket name and the
+rings are anonymous.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from imagenet_seq import format as fmt
+from imagenet_seq.read import ring as rings
+from imagenet_seq.read import wire
+from imagenet_seq.read.reader import SplitReader
+
+__all__ = ["NodeReader", "main", "FLUSH_ITEMS", "GATHER_S", "EXIT_IN_USE"]
+
+#: Records announced per ``ITEMS`` message (sooner at the end of a piece, or before waiting).
+FLUSH_ITEMS = 16
+#: Exit status when another reader already serves this address (the client goes on).
+EXIT_IN_USE = 3
+#: Before a sweep starts, how long the reader waits for the other connected ranks' requests.
+GATHER_S = 0.25
+_HELLO_S = 10.0  # a connection must say who it is within this
+_SEND_S = 60.0  # a rank that takes no message for this long is treated as gone
+
+
+class _Request:
+    def __init__(self, rank: "_Rank", req: int, pieces: np.ndarray):
+        self.rank, self.id = rank, req
+        self.starts, self.counts, self.keys = pieces[:, 0], pieces[:, 1], pieces[:, 2]
+        self.cum = np.concatenate(([0], np.cumsum(self.counts)))
+        self.delivered = 0
+        self.cancelled = False
+        self.t0 = time.monotonic()
+
+    @property
+    def total(self) -> int:
+        return int(self.cum[-1])
+
+    def remaining(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pieces not yet delivered (the first one cut to what is left of it)."""
+        k = int(np.searchsorted(self.cum, self.delivered, "right")) - 1
+        starts, counts = self.starts[k:].copy(), self.counts[k:].copy()
+        cut = self.delivered - int(self.cum[k])
+        starts[0] += cut
+        counts[0] -= cut
+        return starts, counts, self.keys[k:]
+
+
+class _Rank:
+    def __init__(self, sock: socket.socket, hello: dict, ring_bytes: int):
+        self.sock, self.hello = sock, hello
+        self.local, self.rank, self.pid = int(hello["local"]), int(hello["rank"]), \
+            int(hello["pid"])
+        self.send_lock = threading.Lock()
+        self.ring = rings.Ring(ring_bytes)
+        self.fd, self.mem = rings.create(ring_bytes, f"imagenet_seq-ring-{self.rank}")
+        self.request: Optional[_Request] = None
+        self.pending: List[Tuple[int, int, int, int]] = []  # refs not yet announced
+        self.pending_req = -1  # the request they belong to
+        self.bye = False
+        self.id = 0  # the reader numbers connections
+
+    def name(self) -> str:
+        return f"local rank {self.local} (rank {self.rank}, pid {self.pid})"
+
+    def send(self, kind: bytes, head: Optional[dict] = None, payload=b"", fds=()) -> None:
+        with self.send_lock:
+            wire.send(self.sock, kind, head, payload, fds)
+
+
+class _Gone(Exception):
+    def __init__(self, rank: _Rank, error: OSError):
+        super().__init__(str(error))
+        self.rank, self.error = rank, error
+
+
+class NodeReader:
+    """Serves the ranks of one node (see the module docstring). ``cfg``: ``key`` (the socket
+    name), ``path`` and ``split`` (the file), ``local_world_size``, ``ring_bytes``,
+    ``parent`` (the starting rank's pid), ``connect_timeout``."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.local_world = int(cfg["local_world_size"])
+        self.ring_bytes = int(cfg.get("ring_bytes", rings.RING_BYTES))
+        self.reader = SplitReader(cfg["path"], cfg["split"], check_split=False)
+        st = os.stat(self.reader.path)
+        self.file_id = [st.st_dev, st.st_ino]
+        self.ranks: Dict[int, _Rank] = {}  # by connection (a rank with two Loaders: two)
+        self._next_id = 0
+        self.plan_id: Optional[dict] = None  # what every rank must agree on
+        self.cond = threading.Condition()
+        self.version = 0  # bumped whenever the set of requests changes
+        self.stop = threading.Event()
+        self.sel = selectors.DefaultSelector()
+        self.listener: Optional[socket.socket] = None
+        self.ever_connected = False
+
+    # ----------------------------------------------------------------------------- control
+    def serve(self) -> int:
+        self.listener = self._bind()
+        if self.listener is None:
+            return EXIT_IN_USE
+        self.sel.register(self.listener, selectors.EVENT_READ)
+        threading.Thread(target=self._sweep_thread, daemon=True,
+                         name="imagenet_seq-node-sweep").start()
+        start = time.monotonic()
+        while True:
+            if not self.ever_connected:
+                if os.getppid() != int(self.cfg["parent"]) or \
+                        time.monotonic() - start > float(self.cfg["connect_timeout"]):
+                    return 0  # the rank that started us is gone, or nobody came
+            for sel_key, _ in self.sel.select(timeout=0.2):
+                if sel_key.fileobj is self.listener:
+                    self._accept()
+                else:
+                    self._on_message(sel_key.data)
+            if self.ever_connected and not self.ranks:
+                return 0
+
+    def _bind(self) -> Optional[socket.socket]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + 5.0  # a reader that is exiting frees the name soon
+        while True:
+            try:
+                sock.bind(wire.address(self.cfg["key"]))
+                sock.listen(64)
+                return sock
+            except OSError:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    return None
+                time.sleep(0.05)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            if wire.peer_uid(conn) != os.getuid():
+                raise ValueError("another user's process")  # abstract names are not private
+            conn.settimeout(_HELLO_S)
+            kind, hello, _, fds = wire.recv(conn)
+            for fd in fds:
+                os.close(fd)
+            if kind != wire.HELLO:
+                raise ValueError(f"expected HELLO, got {kind!r}")
+            problem = self._check_hello(hello)
+            if problem:
+                wire.send(conn, wire.FAIL, {"error": "NodeReaderError", "message": problem})
+                conn.close()
+                return
+            rank = _Rank(conn, hello, self.ring_bytes)
+            conn.settimeout(_SEND_S)
+            rank.send(wire.WELCOME, {"ring_bytes": self.ring_bytes, "pid": os.getpid()},
+                      fds=[rank.fd])
+            os.close(rank.fd)
+        except (OSError, ValueError, KeyError, wire.Closed):
+            conn.close()  # not a rank of ours, or one that died while saying hello
+            return
+        with self.cond:
+            self._next_id += 1
+            rank.id = self._next_id
+            self.ranks[rank.id] = rank
+        self.ever_connected = True
+        self.sel.register(conn, selectors.EVENT_READ, rank)
+
+    def _check_hello(self, hello: dict) -> Optional[str]:
+        local, plan = int(hello["local"]), hello["plan"]
+        if int(hello["local_world_size"]) != self.local_world or not 0 <= local < \
+                self.local_world:
+            return (f"local rank {local} of {hello['local_world_size']} asked a node reader of "
+                    f"{self.local_world} ranks; every rank of a node must pass the same "
+                    "local world size")
+        if hello["file"] != self.file_id:
+            return (f"this node reader reads {self.reader.path}, not {hello['path']}: the ranks "
+                    "of one node must read the same file")
+        other = next((r for r in self.ranks.values()
+                      if r.local == local and r.pid != int(hello["pid"])), None)
+        if other is not None:
+            return (f"local rank {local} is already connected ({other.name()}): another job "
+                    "on this node uses the same job key; give each job its own key (torchrun "
+                    "does: TORCHELASTIC_RUN_ID), or turn the node reader off with "
+                    "IMAGENET_SEQ_NODE_READER=0")
+        if self.plan_id is None:
+            self.plan_id = plan
+        elif plan != self.plan_id:
+            diff = sorted(k for k in set(plan) | set(self.plan_id)
+                          if plan.get(k) != self.plan_id.get(k))
+            return (f"local rank {local} plans its epochs with "
+                    f"{ {k: plan.get(k) for k in diff} }, the node's other ranks with "
+                    f"{ {k: self.plan_id.get(k) for k in diff} }: every rank of a job must "
+                    "create its Loader with the same arguments")
+        return None
+
+    def _on_message(self, rank: _Rank) -> None:
+        try:
+            kind, head, payload, fds = wire.recv(rank.sock)
+        except (wire.Closed, OSError, ValueError):
+            if rank.bye:
+                return
+            self._fatal(f"{rank.name()} ended without closing its Loader (killed, or it "
+                        "crashed); the node reader stops", skip=rank)
+        for fd in fds:
+            os.close(fd)
+        if kind == wire.FREE:
+            with self.cond:
+                rank.ring.free(int(head["upto"]))
+                self.cond.notify_all()
+        elif kind == wire.READ:
+            pieces = np.frombuffer(payload, "<i8").reshape(-1, 3)
+            problem = self._check_pieces(pieces)
+            if problem:
+                self._fatal(f"{rank.name()} asked for {problem}; the node reader stops")
+            with self.cond:
+                if rank.request is not None:
+                    rank.request.cancelled = True
+                rank.request = _Request(rank, int(head["req"]), pieces) if len(pieces) else None
+                self.version += 1
+                self.cond.notify_all()
+            if not len(pieces):
+                rank.send(wire.DONE, {"req": int(head["req"])})
+        elif kind == wire.CANCEL:
+            with self.cond:
+                if rank.request is not None and rank.request.id == int(head["req"]):
+                    rank.request.cancelled = True
+                    self.version += 1
+                    self.cond.notify_all()
+        elif kind == wire.BYE:
+            rank.bye = True
+            self.sel.unregister(rank.sock)
+            with self.cond:
+                if rank.request is not None:
+                    rank.request.cancelled = True
+                del self.ranks[rank.id]
+                self.version += 1
+                self.cond.notify_all()
+            rank.sock.close()
+            if not self.ranks and self.listener is not None:
+                self.sel.unregister(self.listener)
+                self.listener.close()  # no new rank joins a reader about to exit
+                self.listener = None
+
+    def _check_pieces(self, pieces: np.ndarray) -> Optional[str]:
+        n = len(self.reader)
+        starts, counts, keys = pieces[:, 0], pieces[:, 1], pieces[:, 2]
+        if (starts < 0).any() or (counts < 1).any() or (starts + counts > n).any():
+            return f"records outside 0..{n} (or empty pieces)"
+        if (np.diff(keys) < 0).any():
+            return "pieces whose sweep keys go backwards"
+        return None
+
+    def _fatal(self, message: str, skip: Optional[_Rank] = None, error: Optional[dict] = None,
+               culprit: Optional[int] = None) -> None:
+        """Tell every other rank, then exit at once (the kernel frees rings and sockets)."""
+        sys.stderr.write(f"imagenet_seq node reader (pid {os.getpid()}): {message}\n")
+        sys.stderr.flush()
+        for rank in list(self.ranks.values()):
+            if rank is skip:
+                continue
+            head = dict(error or {"error": "NodeReaderError", "message": message})
+            if culprit is not None and rank.local != culprit:
+                head = {"error": "NodeReaderError", "message": message}
+            if rank.send_lock.acquire(timeout=5.0):
+                try:
+                    rank.sock.settimeout(5.0)
+                    wire.send(rank.sock, wire.FAIL, head)
+                except OSError:
+                    pass
+        os._exit(1)
+
+    # ------------------------------------------------------------------------------- sweep
+    def _sweep_thread(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    self._gather()
+                    plan, version = self._merged(), self.version
+                self._read(plan, version)
+        except _Gone as e:  # its socket broke: the control loop names it to the others
+            time.sleep(5.0)
+            self._fatal(f"{e.rank.name()} stopped taking messages ({e.error}); the node "
+                        "reader stops", skip=e.rank)
+        except BaseException as e:  # noqa: BLE001 - any failure ends the reader, told to all
+            self._read_failed(e)
+
+    @staticmethod
+    def _tell(rank: _Rank, kind: bytes, head: dict, payload=b"") -> None:
+        try:
+            rank.send(kind, head, payload)
+        except OSError as e:
+            raise _Gone(rank, e) from None
+
+    def _gather(self) -> None:
+        """Wait for a request; then, before the first read, up to ``GATHER_S`` for every
+        connected rank's (ranks start an epoch at about the same time: one sweep from the
+        start, rather than one rank's reads first and the others' catching up)."""
+        while True:
+            active = self._active()
+            if not active:
+                self.cond.wait()
+                continue
+            waited = time.monotonic() - min(q.t0 for q in active)
+            if len(active) >= len(self.ranks) or waited >= GATHER_S:
+                return
+            self.cond.wait(GATHER_S - waited)
+
+    def _active(self) -> List[_Request]:
+        return [r.request for r in self.ranks.values()
+                if r.request is not None and not r.request.cancelled]
+
+    def _merged(self) -> List[Tuple[_Request, int, int]]:
+        """Every active request's remaining pieces, in key order (ties: local rank order)."""
+        reqs = sorted(self._active(), key=lambda q: (q.rank.local, q.rank.id))
+        parts = [(q, q.remaining()) for q in reqs]
+        keys = np.concatenate([k for _, (_, _, k) in parts])
+        owners = np.concatenate([np.full(len(k), i) for i, (_, (_, _, k)) in enumerate(parts)])
+        starts = np.concatenate([s for _, (s, _, _) in parts])
+        counts = np.concatenate([c for _, (_, c, _) in parts])
+        order = np.argsort(keys, kind="stable")
+        return [(reqs[owners[j]], int(starts[j]), int(counts[j])) for j in order]
+
+    def _read(self, plan: List[Tuple[_Request, int, int]], version: int) -> None:
+        items = self.reader.read_spans([(s, c) for _, s, c in plan], self.stop)
+        k, left = -1, 0
+        try:
+            for item in items:
+                while not left:
+                    k += 1
+                    left = plan[k][2]
+                left -= 1
+                if not self._deliver(plan[k][0], item, version):
+                    return
+        finally:
+            items.close()
+            self._flush_all()
+
+    def _deliver(self, req: _Request, item: Tuple[int, bytes, int], version: int) -> bool:
+        """Put one record into its rank's ring (waiting for room); False: plan again."""
+        i, jpeg, label = item
+        rank, n = req.rank, len(jpeg)
+        if rank.pending_req != req.id:
+            self._flush(rank)
+            rank.pending_req = req.id
+        if rank.ring.fits(n):
+            while True:
+                with self.cond:
+                    if req.cancelled or self.version != version and req.rank.request is not req:
+                        return False
+                    pos = rank.ring.place(n)
+                    if pos is None and not rank.pending:
+                        self.cond.wait(0.5)
+                        continue
+                if pos is not None:
+                    break
+                self._flush(rank)  # the rank must learn of what it has before it frees
+            at = pos % rank.ring.size
+            rank.mem[at:at + n] = jpeg
+            rank.pending.append((i, label, n, pos))
+        else:  # too large for the ring: in the message itself, after what came before
+            self._flush(rank)
+            self._tell(rank, wire.BIG, {"req": req.id, "record": int(i), "label": int(label)},
+                       jpeg)
+        req.delivered += 1
+        if req.delivered == req.total:
+            self._flush(rank)
+            self._tell(rank, wire.DONE, {"req": req.id})
+            with self.cond:
+                if rank.request is req:
+                    rank.request = None
+            return self.version == version
+        if len(rank.pending) >= FLUSH_ITEMS or \
+                req.delivered == int(req.cum[np.searchsorted(req.cum, req.delivered)]):
+            self._flush(rank)  # a piece ended: the rank gets its block now
+        return self.version == version
+
+    def _flush(self, rank: _Rank) -> None:
+        if not rank.pending:
+            return
+        refs = np.array(rank.pending, dtype=wire.REFS)
+        rank.pending = []
+        try:
+            rank.send(wire.ITEMS, {"req": rank.pending_req}, refs)
+        except OSError:
+            pass  # the control loop sees the rank gone and tells the others
+
+    def _flush_all(self) -> None:
+        for rank in list(self.ranks.values()):
+            self._flush(rank)
+
+    def _read_failed(self, e: BaseException) -> None:
+        culprit = None
+        head = {"error": type(e).__name__, "message": str(e)}
+        if isinstance(e, fmt.RecordError):
+            head.update(key=e.key.hex(), index=e.index)
+            for rank in self.ranks.values():  # whose record it was, if a request holds it
+                q = rank.request
+                if q is not None and \
+                        ((q.starts <= e.index) & (e.index < q.starts + q.counts)).any():
+                    culprit = rank.local
+        self._fatal(f"reading {self.reader.path} failed: {type(e).__name__}: {e}", error=head,
+                    culprit=culprit)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the ranks; they tell us
+    cfg = json.loads(argv[0])
+    return NodeReader(cfg).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
