@@ -39,7 +39,6 @@ def main():
     args = p.parse_args()
 
     from imagenet_seq.plan import node
-    from imagenet_seq.plan.order import slice_spans
     from imagenet_seq.read.node_client import NodeClient
     from imagenet_seq.read.reader import SplitReader
 
@@ -68,14 +67,10 @@ def main():
     try:
         while True:
             for e in args.epochs:
-                spans = node.rank_spans(len(reader), args.mode, seed=args.seed, epoch=e,
-                                        rank=args.rank,
-                                        world_size=args.world_size,
+                tail = node.epoch_spans(len(reader), args.mode, seed=args.seed, epoch=e,
+                                        rank=args.rank, world_size=args.world_size,
                                         local_world_size=args.local_world_size,
-                                        chunk_size=args.chunk_size)
-                pos = args.position
-                tail = node.EpochSpans(slice_spans(spans, pos, sum(c for _, c in spans)),
-                                       e, pos)
+                                        chunk_size=args.chunk_size, position=args.position)
                 recs, labels, digests = [], [], []
                 for i, data, label in client.read_spans(tail):
                     recs.append(i)

@@ -188,6 +188,11 @@ def test_differs_from_todays_plan_and_is_named():
 def test_epoch_spans_carry_their_place():
     s = node.EpochSpans([(3, 4), (10, 2)], epoch=5, position=7)
     assert s == [(3, 4), (10, 2)] and s.epoch == 5 and s.position == 7
+    kw = dict(seed=1, epoch=2, rank=3, world_size=4, local_world_size=2, chunk_size=5)
+    whole = flat(node.rank_spans(500, **kw))
+    for pos in (0, 1, 31, 32, 125):
+        tail = node.epoch_spans(500, position=pos, **kw)
+        assert flat(tail) == whole[pos:] and (tail.epoch, tail.position) == (2, pos)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -20,7 +20,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets
 from imagenet_seq.plan import node, order
 from imagenet_seq.read import ring as rings
-from imagenet_seq.read import wire
+from imagenet_seq.read import sweep, wire
 from imagenet_seq.read.node_client import NodeClient, NodeReaderError, enabled
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.tools.sample import make_sample_imagefolder
@@ -433,3 +433,25 @@ def test_wire_frames_and_fds():
     with pytest.raises(wire.Closed):
         wire.recv(b)
     b.close()
+
+
+def test_sweep_merges_requests_by_key_keeping_each_ranks_order():
+    def req(owner, pieces):
+        return sweep.Request(owner, 1, np.array(pieces, dtype=np.int64).reshape(-1, 3))
+
+    a = req("a", [(0, 4, sweep.key(0, 0)), (8, 4, sweep.key(0, 2)), (50, 2, sweep.key(1, 0))])
+    b = req("b", [(4, 4, sweep.key(0, 1)), (12, 4, sweep.key(0, 3))])
+    got = [(q.owner, s, c) for q, s, c in sweep.merge([a, b])]
+    assert got == [("a", 0, 4), ("b", 4, 4), ("a", 8, 4), ("b", 12, 4), ("a", 50, 2)]
+    a.delivered = 6  # half way through its second piece: the rest of it comes first
+    assert [(q.owner, s, c) for q, s, c in sweep.merge([a, b])][:2] == [("b", 4, 4),
+                                                                         ("a", 10, 2)]
+    b.delivered = b.total
+    assert a.at_piece_end() is False and a.holds(51) and not a.holds(4)
+    assert [q.owner for q, _, _ in sweep.merge([a, b])] == ["a", "a"]
+    late = req("c", [(100, 1, sweep.key(0, 0))])  # behind the others: served first
+    assert sweep.merge([a, late])[0][0] is late
+    assert sweep.check_pieces(np.array([[0, 1, 5], [3, 1, 4]]), 10) == \
+        "pieces whose sweep keys go backwards"
+    assert "outside 0..10" in sweep.check_pieces(np.array([[9, 2, 0]]), 10)
+    assert sweep.check_pieces(np.array([[9, 1, 0]]), 10) is None

@@ -58,7 +58,7 @@ from imagenet_seq.plan.order import Span
 from imagenet_seq.plan.shuffle import buffered_shuffle
 
 __all__ = ["PLAN", "BLOCK_RECORDS", "VAL_PIECE_RECORDS", "Piece", "NodePlan", "EpochSpans",
-           "node_plan", "rank_spans", "epoch_order", "check_layout"]
+           "node_plan", "rank_spans", "epoch_spans", "epoch_order", "check_layout", "merge_spans"]
 
 #: The name a resume state carries: a state written under another plan cannot resume here.
 PLAN = "node-1"
@@ -109,10 +109,10 @@ class NodePlan:
 
     def node_chunks(self) -> List[Span]:
         """The sweep as the disk sees it: maximal runs of pieces that continue each other."""
-        return _merge([(s, c) for s, c, _ in self.sweep])
+        return merge_spans([(s, c) for s, c, _ in self.sweep])
 
 
-def _merge(spans: Sequence[Span]) -> List[Span]:
+def merge_spans(spans: Sequence[Span]) -> List[Span]:
     """Join spans that continue each other (fewer, longer reads)."""
     out: List[Span] = []
     for start, count in spans:
@@ -240,7 +240,7 @@ def _along(layout: _Layout, rank: int, s: int) -> int:
 def _rank_set(d: _Draw, layout: _Layout, choice: _Choice, rank: int) -> Tuple[Span, ...]:
     base = _along(layout, rank, choice.shift)
     spans = [s for p, c in layout.positions(base) for s in d.spans(p, p + c)]
-    return tuple(_merge(sorted(spans)))
+    return tuple(merge_spans(sorted(spans)))
 
 
 def _collides(key: tuple, layout: _Layout, cand: _Choice, prev: _Choice) -> bool:
@@ -326,7 +326,7 @@ def _node_plan(num_records: int, mode: str, seed: int, epoch: int, world_size: i
     per_rank: List[List[Span]] = [[] for _ in ranks]
     for s, c, i in sweep:
         per_rank[i].append((s, c))
-    return NodePlan(epoch, ranks, tuple(tuple(_merge(x)) for x in per_rank), tuple(sweep))
+    return NodePlan(epoch, ranks, tuple(tuple(merge_spans(x)) for x in per_rank), tuple(sweep))
 
 
 def _cut_sweep(d: _Draw, layout: _Layout, node: int, shift: int) -> List[Piece]:
@@ -383,6 +383,19 @@ def rank_spans(num_records: int, mode: str = "train", *, seed: int = 0, epoch: i
                      local_ranks=range(first, first + local_world_size), shuffle=shuffle,
                      chunk_size=chunk_size)
     return list(plan.spans[rank - first])
+
+
+def epoch_spans(num_records: int, mode: str = "train", *, seed: int = 0, epoch: int = 0,
+                rank: int = 0, world_size: int = 1, local_world_size: int = 1,
+                shuffle: bool = True, chunk_size: Optional[int] = order.DEFAULT_CHUNK_RECORDS,
+                position: int = 0) -> EpochSpans:
+    """:func:`rank_spans` from input position ``position`` on (a resume), tagged for a node
+    client (:class:`EpochSpans`): what a Loader's plan stage hands its reader."""
+    spans = rank_spans(num_records, mode, seed=seed, epoch=epoch, rank=rank,
+                       world_size=world_size, local_world_size=local_world_size,
+                       shuffle=shuffle, chunk_size=chunk_size)
+    return EpochSpans(order.slice_spans(spans, position, sum(c for _, c in spans)), epoch,
+                      position)
 
 
 def epoch_order(num_records: int, mode: str = "train", *, seed: int = 0, epoch: int = 0,

@@ -12,12 +12,7 @@ stop)`` yields the same ``(record, jpeg bytes, label)`` items in the same order:
 * any other spans (a resumed shuffle buffer's few records, a dataset's ``__getitem__``) are
   read directly with the wrapped reader.
 
-Rendezvous: every local rank of one job, node and file computes the same abstract socket name
-from the job key (:func:`job_key`: the launcher's pid and start time, torchrun's run id and
-restart count, SLURM's job and step), the node's first rank and the file's device and inode. A
-rank that cannot connect and wins the right to start one (a second abstract name, bound by one
-process at a time) starts the reader; the others retry until it listens. No files: nothing is
-left behind whatever dies, and a restarted job (a new key) never meets a live job's reader.
+Finding the reader (and starting it): :mod:`.rendezvous`.
 
 Faults: the reader's ``FAIL`` (another rank died, a damaged record) or its socket closing (the
 reader died) is raised by the next ``read_spans`` step -- within ``POLL_S`` while a read is in
@@ -26,17 +21,12 @@ progress -- and passed to ``on_fault`` at once from the client's receiving threa
 from __future__ import annotations
 
 import atexit
-import hashlib
-import json
 import os
 import queue
 import socket
-import subprocess
-import sys
 import threading
-import time
 import weakref
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,55 +34,19 @@ from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets as offsets_index
 from imagenet_seq.plan import node as node_plan
 from imagenet_seq.plan.order import DEFAULT_CHUNK_RECORDS
+from imagenet_seq.read import rendezvous
 from imagenet_seq.read import ring as rings
 from imagenet_seq.read import wire
-from imagenet_seq.read.node_reader import EXIT_IN_USE
+from imagenet_seq.read.rendezvous import CONNECT_TIMEOUT_S, enabled, job_key
+from imagenet_seq.read.wire import NodeReaderError
 
-__all__ = ["NodeClient", "NodeReaderError", "enabled", "job_key", "CONNECT_TIMEOUT_S"]
+__all__ = ["NodeClient", "NodeReaderError", "enabled", "job_key"]
 
 Item = Tuple[int, bytes, int]
-#: How long a rank waits for the node's reader to listen (other ranks may start late).
-CONNECT_TIMEOUT_S = 120.0
 POLL_S = 0.1  # a waiting read checks its stop event this often
 _SUPERSEDED = ("this read was superseded by a newer one on the same node client (a Loader "
                "reads one pass at a time)")
 _ERRORS = {"DamagedFile": fmt.DamagedFile, "StaleOffsets": offsets_index.StaleOffsets}
-
-
-class NodeReaderError(RuntimeError):
-    """The node reader, or another rank of the node, failed; the message says which."""
-
-
-def enabled(local_world_size: int, requested: Optional[bool] = None) -> bool:
-    """Whether a Loader should read through a node reader: ``requested`` (an argument) wins,
-    then ``IMAGENET_SEQ_NODE_READER`` (``0``: per-rank readers as before); never for a node
-    of one rank."""
-    if local_world_size < 2:
-        return False
-    if requested is not None:
-        return bool(requested)
-    return os.environ.get("IMAGENET_SEQ_NODE_READER", "1") != "0"
-
-
-def _start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]  # field 22: start time in ticks
-    except (OSError, IndexError):
-        return "?"
-
-
-def job_key() -> str:
-    """This job on this machine, the same in every local rank: the launcher (torchrun's agent,
-    ``mp.spawn``'s parent, ``slurmstepd``) is every local rank's parent; its pid with its start
-    time is unique on the machine, and the launchers' own ids are added where set."""
-    ppid = os.getppid()
-    parts = [str(ppid), _start_time(ppid)] + [
-        os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-                                        "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
-                                        "SLURM_STEP_ID")]
-    return "/".join(parts)
-
 
 _clients: "weakref.WeakSet[NodeClient]" = weakref.WeakSet()
 
@@ -149,12 +103,16 @@ class NodeClient:
         self._current = -1  # the request a generator is reading
         self._freed = self._sent_free = 0
         self._closed = False
-        self._proc: Optional[subprocess.Popen] = None
-        st = self._stat = os.stat(reader.path)
-        ident = dict(uid=os.getuid(), job=job if job is not None else job_key(),
-                     node=first, file=[st.st_dev, st.st_ino])
-        self.key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
-        self._sock, self.ring, self.reader_pid = self._connect(ring_bytes, connect_timeout)
+        st = os.stat(reader.path)
+        self.key = rendezvous.reader_key(job if job is not None else job_key(), first,
+                                         reader.path)
+        hello = dict(local=self.local, rank=rank, pid=os.getpid(),
+                     local_world_size=local_world_size, path=reader.path,
+                     file=[st.st_dev, st.st_ino], plan=self.plan_args)
+        start = dict(path=reader.path, split=reader.split, local_world_size=local_world_size,
+                     ring_bytes=ring_bytes)
+        self._sock, self.ring, self.reader_pid, self._proc = rendezvous.connect(
+            self.key, hello, start, connect_timeout)
         self._receiver = threading.Thread(target=self._receive, daemon=True,
                                           name="imagenet_seq-node-client")
         self._receiver.start()
@@ -177,81 +135,6 @@ class NodeClient:
         if isinstance(spans, node_plan.EpochSpans):
             return self._read_node(spans, stop)
         return self.split_reader.read_spans(spans, stop)
-
-    # --------------------------------------------------------------------------- connect
-    def _hello(self) -> dict:
-        return dict(local=self.local, rank=self.rank, pid=os.getpid(),
-                    local_world_size=len(self.local_ranks), path=self.split_reader.path,
-                    file=[self._stat.st_dev, self._stat.st_ino],
-                    plan=self.plan_args)
-
-    def _connect(self, ring_bytes: int, timeout: float):
-        deadline = time.monotonic() + timeout
-        starter: Optional[socket.socket] = None
-        try:
-            while True:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.connect(wire.address(self.key))
-                    if wire.peer_uid(sock) != os.getuid():
-                        sock.close()
-                        raise NodeReaderError(
-                            f"another user's process listens on this job's node reader name "
-                            f"({self.key}); IMAGENET_SEQ_NODE_READER=0 reads without it")
-                    wire.send(sock, wire.HELLO, self._hello())
-                    kind, head, _, fds = wire.recv(sock)
-                except (ConnectionRefusedError, FileNotFoundError, wire.Closed,
-                        ConnectionResetError):
-                    sock.close()  # none listens yet (or one was exiting): start one, or wait
-                else:
-                    if kind == wire.WELCOME and len(fds) == 1:
-                        return sock, rings.attach(fds[0], int(head["ring_bytes"])), \
-                            int(head["pid"])
-                    sock.close()
-                    for fd in fds:
-                        os.close(fd)
-                    raise NodeReaderError(head.get("message", f"unexpected {kind!r}"))
-                if self._proc is None and starter is None:
-                    starter = self._try_start(ring_bytes)
-                if self._proc is not None and self._proc.poll() not in (None, EXIT_IN_USE):
-                    raise NodeReaderError(
-                        f"the node reader this rank started (pid {self._proc.pid}) for "
-                        f"{self.split_reader.path} exited with status {self._proc.returncode} "
-                        "before it listened; its error is above on this process's stderr; "
-                        "IMAGENET_SEQ_NODE_READER=0 reads without it")
-                if time.monotonic() > deadline:
-                    raise NodeReaderError(
-                        f"no node reader for {self.split_reader.path} after {timeout:.0f} s "
-                        f"(local rank {self.local} of {len(self.local_ranks)}): a local rank "
-                        "starts it when it creates its Loader; does every local rank create "
-                        "this Loader? IMAGENET_SEQ_NODE_READER=0 reads without it")
-                time.sleep(0.02)
-        finally:
-            if starter is not None:
-                starter.close()
-
-    def _try_start(self, ring_bytes: int) -> Optional[socket.socket]:
-        """Start the reader if this process wins the start right (an abstract name only one
-        process can bind); returns the bound name, held until this rank is connected."""
-        starter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            starter.bind(wire.address(self.key + "/start"))
-        except OSError:
-            starter.close()
-            return None
-        cfg = dict(key=self.key, path=self.split_reader.path, split=self.split_reader.split,
-                   local_world_size=len(self.local_ranks), ring_bytes=ring_bytes,
-                   parent=os.getpid(), connect_timeout=CONNECT_TIMEOUT_S)
-        # the reader imports this very package, wherever this process found it
-        home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [home] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "imagenet_seq.read.node_reader", json.dumps(cfg)],
-            stdin=subprocess.DEVNULL, close_fds=True, env=env)
-        threading.Thread(target=self._proc.wait, daemon=True,  # reaped when it ends
-                         name="imagenet_seq-node-reader-wait").start()
-        return starter
 
     # --------------------------------------------------------------------------- receive
     def _receive(self) -> None:
@@ -307,18 +190,18 @@ class NodeClient:
             self._send(wire.FREE, {"upto": self._freed})
 
     def _send(self, kind: bytes, head: dict, payload=b"") -> None:
-        with self._send_lock:
-            try:
+        try:
+            with self._send_lock:
                 wire.send(self._sock, kind, head, payload)
-            except OSError as e:
-                # the reader may have said why before it went: its FAIL is still to be read
-                if threading.current_thread() is not self._receiver:
-                    self._receiver.join(timeout=5.0)
-                if self.error is None:
-                    self.error = NodeReaderError(
-                        f"the node reader (pid {self.reader_pid}) for "
-                        f"{self.split_reader.path} is gone ({type(e).__name__})")
-                raise self.error from None
+        except OSError as e:
+            # the reader may have said why before it went: its FAIL is still to be read
+            if threading.current_thread() is not self._receiver:
+                self._receiver.join(timeout=5.0)
+            if self.error is None:
+                self.error = NodeReaderError(
+                    f"the node reader (pid {self.reader_pid}) for {self.split_reader.path} "
+                    f"is gone ({type(e).__name__})")
+            raise self.error from None
 
     # ------------------------------------------------------------------------------ read
     def _pieces(self, spans: node_plan.EpochSpans) -> np.ndarray:
@@ -334,8 +217,8 @@ class NodeClient:
                 continue
             out.append((start + skip, count - skip, (spans.epoch << 32) | index))
             skip = 0
-        got = node_plan._merge([(s, c) for s, c, _ in out])
-        if got != node_plan._merge(list(spans)):
+        got = node_plan.merge_spans([(s, c) for s, c, _ in out])
+        if got != node_plan.merge_spans(list(spans)):
             raise ValueError(
                 f"spans for epoch {spans.epoch} from position {spans.position} are not rank "
                 f"{self.rank}'s node plan {node_plan.PLAN} with {self.plan_args}; build them "

@@ -38,7 +38,7 @@ import numpy as np
 
 from imagenet_seq import format as fmt
 from imagenet_seq.read import ring as rings
-from imagenet_seq.read import wire
+from imagenet_seq.read import sweep, wire
 from imagenet_seq.read.reader import SplitReader
 
 __all__ = ["NodeReader", "main", "FLUSH_ITEMS", "GATHER_S", "EXIT_IN_USE"]
@@ -53,29 +53,6 @@ _HELLO_S = 10.0  # a connection must say who it is within this
 _SEND_S = 60.0  # a rank that takes no message for this long is treated as gone
 
 
-class _Request:
-    def __init__(self, rank: "_Rank", req: int, pieces: np.ndarray):
-        self.rank, self.id = rank, req
-        self.starts, self.counts, self.keys = pieces[:, 0], pieces[:, 1], pieces[:, 2]
-        self.cum = np.concatenate(([0], np.cumsum(self.counts)))
-        self.delivered = 0
-        self.cancelled = False
-        self.t0 = time.monotonic()
-
-    @property
-    def total(self) -> int:
-        return int(self.cum[-1])
-
-    def remaining(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The pieces not yet delivered (the first one cut to what is left of it)."""
-        k = int(np.searchsorted(self.cum, self.delivered, "right")) - 1
-        starts, counts = self.starts[k:].copy(), self.counts[k:].copy()
-        cut = self.delivered - int(self.cum[k])
-        starts[0] += cut
-        counts[0] -= cut
-        return starts, counts, self.keys[k:]
-
-
 class _Rank:
     def __init__(self, sock: socket.socket, hello: dict, ring_bytes: int):
         self.sock, self.hello = sock, hello
@@ -84,7 +61,7 @@ class _Rank:
         self.send_lock = threading.Lock()
         self.ring = rings.Ring(ring_bytes)
         self.fd, self.mem = rings.create(ring_bytes, f"imagenet_seq-ring-{self.rank}")
-        self.request: Optional[_Request] = None
+        self.request: Optional[sweep.Request] = None
         self.pending: List[Tuple[int, int, int, int]] = []  # refs not yet announced
         self.pending_req = -1  # the request they belong to
         self.bye = False
@@ -121,7 +98,6 @@ class NodeReader:
         self.plan_id: Optional[dict] = None  # what every rank must agree on
         self.cond = threading.Condition()
         self.version = 0  # bumped whenever the set of requests changes
-        self.stop = threading.Event()
         self.sel = selectors.DefaultSelector()
         self.listener: Optional[socket.socket] = None
         self.ever_connected = False
@@ -233,17 +209,21 @@ class NodeReader:
             os.close(fd)
         if kind == wire.FREE:
             with self.cond:
+                if int(head["upto"]) > rank.ring.head:
+                    self._fatal(f"{rank.name()} freed ring bytes up to {head['upto']}, past "
+                                f"the {rank.ring.head} placed; the node reader stops")
                 rank.ring.free(int(head["upto"]))
                 self.cond.notify_all()
         elif kind == wire.READ:
             pieces = np.frombuffer(payload, "<i8").reshape(-1, 3)
-            problem = self._check_pieces(pieces)
+            problem = sweep.check_pieces(pieces, len(self.reader))
             if problem:
                 self._fatal(f"{rank.name()} asked for {problem}; the node reader stops")
             with self.cond:
                 if rank.request is not None:
                     rank.request.cancelled = True
-                rank.request = _Request(rank, int(head["req"]), pieces) if len(pieces) else None
+                rank.request = sweep.Request(rank, int(head["req"]), pieces) \
+                    if len(pieces) else None
                 self.version += 1
                 self.cond.notify_all()
             if not len(pieces):
@@ -268,15 +248,6 @@ class NodeReader:
                 self.sel.unregister(self.listener)
                 self.listener.close()  # no new rank joins a reader about to exit
                 self.listener = None
-
-    def _check_pieces(self, pieces: np.ndarray) -> Optional[str]:
-        n = len(self.reader)
-        starts, counts, keys = pieces[:, 0], pieces[:, 1], pieces[:, 2]
-        if (starts < 0).any() or (counts < 1).any() or (starts + counts > n).any():
-            return f"records outside 0..{n} (or empty pieces)"
-        if (np.diff(keys) < 0).any():
-            return "pieces whose sweep keys go backwards"
-        return None
 
     def _fatal(self, message: str, skip: Optional[_Rank] = None, error: Optional[dict] = None,
                culprit: Optional[int] = None) -> None:
@@ -303,7 +274,9 @@ class NodeReader:
             while True:
                 with self.cond:
                     self._gather()
-                    plan, version = self._merged(), self.version
+                    plan = sweep.merge(sorted(self._active(),
+                                              key=lambda q: (q.owner.local, q.owner.id)))
+                    version = self.version
                 self._read(plan, version)
         except _Gone as e:  # its socket broke: the control loop names it to the others
             time.sleep(5.0)
@@ -333,23 +306,12 @@ class NodeReader:
                 return
             self.cond.wait(GATHER_S - waited)
 
-    def _active(self) -> List[_Request]:
+    def _active(self) -> List[sweep.Request]:
         return [r.request for r in self.ranks.values()
                 if r.request is not None and not r.request.cancelled]
 
-    def _merged(self) -> List[Tuple[_Request, int, int]]:
-        """Every active request's remaining pieces, in key order (ties: local rank order)."""
-        reqs = sorted(self._active(), key=lambda q: (q.rank.local, q.rank.id))
-        parts = [(q, q.remaining()) for q in reqs]
-        keys = np.concatenate([k for _, (_, _, k) in parts])
-        owners = np.concatenate([np.full(len(k), i) for i, (_, (_, _, k)) in enumerate(parts)])
-        starts = np.concatenate([s for _, (s, _, _) in parts])
-        counts = np.concatenate([c for _, (_, c, _) in parts])
-        order = np.argsort(keys, kind="stable")
-        return [(reqs[owners[j]], int(starts[j]), int(counts[j])) for j in order]
-
-    def _read(self, plan: List[Tuple[_Request, int, int]], version: int) -> None:
-        items = self.reader.read_spans([(s, c) for _, s, c in plan], self.stop)
+    def _read(self, plan: List[Tuple[sweep.Request, int, int]], version: int) -> None:
+        items = self.reader.read_spans([(s, c) for _, s, c in plan])
         k, left = -1, 0
         try:
             for item in items:
@@ -363,17 +325,17 @@ class NodeReader:
             items.close()
             self._flush_all()
 
-    def _deliver(self, req: _Request, item: Tuple[int, bytes, int], version: int) -> bool:
+    def _deliver(self, req: sweep.Request, item: Tuple[int, bytes, int], version: int) -> bool:
         """Put one record into its rank's ring (waiting for room); False: plan again."""
         i, jpeg, label = item
-        rank, n = req.rank, len(jpeg)
+        rank, n = req.owner, len(jpeg)
         if rank.pending_req != req.id:
             self._flush(rank)
             rank.pending_req = req.id
         if rank.ring.fits(n):
             while True:
                 with self.cond:
-                    if req.cancelled or self.version != version and req.rank.request is not req:
+                    if req.cancelled or self.version != version and rank.request is not req:
                         return False
                     pos = rank.ring.place(n)
                     if pos is None and not rank.pending:
@@ -397,8 +359,7 @@ class NodeReader:
                 if rank.request is req:
                     rank.request = None
             return self.version == version
-        if len(rank.pending) >= FLUSH_ITEMS or \
-                req.delivered == int(req.cum[np.searchsorted(req.cum, req.delivered)]):
+        if len(rank.pending) >= FLUSH_ITEMS or req.at_piece_end():
             self._flush(rank)  # a piece ended: the rank gets its block now
         return self.version == version
 
@@ -422,9 +383,7 @@ class NodeReader:
         if isinstance(e, fmt.RecordError):
             head.update(key=e.key.hex(), index=e.index)
             for rank in self.ranks.values():  # whose record it was, if a request holds it
-                q = rank.request
-                if q is not None and \
-                        ((q.starts <= e.index) & (e.index < q.starts + q.counts)).any():
+                if rank.request is not None and rank.request.holds(e.index):
                     culprit = rank.local
         self._fatal(f"reading {self.reader.path} failed: {type(e).__name__}: {e}", error=head,
                     culprit=culprit)

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["HELLO", "WELCOME", "READ", "CANCEL", "FREE", "BYE", "ITEMS", "BIG", "DONE", "FAIL",
-           "REFS", "Closed", "send", "recv", "address", "peer_uid"]
+           "REFS", "NodeReaderError", "Closed", "send", "recv", "address", "peer_uid"]
 
 # rank -> reader
 HELLO, READ, CANCEL, FREE, BYE = b"HELO", b"READ", b"CNCL", b"FREE", b"BYE_"
@@ -34,6 +34,10 @@ REFS = np.dtype([("record", "<i8"), ("label", "<i8"), ("nbytes", "<i8"), ("pos",
 
 _HEADER = struct.Struct("<4sII")
 _MAX_JSON = 1 << 20
+
+
+class NodeReaderError(RuntimeError):
+    """The node reader, or another rank of the node, failed; the message says which."""
 
 
 class Closed(ConnectionError):
