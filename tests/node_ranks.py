@@ -88,7 +88,7 @@ def main():
     except Exception as e:  # noqa: BLE001 - reported to the test
         out["error"] = dict(type=type(e).__name__, message=str(e), at=time.time())
     if not args.no_close:
-        client.close()
+        client.shutdown()
     with open(args.out + ".tmp", "w") as f:
         json.dump(out, f)
     os.replace(args.out + ".tmp", args.out)

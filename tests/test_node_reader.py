@@ -3,6 +3,7 @@
 Ranks are real processes (tests/node_ranks.py); the reader is the real process a rank starts.
 No timing thresholds: every wait has a limit only so that a hang fails the test.
 """
+import gc
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from imagenet_seq.tools.sample import make_sample_imagefolder
 HERE = os.path.dirname(os.path.abspath(__file__))
 RANKS = os.path.join(HERE, "node_ranks.py")
 LIMIT_S = 120  # a rank that takes longer has hung
+pytestmark = pytest.mark.timeout(300)
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [os.path.dirname(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                if p]))
@@ -50,10 +52,11 @@ def start(root, tmp, world, local, job, ranks=None, args=()):
     procs = {}
     for r in ranks:
         out = str(tmp / f"{job}-r{r}.json")
-        procs[r] = (subprocess.Popen(
-            [sys.executable, RANKS, root, out, "--rank", str(r), "--world-size", str(world),
-             "--local-world-size", str(local), "--job", job] + list(args), env=ENV,
-            stderr=subprocess.PIPE, text=True), out)
+        with open(out + ".err", "w") as err:  # a file: the reader a rank starts inherits it
+            procs[r] = (subprocess.Popen(
+                [sys.executable, RANKS, root, out, "--rank", str(r), "--world-size",
+                 str(world), "--local-world-size", str(local), "--job", job] + list(args),
+                env=ENV, stderr=err), out)
     return procs
 
 
@@ -62,11 +65,12 @@ def finish(procs, timeout=LIMIT_S):
     results = {}
     for r, (p, out) in procs.items():
         try:
-            _, err = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q, _ in procs.values():
                 q.kill()
             raise
+        err = open(out + ".err").read()
         assert os.path.exists(out), f"rank {r} wrote nothing (status {p.returncode}): {err}"
         results[r] = json.load(open(out))
         results[r]["stderr"] = err
@@ -352,7 +356,7 @@ def test_client_reads_plan_spans_through_the_reader_and_others_directly(many):
         assert again == [i for s, c in spans for i in range(s, s + c)]
         pid = client.reader_pid
     finally:
-        client.close()
+        client.shutdown()
     wait_gone(pid)
 
 
@@ -385,9 +389,45 @@ def test_two_loaders_of_one_rank_and_on_fault(many):
         with pytest.raises(NodeReaderError):
             list(ib)
     finally:
-        a.close()
-        b.close()
+        a.shutdown()
+        b.shutdown()
     wait_gone(a.reader_pid)
+
+
+def test_close_is_per_pass_and_a_dropped_client_says_goodbye(many):
+    """``close()`` is SplitReader's (the Loader calls it after every pass): reads go on. A
+    client nobody holds is collected and leaves like a closed one -- its reader serves the
+    process's other client on instead of reporting a dead rank."""
+    reader = SplitReader(many, "train")
+    kw = dict(rank=0, world_size=1, local_world_size=1, seed=7, job=f"gc-{os.getpid()}",
+              connect_timeout=60)
+    keep, drop = NodeClient(reader, **kw), NodeClient(reader, **kw)
+    try:
+        spans = node.epoch_spans(400, seed=7, epoch=1)
+        want = [i for s, c in spans for i in range(s, s + c)]
+        assert [i for i, _, _ in keep.read_spans(spans)] == want
+        keep.close()
+        assert [i for i, _, _ in drop.read_spans(spans)] == want
+        del drop
+        gc.collect()
+        assert [i for i, _, _ in keep.read_spans(spans)] == want
+        assert keep.error is None
+    finally:
+        keep.shutdown()
+    wait_gone(keep.reader_pid)
+
+
+def test_a_rank_that_stops_reading_holds_nobody_up_while_its_ring_has_room(many, tmp_path):
+    """Rank 1 takes one record and sleeps; all of its share fits its ring (the default 32 MB),
+    so rank 0 reads its whole epoch (a hang here would fail the test by its time limit)."""
+    procs = start(many, tmp_path, 2, 2, "stalled", ranks=[1], args=["--sleep", "600"])
+    try:
+        res = finish(start(many, tmp_path, 2, 2, "stalled", ranks=[0]))[0]
+        assert res["error"] is None
+        assert res["epochs"]["0"]["digests"] == direct(many, "train", 0, 2, 2, 0)["digests"]
+    finally:
+        procs[1][0].kill()
+        procs[1][0].wait(timeout=LIMIT_S)
 
 
 def test_off_switch(monkeypatch):

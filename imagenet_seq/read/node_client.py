@@ -53,24 +53,127 @@ _clients: "weakref.WeakSet[NodeClient]" = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for c in list(_clients):  # a forked child must not hold its parent's connection open
-        c._forked()
+        c._link.forked()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
-def _close_all() -> None:
+def _shutdown_all() -> None:
     for c in list(_clients):
-        c.close()
+        c.shutdown()
+
+
+class _Link:
+    """The connection and what its receiving thread shares with the reads. The thread holds
+    this, not the client, so a client nobody uses any more is collected (and says goodbye)."""
+
+    def __init__(self, sock: socket.socket, reader_pid: int, who: str, path: str,
+                 on_fault: Optional[Callable[[BaseException], None]]):
+        self.sock, self.reader_pid, self.who, self.path = sock, reader_pid, who, path
+        self.on_fault = on_fault
+        self.error: Optional[BaseException] = None
+        self.closed = False
+        self.queue: "queue.Queue" = queue.Queue()
+        self.send_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._receive, daemon=True,
+                                       name="imagenet_seq-node-client")
+        self.thread.start()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                kind, head, payload, fds = wire.recv(self.sock)
+                for fd in fds:
+                    os.close(fd)
+                if kind == wire.FAIL:
+                    self.error = _error_from(head)
+                    break
+                self.queue.put((kind, head, payload))
+        except (wire.Closed, OSError, ValueError) as e:
+            if not self.closed:
+                self.error = NodeReaderError(
+                    f"the node reader (pid {self.reader_pid}) for {self.path} ended without a "
+                    f"word ({type(e).__name__}: killed?); {self.who} cannot read on")
+        finally:
+            self.queue.put(None)
+        if self.error is not None and self.on_fault is not None and not self.closed:
+            self.on_fault(self.error)
+
+    def next(self, stop: Optional[threading.Event], before_wait: Callable[[], None]):
+        """The next message, or None once ``stop`` is set; raises the reader's error."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                msg = self.queue.get_nowait()
+            except queue.Empty:
+                before_wait()
+                try:
+                    msg = self.queue.get(timeout=POLL_S)
+                except queue.Empty:
+                    msg = ()
+            if msg is None:
+                self.queue.put(None)
+                raise self.error or NodeReaderError("the node client was shut down")
+            if msg:
+                return msg
+            if stop is not None and stop.is_set():
+                return None
+
+    def send(self, kind: bytes, head: Optional[dict] = None, payload=b"") -> None:
+        try:
+            with self.send_lock:
+                wire.send(self.sock, kind, head, payload)
+        except OSError as e:
+            # the reader may have said why before it went: its FAIL is still to be read
+            if threading.current_thread() is not self.thread:
+                self.thread.join(timeout=5.0)
+            if self.error is None:
+                self.error = NodeReaderError(f"the node reader (pid {self.reader_pid}) for "
+                                             f"{self.path} is gone ({type(e).__name__})")
+            raise self.error from None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with self.send_lock:
+                wire.send(self.sock, wire.BYE)
+        except OSError:
+            pass
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5.0)
+
+    def forked(self) -> None:
+        """In a forked child: drop the inherited connection without touching the parent's."""
+        self.closed = True
+        self.error = NodeReaderError("a node client cannot be used in a forked child; create "
+                                     "the Loader in the child, or read without the node reader")
+        try:
+            os.close(self.sock.detach())
+        except OSError:
+            pass
 
 
 class NodeClient:
     """One rank's connection to its node's reader (see the module docstring).
 
+    ``close()`` is ``SplitReader.close()`` (a Loader calls it after each pass: it drops the
+    file's descriptors, reopened on the next read); ``shutdown()`` says goodbye to the reader
+    (it serves the other ranks on and exits after the last); a collected client, and every
+    client at interpreter exit, shuts down by itself.
+
     Args:
         reader: this rank's :class:`SplitReader` (metadata, and reads outside the node plan).
-        num_records, mode, seed, shuffle, chunk_size: the plan's arguments (as the Loader's).
+        seed, shuffle, chunk_size: the plan's arguments (as the Loader's).
         rank, world_size: this rank's place in the job.
         local_world_size: ranks on this node (consecutive global ranks, torchrun's layout).
         job: the job key (default :func:`job_key`); ranks of one job must agree on it.
@@ -95,14 +198,9 @@ class NodeClient:
                               world_size=world_size, shuffle=bool(shuffle),
                               chunk_size=chunk_size, local_world_size=local_world_size,
                               plan=node_plan.PLAN)
-        self.on_fault = on_fault
-        self.error: Optional[BaseException] = None
-        self._queue: "queue.Queue" = queue.Queue()
-        self._send_lock = threading.Lock()
         self._req = 0
         self._current = -1  # the request a generator is reading
         self._freed = self._sent_free = 0
-        self._closed = False
         st = os.stat(reader.path)
         self.key = rendezvous.reader_key(job if job is not None else job_key(), first,
                                          reader.path)
@@ -111,21 +209,25 @@ class NodeClient:
                      file=[st.st_dev, st.st_ino], plan=self.plan_args)
         start = dict(path=reader.path, split=reader.split, local_world_size=local_world_size,
                      ring_bytes=ring_bytes)
-        self._sock, self.ring, self.reader_pid, self._proc = rendezvous.connect(
+        sock, self.ring, self.reader_pid, self._proc = rendezvous.connect(
             self.key, hello, start, connect_timeout)
-        self._receiver = threading.Thread(target=self._receive, daemon=True,
-                                          name="imagenet_seq-node-client")
-        self._receiver.start()
+        self._link = _Link(sock, self.reader_pid, f"local rank {self.local} (rank {rank})",
+                           reader.path, on_fault)
         _clients.add(self)
 
     # ------------------------------------------------------------------ SplitReader's face
-    def __getattr__(self, name):  # path, meta, labels, checksums, read_range, __len__ ...
-        if name.startswith("__") or name == "split_reader":
+    def __getattr__(self, name):  # path, meta, labels, checksums, read_range, ...
+        if name.startswith("__") or name in ("split_reader", "_link"):
             raise AttributeError(name)
         return getattr(self.split_reader, name)
 
     def __len__(self) -> int:
         return len(self.split_reader)
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The reader's failure (another rank died, the reader died, a damaged record)."""
+        return self._link.error
 
     def read_spans(self, spans: Sequence[Tuple[int, int]],
                    stop: Optional[threading.Event] = None) -> Iterator[Item]:
@@ -136,72 +238,24 @@ class NodeClient:
             return self._read_node(spans, stop)
         return self.split_reader.read_spans(spans, stop)
 
-    # --------------------------------------------------------------------------- receive
-    def _receive(self) -> None:
+    def close(self) -> None:
+        """As ``SplitReader.close()``: the file's descriptors go; the reader stays."""
+        self.split_reader.close()
+
+    def shutdown(self) -> None:
+        """Say goodbye to the reader (idempotent); reads through it raise afterwards."""
+        _clients.discard(self)
+        self._link.close()
+        self.split_reader.close()
         try:
-            while True:
-                kind, head, payload, fds = wire.recv(self._sock)
-                for fd in fds:
-                    os.close(fd)
-                if kind == wire.FAIL:
-                    self.error = _error_from(head)
-                    break
-                self._queue.put((kind, head, payload))
-        except (wire.Closed, OSError, ValueError) as e:
-            if not self._closed:
-                self.error = NodeReaderError(
-                    f"the node reader (pid {self.reader_pid}) for {self.split_reader.path} "
-                    f"ended without a word ({type(e).__name__}: killed?); local rank "
-                    f"{self.local} (rank {self.rank}) cannot read on")
-        finally:
-            self._queue.put(None)
-        if self.error is not None and self.on_fault is not None and not self._closed:
-            self.on_fault(self.error)
+            self.ring.close()
+        except BufferError:
+            pass
 
-    def _next(self, stop: Optional[threading.Event]):
-        """The next message, or None once ``stop`` is set; raises the reader's error."""
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                msg = self._queue.get_nowait()
-            except queue.Empty:
-                self._flush_free(force=True)  # before waiting: the reader may wait for room
-                try:
-                    msg = self._queue.get(timeout=POLL_S)
-                except queue.Empty:
-                    msg = ()
-            if msg is None:
-                self._queue.put(None)
-                raise self.error or NodeReaderError("the node client is closed")
-            if msg:
-                return msg
-            if stop is not None and stop.is_set():
-                return None
-
-    def _free(self, upto: int) -> None:
-        self._freed = max(self._freed, upto)
-        self._flush_free()
-
-    def _flush_free(self, force: bool = False) -> None:
-        if self._freed > self._sent_free and (
-                force or self._freed - self._sent_free >= len(self.ring) // 8):
-            self._sent_free = self._freed
-            self._send(wire.FREE, {"upto": self._freed})
-
-    def _send(self, kind: bytes, head: dict, payload=b"") -> None:
-        try:
-            with self._send_lock:
-                wire.send(self._sock, kind, head, payload)
-        except OSError as e:
-            # the reader may have said why before it went: its FAIL is still to be read
-            if threading.current_thread() is not self._receiver:
-                self._receiver.join(timeout=5.0)
-            if self.error is None:
-                self.error = NodeReaderError(
-                    f"the node reader (pid {self.reader_pid}) for {self.split_reader.path} "
-                    f"is gone ({type(e).__name__})")
-            raise self.error from None
+    def __del__(self):
+        link = self.__dict__.get("_link")
+        if link is not None and not link.closed:
+            link.close()
 
     # ------------------------------------------------------------------------------ read
     def _pieces(self, spans: node_plan.EpochSpans) -> np.ndarray:
@@ -227,18 +281,19 @@ class NodeClient:
 
     def _read_node(self, spans: node_plan.EpochSpans,
                    stop: Optional[threading.Event]) -> Iterator[Item]:
-        if self._closed:
-            raise NodeReaderError("read_spans on a closed node client")
-        if self.error is not None:
-            raise self.error
+        link = self._link
+        if link.error is not None:
+            raise link.error
+        if link.closed:
+            raise NodeReaderError("read_spans on a node client that was shut down")
         pieces = self._pieces(spans)
         self._req += 1
         req = self._current = self._req
-        self._send(wire.READ, {"req": req}, pieces)
+        link.send(wire.READ, {"req": req}, pieces)
         finished = False
         try:
             while True:
-                msg = self._next(stop)
+                msg = link.next(stop, self._flush_free)
                 if msg is None:
                     return
                 if self._current != req:
@@ -266,9 +321,9 @@ class NodeClient:
                     finished = True
                     return
         finally:
-            if not finished and not self._closed and self.error is None:
+            if not finished and not link.closed and link.error is None:
                 try:
-                    self._send(wire.CANCEL, {"req": req})
+                    link.send(wire.CANCEL, {"req": req})
                 except NodeReaderError:
                     pass
             if self._current == req:
@@ -278,38 +333,16 @@ class NodeClient:
         if len(refs):
             self._free(int(refs[-1]["pos"] + refs[-1]["nbytes"]))
 
-    # ----------------------------------------------------------------------------- close
-    def close(self) -> None:
-        """Say goodbye (the reader serves the other ranks on, and exits after the last)."""
-        if self._closed:
-            return
-        self._closed = True
-        _clients.discard(self)
-        try:
-            with self._send_lock:
-                wire.send(self._sock, wire.BYE)
-        except OSError:
-            pass
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        self._receiver.join(timeout=5.0)
-        try:
-            self.ring.close()
-        except BufferError:
-            pass
+    def _free(self, upto: int) -> None:
+        self._freed = max(self._freed, upto)
+        if self._freed - self._sent_free >= len(self.ring) // 8:
+            self._flush_free()
 
-    def _forked(self) -> None:
-        """In a forked child: drop the inherited connection without touching the parent's."""
-        self._closed = True
-        self.error = NodeReaderError("a node client cannot be used in a forked child; create "
-                                     "the Loader in the child, or read without the node reader")
-        try:
-            os.close(self._sock.detach())
-        except OSError:
-            pass
+    def _flush_free(self) -> None:
+        """Tell the reader what was copied out (before waiting: it may wait for room)."""
+        if self._freed > self._sent_free and not self._link.closed:
+            self._sent_free = self._freed
+            self._link.send(wire.FREE, {"upto": self._freed})
 
 
 def _error_from(head: dict) -> BaseException:

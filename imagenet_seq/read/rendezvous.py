@@ -167,7 +167,7 @@ def _spawn(cfg: dict) -> subprocess.Popen:
         [home] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagenet_seq.read.node_reader", json.dumps(cfg)],
-        stdin=subprocess.DEVNULL, close_fds=True, env=env)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True, env=env)
     threading.Thread(target=proc.wait, daemon=True,  # reaped when it ends
                      name="imagenet_seq-node-reader-wait").start()
     return proc
