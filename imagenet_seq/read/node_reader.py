@@ -332,25 +332,27 @@ class NodeReader:
         if rank.pending_req != req.id:
             self._flush(rank)
             rank.pending_req = req.id
-        if rank.ring.fits(n):
-            while True:
-                with self.cond:
-                    if req.cancelled or self.version != version and rank.request is not req:
-                        return False
-                    pos = rank.ring.place(n)
-                    if pos is None and not rank.pending:
-                        self.cond.wait(0.5)
-                        continue
-                if pos is not None:
-                    break
-                self._flush(rank)  # the rank must learn of what it has before it frees
-            at = pos % rank.ring.size
-            rank.mem[at:at + n] = jpeg
-            rank.pending.append((i, label, n, pos))
-        else:  # too large for the ring: in the message itself, after what came before
+        big = not rank.ring.fits(n)
+        while True:  # room: for a record in the ring, or (sent whole) an empty ring
+            with self.cond:
+                if req.cancelled or self.version != version and rank.request is not req:
+                    return False
+                pos = None if big else rank.ring.place(n)
+                room = rank.ring.used() == 0 if big else pos is not None
+                if not room and not rank.pending:
+                    self.cond.wait(0.5)
+                    continue
+            if room:
+                break
+            self._flush(rank)  # the rank must learn of what it has before it frees
+        if big:  # at most one such record on its way to a rank: the ring bounds the rest
             self._flush(rank)
             self._tell(rank, wire.BIG, {"req": req.id, "record": int(i), "label": int(label)},
                        jpeg)
+        else:
+            at = pos % rank.ring.size
+            rank.mem[at:at + n] = jpeg
+            rank.pending.append((i, label, n, pos))
         req.delivered += 1
         if req.delivered == req.total:
             self._flush(rank)
