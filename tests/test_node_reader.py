@@ -21,7 +21,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets
 from imagenet_seq.plan import node, order
 from imagenet_seq.read import ring as rings
-from imagenet_seq.read import sweep, wire
+from imagenet_seq.read import rendezvous, sweep, wire
 from imagenet_seq.read.node_client import NodeClient, NodeReaderError, enabled
 from imagenet_seq.read.reader import SplitReader
 from imagenet_seq.tools.sample import make_sample_imagefolder
@@ -428,6 +428,18 @@ def test_a_rank_that_stops_reading_holds_nobody_up_while_its_ring_has_room(many,
     finally:
         procs[1][0].kill()
         procs[1][0].wait(timeout=LIMIT_S)
+
+
+def test_job_key_is_shared_by_siblings_and_not_by_other_jobs():
+    code = "from imagenet_seq.read.rendezvous import job_key; print(job_key())"
+    keys = [subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                           text=True, timeout=LIMIT_S, check=True).stdout for _ in range(2)]
+    assert keys[0] == keys[1] and keys[0].startswith(f"{os.getpid()}/")
+    assert rendezvous.job_key() != keys[0].strip()  # this process's launcher is another job
+    other = dict(ENV, TORCHELASTIC_RESTART_COUNT="1")  # a restarted torchrun job: a new key
+    again = subprocess.run([sys.executable, "-c", code], env=other, capture_output=True,
+                           text=True, timeout=LIMIT_S, check=True).stdout
+    assert again != keys[0]
 
 
 def test_off_switch(monkeypatch):

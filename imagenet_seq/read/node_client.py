@@ -36,7 +36,7 @@ from imagenet_seq.plan import node as node_plan
 from imagenet_seq.plan.order import DEFAULT_CHUNK_RECORDS
 from imagenet_seq.read import rendezvous
 from imagenet_seq.read import ring as rings
-from imagenet_seq.read import wire
+from imagenet_seq.read import sweep, wire
 from imagenet_seq.read.rendezvous import CONNECT_TIMEOUT_S, enabled, job_key
 from imagenet_seq.read.wire import NodeReaderError
 
@@ -269,7 +269,7 @@ class NodeClient:
             if skip >= count:
                 skip -= count
                 continue
-            out.append((start + skip, count - skip, (spans.epoch << 32) | index))
+            out.append((start + skip, count - skip, sweep.key(spans.epoch, index)))
             skip = 0
         got = node_plan.merge_spans([(s, c) for s, c, _ in out])
         if got != node_plan.merge_spans(list(spans)):

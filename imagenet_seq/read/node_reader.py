@@ -1,6 +1,6 @@
 """The node reader: one process per job, node and file, reading for every local rank.
 
-Started by the first local rank that finds none (:mod:`.node_client`) as
+Started by the first local rank that finds none (:mod:`.rendezvous`) as
 ``python -m imagenet_seq.read.node_reader CONFIG_JSON`` -- a fresh interpreter: no CUDA, no
 threads or locks copied from a trainer, its own GIL, so no rank's long step or busy Python slows
 the disk down. It listens on an abstract Unix socket (:func:`.wire.address`); each rank
@@ -8,15 +8,18 @@ connects, says who it is (``HELLO``) and gets its ring (``WELCOME`` + a memfd, :
 
 A rank asks for records as pieces ``(start, count, key)`` (``READ``): the pieces of its node
 plan (:mod:`imagenet_seq.plan.node`), keyed by ``(epoch, place in the node sweep)``. The
-reader keeps one sweep: every active request's remaining pieces in key order, read with one
-:class:`~imagenet_seq.read.reader.SplitReader` (its read-ahead runs through the whole sweep),
-each record copied once into its rank's ring and announced in ``ITEMS`` messages. A request
-that arrives or is cancelled changes the sweep: the reader finishes the record in hand and
-plans the rest again (a rank joining late is served first until it is back in step).
+reader keeps one sweep (:mod:`.sweep`): every active request's remaining pieces in key order,
+read with one :class:`~imagenet_seq.read.reader.SplitReader` (its checks, and its read-ahead
+running through the whole sweep); each record's bytes are copied into its rank's ring and
+announced in ``ITEMS`` messages (no pickling). A request that arrives or is cancelled changes
+the sweep: the reader finishes the record in hand and plans the rest again (a rank joining
+late is served first until it is back in step). Before a sweep starts from idle, the reader
+waits up to ``GATHER_S`` for every connected rank's request.
 
 Flow control: the reader waits only when the ring of the rank whose record comes next is full,
 i.e. a rank that stops consuming holds the others up once they have emptied their own rings
-(``RING_BYTES`` each). Faults: a rank's socket closing without ``BYE`` (killed: the kernel
+(``RING_BYTES`` each). A record larger than a quarter of a ring goes whole in its message, and
+only into an empty ring: a rank has at most its ring and one record on the way. Faults: a rank's socket closing without ``BYE`` (killed: the kernel
 closes it) makes the reader send ``FAIL`` naming it to every other rank and exit; a read error
 is sent to every rank (the rank it was for gets the original error type) and the reader exits;
 when the last rank says ``BYE`` the reader exits. Nothing outlives it: the socket name and the
