@@ -122,7 +122,10 @@ def our_names():
 
 
 def shm():
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    """/dev/shm entries a reader could have made (named segments: ours, or Python's
+    ``shared_memory``); other processes on a shared machine make their own, not counted."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if "imagenet_seq" in n or n.startswith(("psm_", "wnsm_"))}
 
 
 def wait_file(path, timeout=LIMIT_S):
@@ -340,6 +343,8 @@ def test_client_reads_plan_spans_through_the_reader_and_others_directly(many):
         got = list(client.read_spans(node.EpochSpans(spans, 3)))
         assert [(i, b, lb) for i, b, lb in got] == list(reader.read_spans(spans))
         assert list(client.read_spans([(5, 3)])) == list(reader.read_range(5, 3))
+        assert list(client.read_spans(node.epoch_spans(400, seed=7, epoch=3,
+                                                       position=400))) == []
         with pytest.raises(ValueError, match="not rank 0's node plan"):
             next(client.read_spans(node.EpochSpans(spans, 4)))
         # a read abandoned half way, then another: the second is whole and exact
@@ -355,6 +360,9 @@ def test_client_reads_plan_spans_through_the_reader_and_others_directly(many):
         again = [i for i, _, _ in client.read_spans(node.EpochSpans(spans, 3))]
         assert again == [i for s, c in spans for i in range(s, s + c)]
         pid = client.reader_pid
+        with open(f"/proc/{pid}/maps") as f:  # the ring: an anonymous memfd, no named file
+            maps = f.read()
+        assert "memfd:imagenet_seq-ring-0 (deleted)" in maps and "/dev/shm" not in maps
     finally:
         client.shutdown()
     wait_gone(pid)
