@@ -450,6 +450,12 @@ def test_job_key_is_shared_by_siblings_and_not_by_other_jobs():
     assert again != keys[0]
 
 
+def test_a_file_without_offsets_index_is_refused_with_the_way_out(sample_lmdb_no_index):
+    reader = SplitReader(sample_lmdb_no_index, "train")
+    with pytest.raises(ValueError, match="no offsets index.*--rebuild.*NODE_READER=0"):
+        NodeClient(reader, rank=0, world_size=2, local_world_size=2, job="no-index")
+
+
 def test_off_switch(monkeypatch):
     monkeypatch.delenv("IMAGENET_SEQ_NODE_READER", raising=False)
     assert enabled(8) and not enabled(1)

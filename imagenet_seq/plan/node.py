@@ -44,7 +44,6 @@ cheap (a few lookups per rank and epoch: ImageNet's shape, 8 ranks, epoch 999 in
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import threading
 from collections import OrderedDict

@@ -190,6 +190,12 @@ class NodeClient:
                  on_fault: Optional[Callable[[BaseException], None]] = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S):
         self.split_reader = reader
+        if not reader.indexed:  # without it every small piece would be a B-tree walk of its own
+            raise ValueError(
+                f"{reader.path} has no offsets index (a file of the original tool, or of an "
+                "old preprocess): the node reader needs it; add it with "
+                f"`{offsets_index.rebuild_command(reader.path)}` (writes into the file), or "
+                "read without the node reader: IMAGENET_SEQ_NODE_READER=0")
         first = rank - rank % local_world_size
         self.local_ranks = range(first, first + local_world_size)
         node_plan.check_layout(world_size, self.local_ranks)

@@ -19,11 +19,12 @@ waits up to ``GATHER_S`` for every connected rank's request.
 Flow control: the reader waits only when the ring of the rank whose record comes next is full,
 i.e. a rank that stops consuming holds the others up once they have emptied their own rings
 (``RING_BYTES`` each). A record larger than a quarter of a ring goes whole in its message, and
-only into an empty ring: a rank has at most its ring and one record on the way. Faults: a rank's socket closing without ``BYE`` (killed: the kernel
-closes it) makes the reader send ``FAIL`` naming it to every other rank and exit; a read error
-is sent to every rank (the rank it was for gets the original error type) and the reader exits;
-when the last rank says ``BYE`` the reader exits. Nothing outlives it: the socket name and the
-rings are anonymous.
+only into an empty ring: a rank has at most its ring and one record on the way.
+
+Faults: a rank's socket closing without ``BYE`` (killed: the kernel closes it) makes the reader
+send ``FAIL`` naming it to every other rank and exit; a read error is sent to every rank (the
+rank it was for gets the original error type) and the reader exits; when the last rank says
+``BYE`` the reader exits. Nothing outlives it: the socket name and the rings are anonymous.
 """
 from __future__ import annotations
 
