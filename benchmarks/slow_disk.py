@@ -265,7 +265,9 @@ def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
 
     data = os.path.join(workdir, "data")
     tree = os.path.join(workdir, "tree")
-    done = os.path.join(workdir, f"ready-{classes}-{per_class}-{copies}")
+    # "-files": the copies are files of their own (hard links are stored once since the
+    # converter skips repeats of one file), so caches made from links are rebuilt
+    done = os.path.join(workdir, f"ready-{classes}-{per_class}-{copies}-files")
     if not os.path.exists(done):
         shutil.rmtree(data, ignore_errors=True)
         if not os.path.isdir(os.path.join(tree, "train")) or \
@@ -274,7 +276,7 @@ def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
             print(f"making {classes * per_class} ImageNet-like JPEGs in {tree} ...", flush=True)
             make_sample_imagefolder(tree, train_per_class=per_class, val_per_class=1,
                                     num_classes=classes, seed=0, repeat_photos=True)
-        # the folder baseline reads data/train; the LMDB is made from `copies` hard links of it
+        # the folder baseline reads data/train; the LMDB is made from `copies` copies of it
         shutil.copytree(os.path.join(tree, "train"), os.path.join(data, "train"),
                         copy_function=os.link)
         big = os.path.join(workdir, "big")
@@ -283,8 +285,8 @@ def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
             os.makedirs(os.path.join(big, "train", c))
             for f in os.listdir(os.path.join(tree, "train", c)):
                 for k in range(copies):
-                    os.link(os.path.join(tree, "train", c, f),
-                            os.path.join(big, "train", c, f"{k}_{f}"))
+                    shutil.copyfile(os.path.join(tree, "train", c, f),
+                                    os.path.join(big, "train", c, f"{k}_{f}"))
         shutil.copytree(os.path.join(tree, "val"), os.path.join(big, "val"), copy_function=os.link)
         if preprocess([big, os.path.join(data, "lmdb"), "--no-progress"]) != 0:
             raise RuntimeError("preprocess failed")

@@ -258,6 +258,8 @@ def _operations(source: str, model, queue_depth: int = 64):
 
         def destroy(self, path):
             self.stopped = True
+            if trace is not None:
+                trace.flush()  # nothing closes it at exit: the buffered tail would be lost
 
         def init_with_config(self, conn, config):
             # FUSE passes 12 background requests to the daemon at a time and silently drops
@@ -305,8 +307,8 @@ def _operations(source: str, model, queue_depth: int = 64):
                 self.cond.notify_all()
                 while req[4] is None:
                     self.cond.wait()
-            if trace is not None:
-                trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {len(data)} {path}\n")
+                if trace is not None:  # under the lock: a text file is not thread-safe
+                    trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {len(data)} {path}\n")
             _sleep_until(req[4])
             return data
 
