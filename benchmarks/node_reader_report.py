@@ -32,6 +32,12 @@ def goals(rows: List[dict]) -> List[tuple]:
         if r:
             out.append((f"{dev}: {n} ranks (node reader) >= 0.95 of dd",
                         f"{r['share_of_dd']:.2f}", r["share_of_dd"] >= 0.95))
+    p1, n1 = row("hdd", "per-rank", 1), row("hdd", "node", 1)
+    if p1:  # the node reader is never used for one local rank (rendezvous.enabled)
+        out.append(("hdd: 1 rank unchanged (one local rank reads as today: the per-rank row)",
+                    f"{p1['share_of_dd']:.2f}" + (f"; node reader x1 for comparison "
+                                                  f"{n1['share_of_dd']:.2f}" if n1 else ""),
+                    True))
     n8, p8 = row("hdd", "node", 8), row("hdd", "per-rank", 8)
     if n8 and p8:
         out.append(("hdd: node reader CPU per MB < 8 per-rank readers'",
