@@ -354,13 +354,18 @@ def main(argv=None) -> int:
 
     meta = SplitReader(os.path.join(paths["data"], paths["lmdb"]), "train").meta
     args.num_records = meta.num_records
+    from imagenet_seq import format as fmt
+
+    file_bytes = os.path.getsize(fmt.data_file(os.path.join(paths["data"], paths["lmdb"])))
     setup = {"command": "python benchmarks/node_reader.py " + " ".join(map(shlex.quote, argv)),
              "machine": f"{os.cpu_count()} CPU cores, Linux {os.uname().release}, load average "
                         f"at start {' / '.join(f'{x:.2f}' for x in os.getloadavg())}",
              "commit": _commit(),
              "data": f"{meta.num_records} records ({args.classes * args.per_class} ImageNet-like "
-                     f"JPEGs x {args.copies}), {meta.total_bytes / 1e6:.0f} MB, mean "
-                     f"{meta.total_bytes / meta.num_records / 1e3:.0f} KB",
+                     f"JPEGs x {args.copies}), {meta.total_bytes / 1e6:.0f} MB of JPEGs, mean "
+                     f"{meta.total_bytes / meta.num_records / 1e3:.0f} KB, in a file of "
+                     f"{file_bytes / 1e6:.0f} MB (x{file_bytes / meta.total_bytes:.3f}: record "
+                     "headers, LMDB pages)",
              "each row": f"fresh mount (cold cache), {args.warmup:g} s warm-up, "
                          f"{args.seconds:g} s counted"}
     if args.tiny:

@@ -79,4 +79,6 @@ def test_tiny_run_has_every_row(tmp_path):
         if key[1] == "node":
             assert r["node_reader_processes"] == 1, key  # every rank used the one reader
     table = (out / "node_reader.md").read_text()
-    assert table.count("| 8 | ") == 2 and "## Goals (issue 24)" in table
+    for how in ("node reader", "per-rank readers"):  # one row per device
+        assert table.count(f"| 8 | {how} | ") == 2, table
+    assert "## Goals (issue 24)" in table and "failed" not in table
