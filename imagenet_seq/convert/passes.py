@@ -23,7 +23,7 @@ import numpy as np
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
-from imagenet_seq.decode.malloc import trim
+from imagenet_seq.malloc import trim
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
 from imagenet_seq.convert.sort_runs import RunBuffer, merge

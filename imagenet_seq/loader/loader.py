@@ -34,7 +34,7 @@ from imagenet_seq.decode.stage import Decode
 from imagenet_seq.loader import state as resume_state
 from imagenet_seq.loader.epoch import EpochIterator, LazyPass, shutdown
 from imagenet_seq.loader.finish import Finish
-from imagenet_seq.decode.malloc import trim
+from imagenet_seq.malloc import trim
 
 
 class Loader:
