@@ -20,6 +20,9 @@ from imagenet_seq.convert import tar_names, tar_source
 from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
 
+__all__ = ["Inputs", "LISTING_PREFIX", "LISTING_VERSION", "listing_path", "remove_listings",
+           "resolve"]
+
 TRAIN_TAR, VAL_TAR, DEVKIT = "img_train", "img_val", "devkit"
 
 

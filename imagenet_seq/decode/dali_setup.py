@@ -7,6 +7,9 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
+__all__ = ["INSTALL_LINE", "DEVICE_PADDING", "HOST_PADDING", "import_dali", "resolve_device",
+           "failed_sample", "short_error"]
+
 INSTALL_LINE = "pip install nvidia-dali-cuda120"
 # nvJPEG scratch sizes from NVIDIA's ImageNet examples: big enough for ImageNet's largest
 # images, so the mixed decoder never reallocates mid-epoch

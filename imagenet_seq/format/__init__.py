@@ -43,6 +43,13 @@ from imagenet_seq.format.lmdbdir import folder_error, is_env_folder
 from imagenet_seq.format.lmdbfile import (REMEDY, DamagedFile, Tree, check_file, check_in_file, data_file,
                        map_base)
 
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SPLITS", "MAX_RECORDS", "META_KEY", "LABELS_KEY",
+           "PROGRESS_KEY", "SKIP_PREFIX", "LEGACY_KEYS_KEY", "OFFSETS_KEY", "CRC_KEY",
+           "METADATA_KEYS", "RECORD_HEADER", "MAP_SIZE", "RecordError", "split_filename",
+           "record_key", "skip_key", "encode_record", "decode_record", "TENSORPACK_PIP",
+           "decode_legacy_value", "Metadata", "open_env", "damaged", "get_checked", "acquire_env",
+           "release_env", "find_split", "read_metadata", "read_labels", "DamagedFile"]
+
 FORMAT_NAME = "imagenet_seq"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

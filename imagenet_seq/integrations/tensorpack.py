@@ -48,10 +48,10 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from imagenet_seq.format import TENSORPACK_PIP as _PIP
 from imagenet_seq.integrations import version_tuple
 
 TENSORPACK_MIN = (0, 11)
-_PIP = 'pip install "imagenet_seq[tensorpack]"'
 
 
 def import_tensorpack():

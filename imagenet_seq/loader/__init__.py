@@ -22,3 +22,4 @@ one at a time); ``state()`` where it holds state; ``close()``. No stage calls an
 parts; :mod:`.epoch` wires one pass, :mod:`.loader` owns the stages, :mod:`.state` is the
 resume state (``Loader.state_dict()``).
 """
+__all__: list = []

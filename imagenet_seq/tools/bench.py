@@ -35,7 +35,10 @@ from imagenet_seq.read.evict import evict
 from imagenet_seq.tools.bench_report import format_table, judge_limit, write_plot
 from imagenet_seq.tools.info import summary_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+__all__ = ["MIN_IMAGES", "MIN_SECONDS", "MAX_EPOCHS", "BenchError",
+           "Measurement", "measure_stream", "measure_pipeline", "list_images", "measure_folder",
+           "build_parser", "open_split", "run", "main"]
+
 # a figure resting on less than this is flagged as rough
 MIN_IMAGES = 1000
 MIN_SECONDS = 3.0
@@ -235,6 +238,8 @@ def list_images(folder: str) -> List[str]:
     Raises:
         BenchError: ``folder`` is missing or holds no images.
     """
+    from imagenet_seq.convert.images import IMAGE_EXTENSIONS  # what the converter reads
+
     if not os.path.isdir(folder):
         raise BenchError(f"--folder {folder!r} is not a folder; pass the raw ImageFolder split, "
                          "e.g. /data/imagenet/train")
