@@ -3,14 +3,14 @@ and resumes to the very batches the old code yielded after it.
 
 ``fixtures/old_states.json`` was written once by ``fixtures/make_old_states.py`` at the commit
 it names, from the data conftest's ``sample_lmdb`` makes (the same tree, seed and conversion
-arguments, recorded in the file). Each case holds the Loader arguments, the saved state and
+arguments, recorded in the file); the steps it took (``replay``) are the ones these tests take. Each case holds the Loader arguments, the saved state and
 the records, targets and a pixel digest of every batch that followed it.
 """
-import hashlib
 import json
 import os
 
 import pytest
+from fixtures.make_old_states import batches, replay
 
 from imagenet_seq import format as fmt
 from imagenet_seq.data import Loader
@@ -41,10 +41,7 @@ def test_an_old_state_resumes_to_the_old_batches(sample_lmdb, case):
     ld = Loader(sample_lmdb, case["mode"], num_workers=OLD["num_workers"], **case["kwargs"])
     ld.load_state_dict(state)
     assert ld.state_dict()["epoch"] == state["epoch"]
-    got = []
-    for images, targets in ld:
-        got.append({"records": ld.last_batch_records.tolist(), "targets": targets.tolist(),
-                    "pixels_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()})
+    got = batches(ld, iter(ld))
     ld.close()
     want = case["next_batches"]
     assert [g["records"] for g in got] == [w["records"] for w in want]
@@ -59,17 +56,9 @@ def test_an_old_state_resumes_to_the_old_batches(sample_lmdb, case):
 @pytest.mark.parametrize("case", OLD["cases"], ids=[c["name"] for c in OLD["cases"]])
 def test_the_same_steps_save_the_same_state_as_before(sample_lmdb, case):
     ld = Loader(sample_lmdb, case["mode"], num_workers=OLD["num_workers"], **case["kwargs"])
-    if case["image_size"]:
-        ld.set_image_size(case["image_size"])
-    if case["set_epoch"] is not None:
-        ld.set_epoch(case["set_epoch"])
-    for _ in range(case["full_passes"]):
-        for _ in ld:
-            pass
-    it = iter(ld)
-    for _ in range(case["consumed"]):
-        next(it)
+    it = replay(ld, case)
     now = ld.state_dict()
+    del it
     ld.close()
     old = dict(case["state"])
     ignore = {"path"} | ({"fingerprint"} if now["fingerprint"] != old["fingerprint"] else set())
