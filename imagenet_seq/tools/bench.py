@@ -171,12 +171,13 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     # the next epoch ahead during this one's tail would have read part of it before the drop
     loader = Loader(root, split, batch_size=batch_size, num_workers=workers,
                     shuffle=(split == "train"), buffer_size=buffer_size, overlap_epochs=False)
-    m.buffer_records = loader.buffer_size
+    settings = loader.settings
+    m.buffer_records = settings.order.plan.buffer_size
     # delivered images up to which the reader is still reading from the device: the buffer's
     # records, the batches in flight and the read-ahead's bytes were read ahead of them
     ahead = math.ceil(readahead.PREFETCH_BYTES / max(1.0, mean_record_bytes))
-    device_end = (loader.num_records - loader.buffer_size - loader.prefetch * batch_size
-                  - ahead)
+    device_end = (settings.order.records - m.buffer_records
+                  - settings.runtime.prefetch * batch_size - ahead)
     m.fits_buffer = device_end <= batch_size  # not one batch while the reader still reads
     bar = _progress("full pipeline", seconds, progress)
     epochs: List[Tuple[int, float]] = []
