@@ -28,6 +28,7 @@ from imagenet_seq.decode.dali_setup import (DEVICE_PADDING, HOST_PADDING, INSTAL
                                             failed_sample, import_dali, resolve_device,
                                             short_error)
 from imagenet_seq.decode.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+from imagenet_seq.format import SPLITS
 
 __all__ = ["DaliDecoder", "INSTALL_LINE"]
 
@@ -82,7 +83,7 @@ class DaliDecoder:
                  channels_last: bool = False, output: str = "uint8", num_threads: int = 2,
                  backend: Optional[str] = None, skip_broken: bool = False,
                  rank: Optional[int] = None) -> None:
-        if mode not in ("train", "val"):
+        if mode not in SPLITS:
             raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
         for name, value in (("batch_size", batch_size), ("image_size", image_size),
                             ("resize_size", resize_size), ("num_threads", num_threads)):

@@ -48,6 +48,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.format import TENSORPACK_PIP as _PIP
 from imagenet_seq.integrations import version_tuple
 
@@ -91,29 +92,29 @@ _NOT_RESET = ("{name}: call reset_state() before iterating (tensorpack's DataFlo
 
 
 class _Epochs:
-    """Epoch numbering shared by the flows: each ``iter()`` takes the next epoch unless fixed."""
+    """Epoch numbering shared by the flows, the Loader's own (``loader.state.Cursor``): each
+    ``iter()`` takes the next epoch unless ``set_epoch`` fixed it."""
 
     def _init_epochs(self) -> None:
-        self._epoch, self._epoch_fixed, self._pid = 0, False, None
+        from imagenet_seq.loader.state import Cursor
+
+        self._cursor, self._pid = Cursor(), None
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the epoch of the next iterations (order and augmentation depend on it)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch={epoch!r}; expected an int >= 0")
-        self._epoch, self._epoch_fixed = int(epoch), True
+        self._cursor.set_epoch(int(epoch))
 
     @property
     def epoch(self) -> int:
         """The epoch the next ``iter()`` reads."""
-        return self._epoch
+        return self._cursor.epoch
 
     def _next_epoch(self) -> int:
         if self._pid != os.getpid():
             raise AssertionError(_NOT_RESET.format(name=type(self).__name__))
-        epoch = self._epoch
-        if not self._epoch_fixed:
-            self._epoch += 1
-        return epoch
+        return self._cursor.start_pass()[0]
 
 
 class LMDBSource(_Epochs, _td.RNGDataFlow):
@@ -152,7 +153,7 @@ class LMDBSource(_Epochs, _td.RNGDataFlow):
 
     def epoch_order(self, epoch: Optional[int] = None) -> np.ndarray:
         """Record indices in the order ``epoch`` yields them (no data read)."""
-        return self.settings.order.plan.epoch_order(self._epoch if epoch is None else epoch)
+        return self.settings.order.plan.epoch_order(self.epoch if epoch is None else epoch)
 
     def reset_state(self) -> None:
         super().reset_state()  # tensorpack's RNG (unused: the order is the plan's)
@@ -206,7 +207,7 @@ class ImageDecoder:
                  seed: Optional[int] = None):
         from imagenet_seq.decode import transforms
 
-        if mode not in ("train", "val"):
+        if mode not in SPLITS:
             raise ValueError(f"mode={mode!r}; expected 'train' or 'val'")
         if transform is None:
             from imagenet_seq.integrations import check_image_size

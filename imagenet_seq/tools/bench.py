@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.read import readahead
 from imagenet_seq.read.evict import evict
 from imagenet_seq.tools.bench_report import format_table, judge_limit, write_plot
@@ -317,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure how fast this storage feeds training from the LMDBs (and from the "
                     "raw folders) and project hours for N epochs.")
     p.add_argument("lmdb", help="folder with ILSVRC-<split>.lmdb (output of preprocess), or the file")
-    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, TextIO
 
 import numpy as np
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.plan import order
 from imagenet_seq.plan.stage import Plan
 
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "diversity per batch, co-batch repetition between epochs), from the "
                     "labels stored in the LMDB; no image is read.")
     p.add_argument("root", help="folder with ILSVRC-<split>.lmdb (or the file)")
-    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--batch-size", type=int, default=256, help="per rank")
     p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job")
     p.add_argument("--ranks-per-machine", type=int,
