@@ -103,13 +103,13 @@ class Passes:
                 if following is None:
                     carry[0].close()
                 carry = None if following is None else (carry[0], following)
-            if carry is None:
+            if carry is None:  # a feeder of its own, on the workers of the Loader
                 if self.decode is None:
                     self.decode = decode_stage(settings)
                     self._end = weakref.finalize(self, shutdown, self.carry, self.decode)
                 self.decode.begin()
-                carry = (Feeder(current, self.reader, epoch, start, self.decode),
-                         None)
+                feeder = Feeder(current, self.reader, epoch, start, self.decode)
+                carry = (feeder, feeder.segments[0])
             it = EpochIterator(self, settings, epoch, start, *carry)
             cursor.position = it.position
             self._live = weakref.ref(it)
@@ -136,14 +136,15 @@ class EpochIterator:
     """One pass over this rank's share: batches in order, ``len(loader)`` of them."""
 
     def __init__(self, passes: Passes, settings: Settings, epoch: int, start: int,
-                 feeder: Feeder, segment: Optional[Segment] = None):
+                 feeder: Feeder, segment: Segment):
         self._passes = passes  # its workers live as long as the pass
         self.settings, self.epoch = settings, epoch
         self.total = settings.order.batches
         self.next_index = start
         self.position = Position(epoch, start)
-        self._feeder = feeder  # the previous pass's, when it already reads this epoch
-        self._segment = feeder.segments[0] if segment is None else segment
+        # the feeder reading this epoch (the previous pass's, when it read on into this one)
+        # and this epoch's segment of its stream
+        self._feeder, self._segment = feeder, segment
         self.base = self._segment.base  # this pass's batch i is the feeder's batch base + i
         self._closed = False
         self._superseded = False
