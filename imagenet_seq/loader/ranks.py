@@ -2,12 +2,16 @@
 
 torchrun (``env://``) users call ``torch.distributed.init_process_group`` and then create the
 Loader; it finds its rank there. Tests and custom launchers pass ``rank=`` and ``world_size=``.
+The only place that asks the environment (``LOCAL_WORLD_SIZE``) and ``torch.distributed``:
+called once, when a Loader resolves its settings (:func:`imagenet_seq.loader.config.resolve`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+__all__ = ["RankInfo", "resolve_rank", "local_world_size"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,9 @@ class RankInfo:
     local_world_size: int
 
 
-def _local_world(world_size: int) -> int:
+def local_world_size(world_size: int) -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun) when it is a number in
+    ``1..world_size``, else ``world_size``."""
     raw = os.environ.get("LOCAL_WORLD_SIZE")
     if raw:
         try:
@@ -80,4 +86,4 @@ def _checked(rank: int, world_size: int) -> RankInfo:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} with world_size={world_size}; expected "
                          f"0 <= rank < {world_size}")
-    return RankInfo(rank, world_size, _local_world(world_size))
+    return RankInfo(rank, world_size, local_world_size(world_size))
