@@ -32,16 +32,28 @@ class RankInfo:
 
 def local_world_size(world_size: int) -> int:
     """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun) when it is a number in
-    ``1..world_size``, else ``world_size``."""
-    raw = os.environ.get("LOCAL_WORLD_SIZE")
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if 1 <= value <= world_size:
-            return value
-    return world_size
+    ``1..world_size``, else ``world_size``.
+
+    A job that spawns its own ranks under torchrun (PyTorch's ImageNet example with
+    ``--multiprocessing-distributed``: one torchrun process per node, then one spawned rank
+    per GPU) keeps torchrun's ``LOCAL_WORLD_SIZE=1`` and ``WORLD_SIZE`` = nodes in every rank,
+    while its process group has ``world_size`` ranks: the node then runs
+    ``LOCAL_WORLD_SIZE * world_size / WORLD_SIZE`` of them, not 1 (each would otherwise take
+    the whole machine's shuffle memory)."""
+    value = _env_int("LOCAL_WORLD_SIZE")
+    if value is None or not 1 <= value <= world_size:
+        return world_size
+    launched = _env_int("WORLD_SIZE")
+    if launched and launched != world_size and world_size % launched == 0:
+        value = min(world_size, value * (world_size // launched))
+    return value
+
+
+def _env_int(name: str) -> Optional[int]:
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return None
 
 
 def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None,
