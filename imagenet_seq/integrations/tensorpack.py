@@ -175,6 +175,7 @@ class LMDBSource(_Epochs, _td.RNGDataFlow):
                 yield [np.frombuffer(jpeg, np.uint8), int(label)]
         except Exception as e:
             if "already open in this process" in str(e):
+                _deliver_errors_before_exit()
                 raise RuntimeError(
                     f"{self.reader.path} was open in the process that forked this one (an epoch "
                     "of this flow, a Loader or another reader of the file was being iterated "
@@ -184,6 +185,29 @@ class LMDBSource(_Epochs, _td.RNGDataFlow):
             raise
         finally:
             self.reader.close()
+
+
+def _deliver_errors_before_exit() -> None:
+    """Let the error this forked runner worker is about to raise reach its parent.
+
+    tensorpack's ``MultiProcessRunnerZMQ`` worker sends the exception to the parent, then
+    closes its socket with linger 0, which discards a message not yet on the wire: the parent
+    then waits in ``recv`` for ever (about 1 run in 4 here). Only in this process, which is
+    failing and about to exit, a socket closed with linger 0 lingers up to 2 s instead.
+    """
+    try:
+        import zmq
+    except ImportError:  # not under a ZMQ runner: nothing to deliver
+        return
+    close = zmq.Socket.close
+    if getattr(close, "_imagenet_seq_lingers", False):
+        return
+
+    def lingering_close(self, linger=None):
+        return close(self, 2000 if linger == 0 else linger)
+
+    lingering_close._imagenet_seq_lingers = True
+    zmq.Socket.close = lingering_close
 
 
 class ImageDecoder:
