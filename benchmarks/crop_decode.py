@@ -38,7 +38,7 @@ import cv2  # noqa: E402
 from imagenet_seq.decode import transforms as decode  # noqa: E402
 from imagenet_seq.decode.transforms import (TrainTransform, ValTransform, jpeg_size,  # noqa: E402
                                  sample_crop)
-from imagenet_seq.decode.malloc import keep_decode_buffers  # noqa: E402
+from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
 from imagenet_seq.decode.resize import reduction  # noqa: E402
 from imagenet_seq.tools.sample import _photos, imagenet_like_jpeg  # noqa: E402
 

@@ -89,8 +89,8 @@ def run_decode(d: bench_data.BenchData, warmup: int, measure: int) -> Dict[str, 
     import numpy as np
 
     # the best single-core rate: the decode limit must not be inflated by glibc's mmap/munmap
-    # of every output (imagenet_seq.decode.malloc)
-    from imagenet_seq.decode.malloc import keep_decode_buffers
+    # of every output (imagenet_seq.malloc)
+    from imagenet_seq.malloc import keep_decode_buffers
 
     keep_decode_buffers()
     cv2.setNumThreads(1)

@@ -30,7 +30,7 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from imagenet_seq.decode.malloc import keep_decode_buffers  # noqa: E402
+from imagenet_seq.malloc import keep_decode_buffers  # noqa: E402
 from imagenet_seq.tools.sample import make_sample_imagefolder  # noqa: E402
 
 

@@ -57,7 +57,7 @@ from peers import (BATCH, IMPORTS, PEERS, RUNNERS, TARGETS, TV_PYTHON, WORKERS, 
 def child(args) -> int:
     d = bench_data.ensure(args.images, args.out, verbose=False)
     # every peer runs inside a PyTorch training script; importing torch also changes glibc
-    # malloc's state, which speeds up OpenCV decoding (see imagenet_seq.decode.malloc)
+    # malloc's state, which speeds up OpenCV decoding (see imagenet_seq.malloc)
     import torch  # noqa: F401
 
     try:

@@ -3,6 +3,7 @@ import io
 import json
 import os
 import shutil
+import signal
 
 import cv2
 import numpy as np
@@ -11,6 +12,13 @@ from PIL import Image
 
 from imagenet_seq.tools.sample import imagenet_like_jpeg, make_sample_imagefolder
 
+
+# A run started in the background (nohup, `cmd &` in a script) inherits SIGINT ignored, and
+# Python then installs no KeyboardInterrupt handler in the programs the tests start: the Ctrl-C
+# tests would see a child that ignores Ctrl-C. Restore the default here; a handled signal is
+# reset to SIG_DFL at exec, so every child gets Python's own handling again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A slow or hung test fails alone, with every thread's stack in its report: pytest-timeout
 # (pytest.ini: timeout, timeout_method = signal) raises in the test's main thread. The old

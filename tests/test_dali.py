@@ -599,3 +599,25 @@ def test_ddp_two_processes_equal_batches(colour_lmdb, tmp_path):
 
 if __name__ == "__main__":
     _ddp_rank_main()
+
+
+@dali_test
+def test_loader_set_image_size_reaches_dali_with_each_batch(colour_lmdb):
+    """The output size travels with every batch to DALI, as to the CPU workers: the next pass
+    has the new size, also when that epoch was already read ahead (``overlap_epochs``), and
+    the records are still the ones the pixels say."""
+    from imagenet_seq.data import Loader
+
+    root, id_to_record, _ = colour_lmdb
+    records_of = pixel_records("train", id_to_record)
+    with Loader(root, "train", overlap_epochs=True, **dict(LOADER_KW, resize_size=32)) as ld:
+        sizes = []
+        for size in (16, 24, 24, 20):
+            if size != ld.image_size:
+                ld.set_image_size(size)
+            shapes = set()
+            for images, targets in ld:
+                records_of(ld, images, targets)
+                shapes.add(tuple(images.shape[-2:]))
+            sizes.append(shapes)
+    assert sizes == [{(16, 16)}, {(24, 24)}, {(24, 24)}, {(20, 20)}]

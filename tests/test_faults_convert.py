@@ -307,10 +307,10 @@ def _png_header_only(width, height):
 
 def _jpeg_declaring(src_jpeg, width, height):
     """A copy of a JPEG whose frame header declares width x height."""
-    from imagenet_seq.convert.images import _jpeg_segments
+    from imagenet_seq.format.jpeg import segments
 
     data = bytearray(src_jpeg)
-    for marker, start, _ in _jpeg_segments(bytes(data)):
+    for marker, start, _ in segments(bytes(data)):
         if marker in (0xC0, 0xC2):
             data[start + 5:start + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)

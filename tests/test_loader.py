@@ -301,8 +301,8 @@ def test_dali_decoder_is_imported_lazily(sample_lmdb):
     import sys
 
     ld = Loader(sample_lmdb, "val", decoder="dali", batch_size=4)
-    assert "imagenet_seq.decode.dali" not in sys.modules or ld._dali is None
-    assert ld._dali is None and len(ld) == 3
+    assert "imagenet_seq.decode.dali" not in sys.modules or ld._passes.decode is None
+    assert ld._passes.decode is None and len(ld) == 3
 
 
 def test_two_loaders_of_one_split_in_one_process(sample_lmdb):

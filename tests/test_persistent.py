@@ -105,7 +105,7 @@ def test_one_fork_per_loader(sample_lmdb):
             if pids is None:
                 pids = children()
         assert children() == pids
-    assert ld.decode_stage().forks == 1
+    assert ld._passes.decode.forks == 1
     ld.close()
 
 
@@ -198,8 +198,8 @@ def test_overlapped_epochs_give_the_same_batches(sample_lmdb, wtype):
     with Loader(sample_lmdb, "train", overlap_epochs=True, **kw) as on, \
             Loader(sample_lmdb, "train", overlap_epochs=False, **kw) as off:
         got, want = _epochs(on, plan), _epochs(off, plan)
-        assert off.next_pass is None
-        assert on.next_pass is not None  # reading on into the next epoch
+        assert off._passes.carry[0] is None
+        assert on._passes.carry[0] is not None  # reading on into the next epoch
     for e, (a, b) in enumerate(zip(got, want)):
         assert len(a) == len(b) == len(on)
         for (r1, x1), (r2, x2) in zip(a, b):
@@ -210,17 +210,17 @@ def test_the_next_pass_adopts_the_read_ahead(sample_lmdb):
     ld = Loader(sample_lmdb, "train", num_workers=2, **SMALL)
     for _ in ld:
         pass
-    feeder, seg = ld.next_pass
+    feeder, seg = ld._passes.carry[0]
     assert seg.epoch == 0
     it = iter(ld)  # epoch 1 (automatic numbering), adopted at its first batch
-    assert ld.next_pass is not None  # iter() alone decides nothing
+    assert ld._passes.carry[0] is not None  # iter() alone decides nothing
     first = next(it)
     p = it.started
     assert p._feeder is feeder and p.base == len(ld) and p.epoch == 1
-    assert ld.next_pass is None
+    assert ld._passes.carry[0] is None
     assert len(first[1]) + sum(len(y) for _, y in it) == ld.num_records
     ld.close()
-    assert ld.next_pass is None and not feeder.thread.is_alive()
+    assert ld._passes.carry[0] is None and not feeder.thread.is_alive()
 
 
 def test_overlap_defaults_to_loaders_with_a_shuffle_buffer(sample_lmdb):
@@ -232,4 +232,4 @@ def test_overlap_defaults_to_loaders_with_a_shuffle_buffer(sample_lmdb):
     val = Loader(sample_lmdb, "val", num_workers=0, batch_size=4)
     for _ in val:
         pass
-    assert val.next_pass is None  # nothing left open between val passes
+    assert val._passes.carry[0] is None  # nothing left open between val passes

@@ -247,7 +247,7 @@ def test_a_stopped_worker_is_a_stall_error_not_a_hang(sample_lmdb):
                 prefetch=2, stall_timeout=2)
     it = iter(ld)
     next(it)
-    pids = [p.pid for p in ld.decode_stage().pool.procs]
+    pids = [p.pid for p in ld._passes.decode.pool.procs]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     t0 = time.time()

@@ -4,3 +4,4 @@
 validate and normalise them, ``passes``/``sort_runs``/``writer`` write the split; ``cli`` is
 ``preprocess_sequential.py``.
 """
+__all__: list = []

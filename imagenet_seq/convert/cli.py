@@ -20,6 +20,8 @@ from imagenet_seq.convert.report import write_report
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
 from imagenet_seq.format.convlock import Busy, ConversionLock
 
+__all__ = ["build_parser", "Terminated", "main"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

@@ -16,6 +16,8 @@ from typing import Dict, List, Tuple
 
 from imagenet_seq.convert.scan import ScanError
 
+__all__ = ["GROUND_TRUTH", "META", "read_devkit"]
+
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 META = "data/meta.mat"
 

@@ -21,6 +21,8 @@ import os
 import struct
 from typing import List, Sequence, Tuple
 
+__all__ = ["FS_IOC_FIEMAP", "FIEMAP_FLAG_SYNC", "first_extent", "disk_order"]
+
 FS_IOC_FIEMAP = 0xC020660B
 _HEAD = struct.Struct("=QQLLLL")  # fm_start, fm_length, fm_flags, fm_mapped_extents,
 # fm_extent_count, fm_reserved

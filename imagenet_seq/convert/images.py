@@ -11,81 +11,27 @@ grayscale replicated to three channels, a PNG's alpha dropped.
   with PIL and re-encoded as RGB JPEG (4:4:4, ``quality``).
 * Truncated or undecodable files, and images above PIL's pixel limit (:func:`pixel_limit`),
   raise :class:`BrokenImage` with the reason.
+
+The JPEG header is read by :mod:`imagenet_seq.format.jpeg` (the format's knowledge, shared
+with the decoder).
 """
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
+from imagenet_seq.format.jpeg import BrokenImage, inspect_jpeg, strip_exif
+
+__all__ = ["BrokenImage", "CONVERT_QUALITY", "IMAGE_EXTENSIONS", "inspect_jpeg", "normalise",
+           "pixel_limit", "strip_exif"]
+
 CONVERT_QUALITY = 95
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class BrokenImage(Exception):
-    """A source file that must not be stored; ``str(e)`` is the reason for the report."""
-
-
-# start-of-frame markers (baseline, progressive, lossless, ...): the segment holding the size
-SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
-                         0xCE, 0xCF))
-
-
-def _jpeg_segments(data: bytes):
-    """Yield (marker, start, end) of each header segment up to and including SOS.
-
-    Raises BrokenImage when the header structure is cut off or malformed.
-    """
-    pos = 2
-    n = len(data)
-    while True:
-        # markers may be preceded by fill bytes 0xFF
-        while pos < n and data[pos] == 0xFF and pos + 1 < n and data[pos + 1] == 0xFF:
-            pos += 1
-        if pos + 4 > n:
-            raise BrokenImage("truncated JPEG (header ends early)")
-        if data[pos] != 0xFF:
-            raise BrokenImage(f"corrupt JPEG (no marker at byte {pos})")
-        marker = data[pos + 1]
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
-            pos += 2
-            continue
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        end = pos + 2 + length
-        if end > n:
-            raise BrokenImage("truncated JPEG (header segment cut off)")
-        yield marker, pos, end
-        if marker == 0xDA:  # SOS: entropy-coded data follows
-            return
-        pos = end
-
-
-def inspect_jpeg(data: bytes) -> Tuple[int, bool, int]:
-    """(colour components, has EXIF APP1, pixels) of a JPEG; BrokenImage if truncated."""
-    components = pixels = 0
-    has_exif = False
-    sos_end = None
-    for marker, start, end in _jpeg_segments(data):
-        if marker in SOF_MARKERS:
-            components = data[start + 9]
-            height, width = struct.unpack_from(">HH", data, start + 5)
-            pixels = height * width
-        elif marker == 0xE1 and data[start + 4:start + 10] == b"Exif\x00\x00":
-            has_exif = True
-        elif marker == 0xDA:
-            sos_end = end
-    if components == 0:
-        raise BrokenImage("corrupt JPEG (no frame header)")
-    # 0xFF in entropy-coded data is always followed by 0x00 or a restart marker, so FFD9 after
-    # the first scan header can only be the end-of-image marker.
-    if data.rfind(b"\xff\xd9", sos_end) < 0:  # from the end: EOI is normally the last 2 bytes
-        raise BrokenImage("truncated JPEG (no end-of-image marker)")
-    return components, has_exif, pixels
 
 
 def pixel_limit() -> Optional[int]:
@@ -105,18 +51,6 @@ def _check_pixels(pixels: int) -> None:
     if limit and pixels > limit:
         raise BrokenImage(f"{pixels} pixels, above PIL's limit of {limit} (a decompression "
                           "bomb to PIL: torchvision's ImageFolder cannot open it either)")
-
-
-def strip_exif(data: bytes) -> bytes:
-    """The same JPEG without its EXIF APP1 segments (entropy data untouched)."""
-    parts = [data[:2]]
-    last = 2
-    for marker, start, end in _jpeg_segments(data):
-        if marker == 0xE1 and data[start + 4:start + 10] == b"Exif\x00\x00":
-            parts.append(data[last:start])
-            last = end
-    parts.append(data[last:])
-    return b"".join(parts)
 
 
 def _decode_cv2(data: bytes, check_only: bool = False) -> Optional[np.ndarray]:

@@ -16,9 +16,13 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.convert import tar_names, tar_source
 from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
+
+__all__ = ["Inputs", "LISTING_PREFIX", "LISTING_VERSION", "listing_path", "remove_listings",
+           "resolve"]
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "img_train", "img_val", "devkit"
 
@@ -41,7 +45,7 @@ def _kind(path: str) -> str:
 def _expand(srcs: List[str], devkit: Optional[str]):
     """Folders holding ImageNet's archives -> the archives (and the devkit beside them)."""
     if len(srcs) == 1 and os.path.isdir(srcs[0]) and not any(
-            os.path.isdir(os.path.join(srcs[0], s)) for s in ("train", "val")):
+            os.path.isdir(os.path.join(srcs[0], s)) for s in SPLITS):
         names = sorted(os.listdir(srcs[0]))
         tars = [os.path.join(srcs[0], n) for n in names if n.endswith(".tar")]
         kits = [os.path.join(srcs[0], n) for n in names if DEVKIT in n.lower()]
@@ -134,7 +138,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
         if not os.path.exists(s):
             raise ScanError(f"input {s!r} does not exist")
     if len(srcs) == 1 and os.path.isdir(srcs[0]) and any(
-            os.path.isdir(os.path.join(srcs[0], s)) for s in ("train", "val")):
+            os.path.isdir(os.path.join(srcs[0], s)) for s in SPLITS):
         if devkit is not None:
             raise ScanError("--devkit labels ImageNet's flat val archive; for a folder tree "
                             "pass --val-labels FILE for a flat val/ folder")
@@ -164,7 +168,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     if "tree" in by_kind:
         path = by_kind["tree"]
         members, not_files = _list(path, progress, cache_dir)
-        roots = tar_names.split_roots(members, not_files, ("train", "val"))
+        roots = tar_names.split_roots(members, not_files, SPLITS)
         if "train" not in roots:
             raise ScanError(f"{path} holds no train/ folder (first members: "
                             f"{[m[0] for m in members[:3]]}); expected a tar of "

@@ -23,11 +23,16 @@ import numpy as np
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
-from imagenet_seq.decode.malloc import trim
+from imagenet_seq.malloc import trim
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
 from imagenet_seq.convert.sort_runs import RunBuffer, merge
 from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
+
+__all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
+           "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
+           "fixed_bytes", "buffer_bytes", "pack", "unpack", "space_check", "prepare_runs",
+           "RunWriter", "read_pass", "merge_pass"]
 
 COMMIT_RECORDS = 2000
 COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS

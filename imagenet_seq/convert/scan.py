@@ -14,6 +14,10 @@ from typing import Dict, List, Optional, Tuple
 
 from imagenet_seq.convert.images import IMAGE_EXTENSIONS
 
+__all__ = ["ScanError", "Scan", "is_image", "not_image_reason", "not_a_file_reason",
+           "stat_or_reason", "find_classes", "scan_class_folders", "read_val_labels",
+           "scan_flat_val", "scan_split"]
+
 
 class ScanError(ValueError):
     """The input tree cannot be converted as it is; the message names the path and the fix."""

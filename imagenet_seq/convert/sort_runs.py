@@ -21,6 +21,9 @@ import os
 import struct
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
+__all__ = ["HEAD", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER", "WRITE_BUFFER",
+           "WRITE_IOVECS", "RunBuffer", "RunReader", "read_buffer", "merge"]
+
 HEAD = struct.Struct("<QI")
 PER_RECORD_OVERHEAD = 120  # bytes of Python objects per buffered record (tuple, bytes header)
 MIN_READ_BUFFER = 256 << 10

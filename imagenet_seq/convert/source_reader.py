@@ -32,6 +32,9 @@ from imagenet_seq.convert.disk_order import disk_order
 from imagenet_seq.convert.images import BrokenImage
 from imagenet_seq.convert.scan import not_a_file_reason
 
+__all__ = ["CHUNK", "CHUNK_BYTES", "QUEUE_CHUNKS", "READ_AHEAD", "Item", "read_source", "read_one",
+           "FolderSource", "Reader"]
+
 CHUNK = 32
 CHUNK_BYTES = 1 << 20
 QUEUE_CHUNKS = 32

@@ -25,6 +25,8 @@ from imagenet_seq.convert.scan import Scan, ScanError, is_image, not_image_reaso
 
 from imagenet_seq.convert.tar_names import Member, Problem, normalise
 
+__all__ = ["list_tar", "TarSource", "scan_files"]
+
 
 def _tar_error(path: str, what: str, e: Exception) -> ScanError:
     return ScanError(f"{path}: {what} is not a readable tar ({e}); the download may be "

@@ -29,7 +29,10 @@ from multiprocessing.connection import wait
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 from imagenet_seq.convert.images import BrokenImage, normalise
-from imagenet_seq.decode.malloc import keep_decode_buffers
+from imagenet_seq.malloc import keep_decode_buffers
+
+__all__ = ["AHEAD", "WINDOW", "Item", "Outcome", "WorkerError", "process_chunk", "Workers",
+           "results"]
 
 AHEAD = 2  # chunks queued per worker: one being processed, one ready to start
 WINDOW = 8  # chunks per worker between the oldest unwritten one and the newest sent

@@ -49,6 +49,7 @@ from imagenet_seq.format.lmdbfile import DamagedFile
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.source_reader import FolderSource
 
+__all__ = ["Options", "Result", "plan_order", "fingerprint", "convert_split"]
 
 
 @dataclass

@@ -17,6 +17,9 @@ import torch
 from imagenet_seq.format.checksums import ChecksumMismatch, of_record
 from imagenet_seq.format import RecordError  # noqa: F401 - the error decode_batch raises; defined with the format
 
+__all__ = ["RawBatch", "pack_batch", "DecodeSpec", "resized_transform", "DecodedBatch",
+           "augment_rng", "decode_batch", "check_record", "check_batch"]
+
 
 @dataclass
 class RawBatch:

@@ -24,9 +24,11 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from imagenet_seq.decode.dali_setup import (DEVICE_PADDING, HOST_PADDING, IMAGENET_MEAN,
-                                            IMAGENET_STD, INSTALL_LINE, failed_sample,
-                                            import_dali, resolve_device, short_error)
+from imagenet_seq.decode.dali_setup import (DEVICE_PADDING, HOST_PADDING, INSTALL_LINE,
+                                            failed_sample, import_dali, resolve_device,
+                                            short_error)
+from imagenet_seq.decode.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+from imagenet_seq.format import SPLITS
 
 __all__ = ["DaliDecoder", "INSTALL_LINE"]
 
@@ -81,7 +83,7 @@ class DaliDecoder:
                  channels_last: bool = False, output: str = "uint8", num_threads: int = 2,
                  backend: Optional[str] = None, skip_broken: bool = False,
                  rank: Optional[int] = None) -> None:
-        if mode not in ("train", "val"):
+        if mode not in SPLITS:
             raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
         for name, value in (("batch_size", batch_size), ("image_size", image_size),
                             ("resize_size", resize_size), ("num_threads", num_threads)):
@@ -400,7 +402,5 @@ class DaliDecoder:
         hwc = self._cpu_transform(data.tobytes(), rng)
         img = torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).unsqueeze(0)
         if self.output == "float":
-            mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-            std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-            img = (img.float() - mean) / std
+            img = normalize(img)
         return img.to(self.device)

@@ -7,14 +7,14 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
+__all__ = ["INSTALL_LINE", "DEVICE_PADDING", "HOST_PADDING", "import_dali", "resolve_device",
+           "failed_sample", "short_error"]
+
 INSTALL_LINE = "pip install nvidia-dali-cuda120"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # nvJPEG scratch sizes from NVIDIA's ImageNet examples: big enough for ImageNet's largest
 # images, so the mixed decoder never reallocates mid-epoch
 DEVICE_PADDING = 211025920
 HOST_PADDING = 140544512
-
 
 
 def import_dali() -> Tuple[Any, Any, Any]:

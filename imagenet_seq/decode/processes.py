@@ -26,6 +26,8 @@ import torch
 
 from imagenet_seq.decode.batch import DecodedBatch, DecodeSpec, RawBatch, RecordError, decode_batch
 
+__all__ = ["SlotRing", "set_pdeathsig", "start_processes", "ProcessPool"]
+
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.5
 

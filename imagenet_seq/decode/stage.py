@@ -10,8 +10,8 @@ whose ``skipped`` names every record left out (``(record, reason)``). Skip count
 
 Interface (every stage of the loader has the same shape):
 
-* ``submit(raw)`` / ``get(index)``: hand in raw batches, take decoded ones in batch order;
-  ``map(raws)`` does both for an iterable (testable with a plain list);
+* ``submit(raw)`` / ``get(index)``: hand in raw batches, take decoded ones in batch order
+  (testable with a plain list of raw batches);
 * ``begin()`` starts a pass and returns its number (stamped on its raw batches);
   ``end()`` drops what the pass left in flight. The workers stay: they live until ``close()``
   (persistent workers; the epoch and output size travel with each batch);
@@ -28,23 +28,28 @@ records could no longer be matched to its images).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from imagenet_seq.decode.batch import DecodedBatch, DecodeSpec, RawBatch, check_batch, decode_batch
 from imagenet_seq.decode.workers import InlinePool, ProcessPool, ThreadPool
 
+__all__ = ["Decode", "ExternalDecoder"]
+
 
 class ExternalDecoder:
     """A raw-batch decoder (DALI, a callable) on the stage contract: raw batch -> decoded batch
-    naming its skipped records."""
+    naming its skipped records. ``sized``: the decoder has ``set_image_size`` and follows each
+    batch's ``image_size`` (DALI), as the built-in workers do."""
 
-    def __init__(self, fn: Callable, source: str = ""):
-        self.fn, self.source = fn, source
+    def __init__(self, fn: Callable, source: str = "", sized: bool = False):
+        self.fn, self.source, self.sized = fn, source, sized
 
     def __call__(self, raw: RawBatch) -> DecodedBatch:
         check_batch(raw, self.source)  # verify=True: checksums before the decoder
+        if self.sized and raw.image_size is not None:
+            self.fn.set_image_size(raw.image_size)
         n = len(raw.records)
         if hasattr(self.fn, "last_skipped"):
             self.fn.last_skipped = []
@@ -83,15 +88,17 @@ class Decode:
         worker_type: ``'thread'`` or ``'process'``.
         external: a raw-batch decoder (DALI, a callable): used instead of ``spec``, in the
             asking thread.
+        sized: ``external`` follows each batch's image size (:class:`ExternalDecoder`).
         prefetch, batch_size, slot_bytes, touch_bytes, pin_memory: the process pool's rings.
     """
 
     def __init__(self, spec: Optional[DecodeSpec] = None, num_workers: int = 0,
                  worker_type: str = "thread", external: Optional[Callable] = None,
                  prefetch: int = 4, batch_size: int = 256, slot_bytes: int = 64 << 20,
-                 touch_bytes: int = 0, pin_memory: bool = False, source: str = ""):
+                 touch_bytes: int = 0, pin_memory: bool = False, source: str = "",
+                 sized: bool = False):
         self.spec, self.num_workers, self.worker_type = spec, num_workers, worker_type
-        self.external = None if external is None else ExternalDecoder(external, source)
+        self.external = None if external is None else ExternalDecoder(external, source, sized)
         self._pool_args = dict(slots=prefetch, batch_size=batch_size, in_slot_bytes=slot_bytes,
                                in_touch_bytes=touch_bytes, pin_memory=pin_memory)
         self.pool: Any = None
@@ -136,21 +143,6 @@ class Decode:
         """Drop what this pass left in flight; the workers stay for the next pass."""
         if self.pool is not None:
             self.pool.reset()
-
-    def map(self, raws: Iterable[RawBatch], ahead: int = 2) -> Iterator[DecodedBatch]:
-        """Decode ``raws`` in order, ``ahead`` batches in flight (a plain list will do)."""
-        self.begin()
-        pending: List[int] = []
-        try:
-            for raw in raws:
-                self.submit(raw)
-                pending.append(raw.index)
-                if len(pending) > ahead:
-                    yield self.get(pending.pop(0))
-            while pending:
-                yield self.get(pending.pop(0))
-        finally:
-            self.end()
 
     def close(self) -> None:
         if self.pool is not None:

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import warnings
 from typing import Any, Callable, Optional, Tuple
 
 import cv2
 import numpy as np
 
-from imagenet_seq.convert.images import SOF_MARKERS, BrokenImage, _jpeg_segments
+from imagenet_seq.format.jpeg import jpeg_size
 from imagenet_seq.decode.resize import (check_interpolation, growing, reduction, resize,
                                         resize_box, resize_into)
 
@@ -80,25 +79,6 @@ def _warn_crop_decode_fallback() -> None:
 
 class DecodeError(ValueError):
     """The bytes of one record could not be decoded; the message says what failed."""
-
-
-def jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
-    """(width, height) from a JPEG's frame header without decoding pixels.
-
-    Returns:
-        ``None`` when ``data`` is not a JPEG or its header is malformed (the caller then falls
-        back to a full decode, which reports real errors).
-    """
-    if data[:2] != b"\xff\xd8":
-        return None
-    try:
-        for marker, start, _end in _jpeg_segments(data):
-            if marker in SOF_MARKERS:
-                h, w = struct.unpack_from(">HH", data, start + 5)
-                return (w, h) if w > 0 and h > 0 else None
-    except (BrokenImage, struct.error):
-        return None
-    return None
 
 
 def sample_crop(width: int, height: int, scale: Tuple[float, float],

@@ -43,6 +43,13 @@ from imagenet_seq.format.lmdbdir import folder_error, is_env_folder
 from imagenet_seq.format.lmdbfile import (REMEDY, DamagedFile, Tree, check_file, check_in_file, data_file,
                        map_base)
 
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SPLITS", "MAX_RECORDS", "META_KEY", "LABELS_KEY",
+           "PROGRESS_KEY", "SKIP_PREFIX", "LEGACY_KEYS_KEY", "OFFSETS_KEY", "CRC_KEY",
+           "METADATA_KEYS", "RECORD_HEADER", "MAP_SIZE", "RecordError", "split_filename",
+           "record_key", "skip_key", "encode_record", "decode_record", "TENSORPACK_PIP",
+           "decode_legacy_value", "Metadata", "open_env", "damaged", "get_checked", "acquire_env",
+           "release_env", "find_split", "read_metadata", "read_labels", "DamagedFile"]
+
 FORMAT_NAME = "imagenet_seq"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -183,6 +190,40 @@ class Metadata:
         return meta
 
 
+def _folder_error(path: str) -> FileNotFoundError:
+    """:func:`lmdbdir.folder_error`, told what the folder's ``data.mdb`` holds."""
+    return folder_error(path, _env_folder_holds(path) if is_env_folder(path) else None)
+
+
+def _env_folder_holds(path: str) -> Optional[str]:
+    """What an LMDB environment folder's data.mdb holds, if it is something this package
+    reads; None if not or if it cannot be told safely (its pages are checked before LMDB maps
+    them)."""
+    try:
+        import lmdb
+
+        tree = Tree(path)  # path/data.mdb, checked against its header
+        try:
+            for key in (META_KEY, LEGACY_KEYS_KEY):
+                tree.check_lookup(key)
+        finally:
+            tree.close()
+        env = lmdb.open(path, subdir=True, readonly=True, lock=False)
+        try:
+            with env.begin() as txn:
+                meta = txn.get(META_KEY)
+                if meta is not None:
+                    got = Metadata.from_json(meta, path)
+                    return f"an imagenet_seq {got.split} split ({got.num_records} records)"
+                if txn.get(LEGACY_KEYS_KEY) is not None:
+                    return "an LMDB written by the original tool (tensorpack LMDBSerializer)"
+        finally:
+            env.close()
+    except Exception:  # noqa: BLE001 - only a hint: anything odd means "convert the images"
+        return None
+    return None
+
+
 def open_env(path: str, readonly: bool = True, **kw):
     """Open one LMDB file, after :func:`check_file` (a new or empty file is fine for writing).
     Readers take no lock (read-only media, many processes).
@@ -196,7 +237,7 @@ def open_env(path: str, readonly: bool = True, **kw):
     import lmdb
 
     if os.path.isdir(path):  # LMDB would say only "Is a directory"
-        raise folder_error(path)
+        raise _folder_error(path)
     if readonly:
         tree = Tree(path)  # check_file, then the B-tree pages on the way to the metadata
         try:
@@ -286,9 +327,9 @@ def find_split(root: str, split: str) -> str:
     if os.path.isfile(path):
         return path
     if os.path.isdir(path):  # e.g. an LMDB made with lmdb.open's default subdir=True
-        raise folder_error(path)
+        raise _folder_error(path)
     if is_env_folder(root):  # the split's "file" passed itself, and it is a folder
-        raise folder_error(root)
+        raise _folder_error(root)
     found = sorted(os.listdir(root))
     own = split_filename(split) + ".partial"
     partial = [own] if own in found else [f for f in found if f.endswith(".partial")]

@@ -25,6 +25,9 @@ import numpy as np
 
 from imagenet_seq import format as fmt
 
+__all__ = ["CRC_KEY", "PART_PREFIX", "ChecksumMismatch", "of_value", "of_record", "encode", "read",
+           "part_key", "Log", "compute", "add_to"]
+
 CRC_KEY = fmt.CRC_KEY
 PART_PREFIX = b"__crcpart__"
 _HEAD = struct.Struct("<4sQ")

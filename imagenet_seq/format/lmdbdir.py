@@ -31,36 +31,6 @@ def _listing(path: str) -> List[str]:
         return []
 
 
-def _holds(path: str) -> Optional[str]:
-    """What the folder's data.mdb holds, if it is something this package reads; None if not
-    or if it cannot be told safely (its pages are checked before LMDB maps them)."""
-    from imagenet_seq import format as fmt
-
-    try:
-        import lmdb
-
-        tree = fmt.Tree(path)  # path/data.mdb, checked against its header
-        try:
-            for key in (fmt.META_KEY, fmt.LEGACY_KEYS_KEY):
-                tree.check_lookup(key)
-        finally:
-            tree.close()
-        env = lmdb.open(path, subdir=True, readonly=True, lock=False)
-        try:
-            with env.begin() as txn:
-                meta = txn.get(fmt.META_KEY)
-                if meta is not None:
-                    got = fmt.Metadata.from_json(meta, path)
-                    return f"an imagenet_seq {got.split} split ({got.num_records} records)"
-                if txn.get(fmt.LEGACY_KEYS_KEY) is not None:
-                    return "an LMDB written by the original tool (tensorpack LMDBSerializer)"
-        finally:
-            env.close()
-    except Exception:  # noqa: BLE001 - only a hint: anything odd means "convert the images"
-        return None
-    return None
-
-
 def in_place_of_output(path: str) -> str:
     """The converter's words for a folder where it is to write a split's file."""
     inside = _listing(path)
@@ -74,8 +44,9 @@ def in_place_of_output(path: str) -> str:
             f"(`mv {q} {qdir}`; nothing is deleted) or pass another output folder")
 
 
-def folder_error(path: str) -> FileNotFoundError:
-    """The error for a folder at ``path`` where a split's LMDB file was looked for."""
+def folder_error(path: str, what: Optional[str] = None) -> FileNotFoundError:
+    """The error for a folder at ``path`` where a split's LMDB file was looked for; ``what``:
+    what its ``data.mdb`` holds when it is a file this package reads (``format`` tells)."""
     inside = _listing(path)
     shown = ", ".join(inside[:5]) + (", ..." if len(inside) > 5 else "")
     head = f"{path} is a folder ({shown or 'empty'}), not an LMDB file"
@@ -83,7 +54,6 @@ def folder_error(path: str) -> FileNotFoundError:
         return FileNotFoundError(
             f"{head}: preprocess_sequential.py writes one file per split; re-copy the file, or "
             f"convert the images: `{CONVERT}`")
-    what = _holds(path)
     base = path.rstrip(os.sep)
     q, qdir = shlex.quote(base), shlex.quote(base + ".dir")
     if what is not None:

@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+__all__ = ["REMEDY", "DamagedFile", "data_file", "check_file", "map_base", "check_in_file", "Tree"]
+
 # LMDB's meta pages (0 and 1, at offsets 0 and psize; 64-bit build): a 16-byte page header, then
 # MDB_meta: magic, version, address, mapsize, two MDB_db of 48 bytes (the first one's md_pad is
 # the page size), last page number in use, transaction id.

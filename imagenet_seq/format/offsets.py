@@ -39,6 +39,9 @@ import numpy as np
 from imagenet_seq import format as fmt
 from imagenet_seq.format import map_base
 
+__all__ = ["OFFSETS_KEY", "StaleOffsets", "compute", "encode", "decode", "read", "rebuild_command",
+           "write", "add_to", "main"]
+
 OFFSETS_KEY = fmt.OFFSETS_KEY
 _HEAD = struct.Struct("<4sIQQ")
 _MAGIC = b"OFS1"

@@ -4,12 +4,15 @@
   (``pip install "imagenet_seq[timm]"``).
 * :mod:`imagenet_seq.integrations.lightning` -- ``ImagenetSeqDataModule`` for PyTorch Lightning
   (``pip install "imagenet_seq[lightning]"``).
-* :mod:`imagenet_seq.dataflow` -- tensorpack DataFlows (``pip install "imagenet_seq[tensorpack]"``).
+* :mod:`imagenet_seq.integrations.tensorpack` -- tensorpack DataFlows, imported as
+  ``imagenet_seq.dataflow`` (``pip install "imagenet_seq[tensorpack]"``).
 
 Each module imports its framework on import and names the pip line when it is missing or
 older than the version tested.
 """
 from typing import Tuple
+
+__all__ = ["version_tuple", "require", "check_image_size"]
 
 
 def version_tuple(version: str) -> Tuple[int, ...]:

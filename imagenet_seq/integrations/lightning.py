@@ -60,7 +60,7 @@ class _Batches:
 
     @property
     def batch_size(self) -> int:
-        return self.loader.batch_size
+        return self.loader.settings.order.batch_size
 
     batch_sampler = None  # Lightning reads it; batches come from the Loader itself
 
@@ -84,14 +84,14 @@ class _ResumableBatches(_Batches):
         trainer = self._module._trainer_or_none()
         if trainer is None:
             return state
-        if self.loader.mode == "train":
+        if self.loader.settings.data.mode == "train":
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             # Lightning holds one prefetched batch the step has not seen: resume after the
             # batches it processed
             if (0 < state["batches"] < len(self.loader)
                     and state["epoch"] == trainer.current_epoch and 0 <= done < state["batches"]):
                 state = dict(state, batches=int(done))
-        return _gather_ranks(state, self.loader.world_size)
+        return _gather_ranks(state, self.loader.settings.order.plan.world_size)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.loader.load_state_dict(_this_ranks(state_dict, self.loader))
@@ -115,14 +115,16 @@ def _this_ranks(saved: Dict[str, Any], loader) -> Dict[str, Any]:
     """This rank's state out of what :func:`_gather_ranks` saved."""
     if not isinstance(saved, dict) or _RANKS_KEY not in saved:
         return saved  # one process's state: the Loader checks its rank and world size
+    plan = loader.settings.order.plan
+    rank, world = plan.rank, plan.world_size
     states = saved[_RANKS_KEY]
-    if len(states) == loader.world_size:
-        return states[loader.rank]
+    if len(states) == world:
+        return states[rank]
     if all(s.get("batches") == 0 for s in states):  # an epoch boundary: any world size
         return states[0]
     raise ValueError(
         f"the checkpoint holds the mid-epoch loader states of {len(states)} ranks "
-        f"(epoch {states[0].get('epoch')}), this run has {loader.world_size}: resume on "
+        f"(epoch {states[0].get('epoch')}), this run has {world}: resume on "
         f"{len(states)} ranks, or resume from a checkpoint saved at an epoch boundary (a "
         "mid-epoch position is not re-sharded)")
 

@@ -3,12 +3,15 @@
 Batch boundaries are fixed by position in the (shuffled) record stream -- never by what the
 decode stage later skips -- so a resume at batch ``k`` knows its first record is stream item
 ``k * batch_size``. At most ``total`` batches (``drop_last`` leaves the partial tail out).
-Interface: iterate ``(index, items)``; ``state()`` (next batch index); ``close()``.
+Interface: iterate ``(index, items)``; ``next_index`` is the next batch's number. No state a
+resume needs beyond the batch it starts at (``start``).
 """
 from __future__ import annotations
 
 import threading
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
+
+__all__ = ["Batcher"]
 
 
 class Batcher:
@@ -33,11 +36,3 @@ class Batcher:
         if batch and self.next_index < self.total:
             self.next_index += 1
             yield self.next_index - 1, batch
-
-    def state(self) -> Dict[str, int]:
-        return {"batches": self.next_index}
-
-    def close(self) -> None:
-        close = getattr(self.items, "close", None)
-        if close is not None:
-            close()

@@ -1,18 +1,152 @@
-"""What a Loader works out from its arguments before any stage runs: the default worker
-count, the mean record size (memory budgets) and the per-image transform."""
+"""A Loader's arguments, checked and resolved once into one frozen value: :class:`Settings`.
+
+:func:`resolve` is the only place that turns the user's keywords into settings: it checks them
+(a ValueError naming the first bad one), opens the split (its size, classes and mean record
+size), asks where this process sits in the job (:mod:`.ranks`: ``torch.distributed``, the
+environment) and fills in every default. The stages, faces and tools get the result, or the
+group they need, never the Loader:
+
+======== ==================================================================================
+group    fields
+======== ==================================================================================
+data     ``path``, ``mode``, ``classes``, ``num_records``, ``mean_record_bytes``, ``meta``,
+         ``verify``, ``check_split``
+order    ``plan`` (:class:`~imagenet_seq.plan.stage.Plan`: seed, rank, world size, shuffle,
+         chunk size, buffer size), ``batch_size``, ``drop_last``, ``local_world_size``
+decode   ``decoder``, ``transform``, ``collate``, ``image_size``, ``resize_size``, ``scale``,
+         ``ratio``, ``num_workers``, ``worker_type``, ``skip_broken``, ``channels_last``
+device   ``device``, ``pin_memory``, ``pin`` (pinning really happens: no ``device``, CUDA seen)
+runtime  ``prefetch``, ``stall_timeout``, ``overlap_epochs``
+======== ==================================================================================
+
+The one setting that changes after construction, the output size (``set_image_size``), gives
+a new value (:meth:`Settings.with_image_size`); a :class:`Current` holds the Loader's latest.
+"""
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from imagenet_seq.format import SPLITS
+from imagenet_seq.loader.ranks import resolve_rank
+from imagenet_seq.plan import order
+from imagenet_seq.plan.shuffle import buffer_records
+from imagenet_seq.plan.stage import Plan
+
+__all__ = ["Settings", "DataSettings", "OrderSettings", "DecodeSettings", "DeviceSettings",
+           "RuntimeSettings", "Current", "resolve", "resolve_order", "memory_bound",
+           "default_workers", "mean_record_bytes", "check_size", "MAX_IMAGE_SIZE",
+           "WORKER_TYPES"]
+
 WORKER_TYPES = ("process", "thread")
-MODES = ("train", "val")
 #: Largest ``image_size`` / ``resize_size`` (pixels per side) a Loader accepts: 18x ImageNet's
 #: 224 and above its typical 500x375 sources; a decoded batch of 256 at this size is already
 #: 12.9 GB, so a larger value is a typo or a damaged resume state, not a training setting.
 MAX_IMAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which file, and what it holds (read once, at construction)."""
+
+    path: str  # the split's LMDB file
+    mode: str  # 'train' or 'val'
+    classes: Tuple[str, ...]
+    num_records: int
+    mean_record_bytes: float  # memory budgets: the shuffle buffer in records, the rings
+    meta: Any = field(repr=False)  # the file's metadata (resume state: fingerprint, version)
+    verify: bool  # check every record against its stored checksum
+    check_split: bool
+
+
+@dataclass(frozen=True)
+class OrderSettings:
+    """Which records, in which order, in which batches (``plan`` holds the order's
+    parameters; batch boundaries are fixed by position in its stream)."""
+
+    plan: Plan
+    batch_size: int
+    drop_last: bool
+    local_world_size: int  # ranks on this machine (they share its default buffer budget)
+
+    @property
+    def batches(self) -> int:
+        """Batches per epoch: ``len(loader)``."""
+        return order.num_batches(self.plan.records, self.batch_size, self.drop_last)
+
+    @property
+    def records(self) -> int:
+        """Images per epoch for this rank (``drop_last`` applied)."""
+        return self.batches * self.batch_size if self.drop_last else self.plan.records
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What turns JPEG bytes into a batch."""
+
+    decoder: Union[str, Callable]  # 'cpu', 'dali' or a callable (jpegs, labels) -> batch
+    transform: Any  # the per-image transform of the 'cpu' decoder, as built
+    collate: str  # 'array' (fast path: uint8 NCHW) or 'default' (like default_collate)
+    image_size: int  # output side of the next passes
+    resize_size: int
+    scale: Tuple[float, float]
+    ratio: Tuple[float, float]
+    num_workers: int
+    worker_type: str  # 'thread' or 'process'
+    skip_broken: bool
+    channels_last: bool
+
+    @property
+    def sized(self) -> bool:
+        """The output side is known (built-in transforms, DALI), not the user's transform's."""
+        return isinstance(getattr(self.transform, "size", None), int) or self.decoder == "dali"
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where finished batches go."""
+
+    device: Any  # None: stay on the host (uint8); else moved and normalised there
+    pin_memory: bool  # as asked
+    pin: bool  # pinning happens: pin_memory, no device, and torch sees a CUDA device
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a pass runs."""
+
+    prefetch: int  # batches in flight
+    stall_timeout: Optional[float]  # seconds without a batch before an error; None: wait
+    overlap_epochs: bool  # read on into the next epoch at the end of one
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a Loader resolved from its arguments; see the module docstring."""
+
+    data: DataSettings
+    order: OrderSettings
+    decode: DecodeSettings
+    device: DeviceSettings
+    runtime: RuntimeSettings
+
+    def with_image_size(self, size: int) -> "Settings":
+        """These settings with output side ``size`` (``Loader.set_image_size``)."""
+        return dataclasses.replace(self, decode=dataclasses.replace(self.decode,
+                                                                    image_size=int(size)))
+
+
+class Current:
+    """The Loader's settings as they are now: a feeder reading on into the next epoch takes
+    that epoch's image size from here. Held weakly by the feeder, so read-ahead stops with the
+    Loader that owns it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
 
 def _is_int(value: Any) -> bool:
@@ -34,7 +168,7 @@ def check_size(name: str, value: Any, low: int = 1, call: bool = False) -> int:
 _pin_warned = False  # once per process: a script makes a train and a val Loader, per rank
 
 
-def check_device(device: Any, pin_memory: bool) -> None:
+def _check_device(device: Any, pin_memory: bool) -> None:
     """Refuse a CUDA ``device`` where torch sees no CUDA device, before any stage starts (else
     the first batch fails deep inside torch with "Found no NVIDIA driver"); warn that
     ``pin_memory=True`` does nothing there (pinned memory only speeds copies to a GPU), once
@@ -58,16 +192,17 @@ def check_device(device: Any, pin_memory: bool) -> None:
         import warnings
 
         _pin_warned = True
+        # stacklevel: the user's Loader(...) call (-> Loader.__init__ -> resolve -> here)
         warnings.warn("pin_memory=True has no effect: torch sees no CUDA device, and pinned "
                       "memory only speeds up copies to a GPU; batches stay in ordinary memory",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
 
 
-def check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: int,
-               num_workers: Optional[int], seed: int, stall_timeout: Optional[float],
-               image_size: int = 224, resize_size: int = 256) -> None:
+def _check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: int,
+                num_workers: Optional[int], seed: int, stall_timeout: Optional[float],
+                image_size: int, resize_size: int) -> None:
     """ValueError naming the first bad Loader argument and what it expects."""
-    if mode not in MODES:
+    if mode not in SPLITS:
         raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
     if worker_type is not None and worker_type not in WORKER_TYPES:
         raise ValueError(f"worker_type={worker_type!r}; expected 'process', 'thread' or "
@@ -88,15 +223,16 @@ def check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: 
     check_size("resize_size", resize_size)
 
 
-def memory_bound(batch_size: int, mean_bytes: float, buffer_size: int, prefetch: int,
-                 image_size: Optional[int]) -> Dict[str, int]:
+def memory_bound(settings: Settings) -> Dict[str, int]:
     """Estimated peak bytes of one rank's Loader by part: ``shuffle_buffer`` (records x mean
     record), ``in_flight`` (``prefetch`` raw + decoded batches; the process pool's rings have
     the same size; the epoch boundary shares this window), ``total``."""
-    raw = int(batch_size * mean_bytes)
-    decoded = batch_size * 3 * image_size * image_size if image_size else 0
-    parts = {"shuffle_buffer": int(buffer_size * mean_bytes),
-             "in_flight": prefetch * (raw + decoded)}
+    batch, mean = settings.order.batch_size, settings.data.mean_record_bytes
+    size = settings.decode.image_size if settings.decode.sized else None
+    raw = int(batch * mean)
+    decoded = batch * 3 * size * size if size else 0
+    parts = {"shuffle_buffer": int(settings.order.plan.buffer_size * mean),
+             "in_flight": settings.runtime.prefetch * (raw + decoded)}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -119,8 +255,8 @@ def mean_record_bytes(meta: Any, reader: Any, num_records: int) -> float:
     return float(np.mean(sizes)) if sizes else 0.0
 
 
-def make_transform(transform: Optional[Callable], mode: str, image_size: int, resize_size: int,
-                   scale: Tuple[float, float], ratio: Tuple[float, float]):
+def _make_transform(transform: Optional[Callable], mode: str, image_size: int,
+                    resize_size: int, scale: Tuple[float, float], ratio: Tuple[float, float]):
     """``(transform, collate)``: the fast OpenCV path (``'array'``) or a PIL-image transform
     collated like ``default_collate`` (``'default'``)."""
     from imagenet_seq.decode import transforms as decode
@@ -137,3 +273,85 @@ def make_transform(transform: Optional[Callable], mode: str, image_size: int, re
         raise TypeError(f"transform={transform!r} is not callable; pass None (fast OpenCV "
                         "path) or a torchvision-style transform")
     return decode.PILTransform(transform), "default"
+
+
+def resolve_order(num_records: int, mode: str, mean_bytes: float, *, batch_size: int,
+                  drop_last: bool, shuffle: Optional[bool], seed: int, rank: int,
+                  world_size: int, local_world_size: int, chunk_size: Optional[int],
+                  buffer_size: Optional[int], buffer_bytes: Optional[int]) -> OrderSettings:
+    """The order group from the Loader's order arguments (no file, no environment): what
+    ``None`` means -- shuffle for train, the automatic chunk, the machine's buffer budget split
+    among its ranks -- for the Loader and for tools that plan without one (diagnostics)."""
+    shuffle = (mode == "train") if shuffle is None else bool(shuffle)
+    chunk_size = chunk_size or order.DEFAULT_CHUNK_RECORDS
+    order.check(num_records, mode, rank, world_size, seed, chunk_size)  # before the buffer
+    buffer = buffer_records(buffer_size, buffer_bytes, mean_bytes, local_world_size) \
+        if shuffle else 0
+    plan = Plan(num_records, mode, seed, rank, world_size, shuffle, chunk_size, buffer)
+    return OrderSettings(plan, batch_size, bool(drop_last), local_world_size)
+
+
+def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split: bool,
+            verify: bool, batch_size: int, drop_last: bool, shuffle: Optional[bool],
+            seed: int, chunk_size: Optional[int], buffer_size: Optional[int],
+            buffer_bytes: Optional[int], rank: Optional[int], world_size: Optional[int],
+            distributed: Optional[bool], decoder: Union[str, Callable],
+            num_workers: Optional[int], worker_type: Optional[str], image_size: int,
+            resize_size: int, scale: Tuple[float, float], ratio: Tuple[float, float],
+            skip_broken: bool, channels_last: bool, device: Any, pin_memory: bool,
+            prefetch: Optional[int], stall_timeout: Optional[float],
+            overlap_epochs: Optional[bool]):
+    """A Loader's arguments (see :class:`imagenet_seq.data.Loader`, which holds their
+    defaults) -> ``(settings, reader)``.
+
+    ``reader`` is the split's :class:`~imagenet_seq.read.reader.SplitReader` (no file kept
+    open). Checks come in a fixed order: the arguments, the device, the ranks, the file, the
+    plan, the buffer, the transform.
+    """
+    import torch
+
+    from imagenet_seq.read.reader import SplitReader
+
+    _check_args(mode, worker_type, decoder, batch_size, num_workers, seed, stall_timeout,
+                image_size, resize_size)
+    _check_device(device, pin_memory)
+    ranks = resolve_rank(rank, world_size, distributed)
+    reader = SplitReader(root, mode, check_split=check_split)
+    if verify and reader.checksums is None:
+        raise ValueError(
+            f"verify=True, but {reader.path} has no record checksums (converted before "
+            f"they existed{', by the original tool' if reader.legacy else ''}); add "
+            f"them with `imagenet-seq-verify --add-checksums {reader.path}`, or pass "
+            "verify=False")
+    meta, n = reader.meta, len(reader)
+    order.check(n, mode, ranks.rank, ranks.world_size, 0,
+                chunk_size or order.DEFAULT_CHUNK_RECORDS)  # before the mean record reads
+    mean = mean_record_bytes(meta, reader, n)
+    data = DataSettings(str(reader.path), mode, tuple(meta.classes), n, mean, meta,
+                        bool(verify), bool(check_split))
+    plan_order = resolve_order(n, mode, mean, batch_size=batch_size, drop_last=drop_last,
+                               shuffle=shuffle, seed=seed, rank=ranks.rank,
+                               world_size=ranks.world_size,
+                               local_world_size=ranks.local_world_size, chunk_size=chunk_size,
+                               buffer_size=buffer_size, buffer_bytes=buffer_bytes)
+    workers = default_workers(ranks.local_world_size) if num_workers is None else num_workers
+    built, collate = _make_transform(transform, mode, image_size, resize_size, scale, ratio)
+    decode = DecodeSettings(
+        decoder, built, collate,
+        # a TrainTransform / ValTransform passed in keeps its own size (not the default 224)
+        int(getattr(built, "size", image_size)), resize_size, scale, ratio, workers,
+        # measured on 2 cores (benchmarks/results/workers.md): threads need ~20 % less CPU per
+        # image on the OpenCV path (it releases the GIL); Python/PIL transforms hold the GIL
+        # and use torch's global RNG, so they get processes.
+        worker_type or ("thread" if collate == "array" else "process"),
+        bool(skip_broken), bool(channels_last))
+    pin = bool(pin_memory and device is None and torch.cuda.is_available())
+    plan = plan_order.plan
+    runtime = RuntimeSettings(
+        prefetch or workers + 2, stall_timeout,
+        # default: where an epoch starts with a buffer fill (train); a val pass would only
+        # keep its file open and a few decoded batches between passes
+        plan.shuffled if overlap_epochs is None else bool(overlap_epochs))
+    settings = Settings(data, plan_order, decode, DeviceSettings(device, bool(pin_memory), pin),
+                        runtime)
+    return settings, reader

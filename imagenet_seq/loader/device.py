@@ -5,8 +5,10 @@ from typing import Any, Tuple
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from imagenet_seq.decode.normalize import IMAGENET_MEAN, IMAGENET_STD
+from imagenet_seq.decode.normalize import normalize as _normalize
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "to_device"]
 
 
 def to_device(images: torch.Tensor, targets: torch.Tensor, device: Any, normalize: bool = True,
@@ -20,9 +22,7 @@ def to_device(images: torch.Tensor, targets: torch.Tensor, device: Any, normaliz
     images = images.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
     if normalize and images.dtype == torch.uint8:
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-        images = (images.float() - mean) / std
+        images = _normalize(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets

@@ -29,60 +29,62 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
-if TYPE_CHECKING:
-    from imagenet_seq.loader.loader import Loader
+from imagenet_seq.loader.config import OrderSettings, Settings
+from imagenet_seq.loader.state import Cursor
+
+__all__ = ["LoaderSampler", "LoaderDataset"]
 
 
 class LoaderSampler:
     """``loader.sampler``: the parts of ``DistributedSampler`` training scripts touch."""
 
-    def __init__(self, loader: "Loader"):
-        self.loader = loader
+    def __init__(self, order: OrderSettings, cursor: Cursor):
+        self.order, self.plan, self._cursor = order, order.plan, cursor
 
     def set_epoch(self, epoch: int) -> None:
         """The Loader's ``set_epoch``: order and augmentation of the next pass."""
-        self.loader.set_epoch(epoch)
+        self._cursor.set_epoch(epoch)
 
     @property
     def epoch(self) -> int:
-        return self.loader.epoch
+        return self._cursor.epoch
 
     @property
     def num_replicas(self) -> int:
-        return self.loader.world_size
+        return self.plan.world_size
 
     @property
     def rank(self) -> int:
-        return self.loader.rank
+        return self.plan.rank
 
     @property
     def shuffle(self) -> bool:
-        return self.loader.shuffle
+        return self.plan.shuffle
 
     @property
     def seed(self) -> int:
-        return self.loader.seed
+        return self.plan.seed
 
     @property
     def drop_last(self) -> bool:
-        return self.loader.drop_last
+        return self.order.drop_last
 
     def __len__(self) -> int:
-        n, world = self.loader.dataset_size, self.loader.world_size
-        if self.loader.mode == "val":
+        n, world = self.plan.num_records, self.plan.world_size
+        if self.plan.mode == "val":
             return -(-n // world)  # the largest share: len * world_size >= n, no leftover
         return n // world
 
     def __iter__(self) -> Iterator[int]:
         """Record indices this rank yields in the next pass, in order (no data read)."""
-        return iter(self.loader.epoch_order().tolist())
+        return iter(self.plan.epoch_order(self.epoch).tolist())
 
     def __repr__(self) -> str:
-        return (f"LoaderSampler({self.loader.mode}, rank {self.rank} of {self.num_replicas}, "
+        return (f"LoaderSampler({self.plan.mode}, rank {self.rank} of {self.num_replicas}, "
                 f"epoch {self.epoch}, len {len(self)})")
 
 
@@ -96,14 +98,16 @@ class LoaderDataset(torch.utils.data.Dataset):
     Safe in ``DataLoader`` workers (each process opens the file itself).
     """
 
-    def __init__(self, loader: "Loader"):
-        self.loader = loader  # for the current epoch; not pickled (worker processes get numbers)
-        self.path = loader.reader.path
-        self.classes = loader.classes
-        self._size = loader.dataset_size
-        self._source = loader.reader
-        self._spec = (loader._transform, loader.seed, loader._collate)
-        self._epoch = loader.epoch
+    def __init__(self, settings: Settings, reader: Any, cursor: Cursor):
+        # the Loader's cursor, for its current epoch; not pickled (worker processes get numbers)
+        self._cursor: Optional[Cursor] = cursor
+        self.path = settings.data.path
+        self.classes = list(settings.data.classes)
+        self._size = settings.data.num_records
+        self._source = reader
+        self._spec = (settings.decode.transform, settings.order.plan.seed,
+                      settings.decode.collate)
+        self._epoch = cursor.epoch
         self._reader = None
         self._pid = -1
 
@@ -128,16 +132,16 @@ class LoaderDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} outside the {n} records of {self.path}")
         items = list(self._get_reader().read_range(index, 1))
         transform, seed, collate = self._spec
-        epoch = self.loader.epoch if self.loader is not None else self._epoch
+        epoch = self._cursor.epoch if self._cursor is not None else self._epoch
         spec = DecodeSpec(transform, seed, epoch, collate, False, False, self.path)
         res = decode_batch(pack_batch(0, items), spec)
         return res.images[0], int(res.targets[0])
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if self.loader is not None:
-            state["_epoch"] = self.loader.epoch
-        state["loader"], state["_reader"], state["_pid"] = None, None, -1
+        if self._cursor is not None:
+            state["_epoch"] = self._cursor.epoch
+        state["_cursor"], state["_reader"], state["_pid"] = None, None, -1
         return state
 
     def __repr__(self) -> str:

@@ -5,18 +5,20 @@ the last batch (``last_batch_records``), pins CPU batches (``pin_memory`` withou
 and with ``device=`` moves the batch there and normalises uint8 images to float
 (:func:`~imagenet_seq.loader.device.to_device`) -- whichever decoder made the batch.
 
-Interface: ``__call__(decoded) -> (images, targets)``; ``map(decoded_batches)`` for an
-iterable; ``state()`` / ``restore(state)`` (the skip count); ``close()`` (nothing to free).
+Interface: ``__call__(decoded) -> (images, targets)``; ``state()`` / ``restore(state)``: the
+skip count, part of the Loader's ``state_dict()``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 
 from imagenet_seq.decode.batch import DecodedBatch
 from imagenet_seq.loader.device import to_device
+
+__all__ = ["Finish", "SKIP_LOG"]
 
 SKIP_LOG = 1000  # skipped records kept for inspection
 
@@ -48,15 +50,8 @@ class Finish:
                                         channels_last=self.channels_last)
         return images, targets
 
-    def map(self, batches: Iterable[DecodedBatch]) -> Iterator[Tuple[Any, torch.Tensor]]:
-        for res in batches:
-            yield self(res)
-
     def state(self) -> Dict[str, int]:
         return {"skipped": self.skipped}
 
     def restore(self, state: Dict[str, int]) -> None:
         self.skipped = int(state.get("skipped", 0))
-
-    def close(self) -> None:
-        pass

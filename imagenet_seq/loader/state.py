@@ -30,11 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from imagenet_seq.loader.config import MAX_IMAGE_SIZE, MODES
+from imagenet_seq.format import SPLITS
+from imagenet_seq.loader.config import MAX_IMAGE_SIZE, Settings
+
+__all__ = ["STATE_VERSION", "Position", "Cursor", "fingerprint", "make", "check"]
 
 STATE_VERSION = 1
 _WAY_OUT = ("save it again with loader.state_dict(), or start the epoch again with "
@@ -72,20 +76,79 @@ def fingerprint(meta: Any) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def make(loader: Any, epoch: int, batches: int) -> Dict[str, Any]:
-    meta = loader.meta
+@dataclass
+class Position:
+    """Where a pass is: its epoch and the batches it has handed out (what a resume needs)."""
+
+    epoch: int
+    batches: int
+
+
+class Cursor:
+    """Where a Loader stands between passes: the epoch the next pass takes (``set_epoch``, or
+    the next number), a resume point (``load_state_dict``) and the last pass's
+    :class:`Position` (shared with that pass's iterator, which moves it on)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.fixed = False  # set_epoch was called: passes do not number themselves
+        self.resume: Optional[Tuple[int, int]] = None  # (epoch, batch) the next pass starts at
+        self.position: Optional[Position] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}; expected >= 0")
+        if self.resume is not None and self.resume[0] != int(epoch):
+            self.resume = None
+        self.epoch = int(epoch)
+        self.fixed = True
+
+    def start_pass(self) -> Tuple[int, int]:
+        """``(epoch, first batch)`` of a pass that starts now; the next one takes the next
+        epoch unless ``set_epoch`` fixed it."""
+        epoch, start = self.epoch, 0
+        if self.resume is not None and self.resume[0] == epoch:
+            start = self.resume[1]
+        self.resume = None
+        if not self.fixed:
+            self.epoch += 1
+        return epoch, start
+
+    def saved(self, total: int) -> Tuple[int, int]:
+        """``(epoch, batches)`` to save: mid-pass, the pass's; after a complete pass (``total``
+        batches), the next epoch (or the one ``set_epoch`` chose since) at batch 0."""
+        pos = self.position
+        if self.resume is not None:
+            return self.resume
+        if pos is not None and pos.batches < total:
+            return pos.epoch, pos.batches
+        if pos is not None:
+            return max(pos.epoch + 1, self.epoch), 0
+        return self.epoch, 0
+
+    def restore(self, epoch: int, batches: int) -> None:
+        self.epoch = epoch
+        self.resume = (epoch, batches) if batches else None
+        self.position = None
+
+
+def make(settings: Settings, epoch: int, batches: int, finish: Dict[str, int]) -> Dict[str, Any]:
+    """The state of a Loader with ``settings`` at batch ``batches`` of ``epoch``; ``finish``:
+    the finish stage's state (its skip count)."""
+    data, plan, order = settings.data, settings.order.plan, settings.order
+    meta = data.meta
     return {
         "version": STATE_VERSION,
         "format_version": None if meta.legacy else meta.version,
-        "path": str(loader.reader.path), "mode": loader.mode,
-        "num_records": int(loader.dataset_size),
+        "path": data.path, "mode": data.mode,
+        "num_records": int(data.num_records),
         "fingerprint": fingerprint(meta),
-        "seed": int(loader.seed), "batch_size": int(loader.batch_size),
-        "drop_last": bool(loader.drop_last), "shuffle": bool(loader.shuffle),
-        "world_size": int(loader.world_size), "rank": int(loader.rank),
-        "chunk_size": int(loader.chunk_size), "buffer_size": int(loader.buffer_size),
-        "epoch": int(epoch), "batches": int(batches), "image_size": int(loader.image_size),
-        "skipped": int(loader.skipped),
+        "seed": int(plan.seed), "batch_size": int(order.batch_size),
+        "drop_last": bool(order.drop_last), "shuffle": bool(plan.shuffle),
+        "world_size": int(plan.world_size), "rank": int(plan.rank),
+        "chunk_size": int(plan.chunk_size), "buffer_size": int(plan.buffer_size),
+        "epoch": int(epoch), "batches": int(batches),
+        "image_size": int(settings.decode.image_size), "skipped": int(finish["skipped"]),
     }
 
 
@@ -111,8 +174,8 @@ def _fields(sd: Dict[str, Any], total: int) -> Dict[str, Tuple[Callable[[Any], b
         "format_version": (lambda v: v is None or _is_int(v),
                            "an int, or None (a file of the original tool)"),
         "path": _STR,
-        "mode": (lambda v: isinstance(v, str) and v in MODES,
-                 f"one of {', '.join(map(repr, MODES))}"),
+        "mode": (lambda v: isinstance(v, str) and v in SPLITS,
+                 f"one of {', '.join(map(repr, SPLITS))}"),
         "num_records": _int_in(0),
         "fingerprint": _STR,
         "seed": _int_in(0),

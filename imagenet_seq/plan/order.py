@@ -61,7 +61,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.plan.shuffle import buffered_shuffle
+
+__all__ = ["DEFAULT_CHUNK_RECORDS", "MIN_CHUNKS_PER_RANK", "MAX_REDRAWS", "Span", "check",
+           "rank_records", "num_batches", "effective_chunk_size", "shuffle_rng", "slice_spans",
+           "read_spans", "epoch_order"]
 
 #: Records per chunk: 1024 ImageNet records ~ 113 MB, one seek per ~0.75 s of HDD streaming.
 #: Measured on the emulated HDD (benchmarks/results/slow_disk.md, 64 MB read-ahead): 1/2/4 ranks
@@ -72,14 +77,13 @@ DEFAULT_CHUNK_RECORDS = 1024
 MIN_CHUNKS_PER_RANK = 32
 #: Redraws of an epoch whose draw gives some rank its previous epoch's set, before the fallback.
 MAX_REDRAWS = 32
-MODES = ("train", "val")
 
 Span = Tuple[int, int]  # (first record, count): one contiguous forward read
 Shares = Sequence[Sequence[Span]]  # per rank, in reading order
 
 
 def _check(num_records: int, mode: str, rank: int, world_size: int, seed: int) -> None:
-    if mode not in MODES:
+    if mode not in SPLITS:
         raise ValueError(f"mode={mode!r}; expected one of 'train', 'val'")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} with world_size={world_size}; expected "
@@ -89,6 +93,15 @@ def _check(num_records: int, mode: str, rank: int, world_size: int, seed: int) -
                          "this split; use fewer ranks or a larger dataset")
     if seed < 0:
         raise ValueError(f"seed={seed}; expected a non-negative integer")
+
+
+def check(num_records: int, mode: str, rank: int = 0, world_size: int = 1, seed: int = 0,
+          chunk_size: Optional[int] = DEFAULT_CHUNK_RECORDS) -> None:
+    """ValueError naming the first argument of a plan that cannot be: the mode, a rank outside
+    ``0..world_size-1``, more ranks than records, a negative seed, a chunk below 1 record."""
+    _check(num_records, mode, rank, world_size, seed)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}; expected >= 1 records")
 
 
 def rank_records(num_records: int, mode: str, rank: int = 0, world_size: int = 1) -> int:
@@ -259,9 +272,7 @@ def read_spans(num_records: int, mode: str = "train", *, seed: int = 0, epoch: i
     Returns:
         ``[(start, count), ...]``: read each with one forward cursor walk.
     """
-    _check(num_records, mode, rank, world_size, seed)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}; expected >= 1 records")
+    check(num_records, mode, rank, world_size, seed, chunk_size)
     if epoch < 0:
         raise ValueError(f"epoch={epoch}; expected a non-negative integer")
     if mode == "val":

@@ -9,9 +9,12 @@ Memory: ``size`` x mean record size (compressed JPEG bytes; ImageNet ~110 KB). T
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
 import numpy as np
+
+__all__ = ["DEFAULT_NODE_BUFFER_BYTES", "IMAGENET_MEAN_RECORD_BYTES", "ShuffleBuffer",
+           "buffered_shuffle", "buffer_records"]
 
 T = TypeVar("T")
 
@@ -34,8 +37,8 @@ class ShuffleBuffer:
     ``run(rest)`` continues with input item ``consumed`` onwards, exactly as the
     uninterrupted stream would have.
 
-    Interface: iterate (``run``); ``state()`` (``consumed``/``emitted`` counts);
-    ``fast_forward`` + ``fill`` restore; ``close()`` drops the buffer.
+    Interface: iterate (``run``); ``consumed`` / ``emitted`` count the items taken and given;
+    ``fast_forward`` + ``fill`` restore it from a stream position (all a resume stores).
     """
 
     def __init__(self, size: int, rng: np.random.Generator):
@@ -142,12 +145,6 @@ class ShuffleBuffer:
             return
         left = set(self.drain[self.drain_pos:].tolist())  # given out already: not read again
         self.buf = [lookup(x) if j in left else None for j, x in enumerate(self.buf)]
-
-    def state(self) -> Dict[str, int]:
-        return {"consumed": self.consumed, "emitted": self.emitted}
-
-    def close(self) -> None:
-        self.buf = []
 
 
 def buffered_shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:

@@ -1,13 +1,17 @@
 """The plan stage: one rank's epoch as contiguous reads, and as record ids, from any position.
 
-A :class:`Plan` is a pure function of (split size, mode, seed, epoch, rank, world size,
-shuffle, chunk size): :mod:`.order` computes it, no data is read. Iterating ``plan.spans(e)``
-gives the ``(first record, count)`` reads of epoch ``e``; ``plan.ids(e)`` the records in
-reading order (before the shuffle buffer); ``plan.spans_from(e, pos)`` the reads from input
-position ``pos`` on (a resume). Stateless: no ``state()``; ``close()`` is a no-op.
+A :class:`Plan` holds every parameter of the order -- split size, mode, seed, rank, world size,
+shuffle, chunk size and shuffle buffer size -- and is checked when it is made. The order is a
+pure function of those and the epoch: :mod:`.order` computes it, no data is read.
+``plan.spans(e)`` gives the ``(first record, count)`` reads of epoch ``e``; ``plan.ids(e)`` the
+records in reading order (before the shuffle buffer); ``plan.spans_from(e, pos)`` the reads
+from input position ``pos`` on (a resume); ``plan.shuffle_rng(e)`` the shuffle buffer's
+randomness and ``plan.epoch_order(e)`` the records in the order they come out of it.
+Stateless: a resume needs nothing of it but the epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -15,6 +19,8 @@ import numpy as np
 
 from imagenet_seq.plan import order
 from imagenet_seq.plan.order import slice_spans
+
+__all__ = ["Plan", "merge_ids", "slice_spans"]
 
 
 def merge_ids(ids: Sequence[int]) -> List[order.Span]:
@@ -30,6 +36,21 @@ def merge_ids(ids: Sequence[int]) -> List[order.Span]:
 
 @dataclass(frozen=True)
 class Plan:
+    """Which records one rank reads in an epoch, and in which order.
+
+    Attributes:
+        num_records: records in the split.
+        mode: ``'train'`` (equal shares) or ``'val'`` (contiguous slices, every record once).
+        seed: the randomness of the order (and, in the Loader, of the augmentation).
+        rank, world_size: this rank's place in the job.
+        shuffle: permute chunks and mix them through the shuffle buffer.
+        chunk_size: records per contiguous read (``order.DEFAULT_CHUNK_RECORDS``: automatic).
+        buffer_size: shuffle buffer in records (used only with ``shuffle``; <= 1: none).
+
+    Raises:
+        ValueError: a combination no epoch can have (:func:`order.check`).
+    """
+
     num_records: int
     mode: str = "train"
     seed: int = 0
@@ -37,6 +58,25 @@ class Plan:
     world_size: int = 1
     shuffle: bool = True
     chunk_size: int = order.DEFAULT_CHUNK_RECORDS
+    buffer_size: int = 0
+
+    def __post_init__(self) -> None:
+        order.check(self.num_records, self.mode, self.rank, self.world_size, self.seed,
+                    self.chunk_size)
+
+    @property
+    def shuffled(self) -> bool:
+        """Records go through a shuffle buffer (``shuffle`` and a buffer of 2 or more)."""
+        return self.shuffle and self.buffer_size > 1
+
+    @property
+    def records(self) -> int:
+        """Records this rank reads per epoch (train: ``N // W``; val: its slice)."""
+        return order.rank_records(self.num_records, self.mode, self.rank, self.world_size)
+
+    def for_rank(self, rank: int) -> "Plan":
+        """The same plan for another rank of the job."""
+        return dataclasses.replace(self, rank=rank)
 
     def spans(self, epoch: int) -> List[order.Span]:
         return order.read_spans(self.num_records, self.mode, seed=self.seed, epoch=epoch,
@@ -56,5 +96,13 @@ class Plan:
         spans = self.spans(epoch)
         return slice_spans(spans, position, sum(c for _, c in spans))
 
-    def close(self) -> None:
-        pass
+    def shuffle_rng(self, epoch: int) -> np.random.Generator:
+        """The shuffle buffer's randomness in ``epoch``."""
+        return order.shuffle_rng(self.seed, epoch, self.rank)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Record indices in the order this rank yields them in ``epoch`` (no data read)."""
+        return order.epoch_order(self.num_records, self.mode, seed=self.seed, epoch=epoch,
+                                 rank=self.rank, world_size=self.world_size,
+                                 shuffle=self.shuffle, chunk_size=self.chunk_size,
+                                 buffer_size=self.buffer_size)

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 
 from imagenet_seq.format.lmdbfile import data_file
 
+__all__ = ["drop_cache", "page_residency", "cached_fraction", "evict"]
+
 
 def drop_cache(path: str, fd: Optional[int] = None) -> None:
     """Ask the kernel to drop ``path``'s cached pages.

@@ -20,6 +20,8 @@ import numpy as np
 
 from imagenet_seq.read.evict import page_residency
 
+__all__ = ["PREFETCH_BYTES", "DISK_TURNS", "forward_runs", "DiskLock", "Prefetch"]
+
 PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
 _FADVISE_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
 

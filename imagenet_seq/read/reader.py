@@ -25,6 +25,8 @@ from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets as offsets_index
 from imagenet_seq.read.readahead import Prefetch, forward_runs
 
+__all__ = ["SplitReader"]
+
 
 class SplitReader:
     """Reads records of one split. Opens the LMDB lazily (after fork), in ``reset_state``;

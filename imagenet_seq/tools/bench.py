@@ -30,12 +30,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.read import readahead
 from imagenet_seq.read.evict import evict
 from imagenet_seq.tools.bench_report import format_table, judge_limit, write_plot
 from imagenet_seq.tools.info import summary_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+__all__ = ["MIN_IMAGES", "MIN_SECONDS", "MAX_EPOCHS", "BenchError",
+           "Measurement", "measure_stream", "measure_pipeline", "list_images", "measure_folder",
+           "build_parser", "open_split", "run", "main"]
+
 # a figure resting on less than this is flagged as rough
 MIN_IMAGES = 1000
 MIN_SECONDS = 3.0
@@ -168,12 +172,13 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     # the next epoch ahead during this one's tail would have read part of it before the drop
     loader = Loader(root, split, batch_size=batch_size, num_workers=workers,
                     shuffle=(split == "train"), buffer_size=buffer_size, overlap_epochs=False)
-    m.buffer_records = loader.buffer_size
+    settings = loader.settings
+    m.buffer_records = settings.order.plan.buffer_size
     # delivered images up to which the reader is still reading from the device: the buffer's
     # records, the batches in flight and the read-ahead's bytes were read ahead of them
     ahead = math.ceil(readahead.PREFETCH_BYTES / max(1.0, mean_record_bytes))
-    device_end = (loader.num_records - loader.buffer_size - loader.prefetch * batch_size
-                  - ahead)
+    device_end = (settings.order.records - m.buffer_records
+                  - settings.runtime.prefetch * batch_size - ahead)
     m.fits_buffer = device_end <= batch_size  # not one batch while the reader still reads
     bar = _progress("full pipeline", seconds, progress)
     epochs: List[Tuple[int, float]] = []
@@ -235,6 +240,8 @@ def list_images(folder: str) -> List[str]:
     Raises:
         BenchError: ``folder`` is missing or holds no images.
     """
+    from imagenet_seq.convert.images import IMAGE_EXTENSIONS  # what the converter reads
+
     if not os.path.isdir(folder):
         raise BenchError(f"--folder {folder!r} is not a folder; pass the raw ImageFolder split, "
                          "e.g. /data/imagenet/train")
@@ -311,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure how fast this storage feeds training from the LMDBs (and from the "
                     "raw folders) and project hours for N epochs.")
     p.add_argument("lmdb", help="folder with ILSVRC-<split>.lmdb (output of preprocess), or the file")
-    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
+__all__ = ["DISK_BOUND_FRACTION", "MIN_STEADY_IMAGES", "judge_limit", "format_table", "write_plot"]
+
 # the pipeline counts as disk-bound while it keeps this fraction of the raw stream's rate
 DISK_BOUND_FRACTION = 0.8
 # the pipeline's steady window must hold this many images to judge the limiting stage

@@ -27,6 +27,9 @@ from imagenet_seq.convert import cli as preprocess_cli
 from imagenet_seq.tools.info import summary_line
 from imagenet_seq.tools.sample import PHOTOS, make_sample_imagefolder
 
+__all__ = ["IMAGENET_TRAIN_IMAGES", "IMAGENET_EPOCHS", "find_example", "load_example",
+           "full_run_hours", "parse_args", "run", "main"]
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_EPOCHS = 90
 _REL = os.path.join("examples", "imagenet", "main.py")

@@ -1,7 +1,8 @@
 """Shuffle diagnostics: how close a configuration's batches are to a full random shuffle.
 
-Computed from the order plan (:func:`imagenet_seq.plan.order.epoch_order`) and the labels stored in
-the file: no image is read or decoded, so ImageNet-sized configurations take seconds.
+Computed from the order plan (:class:`imagenet_seq.plan.stage.Plan`, resolved as the Loader
+resolves it) and the labels stored in the file: no image is read or decoded, so ImageNet-sized
+configurations take seconds.
 
 * **label diversity**: mean number of distinct labels per batch, against the expectation for a
   full shuffle (batches drawn without replacement from the whole split).
@@ -28,7 +29,13 @@ from typing import Dict, List, Optional, TextIO
 
 import numpy as np
 
+from imagenet_seq.format import SPLITS
 from imagenet_seq.plan import order
+from imagenet_seq.plan.stage import Plan
+
+__all__ = ["batch_ids", "distinct_labels_per_batch", "mean_distinct_labels",
+           "full_shuffle_distinct_labels", "cobatch_repetition", "ShuffleReport",
+           "shuffle_report", "loader_report", "write_plot", "build_parser", "main"]
 
 
 def batch_ids(num_records: int, mode: str = "train", *, batch_size: int, seed: int = 0,
@@ -36,12 +43,15 @@ def batch_ids(num_records: int, mode: str = "train", *, batch_size: int, seed: i
               chunk_size: int = order.DEFAULT_CHUNK_RECORDS, buffer_size: int = 0,
               drop_last: bool = False) -> np.ndarray:
     """Global batch id of every record in ``epoch`` (all ranks; ``-1``: not read this epoch)."""
-    ids = np.full(num_records, -1, np.int64)
+    plan = Plan(num_records, mode, seed, 0, world_size, shuffle, chunk_size, buffer_size)
+    return _batch_ids(plan, batch_size, drop_last, epoch)
+
+
+def _batch_ids(plan: Plan, batch_size: int, drop_last: bool, epoch: int) -> np.ndarray:
+    ids = np.full(plan.num_records, -1, np.int64)
     offset = 0
-    for rank in range(world_size):
-        seq = order.epoch_order(num_records, mode, seed=seed, epoch=epoch, rank=rank,
-                                world_size=world_size, shuffle=shuffle, chunk_size=chunk_size,
-                                buffer_size=buffer_size)
+    for rank in range(plan.world_size):
+        seq = plan.for_rank(rank).epoch_order(epoch)
         if drop_last:
             seq = seq[: len(seq) // batch_size * batch_size]
         ids[seq] = offset + np.arange(len(seq)) // batch_size
@@ -163,16 +173,23 @@ def shuffle_report(labels: np.ndarray, *, batch_size: int, mode: str = "train", 
         other arguments: as for the Loader (``buffer_size`` in records).
     """
     labels = np.asarray(labels, np.int64)
+    plan = Plan(len(labels), mode, seed, 0, world_size, shuffle, chunk_size, buffer_size)
+    return _report(labels, plan, batch_size, drop_last, epoch)
+
+
+def _report(labels: np.ndarray, plan: Plan, batch_size: int, drop_last: bool,
+            epoch: int) -> ShuffleReport:
+    """:func:`shuffle_report` of ``plan`` (any rank of it: every rank's batches count)."""
+    labels = np.asarray(labels, np.int64)
     n = len(labels)
-    kw = dict(batch_size=batch_size, seed=seed, world_size=world_size, shuffle=shuffle,
-              chunk_size=chunk_size, buffer_size=buffer_size, drop_last=drop_last)
-    ids_a = batch_ids(n, mode, epoch=epoch, **kw)
-    ids_b = batch_ids(n, mode, epoch=epoch + 1, **kw)
+    ids_a = _batch_ids(plan, batch_size, drop_last, epoch)
+    ids_b = _batch_ids(plan, batch_size, drop_last, epoch + 1)
     got = mean_distinct_labels(ids_a, labels)
     ref = full_shuffle_distinct_labels(labels, batch_size)
-    return ShuffleReport(n, batch_size, world_size, chunk_size, buffer_size, got, ref,
-                         got / ref if ref else 1.0, cobatch_repetition(ids_a, ids_b),
-                         (min(batch_size, n) - 1) / max(1, n - 1), mode, bool(shuffle), epoch)
+    return ShuffleReport(n, batch_size, plan.world_size, plan.chunk_size, plan.buffer_size, got,
+                         ref, got / ref if ref else 1.0, cobatch_repetition(ids_a, ids_b),
+                         (min(batch_size, n) - 1) / max(1, n - 1), plan.mode,
+                         bool(plan.shuffle), epoch)
 
 
 def _ratio(a: float, b: float) -> str:
@@ -194,15 +211,13 @@ def loader_report(loader, epoch: Optional[int] = None, *, quiet: bool = False,
     Raises:
         ValueError: the file stores no labels (original-tool LMDBs).
     """
-    rep = shuffle_report(_labels_of(loader.reader), batch_size=loader.batch_size,
-                         mode=loader.mode, seed=loader.seed,
-                         epoch=loader.epoch if epoch is None else epoch,
-                         world_size=loader.world_size, shuffle=loader.shuffle,
-                         chunk_size=loader.chunk_size, buffer_size=loader.buffer_size,
-                         drop_last=loader.drop_last)
+    settings = loader.settings
+    planned, plan = settings.order, settings.order.plan
+    rep = _report(_labels_of(loader.reader), plan, planned.batch_size, planned.drop_last,
+                  loader.epoch if epoch is None else epoch)
     if not quiet:
-        print(rep.table(f"{loader.reader.path} ({loader.mode}), rank "
-                        f"{loader.rank} of {loader.world_size}"), file=file)
+        print(rep.table(f"{settings.data.path} ({plan.mode}), rank "
+                        f"{plan.rank} of {plan.world_size}"), file=file)
     return rep
 
 
@@ -255,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "diversity per batch, co-batch repetition between epochs), from the "
                     "labels stored in the LMDB; no image is read.")
     p.add_argument("root", help="folder with ILSVRC-<split>.lmdb (or the file)")
-    p.add_argument("--split", default="train", choices=("train", "val"))
+    p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--batch-size", type=int, default=256, help="per rank")
     p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job")
     p.add_argument("--ranks-per-machine", type=int,
@@ -276,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry: 0, or 2 with a one-line message naming the bad value."""
-    from imagenet_seq.loader.config import mean_record_bytes
-    from imagenet_seq.plan.shuffle import buffer_records
+    from imagenet_seq.loader.config import mean_record_bytes, resolve_order
     from imagenet_seq.read.reader import SplitReader
 
     args = build_parser().parse_args(argv)
@@ -292,13 +306,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             mean = mean_record_bytes(reader.meta, reader, len(reader))  # as the Loader's
         finally:
             reader.close()
-        shuffle = args.split == "train" and not args.no_shuffle
-        local = args.ranks_per_machine or min(args.world_size, 8)
-        buffer = buffer_records(args.buffer_size, None, mean, local) if shuffle else 0
-        rep = shuffle_report(labels, batch_size=args.batch_size, mode=args.split, seed=args.seed,
-                             epoch=args.epoch, world_size=args.world_size, shuffle=shuffle,
-                             chunk_size=args.chunk_size, buffer_size=buffer,
-                             drop_last=args.drop_last)
+        # the Loader's order for these arguments: its shuffle, chunk and buffer defaults
+        planned = resolve_order(
+            len(labels), args.split, mean, batch_size=args.batch_size,
+            drop_last=args.drop_last, shuffle=False if args.no_shuffle else None,
+            seed=args.seed, rank=0, world_size=args.world_size,
+            local_world_size=args.ranks_per_machine or min(args.world_size, 8),
+            chunk_size=args.chunk_size, buffer_size=args.buffer_size, buffer_bytes=None)
+        rep = _report(labels, planned.plan, args.batch_size, args.drop_last, args.epoch)
         if args.plot:
             write_plot(rep, labels, args.plot, args.seed)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 
 PRCTL_PIP = 'apt-get install libcap-dev && pip install "imagenet_seq[prctl]"'
 DALI_PIP = 'pip install "imagenet_seq[dali]"'
-IMAGENET_MEAN_KB = 110  # ImageNet's mean JPEG record, for the buffer's size in records
+
+__all__ = ["crop_decode_status", "runtime_report", "summary_line", "format_report", "main"]
 
 
 def _version(dist: str) -> Optional[str]:
@@ -76,8 +77,9 @@ def runtime_report() -> Dict[str, Any]:
     """Versions, optional parts (on/off and why) and the Loader's defaults on this machine."""
     import imagenet_seq
     from imagenet_seq.loader.config import default_workers
-    from imagenet_seq.plan.distributed import resolve_rank
-    from imagenet_seq.plan.shuffle import DEFAULT_NODE_BUFFER_BYTES, buffer_records
+    from imagenet_seq.loader.ranks import resolve_rank
+    from imagenet_seq.plan.shuffle import (DEFAULT_NODE_BUFFER_BYTES,
+                                           IMAGENET_MEAN_RECORD_BYTES, buffer_records)
 
     versions = {"python": platform.python_version(), "imagenet_seq": imagenet_seq.__version__}
     for dist in ("torch", "torchvision", "numpy", "opencv-python-headless", "lmdb", "pillow",
@@ -97,8 +99,8 @@ def runtime_report() -> Dict[str, Any]:
         "ranks_on_this_machine": local,
         "default_workers": default_workers(local),
         "default_buffer_bytes": buffer_bytes,
-        "default_buffer_records_imagenet": buffer_records(None, None, IMAGENET_MEAN_KB * 1000,
-                                                          local),
+        "default_buffer_records_imagenet": buffer_records(None, None,
+                                                          IMAGENET_MEAN_RECORD_BYTES, local),
     }
 
 
@@ -125,13 +127,15 @@ def format_report(r: Dict[str, Any]) -> str:
                          ("DALI", r["dali"]), ("CUDA", r["cuda"])]
     for name, part in rows:
         lines.append(f"{name:<12} {_onoff(part):<4} {part['why']}")
+    from imagenet_seq.plan.shuffle import IMAGENET_MEAN_RECORD_BYTES
+
     gib = r["default_buffer_bytes"] / (1 << 30)
     lines += ["",
               f"CPUs usable by this process: {r['cpus']}; ranks on this machine: "
               f"{r['ranks_on_this_machine']} (LOCAL_WORLD_SIZE)",
               f"Loader defaults: num_workers={r['default_workers']} (CPUs / ranks), shuffle "
               f"buffer {gib:.2f} GiB per rank = ~{r['default_buffer_records_imagenet']:,} "
-              f"records of {IMAGENET_MEAN_KB} KB (ImageNet's mean)"]
+              f"records of {IMAGENET_MEAN_RECORD_BYTES // 1000} KB (ImageNet's mean)"]
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
+__all__ = ["PHOTOS", "imagenet_like_jpeg", "make_sample_imagefolder"]
+
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
 

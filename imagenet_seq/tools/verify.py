@@ -25,6 +25,8 @@ from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets
 
+__all__ = ["MAX_PROBLEMS", "SplitReport", "verify_split", "summary", "as_dicts"]
+
 MAX_PROBLEMS = 10000  # records listed per split; the count goes on
 
 

@@ -16,6 +16,8 @@ from imagenet_seq.format.lmdbdir import is_env_folder
 from imagenet_seq import format as fmt
 from imagenet_seq.tools.verify import as_dicts, summary, verify_split
 
+__all__ = ["main"]
+
 
 def _paths(root: str, splits: str) -> List[str]:
     """The split files to check; a folder in a split file's place is kept, so that its

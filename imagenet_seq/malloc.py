@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 from typing import Optional
 
+__all__ = ["M_TRIM_THRESHOLD", "M_MMAP_THRESHOLD", "keep_decode_buffers", "trim"]
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 

@@ -2,12 +2,16 @@
 
 torchrun (``env://``) users call ``torch.distributed.init_process_group`` and then create the
 Loader; it finds its rank there. Tests and custom launchers pass ``rank=`` and ``world_size=``.
+The only place that asks the environment (``LOCAL_WORLD_SIZE``) and ``torch.distributed``:
+called once, when a Loader resolves its settings (:func:`imagenet_seq.loader.config.resolve`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+__all__ = ["RankInfo", "resolve_rank", "local_world_size"]
 
 
 @dataclass(frozen=True)
@@ -26,16 +30,30 @@ class RankInfo:
     local_world_size: int
 
 
-def _local_world(world_size: int) -> int:
-    raw = os.environ.get("LOCAL_WORLD_SIZE")
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if 1 <= value <= world_size:
-            return value
-    return world_size
+def local_world_size(world_size: int) -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun) when it is a number in
+    ``1..world_size``, else ``world_size``.
+
+    A job that spawns its own ranks under torchrun (PyTorch's ImageNet example with
+    ``--multiprocessing-distributed``: one torchrun process per node, then one spawned rank
+    per GPU) keeps torchrun's ``LOCAL_WORLD_SIZE=1`` and ``WORLD_SIZE`` = nodes in every rank,
+    while its process group has ``world_size`` ranks: the node then runs
+    ``LOCAL_WORLD_SIZE * world_size / WORLD_SIZE`` of them, not 1 (each would otherwise take
+    the whole machine's shuffle memory)."""
+    value = _env_int("LOCAL_WORLD_SIZE")
+    if value is None or not 1 <= value <= world_size:
+        return world_size
+    launched = _env_int("WORLD_SIZE")
+    if launched and launched != world_size and world_size % launched == 0:
+        value = min(world_size, value * (world_size // launched))
+    return value
+
+
+def _env_int(name: str) -> Optional[int]:
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return None
 
 
 def resolve_rank(rank: Optional[int] = None, world_size: Optional[int] = None,
@@ -80,4 +98,4 @@ def _checked(rank: int, world_size: int) -> RankInfo:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} with world_size={world_size}; expected "
                          f"0 <= rank < {world_size}")
-    return RankInfo(rank, world_size, _local_world(world_size))
+    return RankInfo(rank, world_size, local_world_size(world_size))
