@@ -2,6 +2,7 @@
 
     python tests/node_ranks.py LMDB OUT --rank R --world-size W --local-world-size L --job KEY
         [--epochs 0 1] [--position P] [--ring-bytes B] [--sleep S] [--forever]
+        [--stop-after N] [--linger S]
 
 Reads its node-plan spans of each epoch through a NodeClient and writes, as JSON to OUT:
 records, labels and a digest of every record's bytes, the reader's pid, and -- if reading
@@ -32,7 +33,11 @@ def main():
     p.add_argument("--ring-bytes", type=int, default=None)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--forever", action="store_true")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="leave the read after this many records and close (a rank done early)")
     p.add_argument("--no-close", action="store_true")
+    p.add_argument("--linger", type=float, default=0.0,
+                   help="seconds to wait, reading nothing, before closing")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--fork-child", action="store_true",
                    help="fork a child that sleeps (it must not keep the connection alive)")
@@ -82,11 +87,14 @@ def main():
                             f.write(str(done))
                     if args.sleep:
                         time.sleep(args.sleep)
+                    if args.stop_after is not None and done >= args.stop_after:
+                        break
                 out["epochs"][str(e)] = dict(records=recs, labels=labels, digests=digests)
-            if not args.forever:
+            if not args.forever or args.stop_after is not None and done >= args.stop_after:
                 break
     except Exception as e:  # noqa: BLE001 - reported to the test
         out["error"] = dict(type=type(e).__name__, message=str(e), at=time.time())
+    time.sleep(args.linger)
     if not args.no_close:
         client.shutdown()
     with open(args.out + ".tmp", "w") as f:

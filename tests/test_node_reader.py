@@ -192,6 +192,84 @@ def test_a_slow_rank_gets_its_records_and_so_do_the_others(many, tmp_path):
         assert res["epochs"]["0"]["digests"] == direct(many, "train", r, 2, 2, 0)["digests"]
 
 
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """100 train records of tens of KB: whole-record sends fill a socket's buffer."""
+    root = tmp_path_factory.mktemp("node_large_src")
+    make_sample_imagefolder(str(root), train_per_class=25, val_per_class=2, num_classes=4,
+                            seed=5, size=(320, 240), quality=95)
+    from imagenet_seq.convert.cli import main
+    out = str(tmp_path_factory.mktemp("node_large_lmdb"))
+    assert main([str(root), out, "--workers", "0", "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("data,stop_after,ring,linger", [
+    ("many", None, None, 0), ("many", 5, None, 0), ("many", 5, 8192, 0),
+    ("large", 1, 4096, 0.5),
+])
+def test_a_rank_that_finishes_early_and_says_goodbye_leaves_the_others_reading(
+        request, tmp_path, data, stop_after, ring, linger):
+    """A rank that closes while the reader sends it a record or its DONE is not dead: the
+    others read on, exact, and nobody gets an error (issue 24 benchmark finding)."""
+    many = request.getfixturevalue(data)
+    names, dev_shm = our_names(), shm()
+    job = f"early-{data}-{stop_after}-{ring}"
+    ring_args = [] if ring is None else ["--ring-bytes", str(ring)]
+    first = ["--epochs", "0", "--linger", str(linger)] + ring_args + (
+        [] if stop_after is None else ["--stop-after", str(stop_after)])
+    procs = start(many, tmp_path, 3, 3, job, ranks=[0], args=first)
+    procs.update(start(many, tmp_path, 3, 3, job, ranks=[1, 2],
+                       args=["--epochs", "0", "1", "2", "--sleep", "0.002"] + ring_args))
+    results = finish(procs)
+    for r, res in results.items():
+        assert res["error"] is None, res
+        assert "stops" not in res["stderr"], res["stderr"]
+        if r == 0:
+            continue
+        for e, got in res["epochs"].items():
+            assert got["digests"] == direct(many, "train", r, 3, 3, int(e))["digests"]
+    wait_gone(results[1]["reader_pid"])
+    assert not left_behind(names, dev_shm)
+
+
+def test_a_goodbye_during_a_blocked_send_is_not_a_death(large, tmp_path, monkeypatch):
+    """Deterministic: rank 0 (here, in the test) stops draining its socket, so the reader is
+    inside a send of a whole record to it; rank 0 says BYE and closes. The send fails, the
+    reader must see the goodbye, drop rank 0 and keep serving ranks 1 and 2 to the end."""
+    names, dev_shm = our_names(), shm()
+    job = "bye-in-send"
+    reader = SplitReader(large, "train")
+    client = NodeClient(reader, rank=0, world_size=3, local_world_size=3, seed=7, job=job,
+                        chunk_size=None, ring_bytes=4096, connect_timeout=60)
+    procs = start(large, tmp_path, 3, 3, job, ranks=[1, 2],
+                  args=["--epochs", "0", "1", "2", "3", "4", "5", "--sleep", "0.03",
+                        "--ring-bytes", "4096"])
+    link = client._link
+    hold, real = threading.Event(), wire.recv
+    monkeypatch.setattr(wire, "recv", lambda sock: (hold.wait(), real(sock))[1])
+    spans = node.epoch_spans(len(reader), "train", seed=7, epoch=0, rank=0, world_size=3,
+                             local_world_size=3)
+    pieces = client._pieces(spans)
+    link.send(wire.READ, {"req": 99}, pieces)
+    time.sleep(1.0)  # the reader is now blocked sending rank 0 its records (tens of KB each)
+    with link.send_lock:
+        wire.send(link.sock, wire.BYE)
+    link.sock.shutdown(socket.SHUT_RDWR)
+    hold.set()
+    monkeypatch.setattr(wire, "recv", real)
+    client.shutdown()
+    results = finish(procs)
+    for r, res in results.items():
+        assert res["error"] is None, res
+        assert "stops" not in res["stderr"], res["stderr"]
+        assert len(res["epochs"]) == 6
+        for e, got in res["epochs"].items():
+            assert got["digests"] == direct(large, "train", r, 3, 3, int(e))["digests"]
+    wait_gone(results[1]["reader_pid"])
+    assert not left_behind(names, dev_shm)
+
+
 @pytest.mark.parametrize("victim", [0, 1])
 def test_kill_9_of_a_rank_is_named_to_the_others(many, tmp_path, victim):
     names, dev_shm = our_names(), shm()

@@ -22,7 +22,8 @@ i.e. a rank that stops consuming holds the others up once they have emptied thei
 only into an empty ring: a rank has at most its ring and one record on the way.
 
 Faults: a rank's socket closing without ``BYE`` (killed: the kernel closes it) makes the reader
-send ``FAIL`` naming it to every other rank and exit; a read error is sent to every rank (the
+send ``FAIL`` naming it to every other rank and exit (a send that fails because the rank said
+``BYE`` and closed meanwhile is no fault: the others are served on); a read error is sent to every rank (the
 rank it was for gets the original error type) and the reader exits; when the last rank says
 ``BYE`` the reader exits. Nothing outlives it: the socket name and the rings are anonymous.
 """
@@ -55,6 +56,7 @@ EXIT_IN_USE = 3
 GATHER_S = 0.25
 _HELLO_S = 10.0  # a connection must say who it is within this
 _SEND_S = 60.0  # a rank that takes no message for this long is treated as gone
+_BYE_S = 5.0  # after a failed send, how long the rank's BYE may take to be read
 
 
 class _Rank:
@@ -239,9 +241,9 @@ class NodeReader:
                     self.version += 1
                     self.cond.notify_all()
         elif kind == wire.BYE:
-            rank.bye = True
             self.sel.unregister(rank.sock)
             with self.cond:
+                rank.bye = True
                 if rank.request is not None:
                     rank.request.cancelled = True
                 del self.ranks[rank.id]
@@ -281,13 +283,28 @@ class NodeReader:
                     plan = sweep.merge(sorted(self._active(),
                                               key=lambda q: (q.owner.local, q.owner.id)))
                     version = self.version
-                self._read(plan, version)
-        except _Gone as e:  # its socket broke: the control loop names it to the others
-            time.sleep(5.0)
-            self._fatal(f"{e.rank.name()} stopped taking messages ({e.error}); the node "
-                        "reader stops", skip=e.rank)
+                try:
+                    self._read(plan, version)
+                except _Gone as e:
+                    if not self._said_bye(e.rank):
+                        self._fatal(f"{e.rank.name()} stopped taking messages ({e.error}); "
+                                    "the node reader stops", skip=e.rank)
         except BaseException as e:  # noqa: BLE001 - any failure ends the reader, told to all
             self._read_failed(e)
+
+    def _said_bye(self, rank: _Rank) -> bool:
+        """After a send to ``rank`` failed: whether it said goodbye (it closed its Loader
+        while a record or its DONE was on the way: the others are served on). Its request
+        leaves the sweep; the control loop reads its last messages -- a ``BYE``, or a socket
+        closed without one (killed: the control loop tells the others)."""
+        with self.cond:
+            if rank.request is not None:
+                rank.request.cancelled = True
+                self.version += 1
+            deadline = time.monotonic() + _BYE_S
+            while not rank.bye and time.monotonic() < deadline:
+                self.cond.wait(deadline - time.monotonic())
+            return rank.bye
 
     @staticmethod
     def _tell(rank: _Rank, kind: bytes, head: dict, payload=b"") -> None:
