@@ -2,10 +2,11 @@
 
     RANK=r WORLD_SIZE=w LOCAL_WORLD_SIZE=l python tests/node_loader_ranks.py LMDB OUT
         [--node-reader auto|on|off] [--epochs 0 1] [--mode train] [--save-after K]
-        [--resume STATE.json] [--forever] [--gloo]
+        [--resume STATE.json] [--forever]
 
-Takes its rank from the environment as torchrun sets it (``--gloo``: from a gloo process
-group made by torchrun instead). Writes, as JSON to OUT: whether the node reader is on, the
+Takes its rank from the environment as torchrun sets it (the gloo/torchrun path is
+tests/ddp_ranks.py's, run by tests/test_ddp.py with the node reader on). Writes, as JSON to
+OUT: whether the node reader is on, the
 plan's name, the reader's pid, and per epoch every batch's records (``last_batch_records``),
 targets and a digest of its pixels. ``--save-after K``: in the first epoch, the state after K
 batches (then the pass goes on). ``--resume``: load that state first and read the rest of its
@@ -33,23 +34,13 @@ def main():
     p.add_argument("--save-after", type=int, default=None)
     p.add_argument("--resume", default=None)
     p.add_argument("--forever", action="store_true")
-    p.add_argument("--gloo", action="store_true")
     args = p.parse_args()
     import faulthandler
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung rank's stacks on demand
 
     from imagenet_seq.data import Loader
 
-    if args.gloo:
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method="env://",
-                                timeout=datetime.timedelta(seconds=60))
-        where = {}
-    else:
-        where = dict(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    where = dict(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     flag = dict(auto=None, on=True, off=False)[args.node_reader]
     out = dict(rank=int(os.environ["RANK"]), epochs={}, error=None, state=None)
     try:

@@ -302,3 +302,24 @@ def test_an_uneven_layout_or_no_index_falls_back_with_one_line(data, sample_lmdb
     assert Loader(data, "train", **kw).settings.order.node_reader is False
     with pytest.raises(ValueError, match="node_reader="):
         Loader(data, "train", node_reader="yes", **kw)
+
+
+def test_close_says_goodbye_and_a_later_pass_connects_again(data, monkeypatch):
+    """One rank of two (the other never comes: the reader serves it alone)."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"close-{os.getpid()}")
+    ld = Loader(data, "train", batch_size=4, num_workers=0, rank=0, world_size=2, seed=3,
+                chunk_size=4, buffer_size=8)
+    assert ld.settings.order.node_reader is True
+    first_client = ld.reader
+    ld.set_epoch(1)
+    a = [[int(r) for r in ld.last_batch_records] for _ in ld]
+    ld.close()
+    with pytest.raises(Exception, match="shut down"):
+        list(first_client.read_spans(ld.plan.spans(1)))
+    gone(first_client.reader_pid)  # its last rank said goodbye: the reader exited
+    b = [[int(r) for r in ld.last_batch_records] for _ in ld]  # epoch 1 again: connects anew
+    assert ld.reader is not first_client and a == b and len(a) == len(ld)
+    assert [x for batch in a for x in batch] == [int(i) for i in ld.epoch_order(1)]
+    ld.close()
+    gone(ld.reader.reader_pid)
