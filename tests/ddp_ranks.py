@@ -48,7 +48,7 @@ def main():
     out = {"rank": rank, "world_size": world, "loader_rank": train.rank,
            "loader_world_size": train.world_size, "dataset_size": train.dataset_size,
            "train_len": [], "train_batches": [], "train_ids": [], "train_labels": [], "train_keys": [],
-           "train_num_records": [], "val_len": len(val), "val_ids": [], "val_labels": [], "val_keys": []}
+           "node_reader": train.settings.order.node_reader, "train_num_records": [], "val_len": len(val), "val_ids": [], "val_labels": [], "val_keys": []}
     for epoch in range(args.epochs):
         train.set_epoch(epoch)
         out["train_len"].append(len(train))

@@ -73,6 +73,7 @@ def test_ddp_loader_shards(colour_lmdb, tmp_path):
         assert (d["rank"], d["loader_rank"], d["loader_world_size"]) == (k, k, WORLD)
         assert d["dataset_size"] == N_TRAIN
         assert d["all_reduce"] == WORLD
+        assert d["node_reader"] is True  # torchrun, 2 ranks on this node: one node reader
     train_sets = []
     for e in range(epochs):
         # every rank: the same number of batches, equal to len(loader)

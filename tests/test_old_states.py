@@ -61,6 +61,8 @@ def test_the_same_steps_save_the_same_state_as_before(sample_lmdb, case):
     del it
     ld.close()
     old = dict(case["state"])
-    ignore = {"path"} | ({"fingerprint"} if now["fingerprint"] != old["fingerprint"] else set())
+    assert now["plan"] == "rank-1"  # today's plan: the node reader is off for these Loaders
+    ignore = {"path", "plan", "local_world_size"} | (
+        {"fingerprint"} if now["fingerprint"] != old["fingerprint"] else set())
     assert {k: v for k, v in now.items() if k not in ignore} == \
         {k: v for k, v in old.items() if k not in ignore}

@@ -12,7 +12,8 @@ group    fields
 data     ``path``, ``mode``, ``classes``, ``num_records``, ``mean_record_bytes``, ``meta``,
          ``verify``, ``check_split``
 order    ``plan`` (:class:`~imagenet_seq.plan.stage.Plan`: seed, rank, world size, shuffle,
-         chunk size, buffer size), ``batch_size``, ``drop_last``, ``local_world_size``
+         chunk size, buffer size, node plan or not), ``batch_size``, ``drop_last``,
+         ``local_world_size``, ``node_reader`` (one reader per node: the node plan)
 decode   ``decoder``, ``transform``, ``collate``, ``image_size``, ``resize_size``, ``scale``,
          ``ratio``, ``num_workers``, ``worker_type``, ``skip_broken``, ``channels_last``
 device   ``device``, ``pin_memory``, ``pin`` (pinning really happens: no ``device``, CUDA seen)
@@ -25,6 +26,7 @@ a new value (:meth:`Settings.with_image_size`); a :class:`Current` holds the Loa
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -32,7 +34,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from imagenet_seq.format import SPLITS
-from imagenet_seq.loader.ranks import resolve_rank
+from imagenet_seq.loader.ranks import node_layout, resolve_rank
 from imagenet_seq.plan import order
 from imagenet_seq.plan.shuffle import buffer_records
 from imagenet_seq.plan.stage import Plan
@@ -41,6 +43,8 @@ __all__ = ["Settings", "DataSettings", "OrderSettings", "DecodeSettings", "Devic
            "RuntimeSettings", "Current", "resolve", "resolve_order", "memory_bound",
            "default_workers", "mean_record_bytes", "check_size", "MAX_IMAGE_SIZE",
            "WORKER_TYPES"]
+
+log = logging.getLogger(__name__)
 
 WORKER_TYPES = ("process", "thread")
 #: Largest ``image_size`` / ``resize_size`` (pixels per side) a Loader accepts: 18x ImageNet's
@@ -72,6 +76,7 @@ class OrderSettings:
     batch_size: int
     drop_last: bool
     local_world_size: int  # ranks on this machine (they share its default buffer budget)
+    node_reader: bool = False  # read through the node's reader (plan.node_ranks > 0)
 
     @property
     def batches(self) -> int:
@@ -278,24 +283,48 @@ def _make_transform(transform: Optional[Callable], mode: str, image_size: int,
 def resolve_order(num_records: int, mode: str, mean_bytes: float, *, batch_size: int,
                   drop_last: bool, shuffle: Optional[bool], seed: int, rank: int,
                   world_size: int, local_world_size: int, chunk_size: Optional[int],
-                  buffer_size: Optional[int], buffer_bytes: Optional[int]) -> OrderSettings:
+                  buffer_size: Optional[int], buffer_bytes: Optional[int],
+                  node_reader: bool = False) -> OrderSettings:
     """The order group from the Loader's order arguments (no file, no environment): what
     ``None`` means -- shuffle for train, the automatic chunk, the machine's buffer budget split
-    among its ranks -- for the Loader and for tools that plan without one (diagnostics)."""
+    among its ranks -- for the Loader and for tools that plan without one (diagnostics).
+    ``node_reader``: the node plan (nodes of ``local_world_size`` ranks) instead of today's."""
     shuffle = (mode == "train") if shuffle is None else bool(shuffle)
     chunk_size = chunk_size or order.DEFAULT_CHUNK_RECORDS
     order.check(num_records, mode, rank, world_size, seed, chunk_size)  # before the buffer
     buffer = buffer_records(buffer_size, buffer_bytes, mean_bytes, local_world_size) \
         if shuffle else 0
-    plan = Plan(num_records, mode, seed, rank, world_size, shuffle, chunk_size, buffer)
-    return OrderSettings(plan, batch_size, bool(drop_last), local_world_size)
+    plan = Plan(num_records, mode, seed, rank, world_size, shuffle, chunk_size, buffer,
+                local_world_size if node_reader else 0)
+    return OrderSettings(plan, batch_size, bool(drop_last), local_world_size, bool(node_reader))
+
+
+def _node_reader(requested: Optional[bool], ranks: Any, reader: Any) -> bool:
+    """Whether the Loader reads through the node's reader (:func:`.ranks.node_layout`, and the
+    file's offsets index); an automatic choice that cannot be says why in one log line."""
+    if requested is not None and not isinstance(requested, (bool, np.bool_)):
+        raise ValueError(f"node_reader={requested!r}; expected None (automatic), True or False")
+    on, why = node_layout(ranks, requested)
+    if on and not reader.indexed:
+        from imagenet_seq.format import offsets
+
+        why = (f"{reader.path} has no offsets index (add it with "
+               f"`{offsets.rebuild_command(reader.path)}`)")
+        if requested:
+            raise ValueError(f"node_reader=True, but {why}; or pass node_reader=None or False")
+        on = False
+    if why is not None and not on:
+        log.warning("imagenet_seq: rank %d reads %s with its own reader, not the node's: %s",
+                    ranks.rank, reader.path, why)
+    return on
 
 
 def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split: bool,
             verify: bool, batch_size: int, drop_last: bool, shuffle: Optional[bool],
             seed: int, chunk_size: Optional[int], buffer_size: Optional[int],
             buffer_bytes: Optional[int], rank: Optional[int], world_size: Optional[int],
-            distributed: Optional[bool], decoder: Union[str, Callable],
+            distributed: Optional[bool], node_reader: Optional[bool],
+            decoder: Union[str, Callable],
             num_workers: Optional[int], worker_type: Optional[str], image_size: int,
             resize_size: int, scale: Tuple[float, float], ratio: Tuple[float, float],
             skip_broken: bool, channels_last: bool, device: Any, pin_memory: bool,
@@ -327,13 +356,15 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     order.check(n, mode, ranks.rank, ranks.world_size, 0,
                 chunk_size or order.DEFAULT_CHUNK_RECORDS)  # before the mean record reads
     mean = mean_record_bytes(meta, reader, n)
+    node = _node_reader(node_reader, ranks, reader)
     data = DataSettings(str(reader.path), mode, tuple(meta.classes), n, mean, meta,
                         bool(verify), bool(check_split))
     plan_order = resolve_order(n, mode, mean, batch_size=batch_size, drop_last=drop_last,
                                shuffle=shuffle, seed=seed, rank=ranks.rank,
                                world_size=ranks.world_size,
                                local_world_size=ranks.local_world_size, chunk_size=chunk_size,
-                               buffer_size=buffer_size, buffer_bytes=buffer_bytes)
+                               buffer_size=buffer_size, buffer_bytes=buffer_bytes,
+                               node_reader=node)
     workers = default_workers(ranks.local_world_size) if num_workers is None else num_workers
     built, collate = _make_transform(transform, mode, image_size, resize_size, scale, ratio)
     decode = DecodeSettings(

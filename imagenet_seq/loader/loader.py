@@ -8,7 +8,6 @@ Everything the Loader does beyond holding these three is its public surface (ite
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import operator
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -91,6 +90,14 @@ class Loader:
         buffer_size / buffer_bytes: shuffle buffer in records / bytes for this rank.
         rank, world_size, distributed: see :func:`imagenet_seq.loader.ranks.resolve_rank`
             (default: the initialised ``torch.distributed`` group, else one rank).
+        node_reader: one reader process per node serving all its ranks (issue 24: one
+            forward sweep of the disk instead of one reader per rank). ``None`` (default): on
+            when the launcher runs several ranks on this node (``LOCAL_WORLD_SIZE`` > 1,
+            torchrun) and ``IMAGENET_SEQ_NODE_READER`` is not ``0``; per-rank readers, with
+            one log line saying why, when the layout is not torchrun's or the file lacks its
+            offsets index. ``False``: off; ``True``: on, or ValueError saying why not. When
+            on, the order is the node plan (:mod:`imagenet_seq.plan.node`: the same
+            guarantees, other orders): a mid-epoch state resumes only with the same setting.
 
         Decode -- what turns JPEG bytes into a batch:
 
@@ -143,7 +150,7 @@ class Loader:
                  seed: int = 0, chunk_size: Optional[int] = None,
                  buffer_size: Optional[int] = None, buffer_bytes: Optional[int] = None,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 distributed: Optional[bool] = None,
+                 distributed: Optional[bool] = None, node_reader: Optional[bool] = None,
                  # decode
                  decoder: Union[str, Callable] = "cpu", num_workers: Optional[int] = None,
                  worker_type: Optional[str] = None, image_size: int = 224,
@@ -159,6 +166,9 @@ class Loader:
         del arguments["self"]
         settings, self.reader = resolve(**arguments)
         self._current = Current(settings)
+        self._node_client_shut = False
+        if settings.order.node_reader:
+            self.reader = _node_client(settings, self.reader)
         self.finish = Finish(settings.device.pin, settings.device.device,
                              settings.decode.channels_last)
         self._cursor = resume_state.Cursor()
@@ -231,8 +241,8 @@ class Loader:
     # (PyTorch's ImageNet example, Lightning): see imagenet_seq/loader/faces.py
     sampler = property(lambda self: faces.LoaderSampler(self.settings.order, self._cursor),
                        doc=faces.LoaderSampler.__doc__)
-    dataset = property(lambda self: faces.LoaderDataset(self.settings, self.reader,
-                                                        self._cursor),
+    dataset = property(lambda self: faces.LoaderDataset(
+        self.settings, getattr(self.reader, "split_reader", self.reader), self._cursor),
                        doc=faces.LoaderDataset.__doc__)
     batch_sampler = None  # as a DataLoader given batches by its dataset (Lightning reads it)
 
@@ -306,13 +316,23 @@ class Loader:
         number), resume point and workers are fixed then, not here. An iterator made and
         dropped without yielding (Lightning makes two before it calls ``set_epoch``) changes
         nothing: no epoch is consumed, no earlier pass is stopped."""
-        return LazyPass(functools.partial(self._passes.start, self._current, self._cursor))
+        return LazyPass(self._start_pass)
+
+    def _start_pass(self):
+        if self._node_client_shut:  # closed: a new pass connects again
+            self.reader = _node_client(self.settings, self.reader.split_reader)
+            self._passes.reader, self._node_client_shut = self.reader, False
+        return self._passes.start(self._current, self._cursor)
 
     def close(self) -> None:
         """End an unfinished pass (its iterator ends: ``StopIteration``) and the decode
         workers (a later ``iter`` starts new ones). Also: ``with Loader(...) as ld:``, and
-        garbage collection of the Loader."""
+        garbage collection of the Loader. With the node reader: says goodbye to it (a later
+        ``iter`` connects again)."""
         self._passes.close()
+        if self.settings.order.node_reader and not self._node_client_shut:
+            self._node_client_shut = True
+            self.reader.shutdown()
 
     def __enter__(self) -> "Loader":
         return self
@@ -327,6 +347,16 @@ class Loader:
                                doc="The first 1000 skipped records: ``(index, reason)``.")
     last_batch_records = property(lambda self: self.finish.last_batch_records,
                                   doc="Record indices of the last batch's images, in order.")
+
+
+def _node_client(settings: Settings, reader: Any) -> Any:
+    """``reader`` behind this node's reader (:class:`~imagenet_seq.read.node_client.NodeClient`)."""
+    from imagenet_seq.read.node_client import NodeClient
+
+    plan = settings.order.plan
+    return NodeClient(reader, rank=plan.rank, world_size=plan.world_size,
+                      local_world_size=plan.node_ranks, seed=plan.seed, shuffle=plan.shuffle,
+                      chunk_size=plan.chunk_size)
 
 
 def settings_for(root: str, mode: str = "train", transform: Optional[Callable] = None,

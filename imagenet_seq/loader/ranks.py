@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
-__all__ = ["RankInfo", "resolve_rank", "local_world_size"]
+__all__ = ["RankInfo", "resolve_rank", "local_world_size", "node_layout"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,39 @@ def _checked(rank: int, world_size: int) -> RankInfo:
         raise ValueError(f"rank={rank} with world_size={world_size}; expected "
                          f"0 <= rank < {world_size}")
     return RankInfo(rank, world_size, local_world_size(world_size))
+
+
+def node_layout(ranks: RankInfo, requested: Optional[bool]) -> Tuple[bool, Optional[str]]:
+    """Whether this rank reads through one reader per node (issue 24), and if not, why not
+    (None: off by choice, or nothing to share): ``(on, why_not)``.
+
+    ``requested`` (the Loader's ``node_reader``): ``False`` off; ``True`` on, or ValueError
+    saying why it cannot be; ``None`` (automatic) on when the launcher says how many ranks
+    this node runs (``LOCAL_WORLD_SIZE`` > 1, torchrun) and ``IMAGENET_SEQ_NODE_READER`` is
+    not ``0``. The layout must be torchrun's: nodes of ``L`` consecutive ranks, ``L``
+    dividing the world size, and ``rank // L`` equal to ``GROUP_RANK`` where that is set.
+    """
+    from imagenet_seq.read import rendezvous
+
+    if requested is False:
+        return False, None
+    n = ranks.local_world_size
+    if requested is None and (_env_int("LOCAL_WORLD_SIZE") is None or
+                              not rendezvous.enabled(n)):
+        return False, None
+    why = None
+    if n < 2:
+        why = f"this node runs one rank (local_world_size={n}): nothing to share"
+    elif ranks.world_size % n:
+        why = (f"LOCAL_WORLD_SIZE={n} does not divide world_size={ranks.world_size} (nodes of "
+               "different sizes)")
+    else:
+        group = _env_int("GROUP_RANK")
+        if group is not None and ranks.rank // n != group:
+            why = (f"rank {ranks.rank} // LOCAL_WORLD_SIZE {n} = {ranks.rank // n}, but "
+                   f"GROUP_RANK={group} (ranks are not laid out as consecutive blocks per "
+                   "node)")
+    if why is not None and requested:
+        raise ValueError(f"node_reader=True, but {why}; pass node_reader=None (automatic: "
+                         "per-rank readers here) or False")
+    return why is None, why

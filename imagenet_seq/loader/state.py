@@ -10,7 +10,10 @@ records the buffer held at that point (at most ``buffer_size``).
 Fields: ``version`` (of this layout), ``format_version`` and ``split`` (path, mode,
 ``num_records`` and a fingerprint of the file's metadata), ``seed``, ``batch_size``,
 ``drop_last``, ``shuffle``, ``world_size``, ``rank``, ``chunk_size``, ``buffer_size``,
-``epoch``, ``batches`` (of ``epoch`` already handed out), ``image_size``, ``skipped``.
+``epoch``, ``batches`` (of ``epoch`` already handed out), ``image_size``, ``skipped``,
+``plan`` (:data:`~imagenet_seq.plan.stage.RANK_PLAN`, or the node plan's ``node.PLAN`` when
+the Loader reads through one reader per node) and ``local_world_size`` (the node plan's
+nodes). A state without ``plan`` (saved before it existed) is today's per-rank plan.
 
 Checks (:func:`check`): every field must be present, of its type and in its range -- ints are
 ints (``True`` is not an int, ``'3'`` is not one), flags are ``True``/``False``, ``epoch``,
@@ -24,6 +27,8 @@ world size or rank (the rest of the epoch was cut for the old one; re-sharding i
 every rank's state and change what each rank's remaining batches hold). The error says the
 ways out: resume with the same world size, or start at the next epoch boundary
 (``loader.set_epoch(epoch + 1)``, or a state saved at a boundary, which any world size loads).
+The same holds for the plan: a mid-epoch state of the node plan resumes only with the node
+reader on and the same ``local_world_size``, one of today's plan only with it off.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import numpy as np
 
 from imagenet_seq.format import SPLITS
 from imagenet_seq.loader.config import MAX_IMAGE_SIZE, Settings
+from imagenet_seq.plan.stage import RANK_PLAN
 
 __all__ = ["STATE_VERSION", "Position", "Cursor", "fingerprint", "make", "check"]
 
@@ -149,7 +155,27 @@ def make(settings: Settings, epoch: int, batches: int, finish: Dict[str, int]) -
         "chunk_size": int(plan.chunk_size), "buffer_size": int(plan.buffer_size),
         "epoch": int(epoch), "batches": int(batches),
         "image_size": int(settings.decode.image_size), "skipped": int(finish["skipped"]),
+        "plan": plan.name, "local_world_size": int(order.local_world_size),
     }
+
+
+def _plan_of(sd: Dict[str, Any]) -> str:
+    """The plan a state was saved under, with the nodes' size when it is the node plan."""
+    name = sd.get("plan", RANK_PLAN)
+    return name if name == RANK_PLAN else f"{name} (local_world_size={sd.get('local_world_size')})"
+
+
+def _check_plan(sd: Dict[str, Any], mine: Dict[str, Any]) -> None:
+    """A mid-epoch state resumes only under the plan it was cut for."""
+    if _plan_of(sd) == _plan_of(mine):
+        return
+    node_now = mine["plan"] != RANK_PLAN
+    raise ValueError(
+        f"load_state_dict: plan differs: the state was saved under {_plan_of(sd)}, this Loader "
+        f"plans {_plan_of(mine)} (the node reader is {'on' if node_now else 'off'} here); "
+        "resume with the setting of the run you resume (Loader(node_reader=...), "
+        "IMAGENET_SEQ_NODE_READER, the same ranks per node), or start the next epoch "
+        "(loader.set_epoch(epoch + 1)): a state saved at an epoch boundary loads under any plan")
 
 
 def _is_int(v: Any) -> bool:
@@ -220,6 +246,10 @@ def check(sd: Any, mine: Dict[str, Any], total: int) -> None:
                          f"state was edited or damaged: {_WAY_OUT})")
     compare = dict(_ALWAYS)
     if sd["batches"] > 0:
+        if not isinstance(sd.get("plan", RANK_PLAN), str):
+            raise ValueError(f"load_state_dict: plan={sd['plan']!r}; expected a str (the state "
+                             f"was edited or damaged: {_WAY_OUT})")
+        _check_plan(sd, mine)  # before the fields the plan changes (buffer_size's default)
         compare.update(_MID_EPOCH)
     for key, fix in compare.items():
         if sd[key] != mine[key]:

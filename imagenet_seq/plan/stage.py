@@ -8,6 +8,11 @@ records in reading order (before the shuffle buffer); ``plan.spans_from(e, pos)`
 from input position ``pos`` on (a resume); ``plan.shuffle_rng(e)`` the shuffle buffer's
 randomness and ``plan.epoch_order(e)`` the records in the order they come out of it.
 Stateless: a resume needs nothing of it but the epoch.
+
+Two plans: today's per-rank plan (:data:`RANK_PLAN`, :mod:`.order`) and, with
+``node_ranks`` = the node's ranks (one reader per node, issue 24), the node plan
+(:data:`.node.PLAN`, :mod:`.node`): its spans are tagged (:class:`.node.EpochSpans`) so that a
+node client reads them through the node's reader. The same guarantees; other orders.
 """
 from __future__ import annotations
 
@@ -17,10 +22,13 @@ from typing import List, Sequence
 
 import numpy as np
 
-from imagenet_seq.plan import order
+from imagenet_seq.plan import node, order
 from imagenet_seq.plan.order import slice_spans
 
-__all__ = ["Plan", "merge_ids", "slice_spans"]
+__all__ = ["Plan", "merge_ids", "slice_spans", "RANK_PLAN"]
+
+#: The name a resume state carries for today's per-rank plan (a state without one: this plan).
+RANK_PLAN = "rank-1"
 
 
 def merge_ids(ids: Sequence[int]) -> List[order.Span]:
@@ -46,6 +54,8 @@ class Plan:
         shuffle: permute chunks and mix them through the shuffle buffer.
         chunk_size: records per contiguous read (``order.DEFAULT_CHUNK_RECORDS``: automatic).
         buffer_size: shuffle buffer in records (used only with ``shuffle``; <= 1: none).
+        node_ranks: 0: today's per-rank plan; ``L`` >= 2: the node plan of nodes of ``L``
+            consecutive ranks (read through one node reader).
 
     Raises:
         ValueError: a combination no epoch can have (:func:`order.check`).
@@ -59,10 +69,24 @@ class Plan:
     shuffle: bool = True
     chunk_size: int = order.DEFAULT_CHUNK_RECORDS
     buffer_size: int = 0
+    node_ranks: int = 0
 
     def __post_init__(self) -> None:
         order.check(self.num_records, self.mode, self.rank, self.world_size, self.seed,
                     self.chunk_size)
+        if self.node_ranks:
+            first = self.rank - self.rank % self.node_ranks
+            node.check_layout(self.world_size, range(first, first + self.node_ranks))
+
+    @property
+    def name(self) -> str:
+        """The plan's name (a resume state carries it): :data:`RANK_PLAN` or ``node.PLAN``."""
+        return node.PLAN if self.node_ranks else RANK_PLAN
+
+    def _node_args(self) -> dict:
+        return dict(seed=self.seed, rank=self.rank, world_size=self.world_size,
+                    local_world_size=self.node_ranks, shuffle=self.shuffle,
+                    chunk_size=self.chunk_size)
 
     @property
     def shuffled(self) -> bool:
@@ -79,6 +103,9 @@ class Plan:
         return dataclasses.replace(self, rank=rank)
 
     def spans(self, epoch: int) -> List[order.Span]:
+        if self.node_ranks:
+            return node.epoch_spans(self.num_records, self.mode, epoch=epoch,
+                                    **self._node_args())
         return order.read_spans(self.num_records, self.mode, seed=self.seed, epoch=epoch,
                                 rank=self.rank, world_size=self.world_size,
                                 shuffle=self.shuffle, chunk_size=self.chunk_size)
@@ -93,6 +120,9 @@ class Plan:
         return np.concatenate([np.arange(s, s + c, dtype=np.int64) for s, c in spans])
 
     def spans_from(self, epoch: int, position: int) -> List[order.Span]:
+        if self.node_ranks:
+            return node.epoch_spans(self.num_records, self.mode, epoch=epoch,
+                                    position=position, **self._node_args())
         spans = self.spans(epoch)
         return slice_spans(spans, position, sum(c for _, c in spans))
 
@@ -102,6 +132,9 @@ class Plan:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Record indices in the order this rank yields them in ``epoch`` (no data read)."""
+        if self.node_ranks:
+            return node.epoch_order(self.num_records, self.mode, epoch=epoch,
+                                    buffer_size=self.buffer_size, **self._node_args())
         return order.epoch_order(self.num_records, self.mode, seed=self.seed, epoch=epoch,
                                  rank=self.rank, world_size=self.world_size,
                                  shuffle=self.shuffle, chunk_size=self.chunk_size,

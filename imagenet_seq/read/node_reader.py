@@ -23,9 +23,10 @@ only into an empty ring: a rank has at most its ring and one record on the way.
 
 Faults: a rank's socket closing without ``BYE`` (killed: the kernel closes it) makes the reader
 send ``FAIL`` naming it to every other rank and exit (a send that fails because the rank said
-``BYE`` and closed meanwhile is no fault: the others are served on); a read error is sent to every rank (the
-rank it was for gets the original error type) and the reader exits; when the last rank says
-``BYE`` the reader exits. Nothing outlives it: the socket name and the rings are anonymous.
+``BYE`` and closed meanwhile is no fault: the others are served on); a read error is sent to
+every rank (the rank it was for gets the original error type) and the reader exits; when the
+last rank says ``BYE`` the reader exits. Nothing outlives it: the socket name and the rings
+are anonymous.
 """
 from __future__ import annotations
 

@@ -20,8 +20,10 @@ Item = Tuple[int, bytes, int]
 
 def read(reader, spans: Sequence[Tuple[int, int]],
          stop: Optional[threading.Event] = None) -> Iterator[Item]:
-    """The records of ``spans``, in order (``stop`` set: it ends early)."""
-    return iter(reader.read_spans(list(spans), stop))
+    """The records of ``spans``, in order (``stop`` set: it ends early). A list goes as it
+    is: the node plan's spans are tagged (:class:`imagenet_seq.plan.node.EpochSpans`) and a
+    node client reads them through the node's reader."""
+    return iter(reader.read_spans(spans if isinstance(spans, list) else list(spans), stop))
 
 
 def read_records(reader, ids: Sequence[int],
