@@ -108,7 +108,6 @@ class NodeReader:
         self.sel = selectors.DefaultSelector()
         self.listener: Optional[socket.socket] = None
         self.ever_connected = False
-        self.seen_locals: set = set()  # local ranks that have connected at least once
 
     # ----------------------------------------------------------------------------- control
     def serve(self) -> int:
@@ -129,12 +128,7 @@ class NodeReader:
                     self._accept()
                 else:
                     self._on_message(sel_key.data)
-            # done once every local rank has come and gone (a rank that is slow to start must
-            # still find its reader: the others may finish a short epoch before it connects),
-            # or when some never came within the connect timeout
-            if self.ever_connected and not self.ranks and (
-                    len(self.seen_locals) >= self.local_world
-                    or time.monotonic() - start > float(self.cfg["connect_timeout"])):
+            if self.ever_connected and not self.ranks:
                 return 0
 
     def _bind(self) -> Optional[socket.socket]:
@@ -164,7 +158,6 @@ class NodeReader:
                 raise ValueError(f"expected HELLO, got {kind!r}")
             problem = self._check_hello(hello)
             if problem:
-                self.seen_locals.add(hello.get("local"))  # it came, and was told why not
                 wire.send(conn, wire.FAIL, {"error": "NodeReaderError", "message": problem})
                 conn.close()
                 return
@@ -181,7 +174,6 @@ class NodeReader:
             rank.id = self._next_id
             self.ranks[rank.id] = rank
         self.ever_connected = True
-        self.seen_locals.add(rank.local)
         self.sel.register(conn, selectors.EVENT_READ, rank)
 
     def _check_hello(self, hello: dict) -> Optional[str]:
@@ -259,12 +251,9 @@ class NodeReader:
                 self.version += 1
                 self.cond.notify_all()
             rank.sock.close()
-            # no new rank joins a reader about to exit; but one that every local rank has not
-            # reached yet stays open (a rank slow to start must still find it)
-            if not self.ranks and self.listener is not None and \
-                    len(self.seen_locals) >= self.local_world:
+            if not self.ranks and self.listener is not None:
                 self.sel.unregister(self.listener)
-                self.listener.close()
+                self.listener.close()  # no new rank joins a reader about to exit
                 self.listener = None
 
     def _fatal(self, message: str, skip: Optional[_Rank] = None, error: Optional[dict] = None,
