@@ -109,6 +109,13 @@ def connect(key: str, hello: dict, start: dict, timeout: float = CONNECT_TIMEOUT
                 if starter is not None:
                     proc = _spawn(dict(start, key=key, parent=os.getpid(),
                                        connect_timeout=CONNECT_TIMEOUT_S))
+            if proc is not None and proc.poll() == 0:
+                # it served the ranks that came and left before this one connected (a short
+                # share, a rank slow to start): start another for this rank
+                proc = None
+                if starter is not None:
+                    starter.close()
+                    starter = None
             if proc is not None and proc.poll() not in (None, EXIT_IN_USE):
                 raise NodeReaderError(
                     f"the node reader this rank started (pid {proc.pid}) for {hello['path']} "
