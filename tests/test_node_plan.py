@@ -159,7 +159,7 @@ def test_val_is_todays_plan_and_the_sweep_takes_turns():
 def test_one_rank_node_of_one_rank_job():
     p = node.node_plan(100, "train", seed=0, epoch=0, world_size=1, chunk_size=10)
     assert sorted(flat(p.spans[0])) == list(range(100))
-    assert len(p.node_chunks()) == len(order._merge(list(p.spans[0])))
+    assert len(p.node_chunks()) == len(order.merge_spans(list(p.spans[0])))
 
 
 def test_pure_function_whatever_was_computed_before():

@@ -53,7 +53,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from imagenet_seq.plan import order
-from imagenet_seq.plan.order import Span
+from imagenet_seq.plan.order import Span, merge_spans  # noqa: F401 - also this module's
 from imagenet_seq.plan.shuffle import buffered_shuffle
 
 __all__ = ["PLAN", "BLOCK_RECORDS", "VAL_PIECE_RECORDS", "Piece", "NodePlan", "EpochSpans",
@@ -109,17 +109,6 @@ class NodePlan:
     def node_chunks(self) -> List[Span]:
         """The sweep as the disk sees it: maximal runs of pieces that continue each other."""
         return merge_spans([(s, c) for s, c, _ in self.sweep])
-
-
-def merge_spans(spans: Sequence[Span]) -> List[Span]:
-    """Join spans that continue each other (fewer, longer reads)."""
-    out: List[Span] = []
-    for start, count in spans:
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + count)
-        else:
-            out.append((start, count))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

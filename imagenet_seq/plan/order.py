@@ -65,6 +65,7 @@ from imagenet_seq.format import SPLITS
 from imagenet_seq.plan.shuffle import buffered_shuffle
 
 __all__ = ["DEFAULT_CHUNK_RECORDS", "MIN_CHUNKS_PER_RANK", "MAX_REDRAWS", "Span", "check",
+           "merge_spans",
            "rank_records", "num_batches", "effective_chunk_size", "shuffle_rng", "slice_spans",
            "read_spans", "epoch_order"]
 
@@ -198,7 +199,7 @@ def _draw(num_records: int, seed: int, epoch: int, draw: int, world_size: int,
 
 def _as_set(spans: Sequence[Span]) -> Tuple[Span, ...]:
     """A canonical form of the records the spans cover (equal iff the record sets are)."""
-    return tuple(_merge(sorted(spans)))
+    return tuple(merge_spans(sorted(spans)))
 
 
 # (num_records, seed, world_size, chunk) -> the draw chosen for epochs 0, 1, ... (-1: fallback)
@@ -280,15 +281,15 @@ def read_spans(num_records: int, mode: str = "train", *, seed: int = 0, epoch: i
         spans = _chunks(lo, hi, chunk_size or DEFAULT_CHUNK_RECORDS)
         if shuffle:
             spans = [spans[i] for i in _chunk_rng(seed, epoch).permutation(len(spans))]
-        return _merge(spans)
+        return merge_spans(spans)
     share = num_records // world_size
     if not shuffle:
-        return _merge(slice_spans([(0, num_records)], rank * share, (rank + 1) * share))
+        return merge_spans(slice_spans([(0, num_records)], rank * share, (rank + 1) * share))
     chunk = effective_chunk_size(num_records, world_size, chunk_size)
-    return _merge(_train_shares(num_records, seed, epoch, world_size, chunk)[rank])
+    return merge_spans(_train_shares(num_records, seed, epoch, world_size, chunk)[rank])
 
 
-def _merge(spans: List[Span]) -> List[Span]:
+def merge_spans(spans: Sequence[Span]) -> List[Span]:
     """Join spans that continue each other (fewer, longer reads)."""
     out: List[Span] = []
     for start, count in spans:
