@@ -10,7 +10,7 @@ group they need, never the Loader:
 group    fields
 ======== ==================================================================================
 data     ``path``, ``mode``, ``classes``, ``num_records``, ``mean_record_bytes``, ``meta``,
-         ``verify``, ``check_split``
+         ``verify``, ``check_split``, ``shard_dirs``, ``shard_devices``, ``shards``
 order    ``plan`` (:class:`~imagenet_seq.plan.stage.Plan`: seed, rank, world size, shuffle,
          chunk size, buffer size, node plan or not), ``batch_size``, ``drop_last``,
          ``local_world_size``, ``node_reader`` (one reader per node: the node plan)
@@ -55,9 +55,9 @@ MAX_IMAGE_SIZE = 4096
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Which file, and what it holds (read once, at construction)."""
+    """Which file (or shards), and what it holds (read once, at construction)."""
 
-    path: str  # the split's LMDB file
+    path: str  # the split's LMDB file, or the manifest of a sharded split
     mode: str  # 'train' or 'val'
     classes: Tuple[str, ...]
     num_records: int
@@ -65,6 +65,9 @@ class DataSettings:
     meta: Any = field(repr=False)  # the file's metadata (resume state: fingerprint, version)
     verify: bool  # check every record against its stored checksum
     check_split: bool
+    shard_dirs: Tuple[str, ...] = ()  # more folders to find shards in (a moved disk)
+    shard_devices: Any = None  # shards' grouping into readers (read.devices); None: automatic
+    shards: int = 1  # shard files of the split (1: one file)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,23 @@ def _check_device(device: Any, pin_memory: bool) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
+def _check_shard_dirs(shard_dirs: Any) -> Tuple[str, ...]:
+    """``shard_dirs`` as a tuple of existing folders (a str is one folder), else ValueError."""
+    if shard_dirs is None:
+        return ()
+    dirs = (shard_dirs,) if isinstance(shard_dirs, (str, os.PathLike)) else shard_dirs
+    try:
+        dirs = tuple(os.fspath(d) for d in dirs)
+    except TypeError:
+        raise ValueError(f"shard_dirs={shard_dirs!r}; expected a folder or a list of folders "
+                         "to look for shards in (e.g. ['/mnt/disk2/lmdb'])") from None
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise ValueError(f"shard_dirs names {d!r}, which is not a folder; name the folders "
+                             "the moved shards are in now (e.g. ['/mnt/disk2/lmdb'])")
+    return dirs
+
+
 def _check_args(mode: str, worker_type: Optional[str], decoder: Any, batch_size: int,
                 num_workers: Optional[int], seed: int, stall_timeout: Optional[float],
                 image_size: int, resize_size: int) -> None:
@@ -320,7 +340,7 @@ def _node_reader(requested: Optional[bool], ranks: Any, reader: Any) -> bool:
 
 
 def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split: bool,
-            verify: bool, batch_size: int, drop_last: bool, shuffle: Optional[bool],
+            verify: bool, shard_dirs: Any, shard_devices: Any, batch_size: int, drop_last: bool, shuffle: Optional[bool],
             seed: int, chunk_size: Optional[int], buffer_size: Optional[int],
             buffer_bytes: Optional[int], rank: Optional[int], world_size: Optional[int],
             distributed: Optional[bool], node_reader: Optional[bool],
@@ -339,13 +359,16 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     """
     import torch
 
+    from imagenet_seq.read.devices import check_grouping
     from imagenet_seq.read.reader import SplitReader
 
     _check_args(mode, worker_type, decoder, batch_size, num_workers, seed, stall_timeout,
                 image_size, resize_size)
+    dirs, grouping = _check_shard_dirs(shard_dirs), check_grouping(shard_devices)
     _check_device(device, pin_memory)
     ranks = resolve_rank(rank, world_size, distributed)
-    reader = SplitReader(root, mode, check_split=check_split)
+    reader = SplitReader(root, mode, check_split=check_split, shard_dirs=dirs,
+                         shard_devices=grouping)
     if verify and reader.checksums is None:
         raise ValueError(
             f"verify=True, but {reader.path} has no record checksums (converted before "
@@ -358,7 +381,7 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     mean = mean_record_bytes(meta, reader, n)
     node = _node_reader(node_reader, ranks, reader)
     data = DataSettings(str(reader.path), mode, tuple(meta.classes), n, mean, meta,
-                        bool(verify), bool(check_split))
+                        bool(verify), bool(check_split), dirs, grouping, len(reader.files))
     plan_order = resolve_order(n, mode, mean, batch_size=batch_size, drop_last=drop_last,
                                shuffle=shuffle, seed=seed, rank=ranks.rank,
                                world_size=ranks.world_size,

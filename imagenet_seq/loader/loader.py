@@ -62,7 +62,8 @@ class Loader:
     attributes of the same names (``loader.batch_size``, ``loader.buffer_size``, ...) read it.
 
     Args:
-        root: folder holding ``ILSVRC-<mode>.lmdb`` (or the .lmdb file itself).
+        root: folder holding ``ILSVRC-<mode>.lmdb`` or ``ILSVRC-<mode>.manifest.json`` (a
+            sharded split), or that file itself.
         mode: ``'train'`` or ``'val'``.
         transform: (decode) ``None`` for the fast OpenCV path (train: RandomResizedCrop +
             flip; val: resize + centre crop), a :mod:`imagenet_seq.decode.transforms`
@@ -71,7 +72,7 @@ class Loader:
             get float32 ImageNet-normalised batches on that device (the one-step switch from a
             torchvision transform: a float model fed uint8 batches fails in its first layer).
 
-        Data -- which file, checked how:
+        Data -- which file (or shards), checked how:
 
         check_split: refuse a file whose metadata names the other split (``mode='train'`` on
             ``ILSVRC-val.lmdb`` would train on validation data).
@@ -79,6 +80,15 @@ class Loader:
             (a mismatch is a :class:`RecordError` naming the key, or a skip with
             ``skip_broken``); ~70 us per 110 KB record, in the decode workers. Labels outside
             the classes are always an error, with or without it.
+        shard_dirs: a sharded split (``ILSVRC-<mode>.manifest.json`` in ``root``, its shards
+            in the folders the conversion wrote them to): more folders to look for shards in,
+            e.g. a disk mounted elsewhere since (a folder or a list of folders).
+        shard_devices: how a sharded split's shards are grouped into readers (one reader per
+            group, all feeding this Loader's plan; :mod:`imagenet_seq.read.devices`): ``None``
+            (default: ``IMAGENET_SEQ_SHARD_DEVICES``, else by the device each file is on,
+            ``st_dev``), ``'device'``, ``'folder'`` (a pool of disks under one filesystem),
+            ``'one'`` (partitions of one disk) or one label per shard. The records, their
+            order and resume states are the same whatever the shards and groups.
 
         Order -- which records, in which order, in which batches:
 
@@ -145,6 +155,7 @@ class Loader:
     def __init__(self, root: str, mode: str = "train", transform: Optional[Callable] = None, *,
                  # data
                  check_split: bool = True, verify: bool = False,
+                 shard_dirs: Optional[List[str]] = None, shard_devices: Any = None,
                  # order
                  batch_size: int = 256, drop_last: bool = False, shuffle: Optional[bool] = None,
                  seed: int = 0, chunk_size: Optional[int] = None,

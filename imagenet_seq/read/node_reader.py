@@ -60,6 +60,11 @@ _SEND_S = 60.0  # a rank that takes no message for this long is treated as gone
 _BYE_S = 5.0  # after a failed send, how long the rank's BYE may take to be read
 
 
+def _grouping(value):
+    """A ``shard_devices`` back from JSON (labels arrive as a list)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class _Rank:
     def __init__(self, sock: socket.socket, hello: dict, ring_bytes: int):
         self.sock, self.hello = sock, hello
@@ -90,14 +95,19 @@ class _Gone(Exception):
 
 class NodeReader:
     """Serves the ranks of one node (see the module docstring). ``cfg``: ``key`` (the socket
-    name), ``path`` and ``split`` (the file), ``local_world_size``, ``ring_bytes``,
-    ``parent`` (the starting rank's pid), ``connect_timeout``."""
+    name), ``path`` and ``split`` (the file, or a sharded split's manifest), ``shard_dirs``
+    and ``shard_devices`` (optional: as the rank's ``SplitReader``), ``local_world_size``,
+    ``ring_bytes``, ``parent`` (the starting rank's pid), ``connect_timeout``."""
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.local_world = int(cfg["local_world_size"])
         self.ring_bytes = int(cfg.get("ring_bytes", rings.RING_BYTES))
-        self.reader = SplitReader(cfg["path"], cfg["split"], check_split=False)
+        # the rank's split: one file, or a manifest whose shards are found as the rank found
+        # them (shard_dirs) and read one reader per device group (shard_devices)
+        self.reader = SplitReader(cfg["path"], cfg["split"], check_split=False,
+                                  shard_dirs=cfg.get("shard_dirs", ()),
+                                  shard_devices=_grouping(cfg.get("shard_devices")))
         st = os.stat(self.reader.path)
         self.file_id = [st.st_dev, st.st_ino]
         self.ranks: Dict[int, _Rank] = {}  # by connection (a rank with two Loaders: two)

@@ -3,7 +3,10 @@
 :class:`Prefetch` keeps up to ``PREFETCH_BYTES`` of the bytes a reader will need read ahead of
 it, queued with ``posix_fadvise(WILLNEED)`` as one deep sequential run, in bursts during which
 the reader holds a node-wide lock for the file's device (:class:`DiskLock`): DDP ranks on one
-disk take turns instead of interleaving their streams into a seek each few MB.
+disk take turns instead of interleaving their streams into a seek each few MB. One read-ahead
+may run over several files of one device (the shards of a split on one disk, in the order the
+reader needs them); a reader of shards on several devices has one per device, each with a
+window of ``DEVICE_AHEAD_BYTES`` (``read/shard_file.py``).
 """
 from __future__ import annotations
 
@@ -20,9 +23,16 @@ import numpy as np
 
 from imagenet_seq.read.evict import page_residency
 
-__all__ = ["PREFETCH_BYTES", "DISK_TURNS", "forward_runs", "DiskLock", "Prefetch"]
+__all__ = ["PREFETCH_BYTES", "DEVICE_AHEAD_BYTES", "DISK_TURNS", "forward_runs", "DiskLock", "Prefetch"]
 
 PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
+# with shards on several devices, each device's read-ahead runs this far ahead of the reader
+# (page cache, per device): a device whose records the plan needs later keeps reading while
+# the reader is on another device's chunks. Chunks come from the devices in random order, so
+# the window must hold a few chunks: with 2 devices, a window of W chunks reaches ~1.5x one
+# device at W = 1, ~1.7x at 2, ~1.8x at 4 (a fluid model of the plan); 512 MB is ~4.5 of
+# ImageNet's 1024-record chunks (~113 MB).
+DEVICE_AHEAD_BYTES = 512 << 20
 _FADVISE_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
 
 
@@ -144,14 +154,19 @@ class Prefetch:
     The bytes needed are a list of file ranges (segments: the records of one span, or of every
     span of an epoch) read in order; positions below count needed bytes, not file offsets, so
     the read-ahead runs from one span into the next without waiting for the reader to get there.
-    A background thread keeps up to ``PREFETCH_BYTES`` of them read ahead of the reader, in
-    bursts of at least half of it. Each burst holds a node-wide lock for the file's device
-    (:class:`DiskLock`) while the disk reads it: several DDP ranks on one disk then take turns,
-    and the disk serves one deep sequential queue at a time instead of interleaving every rank's
-    stream into a seek per few MB (the kernel's mq-deadline scheduler switches streams after 16
-    requests once one has waited 0.5 s). The reader waits for its bytes to be read rather than
-    faulting them in itself, so no reader sends the disk requests out of turn. Bytes already in
-    the page cache are neither waited for nor read again.
+    A background thread keeps up to ``window`` (default ``PREFETCH_BYTES``) of them read ahead
+    of the reader, in bursts of at least half of it. Each burst holds a node-wide lock for the
+    file's device (:class:`DiskLock`) while the disk reads it: several DDP ranks on one disk
+    then take turns, and the disk serves one deep sequential queue at a time instead of
+    interleaving every rank's stream into a seek per few MB (the kernel's mq-deadline scheduler
+    switches streams after 16 requests once one has waited 0.5 s). The reader waits for its
+    bytes to be read rather than faulting them in itself, so no reader sends the disk requests
+    out of turn. Bytes already in the page cache are neither waited for nor read again.
+
+    Several files (:meth:`over`): segments ``(file, begin, end)`` of the files ``files`` (all
+    on one device: the lock is the first file's), read in the order given; the reader says
+    where it is in file ``f`` through :meth:`file` ``(f).at_bytes``. ``covered[f]`` counts the
+    bytes of file ``f`` this read-ahead took in hand (read, or found in the page cache).
 
     Without the offsets index the segment is the one span the cursor walks, started at its
     first record and estimated from the mean record size (an exact B-tree lookup costs a few
@@ -160,13 +175,23 @@ class Prefetch:
     """
 
     def __init__(self, fd: int, base: int, span_bytes: int = 0,
-                 segments: Sequence[Tuple[int, int]] = ()):
+                 segments: Sequence[Tuple[int, int]] = (),
+                 files: Optional[Sequence[Tuple[int, int]]] = None,
+                 window: Optional[int] = None):
+        self.files = list(files) if files else [(fd, base)]  # (fd, map base) of each file
         self.fd, self.base, self.span_bytes = fd, base, span_bytes
-        self.file_bytes = os.fstat(fd).st_size
+        self.window = int(window or PREFETCH_BYTES)
+        self.sizes = [os.fstat(f).st_size for f, _ in self.files]
+        self.file_bytes = self.sizes[0]
+        self.covered = [0] * len(self.files)
         self.seg_file: List[int] = []  # file offset where each segment starts
+        self.seg_fno: List[int] = []  # the file each segment is in
         self.seg_pos: List[int] = [0]  # position (needed bytes) where each starts; then the total
-        for begin, end in segments:
-            self._add(begin, end)
+        for seg in segments:
+            if len(seg) == 3:
+                self._add(seg[1], seg[2], seg[0])
+            else:
+                self._add(*seg)
         self.cursor = self.queued = self.done = 0
         self.end = self.seg_pos[-1]
         self.need = 0  # the position the reader waits for (a record larger than the window)
@@ -175,10 +200,31 @@ class Prefetch:
         self.thread: Optional[threading.Thread] = None
         self._seg = 0  # the segment the reader is in
 
-    def _add(self, begin: int, end: int) -> None:
-        begin, end = begin - begin % _PAGE, min(-(-end // _PAGE) * _PAGE, self.file_bytes)
-        last_end = self.seg_file[-1] + self.seg_pos[-1] - self.seg_pos[-2] if self.seg_file else -1
-        if self.seg_file and self.seg_file[-1] <= begin < last_end:
+    @classmethod
+    def over(cls, files: Sequence[Tuple[int, int]], segments: Sequence[Tuple[int, int, int]],
+             window: Optional[int] = None) -> "Prefetch":
+        """A read-ahead over segments ``(file, begin, end)`` of ``files`` ``[(fd, map base)]``
+        (one device), in the order given."""
+        return cls(files[0][0], files[0][1], segments=segments, files=files, window=window)
+
+    def start(self) -> None:
+        """Start reading ahead from the first segment now, before the reader needs a byte
+        (else the thread starts at the reader's first :meth:`at_bytes`)."""
+        with self.cond:
+            if self.thread is None and self.seg_file:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="imagenet_seq-readahead")
+                self.thread.start()
+
+    def file(self, f: int) -> "_FileView":
+        """The reader's handle for file ``f``: ``.at_bytes(off, length)`` as :meth:`at_bytes`."""
+        return _FileView(self, f)
+
+    def _add(self, begin: int, end: int, f: int = 0) -> None:
+        begin, end = begin - begin % _PAGE, min(-(-end // _PAGE) * _PAGE, self.sizes[f])
+        same = bool(self.seg_file) and self.seg_fno[-1] == f
+        last_end = self.seg_file[-1] + self.seg_pos[-1] - self.seg_pos[-2] if same else -1
+        if same and self.seg_file[-1] <= begin < last_end:
             begin = last_end  # the page this one shares with the last one
         if end <= begin:
             return
@@ -186,6 +232,7 @@ class Prefetch:
             self.seg_pos[-1] += end - begin  # contiguous with the last one: one segment
         elif end > begin:
             self.seg_file.append(begin)
+            self.seg_fno.append(f)
             self.seg_pos.append(self.seg_pos[-1] + end - begin)
 
     def at(self, value, last: bool) -> None:
@@ -198,15 +245,15 @@ class Prefetch:
             self.end = self.seg_pos[-1]
         self.at_bytes(off, len(value) + (0 if last else _NEXT_BYTES))
 
-    def at_bytes(self, off: int, length: int) -> None:
-        """The reader needs file bytes ``[off, off + length)`` (in segment order): return once
-        they are read. Bytes outside the segments (a record that moved after the reader
-        planned its reads) return at once: the reader reads them itself."""
-        k = self._segment_of(off)
+    def at_bytes(self, off: int, length: int, f: int = 0) -> None:
+        """The reader needs bytes ``[off, off + length)`` of file ``f`` (in segment order):
+        return once they are read. Bytes outside the segments (a record that moved after the
+        reader planned its reads) return at once: the reader reads them itself."""
+        k = self._segment_of(off, f)
         if k is None:
             return
         pos = self.seg_pos[k] + off - self.seg_file[k]
-        stop = min(pos + length, self.seg_pos[k] + self.file_bytes - self.seg_file[k])
+        stop = min(pos + length, self.seg_pos[k] + self.sizes[f] - self.seg_file[k])
         with self.cond:
             if self.thread is None:
                 self.cursor = self.queued = self.done = pos - pos % _PAGE
@@ -218,16 +265,18 @@ class Prefetch:
                 self.end = self.seg_pos[-1] = min(stop + _EXTEND_BYTES,
                                                   self.seg_pos[-2] + self.file_bytes
                                                   - self.seg_file[-1])
-            if stop > self.done or self.queued - pos < PREFETCH_BYTES // 2:
+            if stop > self.done or self.queued - pos < self.window // 2:
                 self.cond.notify_all()  # only when the thread has work: no wake-up per record
             while stop > self.done and self.thread.is_alive():
                 self.cond.wait(0.1)
 
-    def _holds(self, k: int, off: int, slack: int = 0) -> bool:
-        """Whether segment ``k`` holds file offset ``off`` (or lies ``slack`` bytes past it)."""
-        return 0 <= off - self.seg_file[k] < self.seg_pos[k + 1] - self.seg_pos[k] + slack
+    def _holds(self, k: int, off: int, f: int, slack: int = 0) -> bool:
+        """Whether segment ``k`` holds offset ``off`` of file ``f`` (or lies ``slack`` bytes
+        past it)."""
+        return self.seg_fno[k] == f and \
+            0 <= off - self.seg_file[k] < self.seg_pos[k + 1] - self.seg_pos[k] + slack
 
-    def _segment_of(self, off: int) -> Optional[int]:
+    def _segment_of(self, off: int, f: int = 0) -> Optional[int]:
         """The segment the reader's next bytes start in: its current one or one of the next
         few (it moves on in segment order); None when none holds them (a record written
         elsewhere after the segments were planned, e.g. in a file changed after conversion:
@@ -237,10 +286,10 @@ class Prefetch:
         k = self._seg
         last = len(self.seg_file) - 1
         # the one estimated segment of a B-tree walk grows as the cursor runs past its end
-        if self._holds(k, off, _EXTEND_BYTES if self.span_bytes and k == last else 0):
+        if self._holds(k, off, f, _EXTEND_BYTES if self.span_bytes and k == last else 0):
             return k
         for j in range(k + 1, min(k + 1 + _LOOK_AHEAD_SEGMENTS, last + 1)):
-            if self._holds(j, off):
+            if self._holds(j, off, f):
                 self._seg = j  # the reader went on to the next span
                 return j
         return None
@@ -252,18 +301,28 @@ class Prefetch:
         if self.thread is not None:  # it reads the reader's fd, which may be closed next
             self.thread.join(timeout=10.0)
 
-    def _pieces(self, begin: int, end: int) -> Iterator[Tuple[int, int]]:
-        """The file ranges ``(offset, length)`` of positions ``[begin, end)``."""
+    def _file_pieces(self, begin: int, end: int) -> Iterator[Tuple[int, int, int]]:
+        """The file ranges ``(file, offset, length)`` of positions ``[begin, end)``."""
         k = max(0, bisect.bisect_right(self.seg_pos, begin) - 1)
         while begin < end and k < len(self.seg_file):
             stop = min(end, self.seg_pos[k + 1])
             if stop > begin:
-                yield self.seg_file[k] + begin - self.seg_pos[k], stop - begin
+                yield self.seg_fno[k], self.seg_file[k] + begin - self.seg_pos[k], stop - begin
                 begin = stop
             k += 1
 
+    def _pieces(self, begin: int, end: int) -> Iterator[Tuple[int, int]]:
+        """The ranges ``(offset, length)`` of positions ``[begin, end)`` (one file's)."""
+        for _, off, n in self._file_pieces(begin, end):
+            yield off, n
+
     def _all_resident(self, begin: int, end: int) -> bool:
-        return all(_resident(self.base + off, n) for off, n in self._pieces(begin, end))
+        return all(_resident(self.files[f][1] + off, n)
+                   for f, off, n in self._file_pieces(begin, end))
+
+    def _count(self, begin: int, end: int) -> None:
+        for f, _, n in self._file_pieces(begin, end):
+            self.covered[f] += n
 
     def _run(self) -> None:
         lock = DiskLock.for_fd(self.fd)
@@ -272,12 +331,12 @@ class Prefetch:
                 with self.cond:
                     while not self.stopped and self.queued >= self.need and not (
                             self.queued < self.end and
-                            self.queued - self.cursor < PREFETCH_BYTES // 2):
+                            self.queued - self.cursor < self.window // 2):
                         self.cond.wait()
                     if self.stopped:
                         return
                     begin = self.queued
-                    target = max(min(self.cursor + PREFETCH_BYTES, self.end), self.need)
+                    target = max(min(self.cursor + self.window, self.end), self.need)
                 if not self._all_resident(begin, target):
                     if lock is not None and not lock.acquire(lambda: self.stopped):
                         return
@@ -286,6 +345,7 @@ class Prefetch:
                     finally:
                         if lock is not None:
                             lock.release()
+                self._count(begin, target)
                 with self.cond:
                     self.queued = self.done = max(self.done, target)
                     self.cond.notify_all()
@@ -297,11 +357,11 @@ class Prefetch:
                 self.cond.notify_all()
 
     def _queue(self, begin: int, target: int) -> None:
-        for pos, n in self._pieces(begin, target):
-            end = pos + n
+        for f, pos, n in self._file_pieces(begin, target):
+            fd, end = self.files[f][0], pos + n
             while pos < end:  # in read-ahead-sized calls: the disk sees one deep sequential run
                 step = min(_FADVISE_STEP, end - pos)
-                os.posix_fadvise(self.fd, pos, step, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, pos, step, os.POSIX_FADV_WILLNEED)
                 pos += step
 
     def _burst(self, begin: int, target: int, lock: Optional["DiskLock"]) -> int:
@@ -313,16 +373,29 @@ class Prefetch:
         pos = begin
         while pos < target and not self.stopped:
             step = min(_WAIT_STEP, target - pos)
-            for off, n in self._pieces(pos, pos + step):
-                if not _resident(self.base + off, n):
+            for f, off, n in self._file_pieces(pos, pos + step):
+                fd, base = self.files[f]
+                if not _resident(base + off, n):
                     # blocks until the queued pages arrive; reads any the kernel dropped
-                    os.preadv(self.fd, [memoryview(buf)[:n]], off)
+                    os.preadv(fd, [memoryview(buf)[:n]], off)
             pos += step
             with self.cond:
                 self.done = pos
                 self.cond.notify_all()
-                more = max(min(self.cursor + PREFETCH_BYTES, self.end), self.need)
-            if more - target >= PREFETCH_BYTES // 2 and (lock is None or not lock.contended()):
+                more = max(min(self.cursor + self.window, self.end), self.need)
+            if more - target >= self.window // 2 and (lock is None or not lock.contended()):
                 self._queue(target, more)
                 target = more
         return pos
+
+
+class _FileView:
+    """One file of a :class:`Prefetch` over several: what a shard's reader tells it."""
+
+    __slots__ = ("ahead", "f")
+
+    def __init__(self, ahead: Prefetch, f: int):
+        self.ahead, self.f = ahead, f
+
+    def at_bytes(self, off: int, length: int) -> None:
+        self.ahead.at_bytes(off, length, self.f)

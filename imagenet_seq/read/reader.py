@@ -1,280 +1,234 @@
-"""The one sequential reader: contiguous record ranges of one split's LMDB, in file order.
+"""A split's records, whatever its shards: the reader the Loader and every tool builds.
 
-Records: with the offsets index preprocess writes (``offsets.py``), each record's bytes are read
-with ``pread`` from where they lie, and the read-ahead knows the exact bytes of every span a
-rank will read this epoch, so it runs on from one span into the next. Without it (older files,
-the original tool's) a cursor walks LMDB's B-tree, whose leaf pages copy-on-write commits leave
-away from their records: a seek there and back each on an HDD.
+``SplitReader(root, split)`` reads any split :func:`~imagenet_seq.format.manifest.open_split`
+describes: one file ``ILSVRC-<split>.lmdb``, read exactly as before by its
+:class:`~.shard_file.ShardFile`, or the K shard files an ``ILSVRC-<split>.manifest.json``
+names, read as one split: ``meta`` holds the split's totals, ``labels`` and ``checksums`` run
+in the split's record order, and ``read_spans`` takes spans of split records (a span crossing
+a shard boundary is cut there) and yields the records in the spans' order, so the record
+stream -- and the shuffle, batches and resume states built on it -- is the one a single file
+with the same records gives.
 
-Read-ahead (``readahead.py``): up to ``PREFETCH_BYTES`` ahead of the reader, in bursts taken
-in turns by the readers of one disk. Measured on the emulated HDD of ``benchmarks/slow_disk.py``
-(BENCHMARKS.md): raw stream 92-96 % of the disk's bandwidth; 4 DDP ranks on one disk 87-91 %
-(the B-tree path 82 % in the same session as a 91 % run).
+One reader per device: the shards are grouped by the device their files are on
+(:mod:`.devices`; ``shard_devices`` / ``IMAGENET_SEQ_SHARD_DEVICES`` override it). One group
+is read as one file is: one read-ahead of ``PREFETCH_BYTES`` running across spans and shard
+files, in this thread (no hand-over). Several groups each get their own read-ahead thread,
+started with the read, keeping up to ``DEVICE_AHEAD_BYTES`` of that group's records read ahead
+(in the page cache), while this thread takes the records in the plan's order
+(:func:`~.shard_file.read_runs`).
+
+Every shard is checked against the manifest when the reader is made: its ``__meta__``
+``"shard"`` entry (conversion, index, count, first record), its record count and classes; a
+shard that disagrees is a :class:`~imagenet_seq.format.DamagedFile` naming it and the fix.
 """
 from __future__ import annotations
 
-import os
+import copy
 import threading
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import lmdb
 import numpy as np
 
-from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
-from imagenet_seq.format import offsets as offsets_index
-from imagenet_seq.read.readahead import Prefetch, forward_runs
+from imagenet_seq.format.manifest import Split, open_split
+from imagenet_seq.read.devices import check_grouping, group_shards
+from imagenet_seq.read.shard_file import ShardFile, read_runs
 
-__all__ = ["SplitReader"]
+__all__ = ["SplitReader", "ShardFile"]
+
+Item = Tuple[int, bytes, int]
+# today's private handles of a one-file split's file, read through the reader (tests, tools)
+_ONE_FILE_HANDLES = ("_env", "_fd", "_base", "_index", "_size")
 
 
 class SplitReader:
-    """Reads records of one split. Opens the LMDB lazily (after fork), in ``reset_state``;
-    readers of the same file in one process share one environment (``format.acquire_env``).
+    """Reads records of one split (one file or a set of shards). Opens files lazily (after
+    fork), in ``reset_state`` or the first read; ``meta``, ``labels`` and ``checksums`` are read
+    at construction, so an object can be built in the parent and used in a child process.
 
-    ``meta`` and ``labels`` are read once at construction with a short-lived environment, so an
-    object can be built in the parent and used in a child process.
+    Args:
+        root: the folder holding the split (``ILSVRC-<split>.lmdb`` or its manifest), or the
+            .lmdb / manifest file itself.
+        split: ``'train'`` or ``'val'``.
+        check_split: refuse a file whose metadata names the other split.
+        shard_dirs: more folders to look for shards in (a disk mounted elsewhere since the
+            conversion), after the folder the manifest names.
+        shard_devices: how shards are grouped into readers (:mod:`.devices`): None (the
+            environment's ``IMAGENET_SEQ_SHARD_DEVICES``, else by device), ``'device'``,
+            ``'folder'``, ``'one'`` or one label per shard.
+
+    Attributes:
+        path: the one file, or the manifest of a sharded split.
+        layout: the :class:`~imagenet_seq.format.manifest.Split` (shards and where they are).
+        files: a :class:`~.shard_file.ShardFile` per shard, in split order.
+        devices: the device groups, ``[[shard index, ...], ...]``: one reader each.
+        covered: per group, ``{shard index: bytes}`` its read-ahead took in hand so far
+            (reads of several shards only).
     """
 
-    def __init__(self, root: str, split: str, check_split: bool = True):
-        self.path = fmt.find_split(root, split)
+    def __init__(self, root: str, split: str, check_split: bool = True,
+                 shard_dirs: Sequence[str] = (), shard_devices: Any = None):
         self.split = split
-        env = fmt.acquire_env(self.path)
-        try:
-            self._read_metadata(env)
-        except lmdb.Error as e:
-            raise fmt.damaged(self.path, e) from None
-        finally:
-            fmt.release_env(self.path)
+        self.shard_dirs = tuple(shard_dirs or ())
+        self.shard_devices = check_grouping(shard_devices)
+        self.layout = _open_layout(root, split, self.shard_dirs)
+        self.files = [ShardFile(s.path, split, check_split, s.first) for s in self.layout.shards]
+        if self.layout.manifest is None:
+            one = self.files[0]
+            self.path, self.meta = one.path, one.meta
+            self.labels: Optional[np.ndarray] = one.labels
+            self.checksums: Optional[np.ndarray] = one.checksums
+        else:
+            self.path = self.layout.manifest
+            self._check_shards()
+            self.meta = _split_meta(split, self.layout.totals)
+            self.labels = self._joined("labels")
+            self.checksums = self._joined("checksums")
         self.legacy = self.meta.legacy
-        if check_split and not self.legacy and self.meta.split != split:
-            # training on the val file (or the other way round) is silent data leakage
-            raise ValueError(
-                f"{self.path} holds the {self.meta.split!r} split (its __meta__ says so), but "
-                f"mode={split!r} was asked; pass mode={self.meta.split!r}, or the folder that "
-                f"holds {fmt.split_filename(split)} (to read this file as {split} data on "
-                "purpose, pass check_split=False)")
         self.num_classes = len(self.meta.classes)
-        self._env = None
-        self._fd: Optional[int] = None
-        self._base: Optional[int] = None
-        self._size = 0
-        self._index: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self.devices = group_shards(self.paths, self.shard_devices)
+        self._group_of = [0] * len(self.files)
+        for g, members in enumerate(self.devices):
+            for j in members:
+                self._group_of[j] = g
+        self.covered: List[Dict[int, int]] = [{} for _ in self.devices]
 
-    def _read_metadata(self, env) -> None:
-        with env.begin(buffers=True) as txn:
-            self.meta = fmt.read_metadata(txn, self.path)
-            self.labels: Optional[np.ndarray] = fmt.read_labels(txn, self.meta, self.path)
-            self.checksums: Optional[np.ndarray] = None if self.meta.legacy else \
-                checksums.read(txn, self.meta.num_records, self.path)
+    # -------------------------------------------------------------------------- the split
+    @property
+    def paths(self) -> List[str]:
+        """Every shard file, in split order (one for a one-file split)."""
+        return [f.path for f in self.files]
 
     def __len__(self) -> int:
         return self.meta.num_records
 
+    def __getattr__(self, name: str):
+        files = self.__dict__.get("files")
+        if name in _ONE_FILE_HANDLES and files is not None and len(files) == 1:
+            return getattr(files[0], name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def _joined(self, what: str) -> Optional[np.ndarray]:
+        """Every shard's ``labels`` / ``checksums`` in split order (None if one lacks them);
+        each shard then holds its slice of the joined array (one copy in memory)."""
+        parts = [getattr(f, what) for f in self.files]
+        if any(p is None for p in parts):
+            return None
+        joined = np.concatenate(parts)
+        for f in self.files:
+            setattr(f, what, joined[f.first:f.first + len(f)])
+        return joined
+
+    def _check_shards(self) -> None:
+        """Each shard is the one the manifest names: the same conversion (``split_id``), index,
+        count, first record, record count and classes; their class counts add up to the
+        split's."""
+        manifest, totals, count = self.layout.manifest, self.layout.totals, len(self.files)
+        for f, s in zip(self.files, self.layout.shards):
+            fix = (f"copy shard {s.index} of this conversion back to {f.path} (from where the "
+                   f"conversion wrote it), or convert again")
+            info = f.shard
+            if f.legacy or info is None:
+                raise fmt.DamagedFile(
+                    f"{f.path} is not a shard (its __meta__ has no 'shard' entry: a one-file "
+                    f"split or another file under this shard's name), but {manifest} names it "
+                    f"as shard {s.index} of {count}; {fix}")
+            if info.get("split_id") != totals["split_id"]:
+                raise fmt.DamagedFile(
+                    f"{f.path} is a shard of another conversion (split_id "
+                    f"{info.get('split_id')!r}), not of the one {manifest} describes (split_id "
+                    f"{totals['split_id']!r}): a shard was copied over from another "
+                    f"conversion; {fix}")
+            want = {"index": s.index, "count": count, "first": s.first}
+            got = {k: info.get(k) for k in want}
+            if got != want or f.meta.num_records != s.records:
+                raise fmt.DamagedFile(
+                    f"{f.path} says it is shard {got['index']} of {got['count']} from record "
+                    f"{got['first']} ({f.meta.num_records} records), but {manifest} names it "
+                    f"shard {s.index} of {count} from record {s.first} ({s.records} records); "
+                    f"{fix}")
+            if list(f.meta.classes) != list(totals["classes"]):
+                raise fmt.DamagedFile(
+                    f"{f.path} has {len(f.meta.classes)} classes other than the "
+                    f"{len(totals['classes'])} of {manifest} (first difference: "
+                    f"{_first_difference(f.meta.classes, totals['classes'])}); {fix}")
+        counts = np.sum([f.meta.class_counts for f in self.files], axis=0).tolist()
+        if counts != list(totals["class_counts"]):
+            raise fmt.DamagedFile(f"{manifest}: its class counts differ from the sum of its "
+                                  "shards' (the manifest was edited or damaged); convert again "
+                                  "with preprocess_sequential.py --resume (or --overwrite)")
+
+    # ------------------------------------------------------------------------ file handles
     @property
     def indexed(self) -> bool:
-        """Whether records are read through the offsets index (else through the B-tree)."""
-        if self._env is None:
-            self.reset_state()
-        return self._index is not None
+        """Whether records are read through the offsets index (else through the B-tree):
+        every shard has it."""
+        for f in self.files:
+            f._open()
+        return all(f._index is not None for f in self.files)
 
     def reset_state(self) -> None:
-        self.close()
-        # the shared environment may have been opened long ago: the file may have shrunk since
-        self._size = fmt.check_file(self.path)
-        self._env = fmt.acquire_env(self.path)
-        self._fd = os.open(fmt.data_file(self.path), os.O_RDONLY)
-        self._base = fmt.map_base(self.path)
-        self._index = None if self.legacy else \
-            offsets_index.read(self._env, self.meta.num_records, self.path)
-        if self._index is not None:
-            offs, lens = self._index
-            end = int((offs + lens.astype(np.int64)).max(initial=0))
-            if end > self._size:
-                raise fmt.DamagedFile(
-                    f"{self.path} is {self._size:,} bytes but its offsets index places records "
-                    f"up to byte {end:,}: the file is truncated; {fmt.REMEDY}")
+        for f in self.files:
+            f.reset_state()
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env = None
-            fmt.release_env(self.path)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for f in self.files:
+            f.close()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_env"] = state["_fd"] = state["_base"] = state["_index"] = None
+        state["files"] = [copy.copy(f) for f in self.files]  # closed copies: no handle shared
         return state
 
-    def read_range(self, start: int, count: int) -> Iterator[Tuple[int, bytes, int]]:
-        """Yield ``(index, jpeg_bytes, label)`` for records ``start .. start+count-1``, in order.
-
-        One cursor walks the range forward, with the span's next ``PREFETCH_BYTES`` queued
-        ahead of it: the access pattern a disk serves at full bandwidth.
-        """
-        if self._env is None:
-            self.reset_state()
-        if count <= 0:
-            return
-        self._check_span(start, count)
-        if self._index is not None:
-            yield from self._read_indexed([(start, count)])
-            return
-        ahead = None if self._base is None else \
-            Prefetch(self._fd, self._base, int(count * self._mean_bytes()))
-        try:
-            with self._env.begin(buffers=True) as txn:
-                cur = txn.cursor()
-                if not cur.set_key(fmt.record_key(start)):
-                    raise fmt.DamagedFile(f"{self.path}: record {fmt.record_key(start)!r} "
-                                          f"missing: the file is damaged; {fmt.REMEDY}")
-                for i in range(start, start + count):
-                    key, value = cur.item()
-                    if ahead is not None:
-                        ahead.at(value, i + 1 == start + count)
-                    if bytes(key) != fmt.record_key(i):
-                        raise fmt.DamagedFile(
-                            f"{self.path}: expected key {fmt.record_key(i)!r}, found "
-                            f"{bytes(key)!r}: the file is damaged; {fmt.REMEDY}")
-                    fmt.check_in_file(value, self._base, self._size, self.path,
-                                      f"record {fmt.record_key(i)!r}")
-                    if self.legacy:
-                        jpeg, label = fmt.decode_legacy_value(value)
-                    else:
-                        view, label = fmt.decode_record(value)
-                        jpeg = view.tobytes()  # copy out: buffers die with the transaction
-                    self._check_label(i, label)
-                    yield i, jpeg, label
-                    if i + 1 < start + count and not cur.next():
-                        raise fmt.DamagedFile(f"{self.path}: the records end before record "
-                                              f"{i + 1}: the file is damaged; {fmt.REMEDY}")
-        finally:
-            if ahead is not None:
-                ahead.close()
-
-    def _check_span(self, start: int, count: int) -> None:
-        if start < 0 or count < 0 or start + count > self.meta.num_records:
-            raise IndexError(f"range [{start}, {start + count}) outside 0..{self.meta.num_records}")
-
+    # ---------------------------------------------------------------------------- reading
     def read_spans(self, spans: Sequence[Tuple[int, int]],
-                   stop: Optional[threading.Event] = None) -> Iterator[Tuple[int, bytes, int]]:
-        """``read_range`` of each ``(start, count)`` in turn; with the offsets index, the
-        read-ahead runs on from one span into the next. Ends early once ``stop`` is set."""
-        if self._env is None:
-            self.reset_state()
+                   stop: Optional[threading.Event] = None) -> Iterator[Item]:
+        """The records ``(index, jpeg bytes, label)`` of each ``(start, count)`` span of split
+        records, in order; the read-ahead runs on from one span (and shard) into the next.
+        Ends early once ``stop`` is set."""
+        if len(self.files) == 1:
+            return self.files[0].read_spans(spans, stop)
+        return self._read_shards(list(spans), stop)
+
+    def _read_shards(self, spans: List[Tuple[int, int]],
+                     stop: Optional[threading.Event]) -> Iterator[Item]:
+        n = len(self)
         for start, count in spans:
-            self._check_span(start, count)
-        if self._index is not None:
-            yield from self._read_indexed(spans, stop)
-            return
-        for start, count in spans:
-            for rec in self.read_range(start, count):
-                if stop is not None and stop.is_set():
-                    return
-                yield rec
+            if start < 0 or count < 0 or start + count > n:
+                raise IndexError(f"range [{start}, {start + count}) outside 0..{n}")
+        runs = self.layout.cut(spans)
+        yield from read_runs(self.files, runs, self._group_of, stop, self.covered)
 
-    def _read_indexed(self, spans: Sequence[Tuple[int, int]],
-                      stop: Optional[threading.Event] = None) -> Iterator[Tuple[int, bytes, int]]:
-        """Records of ``spans`` through the offsets index: each record's bytes straight from the
-        file (``pread``), no B-tree page read; exactly the spans' bytes are read ahead."""
-        offs, lens = self._index
-        ahead = None
-        if self._base is not None:
-            segments = []
-            for start, count in spans:
-                o, n = offs[start:start + count], lens[start:start + count]
-                placed = o >= 0
-                segments.extend(forward_runs(o[placed], n[placed]))
-            if segments:
-                ahead = Prefetch(self._fd, self._base, segments=segments)
-        try:
-            for start, count in spans:
-                for i in range(start, start + count):
-                    if stop is not None and stop.is_set():
-                        return
-                    yield self._indexed_record(i, ahead)
-        finally:
-            if ahead is not None:
-                ahead.close()
+    def read_range(self, start: int, count: int) -> Iterator[Item]:
+        """Records ``start .. start+count-1``, in order."""
+        if len(self.files) == 1:
+            return self.files[0].read_range(start, count)
+        return self._read_shards([(start, count)] if count > 0 else [], None)
 
-    def _indexed_record(self, i: int, ahead: Optional[Prefetch]) -> Tuple[int, bytes, int]:
-        off, n = int(self._index[0][i]), int(self._index[1][i])
-        size = fmt.RECORD_HEADER.size
-        if off < 0:  # a small value inside a leaf page: through the B-tree
-            with self._env.begin(buffers=True) as txn:
-                value = txn.get(fmt.record_key(i))
-                if value is None:
-                    raise fmt.DamagedFile(f"{self.path}: record {fmt.record_key(i)!r} missing: "
-                                          f"the file is damaged; {fmt.REMEDY}")
-                fmt.check_in_file(value, self._base, self._size, self.path,
-                                  f"record {fmt.record_key(i)!r}")
-                value = bytes(value)
-            header, jpeg = value[:size], value[size:]
-        else:
-            if ahead is not None:
-                ahead.at_bytes(off, n)
-            # two reads, so the JPEG lands in its own bytes object (no second copy); pread past
-            # the end of a file that shrank while open returns short: no SIGBUS on this path
-            header, jpeg = os.pread(self._fd, size, off), os.pread(self._fd, n - size, off + size)
-        label = fmt.RECORD_HEADER.unpack(header)[0] if len(header) == size else -1
-        if len(jpeg) != n - size or jpeg[:2] != b"\xff\xd8" or (
-                self.labels is not None and label != self.labels[i]):
-            self._mismatch(i, off, n, len(header) + len(jpeg), label, jpeg[:4])
-        self._check_label(i, label)
-        return i, jpeg, label
+    def read_all(self) -> Iterator[Item]:
+        return self.read_range(0, len(self))
 
-    def _check_label(self, i: int, label: int) -> None:
-        """A label outside the classes, or other than ``__labels__`` gives the record, is
-        always an error (no ``skip_broken``), on every read path: a model would index past its
-        last output, or learn from a wrong class without a word."""
-        if self.num_classes and not 0 <= label < self.num_classes:
-            key = fmt.record_key(i)
-            raise fmt.RecordError(
-                f"record {key!r} (index {i}) of {self.path} has label {label}, outside "
-                f"0..{self.num_classes - 1}: the file is damaged; `imagenet-seq-verify "
-                f"{self.path}` lists every damaged record; {fmt.REMEDY}", key, i)
-        if self.labels is not None and label != self.labels[i]:
-            key = fmt.record_key(i)
-            raise fmt.RecordError(
-                f"record {key!r} (index {i}) of {self.path} has label {label}, but the file's "
-                f"__labels__ says {self.labels[i]}: the record changed after conversion "
-                f"(rewritten, or damaged); `imagenet-seq-verify {self.path}` lists every such "
-                f"record; {fmt.REMEDY}", key, i)
 
-    def _mismatch(self, i: int, off: int, n: int, got: int, label: int, head: bytes) -> None:
-        """Record ``i`` is not what the offsets index and ``__labels__`` say. Raises the error
-        whose advice fixes it: a stale index (the B-tree puts the record elsewhere: rebuilding
-        the index fixes it), a file that shrank, a label other than ``__labels__`` gives, or a
-        record that is not a JPEG (re-copy)."""
-        key = fmt.record_key(i)
-        if got < n and os.fstat(self._fd).st_size < off + n:
-            raise fmt.DamagedFile(
-                f"{self.path} is {os.fstat(self._fd).st_size:,} bytes, but record {key!r} lies "
-                f"at bytes [{off:,}, {off + n:,}): the file was truncated while open; {fmt.REMEDY}")
-        where = None
-        if self._base is not None:
-            with self._env.begin(buffers=True) as txn:
-                value = txn.get(key)
-                if value is not None:
-                    where = (np.frombuffer(value, np.uint8).ctypes.data - self._base, len(value))
-        if where is not None and where != (off, n) and off >= 0:
-            raise offsets_index.StaleOffsets(
-                f"{self.path}: record {i} is at byte {where[0]}, its offsets index says {off} "
-                "(the file was changed after conversion); rebuild the index with "
-                f"`{offsets_index.rebuild_command(self.path)}` (if the file was damaged "
-                f"rather than rewritten, `imagenet-seq-verify {self.path}` names the records: "
-                "re-copy it)")
-        self._check_label(i, label)
-        raise fmt.RecordError(
-            f"record {key!r} (index {i}) of {self.path} is not a JPEG any more (it starts "
-            f"{head!r}, not b'\\xff\\xd8'): it changed after conversion, or the file is damaged; "
-            f"`imagenet-seq-verify {self.path}` lists every damaged record; {fmt.REMEDY}", key, i)
+def _open_layout(root: str, split: str, shard_dirs: Tuple[str, ...]) -> Split:
+    """:func:`open_split`, an LMDB error met reading a one-file split's metadata named."""
+    try:
+        return open_split(root, split, shard_dirs)
+    except lmdb.Error as e:
+        raise fmt.damaged(fmt.find_split(root, split), e) from None
 
-    def _mean_bytes(self) -> float:
-        """Mean bytes a record takes in the file (value, LMDB page headers and B-tree)."""
-        return os.fstat(self._fd).st_size / max(1, self.meta.num_records)
 
-    def read_all(self) -> Iterator[Tuple[int, bytes, int]]:
-        return self.read_range(0, self.meta.num_records)
+def _split_meta(split: str, totals: Dict[str, Any]) -> fmt.Metadata:
+    """The split's metadata from its manifest's totals (what one file's ``__meta__`` holds)."""
+    return fmt.Metadata(split=split, classes=list(totals["classes"]),
+                        class_counts=[int(c) for c in totals["class_counts"]],
+                        num_records=int(totals["num_records"]),
+                        total_bytes=int(totals["total_bytes"]), order=totals["order"],
+                        options=dict(totals["options"]), skipped=int(totals["skipped"]))
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"class {k}: {x!r} here, {y!r} in the manifest"
+    return f"{len(a)} classes here, {len(b)} in the manifest"
