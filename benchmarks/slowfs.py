@@ -21,6 +21,11 @@ Figures and their sources:
   ``near_bytes`` of) where the head is costs transfer only (the drive's track cache and
   read-ahead absorb small reordering of the kernel's readahead requests); any other request
   costs seek + rotation first. Metadata (open, stat) is assumed cached (optimistic for folders).
+* HDD, arrival order (``--device hdd-fifo``, :class:`ArrivalHDDModel`): the same figures, but
+  the pessimistic case: requests are served strictly in the order they arrive (no elevator, no
+  NCQ), and any backward move or forward move beyond ``near_bytes`` (64 KiB) costs seek +
+  rotation, the track cache included. Optionally layout-aware (``base``: where each file lies
+  on the platter). A read-ahead that is only fast because the drive reorders it shows here.
 * NFS over 1 GbE: 1 Gbit/s = 125 MB/s raw, ~110-117 MB/s of payload after Ethernet/IP/TCP/RPC
   headers (the figure commonly measured with ``dd`` over NFSv3/v4 on 1 GbE); per-request round
   trip ~0.2-0.5 ms on a LAN plus the server's storage (the original tool's "shared SSD NFS").
@@ -146,6 +151,64 @@ class HDDModel:
                 "seeks": self.seeks, "busy_s": self.busy_s}
 
 
+class ArrivalHDDModel(HDDModel):
+    """The pessimistic HDD: requests served strictly in arrival order, and every move of the head
+    but a short forward one is a positioning (seek + rotation).
+
+    Where :class:`HDDModel` lets the drive pick the queued request nearest the head (the kernel's
+    elevator and NCQ) and serves a request just behind the head from the track cache, this one
+    never reorders: a request that arrives behind the head, or more than ``near_bytes`` ahead of
+    it, pays seek + rotation even when the request the head wanted arrives a microsecond later.
+    A real drive reorders only what is queued together; two readers that take turns submitting
+    one file each get close to this model, not the other. A forward gap within ``near_bytes``
+    is paid as transfer (the platter passes under the head).
+
+    Args:
+        seek_ms, rotation_ms, mb_per_s: as :class:`HDDModel`.
+        near_bytes: the forward distance still read without positioning (default 64 KiB: less
+            than one ImageNet file, ~110 KB, so skipping a file is a positioning; a 4 KiB block
+            alignment or a tar header between two files is not).
+        base: the layout: file key -> byte offset of the file on the platter, so files read in
+            layout order are one stream; without it each file is its own region and moving to
+            another file is a positioning. A key not in ``base`` lies far from every file.
+    """
+
+    name = "hdd-fifo"
+
+    def __init__(self, seek_ms: float = 8.0, rotation_ms: float = 4.17, mb_per_s: float = 150.0,
+                 near_bytes: int = 64 << 10, base: Optional[Dict[str, int]] = None):
+        super().__init__(seek_ms, rotation_ms, mb_per_s, near_bytes)
+        self.base = base
+        self.far = max(base.values(), default=0) + (1 << 40) if base else 0
+
+    def _at(self, key, offset: int) -> tuple:
+        if self.base is None:
+            return key, offset
+        return "disk", self.base.get(key, self.far) + offset
+
+    def schedule(self, key, offset: int, size: int, now: float) -> float:
+        key, pos = self._at(key, offset)
+        gap = pos - self.head[1] if self.head is not None and self.head[0] == key else -1
+        if 0 <= gap <= self.near_bytes:
+            cost = gap / self.bytes_per_s
+        else:  # backward, far forward, another file without a layout, or the first request
+            cost = self.seek_s + self.rotation_s
+            self.seeks += 1
+        cost += size / self.bytes_per_s
+        start = max(now, self.busy_until)
+        self.busy_until = start + cost
+        self.busy_s += cost
+        self.head = (key, pos + size)
+        self.requests += 1
+        self.bytes += size
+        return self.busy_until
+
+    def pick(self, pending: List[tuple], now: float, **kw) -> int:
+        """The oldest request (``pending`` holds ``(key, offset, size, arrival_time)``): no
+        reordering, whatever lies near the head."""
+        return min(range(len(pending)), key=lambda i: pending[i][3])
+
+
 class NFSModel:
     """Per-request round trip, a shared link, up to ``in_flight`` requests outstanding.
 
@@ -209,23 +272,34 @@ class NFSModel:
                 "opens": self.opens}
 
 
+NEAR_KB = {"hdd": 1024, "hdd-fifo": 64}  # --near-kb's default per model
+
+
 def make_model(args: argparse.Namespace):
     """The model named by ``--device`` with the command line's parameters."""
+    near = (args.near_kb if args.near_kb is not None else NEAR_KB.get(args.device, 0)) * 1024
     if args.device == "hdd":
-        return HDDModel(args.seek_ms, args.rotation_ms, args.mb_per_s or 150.0, args.near_kb * 1024,
+        return HDDModel(args.seek_ms, args.rotation_ms, args.mb_per_s or 150.0, near,
                         args.fifo_batch)
+    if args.device == "hdd-fifo":
+        return ArrivalHDDModel(args.seek_ms, args.rotation_ms, args.mb_per_s or 150.0, near)
     return NFSModel(args.rtt_ms, args.mb_per_s or 110.0, args.in_flight, args.open_rtts)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("hdd", "nfs"), default="hdd")
+    p.add_argument("--device", choices=("hdd", "hdd-fifo", "nfs"), default="hdd",
+                   help="hdd: the drive reorders queued requests (elevator + NCQ) and reads "
+                        "small backward moves from its track cache; hdd-fifo: the pessimistic "
+                        "HDD, strictly arrival order, any backward or far move a seek; nfs: "
+                        "1 GbE NFS")
     p.add_argument("--mb-per-s", type=float, default=None,
                    help="transfer rate, 10^6 B/s (default: hdd 150, nfs 110)")
     p.add_argument("--seek-ms", type=float, default=8.0, help="hdd: average seek")
     p.add_argument("--rotation-ms", type=float, default=4.17,
                    help="hdd: average rotational latency (7,200 rpm: 4.17)")
-    p.add_argument("--near-kb", type=int, default=1024,
-                   help="hdd: distance from the head still served without a seek")
+    p.add_argument("--near-kb", type=int, default=None,
+                   help="hdd, hdd-fifo: distance from the head still served without a seek "
+                        "(default: hdd 1024, either way; hdd-fifo 64, forward only)")
     p.add_argument("--fifo-batch", type=int, default=16,
                    help="hdd: requests served in a row near the head before an expired one "
                         "(mq-deadline's fifo_batch; here each request is <= 128 KiB, FUSE's "

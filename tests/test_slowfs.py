@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import slowfs  # noqa: E402
-from slowfs import HDDModel, NFSModel  # noqa: E402
+from slowfs import ArrivalHDDModel, HDDModel, NFSModel  # noqa: E402
 
 KB = 1024
 
@@ -140,6 +140,109 @@ def test_hdd_elevator_serves_the_stream_under_the_head_then_the_oldest():
     assert wide.pick(late, now=1.0) == 1
     with pytest.raises(ValueError, match="fifo_batch=0"):
         HDDModel(fifo_batch=0)
+
+
+# --- the arrival-order HDD (hdd-fifo): no reordering, any backward or far move a seek --------
+LAYOUT = {"/a": 0, "/b": 100_000, "/c": 200_000, "/far": 500 << 20}  # files back to back
+
+
+def test_fifo_sequential_reads_cost_transfer_only():
+    m = ArrivalHDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100, base=LAYOUT)
+    t = [m.schedule(k, 0, 100_000, now=0.0) for k in ("/a", "/b", "/c")]
+    t.append(m.schedule("/c", 100_000, 50_000, now=0.0))  # the next piece of /c: contiguous
+    assert m.seeks == 1  # the first request only
+    assert t == pytest.approx([0.012 + 0.001, 0.014, 0.015, 0.0155])
+    # a forward gap within the near window (64 KiB) is paid as transfer, not a seek
+    m.schedule("/far", 0, 10_000, now=1.0)
+    m.schedule("/far", 10_000 + 60_000, 10_000, now=1.0)
+    assert m.seeks == 2 and m.busy_until == pytest.approx(1.0 + 0.012 + 0.0002 + 0.0006)
+
+
+def test_fifo_backward_and_far_moves_cost_a_seek():
+    m = ArrivalHDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100, base=LAYOUT)
+    m.schedule("/b", 0, 100_000, now=0.0)
+    m.schedule("/a", 0, 100_000, now=0.0)  # backward: the neighbour before, a whole seek
+    assert m.seeks == 2
+    m.schedule("/a", 50_000, 4096, now=0.0)  # backward within the same file: a seek too
+    assert m.seeks == 3
+    m.schedule("/b", 0, 100_000, now=0.0)  # 45,904 B past the head: within 64 KiB, no seek
+    assert m.seeks == 3
+    m.schedule("/c", 100_000, 1000, now=0.0)  # 100 KB forward: beyond the near window
+    assert m.seeks == 4
+    assert m.busy_until == pytest.approx(4 * 0.012 + (3 * 100_000 + 4096 + 45_904 + 1000)
+                                         / 100e6)
+    # the HDD model takes the same backward step from its track cache
+    h = HDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100)
+    h.schedule("a", 100_000, 100_000, 0.0)
+    h.schedule("a", 0, 100_000, 0.0)
+    assert h.seeks == 1
+
+
+def test_fifo_two_interleaved_streams_seek_at_every_switch():
+    m = ArrivalHDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100)  # no layout: files apart
+    for i in range(10):
+        m.schedule("x", i * 131072, 131072, now=0.0)
+        m.schedule("y", i * 131072, 131072, now=0.0)
+    assert m.seeks == 20
+    one = ArrivalHDDModel(seek_ms=8, rotation_ms=4, mb_per_s=100)
+    for k in ("x", "y"):  # the same requests, one stream after the other
+        for i in range(10):
+            one.schedule(k, i * 131072, 131072, now=0.0)
+    assert one.seeks == 2
+    assert m.busy_until - one.busy_until == pytest.approx(18 * 0.012)
+
+
+def test_fifo_serves_in_arrival_order_never_the_nearest():
+    m = ArrivalHDDModel(base=LAYOUT)
+    m.schedule("/a", 0, 100_000, 0.0)  # head at the end of /a, /b is next on the platter
+    pending = [("/c", 0, 100_000, 0.010), ("/b", 0, 100_000, 0.011), ("/far", 0, 10, 0.002)]
+    assert m.pick(pending, now=0.02) == 2  # the oldest, far away
+    del pending[2]
+    assert m.pick(pending, now=0.02) == 0  # /c before /b: it came first
+    assert HDDModel().pick([("a", 0, 10, 0.0), ("b", 0, 10, 0.0)], 0.0) in (0, 1)
+
+
+def test_fifo_is_selected_by_device_and_keeps_the_other_defaults():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    slowfs.add_model_args(p)
+    fifo = slowfs.make_model(p.parse_args(["--device", "hdd-fifo"]))
+    assert isinstance(fifo, ArrivalHDDModel) and fifo.name == "hdd-fifo"
+    assert fifo.near_bytes == 64 * KB and fifo.seek_s == 0.008
+    assert slowfs.make_model(p.parse_args(["--device", "hdd-fifo", "--near-kb", "8"])
+                             ).near_bytes == 8 * KB
+    hdd = slowfs.make_model(p.parse_args([]))  # the default device and near window: unchanged
+    assert type(hdd) is HDDModel and hdd.near_bytes == 1024 * KB and hdd.fifo_batch == 16
+    assert isinstance(slowfs.make_model(p.parse_args(["--device", "nfs"])), NFSModel)
+    with pytest.raises(ValueError, match="near_bytes=-1"):
+        ArrivalHDDModel(near_bytes=-1)
+
+
+@pytest.mark.fuse
+def test_fuse_fifo_counts_backward_and_far_moves(tmp_path):
+    """Through the mount: one thread's uncached 4 KiB reads (POSIX_FADV_RANDOM: no kernel
+    readahead) reach the model one at a time; backward and far moves are the seeks."""
+    reason = slowfs.fuse_unavailable_reason()
+    if reason:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = os.urandom(4 << 20)
+    (src / "a.bin").write_bytes(payload)
+    mnt = str(tmp_path / "mnt")
+    with slowfs.mounted(str(src), mnt, "hdd-fifo", ["--seek-ms", "1", "--rotation-ms", "0"]
+                        ) as stats:
+        fd = os.open(os.path.join(mnt, "a.bin"), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            at = [1 << 20, 0, 2 << 20, (2 << 20) + 4096, (2 << 20) + 8192]
+            got = [os.pread(fd, 4096, off) for off in at]
+        finally:
+            os.close(fd)
+    assert got == [payload[off:off + 4096] for off in at]
+    assert stats["device"] == "hdd-fifo" and stats["requests"] == 5
+    assert stats["seeks"] == 3  # the first, back to 0, forward 2 MiB; then contiguous
 
 
 # --- slow_disk.py plumbing (no FUSE needed) --------------------------------------------------
