@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import threading
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
 
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
            "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
-           "fixed_bytes", "buffer_bytes", "pack", "unpack", "space_check", "prepare_runs",
+           "fixed_bytes", "buffer_bytes", "pack", "unpack", "estimate", "space_check", "prepare_runs",
            "RunWriter", "read_pass", "merge_pass"]
 
 COMMIT_RECORDS = 2000
@@ -86,30 +86,53 @@ def unpack(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
 
 
-def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
-                 memory: int, workers: int, notice) -> int:
-    """Temporary (and output) bytes this split still needs, stated, and checked against free
-    space before anything is read (the output's disk too when --tmp is on another one); so is
-    the number of runs the memory bound implies.
-    Returns the estimate of the runs' total size."""
-    src = sum(scan.inode_size(rel)[1] for rel, _ in plan)
-    est = src + len(plan) * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
+def estimate(scan: Scan, plan, ranges) -> Tuple[int, List[int]]:
+    """The split's source bytes, and the estimated bytes of each range of plan positions
+    (``(first, count)``): sources plus record and run headers, what the runs and the output
+    hold of them (re-encoded images and LMDB's pages aside)."""
+    src, per = 0, []
+    for first, n in ranges:
+        s = sum(scan.inode_size(plan[p][0])[1] for p in range(first, first + n))
+        src += s
+        per.append(s + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size))
+    return src, per
+
+
+def space_check(src: int, est: int, state, run_dir: str,
+                outputs: List[Tuple[str, int, Optional[str]]], split: str, images: int,
+                memory: int, workers: int, notice) -> int:
+    """Temporary and output bytes this split still needs, stated, and checked against free
+    space before anything is read; so is the number of runs the memory bound implies.
+
+    ``est``: the runs' estimated size; ``outputs``: ``(folder, bytes still to be written
+    there, what: None for the one .lmdb file, else which shards)``. Everything on one disk
+    (``st_dev``) counts together: an output folder on another disk than the runs is checked
+    first, then the runs' folder with the output on its disk, then each output folder on that
+    disk against its own free space (a quota or subvolume may give it less).
+    Returns ``est``."""
+    tmp = os.path.dirname(run_dir)
     have = sum(r[2] for r in state.get("runs", []))
     need_tmp = 0 if state.get("phase") == "merge" else max(0, est - have)
-    need_out = max(0, est - state.get("bytes", 0) if state.get("phase") == "merge" else est)
-    same = os.stat(os.path.dirname(run_dir)).st_dev == os.stat(out_dir).st_dev
-    free = shutil.disk_usage(os.path.dirname(run_dir)).free
-    need = need_tmp + (need_out if same else 0)
-    free_out = free if same else shutil.disk_usage(out_dir).free
+    tdev, rtmp = os.stat(tmp).st_dev, os.path.realpath(tmp)
+    devs = [os.stat(folder).st_dev for folder, _, _ in outputs]
+    on_dev: dict = {}
+    for dev, (_, need, _) in zip(devs, outputs):
+        on_dev[dev] = on_dev.get(dev, 0) + need
+    same = on_dev.get(tdev, 0)
+    free = shutil.disk_usage(tmp).free
+    frees = [free if os.path.realpath(folder) == rtmp else shutil.disk_usage(folder).free
+             for folder, _, _ in outputs]
     if notice:
-        notice(f"{split}: {len(plan)} images, {src / 1e9:.2f} GB of sources; temporary runs "
+        notice(f"{split}: {images} images, {src / 1e9:.2f} GB of sources; temporary runs "
                f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
                f"{free / 1e9:.1f} GB free there"
-               + ("" if same else f"; output ~{est / 1e9:.2f} GB in {out_dir}, "
-                  f"{free_out / 1e9:.1f} GB free there")
+               + "".join(f"; output ~{need / 1e9:.2f} GB in {folder}"
+                         + (f" ({what})" if what else "") + f", {f / 1e9:.1f} GB free there"
+                         for (folder, need, what), dev, f in zip(outputs, devs, frees)
+                         if dev != tdev or what)
                + f"; buffers <= {memory / 1e9:.2f} GB")
     try:
-        buf = buffer_bytes(memory, workers, len(plan))
+        buf = buffer_bytes(memory, workers, images)
     except ValueError as e:
         raise ConversionError(str(e)) from None
     runs = -(-int(est * 1.1) // buf)  # +10%: re-encoded images
@@ -118,22 +141,34 @@ def space_check(scan: Scan, plan, state, run_dir: str, out_dir: str, split: str,
             f"{split}: about {est / 1e9:.1f} GB in runs of "
             f"{buf / 1e9:.2f} GB makes ~{runs} runs, more than the "
             f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
-            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, len(plan))) // 1_000_000 + 1}"
+            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, images)) // 1_000_000 + 1}"
             " or more")
-    if not same and need_out > free_out:  # --tmp on another disk: the output's disk too
-        raise ConversionError(
-            f"too little space for the output of {split}: about {need_out / 1e9:.2f} GB "
-            f"needed in {out_dir} (the .lmdb file; the sorted runs go to --tmp "
-            f"{os.path.dirname(run_dir)}), {free_out / 1e9:.2f} GB free; free space there "
-            "or pass an output folder on a disk with room, then run again (--resume "
-            "continues an interrupted run)")
+    for (folder, need, what), dev, f in zip(outputs, devs, frees):
+        if dev != tdev and on_dev[dev] > f:  # an output disk without the runs: first
+            raise ConversionError(
+                f"too little space for the output of {split}: about "
+                f"{on_dev[dev] / 1e9:.2f} GB needed in {folder} ({what or 'the .lmdb file'}"
+                + ("" if on_dev[dev] == need else " and the output folders on the same disk")
+                + f"; the sorted runs go to {tmp}), {f / 1e9:.2f} GB free; free space there "
+                "or pass an output folder on a disk with room, then run again (--resume "
+                "continues an interrupted run)")
+    need = need_tmp + same
     if need > free:
         raise ConversionError(
             f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "
-            f"{os.path.dirname(run_dir)} (sorted runs {need_tmp / 1e9:.2f} GB"
-            + (f" + the output {need_out / 1e9:.2f} GB on the same disk" if same else "")
+            f"{tmp} (sorted runs {need_tmp / 1e9:.2f} GB"
+            + (f" + the output {same / 1e9:.2f} GB on the same disk" if same else "")
             + f"), {free / 1e9:.2f} GB free; free space there or pass --tmp DIR on a disk "
             "with room, then run again (--resume continues an interrupted run)")
+    for (folder, need_f, what), dev, f in zip(outputs, devs, frees):
+        if dev == tdev and os.path.realpath(folder) != rtmp and need > f:
+            raise ConversionError(
+                f"too little space for the output of {split}: about {need / 1e9:.2f} GB "
+                f"needed on the disk of {folder} ({what or 'the .lmdb file'} "
+                f"{need_f / 1e9:.2f} GB, with the sorted runs in {tmp} and the other output "
+                f"on that disk), {f / 1e9:.2f} GB free there; free space there or leave the "
+                "folder out (--shard-dirs), then run again (--resume continues an "
+                "interrupted run)")
     return est
 
 
@@ -330,28 +365,54 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
                               "with --resume")
 
 
-def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
-               images: int) -> None:
-    """Pass 2: the runs merged by plan position into the LMDB, committed with their offsets;
-    ``finish(txn)`` adds the final records (labels, metadata) to the last transaction."""
+def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int) -> None:
+    """Pass 2: the runs merged by plan position into the shards, one after the other.
+
+    ``sink`` (``shards.ShardSink``) is the shard being written: records of plan positions
+    before ``sink.end`` go into ``sink.env``; the first one past it ends that shard
+    (``sink.hand_over`` the progress to the next shard, then this shard's final transaction:
+    checksums, ``sink.finish``; then ``sink.seal``) and goes into the next. Every commit
+    stores the runs' offsets with its records (a resume continues from them)."""
     state.pop("done", None)  # pass 1 is over: no need to carry the bitmap in every commit
     state["phase"] = "merge"
     state.setdefault("offsets", [0] * len(state["runs"]))
     total = sum(r[1] for r in state["runs"])
     if start_progress:
         start_progress(total, state["written"], "merge")
-    crcs = checksums.Log(state["written"])  # records before it: checksums committed
+    crcs = checksums.Log(sink.local(state["written"]))  # records before it: committed
     paths = [os.path.join(run_dir, r[0]) for r in state["runs"]]
-    txn = env.begin(write=True)
+    txn = sink.env.begin(write=True)
     pending_n = pending_b = 0
+
+    def end_shard():
+        """The shard's last transaction (a kill leaves either its progress or its
+        metadata), then the next shard's first."""
+        nonlocal txn, crcs, pending_n, pending_b
+        if not sink.last:
+            sink.hand_over(txn)
+        crcs.finish(txn, sink.local(state["written"]))
+        sink.finish(txn)
+        txn.commit()
+        txn = None
+        sink.seal()
+        if sink.env is not None:
+            crcs = checksums.Log(0)
+            txn = sink.env.begin(write=True)
+            pending_n = pending_b = 0
+
     try:
         for pos, payload, i, after in merge(paths, state["offsets"],
                                             buffer_bytes(opts.memory, opts.workers, images)):
-            txn.put(fmt.record_key(state["written"]), payload)
+            if pos >= sink.end:
+                payload = bytes(payload)  # one record's copy: its read buffer outlives nothing
+                while pos >= sink.end:  # a shard whose images were all skipped: empty
+                    end_shard()
+            txn.put(fmt.record_key(sink.local(state["written"])), payload)
             crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
             state["written"] += 1
             state["offsets"][i] = after
             nbytes = len(payload) - fmt.RECORD_HEADER.size
+            state["shard"]["bytes"] += nbytes
             pending_n += 1
             pending_b += nbytes
             if progress:
@@ -360,17 +421,18 @@ def merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progr
                 txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
                 crcs.commit(txn)  # with their records: a resume keeps them
                 txn.commit()
-                txn = env.begin(write=True)
+                txn = sink.env.begin(write=True)
                 pending_n = pending_b = 0
         if state["written"] != total:
             raise ConversionError(f"internal: merged {state['written']} of {total} records; "
                                   "run again with --overwrite")
-        crcs.finish(txn, state["written"])
-        finish(txn)  # the same transaction: a kill leaves either the progress or the metadata
-        txn.commit()
-        txn = None
+        while txn is not None:  # this shard and any (empty) after it
+            end_shard()
     except ValueError as e:  # a run cut short (sort_runs.RunReader)
-        raise ConversionError(f"{e}: the temporary runs of {partial} were changed; pass "
+        if isinstance(e, fmt.DamagedFile):
+            raise
+        raise ConversionError(f"{e}: the temporary runs of "
+                              f"{sink.layout.partial(sink.index)} were changed; pass "
                               "--overwrite to start over") from None
     finally:
         if txn is not None:

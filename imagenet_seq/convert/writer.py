@@ -6,23 +6,28 @@ records, tagged with their position in the plan (``plan_order``: a seeded permut
 sorted for val), fill a run buffer that is sorted and written as one sequential temporary file
 when full (``sort_runs``) → pass 2: the runs are merged by position and appended, in plan order,
 to ``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end. The output is
-exactly what the one-pass converter wrote (same plan, same records, same order).
+exactly what the one-pass converter wrote (same plan, same records, same order). With
+``Options.shards`` / ``shard_gb`` the merge writes K shard files instead, one after the other,
+over the output folder and ``Options.shard_dirs``, and the manifest last (``shards.py``); one
+file is the case K = 1 of the same code.
 
-Crash safety: ``__progress__`` in the .partial says where the conversion stands, committed in
+Crash safety: ``__progress__`` in the .partial (shard 0's in pass 1, the shard being written in
+pass 2: ``shards.py``) says where the conversion stands, committed in
 the same transaction as what it describes. Pass 1: which plan positions are done (a bitmap), the
 finished runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the
 byte offset reached in each run and the records written. ``resume=True`` deletes runs that no
 commit lists, re-reads what pass 1 had not committed and ends with the records of a clean run.
-One conversion at a time per output folder: the folder's lock (``format.convlock``) is held
-throughout, and the .partial is checked to be the file this conversion opened before it is
-renamed, so no conversion reports success over a file it did not write.
+One conversion at a time per output folder: the folder's lock (``format.convlock``), and each
+shard folder's, is held throughout, and each .partial is checked to be the file this conversion
+opened before it is renamed, so no conversion reports success over a file it did not write.
 
 Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer and pass 2 the runs'
 read buffers, each ``memory - fixed_bytes(workers)``; fixed: one uncommitted transaction
 (``COMMIT_BYTES``), the reader's queue (32 MiB) and the chunks in flight to the workers
 (``workers * 8`` chunks of <= 1 MiB); the plan (~150 bytes per image) grows with the dataset.
 Temporary space: about the split's source bytes, in ``Options.tmp`` (default: the output
-folder), checked against free space before the run and deleted at the end.
+folder), checked against free space before the run (with each output folder's share of the
+shards) and deleted at the end.
 """
 from __future__ import annotations
 
@@ -32,17 +37,19 @@ import os
 import shlex
 import shutil
 import time
-import warnings
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from imagenet_seq import format as fmt
+from imagenet_seq.format import manifest as mf
 from imagenet_seq.format import offsets
 from imagenet_seq.convert.passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
-                             ConversionError, merge_pass, pack, prepare_runs, read_pass,
-                             space_check, unpack)
+                             ConversionError, estimate, merge_pass, pack, prepare_runs,
+                             read_pass, space_check, unpack)
+from imagenet_seq.convert import shards as sh
 from imagenet_seq.format.convlock import ABANDONED, Busy, ConversionLock
 from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
@@ -63,6 +70,9 @@ class Options:
     tmp: Optional[str] = None  # folder for the sorted runs (default: the output folder)
     read_order: str = "auto"  # disk_order method: auto (FIEMAP, else inode), inode, name
     read_ahead: Optional[int] = None  # source reads in flight (None: source_reader.READ_AHEAD)
+    shards: Optional[int] = None  # K shard files (None: from shard_gb, else one file)
+    shard_gb: Optional[float] = None  # K = manifest.shard_count(estimated bytes, shard_gb)
+    shard_dirs: Tuple[str, ...] = ()  # folders beside the output folder, shards round-robin
 
     def content(self) -> dict:
         """Options that change what is written (workers do not)."""
@@ -88,6 +98,8 @@ class Result:
     merge_s: float = 0.0  # wall seconds of pass 2 (merge into the LMDB, offsets index)
     read_cpu_s: float = 0.0  # CPU seconds of this process (all its threads) in pass 1
     merge_cpu_s: float = 0.0  # and in pass 2 (workers not included)
+    shards: List[dict] = field(default_factory=list)  # index, path, folder, records, bytes, ..
+    manifest: Optional[str] = None  # the manifest's path (None: one file)
 
 
 def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
@@ -107,25 +119,11 @@ def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) 
     return h.hexdigest()
 
 
+
 def _committed_skips(env):
+    """The skip records of an open environment, in the order they were met."""
     with env.begin() as txn:
-        cur = txn.cursor()
-        if not cur.set_range(fmt.SKIP_PREFIX):
-            return
-        for k, v in cur:
-            if not bytes(k).startswith(fmt.SKIP_PREFIX):
-                return
-            yield json.loads(bytes(v))
-
-
-def _write_offsets(env, path: str, num_records: int) -> None:
-    """The offsets index (``offsets.py``); where it cannot be made (no ``/proc/self/maps``) the
-    file is complete without it and readers use the B-tree: warn, do not fail the conversion."""
-    try:
-        offsets.write(env, path, num_records)
-    except OSError as e:
-        warnings.warn(f"{path}: no offsets index written ({e}); readers will walk the B-tree "
-                      "(slower from an HDD)")
+        return [d for _, d in sh.skips(txn)]
 
 
 def _open(path: str, way_out: str, **kw):
@@ -137,28 +135,21 @@ def _open(path: str, way_out: str, **kw):
         raise ConversionError(f"{e}. {way_out}") from None
 
 
-def _complete(final: str, res: Result) -> Result:
+def _complete(layout: sh.Layout, res: Result, shard_dirs) -> Result:
     """``--resume`` over a finished split: keep it, and report what it skipped."""
-    env = _open(final, "--resume keeps finished files: pass --overwrite to convert it again")
+    root = layout.final(0) if layout.count == 1 else layout.folders[0]
     try:
-        with env.begin() as txn:
-            meta = fmt.read_metadata(txn, final)
-        res.skipped = [(d["path"], d["reason"]) for d in _committed_skips(env)]
-    except ValueError as e:
+        split = mf.open_split(root, layout.split, shard_dirs)
+        layout = sh.Layout(layout.split, len(split.shards), tuple(
+            os.path.dirname(p) for p in split.paths), layout.ranges)  # where they are now
+        rows, res.skipped, _ = sh.finish_split(layout, split.totals.get("split_id"), False)
+    except (DamagedFile, ValueError, OSError, ConversionError) as e:
         raise ConversionError(f"{e} (found by --resume, which keeps finished files; pass "
                               "--overwrite to convert it again)") from None
-    finally:
-        env.close()
     res.already_complete = True
-    res.written, res.bytes = meta.num_records, meta.total_bytes
+    res.shards, res.manifest = rows, split.manifest
+    res.written, res.bytes = split.num_records, sum(r["bytes"] for r in rows)
     return res
-
-
-def _remove(path: str) -> None:
-    for p in (path, path + "-lock"):
-        if os.path.exists(p):
-            os.remove(p)
-
 
 
 def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Options,
@@ -166,45 +157,38 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
                   progress: Optional[Callable[[int, int, int], None]] = None,
                   start_progress: Optional[Callable[[int, int, str], None]] = None,
                   notice: Optional[Callable[[str], None]] = None) -> Result:
-    """Write ``out_dir/ILSVRC-<split>.lmdb`` from ``scan``.
+    """Write ``out_dir/ILSVRC-<split>.lmdb`` from ``scan`` (or, with ``opts.shards`` /
+    ``opts.shard_gb`` giving K > 1, K shard files over ``out_dir`` and ``opts.shard_dirs`` and
+    ``out_dir/ILSVRC-<split>.manifest.json``).
 
     ``progress(n_done_delta, bytes_delta, skipped_total)`` is called as records land;
     ``start_progress(total, initial, pass_name)`` before each pass ('read', 'merge');
     ``notice(text)`` with the statement of sizes and free space before the run.
 
-    The output folder's conversion lock (``format.convlock``) is held throughout (the CLI
-    already holds it for the whole run); another live conversion into ``out_dir`` is a
-    ConversionError naming its PID, before anything is written.
+    The conversion lock (``format.convlock``) of the output folder and of each shard folder is
+    held throughout (the CLI already holds the output folder's for the whole run); another
+    live conversion into one of them is a ConversionError naming its PID, before anything is
+    written.
     """
     final = os.path.join(out_dir, fmt.split_filename(split))
     for path in (final, final + ".partial"):
         if os.path.isdir(path):
             raise ConversionError(in_place_of_output(path))
+    why = sh.check_dirs(out_dir, opts.shard_dirs)
+    if why is not None:
+        raise ConversionError(why)
+    locks = []
     try:
-        lock = ConversionLock(out_dir)
-        lock.acquire()
-    except Busy as e:
-        raise ConversionError(str(e)) from None
-    try:
+        for folder in (out_dir,) + tuple(opts.shard_dirs):
+            locks.append(ConversionLock(folder))
+            locks[-1].acquire()
         return _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
                         start_progress, notice)
+    except Busy as e:
+        raise ConversionError(str(e)) from None
     finally:
-        lock.release()
-
-
-def _check_same_file(partial: str, ino: int, out_dir: str) -> None:
-    """The .partial must still be the file this conversion opened: never report success
-    over a file another process put there (the lock prevents it where flock works)."""
-    try:
-        now = os.stat(partial).st_ino
-    except FileNotFoundError:
-        now = None
-    if now != ino:
-        raise ConversionError(
-            f"{partial} was {'deleted' if now is None else 'replaced'} by another process "
-            f"while this conversion wrote it (another conversion into {out_dir}?): what this "
-            "one wrote is lost and nothing was renamed; when no other conversion runs there, "
-            "run again (--resume continues whatever .partial is there)")
+        for lock in reversed(locks):
+            lock.release()
 
 
 def _adopt_runs(old: str, run_dir: str) -> bool:
@@ -213,103 +197,220 @@ def _adopt_runs(old: str, run_dir: str) -> bool:
     return old != run_dir and os.path.isdir(run_dir) and not os.path.exists(old)
 
 
+def _shard_count(opts: Options, scan: Scan, plan, split: str) -> int:
+    if opts.shards is not None:
+        if not 1 <= opts.shards <= max(1, len(plan)):
+            raise ConversionError(
+                f"--shards {opts.shards} for the {len(plan)} images of {split}; expected 1 to "
+                f"{max(1, len(plan))} (a shard holds at least one image's place): pass fewer, "
+                "or convert this split on its own (--splits) with fewer")
+        return opts.shards
+    if opts.shard_gb is not None:
+        _, (est,) = estimate(scan, plan, [(0, len(plan))])
+        try:
+            return max(1, min(mf.shard_count(est, opts.shard_gb), len(plan)))
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+    return 1
+
+
+def _existing(layout: sh.Layout, run_dir: str, overwrite: bool, resume: bool) -> bool:
+    """What earlier conversions left of this split: another layout's files are refused (or,
+    with ``overwrite``, deleted); this layout's are kept for ``resume``, refused or deleted
+    (a one-file split stays until its replacement is renamed over it, as it always did).
+    Returns whether the split is complete here."""
+    own = layout.own(run_dir)
+    found = sh.split_files(layout)
+    foreign = [p for p in found if os.path.realpath(p) not in own]
+    if foreign:
+        if not overwrite:
+            raise ConversionError(sh.foreign_error(layout, foreign))
+        sh.remove_files(foreign)
+    done = layout.final(0) if layout.count == 1 else layout.manifest
+    if os.path.exists(done):
+        if resume and not overwrite:
+            return True
+        if not overwrite:
+            raise ConversionError(f"{done} already exists; pass --overwrite to replace it "
+                                  "(or --resume to keep it and finish the other splits)")
+    if resume:
+        return False
+    mine = [p for p in found if p not in foreign]  # this layout's, where it puts them
+    unfinished = [p for p in mine if p.endswith(".partial")
+                  or layout.count > 1 and p.endswith(".lmdb")]
+    if unfinished and not overwrite:
+        raise ConversionError(f"{unfinished[0]} is an unfinished conversion; {ABANDONED}. "
+                              "Pass --resume to continue it or --overwrite to start over")
+    one = os.path.realpath(layout.final(0)) if layout.count == 1 else None
+    sh.remove_files([p for p in mine if os.path.realpath(p) != one] + [run_dir])
+    return False
+
+
+def _fresh_state(fp: str, layout: sh.Layout, run_dir: str, images: int, classes: int) -> dict:
+    return {"fingerprint": fp, "phase": "read", "run_dir": run_dir, "runs": [],
+            "done": pack(np.zeros(images, bool)), "written": 0, "bytes": 0, "converted": 0,
+            "skipped": 0, "class_counts": [0] * classes, "split_id": uuid.uuid4().hex,
+            "layout": {"count": layout.count, "folders": layout.used_folders},
+            "shard": {"index": 0, "first": 0, "bytes": 0}}
+
+
+def _check_state(state: dict, j: int, partial: str, fp: str, layout: sh.Layout,
+                 run_dir: str) -> dict:
+    """A resumed progress record: the same inputs, options and layout, its runs found."""
+    if state.get("fingerprint") != fp:
+        raise ConversionError(
+            f"{partial} was started with other inputs or options (file list, seed, "
+            "--max-size or --quality differ); run with the same ones, or pass "
+            "--overwrite to start over")
+    if "phase" not in state:
+        raise ConversionError(
+            f"{partial} was started by an older version of the converter (one "
+            "pass, no sorted runs); pass --overwrite to start over")
+    # a one-file .partial of the version before shards: the one file's state
+    state.setdefault("split_id", uuid.uuid4().hex)
+    state.setdefault("shard", {"index": 0, "first": 0, "bytes": 0})
+    layout_now = {"count": layout.count, "folders": layout.used_folders}
+    state.setdefault("layout", layout_now)
+    if state["layout"] != layout_now or state["shard"]["index"] != j:
+        raise ConversionError(
+            f"{partial} was started with {state['layout']['count']} shard(s) over the folders "
+            f"{', '.join(state['layout']['folders'])} ('.' = the output folder); this run "
+            f"writes {layout.count} over {', '.join(layout_now['folders'])}: run with the "
+            "same --shards/--shard-gb and --shard-dirs to continue it, or --overwrite to "
+            "start over")
+    if _adopt_runs(state["run_dir"], run_dir):
+        state["run_dir"] = run_dir  # committed with the next progress record
+    elif state["run_dir"] != run_dir:
+        raise ConversionError(
+            f"{partial} keeps its temporary runs in {state['run_dir']}; pass --tmp "
+            f"{os.path.dirname(state['run_dir'])} to continue it (or move that "
+            f"folder: `mv {shlex.quote(state['run_dir'])} {shlex.quote(run_dir)}`), "
+            "or --overwrite to start over")
+    return state
+
+
+def _resume_point(layout: sh.Layout, scan: Scan, opts: Options, fp: str, run_dir: str):
+    """Where a resumed conversion stands: ``(shard j, its open env, inode, state)``; state
+    None: start afresh at shard 0; j == K: every shard is finished (shards.py: the state is
+    in the lowest-numbered .partial holding a progress record; the finished .partial before
+    it, killed before its rename, is renamed here)."""
+    for j in range(layout.count):
+        partial = layout.partial(j)
+        if not os.path.exists(partial):
+            if os.path.exists(layout.final(j)):
+                continue
+            if j == 0:
+                break
+            raise ConversionError(
+                f"shard {j} of {layout.count} ({layout.name(j)}) is neither finished nor "
+                f"being written in {layout.folder(j)}, though shard {j - 1} is finished: was "
+                "the conversion started with other --shard-dirs, or the file moved? Run with "
+                "the --shard-dirs it was started with, or pass --overwrite to start over")
+        env = _open(partial, f"It is an unfinished conversion: delete {partial} and convert "
+                    "again (or pass --overwrite instead of --resume)", readonly=False,
+                    lock=False)
+        ino = os.stat(partial).st_ino
+        try:
+            with env.begin() as txn:
+                raw = txn.get(fmt.PROGRESS_KEY)
+                if raw is not None:
+                    return j, env, ino, _check_state(json.loads(bytes(raw)), j, partial, fp,
+                                                     layout, run_dir)
+                finished = has_offsets = None
+                if txn.get(fmt.META_KEY) is not None:  # killed just before the rename
+                    finished = fmt.read_metadata(txn, partial)
+                    has_offsets = txn.get(offsets.OFFSETS_KEY) is not None
+                elif txn.stat()["entries"] and txn.get(fmt.record_key(0)) is not None:
+                    raise ConversionError(f"{partial} holds records but no progress record; "
+                                          "pass --overwrite to start over")
+        except BaseException:
+            env.close()
+            raise
+        if finished is None:
+            if j == 0:
+                return 0, env, ino, None  # made, killed before its first commit
+            env.close()
+            raise ConversionError(f"{partial} is empty, but shard {j - 1} is finished: this "
+                                  "conversion's progress record is lost; pass --overwrite to "
+                                  "start over")
+        if finished.classes != scan.classes or finished.options != opts.content():
+            env.close()
+            raise ConversionError(
+                f"{partial} is a finished conversion of other inputs or options (classes, "
+                "seed, --max-size or --quality differ); run with the same ones, or pass "
+                "--overwrite to start over")
+        sh.seal(env, partial, ino, finished.num_records, has_offsets)
+    else:
+        return layout.count, None, None, None
+    return 0, None, None, None
+
+
+def _outputs(layout: sh.Layout, per: List[int], state: dict, j: int):
+    """(folder, bytes still to be written there, which shards) for passes.space_check."""
+    by_folder: dict = {}
+    for i in range(j, layout.count):
+        need = per[i]
+        if i == j and state["phase"] == "merge":
+            need = max(0, need - state["shard"]["bytes"])
+        entry = by_folder.setdefault(layout.folder(i), [0, []])
+        entry[0] += need
+        entry[1].append(str(i))
+    return [(folder, need, None if layout.count == 1 else
+             f"shard{'s' if len(idx) > 1 else ''} {', '.join(idx)} of {layout.count}")
+            for folder, (need, idx) in by_folder.items()]
+
+
 def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
              start_progress, notice) -> Result:
-    final = os.path.join(out_dir, fmt.split_filename(split))
-    partial = final + ".partial"
-    res = Result(split, final)
     if len(scan.entries) >= fmt.MAX_RECORDS:
         raise ConversionError(f"{len(scan.entries)} images in {split}; the format holds at most "
                               f"{fmt.MAX_RECORDS - 1}")
-    if os.path.exists(final):
-        if resume and not overwrite:
-            return _complete(final, res)
-        if not overwrite:
-            raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
-                                  "(or --resume to keep it and finish the other splits)")
-    run_dir = os.path.join(os.path.abspath(opts.tmp or out_dir), os.path.basename(partial)
+    plan = plan_order(scan, split, opts.seed)
+    layout = sh.Layout.make(split, _shard_count(opts, scan, plan, split), out_dir,
+                            opts.shard_dirs, len(plan))
+    for j in range(layout.count):
+        for path in (layout.final(j), layout.partial(j)):
+            if os.path.isdir(path):
+                raise ConversionError(in_place_of_output(path))
+    partial0 = layout.partial(0)
+    run_dir = os.path.join(os.path.abspath(opts.tmp or out_dir), os.path.basename(partial0)
                            + ".runs")
     if opts.tmp is not None:  # a shared scratch folder: one run folder per output file
-        run_dir += "-" + hashlib.sha1(os.path.abspath(partial).encode()).hexdigest()[:8]
-    if os.path.exists(partial) and not resume:
-        if not overwrite:
-            raise ConversionError(f"{partial} is an unfinished conversion; "
-                                  f"{ABANDONED}. Pass --resume to continue it or "
-                                  "--overwrite to start over")
-        _remove(partial)
-    if not resume and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
+        run_dir += "-" + hashlib.sha1(os.path.abspath(partial0).encode()).hexdigest()[:8]
+    res = Result(split, layout.final(0) if layout.count == 1 else layout.manifest)
+    if _existing(layout, run_dir, overwrite, resume):
+        return _complete(layout, res, opts.shard_dirs)
 
-    plan = plan_order(scan, split, opts.seed)
     fp = fingerprint(plan, scan.classes, opts)
     split_dir = os.path.join(src_root, split)
     os.makedirs(out_dir, exist_ok=True)
     if opts.tmp is not None and not os.path.isdir(opts.tmp):
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
-    env = _open(partial, f"It is an unfinished conversion: delete {partial} and convert again "
-                "(or pass --overwrite instead of --resume)", readonly=False, lock=False)
-    ino = os.stat(partial).st_ino
+    j, env, ino, state = _resume_point(layout, scan, opts, fp, run_dir) if resume else \
+        (0, None, None, None)
+    sink = None
     try:
-        finished = None
-        state = {"fingerprint": fp, "phase": "read", "run_dir": run_dir, "runs": [],
-                 "done": pack(np.zeros(len(plan), bool)), "written": 0, "bytes": 0,
-                 "converted": 0, "skipped": 0, "class_counts": [0] * len(scan.classes)}
-        with env.begin() as txn:
-            raw = txn.get(fmt.PROGRESS_KEY)
-            if raw is not None:
-                old = json.loads(bytes(raw))
-                if old.get("fingerprint") != fp:
-                    raise ConversionError(
-                        f"{partial} was started with other inputs or options (file list, seed, "
-                        "--max-size or --quality differ); run with the same ones, or pass "
-                        "--overwrite to start over")
-                if "phase" not in old:
-                    raise ConversionError(
-                        f"{partial} was started by an older version of the converter (one "
-                        "pass, no sorted runs); pass --overwrite to start over")
-                if _adopt_runs(old["run_dir"], run_dir):
-                    old["run_dir"] = run_dir  # committed with the next progress record
-                elif old["run_dir"] != run_dir:
-                    raise ConversionError(
-                        f"{partial} keeps its temporary runs in {old['run_dir']}; pass --tmp "
-                        f"{os.path.dirname(old['run_dir'])} to continue it (or move that "
-                        f"folder: `mv {shlex.quote(old['run_dir'])} {shlex.quote(run_dir)}`), "
-                        "or --overwrite to start over")
-                state = old
-            elif txn.get(fmt.META_KEY) is not None:
-                finished = fmt.read_metadata(txn, partial)  # killed just before the rename
-                has_offsets = txn.get(offsets.OFFSETS_KEY) is not None
-            elif txn.stat()["entries"] and txn.get(fmt.record_key(0)) is not None:
-                raise ConversionError(f"{partial} holds records but no progress record; "
-                                      "pass --overwrite to start over")
-        if finished is not None:
-            if finished.classes != scan.classes or finished.options != opts.content():
-                raise ConversionError(
-                    f"{partial} is a finished conversion of other inputs or options (classes, "
-                    "seed, --max-size or --quality differ); run with the same ones, or pass "
-                    "--overwrite to start over")
-            res.skipped = [(d["path"], d["reason"]) for d in _committed_skips(env)]
-            if not has_offsets:
-                _write_offsets(env, partial, finished.num_records)
-            env.sync(True)
-            _check_same_file(partial, ino, out_dir)
-            os.replace(partial, final)  # lock=False: renaming the open file is safe
-            _remove(partial)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            res.written, res.bytes, res.resumed_at = (finished.num_records, finished.total_bytes,
-                                                       len(plan))
+        if j == layout.count:  # every shard finished, killed before the manifest
+            rows, res.skipped, res.manifest = sh.finish_split(layout, None)
+            res.shards, res.resumed_at = rows, len(plan)
+            res.written, res.bytes = sum(r["records"] for r in rows), sum(
+                r["bytes"] for r in rows)
             return res
+        if env is None:
+            env = _open(partial0, f"It is an unfinished conversion: delete {partial0} and "
+                        "convert again (or pass --overwrite instead of --resume)",
+                        readonly=False, lock=False)
+            ino = os.stat(partial0).st_ino
+        if state is None:
+            state = _fresh_state(fp, layout, run_dir, len(plan), len(scan.classes))
         res.resumed_at = state["written"] if state["phase"] == "merge" else int(
             unpack(state["done"], len(plan)).sum())
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        space_check(scan, plan, state, run_dir, out_dir, split, opts.memory, opts.workers,
-                    notice)
-        prepare_runs(run_dir, state, partial)
+        src, per = estimate(scan, plan, layout.ranges)
+        space_check(src, sum(per), state, run_dir, _outputs(layout, per, state, j), split,
+                    len(plan), opts.memory, opts.workers, notice)
+        prepare_runs(run_dir, state, layout.partial(j))
         t0 = time.perf_counter()
-        skipped_pos = set()
-        for d in _committed_skips(env):
-            skipped_pos.add(d["pos"])
-            res.skipped.append((d["path"], d["reason"]))
         if state["phase"] == "read":
             rels = [rel for rel, _ in plan]
             source = scan.source or FolderSource(split_dir)
@@ -319,41 +420,24 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
             read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
                       start_progress)
             res.read_s, res.read_cpu_s = time.perf_counter() - t1, time.process_time() - c1
-            skipped_pos = {d["pos"] for d in _committed_skips(env)}
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
                                   " can be merged at once; pass a larger --memory-mb")
-
-        def finish(txn):
-            labels = np.array([lab for p, (_, lab) in enumerate(plan) if p not in skipped_pos],
-                              dtype="<i4")
-            if len(labels) != state["written"]:
-                raise ConversionError(f"internal: {len(labels)} labels for {state['written']} "
-                                      "records; run again with --overwrite")
-            meta = fmt.Metadata(
-                split=split, classes=scan.classes, class_counts=state["class_counts"],
-                num_records=state["written"], total_bytes=state["bytes"],
-                order="random" if split == "train" else "sorted",
-                options=opts.content(), skipped=state["skipped"])
-            txn.put(fmt.LABELS_KEY, labels.tobytes())
-            txn.delete(fmt.PROGRESS_KEY)
-            txn.put(fmt.META_KEY, meta.to_json())  # metadata last
-
+        sink, env = sh.ShardSink(layout, env, ino, state, plan, scan.classes,
+                                 opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
-        merge_pass(env, state, run_dir, opts, partial, finish, progress, start_progress,
-                   len(plan))
-        # where every record's bytes landed, so readers need no B-tree lookups (offsets.py)
-        _write_offsets(env, partial, state["written"])
+        # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
+        merge_pass(sink, state, run_dir, opts, progress, start_progress, len(plan))
         res.merge_s, res.merge_cpu_s = time.perf_counter() - t1, time.process_time() - c1
-        env.sync(True)
     finally:
-        env.close()
-    _check_same_file(partial, ino, out_dir)
-    os.replace(partial, final)
-    _remove(partial)
+        if env is not None:
+            env.close()
+        if sink is not None:
+            sink.close()
+    res.shards, res.skipped, res.manifest = sh.finish_split(layout, state["split_id"])
     res.runs = len(state["runs"])
     res.tmp_bytes = sum(r[2] for r in state["runs"])
-    shutil.rmtree(run_dir, ignore_errors=True)  # after the rename: a kill before keeps them
+    shutil.rmtree(run_dir, ignore_errors=True)  # after the renames: a kill before keeps them
     res.written = state["written"]
     res.bytes = state["bytes"]
     res.converted = state["converted"]
