@@ -17,6 +17,7 @@ from imagenet_seq.convert.inputs import remove_listings, resolve
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.convert.passes import buffer_bytes
 from imagenet_seq.convert.report import write_report
+from imagenet_seq.convert.shards import check_dirs
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
 from imagenet_seq.format.convlock import Busy, ConversionLock
 
@@ -58,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tmp", metavar="DIR",
                    help="folder for the temporary sorted runs, about the size of the sources "
                         "(default: the output folder; another disk than the sources' is best)")
+    shards = p.add_mutually_exclusive_group()
+    shards.add_argument("--shards", type=int, metavar="K",
+                        help="write each split as K shard files ILSVRC-<split>-JJJJJ-of-KKKKK"
+                             ".lmdb (each a complete file of the format, the split's records in "
+                             "order) and ILSVRC-<split>.manifest.json (default: one file "
+                             "ILSVRC-<split>.lmdb)")
+    shards.add_argument("--shard-gb", type=float, metavar="N",
+                        help="as --shards, with K chosen so that a shard holds about N GB "
+                             "(10^9 bytes) of images at most")
+    p.add_argument("--shard-dirs", metavar="DIR2,DIR3,...",
+                   help="with --shards/--shard-gb: folders beside the output folder (one per "
+                        "disk, each must exist) that get shards too, round-robin over "
+                        "[output folder, DIR2, DIR3, ...]; the manifest stays in the output "
+                        "folder")
     p.add_argument("--read-order", choices=["auto", "inode", "name"], default="auto",
                    help="order in which the source files are read: auto = on-disk order "
                         "(FIEMAP extents where the filesystem tells them, else inode numbers); "
@@ -93,6 +108,17 @@ def _check(args) -> List[str]:
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality {args.quality}; expected 1..100")
     buffer_bytes(args.memory_mb * 1_000_000, args.workers)  # ValueError naming the minimum
+    if args.shards is not None and args.shards < 1:
+        raise ValueError(f"--shards {args.shards}; expected 1 or more")
+    if args.shard_gb is not None and not args.shard_gb > 0:
+        raise ValueError(f"--shard-gb {args.shard_gb}; expected a size in GB above 0, e.g. 100")
+    args.shard_dirs = [d.strip() for d in (args.shard_dirs or "").split(",") if d.strip()]
+    if args.shard_dirs and args.shards is None and args.shard_gb is None:
+        raise ValueError("--shard-dirs needs --shards K or --shard-gb N (without them each "
+                         "split is one file in the output folder)")
+    why = check_dirs(args.dst, args.shard_dirs)
+    if why is not None:
+        raise ValueError(why)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
     # a file where the output folder goes, a folder where a split's file goes, an output or
@@ -118,6 +144,11 @@ def _table(rows) -> str:
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
+    for r in rows:  # a sharded split: its shards, where they went
+        if r.manifest:
+            lines.append(f"{r.split}: {len(r.shards)} shards, manifest {r.manifest}")
+            lines += [f"  {s['index']:>5}  {s['records']:>9} images  {s['bytes'] / 1e9:8.3f} GB"
+                      f"  {s['path']}" for s in r.shards]
     lines.append("(images: records written; converted: of those, stored changed (EXIF removed, "
                  "CMYK/PNG/other formats re-encoded as RGB JPEG, or --max-size resized), the "
                  "rest are the original bytes; skipped: not stored, see the .report.tsv)")
@@ -206,7 +237,9 @@ def _convert(args, splits: List[str]) -> int:
         return 2
     opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
                    workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
-                   tmp=args.tmp, read_order=args.read_order, read_ahead=args.read_ahead)
+                   tmp=args.tmp, read_order=args.read_order, read_ahead=args.read_ahead,
+                   shards=args.shards, shard_gb=args.shard_gb,
+                   shard_dirs=tuple(args.shard_dirs))
     results = []
     for split in splits:
         scan = scans[split]
@@ -262,7 +295,8 @@ def _convert(args, splits: List[str]) -> int:
                                     "tmp_bytes": r.tmp_bytes, "read_seconds": round(r.read_s, 3),
                                     "merge_seconds": round(r.merge_s, 3),
                                     "read_cpu_seconds": round(r.read_cpu_s, 3),
-                                    "merge_cpu_seconds": round(r.merge_cpu_s, 3)}
+                                    "merge_cpu_seconds": round(r.merge_cpu_s, 3),
+                                    "manifest": r.manifest, "shards": r.shards}
                           for r in results}))
     else:
         print(_table(results))
