@@ -23,14 +23,14 @@ from imagenet_seq.format import checksums, manifest, offsets
 
 
 def _records(path: str):
-    env = fmt.open_env(path)
+    env = fmt.acquire_env(path)  # shared with any reader of the file in this process
     try:
         with env.begin() as txn:
             meta = fmt.read_metadata(txn, path)
             values = [bytes(txn.get(fmt.record_key(i))) for i in range(meta.num_records)]
             labels = fmt.read_labels(txn, meta, path)
     finally:
-        env.close()
+        fmt.release_env(path)
     return meta, values, labels
 
 

@@ -340,7 +340,8 @@ def _node_reader(requested: Optional[bool], ranks: Any, reader: Any) -> bool:
 
 
 def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split: bool,
-            verify: bool, shard_dirs: Any, shard_devices: Any, batch_size: int, drop_last: bool, shuffle: Optional[bool],
+            verify: bool, shard_dirs: Any, shard_devices: Any, batch_size: int,
+            drop_last: bool, shuffle: Optional[bool],
             seed: int, chunk_size: Optional[int], buffer_size: Optional[int],
             buffer_bytes: Optional[int], rank: Optional[int], world_size: Optional[int],
             distributed: Optional[bool], node_reader: Optional[bool],

@@ -34,7 +34,7 @@ def check_grouping(value: Any, name: str = "shard_devices") -> Grouping:
         return value
     if isinstance(value, str):
         labels = tuple(x.strip() for x in value.split(","))
-        if all(labels):
+        if len(labels) > 1 and all(labels):  # 'devcie' is a typo, not one label
             return labels
     elif isinstance(value, (list, tuple)) and value:
         try:

@@ -23,7 +23,8 @@ import numpy as np
 
 from imagenet_seq.read.evict import page_residency
 
-__all__ = ["PREFETCH_BYTES", "DEVICE_AHEAD_BYTES", "DISK_TURNS", "forward_runs", "DiskLock", "Prefetch"]
+__all__ = ["PREFETCH_BYTES", "DEVICE_AHEAD_BYTES", "DISK_TURNS", "forward_runs", "DiskLock",
+           "Prefetch"]
 
 PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
 # with shards on several devices, each device's read-ahead runs this far ahead of the reader

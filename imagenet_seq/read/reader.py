@@ -18,8 +18,9 @@ started with the read, keeping up to ``DEVICE_AHEAD_BYTES`` of that group's reco
 (:func:`~.shard_file.read_runs`).
 
 Every shard is checked against the manifest when the reader is made: its ``__meta__``
-``"shard"`` entry (conversion, index, count, first record), its record count and classes; a
-shard that disagrees is a :class:`~imagenet_seq.format.DamagedFile` naming it and the fix.
+``"shard"`` entry (conversion, index, count, first record), its record count, the checksum of
+its ``__crc__`` and ``__labels__`` and its classes; a shard that disagrees is a
+:class:`~imagenet_seq.format.DamagedFile` naming it and the fix.
 """
 from __future__ import annotations
 
@@ -122,8 +123,9 @@ class SplitReader:
 
     def _check_shards(self) -> None:
         """Each shard is the one the manifest names: the same conversion (``split_id``), index,
-        count, first record, record count and classes; their class counts add up to the
-        split's."""
+        count, first record, record count, content checksum
+        (:func:`~imagenet_seq.format.manifest.shard_checksum`) and
+        classes; their class counts add up to the split's."""
         manifest, totals, count = self.layout.manifest, self.layout.totals, len(self.files)
         for f, s in zip(self.files, self.layout.shards):
             fix = (f"copy shard {s.index} of this conversion back to {f.path} (from where the "
@@ -148,6 +150,11 @@ class SplitReader:
                     f"{got['first']} ({f.meta.num_records} records), but {manifest} names it "
                     f"shard {s.index} of {count} from record {s.first} ({s.records} records); "
                     f"{fix}")
+            if s.checksum is not None and f.content != s.checksum:
+                raise fmt.DamagedFile(
+                    f"{f.path}: its record checksums and labels (__crc__, __labels__) are not "
+                    f"the ones {manifest} recorded at conversion: the shard was changed or "
+                    f"replaced since; {fix}")
             if list(f.meta.classes) != list(totals["classes"]):
                 raise fmt.DamagedFile(
                     f"{f.path} has {len(f.meta.classes)} classes other than the "

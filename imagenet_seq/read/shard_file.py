@@ -33,6 +33,7 @@ import numpy as np
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets as offsets_index
+from imagenet_seq.format.manifest import shard_checksum
 from imagenet_seq.read import readahead
 from imagenet_seq.read.readahead import Prefetch, forward_runs
 
@@ -88,6 +89,8 @@ class ShardFile:
             raw = None if self.meta.legacy else fmt.get_checked(txn, fmt.META_KEY, self.path)
             shard = json.loads(bytes(raw)).get("shard") if raw is not None else None
             self.shard: Optional[Dict] = shard if isinstance(shard, dict) else None
+            # what a manifest records of a shard's content (its __crc__ and __labels__)
+            self.content = shard_checksum(txn) if self.shard is not None else None
             self.labels: Optional[np.ndarray] = fmt.read_labels(txn, self.meta, self.path)
             self.checksums: Optional[np.ndarray] = None if self.meta.legacy else \
                 checksums.read(txn, self.meta.num_records, self.path)
