@@ -33,7 +33,7 @@ from imagenet_seq.format.lmdbfile import DamagedFile
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "manifest_filename", "shard_filename",
            "Shard", "Split", "shard_ranges", "shard_count", "shard_checksum", "write_manifest",
-           "read_manifest", "open_split"]
+           "read_manifest", "find_shard", "open_split"]
 
 MANIFEST_FORMAT = "imagenet_seq-manifest"
 MANIFEST_VERSION = 1
@@ -210,6 +210,12 @@ def _find_shard(root: str, row: Dict[str, Any], shard_dirs: Sequence[str]) -> Op
         if os.path.isfile(path):
             return path
     return None
+
+
+def find_shard(root: str, row: Dict[str, Any], shard_dirs: Sequence[str] = ()) -> Optional[str]:
+    """The path of the shard a manifest row names (looked for as :func:`open_split` does),
+    or None; ``root``: the manifest's folder."""
+    return _find_shard(root, row, shard_dirs)
 
 
 def _one_file(path: str) -> "Split":

@@ -5,20 +5,25 @@ headers at ``pip install`` time; python-prctl needs libcap headers; DALI and CUD
 wheels and a driver). This report says which are on, which are off and the command that turns
 them on, plus the versions and the Loader's defaults on this machine (decode workers, shuffle
 buffer). ``summary_line()`` is its one-line form, printed by the demo and the bench.
+``imagenet-seq-info ROOT`` adds the splits converted in ROOT (:func:`splits_report`): each
+one's files (one, or its shards with their folders), records and GB.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import sys
 from importlib import metadata
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 PRCTL_PIP = 'apt-get install libcap-dev && pip install "imagenet_seq[prctl]"'
 DALI_PIP = 'pip install "imagenet_seq[dali]"'
 
-__all__ = ["crop_decode_status", "runtime_report", "summary_line", "format_report", "main"]
+__all__ = ["crop_decode_status", "runtime_report", "summary_line", "format_report",
+           "splits_report", "format_splits", "main"]
 
 
 def _version(dist: str) -> Optional[str]:
@@ -139,14 +144,102 @@ def format_report(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _splits_at(root: str) -> List[str]:
+    """The splits ROOT holds: a file's own split, else every split with a file or manifest."""
+    from imagenet_seq import format as fmt
+    from imagenet_seq.format import manifest as mf
+
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{root} does not exist; pass the output folder of "
+                                "preprocess_sequential.py, one .lmdb file or a manifest")
+    if os.path.isfile(root):
+        if root.endswith(".manifest.json"):
+            return [mf.read_manifest(root)["split"]]
+        env = fmt.open_env(root)
+        try:
+            with env.begin(buffers=True) as txn:
+                return [fmt.read_metadata(txn, root).split]
+        finally:
+            env.close()
+    return [s for s in fmt.SPLITS if any(os.path.exists(os.path.join(root, n)) for n in (
+        mf.manifest_filename(s), fmt.split_filename(s)))]
+
+
+def splits_report(root: str, shard_dirs: Sequence[str] = ()) -> Dict[str, Any]:
+    """Per split under ``root`` (a folder, one .lmdb file or a manifest): its manifest (None:
+    one file), shards (count, folders, per shard: path, records, JPEG bytes, file bytes),
+    records and bytes; or ``{"error": ...}`` naming what is missing or damaged and the fix."""
+    from imagenet_seq.format import manifest as mf
+
+    try:
+        splits = _splits_at(root)
+    except (ValueError, OSError) as e:
+        return {"-": {"error": str(e)}}
+    out: Dict[str, Any] = {}
+    for split in splits:
+        try:
+            sp = mf.open_split(root, split, shard_dirs)
+            rows = [{"index": s.index, "path": s.path, "records": s.records, "bytes": s.bytes,
+                     "file_bytes": os.path.getsize(s.path)} for s in sp.shards]
+        except (ValueError, OSError) as e:  # FileNotFoundError, DamagedFile
+            out[split] = {"error": str(e)}
+            continue
+        folders = list(dict.fromkeys(os.path.dirname(os.path.abspath(r["path"])) for r in rows))
+        out[split] = {"manifest": sp.manifest, "shards": len(rows), "folders": folders,
+                      "records": sp.num_records, "bytes": sum(r["bytes"] for r in rows),
+                      "file_bytes": sum(r["file_bytes"] for r in rows), "rows": rows}
+    return out
+
+
+def format_splits(root: str, splits: Dict[str, Any]) -> str:
+    """:func:`splits_report` as text a person reads."""
+    lines = [f"splits in {root}:"]
+    for split, r in splits.items():
+        if "error" in r:
+            lines.append(f"  {split}: ERROR {r['error']}")
+            continue
+        size = f"{r['records']:,} records, {r['bytes'] / 1e9:.3f} GB of images " \
+               f"({r['file_bytes'] / 1e9:.3f} GB of files)"
+        if r["manifest"] is None:
+            path = r["rows"][0]["path"]
+            m = re.search(r"-(\d{5})-of-(\d{5})\.lmdb$", path)
+            what = (f"shard {int(m.group(1))} of {int(m.group(2))} (alone)" if m else
+                    "one file")
+            lines.append(f"  {split}: {what} {path}, {size}")
+            continue
+        lines.append(f"  {split}: {r['shards']} shards in {len(r['folders'])} folder"
+                     f"{'s' if len(r['folders']) > 1 else ''} ({', '.join(r['folders'])}), "
+                     f"{size}; manifest {r['manifest']}")
+        lines += [f"    {s['index']:>5}  {s['records']:>10,} records  {s['bytes'] / 1e9:8.3f} GB"
+                  f"  {s['path']}" for s in r["rows"]]
+    if len(lines) == 1:
+        lines.append("  none (no ILSVRC-<split>.lmdb or ILSVRC-<split>.manifest.json); convert "
+                     "with preprocess_sequential.py")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console entry: print the report (``--json``: one object); always 0."""
+    """Console entry: print the report (``--json``: one object); 0, or 1 when a split under
+    ROOT is damaged or missing a shard."""
     p = argparse.ArgumentParser(prog="imagenet-seq-info", description=__doc__.split("\n")[0])
+    p.add_argument("root", nargs="?",
+                   help="also show the splits converted here: an output folder of "
+                        "preprocess_sequential.py, one .lmdb file or a manifest")
+    p.add_argument("--shard-dirs", metavar="DIR,...",
+                   help="folders where shards the manifest places elsewhere are now")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     r = runtime_report()
-    print(json.dumps(r, indent=1) if args.json else format_report(r))
-    return 0
+    splits = None
+    if args.root is not None:
+        splits = splits_report(args.root, [d for d in (args.shard_dirs or "").split(",") if d])
+        r["splits"] = splits
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(format_report(r) + ("" if splits is None else "\n\n" + format_splits(args.root,
+                                                                                  splits)))
+    return 1 if splits and any("error" in v for v in splits.values()) else 0
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ checksum (``__crc__``, when the file has one), its label (inside the classes, eq
 count are compared with ``__meta__``, and the B-tree's keys are walked (leaf pages only) so a
 file read without its offsets index would find every record too.
 
+A shard of a sharded split (``format/manifest.py``) is checked the same way, alone; its report
+says which shard it is (``shard``: index, count, first record, split id, from its ``__meta__``)
+and its ``checksum`` (``manifest.shard_checksum``), which ``verify_shards`` compares with the
+manifest.
+
 Nothing here can crash the process on a damaged file: the file is checked against its LMDB
 header before it is mapped (``format.open_env``), records are read with ``pread`` through the
 offsets index where it is current, and any value read through the map is range-checked first.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -24,6 +30,7 @@ import numpy as np
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets
+from imagenet_seq.format.manifest import shard_checksum
 
 __all__ = ["MAX_PROBLEMS", "SplitReport", "verify_split", "summary", "as_dicts"]
 
@@ -46,6 +53,9 @@ class SplitReport:
     problems: List[Tuple[str, str]] = field(default_factory=list)
     problem_count: int = 0
     seconds: float = 0.0
+    shard: Optional[dict] = None  # a shard's "shard" key (index, count, first, split_id)
+    checksum: Optional[str] = None  # a shard's manifest.shard_checksum
+    shards: int = 0  # a manifest's report: the shards it names
 
     @property
     def ok(self) -> bool:
@@ -135,6 +145,11 @@ def verify_split(path: str, decode: bool = False,
         with env.begin(buffers=True) as txn:
             meta = fmt.read_metadata(txn, path)
             report.split, report.records = meta.split, meta.num_records
+            if not meta.legacy:
+                shard = json.loads(bytes(fmt.get_checked(txn, fmt.META_KEY, path))).get("shard")
+                if shard is not None:
+                    report.shard = shard if isinstance(shard, dict) else {"bad": shard}
+                    report.checksum = shard_checksum(txn)
             labels = crcs = None
             try:
                 labels = fmt.read_labels(txn, meta, path)
@@ -214,6 +229,11 @@ def summary(reports: List[SplitReport]) -> str:
         what = [f"{r.checked:,}/{r.records:,} records", f"{r.bytes / 1e6:,.1f} MB",
                 f"{r.seconds:.1f} s", "checksums" if r.checksums else "NO checksums",
                 "decoded" if r.decoded else "not decoded"]
+        if r.shards:
+            what.insert(0, f"manifest of the {r.split} split: {r.shards} shards")
+        if r.shard is not None:
+            what.insert(0, f"shard {r.shard.get('index')} of {r.shard.get('count')} of "
+                           f"{r.split or 'a split'}, from record {r.shard.get('first')}")
         lines.append(f"{r.path}: {'OK' if r.ok else f'{r.problem_count} PROBLEMS'} "
                      f"({', '.join(what)})")
         for key, reason in r.problems[:50]:
