@@ -7,9 +7,13 @@ struct array ``synsets`` with ILSVRC2012_ID, WNID, words, gloss, num_children, c
 wordnet_height, num_train_images, leaves first, plus one parent synset) and
 ``data/ILSVRC2012_validation_ground_truth.txt``. ILSVRC2012_IDs run in REVERSE class-name order,
 so a converter that used them as class indices would fail the tests.
+WebDataset shards (``wds_shards``): ``<key>.cls`` / ``<key>.jpg`` / ``<key>.json`` groups as
+timm's ``imagenet-22k-wds`` holds them.
 """
 import io
+import json
 import os
+import random
 import tarfile
 
 import numpy as np
@@ -98,3 +102,39 @@ def devkit(classes, val_labels, out, year="2012", with_meta=True, drop_last=0):
             _add_bytes(tf, f"{top}/data/meta.mat", meta)
         _add_bytes(tf, f"{top}/data/ILSVRC{year}_validation_ground_truth.txt", gt.encode())
     return out
+
+
+def wds_shards(root, split, classes, out_dir, shards=3, labels=("cls",), extra=(),
+               name="imagenet-{split}-{i:04d}.tar", seed=0, ext="jpg"):
+    """The images of ``root/<split>/<class>/*`` as WebDataset shards; returns their paths.
+
+    Keys are the image file stems, shuffled (``seed``) and dealt over ``shards`` shards (as
+    timm's are pre-shuffled). Each group: ``<key>.cls`` (the class index as text) and/or
+    ``<key>.json`` (``{"label": i, "class_name": class, "width": .., "height": ..}``, as timm's
+    sidecars), per ``labels``, and ``<key>.<ext>``, members in sorted order (the label before
+    the image). ``extra``: ``(shard index, member name, bytes)`` appended to a shard."""
+    items = []
+    for i, c in enumerate(classes):
+        d = os.path.join(root, split, c)
+        for f in sorted(os.listdir(d)):
+            items.append((os.path.splitext(f)[0], os.path.join(d, f), i, c))
+    random.Random(seed).shuffle(items)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for k in range(shards):
+        path = os.path.join(out_dir, name.format(split=split, i=k))
+        with tarfile.open(path, "w") as tf:
+            for key, src, label, cls in items[k::shards]:
+                members = {ext: open(src, "rb").read()}
+                if "cls" in labels:
+                    members["cls"] = str(label).encode()
+                if "json" in labels:
+                    members["json"] = json.dumps({"label": label, "class_name": cls,
+                                                  "width": 48, "height": 32}).encode()
+                for kind in sorted(members):
+                    _add_bytes(tf, f"{key}.{kind}", members[kind])
+            for j, member, data in extra:
+                if j == k:
+                    _add_bytes(tf, member, data)
+        paths.append(path)
+    return paths

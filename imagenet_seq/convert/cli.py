@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", nargs="+",
                    help="dataset root holding train/ and val/; or a tar of such a tree; or "
                         "ImageNet's ILSVRC2012_img_train.tar and/or ILSVRC2012_img_val.tar "
-                        "(or a folder holding them): read in place, never extracted")
+                        "(or a folder holding them); or WebDataset shards (<key>.jpg + "
+                        "<key>.cls or <key>.json): a folder of .tar shards, a brace pattern "
+                        "'imagenet22k-train-{0000..4095}.tar' or a list, each shard's split a "
+                        "word of its name (train, val, validation): read in place, never "
+                        "extracted")
     p.add_argument("dst", help="output folder for the .lmdb files")
     p.add_argument("--splits", default="train,val",
                    help="comma-separated splits to convert (default: train,val)")
@@ -45,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devkit", metavar="FILE",
                    help="ILSVRC2012_devkit_t12.tar.gz: labels of ILSVRC2012_img_val.tar "
                         "(data/meta.mat + validation ground truth; needs scipy)")
+    p.add_argument("--classes", metavar="FILE",
+                   help="WebDataset shards: the class names, one per line, label i = line "
+                        "i + 1 (e.g. timm's imagenet22k_synsets.txt); default: the labels "
+                        "seen, 0 .. the largest, named by their numbers")
     p.add_argument("--seed", type=int, default=0, help="seed of the train write order")
     p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1,
                    help="processes that read and validate images (0: in this process)")
@@ -214,10 +222,11 @@ def _convert(args, splits: List[str]) -> int:
     try:
         bars = []
 
-        def listing(path):  # archives are listed (every header read) before converting
-            from tqdm import tqdm
+        def listing(path, total=None):  # archives are listed (every header read) first;
+            from tqdm import tqdm  # WebDataset shards: one bar, path = their folder
 
-            bars.append(tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+            bars.append(tqdm(total=os.path.getsize(path) if total is None else total,
+                             unit="B", unit_scale=True,
                              desc=f"listing {os.path.basename(path)}", file=sys.stderr,
                              dynamic_ncols=True, mininterval=0.5))
 
@@ -227,7 +236,8 @@ def _convert(args, splits: List[str]) -> int:
         try:
             inputs = resolve(args.src, splits, args.val_labels, args.devkit,
                              progress=None if args.no_progress else listing,
-                             cache_dir=args.dst)  # archive listings kept for --resume
+                             cache_dir=args.dst,  # archive listings kept for --resume
+                             classes=args.classes)
         finally:
             for b in bars:
                 b.close()

@@ -1,12 +1,19 @@
-"""What the converter was given, as one Scan per split: an ImageFolder tree, a tar of one, or
-ImageNet's own archives (train tar of per-class tars, flat val tar + devkit or Kaggle labels).
+"""What the converter was given, as one Scan per split: an ImageFolder tree, a tar of one,
+ImageNet's own archives (train tar of per-class tars, flat val tar + devkit or Kaggle labels),
+or WebDataset shards (``wds_source``).
 
     preprocess_sequential.py /imagenet DST                      # train/, val/ folders
     preprocess_sequential.py imagenet.tar DST                   # a tar of that tree
     preprocess_sequential.py ILSVRC2012_img_train.tar ILSVRC2012_img_val.tar \\
         --devkit ILSVRC2012_devkit_t12.tar.gz DST               # or a folder holding them
+    preprocess_sequential.py /data/imagenet-22k-wds DST         # WebDataset shards: a folder,
+    preprocess_sequential.py '/data/in22k/imagenet22k-train-{0000..4095}.tar' DST  # a pattern
+        [--classes imagenet22k_synsets.txt]                     # or a list of shards
 
-Class indices are always the sorted class names (WNIDs for ImageNet).
+For trees and ImageNet's archives class indices are the sorted class names (WNIDs for
+ImageNet). WebDataset shards carry their labels: label i is line i + 1 of ``--classes``, or,
+without it, the classes are the numbers 0 .. the largest label seen, named ``"0"``, ``"1"``,
+... in numeric order, so every label keeps its value.
 """
 from __future__ import annotations
 
@@ -17,9 +24,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from imagenet_seq.format import SPLITS
-from imagenet_seq.convert import tar_names, tar_source
+from imagenet_seq.convert import tar_names, tar_source, wds_source
 from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
+from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
 __all__ = ["Inputs", "LISTING_PREFIX", "LISTING_VERSION", "listing_path", "remove_listings",
            "resolve"]
@@ -42,20 +50,52 @@ def _kind(path: str) -> str:
     return "train" if TRAIN_TAR in base else "val" if VAL_TAR in base else "tree"
 
 
+def _patterns(srcs: List[str]) -> List[str]:
+    """Brace patterns the shell did not expand (quoted) -> the files they name."""
+    out: List[str] = []
+    for s in srcs:
+        names = [s] if os.path.exists(s) or "{" not in s else expand_braces(s)
+        missing = [n for n in names if not os.path.exists(n)]
+        if len(names) > 1 and missing:
+            raise ScanError(f"{s} names {len(names)} files, {len(missing)} of which do not "
+                            f"exist, e.g. {missing[:3]}; download them, or narrow the pattern")
+        out.extend(names)
+    return out
+
+
+def _tars_in(folder: str) -> List[str]:
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".tar")]
+
+
+def _split_folder_shards(root: str) -> Optional[List[str]]:
+    """``root/train/*.tar`` (and ``root/val/*.tar``) with no class folders: WebDataset shards
+    named by their folders; None for an ImageFolder tree."""
+    dirs = [os.path.join(root, s) for s in SPLITS if os.path.isdir(os.path.join(root, s))]
+    if any(e.is_dir() for d in dirs for e in os.scandir(d)):
+        return None
+    shards = [p for d in dirs for p in _tars_in(d)]
+    return shards or None
+
+
 def _expand(srcs: List[str], devkit: Optional[str]):
-    """Folders holding ImageNet's archives -> the archives (and the devkit beside them)."""
+    """Folders holding ImageNet's archives or WebDataset shards -> the archives (and the
+    devkit beside them)."""
     if len(srcs) == 1 and os.path.isdir(srcs[0]) and not any(
             os.path.isdir(os.path.join(srcs[0], s)) for s in SPLITS):
         names = sorted(os.listdir(srcs[0]))
-        tars = [os.path.join(srcs[0], n) for n in names if n.endswith(".tar")]
+        tars = _tars_in(srcs[0])
         kits = [os.path.join(srcs[0], n) for n in names if DEVKIT in n.lower()]
         if not tars:
             raise ScanError(f"{srcs[0]} holds neither train/ and val/ folders nor .tar archives "
                             f"(found: {', '.join(names[:6]) or 'nothing'}); expected an "
-                            "ImageFolder tree or ILSVRC2012_img_train.tar / _img_val.tar")
+                            "ImageFolder tree, ILSVRC2012_img_train.tar / _img_val.tar, or "
+                            "WebDataset shards (.tar)")
         return tars, devkit or (kits[0] if kits else None)
     return srcs, devkit
 
+
+_NOT_WDS = ("--classes names the labels of WebDataset shards; the classes of a folder tree or "
+            "ImageNet's archives are their sorted class folder names (WNIDs)")
 
 LISTING_PREFIX = ".listing-"  # + a hash of the archive's path + ".json", in the output folder
 LISTING_VERSION = 2  # 2: names normalised, links and unsafe names kept with their offsets
@@ -67,6 +107,36 @@ def listing_path(cache_dir: str, path: str) -> str:
     return os.path.join(cache_dir, f"{LISTING_PREFIX}{key[:16]}.json")
 
 
+def _cached(path: str, cache_dir: Optional[str], kind: str, make) -> dict:
+    """``make()`` (a JSON-able dict: the listing of the archive at ``path``), or the copy kept
+    in ``cache_dir`` by an earlier run while the archive's size and modification time are
+    those it was listed with (``kind``: what the listing is, "tar" or "wds")."""
+    st = os.stat(path)
+    stamp = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "listing": LISTING_VERSION}
+    if kind != "tar":
+        stamp["kind"] = kind
+    cache = listing_path(cache_dir, path) if cache_dir else None
+    if cache and os.path.exists(cache):
+        try:
+            with open(cache) as f:
+                kept = json.load(f)
+            if kept.get("stamp") == stamp:
+                return kept
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: list again
+    data = make()
+    if cache:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            with open(cache + ".tmp", "w") as f:
+                json.dump({"stamp": stamp, **data}, f)
+            os.replace(cache + ".tmp", cache)
+        except OSError:
+            pass  # no room or read-only: the next run lists again, nothing else changes
+    return data
+
+
 def _list(path: str, progress, cache_dir: Optional[str] = None):
     """(members, entries that are not files) of the archive at ``path``.
 
@@ -76,29 +146,15 @@ def _list(path: str, progress, cache_dir: Optional[str] = None):
     read the archive once more; it is used only while the archive's size and modification
     time are those it was listed with.
     """
-    st = os.stat(path)
-    stamp = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "listing": LISTING_VERSION}
-    cache = listing_path(cache_dir, path) if cache_dir else None
-    if cache and os.path.exists(cache):
-        try:
-            with open(cache) as f:
-                kept = json.load(f)
-            if kept.get("stamp") == stamp:
-                return ([tuple(m) for m in kept["members"]],
-                        [tuple(m) for m in kept["not_files"]])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: list again
-    members, not_files = tar_source.list_tar(path, progress(path) if progress else None)
-    if cache:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            with open(cache + ".tmp", "w") as f:
-                json.dump({"stamp": stamp, "members": members, "not_files": not_files}, f)
-            os.replace(cache + ".tmp", cache)
-        except OSError:
-            pass  # no room or read-only: the next run lists again, nothing else changes
-    return members, not_files
+    def make():
+        members, not_files = tar_source.list_tar(path, progress(path) if progress else None)
+        return {"members": members, "not_files": not_files}
+    try:
+        kept = _cached(path, cache_dir, "tar", make)
+        return [tuple(m) for m in kept["members"]], [tuple(m) for m in kept["not_files"]]
+    except (KeyError, TypeError):  # a kept listing of another shape: list again
+        kept = make()
+        return kept["members"], kept["not_files"]
 
 
 def _archive_files(path: str, split: str, progress, cache_dir: Optional[str]):
@@ -113,8 +169,11 @@ def _archive_files(path: str, split: str, progress, cache_dir: Optional[str]):
 def remove_listings(cache_dir: str, srcs: List[str]) -> None:
     """Delete the kept listings of the archives in ``srcs`` (the conversion is complete)."""
     try:
+        srcs = _patterns(srcs)
+        if len(srcs) == 1 and os.path.isdir(srcs[0]):
+            srcs = _split_folder_shards(srcs[0]) or srcs
         srcs, _ = _expand(srcs, None)
-    except ScanError:
+    except (ScanError, OSError):
         return
     for s in srcs:
         try:
@@ -123,28 +182,149 @@ def remove_listings(cache_dir: str, srcs: List[str]) -> None:
             pass
 
 
+def _list_shards(paths: List[str], progress, cache_dir: Optional[str]) -> Dict[str, dict]:
+    """path -> ``wds_source.list_shard`` of each shard, kept like an archive's listing; one
+    progress bar over all of them (``progress(folder, total_bytes)``)."""
+    sizes = [os.path.getsize(p) for p in paths]
+    total = sum(sizes)
+    bar = progress(os.path.dirname(os.path.abspath(paths[0])), total) if progress else None
+    out: Dict[str, dict] = {}
+    done = 0
+    for p, size in zip(paths, sizes):
+        tick = (lambda at, _, base=done: bar(base + at, total)) if bar else None
+        listing = _cached(p, cache_dir, "wds", lambda p=p, tick=tick: wds_source.list_shard(
+            p, tick))
+        if not listing["labelled"] and listing["first"]:
+            raise ScanError(
+                f"{p} is not a WebDataset shard: no group of its members has a label file "
+                f"(<key>.cls, or <key>.json, beside the image <key>.jpg); its first members: "
+                f"{listing['first']}."
+                + (" Several .tar inputs are read as WebDataset shards; a tar of an ImageFolder "
+                   "tree (train/<class>/<image>) is converted alone, ImageNet's archives keep "
+                   "their names (ILSVRC2012_img_train.tar)" if len(paths) > 1 else ""))
+        out[p] = listing
+        done += size
+        if bar:
+            bar(done, total)
+    return out
+
+
+def _wds_classes(paths: List[str], listings: Dict[str, dict], classes_file: Optional[str]):
+    """(class names, where they came from) for WebDataset shards."""
+    if classes_file is not None:
+        classes = read_classes(classes_file)
+        for p in paths:  # the .json sidecars' class names (timm's: the WNID) must agree
+            for label, name in listings[p]["names"].items():
+                i = int(label)
+                if i < len(classes) and classes[i] != name:
+                    raise ScanError(
+                        f"--classes {classes_file}:{i + 1} names label {i} {classes[i]!r}, but "
+                        f"the .json of {os.path.basename(p)} names it {name!r}: pass the class "
+                        "list these shards were labelled with (line i + 1 = label i; timm's "
+                        "imagenet22k_synsets.txt for imagenet-22k-wds), or no --classes")
+        return classes, f"--classes {classes_file}"
+    top = max((r[3] for p in paths for r in listings[p]["records"]), default=-1)
+    if top >= MAX_CLASSES:
+        raise ScanError(f"labels reach {top}: without --classes the classes are 0..{top}; pass "
+                        "--classes FILE naming each (label i = line i + 1)")
+    return [str(i) for i in range(top + 1)], "the labels seen"
+
+
+MAX_CLASSES = 1_000_000  # without --classes: largest label + 1
+
+
+def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[str], progress,
+                 cache_dir: Optional[str]) -> Inputs:
+    """Scans of ``splits`` from WebDataset shards, each shard's split read from its name."""
+    given: Dict[str, str] = {}
+    for p in shards:
+        real = os.path.realpath(p)
+        if real in given:
+            raise ScanError(f"shard {p} is given twice (also as {given[real]}); pass each once")
+        given[real] = p
+    by_split: Dict[str, List[str]] = {s: [] for s in SPLITS}
+    unnamed = []
+    for p in shards:
+        s = split_of(p)
+        (by_split[s] if s else unnamed).append(p)
+    if unnamed:
+        if len(unnamed) < len(shards) or len(splits) != 1:
+            raise ScanError(
+                f"{len(unnamed)} of the {len(shards)} shards name no split (e.g. {unnamed[0]}): "
+                "a shard's split is a word of its name (imagenet22k-train-0000.tar, "
+                "imagenet1k-validation-00.tar) or its folder (train/, val/); rename them, or "
+                "convert shards that name none with --splits train (or --splits val) alone")
+        by_split[splits[0]] = unnamed
+    for s in splits:
+        if not by_split[s]:
+            other = next(o for o in SPLITS if o != s)
+            raise ScanError(
+                f"no {s} shards among the {len(shards)} given (a {s} shard's name holds "
+                f"{' or '.join(repr(w) for w, t in SPLIT_WORDS.items() if t == s)}); pass them, "
+                f"or --splits {other}")
+    todo = [p for s in splits for p in by_split[s]]
+    listings = _list_shards(todo, progress, cache_dir)
+    classes, classes_from = _wds_classes(todo, listings, classes_file)
+    scans: Dict[str, Scan] = {}
+    for s in splits:
+        scan = wds_source.scan_shards(by_split[s], [listings[p] for p in by_split[s]], classes,
+                                      classes_from)
+        if not scan.entries:
+            raise ScanError(f"no image of the {len(by_split[s])} {s} shards can be stored, e.g. "
+                            f"{scan.not_images[:2]}; fix the shards or pass other ones")
+        scans[s] = scan
+    return Inputs(todo[0], scans)
+
+
+def _is_wds(srcs: List[str]) -> bool:
+    """Whether the inputs are WebDataset shards: .tar files not named as ImageNet's archives,
+    several of them, or one whose first members are WebDataset groups."""
+    kinds = [_kind(s) for s in srcs]
+    tars = [s for s, k in zip(srcs, kinds) if k == "tree" and not os.path.isdir(s)]
+    if not tars or any(k not in ("tree", "devkit") for k in kinds) or len(tars) < len(
+            [k for k in kinds if k == "tree"]):
+        return False
+    return len(tars) > 1 or wds_source.looks_like_shard(tars[0])
+
+
 def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None,
             devkit: Optional[str] = None, progress=None,
-            cache_dir: Optional[str] = None) -> Inputs:
-    """Scans of ``splits`` from the sources given on the command line. ``progress(path)``
-    gives a callback ``(bytes_passed, size)`` for listing the archive at ``path``, or None.
+            cache_dir: Optional[str] = None, classes: Optional[str] = None) -> Inputs:
+    """Scans of ``splits`` from the sources given on the command line. ``progress(path,
+    total=None)`` gives a callback ``(bytes_passed, size)`` for listing the archive at ``path``
+    (WebDataset shards: one for all, ``path`` their folder, ``total`` their bytes), or None.
     ``cache_dir``: where archive listings are kept for a resumed run (:func:`_list`).
+    ``classes``: ``--classes FILE``, the class names of WebDataset shards' labels.
 
     Raises:
         ScanError: a missing/unknown input, a damaged archive, images without labels..., the
             message naming the file or member and the way out.
     """
+    srcs = _patterns(srcs)
     for s in srcs:
         if not os.path.exists(s):
             raise ScanError(f"input {s!r} does not exist")
-    if len(srcs) == 1 and os.path.isdir(srcs[0]) and any(
+    shards = _split_folder_shards(srcs[0]) if len(srcs) == 1 and os.path.isdir(srcs[0]) \
+        else None
+    if shards is None and len(srcs) == 1 and os.path.isdir(srcs[0]) and any(
             os.path.isdir(os.path.join(srcs[0], s)) for s in SPLITS):
+        if classes is not None:
+            raise ScanError(_NOT_WDS)
         if devkit is not None:
             raise ScanError("--devkit labels ImageNet's flat val archive; for a folder tree "
                             "pass --val-labels FILE for a flat val/ folder")
         classes = find_classes(os.path.join(srcs[0], "train"))
         return Inputs(srcs[0], {s: scan_split(srcs[0], s, classes, val_labels) for s in splits})
-    srcs, devkit = _expand(srcs, devkit)
+    srcs, devkit = (shards, devkit) if shards else _expand(srcs, devkit)
+    if shards or _is_wds(srcs):
+        if devkit is not None or val_labels is not None:
+            raise ScanError(f"--{'devkit' if devkit is not None else 'val-labels'} labels "
+                            "ImageNet's val archive or a flat val/ folder; WebDataset shards "
+                            "carry their labels (<key>.cls or <key>.json)")
+        return _resolve_wds([s for s in srcs if _kind(s) == "tree"], splits, classes, progress,
+                            cache_dir)
+    if classes is not None:
+        raise ScanError(_NOT_WDS)
     by_kind: Dict[str, str] = {}
     for s in srcs:
         k = _kind(s)
@@ -170,9 +350,12 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
         members, not_files = _list(path, progress, cache_dir)
         roots = tar_names.split_roots(members, not_files, SPLITS)
         if "train" not in roots:
-            raise ScanError(f"{path} holds no train/ folder (first members: "
-                            f"{[m[0] for m in members[:3]]}); expected a tar of "
-                            "train/<class>/<image> (and val/...)")
+            raise ScanError(f"{path} is none of the tars the converter reads (first members: "
+                            f"{[m[0] for m in members[:3]]}): not a tar of an ImageFolder tree "
+                            "(no train/ folder: train/<class>/<image>, and val/...), not a "
+                            "WebDataset shard (no <key>.jpg beside a <key>.cls or <key>.json "
+                            "label), not ImageNet's ILSVRC2012_img_train.tar / _img_val.tar "
+                            "(recognised by those names)")
         parts, stray = tar_names.assign(members, not_files, roots)
         files = parts["train"][0]
         classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})

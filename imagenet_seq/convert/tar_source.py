@@ -67,7 +67,8 @@ def _members(tf: tarfile.TarFile, path: str, what: str, base: int, problems: Lis
     return out
 
 
-def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
+def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None,
+             nested: bool = True, visit: Optional[Callable[..., None]] = None
              ) -> Tuple[List[Member], List[Problem]]:
     """(regular members, members that are not read), both in archive order
     (``tar_names``' tuples). ``progress(bytes_passed, archive_size)`` is called as the listing
@@ -77,7 +78,12 @@ def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
     (ImageNet's train archive: ``n01440764.tar`` -> ``n01440764/n01440764_10026.JPEG``); an
     inner name must stay inside ``<stem>/``. When a nested tar's name occurs twice, the later
     copy replaces the earlier one as a whole (as extracting the outer tar would): the earlier
-    copy's members are reported, not read.
+    copy's members are reported, not read. ``nested=False``: ``*.tar`` members are plain
+    members (WebDataset shards).
+
+    ``visit(name, offset, size, read)`` (outer members only) is called for each regular member
+    as the listing passes it; ``read()`` returns its bytes, read right then: a small member
+    lies beside its header, so reading it costs no extra seek (WebDataset's label files).
 
     Raises:
         ScanError: not a tar, compressed, truncated, or a nested tar is damaged (named).
@@ -99,8 +105,10 @@ def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
         tick = (lambda at: progress(at, total)) if progress else None
         for name, off, size, raw, m in _members(tf, path, "the archive", 0, problems,
                                                 progress=tick):
-            if not name.lower().endswith(".tar"):
+            if not nested or not name.lower().endswith(".tar"):
                 out.append((name, off, size, raw))
+                if visit is not None:
+                    visit(name, off, size, lambda m=m, name=name: _read_member(tf, m, path, name))
                 continue
             stem = os.path.splitext(os.path.basename(name))[0]
             try:
@@ -129,6 +137,13 @@ def list_tar(path: str, progress: Optional[Callable[[int, int], None]] = None
     out.sort(key=lambda m: m[1])
     problems.sort(key=lambda p: p[1])
     return out, problems
+
+
+def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo, path: str, name: str) -> bytes:
+    try:
+        return tf.extractfile(m).read()
+    except tarfile.ReadError as e:
+        raise _tar_error(path, f"member {name}", e) from None
 
 
 class TarSource:
