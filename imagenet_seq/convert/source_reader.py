@@ -7,58 +7,87 @@ The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` i
 ``CHUNK_BYTES`` bytes (one oversized file is a chunk of its own): memory
 ``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the files being read.
 
-Read-ahead (``--read-ahead N``): the reader keeps ``N`` reads of the NEXT files in on-disk
-order in flight (``N`` helper threads, file ``i`` read by helper ``i % N``, results taken in
-order). A folder's default is 2: each file costs an open and a read, each a round trip to the
-disk's driver, and with one at a time the disk idles during those round trips. On the emulated
-HDD (``benchmarks/convert_order.py``, 3,000 files, four alternating pairs on the 2-core
-machine, ``results/convert_order_readahead2.json``) 2 in flight won every pair: pass 1 at
-547-585 against 417-440 img/s, the whole command 363-383 against 305-333, with the same single
-seek; 8 in flight had arrived out of order often enough to cost 327 seeks (an earlier session),
-so more than 2 only for a high-latency mount such as NFS. A tar's default is 1: its
-members are ``pread`` from one open file, which the kernel already reads ahead. At most
-``2 * N`` files are read but not yet chunked.
+Read-ahead (``--read-ahead N``), order-preserving: the reader reads one file at a time, in read
+order, and keeps the NEXT ``N - 1`` files open and handed to the kernel to read ahead
+(``posix_fadvise(POSIX_FADV_WILLNEED)``, in read order, each file in pieces of
+``HINT_PIECE``), at most ``READ_AHEAD_BYTES`` hinted but not yet read. The disk therefore
+never idles during the reader's round trips, yet every request reaches it in read order: the
+hints are submitted by the one reader thread, file after file, and a read finds its pages
+already read or in flight. ``N = 1`` reads one file at a time with no hint. Why not reads in
+flight (the previous design, ``N`` helper threads): their requests reach a disk in whatever
+order the threads happen to submit them; a drive that serves requests in arrival order then
+seeks at almost every file (``benchmarks/results/convert_prefetch.md``). ``posix_fadvise``
+rather than ``readahead(2)``: it is POSIX, in Python's ``os``, and works on every filesystem
+(ext4, XFS, NFS, FUSE); Linux runs both through the same page-cache readahead, which caps one
+call at the device's readahead size (128 KiB by default), hence the pieces. Where
+``os.posix_fadvise`` does not exist, files are read one at a time. The files are opened
+ahead and read through the same descriptor (``read_source``), so an open costs one round trip
+on NFS and a filesystem that drops a file's cache on open (FUSE without ``kernel_cache``)
+keeps what was read ahead. A file that cannot be opened ahead is reported when it is read,
+exactly as without read-ahead. Defaults: ``FolderSource.read_ahead`` (folders),
+``TarSource.read_ahead`` (archives: the hints are byte ranges of the one open archive).
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import queue
 import stat
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from imagenet_seq.convert.disk_order import disk_order
 from imagenet_seq.convert.images import BrokenImage
 from imagenet_seq.convert.scan import not_a_file_reason
 
-__all__ = ["CHUNK", "CHUNK_BYTES", "QUEUE_CHUNKS", "READ_AHEAD", "Item", "read_source", "read_one",
-           "FolderSource", "Reader"]
+__all__ = ["CHUNK", "CHUNK_BYTES", "QUEUE_CHUNKS", "READ_AHEAD", "READ_AHEAD_BYTES",
+           "HINT_PIECE", "Item", "read_source", "read_one", "hint_range", "FolderSource",
+           "Reader"]
 
 CHUNK = 32
 CHUNK_BYTES = 1 << 20
 QUEUE_CHUNKS = 32
-READ_AHEAD = 1  # reads in flight for a source that does not say (see the module docstring)
+READ_AHEAD = 1  # files in the window for a source that does not say (module docstring)
+READ_AHEAD_BYTES = 16 << 20  # hinted but not yet read: page cache, not this process's memory
+HINT_PIECE = 128 << 10  # one WILLNEED call reads at most the device's readahead size
 
 # (plan position, path relative to the split folder, label, bytes or (status, message))
 Item = Tuple[int, str, int, Union[bytes, Tuple[str, str]]]
 
+# Files this thread's read-ahead opened (path -> descriptors, oldest first): ``read_source``
+# reads through one of them instead of opening the file again. Per thread, because the reader
+# that opens ahead is the thread that reads.
+_ahead = threading.local()
+
+
+def _opened_ahead() -> Dict[str, Deque[int]]:
+    fds = getattr(_ahead, "fds", None)
+    if fds is None:
+        fds = _ahead.fds = {}
+    return fds
+
 
 def read_source(path: str) -> bytes:
     """The bytes of a regular file. Never blocks on a FIFO or device that replaced a file after
-    the scan (opened non-blocking, checked with fstat before any read).
+    the scan (opened non-blocking, checked with fstat before any read). Reads through the
+    descriptor the read-ahead opened for ``path``, when there is one.
 
     Raises:
         BrokenImage: ``path`` is not a regular file (the reason says what it is).
         OSError: it cannot be read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        reason = not_a_file_reason(path) if e.errno in (errno.ENOENT, errno.ELOOP) else None
-        if reason:
-            raise BrokenImage(reason) from None
-        raise
+    waiting = _opened_ahead().get(path)
+    if waiting:
+        fd = waiting.popleft()
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            reason = not_a_file_reason(path) if e.errno in (errno.ENOENT, errno.ELOOP) else None
+            if reason:
+                raise BrokenImage(reason) from None
+            raise
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -78,10 +107,29 @@ def read_one(split_dir: str, rel: str) -> Union[bytes, Tuple[str, str]]:
                          "or remove it, then run again with --resume")
 
 
+def hint_range(fd: int, offset: int, size: int) -> int:
+    """Ask the kernel to read ``size`` bytes at ``offset`` of ``fd`` into the page cache
+    (``POSIX_FADV_WILLNEED``, in pieces of ``HINT_PIECE``, front to back); returns the bytes
+    hinted: 0 where the platform or the filesystem has no such hint. Does not wait for the
+    data."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return 0
+    done = 0
+    try:
+        while done < size:
+            piece = min(HINT_PIECE, size - done)
+            advise(fd, offset + done, piece, os.POSIX_FADV_WILLNEED)
+            done += piece
+    except OSError:  # e.g. ESPIPE, EINVAL: the read still works, just not ahead
+        pass
+    return done
+
+
 class FolderSource:
     """Images as files below ``root`` (a split folder of an ImageFolder tree)."""
 
-    read_ahead = 2  # reads in flight by default (module docstring)
+    read_ahead = 2  # files in the read-ahead window by default (module docstring)
 
     def __init__(self, root: str):
         self.root = root
@@ -92,6 +140,38 @@ class FolderSource:
     def read(self, rel: str) -> Union[bytes, Tuple[str, str]]:
         return read_one(self.root, rel)
 
+    def hint(self, rel: str, budget: int) -> Tuple[int, int, Optional[int]]:
+        """Open ``rel`` ahead (this thread's next ``read`` of it reads through that descriptor)
+        and hint up to ``budget`` of its bytes: (bytes hinted, bytes left unhinted, the
+        descriptor for ``release``). A file that cannot be opened, or is not a regular file, is
+        left alone: its read reports it."""
+        path = os.path.join(self.root, rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return 0, 0, None
+        try:
+            st: Optional[os.stat_result] = os.fstat(fd)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return 0, 0, None
+        _opened_ahead().setdefault(path, collections.deque()).append(fd)
+        n = hint_range(fd, 0, min(st.st_size, budget))
+        return n, st.st_size - n, fd
+
+    def release(self, rel: str, fd: Optional[int]) -> None:
+        """Close ``fd`` (from ``hint``) unless a read took it."""
+        path = os.path.join(self.root, rel)
+        fds = _opened_ahead()
+        waiting = fds.get(path)
+        if waiting and fd in waiting:
+            waiting.remove(fd)
+            os.close(fd)
+        if not waiting:
+            fds.pop(path, None)
+
     def order(self, rels: Sequence[str], keys: Sequence[int], method: str):
         """(indices of ``rels`` in on-disk order, method); ``keys`` = inodes from the scan."""
         return disk_order(self.root, rels, keys, method)
@@ -100,62 +180,42 @@ class FolderSource:
         pass
 
 
-def _read_ahead(read, items: Sequence[Tuple[int, str, int]], stop: threading.Event,
-                depth: int) -> Iterator[Tuple[Tuple[int, str, int], object]]:
-    """``(item, read(rel))`` in the order of ``items``, with up to ``depth`` reads ahead.
-
-    Helper ``k`` reads items ``k, k + depth, ...`` and hands each result over through its own
-    one-slot queue, so the reads in flight are always the next ``depth`` files. The helpers are
-    daemon threads and stop at ``stop`` (a read stuck on a dying disk never delays an exit);
-    the generator joins them when it ends, so the caller may close the source afterwards.
-    """
-    depth = max(1, min(depth, len(items)))
-    slots = [queue.Queue(maxsize=1) for _ in range(depth)]
-
-    def helper(k: int) -> None:
-        for i in range(k, len(items), depth):
-            if stop.is_set():
-                return
-            try:
-                got = read(items[i][1])
-            except BaseException as e:  # a bug or MemoryError: re-raised by the consumer
-                got = _Failed(e)
-            while not stop.is_set():
-                try:
-                    slots[k].put(got, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(got, _Failed):
-                return
-
-    helpers = [threading.Thread(target=helper, args=(k,), daemon=True,
-                                name=f"imagenet_seq-source-read-{k}") for k in range(depth)]
-    for t in helpers:
-        t.start()
+def _read_in_order(source, items: Sequence[Tuple[int, str, int]],
+                   depth: int) -> Iterator[Tuple[Tuple[int, str, int], object]]:
+    """``(item, source.read(rel))`` in the order of ``items``, one read at a time, with the next
+    ``depth - 1`` files (at most ``READ_AHEAD_BYTES`` of them) handed to ``source.hint`` in the
+    same order before each read. A file hinted only in part (the byte bound) stops the window
+    until it is read, so the rest of it, read on demand, still reaches the disk in order.
+    Sources without ``hint`` are read one file at a time."""
+    hint = getattr(source, "hint", None) if depth > 1 else None
+    window: Deque[tuple] = collections.deque()  # (index, hinted, unhinted, release token)
+    ahead = 0  # bytes hinted and not yet read
+    nxt = 0  # next index to hint
     try:
         for i, item in enumerate(items):
-            while True:
-                try:
-                    got = slots[i % depth].get(timeout=0.1)
-                    break
-                except queue.Empty:
-                    if stop.is_set():
-                        return
-            if isinstance(got, _Failed):
-                raise got.exc
+            if hint is not None:
+                nxt = max(nxt, i + 1)
+                while (nxt < len(items) and nxt - i < depth and ahead < READ_AHEAD_BYTES
+                       and not (window and window[-1][2])):
+                    n, rest, token = hint(items[nxt][1], READ_AHEAD_BYTES - ahead)
+                    window.append((nxt, n, rest, token))
+                    ahead += n
+                    nxt += 1
+            got = source.read(item[1])
+            if window and window[0][0] == i:
+                _, n, _, token = window.popleft()
+                ahead -= n
+                source.release(item[1], token)
             yield item, got
     finally:
-        stop.set()
-        for t in helpers:
-            t.join()
+        for j, _, _, token in window:  # opened ahead, never read: the consumer stopped
+            source.release(items[j][1], token)
 
 
-def _chunks(source, items: Sequence[Tuple[int, str, int]], stop: threading.Event,
-            depth: int) -> Iterator[List[Item]]:
+def _chunks(source, items: Sequence[Tuple[int, str, int]], depth: int) -> Iterator[List[Item]]:
     chunk: List[Item] = []
     size = 0
-    reads = _read_ahead(source.read, items, stop, depth)
+    reads = _read_in_order(source, items, depth)
     try:
         for (pos, rel, label), data in reads:
             chunk.append((pos, rel, label, data))
@@ -176,10 +236,13 @@ class _Failed:
 
 class Reader:
     """Reads ``items`` ((plan position, rel, label), already in on-disk order) from ``source``
-    (``FolderSource``, ``tar_source.TarSource``: ``read(rel)`` -> bytes or verdict) in a thread.
+    (``FolderSource``, ``tar_source.TarSource``: ``read(rel)`` -> bytes or verdict; optional
+    ``hint(rel, budget)`` / ``release(rel, token)`` for the read-ahead) in a thread.
 
-    Iterate for chunks (lists of :data:`Item`) in the same order. ``close()`` stops the thread
-    at its next chunk; it is a daemon, so an exit never waits for a read stuck on a dying disk.
+    ``read_ahead``: files in the read-ahead window (module docstring); None: the source's
+    default. Iterate for chunks (lists of :data:`Item`) in the same order. ``close()`` stops
+    the thread at its next chunk; it is a daemon, so an exit never waits for a read stuck on a
+    dying disk.
     """
 
     def __init__(self, source, items: Sequence[Tuple[int, str, int]],
@@ -204,8 +267,7 @@ class Reader:
         return False
 
     def _run(self, source, items) -> None:
-        reads_done = threading.Event()  # the read-ahead helpers' stop; set when they are joined
-        chunks = _chunks(source, items, reads_done, self._depth)
+        chunks = _chunks(source, items, self._depth)
         try:
             for chunk in chunks:
                 if not self._put(chunk):
@@ -214,8 +276,8 @@ class Reader:
         except BaseException as e:  # a bug or MemoryError: re-raised in the consumer
             self._put(_Failed(e))
         finally:
-            chunks.close()  # joins the read-ahead helpers
-            source.close()  # here: no other thread can be inside a read of it
+            chunks.close()  # closes what was opened ahead and not read
+            source.close()  # here: this thread is the only one that reads it
 
     def __iter__(self) -> Iterator[List[Item]]:
         while True:

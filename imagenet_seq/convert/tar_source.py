@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from imagenet_seq.convert.scan import Scan, ScanError, is_image, not_image_reason
 
+from imagenet_seq.convert.source_reader import hint_range
 from imagenet_seq.convert.tar_names import Member, Problem, normalise
 
 __all__ = ["list_tar", "TarSource", "scan_files"]
@@ -148,11 +149,11 @@ def _read_member(tf: tarfile.TarFile, m: tarfile.TarInfo, path: str, name: str) 
 
 class TarSource:
     """Reads members of one archive by absolute offset (``source_reader.FolderSource``'s
-    contract). The file is opened on first use (by one of the reader's read-ahead threads,
-    under a lock: ``pread`` on the shared descriptor is thread-safe) and closed by the reader
-    thread once no read is in flight."""
+    contract). The file is opened on first use (under a lock: ``pread`` on the shared
+    descriptor is thread-safe) and closed by the reader thread, the only one that reads it.
+    ``hint`` asks the kernel to read a member's byte range ahead (``source_reader``)."""
 
-    read_ahead = 1  # one file, read ahead by the kernel: more in flight was slower (run 2)
+    read_ahead = 1  # members in the read-ahead window by default (source_reader's docstring)
 
     def __init__(self, path: str, where: Dict[str, Tuple[int, int]], display: str):
         self.path = path
@@ -180,6 +181,23 @@ class TarSource:
                              f"{len(data)} of {size} bytes): the archive was cut short; "
                              "download it again, then run again with --resume")
         return data
+
+    def hint(self, rel: str, budget: int) -> Tuple[int, int, None]:
+        """Ask the kernel to read up to ``budget`` bytes of member ``rel`` ahead: (bytes
+        hinted, bytes left, None). A failure to open is left to the read, which reports it."""
+        off, size = self.where[rel]
+        try:
+            if self.f is None:
+                with self._opening:
+                    if self.f is None:
+                        self.f = open(self.path, "rb", buffering=0)
+        except OSError:
+            return 0, 0, None
+        n = hint_range(self.f.fileno(), off, min(size, budget))
+        return n, size - n, None
+
+    def release(self, rel: str, token: None) -> None:
+        pass
 
     def order(self, rels: Sequence[str], keys: Sequence[int], method: str):
         """Archive order (by offset): one forward sweep, whatever ``method`` says."""
