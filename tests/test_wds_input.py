@@ -146,6 +146,8 @@ def test_bad_groups_and_odd_members_are_reported(tree, tmp_path, capsys):
         (1, f"{k1}.cls", b"2"), (1, f"{k1}.jpg", other),  # a record name of shard 0
         (2, "cap1.txt", b"a caption"), (2, "cap2.txt", b"another"), (2, "._meta", b"x"),
         (2, "big.cls", b"9"), (2, "big.jpg", photo),
+        (2, "dup.cls", b"0"), (2, "dup.jpg", photo), (2, "dup.jpg", photo),
+        (2, "../up.cls", b"0"), (2, "../up.jpg", photo), (2, "/abs.jpg", photo),
     ]
     train, val = shard_set(tree, tmp_path / "wds", train_extra=extra)
     with tarfile.open(train[2], "a") as tf:
@@ -172,6 +174,9 @@ def test_bad_groups_and_odd_members_are_reported(tree, tmp_path, capsys):
         "._meta": "member kind (hidden file) is not used: 1 such member",
         "big.jpg": "label 9 is outside the class list (0..2 from --classes",
         "linked.jpg": "symbolic link",
+        "dup.{cls,jpg,jpg}": "the group holds .jpg more than once",
+        "../up.jpg": "unsafe member name '../up.jpg'",
+        "/abs.jpg": "an absolute path",
     }
     for path, reason in expect.items():
         assert path in rows and reason in rows[path], (path, rows)

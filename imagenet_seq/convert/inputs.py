@@ -182,13 +182,12 @@ def remove_listings(cache_dir: str, srcs: List[str]) -> None:
             pass
 
 
-def _list_shards(paths: List[str], progress, cache_dir: Optional[str]) -> Dict[str, dict]:
-    """path -> ``wds_source.list_shard`` of each shard, kept like an archive's listing; one
-    progress bar over all of them (``progress(folder, total_bytes)``)."""
+def _list_shards(paths: List[str], progress, cache_dir: Optional[str]):
+    """(path, ``wds_source.list_shard`` of it) for each shard in turn, kept like an archive's
+    listing; one progress bar over all of them (``progress(folder, total_bytes)``)."""
     sizes = [os.path.getsize(p) for p in paths]
     total = sum(sizes)
     bar = progress(os.path.dirname(os.path.abspath(paths[0])), total) if progress else None
-    out: Dict[str, dict] = {}
     done = 0
     for p, size in zip(paths, sizes):
         tick = (lambda at, _, base=done: bar(base + at, total)) if bar else None
@@ -202,32 +201,10 @@ def _list_shards(paths: List[str], progress, cache_dir: Optional[str]) -> Dict[s
                 + (" Several .tar inputs are read as WebDataset shards; a tar of an ImageFolder "
                    "tree (train/<class>/<image>) is converted alone, ImageNet's archives keep "
                    "their names (ILSVRC2012_img_train.tar)" if len(paths) > 1 else ""))
-        out[p] = listing
         done += size
         if bar:
             bar(done, total)
-    return out
-
-
-def _wds_classes(paths: List[str], listings: Dict[str, dict], classes_file: Optional[str]):
-    """(class names, where they came from) for WebDataset shards."""
-    if classes_file is not None:
-        classes = read_classes(classes_file)
-        for p in paths:  # the .json sidecars' class names (timm's: the WNID) must agree
-            for label, name in listings[p]["names"].items():
-                i = int(label)
-                if i < len(classes) and classes[i] != name:
-                    raise ScanError(
-                        f"--classes {classes_file}:{i + 1} names label {i} {classes[i]!r}, but "
-                        f"the .json of {os.path.basename(p)} names it {name!r}: pass the class "
-                        "list these shards were labelled with (line i + 1 = label i; timm's "
-                        "imagenet22k_synsets.txt for imagenet-22k-wds), or no --classes")
-        return classes, f"--classes {classes_file}"
-    top = max((r[3] for p in paths for r in listings[p]["records"]), default=-1)
-    if top >= MAX_CLASSES:
-        raise ScanError(f"labels reach {top}: without --classes the classes are 0..{top}; pass "
-                        "--classes FILE naming each (label i = line i + 1)")
-    return [str(i) for i in range(top + 1)], "the labels seen"
+        yield p, listing
 
 
 MAX_CLASSES = 1_000_000  # without --classes: largest label + 1
@@ -262,18 +239,34 @@ def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[st
                 f"no {s} shards among the {len(shards)} given (a {s} shard's name holds "
                 f"{' or '.join(repr(w) for w, t in SPLIT_WORDS.items() if t == s)}); pass them, "
                 f"or --splits {other}")
-    todo = [p for s in splits for p in by_split[s]]
-    listings = _list_shards(todo, progress, cache_dir)
-    classes, classes_from = _wds_classes(todo, listings, classes_file)
+    fixed = read_classes(classes_file) if classes_file is not None else None
+    how = f"--classes {classes_file}" if fixed is not None else "the labels seen"
+    parts = {s: wds_source.SplitShards(fixed, how) for s in splits}
+    split_of_path = {p: s for s in splits for p in by_split[s]}
+    for p, listing in _list_shards([p for s in splits for p in by_split[s]], progress,
+                                   cache_dir):
+        parts[split_of_path[p]].add(p, listing)
+    if fixed is not None:  # the .json sidecars' class names (timm's: the WNID) must agree
+        for part in parts.values():
+            for i, (name, shard) in sorted(part.names.items()):
+                if i < len(fixed) and fixed[i] != name:
+                    raise ScanError(
+                        f"--classes {classes_file}:{i + 1} names label {i} {fixed[i]!r}, but the "
+                        f".json of {shard} names it {name!r}: pass the class list these shards "
+                        "were labelled with (line i + 1 = label i; timm's "
+                        "imagenet22k_synsets.txt for imagenet-22k-wds), or no --classes")
+    top = max(part.top for part in parts.values())
+    if fixed is None and top >= MAX_CLASSES:
+        raise ScanError(f"labels reach {top}: without --classes the classes are 0..{top}; pass "
+                        "--classes FILE naming each (label i = line i + 1)")
+    classes = fixed if fixed is not None else [str(i) for i in range(top + 1)]
     scans: Dict[str, Scan] = {}
     for s in splits:
-        scan = wds_source.scan_shards(by_split[s], [listings[p] for p in by_split[s]], classes,
-                                      classes_from)
-        if not scan.entries:
+        if not parts[s].entries:
             raise ScanError(f"no image of the {len(by_split[s])} {s} shards can be stored, e.g. "
-                            f"{scan.not_images[:2]}; fix the shards or pass other ones")
-        scans[s] = scan
-    return Inputs(todo[0], scans)
+                            f"{parts[s].rows[:2]}; fix the shards or pass other ones")
+        scans[s] = parts[s].scan(classes)
+    return Inputs(by_split[splits[0]][0], scans)
 
 
 def _is_wds(srcs: List[str]) -> bool:

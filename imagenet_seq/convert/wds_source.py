@@ -43,7 +43,7 @@ from imagenet_seq.convert.images import IMAGE_EXTENSIONS
 from imagenet_seq.convert.scan import Scan, ScanError
 
 __all__ = ["IMAGE_KINDS", "LABEL_FIELDS", "group_key", "list_shard", "looks_like_shard",
-           "scan_shards", "WdsSource"]
+           "SplitShards", "WdsSource"]
 
 IMAGE_KINDS = frozenset(e[1:] for e in IMAGE_EXTENSIONS)
 LABEL_FIELDS = ("label", "cls")  # in a .json sidecar, first found wins
@@ -204,44 +204,60 @@ def _close(group, shard, seen, labels, out) -> None:
     out["rows"].append([path, f"WebDataset group {key!r}: {why} (in {shard}); {NEVER_READ}"])
 
 
-def scan_shards(shards: Sequence[str], listings: Sequence[dict], classes: List[str],
-                classes_from: str) -> Scan:
-    """The Scan of one split from its shards' listings (``list_shard``), in the order given.
+class SplitShards:
+    """One split's Scan, built shard by shard from the listings (``list_shard``), each listing
+    dropped once added: the shards in the order given, the first of a record name stored.
 
-    ``classes``: label i's name (``--classes`` or the labels seen); ``classes_from`` says
-    where they came from, for messages. Records whose label is outside ``classes`` and names
-    already stored are reported; odd member kinds get one row each, with their count.
+    ``classes``: ``--classes`` (records whose label is outside it are reported as they come),
+    or None: the labels seen, known after the last shard (:meth:`scan`).
     """
-    stats: Dict[str, Tuple[int, int]] = {}
-    entries, rows = [], []
-    odd: Dict[str, list] = {}
-    first: Dict[str, int] = {}
-    for k, (path, listing) in enumerate(zip(shards, listings)):
-        shard = os.path.basename(path)
-        rows.extend(tuple(r) for r in listing["rows"])
+
+    def __init__(self, classes: Optional[List[str]], classes_from: str):
+        self.classes, self.classes_from = classes, classes_from
+        self.shards: List[str] = []
+        self.stats: Dict[str, Tuple[int, int]] = {}
+        self.entries: List[Tuple[str, int]] = []
+        self.rows: List[Tuple[str, str]] = []
+        self.odd: Dict[str, list] = {}
+        self.names: Dict[int, Tuple[str, str]] = {}  # label -> (.json class_name, shard)
+        self.top = -1  # the largest label stored
+
+    def add(self, path: str, listing: dict) -> None:
+        k, shard = len(self.shards), os.path.basename(path)
+        self.shards.append(path)
+        self.rows.extend(tuple(r) for r in listing["rows"])
         for kind, (n, name) in listing["odd"].items():
-            slot = odd.setdefault(kind, [0, name, shard])
-            slot[0] += n
+            self.odd.setdefault(kind, [0, name, shard])[0] += n
+        for label, name in listing["names"].items():
+            self.names.setdefault(int(label), (name, shard))
+        limit = len(self.classes) if self.classes is not None else None
         for name, off, size, label in listing["records"]:
-            if name in stats:
-                rows.append((name, f"repeats the name of a record stored from "
-                                   f"{os.path.basename(shards[first[name]])} (in {shard}); "
-                                   f"stored once, as that one; this copy is {NEVER_READ}"))
+            if name in self.stats:
+                first = self.shards[self.stats[name][0] >> _SHIFT]
+                self.rows.append((name, f"repeats the name of a record stored from "
+                                        f"{os.path.basename(first)} (in {shard}); stored "
+                                        f"once, as that one; this copy is {NEVER_READ}"))
                 continue
-            if label >= len(classes):
-                rows.append((name, f"label {label} is outside the class list (0.."
-                                   f"{len(classes) - 1} from {classes_from}) (in {shard}); "
-                                   f"{NEVER_READ}"))
+            if limit is not None and label >= limit:
+                self.rows.append((name, f"label {label} is outside the class list (0.."
+                                        f"{limit - 1} from {self.classes_from}) (in {shard}); "
+                                        f"{NEVER_READ}"))
                 continue
-            first[name] = k
-            stats[name] = ((k << _SHIFT) | off, size)
-            entries.append((name, label))
-    for kind, (n, name, shard) in sorted(odd.items()):
-        rows.append((name, f"member kind {kind} is not used: {n} such member"
-                           f"{'s' if n > 1 else ''} in this split's shards (the first: this "
-                           f"one, in {shard}); {NEVER_READ}"))
-    entries.sort()
-    return Scan(classes, entries, rows, stats, source=WdsSource(list(shards), stats))
+            self.stats[name] = ((k << _SHIFT) | off, size)
+            self.entries.append((name, label))
+            self.top = max(self.top, label)
+
+    def scan(self, classes: List[str]) -> Scan:
+        """The split's Scan with its class list (every stored label inside it); odd member
+        kinds get one report row each, with their count."""
+        rows = list(self.rows)
+        for kind, (n, name, shard) in sorted(self.odd.items()):
+            rows.append((name, f"member kind {kind} is not used: {n} such member"
+                               f"{'s' if n > 1 else ''} in this split's shards (the first: "
+                               f"this one, in {shard}); {NEVER_READ}"))
+        self.entries.sort()
+        return Scan(classes, self.entries, rows, self.stats,
+                    source=WdsSource(self.shards, self.stats))
 
 
 class _Offsets:
