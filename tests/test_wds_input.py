@@ -190,6 +190,28 @@ def test_bad_groups_and_odd_members_are_reported(tree, tmp_path, capsys):
     assert f"{train[0]}:broken.jpg" in err and "--strict" in err, err
 
 
+def test_webp_and_png_images_are_stored_as_jpeg(tmp_path, capsys):
+    """Image kinds other than JPEG (any case) are records, re-encoded as RGB JPEG."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    shard = tmp_path / "imagenet-train-0.tar"
+    with tarfile.open(shard, "w") as tf:
+        for key, kind, label in (("a", "webp", 0), ("b", "PNG", 1)):
+            _add(tf, f"{key}.cls", str(label).encode())
+            _add(tf, f"{key}.{kind}", cv2.imencode("." + kind.lower(), pixels)[1].tobytes())
+    out = str(tmp_path / "out")
+    main([str(shard), out, "--splits", "train", "--workers", "0", "--no-progress", "--json"])
+    got = json.loads(capsys.readouterr().out)["train"]
+    assert got["images"] == 2 and got["converted"] == 2 and got["skipped"] == 0
+    recs, classes = records(out, "train")
+    assert sorted(lab for _, lab in recs) == [0, 1] and classes == ["0", "1"]
+    assert all(j[:2] == b"\xff\xd8" for j, _ in recs)
+
+
 def test_a_tar_that_is_no_input_kind_is_named(tree, tmp_path, capsys):
     root, classes, _ = tree
     odd = tmp_path / "stuff.tar"
