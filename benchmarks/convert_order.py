@@ -2,6 +2,8 @@
 emulated HDD and from page cache, same files, same run.
 
     python benchmarks/convert_order.py [--images 1000] [--workers 2] [--baseline-commit 7ae8970]
+    python benchmarks/convert_order.py --images 5000 --devices hdd,hdd-fifo,nfs,cache \
+        --configs prev,disk-ra1,disk-ra8   # the read-ahead comparison
 
 Data: ImageNet-like JPEGs (``imagenet_seq.tools.sample``: real photo crops, 500x375, ~90 KB), copied
 into ``tree/`` in a random order, so creation (inode, block) order differs from name order as
@@ -12,11 +14,20 @@ Configurations (train split, ``--workers N``):
     write order), run from a ``git worktree`` of that commit;
   * ``name``: this converter, files read in sorted-path order (``--read-order name``);
   * ``disk``: this converter, on-disk order (``--read-order auto``: FIEMAP, else inodes);
-  * ``tar``: this converter reading ``imagenet.tar`` in place.
+  * ``tar``: this converter reading ``imagenet.tar`` in place;
+  * ``prev``: the converter at ``--prev-commit`` (on-disk order, like ``disk``), run from a
+    ``git worktree`` of that commit; by default 01602eb, the parent of the order-preserving
+    read-ahead, whose ``--read-ahead N`` kept N reads in flight (default 2 from a folder);
+  * ``-raN`` after any of them (``disk-ra8``, ``prev-ra1``): ``--read-ahead N``.
 Devices: ``hdd`` = ``slowfs``'s HDD model (8 ms seek + 4.17 ms rotation per non-contiguous
-request, 150 MB/s) over a layout in which the files lie contiguously in creation order (the
-FUSE mirror reports the backing inodes, so ``disk`` order can find it); ``cache`` = the local
-folder, read once beforehand so every byte comes from page cache.
+request, 150 MB/s; the drive reorders queued requests and reads small backward moves from its
+track cache) over a layout in which the files lie contiguously in creation order (the FUSE
+mirror reports the backing inodes, so ``disk`` order can find it); ``hdd-fifo`` = slowfs's
+pessimistic HDD over the same layout (requests served strictly in arrival order, any backward
+move or forward move beyond 64 KiB a seek: the "seeks" column counts its positionings);
+``nfs`` = slowfs's NFS model (0.5 ms round trip per request and per open, 8 requests
+outstanding, 110 MB/s); ``cache`` = the local folder, read once beforehand so every byte comes
+from page cache.
 
 The new converter runs with ``--memory-mb 512`` by default, so its sort spills several runs as
 ImageNet's would at the default 2000 MB.
@@ -90,10 +101,27 @@ def layout(root: str) -> dict:
     return base
 
 
-def serve(source, mountpoint, layout_path, stats_path) -> int:
-    """Child process: mount ``source`` read-only through LayoutHDD, with the backing inodes."""
+MODELS = ("hdd", "hdd-fifo", "nfs")  # --devices that go through the emulator
+
+
+def make_model(device: str, base: dict):
+    """The emulated device ``device`` over the layout ``base`` (FUSE path -> platter offset):
+    ``hdd`` = LayoutHDD (reorders queued requests), ``hdd-fifo`` = slowfs.ArrivalHDDModel
+    (arrival order, any backward or far move a seek), ``nfs`` = slowfs.NFSModel (no layout)."""
+    if device == "hdd":
+        return LayoutHDD(base)
+    if device == "hdd-fifo":
+        return slowfs.ArrivalHDDModel(base=base)
+    if device == "nfs":
+        return slowfs.NFSModel()
+    raise ValueError(f"device={device!r}; expected one of {', '.join(MODELS)} or cache")
+
+
+def serve(source, mountpoint, layout_path, stats_path, device="hdd") -> int:
+    """Child process: mount ``source`` read-only through ``device``'s model, with the backing
+    inodes."""
     with open(layout_path) as f:
-        model = LayoutHDD(json.load(f))
+        model = make_model(device, json.load(f))
     fuse, ops = slowfs._operations(source, model)
     plain = ops.getattr
 
@@ -119,18 +147,18 @@ def serve(source, mountpoint, layout_path, stats_path) -> int:
     # over a 3,000-file conversion: 17.5 k -> 12 k callbacks, emulator CPU 2.41 -> 1.74 s. The
     # device's timing (seek, rotation, transfer per read) is unchanged.
     ops.flush = None
-    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype="hdd",
+    fuse.FUSE(ops, mountpoint, foreground=True, ro=True, fsname="slowfs", subtype=model.name,
               max_threads=64, use_ino=True, attr_timeout=3600.0, entry_timeout=3600.0)
     with open(stats_path, "w") as f:
         json.dump(model.stats(), f)
     return 0
 
 
-def mounted(source, mountpoint, layout_path, timeout=20.0):
-    """The HDD model over ``layout_path``'s file layout, served by ``--serve`` (this file)."""
+def mounted(source, mountpoint, layout_path, device="hdd", timeout=20.0):
+    """``device``'s model over ``layout_path``'s file layout, served by ``--serve`` (this file)."""
     stats_path = mountpoint.rstrip("/") + ".stats.json"
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", source, mountpoint, layout_path,
-           stats_path]
+           stats_path, device]
     return slowfs.serving(cmd, mountpoint, stats_path, timeout)
 
 
@@ -246,10 +274,10 @@ def run(cmd, cwd, timeout) -> dict:
             "json": json.loads(out)}
 
 
-def measure(config, device, data, out, args, wt) -> dict:
-    conv = [sys.executable, os.path.join(wt if config == "today" else REPO,
-                                         "preprocess_sequential.py")]
+def measure(config, device, data, out, args, wt, prev_wt=None) -> dict:
     base, _, ra = config.partition("-ra")  # e.g. disk-ra1: on-disk order, --read-ahead 1
+    tree = {"today": wt, "prev": prev_wt}.get(base, REPO)
+    conv = [sys.executable, os.path.join(tree, "preprocess_sequential.py")]
     src = os.path.join(data, "imagenet.tar" if base == "tar" else "tree")
     extra = ["--read-order", base] if base in ("name",) else []
     if ra:
@@ -262,9 +290,11 @@ def measure(config, device, data, out, args, wt) -> dict:
     # a fresh output folder, outside the timing: --overwrite would otherwise delete the
     # previous run's output inside it (0.4 s for 270 MB here), which no first conversion pays
     shutil.rmtree(out, ignore_errors=True)
+    load1 = round(os.getloadavg()[0], 2)  # other jobs on the machine: rates move with them
     r = run(cmd, REPO, args.timeout)
     train = r["json"]["train"]
     row = {"config": config, "device": device, "images": train["images"],
+           "load1_start": load1, "load1_end": round(os.getloadavg()[0], 2),
            "wall_s": round(r["wall_s"], 2), "img_per_s": round(train["images"] / r["wall_s"], 1),
            "mb_per_s": round(train["bytes"] / 1e6 / r["wall_s"], 1),
            "passes_s": train["seconds"],  # the converter's own time: both passes, no start-up
@@ -299,22 +329,31 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--baseline-commit", default="7ae8970")
+    p.add_argument("--prev-commit", default="01602eb",
+                   help="the converter of the 'prev' configs (default: the last commit whose "
+                        "--read-ahead N kept N reads in flight)")
     p.add_argument("--memory-mb", type=int, default=512,
                    help="the new converter's --memory-mb (default 512: the sort spills several "
                         "runs, as ImageNet does at the default 2000)")
     p.add_argument("--configs", default="today,name,disk,tar")
-    p.add_argument("--devices", default="hdd,cache")
+    p.add_argument("--devices", default="hdd,cache",
+                   help="comma-separated: hdd, hdd-fifo, nfs (emulated, FUSE) and cache")
     p.add_argument("--work", default=os.path.join(REPO, "bench_out", "convert_order"))
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default=os.path.join(HERE, "results", "convert_order.json"))
-    p.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         return serve(*args.serve)
     os.makedirs(args.work, exist_ok=True)
     data = make_data(args.work, args.images)
-    wt = baseline_tree(args.work, args.baseline_commit)
     configs = args.configs.split(",")
+    bases = {c.partition("-ra")[0] for c in configs}
+    wt = baseline_tree(args.work, args.baseline_commit) if "today" in bases else None
+    prev_wt = baseline_tree(args.work, args.prev_commit) if "prev" in bases else None
+    bad = [d for d in args.devices.split(",") if d not in MODELS + ("cache",)]
+    if bad:
+        p.error(f"--devices {args.devices}: unknown {bad}; expected {', '.join(MODELS)}, cache")
     load0 = os.getloadavg()
     rows = []
     for device in args.devices.split(","):
@@ -326,34 +365,36 @@ def main(argv=None) -> int:
                         with open(os.path.join(d, f), "rb") as fh:
                             while fh.read(1 << 20):
                                 pass
-                row = measure(config, device, data, out, args, wt)
+                row = measure(config, device, data, out, args, wt, prev_wt)
             else:
                 reason = slowfs.fuse_unavailable_reason()
                 if reason:
-                    print(f"skip hdd: {reason}", file=sys.stderr)
+                    print(f"skip {device}: {reason}", file=sys.stderr)
                     break
                 lay = os.path.join(args.work, "layout.json")
                 with open(lay, "w") as f:
                     json.dump(layout(data), f)
                 mnt = os.path.join(args.work, "mnt")
-                with mounted(data, mnt, lay) as stats:
+                with mounted(data, mnt, lay, device) as stats:
                     emu0 = _emulator_cpu()
-                    row = measure(config, device, mnt, out, args, wt)
+                    row = measure(config, device, mnt, out, args, wt, prev_wt)
                     # the emulator's CPU shares the cores with the converter (a kernel serving
                     # a real disk costs a few microseconds per file)
                     row["cpu_emulator_us_per_img"] = round(
                         (_emulator_cpu() - emu0) / row["images"] * 1e6)
-                row.update(seeks=stats.get("seeks"), requests=stats.get("requests"),
-                           device_mb=round(stats.get("bytes", 0) / 1e6, 1),
-                           device_busy_s=round(stats.get("busy_s", 0), 2),
-                           # what the emulated disk allows: images / its busy time
-                           disk_bound_img_per_s=round(row["images"] / max(
-                               stats.get("busy_s", 0), 1e-9), 1))
+                row.update(seeks=stats.get("seeks", "-"), requests=stats.get("requests"),
+                           opens=stats.get("opens", "-"),
+                           device_mb=round(stats.get("bytes", 0) / 1e6, 1))
+                if "busy_s" in stats:  # the HDD models: what the disk allows, images / busy time
+                    row.update(device_busy_s=round(stats["busy_s"], 2),
+                               disk_bound_img_per_s=round(row["images"] / max(
+                                   stats["busy_s"], 1e-9), 1))
             rows.append(row)
             print(json.dumps(row), flush=True)
     res = {"images": args.images, "workers": args.workers, "cpus": os.cpu_count(),
            "memory_mb": args.memory_mb, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
-           "baseline_commit": args.baseline_commit, "commit": _commit(), "rows": rows,
+           "baseline_commit": args.baseline_commit, "prev_commit": args.prev_commit,
+           "commit": _commit(), "rows": rows,
            "command": "python benchmarks/convert_order.py " + " ".join(argv or sys.argv[1:])}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -369,12 +410,14 @@ def _commit() -> str:
 
 
 def table(rows) -> str:
-    head = ["device", "config", "read order", "img/s", "MB/s", "x today", "seeks",
+    head = ["device", "config", "read order", "img/s", "MB/s", "x today", "x prev", "seeks",
             "CPU us/img", "main/workers/emulator us", "CPU-bound img/s", "disk-bound img/s", "peak PSS MB", "tmp MB",
             "ImageNet h", "pass 1 img/s", "pass 2 img/s", "ImageNet h (passes)"]
     today = {r["device"]: r["img_per_s"] for r in rows if r["config"] == "today"}
+    prev = {r["device"]: r["img_per_s"] for r in rows if r["config"] == "prev"}
     body = [[r["device"], r["config"], r["read_order"], r["img_per_s"], r["mb_per_s"],
              f"{r['img_per_s'] / today[r['device']]:.1f}" if r["device"] in today else "-",
+             f"{r['img_per_s'] / prev[r['device']]:.2f}" if r["device"] in prev else "-",
              r.get("seeks", "-"), r["cpu_us_per_img"],
              f"{r['cpu_main_us_per_img']}/{r['cpu_workers_us_per_img']}/"
              f"{r.get('cpu_emulator_us_per_img', '-')}", r["cpu_bound_img_per_s"],

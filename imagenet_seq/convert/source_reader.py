@@ -8,7 +8,8 @@ The thread stays ahead by at most ``QUEUE_CHUNKS`` chunks of at most ``CHUNK`` i
 ``QUEUE_CHUNKS * CHUNK_BYTES`` (32 MiB) plus the files being read.
 
 Read-ahead (``--read-ahead N``), order-preserving: the reader reads one file at a time, in read
-order, and keeps the NEXT ``N - 1`` files open and handed to the kernel to read ahead
+order, and keeps the file it reads and the NEXT ``N - 1`` files open and handed to the kernel
+to read ahead
 (``posix_fadvise(POSIX_FADV_WILLNEED)``, in read order, each file in pieces of
 ``HINT_PIECE``), at most ``READ_AHEAD_BYTES`` hinted but not yet read. The disk therefore
 never idles during the reader's round trips, yet every request reaches it in read order: the
@@ -182,11 +183,13 @@ class FolderSource:
 
 def _read_in_order(source, items: Sequence[Tuple[int, str, int]],
                    depth: int) -> Iterator[Tuple[Tuple[int, str, int], object]]:
-    """``(item, source.read(rel))`` in the order of ``items``, one read at a time, with the next
-    ``depth - 1`` files (at most ``READ_AHEAD_BYTES`` of them) handed to ``source.hint`` in the
-    same order before each read. A file hinted only in part (the byte bound) stops the window
-    until it is read, so the rest of it, read on demand, still reaches the disk in order.
-    Sources without ``hint`` are read one file at a time."""
+    """``(item, source.read(rel))`` in the order of ``items``, one read at a time. Before the
+    read of item ``i``, items ``i .. i + depth - 1`` (at most ``READ_AHEAD_BYTES`` of them)
+    have been handed to ``source.hint``, in order: item ``i`` itself too when it was not hinted
+    yet (the first, or the one after a window stop), so that its request does not reach the
+    disk after those of the files behind it. A file hinted only in part (the byte bound) stops
+    the window until it is read, so the rest of it, read on demand, still reaches the disk in
+    order. Sources without ``hint`` are read one file at a time."""
     hint = getattr(source, "hint", None) if depth > 1 else None
     window: Deque[tuple] = collections.deque()  # (index, hinted, unhinted, release token)
     ahead = 0  # bytes hinted and not yet read
@@ -194,7 +197,7 @@ def _read_in_order(source, items: Sequence[Tuple[int, str, int]],
     try:
         for i, item in enumerate(items):
             if hint is not None:
-                nxt = max(nxt, i + 1)
+                nxt = max(nxt, i)
                 while (nxt < len(items) and nxt - i < depth and ahead < READ_AHEAD_BYTES
                        and not (window and window[-1][2])):
                     n, rest, token = hint(items[nxt][1], READ_AHEAD_BYTES - ahead)
