@@ -341,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(REPO, "bench_out", "convert_order"))
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default=os.path.join(HERE, "results", "convert_order.json"))
+    p.add_argument("--md", help="also write the table as Markdown here (with the command, "
+                                "commits and load)")
     p.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
@@ -400,7 +402,33 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(table(rows))
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(res))
     return 0
+
+
+def markdown(res) -> str:
+    """The run as a Markdown table: rates, the device's work, CPU, and the load per row."""
+    prev = {r["device"]: r["img_per_s"] for r in res["rows"] if r["config"] == "prev"}
+    lines = [f"```bash\n{res['command']}\n```", "",
+             f"{res['images']} images, train split, --workers {res['workers']}, "
+             f"--memory-mb {res['memory_mb']}, {res['cpus']} CPUs; commit {res['commit']}, "
+             f"prev = {res['prev_commit']}; load average (1/5/15 min) "
+             f"{'/'.join(f'{x:.1f}' for x in res['load_avg_start'])} at the start, "
+             f"{'/'.join(f'{x:.1f}' for x in res['load_avg_end'])} at the end.", "",
+             "| device | config | img/s | x prev | seeks | requests | disk-bound img/s | "
+             "pass 1 img/s | CPU us/img (main/workers/emulator) | load at start |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in res["rows"]:
+        x = f"{r['img_per_s'] / prev[r['device']]:.2f}" if r["device"] in prev else "-"
+        cpu = (f"{r['cpu_main_us_per_img']}/{r['cpu_workers_us_per_img']}/"
+               f"{r.get('cpu_emulator_us_per_img', '-')}")
+        lines.append(f"| {r['device']} | {r['config']} | {r['img_per_s']} | {x} | "
+                     f"{r.get('seeks', '-')} | {r.get('requests', '-')} | "
+                     f"{r.get('disk_bound_img_per_s', '-')} | {r.get('read_img_per_s', '-')} | "
+                     f"{cpu} | {r.get('load1_start', '-')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _commit() -> str:
