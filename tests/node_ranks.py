@@ -12,10 +12,11 @@ read so far) is written to OUT + '.progress' so a test can wait for every rank t
 """
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
+
+from node_procs import error_entry, write_progress, write_result
 
 
 def main():
@@ -55,8 +56,8 @@ def main():
                             local_world_size=args.local_world_size, seed=args.seed,
                             chunk_size=args.chunk_size, job=args.job, connect_timeout=60, **kw)
     except Exception as e:  # noqa: BLE001 - reported to the test
-        out["error"] = dict(type=type(e).__name__, message=str(e), at=time.time())
-        json.dump(out, open(args.out, "w"))
+        out["error"] = error_entry(e)
+        write_result(args.out, out)
         return 1
     out["reader_pid"] = client.reader_pid
     with open(args.out + ".pid", "w") as f:
@@ -83,8 +84,7 @@ def main():
                     digests.append(hashlib.sha1(data).hexdigest()[:16])
                     done += 1
                     if done % 8 == 0:
-                        with open(args.out + ".progress", "w") as f:
-                            f.write(str(done))
+                        write_progress(args.out, done)
                     if args.sleep:
                         time.sleep(args.sleep)
                     if args.stop_after is not None and done >= args.stop_after:
@@ -93,13 +93,11 @@ def main():
             if not args.forever or args.stop_after is not None and done >= args.stop_after:
                 break
     except Exception as e:  # noqa: BLE001 - reported to the test
-        out["error"] = dict(type=type(e).__name__, message=str(e), at=time.time())
+        out["error"] = error_entry(e)
     time.sleep(args.linger)
     if not args.no_close:
         client.shutdown()
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.replace(args.out + ".tmp", args.out)
+    write_result(args.out, out)
     return 0
 
 

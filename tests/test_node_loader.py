@@ -7,86 +7,24 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from imagenet_seq.data import Loader
 from imagenet_seq.loader import loader as loader_module
-from imagenet_seq.tools.sample import make_sample_imagefolder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RANKS = os.path.join(HERE, "node_loader_ranks.py")
-LIMIT_S = 180  # a rank that takes longer has hung
+import node_procs
+from node_procs import LIMIT_S, finish, launch, sample_lmdb, shm
+from node_procs import wait_gone as gone
+
 pytestmark = pytest.mark.timeout(600)
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-    [os.path.dirname(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                               if p]))
-for _k in ("IMAGENET_SEQ_NODE_READER", "LOCAL_WORLD_SIZE", "GROUP_RANK", "RANK", "WORLD_SIZE"):
-    ENV.pop(_k, None)
 N_TRAIN = 150  # 150 % 4: a tail
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("node_loader_src")
-    make_sample_imagefolder(str(root), train_per_class=50, val_per_class=5, num_classes=3,
-                            seed=4, size=(40, 32), quality=80)
-    from imagenet_seq.convert.cli import main
-    out = str(tmp_path_factory.mktemp("node_loader_lmdb"))
-    assert main([str(root), out, "--workers", "0", "--no-progress"]) == 0
-    return out
-
-
-def launch(root, tmp, world, local, tag, args=(), ranks=None, extra=None, per_rank=None):
-    """Ranks as torchrun starts them (its environment), one job key per ``tag``."""
-    procs = {}
-    for r in (range(world) if ranks is None else ranks):
-        out = str(tmp / f"{tag}-r{r}.json")
-        env = dict(ENV, RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(local),
-                   LOCAL_RANK=str(r % local), GROUP_RANK=str(r // local),
-                   TORCHELASTIC_RUN_ID=f"{tag}-{os.getpid()}", **(extra or {}))
-        more = list((per_rank or {}).get(r, ()))
-        with open(out + ".err", "w") as err:
-            procs[r] = (subprocess.Popen([sys.executable, RANKS, root, out] + list(args) + more,
-                                         env=env, stderr=err), out)
-    return procs
-
-
-def finish(procs, timeout=LIMIT_S):
-    results = {}
-    for r, (p, out) in procs.items():
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q, _ in procs.values():
-                q.kill()
-            raise
-        err = open(out + ".err").read()
-        assert os.path.exists(out), f"rank {r} wrote nothing (status {p.returncode}): {err}"
-        results[r] = json.load(open(out))
-        results[r]["stderr"] = err
-    return results
-
-
-def gone(pid, timeout=LIMIT_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except OSError:
-            return
-        assert time.monotonic() < deadline, f"process {pid} still runs"
-        time.sleep(0.05)
-
-
-def shm():
-    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return {n for n in names if "imagenet_seq" in n or n.startswith(("psm_", "wnsm_"))}
+    return sample_lmdb(tmp_path_factory, "node_loader", train_per_class=50, val_per_class=5,
+                       num_classes=3, seed=4, size=(40, 32), quality=80)
 
 
 class Direct:
@@ -179,18 +117,9 @@ def test_mid_epoch_resume_on_the_same_world_size_is_exact(data, tmp_path):
         assert rest == {k: v[2:] for k, v in whole.items()}
 
 
-def wait_progress(outs, batches=2, timeout=LIMIT_S):
+def wait_progress(outs, batches=2):
     """Until every rank has read ``batches`` (so every rank is connected to the reader)."""
-    for out in outs:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if int(open(out + ".progress").read() or 0) >= batches:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert time.monotonic() < deadline, f"{out}: no progress"
-            time.sleep(0.05)
+    node_procs.wait_progress(outs, batches)
 
 
 @pytest.mark.parametrize("victim", [0, 2])

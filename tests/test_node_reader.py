@@ -5,7 +5,6 @@ No timing thresholds: every wait has a limit only so that a hang fails the test.
 """
 import gc
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -24,57 +23,19 @@ from imagenet_seq.read import ring as rings
 from imagenet_seq.read import rendezvous, sweep, wire
 from imagenet_seq.read.node_client import NodeClient, NodeReaderError, enabled
 from imagenet_seq.read.reader import SplitReader
-from imagenet_seq.tools.sample import make_sample_imagefolder
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RANKS = os.path.join(HERE, "node_ranks.py")
-LIMIT_S = 120  # a rank that takes longer has hung
+import node_procs
+from node_procs import (ENV, LIMIT_S, finish, left_behind, our_names, sample_lmdb, shm, start,
+                        state, wait_file, wait_gone)
+
 pytestmark = pytest.mark.timeout(300)
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    [os.path.dirname(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                               if p]))
 
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
     """400 small train records (blocks of the node plan are 32 records: several per rank)."""
-    root = tmp_path_factory.mktemp("node_src")
-    make_sample_imagefolder(str(root), train_per_class=100, val_per_class=9, num_classes=4,
-                            seed=3, size=(64, 48), quality=80)
-    from imagenet_seq.convert.cli import main
-    out = str(tmp_path_factory.mktemp("node_lmdb"))
-    assert main([str(root), out, "--workers", "0", "--no-progress"]) == 0
-    return out
-
-
-def start(root, tmp, world, local, job, ranks=None, args=()):
-    ranks = range(world) if ranks is None else ranks
-    procs = {}
-    for r in ranks:
-        out = str(tmp / f"{job}-r{r}.json")
-        with open(out + ".err", "w") as err:  # a file: the reader a rank starts inherits it
-            procs[r] = (subprocess.Popen(
-                [sys.executable, RANKS, root, out, "--rank", str(r), "--world-size",
-                 str(world), "--local-world-size", str(local), "--job", job] + list(args),
-                env=ENV, stderr=err), out)
-    return procs
-
-
-def finish(procs, timeout=LIMIT_S):
-    """Wait for every rank; returns {rank: its JSON}."""
-    results = {}
-    for r, (p, out) in procs.items():
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q, _ in procs.values():
-                q.kill()
-            raise
-        err = open(out + ".err").read()
-        assert os.path.exists(out), f"rank {r} wrote nothing (status {p.returncode}): {err}"
-        results[r] = json.load(open(out))
-        results[r]["stderr"] = err
-    return results
+    return sample_lmdb(tmp_path_factory, "node", train_per_class=100, val_per_class=9,
+                       num_classes=4, seed=3, size=(64, 48), quality=80)
 
 
 def direct(root, mode, rank, world, local, epoch, position=0, chunk=None):
@@ -88,66 +49,8 @@ def direct(root, mode, rank, world, local, epoch, position=0, chunk=None):
                 digests=[hashlib.sha1(b).hexdigest()[:16] for _, b, _ in items])
 
 
-def state(pid):
-    """A process's state letter ('R', 'S', 'Z', ...), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
-def wait_gone(pid, timeout=LIMIT_S):
-    deadline = time.monotonic() + timeout
-    while state(pid) not in (None, "Z"):  # gone, or ended and not yet reaped by its parent
-        assert time.monotonic() < deadline, f"process {pid} still runs"
-        time.sleep(0.05)
-
-
-def left_behind(names, dev_shm, timeout=LIMIT_S):
-    """What is still there, of reader socket names and /dev/shm entries, that was not before
-    (waits: an exiting process's last thread may still be closing its files)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        extra = (our_names() - names) | (shm() - dev_shm)
-        if not extra or time.monotonic() > deadline:
-            return extra
-        time.sleep(0.05)
-
-
-def our_names():
-    """Abstract socket names of node readers (and their start rights) now bound."""
-    with open("/proc/net/unix") as f:
-        return {line.split()[-1] for line in f if "@imagenet_seq/" in line}
-
-
-def shm():
-    """/dev/shm entries a reader could have made (named segments: ours, or Python's
-    ``shared_memory``); other processes on a shared machine make their own, not counted."""
-    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
-    return {n for n in names if "imagenet_seq" in n or n.startswith(("psm_", "wnsm_"))}
-
-
-def wait_file(path, timeout=LIMIT_S):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-    time.sleep(0.05)
-    return open(path).read()
-
-
-def wait_progress(outs, records=8, timeout=LIMIT_S):
-    for out in outs:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if int(open(out + ".progress").read() or 0) >= records:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert time.monotonic() < deadline, f"{out}: no progress"
-            time.sleep(0.05)
+def wait_progress(outs, records=8):
+    node_procs.wait_progress(outs, records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,13 +98,8 @@ def test_a_slow_rank_gets_its_records_and_so_do_the_others(many, tmp_path):
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
     """100 train records of tens of KB: whole-record sends fill a socket's buffer."""
-    root = tmp_path_factory.mktemp("node_large_src")
-    make_sample_imagefolder(str(root), train_per_class=25, val_per_class=2, num_classes=4,
-                            seed=5, size=(320, 240), quality=95)
-    from imagenet_seq.convert.cli import main
-    out = str(tmp_path_factory.mktemp("node_large_lmdb"))
-    assert main([str(root), out, "--workers", "0", "--no-progress"]) == 0
-    return out
+    return sample_lmdb(tmp_path_factory, "node_large", train_per_class=25, val_per_class=2,
+                       num_classes=4, seed=5, size=(320, 240), quality=95)
 
 
 @pytest.mark.parametrize("data,stop_after,ring,linger", [

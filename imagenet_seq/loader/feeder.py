@@ -24,6 +24,7 @@ from imagenet_seq.loader.batcher import Batcher
 from imagenet_seq.loader.config import Current, Settings
 from imagenet_seq.plan.shuffle import ShuffleBuffer
 from imagenet_seq.plan.stage import Plan
+from imagenet_seq.read import node_fault
 from imagenet_seq.read.stage import Item, read, read_records
 
 __all__ = ["record_stream", "record_batches", "Segment", "Feeder", "shutdown"]
@@ -157,6 +158,8 @@ class Feeder:
         """Raise instead of waiting for (global) batch ``index`` when it will never come."""
         path = self.settings.data.path
         error = self.error if index >= self.error_at else None
+        if error is not None:  # the loop takes it: a node reader's fault ends no process now
+            node_fault.taken(error)
         if isinstance(error, (fmt.DamagedFile, fmt.RecordError)):
             raise error  # names the file, the record and the fix already
         if isinstance(error, lmdb.Error):  # a page LMDB found damaged

@@ -16,7 +16,10 @@ Finding the reader (and starting it): :mod:`.rendezvous`.
 
 Faults: the reader's ``FAIL`` (another rank died, a damaged record) or its socket closing (the
 reader died) is raised by the next ``read_spans`` step -- within ``POLL_S`` while a read is in
-progress -- and passed to ``on_fault`` at once from the client's receiving thread.
+progress -- and, at once from the client's receiving thread, written to stderr and passed to
+``on_fault``; a process whose training loop does not take the error within the grace period
+(``IMAGENET_SEQ_FAULT_GRACE_S``, a loop blocked in a collective) ends itself
+(:mod:`.node_fault`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets as offsets_index
 from imagenet_seq.plan import node as node_plan
 from imagenet_seq.plan.order import DEFAULT_CHUNK_RECORDS
-from imagenet_seq.read import rendezvous
+from imagenet_seq.read import node_fault, rendezvous
 from imagenet_seq.read import ring as rings
 from imagenet_seq.read import sweep, wire
 from imagenet_seq.read.rendezvous import CONNECT_TIMEOUT_S, enabled, job_key
@@ -70,9 +73,9 @@ class _Link:
     this, not the client, so a client nobody uses any more is collected (and says goodbye)."""
 
     def __init__(self, sock: socket.socket, reader_pid: int, who: str, path: str,
-                 on_fault: Optional[Callable[[BaseException], None]]):
+                 on_fault: Optional[Callable[[BaseException], None]], grace: Optional[float]):
         self.sock, self.reader_pid, self.who, self.path = sock, reader_pid, who, path
-        self.on_fault = on_fault
+        self.on_fault, self.grace = on_fault, grace
         self.error: Optional[BaseException] = None
         self.closed = False
         self.queue: "queue.Queue" = queue.Queue()
@@ -98,8 +101,10 @@ class _Link:
                     f"word ({type(e).__name__}: killed?); {self.who} cannot read on")
         finally:
             self.queue.put(None)
-        if self.error is not None and self.on_fault is not None and not self.closed:
-            self.on_fault(self.error)
+        if self.error is not None and not self.closed:
+            node_fault.fault(self.error, f"{self.who}, pid {os.getpid()}", self.grace)
+            if self.on_fault is not None:
+                self.on_fault(self.error)
 
     def next(self, stop: Optional[threading.Event], before_wait: Callable[[], None]):
         """The next message, or None once ``stop`` is set; raises the reader's error."""
@@ -179,8 +184,13 @@ class NodeClient:
         job: the job key (default :func:`job_key`); ranks of one job must agree on it.
         ring_bytes: this rank's ring (the node holds ``local_world_size`` of them).
         on_fault: called with the error, from the receiving thread, when the reader reports a
-            failure or dies (e.g. to stop a step blocked in a collective).
+            failure or dies (after the line on stderr; :mod:`.node_fault` ends the process if
+            the training loop does not take the error in time).
         connect_timeout: seconds to wait for the reader to listen.
+
+    Raises:
+        ValueError: no offsets index in the file, a layout that is not torchrun's, or a bad
+            ``IMAGENET_SEQ_FAULT_GRACE_S``.
     """
 
     def __init__(self, reader, *, rank: int, world_size: int, local_world_size: int,
@@ -196,6 +206,7 @@ class NodeClient:
                 "old preprocess): the node reader needs it; add it with "
                 f"`{offsets_index.rebuild_command(reader.path)}` (writes into the file), or "
                 "read without the node reader: IMAGENET_SEQ_NODE_READER=0")
+        grace = node_fault.grace_s()  # a bad value fails here, not at the first fault
         first = rank - rank % local_world_size
         self.local_ranks = range(first, first + local_world_size)
         node_plan.check_layout(world_size, self.local_ranks)
@@ -218,7 +229,7 @@ class NodeClient:
         sock, self.ring, self.reader_pid, self._proc = rendezvous.connect(
             self.key, hello, start, connect_timeout)
         self._link = _Link(sock, self.reader_pid, f"local rank {self.local} (rank {rank})",
-                           reader.path, on_fault)
+                           reader.path, on_fault, grace)
         _clients.add(self)
 
     # ------------------------------------------------------------------ SplitReader's face
@@ -241,7 +252,7 @@ class NodeClient:
         node reader for node-plan spans, directly otherwise. Starting a read supersedes the
         one before (a Loader reads one pass at a time)."""
         if isinstance(spans, node_plan.EpochSpans):
-            return self._read_node(spans, stop)
+            return self._taking(self._read_node(spans, stop))
         return self.split_reader.read_spans(spans, stop)
 
     def close(self) -> None:
@@ -264,6 +275,16 @@ class NodeClient:
             link.close()
 
     # ------------------------------------------------------------------------------ read
+    @staticmethod
+    def _taking(items: Iterator[Item]) -> Iterator[Item]:
+        """``items``; an error leaving them in the training loop's own thread is taken (the
+        Loader's reading thread hands it on to the loop's next batch, which takes it)."""
+        try:
+            yield from items
+        except Exception as e:
+            node_fault.raised(e)
+            raise
+
     def _pieces(self, spans: node_plan.EpochSpans) -> np.ndarray:
         a = self.plan_args
         plan = node_plan.node_plan(a["num_records"], a["mode"], seed=a["seed"],
