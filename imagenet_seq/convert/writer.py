@@ -392,6 +392,7 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     try:
         if j == layout.count:  # every shard finished, killed before the manifest
             rows, res.skipped, res.manifest = sh.finish_split(layout, None)
+            shutil.rmtree(run_dir, ignore_errors=True)
             res.shards, res.resumed_at = rows, len(plan)
             res.written, res.bytes = sum(r["records"] for r in rows), sum(
                 r["bytes"] for r in rows)

@@ -32,6 +32,15 @@ def _compare(report: SplitReport, shard: SplitReport, row: dict, j: int, doc: di
              path: str, folder: str) -> None:
     """The shard against its manifest row: problems go to the manifest's ``report``."""
     key = f"shard {j}"
+    size = os.path.getsize(path)
+    if row["file_bytes"] and size != row["file_bytes"]:
+        report.add(key, f"{path}: file size {size}, the manifest recorded {row['file_bytes']} "
+                        f"(an interrupted copy, or a changed file); {_fix(doc, folder)}")
+    if not shard.ok:
+        report.add(key, f"{path}: {shard.problem_count} damaged record(s) or metadata (listed "
+                        f"under it below); {_fix(doc, folder)}")
+        if shard.shard is None:
+            return  # its metadata could not be read: said under it
     want = {"index": j, "count": len(doc["shards"]), "first": int(row["first"]),
             "split_id": doc["split_id"]}
     got = shard.shard
@@ -40,17 +49,12 @@ def _compare(report: SplitReport, shard: SplitReport, row: dict, j: int, doc: di
                         f"{got or 'it is not a shard'}, the manifest expects {want} (a shard of "
                         f"another conversion, or put in the wrong place); {_fix(doc, folder)}")
         return
-    size = os.path.getsize(path)
     for what, have, recorded in (("records", shard.records, row["records"]),
-                                 ("file size", size, row["file_bytes"]),
                                  ("checksum of __crc__ + __labels__", shard.checksum,
                                   row.get("checksum"))):
-        if recorded not in (None, 0, "") and have != recorded:
-            report.add(key, f"{path}: {what} {have}, the manifest recorded {recorded} (an "
-                            f"interrupted copy, or a changed file); {_fix(doc, folder)}")
-    if not shard.ok:
-        report.add(key, f"{path}: {shard.problem_count} damaged record(s) or metadata (listed "
-                        f"under it below); {_fix(doc, folder)}")
+        if recorded is not None and have != recorded:
+            report.add(key, f"{path}: {what} {have}, the manifest recorded {recorded} (a "
+                            f"changed file); {_fix(doc, folder)}")
 
 
 def verify_manifest(path: str, shard_dirs: Sequence[str] = (), decode: bool = False,
