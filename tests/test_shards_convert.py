@@ -295,7 +295,7 @@ def _r(a, b):
 os.replace = _r
 """
 KILL_AFTER_HAND_OVER = """
-import os, signal, imagenet_seq.convert.shards as sh
+import os, signal, imagenet_seq.convert.shard_sink as sh
 _hand = sh.ShardSink.hand_over
 def _h(self, txn):
     _hand(self, txn)

@@ -6,17 +6,17 @@ fill a run buffer that is sorted by plan position and written as one sequential 
 (``sort_runs``) by a thread (:class:`RunWriter`) while reading goes on into the next run; each
 run is fsync'd, then listed in ``__progress__`` with the bitmap of plan positions done (its
 records count only from then on) and the skip records, in one transaction. Pass 2
-(:func:`merge_pass`): the runs merged by position into the LMDB, each commit storing the byte
-offset reached in every run.
+(:func:`merge_pass`): the runs merged by position into the LMDB (or the shards, one after the
+other: ``shard_sink``), each commit storing the byte offset reached in every run. What the two
+need in space is checked beforehand (``space``).
 """
 from __future__ import annotations
 
 import base64
 import json
 import os
-import shutil
 import threading
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
@@ -24,14 +24,12 @@ from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
 from imagenet_seq.malloc import trim
-from imagenet_seq.convert.scan import Scan
-from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
 from imagenet_seq.convert.sort_runs import RunBuffer, merge
 from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
 
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
            "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
-           "fixed_bytes", "buffer_bytes", "pack", "unpack", "estimate", "space_check", "prepare_runs",
+           "fixed_bytes", "buffer_bytes", "pack", "unpack", "prepare_runs",
            "RunWriter", "read_pass", "merge_pass"]
 
 COMMIT_RECORDS = 2000
@@ -84,92 +82,6 @@ def pack(done: np.ndarray) -> str:
 
 def unpack(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
-
-
-def estimate(scan: Scan, plan, ranges) -> Tuple[int, List[int]]:
-    """The split's source bytes, and the estimated bytes of each range of plan positions
-    (``(first, count)``): sources plus record and run headers, what the runs and the output
-    hold of them (re-encoded images and LMDB's pages aside)."""
-    src, per = 0, []
-    for first, n in ranges:
-        s = sum(scan.inode_size(plan[p][0])[1] for p in range(first, first + n))
-        src += s
-        per.append(s + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size))
-    return src, per
-
-
-def space_check(src: int, est: int, state, run_dir: str,
-                outputs: List[Tuple[str, int, Optional[str]]], split: str, images: int,
-                memory: int, workers: int, notice) -> int:
-    """Temporary and output bytes this split still needs, stated, and checked against free
-    space before anything is read; so is the number of runs the memory bound implies.
-
-    ``est``: the runs' estimated size; ``outputs``: ``(folder, bytes still to be written
-    there, what: None for the one .lmdb file, else which shards)``. Everything on one disk
-    (``st_dev``) counts together: an output folder on another disk than the runs is checked
-    first, then the runs' folder with the output on its disk, then each output folder on that
-    disk against its own free space (a quota or subvolume may give it less).
-    Returns ``est``."""
-    tmp = os.path.dirname(run_dir)
-    have = sum(r[2] for r in state.get("runs", []))
-    need_tmp = 0 if state.get("phase") == "merge" else max(0, est - have)
-    tdev, rtmp = os.stat(tmp).st_dev, os.path.realpath(tmp)
-    devs = [os.stat(folder).st_dev for folder, _, _ in outputs]
-    on_dev: dict = {}
-    for dev, (_, need, _) in zip(devs, outputs):
-        on_dev[dev] = on_dev.get(dev, 0) + need
-    same = on_dev.get(tdev, 0)
-    free = shutil.disk_usage(tmp).free
-    frees = [free if os.path.realpath(folder) == rtmp else shutil.disk_usage(folder).free
-             for folder, _, _ in outputs]
-    if notice:
-        notice(f"{split}: {images} images, {src / 1e9:.2f} GB of sources; temporary runs "
-               f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
-               f"{free / 1e9:.1f} GB free there"
-               + "".join(f"; output ~{need / 1e9:.2f} GB in {folder}"
-                         + (f" ({what})" if what else "") + f", {f / 1e9:.1f} GB free there"
-                         for (folder, need, what), dev, f in zip(outputs, devs, frees)
-                         if dev != tdev or what)
-               + f"; buffers <= {memory / 1e9:.2f} GB")
-    try:
-        buf = buffer_bytes(memory, workers, images)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-    runs = -(-int(est * 1.1) // buf)  # +10%: re-encoded images
-    if runs > MAX_RUNS:
-        raise ConversionError(
-            f"{split}: about {est / 1e9:.1f} GB in runs of "
-            f"{buf / 1e9:.2f} GB makes ~{runs} runs, more than the "
-            f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
-            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, images)) // 1_000_000 + 1}"
-            " or more")
-    for (folder, need, what), dev, f in zip(outputs, devs, frees):
-        if dev != tdev and on_dev[dev] > f:  # an output disk without the runs: first
-            raise ConversionError(
-                f"too little space for the output of {split}: about "
-                f"{on_dev[dev] / 1e9:.2f} GB needed in {folder} ({what or 'the .lmdb file'}"
-                + ("" if on_dev[dev] == need else " and the output folders on the same disk")
-                + f"; the sorted runs go to {tmp}), {f / 1e9:.2f} GB free; free space there "
-                "or pass an output folder on a disk with room, then run again (--resume "
-                "continues an interrupted run)")
-    need = need_tmp + same
-    if need > free:
-        raise ConversionError(
-            f"too little temporary space for {split}: about {need / 1e9:.2f} GB needed in "
-            f"{tmp} (sorted runs {need_tmp / 1e9:.2f} GB"
-            + (f" + the output {same / 1e9:.2f} GB on the same disk" if same else "")
-            + f"), {free / 1e9:.2f} GB free; free space there or pass --tmp DIR on a disk "
-            "with room, then run again (--resume continues an interrupted run)")
-    for (folder, need_f, what), dev, f in zip(outputs, devs, frees):
-        if dev == tdev and os.path.realpath(folder) != rtmp and need > f:
-            raise ConversionError(
-                f"too little space for the output of {split}: about {need / 1e9:.2f} GB "
-                f"needed on the disk of {folder} ({what or 'the .lmdb file'} "
-                f"{need_f / 1e9:.2f} GB, with the sorted runs in {tmp} and the other output "
-                f"on that disk), {f / 1e9:.2f} GB free there; free space there or leave the "
-                "folder out (--shard-dirs), then run again (--resume continues an "
-                "interrupted run)")
-    return est
 
 
 def prepare_runs(run_dir: str, state: dict, partial: str) -> None:

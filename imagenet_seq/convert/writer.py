@@ -34,10 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -45,12 +43,13 @@ import numpy as np
 
 from imagenet_seq import format as fmt
 from imagenet_seq.format import manifest as mf
-from imagenet_seq.format import offsets
 from imagenet_seq.convert.passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
-                             ConversionError, estimate, merge_pass, pack, prepare_runs,
-                             read_pass, space_check, unpack)
+                             ConversionError, merge_pass, prepare_runs, read_pass, unpack)
 from imagenet_seq.convert import shards as sh
-from imagenet_seq.format.convlock import ABANDONED, Busy, ConversionLock
+from imagenet_seq.convert.resume import existing, fresh_state, open_partial, resume_point
+from imagenet_seq.convert.shard_sink import ShardSink, finish_split, skips
+from imagenet_seq.convert.space import estimate, outputs, space_check
+from imagenet_seq.format.convlock import Busy, ConversionLock
 from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
 from imagenet_seq.convert.scan import Scan
@@ -123,16 +122,7 @@ def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) 
 def _committed_skips(env):
     """The skip records of an open environment, in the order they were met."""
     with env.begin() as txn:
-        return [d for _, d in sh.skips(txn)]
-
-
-def _open(path: str, way_out: str, **kw):
-    """``fmt.open_env``, whose size check refuses a file shorter than its LMDB header says
-    (LMDB would SIGBUS on it), as a ConversionError the CLI prints with ``way_out``."""
-    try:
-        return fmt.open_env(path, **kw)
-    except DamagedFile as e:
-        raise ConversionError(f"{e}. {way_out}") from None
+        return [d for _, d in skips(txn)]
 
 
 def _complete(layout: sh.Layout, res: Result, shard_dirs) -> Result:
@@ -142,7 +132,7 @@ def _complete(layout: sh.Layout, res: Result, shard_dirs) -> Result:
         split = mf.open_split(root, layout.split, shard_dirs)
         layout = sh.Layout(layout.split, len(split.shards), tuple(
             os.path.dirname(p) for p in split.paths), layout.ranges)  # where they are now
-        rows, res.skipped, _ = sh.finish_split(layout, split.totals.get("split_id"), False)
+        rows, res.skipped, _ = finish_split(layout, split.totals.get("split_id"), False)
     except (DamagedFile, ValueError, OSError, ConversionError) as e:
         raise ConversionError(f"{e} (found by --resume, which keeps finished files; pass "
                               "--overwrite to convert it again)") from None
@@ -191,12 +181,6 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             lock.release()
 
 
-def _adopt_runs(old: str, run_dir: str) -> bool:
-    """Whether the runs recorded at ``old`` were moved to ``run_dir`` (the output folder, or
-    --tmp, moved as a whole): they are used there; ``prepare_runs`` checks every size."""
-    return old != run_dir and os.path.isdir(run_dir) and not os.path.exists(old)
-
-
 def _shard_count(opts: Options, scan: Scan, plan, split: str) -> int:
     if opts.shards is not None:
         if not 1 <= opts.shards <= max(1, len(plan)):
@@ -212,152 +196,6 @@ def _shard_count(opts: Options, scan: Scan, plan, split: str) -> int:
         except ValueError as e:
             raise ConversionError(str(e)) from None
     return 1
-
-
-def _existing(layout: sh.Layout, run_dir: str, overwrite: bool, resume: bool) -> bool:
-    """What earlier conversions left of this split: another layout's files are refused (or,
-    with ``overwrite``, deleted); this layout's are kept for ``resume``, refused or deleted
-    (a one-file split stays until its replacement is renamed over it, as it always did).
-    Returns whether the split is complete here."""
-    own = layout.own(run_dir)
-    found = sh.split_files(layout)
-    foreign = [p for p in found if os.path.realpath(p) not in own]
-    if foreign:
-        if not overwrite:
-            raise ConversionError(sh.foreign_error(layout, foreign))
-        sh.remove_files(foreign)
-    done = layout.final(0) if layout.count == 1 else layout.manifest
-    if os.path.exists(done):
-        if resume and not overwrite:
-            return True
-        if not overwrite:
-            raise ConversionError(f"{done} already exists; pass --overwrite to replace it "
-                                  "(or --resume to keep it and finish the other splits)")
-    if resume:
-        return False
-    mine = [p for p in found if p not in foreign]  # this layout's, where it puts them
-    unfinished = [p for p in mine if p.endswith(".partial")
-                  or layout.count > 1 and p.endswith(".lmdb")]
-    if unfinished and not overwrite:
-        raise ConversionError(f"{unfinished[0]} is an unfinished conversion; {ABANDONED}. "
-                              "Pass --resume to continue it or --overwrite to start over")
-    one = os.path.realpath(layout.final(0)) if layout.count == 1 else None
-    sh.remove_files([p for p in mine if os.path.realpath(p) != one] + [run_dir])
-    return False
-
-
-def _fresh_state(fp: str, layout: sh.Layout, run_dir: str, images: int, classes: int) -> dict:
-    return {"fingerprint": fp, "phase": "read", "run_dir": run_dir, "runs": [],
-            "done": pack(np.zeros(images, bool)), "written": 0, "bytes": 0, "converted": 0,
-            "skipped": 0, "class_counts": [0] * classes, "split_id": uuid.uuid4().hex,
-            "layout": {"count": layout.count, "folders": layout.used_folders},
-            "shard": {"index": 0, "first": 0, "bytes": 0}}
-
-
-def _check_state(state: dict, j: int, partial: str, fp: str, layout: sh.Layout,
-                 run_dir: str) -> dict:
-    """A resumed progress record: the same inputs, options and layout, its runs found."""
-    if state.get("fingerprint") != fp:
-        raise ConversionError(
-            f"{partial} was started with other inputs or options (file list, seed, "
-            "--max-size or --quality differ); run with the same ones, or pass "
-            "--overwrite to start over")
-    if "phase" not in state:
-        raise ConversionError(
-            f"{partial} was started by an older version of the converter (one "
-            "pass, no sorted runs); pass --overwrite to start over")
-    # a one-file .partial of the version before shards: the one file's state
-    state.setdefault("split_id", uuid.uuid4().hex)
-    state.setdefault("shard", {"index": 0, "first": 0, "bytes": 0})
-    layout_now = {"count": layout.count, "folders": layout.used_folders}
-    state.setdefault("layout", layout_now)
-    if state["layout"] != layout_now or state["shard"]["index"] != j:
-        raise ConversionError(
-            f"{partial} was started with {state['layout']['count']} shard(s) over the folders "
-            f"{', '.join(state['layout']['folders'])} ('.' = the output folder); this run "
-            f"writes {layout.count} over {', '.join(layout_now['folders'])}: run with the "
-            "same --shards/--shard-gb and --shard-dirs to continue it, or --overwrite to "
-            "start over")
-    if _adopt_runs(state["run_dir"], run_dir):
-        state["run_dir"] = run_dir  # committed with the next progress record
-    elif state["run_dir"] != run_dir:
-        raise ConversionError(
-            f"{partial} keeps its temporary runs in {state['run_dir']}; pass --tmp "
-            f"{os.path.dirname(state['run_dir'])} to continue it (or move that "
-            f"folder: `mv {shlex.quote(state['run_dir'])} {shlex.quote(run_dir)}`), "
-            "or --overwrite to start over")
-    return state
-
-
-def _resume_point(layout: sh.Layout, scan: Scan, opts: Options, fp: str, run_dir: str):
-    """Where a resumed conversion stands: ``(shard j, its open env, inode, state)``; state
-    None: start afresh at shard 0; j == K: every shard is finished (shards.py: the state is
-    in the lowest-numbered .partial holding a progress record; the finished .partial before
-    it, killed before its rename, is renamed here)."""
-    for j in range(layout.count):
-        partial = layout.partial(j)
-        if not os.path.exists(partial):
-            if os.path.exists(layout.final(j)):
-                continue
-            if j == 0:
-                break
-            raise ConversionError(
-                f"shard {j} of {layout.count} ({layout.name(j)}) is neither finished nor "
-                f"being written in {layout.folder(j)}, though shard {j - 1} is finished: was "
-                "the conversion started with other --shard-dirs, or the file moved? Run with "
-                "the --shard-dirs it was started with, or pass --overwrite to start over")
-        env = _open(partial, f"It is an unfinished conversion: delete {partial} and convert "
-                    "again (or pass --overwrite instead of --resume)", readonly=False,
-                    lock=False)
-        ino = os.stat(partial).st_ino
-        try:
-            with env.begin() as txn:
-                raw = txn.get(fmt.PROGRESS_KEY)
-                if raw is not None:
-                    return j, env, ino, _check_state(json.loads(bytes(raw)), j, partial, fp,
-                                                     layout, run_dir)
-                finished = has_offsets = None
-                if txn.get(fmt.META_KEY) is not None:  # killed just before the rename
-                    finished = fmt.read_metadata(txn, partial)
-                    has_offsets = txn.get(offsets.OFFSETS_KEY) is not None
-                elif txn.stat()["entries"] and txn.get(fmt.record_key(0)) is not None:
-                    raise ConversionError(f"{partial} holds records but no progress record; "
-                                          "pass --overwrite to start over")
-        except BaseException:
-            env.close()
-            raise
-        if finished is None:
-            if j == 0:
-                return 0, env, ino, None  # made, killed before its first commit
-            env.close()
-            raise ConversionError(f"{partial} is empty, but shard {j - 1} is finished: this "
-                                  "conversion's progress record is lost; pass --overwrite to "
-                                  "start over")
-        if finished.classes != scan.classes or finished.options != opts.content():
-            env.close()
-            raise ConversionError(
-                f"{partial} is a finished conversion of other inputs or options (classes, "
-                "seed, --max-size or --quality differ); run with the same ones, or pass "
-                "--overwrite to start over")
-        sh.seal(env, partial, ino, finished.num_records, has_offsets)
-    else:
-        return layout.count, None, None, None
-    return 0, None, None, None
-
-
-def _outputs(layout: sh.Layout, per: List[int], state: dict, j: int):
-    """(folder, bytes still to be written there, which shards) for passes.space_check."""
-    by_folder: dict = {}
-    for i in range(j, layout.count):
-        need = per[i]
-        if i == j and state["phase"] == "merge":
-            need = max(0, need - state["shard"]["bytes"])
-        entry = by_folder.setdefault(layout.folder(i), [0, []])
-        entry[0] += need
-        entry[1].append(str(i))
-    return [(folder, need, None if layout.count == 1 else
-             f"shard{'s' if len(idx) > 1 else ''} {', '.join(idx)} of {layout.count}")
-            for folder, (need, idx) in by_folder.items()]
 
 
 def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
@@ -378,7 +216,7 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     if opts.tmp is not None:  # a shared scratch folder: one run folder per output file
         run_dir += "-" + hashlib.sha1(os.path.abspath(partial0).encode()).hexdigest()[:8]
     res = Result(split, layout.final(0) if layout.count == 1 else layout.manifest)
-    if _existing(layout, run_dir, overwrite, resume):
+    if existing(layout, run_dir, overwrite, resume):
         return _complete(layout, res, opts.shard_dirs)
 
     fp = fingerprint(plan, scan.classes, opts)
@@ -386,29 +224,30 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     os.makedirs(out_dir, exist_ok=True)
     if opts.tmp is not None and not os.path.isdir(opts.tmp):
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
-    j, env, ino, state = _resume_point(layout, scan, opts, fp, run_dir) if resume else \
+    j, env, ino, state = resume_point(layout, scan.classes, opts.content(), fp, run_dir) \
+        if resume else \
         (0, None, None, None)
     sink = None
     try:
         if j == layout.count:  # every shard finished, killed before the manifest
-            rows, res.skipped, res.manifest = sh.finish_split(layout, None)
+            rows, res.skipped, res.manifest = finish_split(layout, None)
             shutil.rmtree(run_dir, ignore_errors=True)
             res.shards, res.resumed_at = rows, len(plan)
             res.written, res.bytes = sum(r["records"] for r in rows), sum(
                 r["bytes"] for r in rows)
             return res
         if env is None:
-            env = _open(partial0, f"It is an unfinished conversion: delete {partial0} and "
+            env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} and "
                         "convert again (or pass --overwrite instead of --resume)",
                         readonly=False, lock=False)
             ino = os.stat(partial0).st_ino
         if state is None:
-            state = _fresh_state(fp, layout, run_dir, len(plan), len(scan.classes))
+            state = fresh_state(fp, layout, run_dir, len(plan), len(scan.classes))
         res.resumed_at = state["written"] if state["phase"] == "merge" else int(
             unpack(state["done"], len(plan)).sum())
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
         src, per = estimate(scan, plan, layout.ranges)
-        space_check(src, sum(per), state, run_dir, _outputs(layout, per, state, j), split,
+        space_check(src, sum(per), state, run_dir, outputs(layout, per, state, j), split,
                     len(plan), opts.memory, opts.workers, notice)
         prepare_runs(run_dir, state, layout.partial(j))
         t0 = time.perf_counter()
@@ -424,7 +263,7 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
                                   " can be merged at once; pass a larger --memory-mb")
-        sink, env = sh.ShardSink(layout, env, ino, state, plan, scan.classes,
+        sink, env = ShardSink(layout, env, ino, state, plan, scan.classes,
                                  opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
@@ -435,7 +274,7 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
             env.close()
         if sink is not None:
             sink.close()
-    res.shards, res.skipped, res.manifest = sh.finish_split(layout, state["split_id"])
+    res.shards, res.skipped, res.manifest = finish_split(layout, state["split_id"])
     res.runs = len(state["runs"])
     res.tmp_bytes = sum(r[2] for r in state["runs"])
     shutil.rmtree(run_dir, ignore_errors=True)  # after the renames: a kill before keeps them
