@@ -5,6 +5,7 @@ a sharded output, and what ``imagenet-seq-verify`` / ``imagenet-seq-info`` say a
 The one invariant: the shards' records one after the other (label + bytes, in order) are the
 one-file conversion's records, whatever K, the folders, or a kill -9 and ``--resume`` between.
 """
+import errno
 import json
 import os
 import shutil
@@ -230,11 +231,15 @@ def test_shard_dirs_round_robin(tree, one, tmp_path, capsys):
     (["--shards", "3", "--shard-dirs", "{d2},{d2}"], "name each folder once"),
     (["--shard-dirs", "{d2}"], "--shard-dirs needs --shards K or --shard-gb N"),
     (["--shards", "0"], "--shards 0; expected 1 or more"),
+    (["--shards", "2", "--shard-dirs", "{inside}"], "--shard-dirs: the output folder {inside} is "
+                                                    "inside"),
     (["--shard-gb", "0"], "--shard-gb 0.0; expected a size in GB above 0"),
 ])
 def test_bad_shard_options_are_refused_before_anything(extra, msg, tree, tmp_path, capsys):
+    cls = sorted(os.listdir(os.path.join(tree, "train")))[0]
     paths = {"missing": str(tmp_path / "nodisk"), "file": str(tmp_path / "afile"),
-             "out": str(tmp_path / "out"), "d2": str(tmp_path / "d2")}
+             "out": str(tmp_path / "out"), "d2": str(tmp_path / "d2"),
+             "inside": os.path.join(tree, "train", cls)}
     open(paths["file"], "w").close()
     os.makedirs(paths["d2"])
     args = [a.format(**paths) for a in extra]
@@ -382,6 +387,46 @@ def test_kill9_then_resume_gives_the_clean_shards(case, prelude, tree, one, clea
     leftovers = [n for f in (out, d2) for n in os.listdir(f)
                  if n.endswith((".partial", ".runs", "-lock", ".tmp"))]
     assert leftovers == []
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    """test_faults_convert's LD_PRELOAD shim: writes to a path fail after N bytes."""
+    from test_faults_convert import SHIM_C
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler: the write-fault shim cannot be built")
+    d = tmp_path_factory.mktemp("shim")
+    (d / "fault.c").write_text(SHIM_C)
+    r = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "fault.so"),
+                        str(d / "fault.c"), "-ldl"], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"the write-fault shim does not build here: {r.stderr[-300:]}")
+    return str(d / "fault.so")
+
+
+@pytest.mark.timeout(300)
+def test_a_full_shard_disk_is_named_then_resume(tree, one, clean3, shim, tmp_path):
+    """ENOSPC in the writes of shard 1 (in a --shard-dirs folder): the error names that
+    folder as full (not the output folder) and --resume; the resume ends as a clean run."""
+    out, d2 = str(tmp_path / "out"), str(tmp_path / "d2")
+    os.makedirs(d2)
+    args = ["--splits", "train", "--shards", "3", "--shard-dirs", d2]
+    code = ("import sys\n" + SMALL + "from imagenet_seq.convert.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, LD_PRELOAD=shim, FAULT_ERRNO=str(errno.ENOSPC),
+               FAULT_PATH=os.path.join(d2, mf.shard_filename("train", 1, 3)),
+               FAULT_AFTER_BYTES="40000")
+    p = subprocess.run([sys.executable, "-c", code, tree, out, "--workers", "0",
+                        "--no-progress", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=TIMEOUT, env=env)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert f"the disk holding {d2} is full" in p.stderr and "--resume" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert os.path.exists(os.path.join(out, mf.shard_filename("train", 0, 3)))
+    assert convert(tree, out, *args, "--resume") == 0
+    _same_as_clean(out, clean3, one)
 
 
 @pytest.mark.timeout(300)

@@ -127,6 +127,11 @@ def _check(args) -> List[str]:
     why = check_dirs(args.dst, args.shard_dirs)
     if why is not None:
         raise ValueError(why)
+    for d in args.shard_dirs:  # not inside a split's source folder, as the output folder
+        try:
+            check_output(args.src, d, None, [])
+        except ValueError as e:
+            raise ValueError(f"--shard-dirs: {e}") from None
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
     # a file where the output folder goes, a folder where a split's file goes, an output or
@@ -286,7 +291,9 @@ def _convert(args, splits: List[str]) -> int:
                   "--resume to continue", file=sys.stderr)
             return _status(e)
         except (OSError, lmdb.Error) as e:  # disk full, read-only folder, map full
-            print(f"\nerror: {write_failure(e, args.dst)}", file=sys.stderr)
+            # the shard folder the failed write went to (writer.py), else the output folder
+            print(f"\nerror: {write_failure(e, getattr(e, 'folder', None) or args.dst)}",
+                  file=sys.stderr)
             return 1
         finally:
             if bar is not None:

@@ -102,6 +102,7 @@ class ShardSink:
         self.layout, self.env, self.ino, self.state = layout, env, ino, state
         self.plan, self.classes, self.options = plan, classes, options
         self._next: Optional[tuple] = None
+        self.writing = layout.folder(self.index)  # the folder a write goes to now
 
     @property
     def index(self) -> int:
@@ -126,6 +127,7 @@ class ShardSink:
         final transaction (``txn``, still open) deletes its own progress."""
         j = self.index + 1
         path = self.layout.partial(j)
+        self.writing = self.layout.folder(j)
         _remove(path)  # made by a run killed before this shard's end: made again
         os.makedirs(os.path.dirname(path), exist_ok=True)
         env = fmt.open_env(path, readonly=False, lock=False)
@@ -138,6 +140,7 @@ class ShardSink:
                 t2.put(fmt.PROGRESS_KEY, json.dumps(dict(self.state, shard=nxt)).encode())
             env.sync(True)
             self._next = (env, os.stat(path).st_ino, nxt)
+            self.writing = self.layout.folder(self.index)
         except BaseException:
             env.close()
             raise
@@ -185,6 +188,7 @@ class ShardSink:
         if self._next is not None:
             self.env, self.ino, self.state["shard"] = self._next
             self._next = None
+            self.writing = self.layout.folder(self.index)
 
     def close(self) -> None:
         for env in (self.env, self._next[0] if self._next else None):

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+import lmdb
 import numpy as np
 
 from imagenet_seq import format as fmt
@@ -267,7 +268,11 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
                                  opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
-        merge_pass(sink, state, run_dir, opts, progress, start_progress, len(plan))
+        try:
+            merge_pass(sink, state, run_dir, opts, progress, start_progress, len(plan))
+        except (OSError, lmdb.Error) as e:  # a full or failing disk: say which (cli.py)
+            e.folder = sink.writing
+            raise
         res.merge_s, res.merge_cpu_s = time.perf_counter() - t1, time.process_time() - c1
     finally:
         if env is not None:
