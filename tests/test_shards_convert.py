@@ -515,6 +515,20 @@ def test_verify_names_a_missing_and_a_damaged_shard(tree, tmp_path, capsys):
     assert info.main([out, "--shard-dirs", str(tmp_path / "nowhere")]) == 1
     assert "shard 1 of 3 of train" in capsys.readouterr().out
     shutil.move(str(tmp_path / "aside.lmdb"), s1)
+    # a manifest that does not describe its shards: another split id, other byte counts
+    man = os.path.join(out, mf.manifest_filename("train"))
+    good = open(man).read()
+    for change, said in (({"split_id": "another"}, "is not shard 0 of this split"),
+                         ({"bytes": 1}, "bytes of images, the manifest recorded 1")):
+        doc = json.loads(good)
+        doc.update({k: v for k, v in change.items() if k == "split_id"})
+        doc["shards"][0].update({k: v for k, v in change.items() if k == "bytes"})
+        open(man, "w").write(json.dumps(doc))
+        assert verify_main([out, "--no-progress"]) == 1
+        assert said in capsys.readouterr().out
+    open(man, "w").write(good)
+    assert verify_main([out, "--no-progress"]) == 0
+    capsys.readouterr()
     # damaged: one byte of a record's JPEG flipped
     env = fmt.open_env(s2)
     offs, lens = offsets.read(env, 10, s2)

@@ -162,10 +162,10 @@ def foreign_error(layout: Layout, foreign: List[str]) -> str:
     for k in counts:
         hints.append(f"--shards {k} (and the --shard-dirs it was written with)")
     shown = ", ".join(foreign[:6]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 6 else "")
-    return (f"{' and '.join(kinds) or 'files of the ' + layout.split + ' split'} already "
-            f"lie(s) where this run writes {layout.describe()} ({shown}): two {layout.split} "
-            "splits side by side leave readers to guess which is meant. Pass --overwrite to "
-            "replace it (the files named are deleted)"
+    what = " and ".join(kinds) or f"files of another {layout.split} conversion"
+    return (f"{what} is already there ({shown}), and this run writes {layout.describe()}: "
+            f"two {layout.split} splits side by side would leave readers to guess which is "
+            "meant. Pass --overwrite to replace it (its files, in every folder, are deleted)"
             + (f", or run with {' or '.join(hints)} to keep or --resume it" if hints else "")
             + ", or pass another output folder")
 

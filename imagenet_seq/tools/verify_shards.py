@@ -112,6 +112,10 @@ def verify_manifest(path: str, shard_dirs: Sequence[str] = (), decode: bool = Fa
                     meta = fmt.read_metadata(txn, shard_path)
             finally:
                 env.close()
+            if shard.shard is not None and meta.total_bytes != row["bytes"]:
+                report.add(f"shard {j}", f"{shard_path}: {meta.total_bytes} bytes of images, the "
+                                         f"manifest recorded {row['bytes']} (a changed file); "
+                                         f"{_fix(doc, here)}")
             if len(meta.class_counts) == len(counts):
                 counts = [a + b for a, b in zip(counts, meta.class_counts)]
             else:
