@@ -148,6 +148,23 @@ def wait_progress(outs, at_least, timeout=LIMIT_S):
             time.sleep(0.05)
 
 
+class Direct:
+    """A rank's own SplitReader where the node client would be: the per-rank path reading the
+    node plan's spans (the reference the node reader must equal)."""
+
+    def __init__(self, reader):
+        self.split_reader = reader
+
+    def __getattr__(self, name):
+        return getattr(self.split_reader, name)
+
+    def __len__(self):
+        return len(self.split_reader)
+
+    def shutdown(self):
+        self.split_reader.close()
+
+
 # ----------------------------------------------------------------------------- the rank side
 def error_entry(e):
     """How a rank reports an error to the test: type, message, when."""

@@ -14,7 +14,7 @@ from imagenet_seq.data import Loader
 from imagenet_seq.loader import loader as loader_module
 
 import node_procs
-from node_procs import LIMIT_S, finish, launch, sample_lmdb, shm
+from node_procs import LIMIT_S, Direct, finish, launch, sample_lmdb, shm
 from node_procs import wait_gone as gone
 
 pytestmark = pytest.mark.timeout(600)
@@ -25,23 +25,6 @@ N_TRAIN = 150  # 150 % 4: a tail
 def data(tmp_path_factory):
     return sample_lmdb(tmp_path_factory, "node_loader", train_per_class=50, val_per_class=5,
                        num_classes=3, seed=4, size=(40, 32), quality=80)
-
-
-class Direct:
-    """A rank's own SplitReader where the node client would be: the per-rank path reading the
-    node plan's spans (the reference the node reader must equal)."""
-
-    def __init__(self, reader):
-        self.split_reader = reader
-
-    def __getattr__(self, name):
-        return getattr(self.split_reader, name)
-
-    def __len__(self):
-        return len(self.split_reader)
-
-    def shutdown(self):
-        self.split_reader.close()
 
 
 def reference(root, monkeypatch, mode, world, local, rank, epochs, node=True):

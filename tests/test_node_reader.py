@@ -344,9 +344,10 @@ def test_client_reads_plan_spans_through_the_reader_and_others_directly(many):
     wait_gone(pid)
 
 
-def test_two_loaders_of_one_rank_and_on_fault(many):
+def test_two_loaders_of_one_rank_and_on_fault(many, monkeypatch):
     """Two clients of one process (two Loaders of one file) share the reader; killing the
     reader reaches ``on_fault`` at once, from the receiving thread."""
+    monkeypatch.setenv("IMAGENET_SEQ_FAULT_GRACE_S", "off")  # never end pytest's process
     reader = SplitReader(many, "train")
     faults, told = [], threading.Event()
 

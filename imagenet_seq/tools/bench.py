@@ -9,7 +9,11 @@ Measures, each with the files' page cache dropped first (so the disk is measured
   split that fits the buffer is read whole before its first batch), else the steady window
   while records still come from the device, the fill added to each epoch
   (:func:`measure_pipeline`);
-* ``folder`` (``--folder``): random-order reads of the raw ImageFolder's files.
+* ``folder`` (``--folder``): random-order reads of the raw ImageFolder's files;
+* ``--ranks N``: N rank processes of one machine reading raw records with per-rank readers,
+  then with the node reader (:mod:`.bench_ranks`), each from a dropped page cache: which is
+  faster on this disk, by how much (ranks x slowest rank), and how to turn the node reader
+  off (``IMAGENET_SEQ_NODE_READER=0``). The pipeline is not measured then (one rank's Loader).
 
 Then projects each rate to ``--epochs`` epochs of the whole split (record count from the LMDB's
 metadata), says how many images and seconds each figure rests on (a warning when too few), and
@@ -27,12 +31,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from imagenet_seq.format import SPLITS
 from imagenet_seq.read import readahead
 from imagenet_seq.read.evict import evict
+from imagenet_seq.tools import bench_ranks
+from imagenet_seq.tools.bench_measure import (MAX_EPOCHS, MIN_IMAGES, MIN_SECONDS, BenchError,
+                                              Measurement, progress_bar, tick)
 from imagenet_seq.tools.bench_report import format_table, judge_limit, write_plot
 from imagenet_seq.tools.info import summary_line
 
@@ -40,89 +46,11 @@ __all__ = ["MIN_IMAGES", "MIN_SECONDS", "MAX_EPOCHS", "BenchError",
            "Measurement", "measure_stream", "measure_pipeline", "list_images", "measure_folder",
            "build_parser", "open_split", "run", "main"]
 
-# a figure resting on less than this is flagged as rough
-MIN_IMAGES = 1000
-MIN_SECONDS = 3.0
-MAX_EPOCHS = 50  # whole-epoch measurements of a tiny split stop here
-
-
-class BenchError(ValueError):
-    """Bad input: the message names the value and what to do."""
-
-
-@dataclass
-class Measurement:
-    """What one measurement saw: ``images`` in ``seconds`` is the figure's basis.
-
-    ``fill_s``: time before those seconds in which records were read from the device but no
-    image was delivered (the Loader's shuffle buffer filling); the projection adds it to every
-    epoch. ``method`` says how the figure was taken (see :func:`measure_pipeline`).
-    """
-
-    name: str
-    images: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    startup_s: float = 0.0
-    fill_s: float = 0.0
-    evicted: bool = False
-    note: str = ""
-    interrupted: bool = False
-    method: str = ""
-    passes: int = 0
-    # the pipeline's images after each epoch's first batch while records still came from the
-    # device (the steady windows), summed over the epochs measured
-    steady_images: int = 0
-    steady_s: float = 0.0
-    buffer_records: int = 0
-    fits_buffer: bool = False  # the split fits the shuffle buffer: reads and decode never overlap
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    def projection(self, records: int, epochs: int) -> Dict[str, Any]:
-        """images/s, MB/s, seconds per epoch and hours for ``epochs`` epochs of ``records``,
-        with what the figure rests on (``images`` in ``seconds``, after ``fill_s``).
-
-        An epoch = ``fill_s`` + ``records`` at the measured rate; images/s and MB/s are the
-        epoch's (with a fill, below the rate measured after it)."""
-        measured = self.images_per_s
-        epoch_s = self.fill_s + records / measured if measured > 0 else float("inf")
-        rate = records / epoch_s if measured > 0 else 0.0
-        mb = rate * self.bytes / self.images / 1e6 if self.images else 0.0
-        return {"images_per_s": rate, "mb_per_s": mb, "epoch_s": epoch_s,
-                "hours": epoch_s * epochs / 3600.0, "images": self.images,
-                "seconds": self.seconds, "startup_s": self.startup_s, "fill_s": self.fill_s,
-                "method": self.method, "passes": self.passes,
-                "page_cache_evicted": self.evicted, "interrupted": self.interrupted}
-
-    def too_little(self) -> str:
-        """Why this figure is rough ('' when it rests on enough)."""
-        if self.images >= MIN_IMAGES and self.seconds >= MIN_SECONDS:
-            return ""
-        return (f"the {self.name} figure rests on only {self.images:,} images in "
-                f"{self.seconds:.2f} s (want >= {MIN_IMAGES:,} images and >= {MIN_SECONDS:g} s): "
-                "treat it as rough; a larger split or a longer --seconds gives a firmer one")
-
-
-def _progress(desc: str, seconds: float, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=round(seconds, 1), desc=desc, unit="s", disable=not enabled,
-                bar_format="{desc}: {bar} {n:.0f}/{total:.0f} s {postfix}", leave=False)
-
-
-def _tick(bar, t0: float, m: Measurement) -> None:
-    bar.n = round(min(time.monotonic() - t0, bar.total), 1)
-    bar.set_postfix_str(f"{m.images} images", refresh=True)
-
-
 def measure_stream(reader, seconds: float, progress: bool = True) -> Measurement:
     """Stream records from the start of the file for ``seconds``: a file read in less starts
     again, its page cache dropped before each pass (so every pass reads the device)."""
     m = Measurement("stream")
-    bar = _progress("raw stream", seconds, progress)
+    bar = progress_bar("raw stream", seconds, progress)
     spent = 0.0
     try:
         while spent < seconds:
@@ -134,7 +62,7 @@ def measure_stream(reader, seconds: float, progress: bool = True) -> Measurement
                     m.images += 1
                     m.bytes += len(jpeg)
                     if m.images % 64 == 0:
-                        _tick(bar, t0 - spent, m)
+                        tick(bar, t0 - spent, m)
                         if spent + time.monotonic() - t0 >= seconds:
                             break
             finally:
@@ -180,7 +108,7 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
     device_end = (settings.order.records - m.buffer_records
                   - settings.runtime.prefetch * batch_size - ahead)
     m.fits_buffer = device_end <= batch_size  # not one batch while the reader still reads
-    bar = _progress("full pipeline", seconds, progress)
+    bar = progress_bar("full pipeline", seconds, progress)
     epochs: List[Tuple[int, float]] = []
     try:
         while not epochs or (sum(t for _, t in epochs) + epochs[-1][1] <= seconds
@@ -200,7 +128,7 @@ def measure_pipeline(root: str, split: str, batch_size: int, workers: int, secon
                     steady = after
                 if not epochs:
                     m.images = delivered
-                    _tick(bar, first, m)
+                    tick(bar, first, m)
                     if now - first >= seconds:
                         break
             else:
@@ -284,7 +212,7 @@ def measure_folder(files: List[str], seconds: float, workers: int, seed: int = 0
         finally:
             os.close(fd)
 
-    bar = _progress("folder files", seconds, progress)
+    bar = progress_bar("folder files", seconds, progress)
     t0 = time.monotonic()
     pool = ThreadPoolExecutor(max(1, workers))
     try:
@@ -298,7 +226,7 @@ def measure_folder(files: List[str], seconds: float, workers: int, seed: int = 0
                 pending.append(pool.submit(read, order[nxt]))
                 nxt += 1
             if m.images % 16 == 0:
-                _tick(bar, t0, m)
+                tick(bar, t0, m)
     except KeyboardInterrupt:
         m.interrupted = True
     finally:
@@ -329,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Loader's shuffle buffer in records (default: the Loader's, 2 GiB "
                         "/ mean record); a split that fits the buffer never overlaps reading "
                         "and decoding: a smaller buffer shows which stage limits")
+    p.add_argument("--ranks", type=int,
+                   help="N ranks on this machine: compare per-rank readers with the node reader "
+                        "(raw records, N processes; the pipeline is not measured)")
     p.add_argument("--skip-pipeline", action="store_true", help="measure raw streaming only")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -344,6 +275,9 @@ def _check(args: argparse.Namespace) -> None:
         raise BenchError(f"--workers={args.workers}; expected >= 0")
     if args.buffer_size is not None and args.buffer_size < 0:
         raise BenchError(f"--buffer-size={args.buffer_size}; expected >= 0 records")
+    if args.ranks is not None and args.ranks < 2:
+        raise BenchError(f"--ranks={args.ranks}; expected >= 2 ranks on this machine (one "
+                         "rank has nothing to share: run without --ranks)")
 
 
 def open_split(root: str, split: str):
@@ -382,7 +316,15 @@ def run(args: argparse.Namespace) -> Dict:
         measured.append(s)
         mean = total / records if total else (s.bytes / s.images if s.images else 0.0)
         result["mean_record_kb"] = mean / 1e3
-        if not s.interrupted and not args.skip_pipeline:
+        if args.ranks and not s.interrupted:
+            result["notes"].append("pipeline: not measured with --ranks (run without it for "
+                                   "the one-rank Loader's projection)")
+            result["ranks"] = bench_ranks.compare(
+                args.lmdb, args.split, args.ranks, args.seconds,
+                bench_ranks.warmup_for(args.seconds), records=records, epochs=args.epochs,
+                node_ok=None if indexed else _node_needs_index(reader.path),
+                evict_path=reader.path)
+        elif not s.interrupted and not args.skip_pipeline:
             try:
                 measured.append(measure_pipeline(args.lmdb, args.split, args.batch_size,
                                                  args.workers, args.seconds, mean, reader.path,
@@ -406,7 +348,9 @@ def run(args: argparse.Namespace) -> Dict:
         result["interrupted"] = result.get("interrupted", False) or m.interrupted
         if m.too_little():
             result["warnings"].append(m.too_little())
-    result["page_cache_evicted"] = bool(measured) and all(m.evicted for m in measured)
+    rows = result.get("ranks", {}).get("rows", {}).values()
+    result["page_cache_evicted"] = bool(measured) and all(m.evicted for m in measured) and \
+        all(r.get("page_cache_evicted", True) for r in rows)
     pipe = next((m for m in measured if m.name == "pipeline"), None)
     if pipe is not None and "stream" in result and result["stream"]["images_per_s"] > 0:
         judge_limit(result, pipe, records, args.batch_size)
@@ -414,6 +358,13 @@ def run(args: argparse.Namespace) -> Dict:
         best = result.get("pipeline", result["stream"])
         result["speedup"] = best["images_per_s"] / result["folder"]["images_per_s"]
     return result
+
+
+def _node_needs_index(path: str) -> str:
+    from imagenet_seq.format.offsets import rebuild_command
+
+    return (f"{path} has no offsets index, which the node reader needs; `"
+            f"{rebuild_command(path)}` adds it (writes into the file)")
 
 
 def _finite(obj):

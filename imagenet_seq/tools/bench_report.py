@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
+from imagenet_seq.tools.bench_ranks import HOWS, LABELS, SAME_WITHIN
+
 __all__ = ["DISK_BOUND_FRACTION", "MIN_STEADY_IMAGES", "judge_limit", "format_table", "write_plot"]
 
 # the pipeline counts as disk-bound while it keeps this fraction of the raw stream's rate
@@ -79,11 +81,58 @@ def format_table(result: Dict) -> str:
     if "speedup" in result:
         what = "LMDB pipeline" if "pipeline" in result else "raw LMDB stream"
         lines.append(f"speed-up of the {what} over folders: {result['speedup']:.1f}x")
+    if "ranks" in result:
+        lines.extend(_ranks_lines(result["ranks"]))
     for note in result["notes"]:
         lines.append(f"note: {note}")
     for warning in result.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
+
+
+def _ranks_lines(r: dict) -> List[str]:
+    """The ``--ranks`` section of the bench's table."""
+    n, lines = r["ranks"], [""]
+    lines.append(f"{n} ranks on this machine, raw records (no decode), each row from a dropped "
+                 f"page cache, {r['seconds']:g} s counted after a {r['warmup']:g} s warm-up:")
+    lines.append(f"{'readers':<22}{'all ranks MB/s':>15}{'ranks x slowest':>17}{'epoch':>10}"
+                 f"{str(r['epochs']) + ' epochs':>12}  per rank MB/s")
+    lines.append("-" * 90)
+    for how in HOWS:
+        row = r["rows"].get(how)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"{LABELS[how]:<22}failed: {row['error'][-300:]}")
+            continue
+        lines.append(f"{LABELS[how]:<22}{row['mb_per_s']:>15.1f}"
+                     f"{row['ranks_x_slowest_mb_per_s']:>17.1f}{_duration(row['epoch_s']):>10}"
+                     f"{_hours(row['hours']):>12}  "
+                     + " ".join(f"{x:.1f}" for x in row["per_rank_mb_per_s"]))
+    lines.append("(ranks x slowest rank: what a DDP job moves at; epoch and hours at that rate)")
+    if r.get("node_missing"):
+        lines.append(f"node reader: not measured: {r['node_missing']}")
+    off = "IMAGENET_SEQ_NODE_READER=0 (or Loader(node_reader=False)) turns it off"
+    faster = r.get("faster")
+    if faster == "node":
+        lines.append(f"verdict: the node reader is faster here, {r['ratio']:.2f}x per-rank "
+                     f"readers: keep it (on by default under torchrun with {n} ranks per node; "
+                     f"{off})")
+    elif faster == "per-rank":
+        lines.append(f"verdict: per-rank readers are faster here, {r['per_rank_over_node']:.2f}x "
+                     f"the node reader: {off}")
+    elif faster == "same":
+        lines.append(f"verdict: the same within {SAME_WITHIN:.0%} ({r['ratio']:.2f}x): keep the "
+                     f"node reader (less memory and reader CPU than {n} readers; {off})")
+    else:
+        lines.append("verdict: not determined (a row is missing, see above)")
+    kept = [row["note"] for row in r["rows"].values() if row.get("page_cache_evicted") is False]
+    if kept:
+        lines.append(f"note: ranks: {kept[0]}")
+    if r.get("node_reader_env") == "0":
+        lines.append("note: IMAGENET_SEQ_NODE_READER=0 is set here: a Loader in this "
+                     "environment reads with per-rank readers")
+    return lines
 
 
 def _hours(h: float) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, TextIO
@@ -41,9 +42,11 @@ __all__ = ["batch_ids", "distinct_labels_per_batch", "mean_distinct_labels",
 def batch_ids(num_records: int, mode: str = "train", *, batch_size: int, seed: int = 0,
               epoch: int = 0, world_size: int = 1, shuffle: bool = True,
               chunk_size: int = order.DEFAULT_CHUNK_RECORDS, buffer_size: int = 0,
-              drop_last: bool = False) -> np.ndarray:
-    """Global batch id of every record in ``epoch`` (all ranks; ``-1``: not read this epoch)."""
-    plan = Plan(num_records, mode, seed, 0, world_size, shuffle, chunk_size, buffer_size)
+              drop_last: bool = False, node_ranks: int = 0) -> np.ndarray:
+    """Global batch id of every record in ``epoch`` (all ranks; ``-1``: not read this epoch).
+    ``node_ranks``: the node plan of nodes of that many ranks (0: the per-rank plan)."""
+    plan = Plan(num_records, mode, seed, 0, world_size, shuffle, chunk_size, buffer_size,
+                node_ranks)
     return _batch_ids(plan, batch_size, drop_last, epoch)
 
 
@@ -112,6 +115,8 @@ class ShuffleReport:
     mode: str = "train"
     shuffle: bool = True
     epoch: int = 0
+    plan: str = "rank-1"  # the plan's name: rank-1 (per-rank readers) or node-1 (node reader)
+    node_ranks: int = 0  # ranks per node reading through one node reader (node-1)
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -142,7 +147,8 @@ class ShuffleReport:
         lines = [title] if title else []
         lines += [f"{self.num_records:,} records, batch {self.batch_size}, world size "
                   f"{self.world_size}, chunk {self.chunk_size}, buffer {self.buffer_size:,} "
-                  f"records per rank, {self.mode}{'' if self.shuffle else ', file order'}", "",
+                  f"records per rank, {self.mode}{'' if self.shuffle else ', file order'}, "
+                  f"plan {self.plan_text()}", "",
                   f"{'measure':<40}{'this config':>13}{'full shuffle':>14}{'ratio':>9}",
                   "-" * 76,
                   f"{'distinct labels per batch':<40}{self.distinct_labels:>13.2f}"
@@ -152,6 +158,12 @@ class ShuffleReport:
                   f"{_ratio(self.repetition, self.full_shuffle_repetition):>9}",
                   "", "note: " + self.explanation()]
         return "\n".join(lines)
+
+    def plan_text(self) -> str:
+        """Which plan the figures are of, in words."""
+        if self.node_ranks:
+            return f"{self.plan} (one node reader per {self.node_ranks} ranks)"
+        return f"{self.plan} (a reader per rank)"
 
     def __str__(self) -> str:
         return (f"N={self.num_records} batch={self.batch_size} world={self.world_size} "
@@ -165,15 +177,18 @@ class ShuffleReport:
 def shuffle_report(labels: np.ndarray, *, batch_size: int, mode: str = "train", seed: int = 0,
                    epoch: int = 0, world_size: int = 1, shuffle: bool = True,
                    chunk_size: int = order.DEFAULT_CHUNK_RECORDS, buffer_size: int = 0,
-                   drop_last: bool = False) -> ShuffleReport:
+                   drop_last: bool = False, node_ranks: int = 0) -> ShuffleReport:
     """Diversity of epoch ``epoch`` and repetition between ``epoch`` and ``epoch + 1``.
 
     Args:
         labels: label of every record, in file order (``SplitReader.labels``).
+        node_ranks: ranks per node reading through one node reader (the node plan,
+            ``node-1``); 0: a reader per rank (``rank-1``).
         other arguments: as for the Loader (``buffer_size`` in records).
     """
     labels = np.asarray(labels, np.int64)
-    plan = Plan(len(labels), mode, seed, 0, world_size, shuffle, chunk_size, buffer_size)
+    plan = Plan(len(labels), mode, seed, 0, world_size, shuffle, chunk_size, buffer_size,
+                node_ranks)
     return _report(labels, plan, batch_size, drop_last, epoch)
 
 
@@ -189,7 +204,7 @@ def _report(labels: np.ndarray, plan: Plan, batch_size: int, drop_last: bool,
     return ShuffleReport(n, batch_size, plan.world_size, plan.chunk_size, plan.buffer_size, got,
                          ref, got / ref if ref else 1.0, cobatch_repetition(ids_a, ids_b),
                          (min(batch_size, n) - 1) / max(1, n - 1), plan.mode,
-                         bool(plan.shuffle), epoch)
+                         bool(plan.shuffle), epoch, plan.name, plan.node_ranks)
 
 
 def _ratio(a: float, b: float) -> str:
@@ -238,7 +253,8 @@ def write_plot(rep: ShuffleReport, labels: np.ndarray, path: str, seed: int = 0)
 
     ids = batch_ids(rep.num_records, rep.mode, batch_size=rep.batch_size, seed=seed,
                     epoch=rep.epoch, world_size=rep.world_size, shuffle=rep.shuffle,
-                    chunk_size=rep.chunk_size, buffer_size=rep.buffer_size)
+                    chunk_size=rep.chunk_size, buffer_size=rep.buffer_size,
+                    node_ranks=rep.node_ranks)
     per_batch = distinct_labels_per_batch(ids, labels)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110,
                                gridspec_kw={"width_ratios": [2, 1]})
@@ -257,7 +273,7 @@ def write_plot(rep: ShuffleReport, labels: np.ndarray, path: str, seed: int = 0)
     b.set_ylabel("% of co-batched pairs")
     b.set_title(f"co-batch repetition {rep.epoch} -> {rep.epoch + 1}", fontsize=10)
     fig.suptitle(f"{rep.mode}: batch {rep.batch_size}, world {rep.world_size}, chunk "
-                 f"{rep.chunk_size}, buffer {rep.buffer_size:,}", fontsize=10)
+                 f"{rep.chunk_size}, buffer {rep.buffer_size:,}, plan {rep.plan}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -274,8 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="per rank")
     p.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job")
     p.add_argument("--ranks-per-machine", type=int,
-                   help="ranks sharing one machine's default buffer (default: --world-size, "
-                        "at most 8)")
+                   help="ranks on one machine: they share its default buffer and, with the "
+                        "node reader, one reader (default: LOCAL_WORLD_SIZE when set, else "
+                        "--world-size, at most 8)")
+    p.add_argument("--node-reader", choices=("auto", "on", "off"), default="auto",
+                   help="plan as the Loader reading through one reader per machine (the node "
+                        "plan): auto = as the Loader decides (on under torchrun's "
+                        "LOCAL_WORLD_SIZE > 1 unless IMAGENET_SEQ_NODE_READER=0)")
     p.add_argument("--buffer-size", type=int,
                    help="shuffle buffer in records per rank (default: the Loader's, 2 GiB per "
                         "machine / ranks per machine / mean record)")
@@ -306,26 +327,62 @@ def main(argv: Optional[List[str]] = None) -> int:
             mean = mean_record_bytes(reader.meta, reader, len(reader))  # as the Loader's
         finally:
             reader.close()
+        local, node_reader = _node_layout(args)
         # the Loader's order for these arguments: its shuffle, chunk and buffer defaults
         planned = resolve_order(
             len(labels), args.split, mean, batch_size=args.batch_size,
             drop_last=args.drop_last, shuffle=False if args.no_shuffle else None,
-            seed=args.seed, rank=0, world_size=args.world_size,
-            local_world_size=args.ranks_per_machine or min(args.world_size, 8),
-            chunk_size=args.chunk_size, buffer_size=args.buffer_size, buffer_bytes=None)
+            seed=args.seed, rank=0, world_size=args.world_size, local_world_size=local,
+            chunk_size=args.chunk_size, buffer_size=args.buffer_size, buffer_bytes=None,
+            node_reader=node_reader)
         rep = _report(labels, planned.plan, args.batch_size, args.drop_last, args.epoch)
         if args.plot:
             write_plot(rep, labels, args.plot, args.seed)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"imagenet-seq-diagnose: error: {e}", file=sys.stderr)
         return 2
+    plan_note = _plan_note(args, local, node_reader)
     if args.json:
-        print(json.dumps(dict(rep.as_dict(), path=path, note=rep.explanation())))
+        print(json.dumps(dict(rep.as_dict(), path=path, note=rep.explanation(),
+                              plan_note=plan_note)))
     else:
         print(rep.table(f"{path} ({args.split})"))
+        print(f"note: {plan_note}")
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
+
+
+def _node_layout(args: argparse.Namespace):
+    """``(ranks per machine, node reader on)`` as the Loader would resolve them."""
+    from imagenet_seq.read.rendezvous import enabled
+
+    env_local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if args.ranks_per_machine is not None and args.ranks_per_machine < 1:
+        raise ValueError(f"--ranks-per-machine={args.ranks_per_machine}; expected >= 1")
+    local = args.ranks_per_machine or (int(env_local) if env_local.isdigit() and
+                                       int(env_local) > 0 else min(args.world_size, 8))
+    if args.node_reader == "off":
+        return local, False
+    if args.node_reader == "on":
+        if local < 2:
+            raise ValueError(f"--node-reader on with {local} rank per machine: nothing to "
+                             "share; give --ranks-per-machine (>= 2) or --node-reader off")
+        return local, True
+    # the Loader's automatic choice: torchrun's variable, a layout of whole nodes, not turned off
+    return local, bool(env_local) and args.world_size % local == 0 and enabled(local)
+
+
+def _plan_note(args: argparse.Namespace, local: int, node_reader: bool) -> str:
+    if node_reader:
+        return (f"the node plan: ranks of a machine ({local}) read through one node reader, "
+                "as the Loader does under torchrun with several ranks per node; "
+                "--node-reader off (IMAGENET_SEQ_NODE_READER=0) shows the per-rank plan")
+    if args.world_size > 1 and local > 1:
+        return (f"the per-rank plan (a reader per rank); under torchrun with {local} ranks "
+                "per machine the Loader reads the node plan (one reader per machine) unless "
+                "IMAGENET_SEQ_NODE_READER=0: --node-reader on shows it")
+    return "the per-rank plan (a reader per rank)"
 
 
 if __name__ == "__main__":
