@@ -12,7 +12,8 @@ import shutil
 from typing import List, Optional, Tuple
 
 from imagenet_seq import format as fmt
-from imagenet_seq.convert.passes import MAX_RUNS, ConversionError, buffer_bytes, fixed_bytes
+from imagenet_seq.convert import passes  # its MAX_RUNS and buffer_bytes (tests patch them)
+from imagenet_seq.convert.passes import ConversionError
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.shards import Layout
 from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
@@ -66,17 +67,17 @@ def space_check(src: int, est: int, state, run_dir: str,
                          if dev != tdev or what)
                + f"; buffers <= {memory / 1e9:.2f} GB")
     try:
-        buf = buffer_bytes(memory, workers, images)
+        buf = passes.buffer_bytes(memory, workers, images)
     except ValueError as e:
         raise ConversionError(str(e)) from None
     runs = -(-int(est * 1.1) // buf)  # +10%: re-encoded images
-    if runs > MAX_RUNS:
+    if runs > passes.MAX_RUNS:
+        least = (int(est * 1.1) // passes.MAX_RUNS + passes.fixed_bytes(workers, images))
         raise ConversionError(
             f"{split}: about {est / 1e9:.1f} GB in runs of "
             f"{buf / 1e9:.2f} GB makes ~{runs} runs, more than the "
-            f"{MAX_RUNS} one merge reads at once; pass --memory-mb "
-            f"{(int(est * 1.1) // MAX_RUNS + fixed_bytes(workers, images)) // 1_000_000 + 1}"
-            " or more")
+            f"{passes.MAX_RUNS} one merge reads at once; pass --memory-mb "
+            f"{least // 1_000_000 + 1} or more")
     for (folder, need, what), dev, f in zip(outputs, devs, frees):
         if dev != tdev and on_dev[dev] > f:  # an output disk without the runs: first
             raise ConversionError(
@@ -107,7 +108,7 @@ def space_check(src: int, est: int, state, run_dir: str,
 
 
 def outputs(layout: Layout, per: List[int], state: dict, j: int):
-    """(folder, bytes still to be written there, which shards) for passes.space_check."""
+    """(folder, bytes still to be written there, which shards) for :func:`space_check`."""
     by_folder: dict = {}
     for i in range(j, layout.count):
         need = per[i]
