@@ -163,6 +163,42 @@ def test_mid_epoch_resume_over_shards_equals_the_uninterrupted_epoch(sharded):
     assert torch.equal(torch.cat(rest_i), torch.cat(imgs[cut:]))
 
 
+def test_a_state_of_the_one_file_resumes_over_its_shards(sample_lmdb, sharded):
+    """The state's fingerprint is the split's metadata, which the manifest's totals repeat:
+    the same records as shards resume where the one file's run stopped."""
+    ld = Loader(sample_lmdb, "train", **SMALL)
+    ld.set_epoch(1)
+    it = iter(ld)
+    for _ in range(2):
+        next(it)
+    state = ld.state_dict()
+    rest_file = []
+    for _ in it:
+        rest_file.append(np.asarray(ld.last_batch_records))
+    ld.close()
+    again = Loader(sharded[7], "train", **SMALL)
+    again.load_state_dict(state)
+    rest, _, _ = run_epoch(again, 1)
+    again.close()
+    assert np.array_equal(np.concatenate(rest), np.concatenate(rest_file))
+
+
+@pytest.mark.slow
+def test_the_converters_shards_read_as_the_one_file(sample_tree, sample_lmdb, tmp_path):
+    """preprocess_sequential.py --shards 3 --shard-dirs: the Loader reads them as the one
+    file, one reader per folder with shard_devices='folder'."""
+    from imagenet_seq.convert.cli import main as preprocess
+
+    out, disk2 = tmp_path / "out", tmp_path / "disk2"
+    disk2.mkdir()
+    assert preprocess([sample_tree[0], str(out), "--workers", "0", "--no-progress",
+                       "--shards", "3", "--shard-dirs", str(disk2)]) == 0
+    for mode, epochs in (("train", (0, 1)), ("val", (0,))):
+        ld = Loader(str(out), mode, shard_devices="folder", **SMALL)
+        assert len(ld.reader.files) == 3 and len(ld.reader.devices) == 2
+        _same(_epochs(Loader(sample_lmdb, mode, **SMALL), epochs), _epochs(ld, epochs))
+
+
 # ------------------------------------------------------------------- shards missing or wrong
 def test_a_missing_shard_is_named_with_the_way_out(sharded, tmp_path):
     root = _copy(sharded[3], tmp_path / "k3")
@@ -307,6 +343,32 @@ def test_two_device_groups_each_read_only_their_own_shards(sample_lmdb, sharded,
     ld.close()
 
 
+@pytest.mark.parametrize("depth,window", [(16 << 10, 16 << 10), (16 << 10, 200 << 10),
+                                          (64 << 10, 1 << 20)])
+def test_small_windows_and_bursts_return_every_record(sample_lmdb, sharded, monkeypatch, depth,
+                                                      window):
+    """Windows far below the data (and nothing found in the page cache: every byte goes
+    through a burst), one and two device groups: the records are the file's."""
+    from imagenet_seq.read import readahead
+
+    monkeypatch.setattr(readahead, "PREFETCH_BYTES", depth)
+    monkeypatch.setattr(readahead, "DEVICE_AHEAD_BYTES", window)
+    monkeypatch.setattr(readahead, "_resident", lambda addr, length: False)
+    one = SplitReader(sample_lmdb, "train")
+    n = len(one)
+    spans = [(n - 7, 7), (0, n // 2), (n // 2, n - n // 2 - 7)]
+    want = list(one.read_spans(spans))
+    one.close()
+    for grouping in ("one", [0, 1, 1, 0, 1, 0, 0]):
+        many = SplitReader(sharded[7], "train", shard_devices=grouping)
+        assert list(many.read_spans(spans)) == want
+        sizes = [int(f._index[1][f._index[0] >= 0].sum()) for f in many.files]
+        for group, covered in zip(many.devices, many.covered):
+            assert set(covered) == set(group)
+            assert all(covered[j] >= sizes[j] for j in group)
+        many.close()
+
+
 def test_the_environment_groups_shards_by_folder(sample_lmdb, tmp_path, monkeypatch):
     root = str(tmp_path / "k4")
     folders = [str(tmp_path / "disk_a"), str(tmp_path / "disk_b")]
@@ -391,3 +453,25 @@ def test_ddp_shares_over_shards_equal_the_one_files(sample_lmdb, sharded, tmp_pa
             assert g[key] == w[key], key
     keys = [set(d["train_keys"][0]) for d in got]
     assert not keys[0] & keys[1] and len(keys[0]) == len(keys[1])
+
+
+@pytest.mark.fuse
+@pytest.mark.slow
+def test_the_multi_disk_benchmark_runs(tmp_path):
+    import multi_disk
+    import slowfs
+
+    reason = slowfs.fuse_unavailable_reason()
+    if reason:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    out = tmp_path / "out"
+    assert multi_disk.main(["--tiny", "--workdir", str(tmp_path / "work"),
+                            "--out", str(out)]) == 0
+    result = json.load(open(out / "multi_disk.json"))
+    rows = result["rows"]
+    assert [(r["variant"], r["layout"]) for r in rows] == [
+        (v, layout) for v in ("defaults", "scaled") for _, layout, _ in multi_disk.ROWS]
+    assert [len(r["devices"]) for r in rows] == [1, 2, 1] * 2  # one reader per device
+    n = rows[0]["records"]
+    assert all(r["images"] == n for r in rows)  # a whole epoch each
+    assert "| 2 shards, 2 HDDs | 2 |" in open(out / "multi_disk.md").read()

@@ -27,13 +27,26 @@ __all__ = ["PREFETCH_BYTES", "DEVICE_AHEAD_BYTES", "DISK_TURNS", "forward_runs",
            "Prefetch"]
 
 PREFETCH_BYTES = 64 << 20  # queued ahead of the cursor (16 MB: 6-7 points less with 4 ranks)
-# with shards on several devices, each device's read-ahead runs this far ahead of the reader
-# (page cache, per device): a device whose records the plan needs later keeps reading while
-# the reader is on another device's chunks. Chunks come from the devices in random order, so
-# the window must hold a few chunks: with 2 devices, a window of W chunks reaches ~1.5x one
-# device at W = 1, ~1.7x at 2, ~1.8x at 4 (a fluid model of the plan); 512 MB is ~4.5 of
-# ImageNet's 1024-record chunks (~113 MB).
-DEVICE_AHEAD_BYTES = 512 << 20
+# With shards on several devices, each device's read-ahead runs up to this far ahead of the
+# reader (page cache, per device; IMAGENET_SEQ_DEVICE_AHEAD_MB sets it): a device whose records
+# the plan needs later keeps reading while the reader takes another device's chunks. The plan
+# visits chunks of the devices in random order, so the window must hold several chunks. A
+# fluid model of ImageNet's plan (1.28 M records, 1024-record chunks of ~113 MB, reader never
+# the bottleneck) gives, for 2 devices, 1.35x one device with 64 MiB, 1.67x with 256 MiB,
+# 1.80-1.85x with 512 MiB and 1.90-1.93x with 1 GiB; for 4 devices 3.5x with 512 MiB and
+# 3.7x with 1 GiB.
+def _mib_from_env(name: str, default: float) -> int:
+    try:
+        mib = float(os.environ.get(name, default))
+    except ValueError:
+        mib = -1.0
+    if not mib > 0:
+        raise ValueError(f"{name}={os.environ.get(name)!r}; expected a size in MiB above 0, "
+                         f"e.g. {default:g}")
+    return int(mib * (1 << 20))
+
+
+DEVICE_AHEAD_BYTES = _mib_from_env("IMAGENET_SEQ_DEVICE_AHEAD_MB", 1024)
 _FADVISE_STEP = 128 << 10  # the kernel reads at most read_ahead_kb per WILLNEED call
 
 
@@ -156,7 +169,7 @@ class Prefetch:
     span of an epoch) read in order; positions below count needed bytes, not file offsets, so
     the read-ahead runs from one span into the next without waiting for the reader to get there.
     A background thread keeps up to ``window`` (default ``PREFETCH_BYTES``) of them read ahead
-    of the reader, in bursts of at least half of it. Each burst holds a node-wide lock for the
+    of the reader, in bursts of at least half of it (of ``PREFETCH_BYTES`` in a larger window). Each burst holds a node-wide lock for the
     file's device (:class:`DiskLock`) while the disk reads it: several DDP ranks on one disk
     then take turns, and the disk serves one deep sequential queue at a time instead of
     interleaving every rank's stream into a seek per few MB (the kernel's mq-deadline scheduler
@@ -182,6 +195,10 @@ class Prefetch:
         self.files = list(files) if files else [(fd, base)]  # (fd, map base) of each file
         self.fd, self.base, self.span_bytes = fd, base, span_bytes
         self.window = int(window or PREFETCH_BYTES)
+        # a new burst starts once less than this is read ahead: half the window, or (a window
+        # larger than PREFETCH_BYTES) a PREFETCH_BYTES burst short of it (a device that waits
+        # for half of a large window to be taken idles longer than a burst costs)
+        self.refill = self.window - min(self.window // 2, PREFETCH_BYTES)
         self.sizes = [os.fstat(f).st_size for f, _ in self.files]
         self.file_bytes = self.sizes[0]
         self.covered = [0] * len(self.files)
@@ -266,7 +283,7 @@ class Prefetch:
                 self.end = self.seg_pos[-1] = min(stop + _EXTEND_BYTES,
                                                   self.seg_pos[-2] + self.file_bytes
                                                   - self.seg_file[-1])
-            if stop > self.done or self.queued - pos < self.window // 2:
+            if stop > self.done or self.queued - pos < self.refill:
                 self.cond.notify_all()  # only when the thread has work: no wake-up per record
             while stop > self.done and self.thread.is_alive():
                 self.cond.wait(0.1)
@@ -332,7 +349,7 @@ class Prefetch:
                 with self.cond:
                     while not self.stopped and self.queued >= self.need and not (
                             self.queued < self.end and
-                            self.queued - self.cursor < self.window // 2):
+                            self.queued - self.cursor < self.refill):
                         self.cond.wait()
                     if self.stopped:
                         return
@@ -368,8 +385,12 @@ class Prefetch:
     def _burst(self, begin: int, target: int, lock: Optional["DiskLock"]) -> int:
         """Queue positions ``[begin, target)`` for reading and wait until they are read; while
         no other reader waits for the disk, keep the queue topped up as the reader moves on
-        (one continuous stream). Returns the end of what was read."""
-        self._queue(begin, target)
+        (one continuous stream). A window larger than ``PREFETCH_BYTES`` is queued at most that
+        much ahead of what is read (the kernel is not handed a GB at once). Returns the end of
+        what was read."""
+        depth = max(PREFETCH_BYTES, _WAIT_STEP)
+        queued = target if self.window <= depth else min(target, begin + depth)
+        self._queue(begin, queued)
         buf = bytearray(_WAIT_STEP)
         pos = begin
         while pos < target and not self.stopped:
@@ -384,9 +405,16 @@ class Prefetch:
                 self.done = pos
                 self.cond.notify_all()
                 more = max(min(self.cursor + self.window, self.end), self.need)
-            if more - target >= self.window // 2 and (lock is None or not lock.contended()):
-                self._queue(target, more)
+            if more - target >= self.window - self.refill and \
+                    (lock is None or not lock.contended()):
+                if self.window <= depth:  # a larger window is queued below, as reads go on
+                    self._queue(target, more)
+                    queued = more
                 target = more
+            if queued < target and queued - pos < depth // 2:
+                top = min(target, pos + depth)
+                self._queue(queued, top)
+                queued = top
         return pos
 
 
