@@ -419,6 +419,27 @@ def test_two_real_devices_each_read_by_their_own_reader(sample_lmdb, tmp_path):
     assert stats_a["bytes"] > 0 and stats_b["bytes"] > 0
 
 
+def test_the_node_reader_reads_moved_shards_in_device_groups(sample_lmdb, sharded, tmp_path,
+                                                            monkeypatch):
+    """One rank of two under torchrun's environment: its node reader (a process of its own)
+    finds the moved shard through the rank's shard_dirs and groups the shards as asked."""
+    root = _copy(sharded[3], tmp_path / "k3")
+    moved = tmp_path / "disk2"
+    moved.mkdir()
+    shutil.move(_shard(root, "train", 1, 3), str(moved))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    kw = dict(SMALL, rank=0, world_size=2, num_workers=0)
+    got = {}
+    for name, where, extra in (("file", sample_lmdb, {}),
+                               ("shards", root, dict(shard_dirs=[str(moved)],
+                                                     shard_devices=[0, 1, 0]))):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"shards-{name}-{os.getpid()}")
+        ld = Loader(where, "train", **kw, **extra)
+        assert ld.settings.order.node_reader is True
+        got[name] = _epochs(ld, (0, 1))
+    _same(got["file"], got["shards"])
+
+
 # ------------------------------------------------------------------- DDP with real processes
 def _torchrun(root, out, env_extra=None):
     with socket.socket() as s:

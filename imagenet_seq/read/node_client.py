@@ -225,7 +225,10 @@ class NodeClient:
                      local_world_size=local_world_size, path=reader.path,
                      file=[st.st_dev, st.st_ino], plan=self.plan_args)
         start = dict(path=reader.path, split=reader.split, local_world_size=local_world_size,
-                     ring_bytes=ring_bytes)
+                     ring_bytes=ring_bytes,
+                     # a sharded split: its shards found and grouped as this rank's reader does
+                     shard_dirs=list(getattr(reader, "shard_dirs", ())),
+                     shard_devices=getattr(reader, "shard_devices", None))
         sock, self.ring, self.reader_pid, self._proc = rendezvous.connect(
             self.key, hello, start, connect_timeout)
         self._link = _Link(sock, self.reader_pid, f"local rank {self.local} (rank {rank})",
