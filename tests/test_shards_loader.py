@@ -261,6 +261,30 @@ def test_a_shard_changed_after_conversion_is_named(sharded, tmp_path):
     assert bad in str(e.value)
 
 
+def test_a_damaged_record_in_a_shard_fails_its_checksum(sharded, tmp_path):
+    """verify=True checks each record against the joined checksums: a byte flipped inside a
+    JPEG of shard 1 is a RecordError for that record's index in the split."""
+    root = _copy(sharded[3], tmp_path / "k3")
+    reader = SplitReader(root, "train")
+    shard = reader.files[1]
+    shard._open()
+    local = 3
+    off, n = int(shard._index[0][local]), int(shard._index[1][local])
+    reader.close()
+    with open(shard.path, "r+b") as f:
+        f.seek(off + n // 2)
+        byte = f.read(1)
+        f.seek(off + n // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ld = Loader(root, "train", verify=True, **SMALL)
+    with pytest.raises(fmt.RecordError) as e:
+        for _ in ld:
+            pass
+    ld.close()
+    assert e.value.index == shard.first + local
+    assert f"index {shard.first + local}" in str(e.value) and "checksum" in str(e.value)
+
+
 def test_a_shard_in_the_wrong_place_is_named(sharded, tmp_path):
     root = _copy(sharded[3], tmp_path / "k3")
     a, b = _shard(root, "train", 0, 3), _shard(root, "train", 1, 3)
@@ -325,7 +349,7 @@ def test_grouping_rules_and_their_errors(tmp_path):
 @pytest.mark.parametrize("mode", ["train", "val"])
 def test_two_device_groups_each_read_only_their_own_shards(sample_lmdb, sharded, mode):
     k, labels = 7, ["d0", "d1", "d1", "d0", "d1", "d0", "d0"]
-    ld = Loader(sharded[k], mode, shard_devices=labels, **SMALL)
+    ld = Loader(sharded[k], mode, shard_devices=labels, verify=True, **SMALL)
     reader = ld.reader
     assert ld.settings.data.shard_devices == tuple(labels)
     assert reader.devices == [[0, 3, 5, 6], [1, 2, 4]]

@@ -2,7 +2,8 @@
 
 :func:`read` walks a list of ``(first record, count)`` spans with one
 :class:`~imagenet_seq.read.reader.SplitReader` (one forward cursor per span, read-ahead across
-spans), stopping early when ``stop`` is set. It holds no state a resume needs: the plan says
+spans; a sharded split: spans cut at shard boundaries, one read-ahead per device), stopping
+early when ``stop`` is set. It holds no state a resume needs: the plan says
 where a resumed epoch reads from. :func:`read_records` reads a scattered set of records (a
 resumed shuffle buffer) as few forward spans.
 """
