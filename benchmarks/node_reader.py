@@ -14,10 +14,11 @@ row), on the ImageNet-like LMDB of ``benchmarks/slow_disk.py`` (same data and ca
 * ``node`` x 1, 2, 4, 8: each rank a process with a ``NodeClient`` (``L = W`` local ranks)
   reading its ``plan.node.epoch_spans`` through the one node reader process.
 
-Ranks consume raw records (decode skipped: bytes counted), read epoch after epoch. They start
-together (each opens its reader, then waits for a common start), and the rate counted is the
-bytes all ranks read in ``[start + warmup, start + warmup + seconds]`` (the warm-up leaves out
-the first read-ahead fill); ``dd`` is counted over the same window of its own run (``SIGUSR1``
+Ranks consume raw records (decode skipped: bytes counted), read epoch after epoch: they are
+``imagenet-seq-bench --ranks``'s rank processes (``imagenet_seq.tools.bench_ranks``). They
+start together (each opens its reader, then waits for a common start), and the rate counted is
+the bytes all ranks read in ``[start + warmup, start + warmup + seconds]`` (the warm-up leaves
+out the first read-ahead fill); ``dd`` is counted over the same window of its own run (``SIGUSR1``
 statistics). CPU: ``psutil`` CPU times (user + system) over the window, per MB read: the
 reading processes (per-rank: the rank processes, which do nothing but read; node: the node
 reader process, and separately its ranks, which copy records out of their rings).
@@ -40,89 +41,9 @@ from typing import Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 0
 RANKS = (1, 2, 4, 8)
-SAMPLE_RECORDS = 16  # a rank notes (time, bytes) this often
 TINY_WORKDIR = "/tmp/imagenet_seq_node_reader_tiny"  # never the shared cache: prepare() replaces it
 TINY = dict(classes=4, per_class=20, copies=3, seconds=1.5, warmup=0.5,
             hdd_args="--mb-per-s 10", nfs_args="--mb-per-s 10")
-
-
-
-# ---------------------------------------------------------------------------------------------
-# one rank: `python node_reader.py _rank ...` -> RESULT {json}
-def _wait_for(path: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no {path} after {timeout:.0f} s")
-        time.sleep(0.005)
-    with open(path) as f:
-        return f.read()
-
-
-def _rank_main(argv: List[str]) -> int:
-    p = argparse.ArgumentParser(prog="node_reader.py _rank")
-    p.add_argument("how", choices=("per-rank", "node"))
-    p.add_argument("target")
-    p.add_argument("sync", help="folder of the ready / go files")
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--job", default="")
-    a = p.parse_args(argv)
-    from imagenet_seq.plan import node, order
-    from imagenet_seq.read.reader import SplitReader
-
-    reader = SplitReader(a.target, "train")
-    n, w, r = len(reader), a.world_size, a.rank
-    source, reader_pid = reader, None
-    if a.how == "node":
-        from imagenet_seq.read.node_client import NodeClient
-
-        source = NodeClient(reader, rank=r, world_size=w, local_world_size=w, seed=SEED,
-                            chunk_size=a.chunk_size, job=a.job, connect_timeout=60)
-        reader_pid = source.reader_pid
-
-        def spans(e):
-            return node.epoch_spans(n, "train", seed=SEED, epoch=e, rank=r, world_size=w,
-                                    local_world_size=w, chunk_size=a.chunk_size)
-    else:
-        reader.reset_state()  # open the file now, not in the window
-
-        def spans(e):
-            return order.read_spans(n, "train", seed=SEED, epoch=e, rank=r, world_size=w,
-                                    chunk_size=a.chunk_size)
-    spans(0)  # the plan is computed before the start, as a Loader computes it ahead
-    with open(os.path.join(a.sync, f"ready.{r}.tmp"), "w") as f:
-        json.dump({"pid": os.getpid(), "reader_pid": reader_pid}, f)
-    os.replace(os.path.join(a.sync, f"ready.{r}.tmp"), os.path.join(a.sync, f"ready.{r}"))
-    go = json.loads(_wait_for(os.path.join(a.sync, "go"), 300))
-    while time.monotonic() < go["start"]:
-        time.sleep(0.001)
-    t0 = time.monotonic()
-    records = nbytes = epoch = 0
-    samples = [(t0, 0)]
-    done = False
-    while not done:
-        for _, jpeg, _ in source.read_spans(spans(epoch)):
-            records += 1
-            nbytes += len(jpeg)
-            if records % SAMPLE_RECORDS == 0:
-                samples.append((time.monotonic(), nbytes))
-                if samples[-1][0] >= go["stop"]:
-                    done = True
-                    break
-        epoch += 1
-    samples.append((time.monotonic(), nbytes))
-    # every rank stops reading before any leaves (as DDP ranks end an epoch together): the
-    # node reader then never finds a rank gone while it still delivers to it
-    open(os.path.join(a.sync, f"done.{r}"), "w").close()
-    _wait_for(os.path.join(a.sync, "end"), 120)
-    if a.how == "node":
-        source.shutdown()
-    print("RESULT " + json.dumps(dict(rank=r, records=records, bytes=nbytes, epochs=epoch,
-                                      t_start=t0, t_end=samples[-1][0], samples=samples)),
-          flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,63 +103,25 @@ def measure_dd(path: str, args) -> dict:
 
 
 def measure_ranks(how: str, target: str, world: int, args, tag: str) -> dict:
-    from slow_disk import _bytes_at
+    from imagenet_seq.tools.bench_ranks import RankRun, window
 
-    sync = os.path.join(args.workdir, f"sync-{tag}")
-    os.makedirs(sync, exist_ok=True)
-    for f in os.listdir(sync):
-        os.remove(os.path.join(sync, f))
-    job = f"node-reader-bench-{os.getpid()}-{tag}-{time.time_ns()}"
-    base = [sys.executable, os.path.abspath(__file__), "_rank", how, target, sync,
-            f"--world-size={world}", f"--job={job}"] + \
-        ([f"--chunk-size={args.chunk_size}"] if args.chunk_size else [])
-    procs = [subprocess.Popen(base + [f"--rank={r}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for r in range(world)]
+    run = RankRun(how, target, "train", world, chunk_size=args.chunk_size, seed=SEED,
+                  sync=os.path.join(args.workdir, f"sync-{tag}"))
     try:
-        ready = []
-        deadline = time.monotonic() + 120
-        for r, proc in enumerate(procs):
-            path = os.path.join(sync, f"ready.{r}")
-            while not os.path.exists(path):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{how} rank {r} of {world} did not get ready: "
-                                       f"{proc.communicate()[1][-2000:]}")
-                time.sleep(0.02)
-            with open(path) as f:
-                ready.append(json.load(f))
+        ready = run.ready()
         start = time.monotonic() + 0.2
         w0, w1 = start + args.warmup, start + args.warmup + args.seconds
-        with open(os.path.join(sync, "go.tmp"), "w") as f:
-            json.dump({"start": start, "stop": w1 + 0.3}, f)
-        os.replace(os.path.join(sync, "go.tmp"), os.path.join(sync, "go"))
+        run.go(start, w1 + 0.3)
         rank_pids = [x["pid"] for x in ready]
         reader_pids = sorted({x["reader_pid"] for x in ready if x["reader_pid"]})
         _sleep_until(w0)
         cpu0 = _cpu(rank_pids + reader_pids)
         _sleep_until(w1)
         cpu1 = _cpu(rank_pids + reader_pids)
-        deadline = time.monotonic() + 60
-        while not all(os.path.exists(os.path.join(sync, f"done.{r}")) for r in range(world)):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                break  # a rank failed: its error is read below
-            time.sleep(0.02)
-        time.sleep(0.3)  # the last rank's CANCEL reaches the reader before anyone's BYE
-        open(os.path.join(sync, "end"), "w").close()
-        parts = []
-        for r, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=args.seconds + 120)
-            line = [x for x in out.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                raise RuntimeError(f"{how} rank {r} of {world} failed (rc {proc.returncode}): "
-                                   f"{err[-2000:]}")
-            parts.append(json.loads(line[-1][7:]))
+        parts = run.results(timeout=args.seconds + 120)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-    per_rank = [_bytes_at(p["samples"], w1) - _bytes_at(p["samples"], w0) for p in parts]
+        run.close()
+    per_rank = window(parts, w0, w1)["bytes"]
     mb = sum(per_rank) / 1e6
 
     def cpu_of(pids):
@@ -306,8 +189,6 @@ def _device_rate(trace: str, t0: float, t1: float) -> float:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_rank":
-        return _rank_main(argv[1:])
     p = argparse.ArgumentParser(description="node reader vs per-rank readers on emulated disks")
     p.add_argument("--seconds", type=float, default=15.0, help="the window counted, per row")
     p.add_argument("--warmup", type=float, default=5.0,

@@ -30,7 +30,6 @@ MB/s by the mean record size (the disk moves bytes; our sample JPEGs are ~90 KB)
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import shutil
@@ -175,33 +174,6 @@ def measure_loader(lmdb_file: str, seconds: float, workers: int, rank: int = 0,
                    samples=samples)
 
 
-def _bytes_at(samples, t: float) -> float:
-    """Bytes a rank had read at time ``t`` (linear between its samples)."""
-    times = [s[0] for s in samples]
-    i = bisect.bisect_right(times, t)
-    if i == 0:
-        return 0.0
-    if i == len(samples):
-        return float(samples[-1][1])
-    (ta, ba), (tb, bb) = samples[i - 1], samples[i]
-    return ba + (bb - ba) * (t - ta) / (tb - ta) if tb > ta else float(bb)
-
-
-def all_ranks_window(parts, warmup: float = 0.0) -> dict:
-    """Aggregate rate while every rank was reading: from ``warmup`` seconds after the last
-    rank's start to the first rank's end (process start-up is staggered on 2 cores, and ranks
-    finish their shares at different times; a training job's ranks read in step for the whole
-    epoch). The warm-up leaves out each rank filling its shuffle buffer and read-ahead window
-    (~110 MB a rank here: 4 ranks read ~440 MB, 3 s of the disk, before their first record
-    is counted), which an epoch does once."""
-    t0 = max(p["t_start"] for p in parts) + warmup
-    t1 = min(p["t_end"] for p in parts)
-    if t1 <= t0:
-        return {}
-    nbytes = sum(_bytes_at(p["samples"], t1) - _bytes_at(p["samples"], t0) for p in parts)
-    return {"seconds": t1 - t0, "mb_per_s": nbytes / (t1 - t0) / 1e6}
-
-
 def _count_bytes(jpegs, labels):
     import torch
 
@@ -339,11 +311,15 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0,
 
             with ThreadPoolExecutor(ranks) as pool:
                 parts = list(pool.map(lambda c: _child(c, limit), cmds))
+            from imagenet_seq.tools.bench_ranks import all_ranks_window
+
             t0 = min(p["t_start"] for p in parts)
             t1 = max(p["t_end"] for p in parts)
             r = dict(images=sum(p["images"] for p in parts),
                      bytes=sum(p["bytes"] for p in parts), seconds=t1 - t0,
                      per_rank_mb_per_s=[p["bytes"] / p["seconds"] / 1e6 for p in parts],
+                     # the warm-up leaves out each rank's shuffle-buffer and read-ahead
+                     # fill (~110 MB a rank here), which an epoch does once
                      all_ranks=all_ranks_window(parts, args.warmup))
         else:
             r = _child(base + [kind, target, str(args.seconds), str(args.workers)] + opts, limit)

@@ -61,7 +61,8 @@ def bytes_at(samples: Sequence[Sequence[float]], t: float, column: int = 1) -> f
 
 
 def window(parts: Sequence[dict], t0: float, t1: float) -> Dict[str, list]:
-    """Bytes and records each rank (its ``samples``) read in ``[t0, t1]``."""
+    """Bytes and records each rank (its ``(time, bytes, records)`` samples) read in
+    ``[t0, t1]``."""
     return {"bytes": [bytes_at(p["samples"], t1) - bytes_at(p["samples"], t0) for p in parts],
             "records": [bytes_at(p["samples"], t1, 2) - bytes_at(p["samples"], t0, 2)
                         for p in parts]}
@@ -70,12 +71,14 @@ def window(parts: Sequence[dict], t0: float, t1: float) -> Dict[str, list]:
 def all_ranks_window(parts: Sequence[dict], warmup: float = 0.0) -> dict:
     """Aggregate rate while every rank was reading: from ``warmup`` seconds after the last
     rank's start (``t_start``) to the first rank's end (``t_end``), for ranks that start
-    when they are ready rather than together; {} when they never all read at once."""
+    when they are ready rather than together (``(time, bytes)`` samples are enough); {} when
+    they never all read at once."""
     t0 = max(p["t_start"] for p in parts) + warmup
     t1 = min(p["t_end"] for p in parts)
     if t1 <= t0:
         return {}
-    return {"seconds": t1 - t0, "mb_per_s": sum(window(parts, t0, t1)["bytes"]) / (t1 - t0) / 1e6}
+    nbytes = sum(bytes_at(p["samples"], t1) - bytes_at(p["samples"], t0) for p in parts)
+    return {"seconds": t1 - t0, "mb_per_s": nbytes / (t1 - t0) / 1e6}
 
 
 # --------------------------------------------------------------------------------- one rank
