@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,6 +103,7 @@ class ShardSink:
         self.plan, self.classes, self.options = plan, classes, options
         self._next: Optional[tuple] = None
         self.writing = layout.folder(self.index)  # the folder a write goes to now
+        self.finished: Dict[int, tuple] = {}  # shard -> (meta, "shard" key, checksum, skips)
 
     @property
     def index(self) -> int:
@@ -150,12 +151,13 @@ class ShardSink:
         ``"shard"`` key when there are several), its own skip records kept, the progress and
         the skip records handed on deleted."""
         first_pos, end = self.layout.ranges[self.index][0], self.end
-        mine = set()
+        kept = []
         for key, d in skips(txn):
             if d["pos"] >= end:
                 txn.delete(key)  # the next shard holds it (hand_over)
             else:
-                mine.add(d["pos"])
+                kept.append((key, d))
+        mine = {d["pos"] for _, d in kept}
         labels = np.array([self.plan[p][1] for p in range(first_pos, end) if p not in mine],
                           dtype="<i4")
         n = self.local(self.state["written"])
@@ -170,16 +172,18 @@ class ShardSink:
             self.state["shard"]["bytes"],
             order="random" if self.layout.split == "train" else "sorted",
             options=self.options, skipped=len(mine))
-        raw = meta.to_json()
+        raw, key = meta.to_json(), {}
         if not one:
             doc = json.loads(raw)
-            doc["shard"] = {"index": self.index, "count": self.layout.count,
-                            "first": self.state["shard"]["first"],
-                            "split_id": self.state["split_id"]}
+            key = doc["shard"] = {"index": self.index, "count": self.layout.count,
+                                  "first": self.state["shard"]["first"],
+                                  "split_id": self.state["split_id"]}
             raw = json.dumps(doc, sort_keys=True).encode()
         txn.put(fmt.LABELS_KEY, labels.tobytes())
         txn.delete(fmt.PROGRESS_KEY)
         txn.put(fmt.META_KEY, raw)  # metadata last
+        # what finish_split needs, without opening the file again (as _read_shard gives it)
+        self.finished[self.index] = (meta, key, mf.shard_checksum(txn), kept)
 
     def seal(self) -> None:
         """After :meth:`finish` committed: index, fsync, rename; the next shard is current."""
@@ -209,10 +213,12 @@ def _read_shard(path: str) -> Tuple[fmt.Metadata, dict, str, List[Tuple[bytes, d
         env.close()
 
 
-def finish_split(layout: Layout, split_id: Optional[str], write: bool = True
+def finish_split(layout: Layout, split_id: Optional[str], write: bool = True,
+                 finished: Optional[Dict[int, tuple]] = None
                  ) -> Tuple[List[dict], List[Tuple[str, str]], Optional[str]]:
     """Every shard finished: the manifest written (K > 1, ``write``) from the shards' own
-    metadata, each shard checked to be this conversion's.
+    metadata (``finished``: what ``ShardSink`` knows of the shards it wrote; the others are
+    read from their files), each shard checked to be this conversion's.
     Returns (a row per shard: index, path, folder, records, bytes, file_bytes; the skipped
     files (path, reason) in the order they were met; the manifest's path or None).
 
@@ -224,7 +230,7 @@ def finish_split(layout: Layout, split_id: Optional[str], write: bool = True
     for j in range(layout.count):
         path = layout.final(j)
         try:
-            meta, key, checksum, sk = _read_shard(path)
+            meta, key, checksum, sk = (finished or {}).get(j) or _read_shard(path)
         except (fmt.DamagedFile, ValueError, OSError) as e:
             raise ConversionError(f"{e} (a finished shard of this conversion); pass "
                                   "--overwrite to convert again") from None

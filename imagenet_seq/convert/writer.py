@@ -279,7 +279,8 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
             env.close()
         if sink is not None:
             sink.close()
-    res.shards, res.skipped, res.manifest = finish_split(layout, state["split_id"])
+    res.shards, res.skipped, res.manifest = finish_split(layout, state["split_id"],
+                                                         finished=sink.finished)
     res.runs = len(state["runs"])
     res.tmp_bytes = sum(r[2] for r in state["runs"])
     shutil.rmtree(run_dir, ignore_errors=True)  # after the renames: a kill before keeps them
