@@ -360,7 +360,7 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     """
     import torch
 
-    from imagenet_seq.read.devices import check_grouping
+    from imagenet_seq.read.devices import check_grouping, describe
     from imagenet_seq.read.reader import SplitReader
 
     _check_args(mode, worker_type, decoder, batch_size, num_workers, seed, stall_timeout,
@@ -370,6 +370,9 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     ranks = resolve_rank(rank, world_size, distributed)
     reader = SplitReader(root, mode, check_split=check_split, shard_dirs=dirs,
                          shard_devices=grouping)
+    groups = describe(reader.devices, reader.paths)
+    if groups:
+        log.info("imagenet_seq: %s read with %s", reader.path, groups)
     if verify and reader.checksums is None:
         raise ValueError(
             f"verify=True, but {reader.path} has no record checksums (converted before "
