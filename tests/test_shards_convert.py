@@ -254,9 +254,11 @@ def test_shards_and_shard_gb_exclude_each_other(tree, tmp_path, capsys):
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
-def test_more_shards_than_images_is_refused(tree, tmp_path, capsys):
-    assert convert(tree, str(tmp_path / "out"), "--splits", "val", "--shards", "14") == 1
+def test_more_shards_than_images_is_refused_before_any_split(tree, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert convert(tree, out, "--shards", "14") == 2  # train has 31, val 13
     assert "--shards 14 for the 13 images of val" in capsys.readouterr().err
+    assert not os.path.exists(out) or not any(n.endswith(".lmdb") for n in os.listdir(out))
 
 
 def test_a_shard_folder_without_space_is_named_before_reading(tree, tmp_path, monkeypatch,

@@ -250,6 +250,13 @@ def _convert(args, splits: List[str]) -> int:
     except (ValueError, ScanError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    few = [s for s in splits if args.shards is not None
+           and args.shards > max(1, len(scans[s].entries))]
+    if few:  # before any split is written
+        print(f"error: --shards {args.shards} for the {len(scans[few[0]].entries)} images of "
+              f"{few[0]}; a shard holds at least one image's place: pass fewer, or convert "
+              f"{few[0]} on its own (--splits) with fewer", file=sys.stderr)
+        return 2
     opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
                    workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
                    tmp=args.tmp, read_order=args.read_order, read_ahead=args.read_ahead,

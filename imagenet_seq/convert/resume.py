@@ -120,7 +120,7 @@ def _check_state(state: dict, j: int, partial: str, fp: str, layout: Layout,
 
 def resume_point(layout: Layout, classes: List[str], content: dict, fp: str, run_dir: str):
     """Where a resumed conversion stands: ``(shard j, its open env, inode, state)``; state
-    None: start afresh at shard 0; j == K: every shard is finished (shards.py: the state is
+    None: start afresh at shard 0; j == K: every shard is finished (shard_sink: the state is
     in the lowest-numbered .partial holding a progress record; the finished .partial before
     it, killed before its rename, is renamed here)."""
     for j in range(layout.count):
@@ -135,9 +135,9 @@ def resume_point(layout: Layout, classes: List[str], content: dict, fp: str, run
                 f"being written in {layout.folder(j)}, though shard {j - 1} is finished: was "
                 "the conversion started with other --shard-dirs, or the file moved? Run with "
                 "the --shard-dirs it was started with, or pass --overwrite to start over")
-        env = open_partial(partial, f"It is an unfinished conversion: delete {partial} and convert "
-                    "again (or pass --overwrite instead of --resume)", readonly=False,
-                    lock=False)
+        env = open_partial(partial, f"It is an unfinished conversion: delete {partial} and "
+                           "convert again (or pass --overwrite instead of --resume)",
+                           readonly=False, lock=False)
         ino = os.stat(partial).st_ino
         try:
             with env.begin() as txn:

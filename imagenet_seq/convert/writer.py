@@ -225,22 +225,22 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     os.makedirs(out_dir, exist_ok=True)
     if opts.tmp is not None and not os.path.isdir(opts.tmp):
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
-    j, env, ino, state = resume_point(layout, scan.classes, opts.content(), fp, run_dir) \
-        if resume else \
-        (0, None, None, None)
+    j, env, ino, state = 0, None, None, None  # a fresh start: shard 0, made below
+    if resume:
+        j, env, ino, state = resume_point(layout, scan.classes, opts.content(), fp, run_dir)
     sink = None
     try:
         if j == layout.count:  # every shard finished, killed before the manifest
             rows, res.skipped, res.manifest = finish_split(layout, None)
             shutil.rmtree(run_dir, ignore_errors=True)
             res.shards, res.resumed_at = rows, len(plan)
-            res.written, res.bytes = sum(r["records"] for r in rows), sum(
-                r["bytes"] for r in rows)
+            res.written = sum(r["records"] for r in rows)
+            res.bytes = sum(r["bytes"] for r in rows)
             return res
         if env is None:
-            env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} and "
-                        "convert again (or pass --overwrite instead of --resume)",
-                        readonly=False, lock=False)
+            env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} "
+                               "and convert again (or pass --overwrite instead of --resume)",
+                               readonly=False, lock=False)
             ino = os.stat(partial0).st_ino
         if state is None:
             state = fresh_state(fp, layout, run_dir, len(plan), len(scan.classes))
@@ -264,8 +264,7 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
                                   " can be merged at once; pass a larger --memory-mb")
-        sink, env = ShardSink(layout, env, ino, state, plan, scan.classes,
-                                 opts.content()), None
+        sink, env = ShardSink(layout, env, ino, state, plan, scan.classes, opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
         try:
