@@ -374,15 +374,19 @@ def _operations(source: str, model, queue_depth: int = 64):
             return fd
 
         def read(self, path, size, offset, fh):
-            data = os.pread(fh, size, offset)
-            req = [path, offset, len(data), time.monotonic(), None]
+            # queued on arrival, before the backing read (which overlaps the device's time):
+            # the order of arrival is what the arrival-order model serves
+            n = max(0, min(size, os.fstat(fh).st_size - offset))
+            req = [path, offset, n, time.monotonic(), None]
             with self.cond:
                 self.pending.append(req)
                 self.cond.notify_all()
+            data = os.pread(fh, n, offset)
+            with self.cond:
                 while req[4] is None:
                     self.cond.wait()
                 if trace is not None:  # under the lock: a text file is not thread-safe
-                    trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {len(data)} {path}\n")
+                    trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {n} {path}\n")
             _sleep_until(req[4])
             return data
 

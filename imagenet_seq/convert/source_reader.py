@@ -130,7 +130,7 @@ def hint_range(fd: int, offset: int, size: int) -> int:
 class FolderSource:
     """Images as files below ``root`` (a split folder of an ImageFolder tree)."""
 
-    read_ahead = 2  # files in the read-ahead window by default (module docstring)
+    read_ahead = 8  # files in the read-ahead window by default (module docstring)
 
     def __init__(self, root: str):
         self.root = root
