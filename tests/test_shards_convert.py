@@ -531,6 +531,12 @@ def test_verify_names_a_missing_and_a_damaged_shard(tree, tmp_path, capsys):
     open(man, "w").write(good)
     assert verify_main([out, "--no-progress"]) == 0
     capsys.readouterr()
+    # a one-file split beside the manifest: two train splits, named
+    one_file = os.path.join(out, "ILSVRC-train.lmdb")
+    shutil.copy(s1, one_file)
+    assert verify_main([out, "--no-progress"]) == 1
+    assert f"{one_file} lies beside {man}: two train splits" in capsys.readouterr().out
+    os.remove(one_file)
     # damaged: one byte of a record's JPEG flipped
     env = fmt.open_env(s2)
     offs, lens = offsets.read(env, 10, s2)
