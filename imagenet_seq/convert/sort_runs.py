@@ -1,7 +1,8 @@
 """External sort of records by write position: sorted run files, then one k-way merge.
 
-Why: the source is read in on-disk order but the output must be in the plan's order (a seeded
-permutation for train, sorted for val). Holding a split in memory is ~140 GB for ImageNet, so:
+Why: the source is read in on-disk order but the output must be in the plan's order (train
+sorted by a seeded hash of each path, val sorted: ``write_order``). Holding a split in memory
+is ~140 GB for ImageNet, so:
 
 * pass 1 (``RunBuffer``): records arrive in read order, tagged with their plan position; when
   the buffer reaches its byte budget it is sorted by position and written as ONE sequential

@@ -2,9 +2,9 @@
 
 The data path: ONE reader (``source_reader``) reads the files in the order they lie on the disk
 (``disk_order``) → N worker processes validate + normalise (``convert_workers``) → pass 1: the
-records, tagged with their position in the plan (``plan_order``: a seeded permutation for train,
-sorted for val), fill a run buffer that is sorted and written as one sequential temporary file
-when full (``sort_runs``) → pass 2: the runs are merged by position and appended, in plan order,
+records, tagged with their position in the plan (``plan_order``: train sorted by a seeded hash
+of each relative path, val sorted paths; ``write_order``), fill a run buffer that is sorted and
+written as one sequential temporary file when full (``sort_runs``) → pass 2: the runs are merged by position and appended, in plan order,
 to ``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end. The output is
 exactly what the one-pass converter wrote (same plan, same records, same order). With
 ``Options.shards`` / ``shard_gb`` the merge writes K shard files instead, one after the other,
@@ -55,6 +55,7 @@ from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.source_reader import FolderSource
+from imagenet_seq.convert.write_order import ORDER_VERSION, write_order
 
 __all__ = ["Options", "Result", "plan_order", "fingerprint", "convert_split"]
 
@@ -103,15 +104,14 @@ class Result:
 
 
 def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
-    """Write order: train = seeded random permutation, val = sorted paths."""
-    if split == "train":
-        perm = np.random.default_rng(seed).permutation(len(scan.entries))
-        return [scan.entries[i] for i in perm]
-    return list(scan.entries)
+    """Write order (``write_order``): train = sorted by a seeded hash of each relative path,
+    val = sorted paths."""
+    return write_order(scan.entries, split, seed)
 
 
 def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) -> str:
-    h = hashlib.sha1(json.dumps([classes, opts.content()]).encode())
+    # the order's version too: a .partial of the older order is not continued in the new one
+    h = hashlib.sha1(json.dumps([classes, opts.content(), ORDER_VERSION]).encode())
     for path, label in plan:
         # surrogateescape: names that are not UTF-8 (listed by os.listdir as lone surrogates,
         # as torchvision's ImageFolder lists them) hash as their bytes on disk

@@ -3,7 +3,8 @@
 A split is ONE LMDB file (``subdir=False``), e.g. ``/lmdb/ILSVRC-train.lmdb``, holding:
 
 * records under keys ``b"%08d" % i`` for ``i`` in ``0 .. num_records-1``, in the order they
-  were written (train: a seeded random permutation of the source files; val: sorted paths).
+  were written (train: sorted by a seeded hash of each source path, ``convert/write_order``;
+  files written before it: a seeded permutation; val: sorted paths).
   Each value is ``RECORD_HEADER`` (little-endian uint32 label) followed by the raw JPEG bytes.
 * ``__meta__``: JSON with the format name and ``FORMAT_VERSION``, class names, per-class counts,
   record count, total JPEG bytes, and the options used. Written last, in the final transaction.
@@ -146,7 +147,7 @@ class Metadata:
     class_counts: List[int]
     num_records: int
     total_bytes: int
-    order: str  # 'random' (seeded permutation) or 'sorted'
+    order: str  # 'random' (seeded hash order, or permutation before it) or 'sorted'
     options: Dict[str, Any] = field(default_factory=dict)
     skipped: int = 0
     format: str = FORMAT_NAME
