@@ -232,10 +232,11 @@ def _record_for_torchrun(error: BaseException) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
         return
-    data = {"message": {"message": f"{type(error).__name__}: {error}",
-                        "extraInfo": {"py_callstack": "(ended by imagenet_seq's node reader "
-                                                      "fault watch: the training loop did not "
-                                                      "take this error)",
+    message = f"{type(error).__name__}: {error}"
+    data = {"message": {"message": message,  # torchrun's summary shows the py_callstack
+                        "extraInfo": {"py_callstack": f"{message}\n(ended by imagenet_seq's "
+                                                      "node reader fault watch: the training "
+                                                      "loop did not take this error)",
                                       "timestamp": str(int(time.time()))}}}
     try:
         with open(path, "w") as f:
