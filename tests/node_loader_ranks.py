@@ -20,8 +20,8 @@ batch is followed by an all-reduce, as DDP's gradient sync): ``--block-after K``
 rank stop after K batches in ``--block``: ``allreduce`` (one more all-reduce, which the
 others may never join), ``store`` (a wait on a key nobody sets in the test's TCPStore at
 BLOCK_STORE_PORT: a collective that, like NCCL's, never notices a dead peer) or ``sleep`` (a
-long step in Python). It first writes OUT + '.blocked': its pid, its reader's pid, its child and every
-process below it (``--child`` adds a ``sleep`` child without a parent-death signal;
+long step in Python). It first writes OUT + '.blocked': its pid, its reader's pid, its child
+and every process below it (``--child`` adds a ``sleep`` child without a parent-death signal;
 ``--workers process``: decode processes).
 """
 import argparse

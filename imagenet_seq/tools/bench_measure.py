@@ -25,7 +25,8 @@ class Measurement:
 
     ``fill_s``: time before those seconds in which records were read from the device but no
     image was delivered (the Loader's shuffle buffer filling); the projection adds it to every
-    epoch. ``method`` says how the figure was taken (see :func:`imagenet_seq.tools.bench.measure_pipeline`).
+    epoch. ``method`` says how the figure was taken (see
+    :func:`imagenet_seq.tools.bench.measure_pipeline`).
     """
 
     name: str

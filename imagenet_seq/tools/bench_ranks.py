@@ -1,7 +1,8 @@
 """Ranks of one machine reading one split: per-rank readers against the node reader
 (``imagenet-seq-bench --ranks N``), and the rank-window arithmetic the benchmarks share.
 
-Each rank is a process (``python -m imagenet_seq.tools.bench_ranks``) reading what a Loader
+Each rank is a process (``python -m imagenet_seq.tools.bench_ranks CONFIG_JSON``, started by
+:class:`RankRun`) reading what a Loader
 with ``rank=r, world_size=N`` on one machine reads, raw records only (no decode, bytes
 counted), epoch after epoch:
 
@@ -18,7 +19,6 @@ A DDP job moves at its slowest rank, so rows are compared by ``ranks x slowest r
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import os
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["HOWS", "LABELS", "SAMPLE_RECORDS", "SAME_WITHIN", "bytes_at", "window",
@@ -98,7 +99,7 @@ def _write(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _rank(a: argparse.Namespace) -> int:
+def _rank(a: SimpleNamespace) -> int:
     from imagenet_seq.plan import node, order
     from imagenet_seq.read.reader import SplitReader
 
@@ -167,17 +168,16 @@ class RankRun:
         os.makedirs(self.sync, exist_ok=True)
         for f in os.listdir(self.sync):
             os.remove(os.path.join(self.sync, f))
-        job = f"imagenet-seq-bench-{os.getpid()}-{time.time_ns()}"
-        base = [sys.executable, "-m", "imagenet_seq.tools.bench_ranks", how, path, self.sync,
-                f"--split={split}", f"--world-size={world}", f"--job={job}", f"--seed={seed}"]
-        base += [f"--chunk-size={chunk_size}"] if chunk_size else []
+        cfg = dict(how=how, path=path, sync=self.sync, split=split, world_size=world, seed=seed,
+                   chunk_size=chunk_size, job=f"imagenet-seq-bench-{os.getpid()}-{time.time_ns()}")
         # the ranks import this very package, wherever it was imported from
         home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [home] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        self.procs = [subprocess.Popen(base + [f"--rank={r}"], stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, env=env,
-                                       start_new_session=True) for r in range(world)]
+        cmd = [sys.executable, "-m", "imagenet_seq.tools.bench_ranks"]
+        self.procs = [subprocess.Popen(cmd + [json.dumps(dict(cfg, rank=r))],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env=env, start_new_session=True) for r in range(world)]
 
     def _failed(self, r: int, what: str) -> RuntimeError:
         self.close()
@@ -295,18 +295,9 @@ def compare(path: str, split: str, ranks: int, seconds: float, warmup: float, *,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """One rank (started by :class:`RankRun`)."""
-    p = argparse.ArgumentParser(prog="python -m imagenet_seq.tools.bench_ranks")
-    p.add_argument("how", choices=HOWS)
-    p.add_argument("path")
-    p.add_argument("sync", help="folder of the ready / go / done / end files")
-    p.add_argument("--split", default="train")
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--job", default="")
-    return _rank(p.parse_args(argv))
+    """One rank: ``argv[0]`` its configuration (JSON, from :class:`RankRun`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return _rank(SimpleNamespace(**json.loads(argv[0])))
 
 
 if __name__ == "__main__":
