@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FIEMAP extents where the filesystem tells them, else inode numbers); "
                         "name = sorted paths")
     p.add_argument("--read-ahead", type=int, default=None, metavar="N",
-                   help="source files read at once, the next ones in read order (default: 2 "
-                        "from a folder, 1 from a tar; more only for a high-latency mount such "
-                        "as NFS: on an HDD many reads in flight arrive out of order and cost "
-                        "seeks)")
+                   help="files the one reader works on at once: the one it reads and the next "
+                        "N-1, opened and handed to the kernel to read ahead in read order "
+                        "(posix_fadvise WILLNEED, at most 16 MiB ahead); reads stay one at a "
+                        "time and in order (default: 8 from a folder, 1 from a tar; 1 = no "
+                        "read-ahead)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion; complete splits are kept")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
@@ -109,8 +110,8 @@ def _check(args) -> List[str]:
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}; expected 0 or more")
     if args.read_ahead is not None and not 1 <= args.read_ahead <= 256:
-        raise ValueError(f"--read-ahead {args.read_ahead}; expected 1..256 files (1 for an HDD; "
-                         "more only for a high-latency mount such as NFS)")
+        raise ValueError(f"--read-ahead {args.read_ahead}; expected 1..256 files (the file "
+                         "being read and the next N-1 hinted to the kernel; 1 = no read-ahead)")
     if args.max_size is not None and args.max_size < 16:
         raise ValueError(f"--max-size {args.max_size}; expected at least 16 pixels")
     if not 1 <= args.quality <= 100:

@@ -70,7 +70,7 @@ class Options:
     memory: int = DEFAULT_MEMORY  # bytes: the buffers' bound (module docstring)
     tmp: Optional[str] = None  # folder for the sorted runs (default: the output folder)
     read_order: str = "auto"  # disk_order method: auto (FIEMAP, else inode), inode, name
-    read_ahead: Optional[int] = None  # source reads in flight (None: source_reader.READ_AHEAD)
+    read_ahead: Optional[int] = None  # files in the read-ahead window (None: source_reader's default)
     shards: Optional[int] = None  # K shard files (None: from shard_gb, else one file)
     shard_gb: Optional[float] = None  # K = manifest.shard_count(estimated bytes, shard_gb)
     shard_dirs: Tuple[str, ...] = ()  # folders beside the output folder, shards round-robin
