@@ -199,7 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=15)
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--copies", type=int, default=12, help="LMDB copies of each image (~3.2 GB)")
-    p.add_argument("--devices", nargs="+", default=["hdd", "nfs"], choices=["hdd", "nfs"])
+    p.add_argument("--devices", nargs="+", default=["hdd", "nfs"],
+                   choices=["hdd", "hdd-fifo", "nfs"],
+                   help="hdd-fifo: slowfs's pessimistic HDD (arrival order, every far move a seek)")
     p.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))
     p.add_argument("--readers", nargs="+", default=["per-rank", "node"],
                    choices=["per-rank", "node"])
@@ -229,6 +231,7 @@ def main(argv=None) -> int:
         print(f"node_reader: FUSE unavailable ({reason}); nothing measured", file=sys.stderr)
         return 2
     args.model_args = {d: shlex.split(getattr(args, f"{d}_args")) for d in ("hdd", "nfs")}
+    args.model_args["hdd-fifo"] = args.model_args["hdd"]
     os.makedirs(args.out, exist_ok=True)
     paths = prepare(args.workdir, args.classes, args.per_class, args.copies)
     from imagenet_seq.read.reader import SplitReader

@@ -11,6 +11,8 @@ from typing import List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"hdd": "8 ms seek + 4.17 ms rotation per non-contiguous request, 150 MB/s, one actuator",
+          "hdd-fifo": "pessimistic HDD: requests served strictly in arrival order, any backward or "
+                      "far (> 64 KiB) forward move costs 8 ms seek + 4.17 ms rotation, 150 MB/s",
           "nfs": "0.5 ms round trip per request, 110 MB/s link, 8 requests in flight"}
 
 
@@ -41,7 +43,7 @@ def goals(rows: List[dict]) -> List[tuple]:
         return (f"{r['device_share_of_dd']:.2f} (JPEG bytes got: {r['share_of_dd']:.2f}, "
                 f"ranks x slowest: {r.get('in_step_share_of_dd', float('nan')):.2f})")
     out = []
-    for dev, n in (("hdd", 8), ("hdd", 4), ("nfs", 8)):
+    for dev, n in (("hdd", 8), ("hdd", 4), ("hdd-fifo", 8), ("hdd-fifo", 4), ("nfs", 8)):
         r = row(dev, "node", n)
         if r:
             out.append((f"{dev}: {n} ranks (node reader) >= 0.95 of dd", both(r),
