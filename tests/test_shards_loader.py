@@ -126,6 +126,15 @@ def test_the_loader_over_shards_yields_what_the_file_yields(sample_lmdb, sharded
         assert not np.array_equal(got[0][0], got[1][0])  # shuffled: epochs differ
 
 
+def test_the_dataset_face_reads_single_records_of_shards(sample_lmdb, sharded):
+    one, many = Loader(sample_lmdb, "val", **SMALL), Loader(sharded[7], "val", **SMALL)
+    for i in (0, 5, len(one.dataset) - 1):
+        a, b = one.dataset[i], many.dataset[i]
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    one.close()
+    many.close()
+
+
 @pytest.mark.parametrize("mode", ["train", "val"])
 def test_exact_epochs_and_rank_shares_over_shards(sample_lmdb, sharded, mode):
     labels = SplitReader(sample_lmdb, mode).labels
