@@ -90,13 +90,20 @@ def cached_fraction(path: str) -> Optional[float]:
     return None if vec is None else sum(b & 1 for b in vec) / len(vec)
 
 
-def evict(path: str) -> Tuple[bool, str]:
-    """Drop ``path`` from the page cache and check it left.
+def evict(path) -> Tuple[bool, str]:
+    """Drop ``path`` (a split file, or a list of them: a sharded split's shards) from the page
+    cache and check it left.
 
     Returns:
         ``(evicted, note)``: ``evicted`` is True when the drop was done and (where ``mincore``
-        works) at most 1 % of the file stayed cached; ``note`` says what happened in words.
+        works) at most 1 % of each file stayed cached; ``note`` says what happened in words.
     """
+    if not isinstance(path, str):
+        done = [evict(p) for p in path]
+        bad = [note for ok, note in done if not ok]
+        if len(done) == 1 or bad:
+            return (not bad, "; ".join(bad) if bad else done[0][1])
+        return True, f"page cache of {len(done)} shard files dropped ({done[0][1].split('(')[-1]}"
     path = data_file(path)
     try:
         drop_cache(path)

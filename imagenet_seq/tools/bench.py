@@ -54,7 +54,7 @@ def measure_stream(reader, seconds: float, progress: bool = True) -> Measurement
     spent = 0.0
     try:
         while spent < seconds:
-            m.evicted, m.note = evict(reader.path)  # not timed: between passes
+            m.evicted, m.note = evict(reader.paths)  # not timed: between passes
             m.passes += 1
             t0 = time.monotonic()
             try:
@@ -323,11 +323,11 @@ def run(args: argparse.Namespace) -> Dict:
                 args.lmdb, args.split, args.ranks, args.seconds,
                 bench_ranks.warmup_for(args.seconds), records=records, epochs=args.epochs,
                 node_ok=None if indexed else _node_needs_index(reader.path),
-                evict_path=reader.path)
+                evict_path=reader.paths)
         elif not s.interrupted and not args.skip_pipeline:
             try:
                 measured.append(measure_pipeline(args.lmdb, args.split, args.batch_size,
-                                                 args.workers, args.seconds, mean, reader.path,
+                                                 args.workers, args.seconds, mean, reader.paths,
                                                  progress, args.buffer_size))
             except ImportError as e:
                 result["notes"].append(f"pipeline: not measured ({e})")

@@ -236,7 +236,7 @@ class RankRun:
 
 
 def measure(path: str, split: str, ranks: int, how: str, seconds: float, warmup: float, *,
-            chunk_size: Optional[int] = None, evict_path: Optional[str] = None) -> dict:
+            chunk_size: Optional[int] = None, evict_path=None) -> dict:
     """One row: ``ranks`` processes reading ``how``, the window's rates. ``evict_path``: the
     file whose page cache is dropped just before the start (so the disk is measured)."""
     from imagenet_seq.read.evict import evict
@@ -263,7 +263,7 @@ def measure(path: str, split: str, ranks: int, how: str, seconds: float, warmup:
 
 def compare(path: str, split: str, ranks: int, seconds: float, warmup: float, *,
             records: int, epochs: int, node_ok: Optional[str] = None,
-            chunk_size: Optional[int] = None, evict_path: Optional[str] = None) -> dict:
+            chunk_size: Optional[int] = None, evict_path=None) -> dict:
     """Both rows and the verdict (``faster``: ``node``, ``per-rank`` or ``same``, and by how
     much). ``node_ok``: why the node reader cannot read this file (its row is left out)."""
     out: dict = {"ranks": ranks, "seconds": seconds, "warmup": warmup, "epochs": epochs,
