@@ -12,6 +12,14 @@ returns the time the request completes, so they are unit-tested with made-up tim
 layer calls them under one lock and sleeps until the returned time, so the device's timeline,
 not Python's speed, sets the throughput (the real read of the backing file overlaps the sleep).
 
+Order of arrival (``--order``): the kernel numbers FUSE requests in the order it queues them,
+as a block device receives its requests; the daemon's threads then race to Python, and a burst
+of queued requests (read-ahead hinted with ``posix_fadvise``) reaches the models shuffled by a
+few places. By default the models see the kernel's order (its request ids, read from libfuse);
+``--order arrival`` keeps the order the threads got there. ``SLOWFS_TRACE=FILE`` logs one line
+per read: ``arrival done offset size kernel_id path`` (times: ``time.monotonic()``; id -1 when
+unknown).
+
 Figures and their sources:
 
 * HDD (7,200 rpm desktop/NAS drive, e.g. WD Red / Seagate IronWolf / Barracuda data sheets):
@@ -22,8 +30,8 @@ Figures and their sources:
   read-ahead absorb small reordering of the kernel's readahead requests); any other request
   costs seek + rotation first. Metadata (open, stat) is assumed cached (optimistic for folders).
 * HDD, arrival order (``--device hdd-fifo``, :class:`ArrivalHDDModel`): the same figures, but
-  the pessimistic case: requests are served strictly in the order they arrive (no elevator, no
-  NCQ), and any backward move or forward move beyond ``near_bytes`` (64 KiB) costs seek +
+  the pessimistic case: requests are served strictly in the order they arrive (the order the
+  kernel queued them; no elevator, no NCQ), and any backward move or forward move beyond ``near_bytes`` (64 KiB) costs seek +
   rotation, the track cache included. Optionally layout-aware (``base``: where each file lies
   on the platter). A read-ahead that is only fast because the drive reorders it shows here.
 * NFS over 1 GbE: 1 Gbit/s = 125 MB/s raw, ~110-117 MB/s of payload after Ethernet/IP/TCP/RPC
@@ -36,6 +44,7 @@ Figures and their sources:
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import errno
 import heapq
@@ -273,6 +282,7 @@ class NFSModel:
 
 
 NEAR_KB = {"hdd": 1024, "hdd-fifo": 64}  # --near-kb's default per model
+ORDERS = ("kernel", "arrival")  # --order: what "the order requests arrive in" means
 
 
 def make_model(args: argparse.Namespace):
@@ -309,11 +319,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--open-rtts", type=int, default=1, help="nfs: round trips per open")
     p.add_argument("--queue-depth", type=int, default=64,
                    help="requests the device sees at once to reorder (libfuse threads)")
+    p.add_argument("--order", choices=ORDERS, default="kernel",
+                   help="the order requests reach the device in: kernel (default): the order "
+                        "the kernel queued them (its FUSE request ids), as a block device gets "
+                        "them; arrival: the order the emulator's threads reached Python in "
+                        "(a burst of queued requests comes shuffled)")
 
 
-def _operations(source: str, model, queue_depth: int = 64):
+def _operations(source: str, model, queue_depth: int = 64, order: str = "kernel"):
     import mfusepy as fuse
 
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}; expected one of {', '.join(ORDERS)}")
+    kernel_id = _kernel_request_id(fuse) if order == "kernel" else (lambda: -1)
     trace_path = os.environ.get("SLOWFS_TRACE")  # debugging: one line per read request
     trace = open(trace_path, "w", buffering=1 << 16) if trace_path else None
 
@@ -327,6 +345,7 @@ def _operations(source: str, model, queue_depth: int = 64):
             # register it as that operation
             self.cond = threading.Condition()
             self.pending: List[list] = []
+            self.arrivals = 0
             self.stopped = False
             self.device = None
 
@@ -377,16 +396,20 @@ def _operations(source: str, model, queue_depth: int = 64):
             # queued on arrival, before the backing read (which overlaps the device's time):
             # the order of arrival is what the arrival-order model serves
             n = max(0, min(size, os.fstat(fh).st_size - offset))
-            req = [path, offset, n, time.monotonic(), None]
+            uid = kernel_id()
             with self.cond:
-                self.pending.append(req)
+                # [path, offset, size, arrival, done, (kernel id, arrival count)]; pending is
+                # kept in the kernel's order (--order arrival: every id -1, the arrival order)
+                self.arrivals += 1
+                req = [path, offset, n, time.monotonic(), None, (uid, self.arrivals)]
+                bisect.insort(self.pending, req, key=lambda r: r[5])
                 self.cond.notify_all()
             data = os.pread(fh, n, offset)
             with self.cond:
                 while req[4] is None:
                     self.cond.wait()
                 if trace is not None:  # under the lock: a text file is not thread-safe
-                    trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {n} {path}\n")
+                    trace.write(f"{req[3]:.6f} {req[4]:.6f} {offset} {n} {uid} {path}\n")
             _sleep_until(req[4])
             return data
 
@@ -403,7 +426,7 @@ def _operations(source: str, model, queue_depth: int = 64):
                     # reordered (NCQ), yet the device never idles on Python's latency
                     ahead = getattr(model, "busy_until", 0.0) - now
                     if ahead <= LOOKAHEAD_S:
-                        i = model.pick([tuple(r[:4]) for r in self.pending], now)
+                        i = model.pick(_in_queue_order(self.pending), now)
                         req = self.pending.pop(i)
                         req[4] = model.schedule(req[0], req[1], req[2], now)
                         self.cond.notify_all()
@@ -422,6 +445,57 @@ def _operations(source: str, model, queue_depth: int = 64):
     return fuse, SlowMirror()
 
 
+def _in_queue_order(pending: List[list]) -> List[tuple]:
+    """What the models see of ``pending`` (requests in the kernel's order): ``(key, offset,
+    size, queued)``, where ``queued`` is no later than the arrival of any request the kernel
+    queued after it (the minimum of the arrivals from it on): a request that lost the race to
+    Python to one queued after it still counts as the older. Models serve the oldest first
+    (the first of equals: the kernel's first), and mq-deadline's expiry of :class:`HDDModel`
+    counts from it."""
+    out, first = [], float("inf")
+    for r in reversed(pending):
+        first = min(first, r[3])
+        out.append((r[0], r[1], r[2], first))
+    out.reverse()
+    return out
+
+
+def _kernel_request_id(fuse):
+    """A function giving the kernel's id (``unique``) of the FUSE request the calling thread
+    serves, or -1 where it cannot be read. The kernel numbers requests in the order it queues
+    them for the daemon; the daemon's threads then race to Python, so the order reads reach
+    the model in is not always that one (see ``--order``).
+
+    libfuse's high-level API does not expose the id: it is read from libfuse's private
+    ``struct fuse_context_i { struct fuse_context ctx; fuse_req_t req; }`` (what
+    ``fuse_get_context()`` points into) and ``struct fuse_req { struct fuse_session *se;
+    uint64_t unique; ... }``, the layout of libfuse 3.x on 64-bit Linux (elsewhere: -1, and
+    the emulator serves requests in the order they reach Python). The first id read must look
+    like the kernel's (even: it counts in steps of 2; not 0), or none is used."""
+    import ctypes
+
+    lib = getattr(fuse, "_libfuse", None)
+    ctx_t = getattr(fuse, "fuse_context", None)
+    if lib is None or ctx_t is None or getattr(fuse, "fuse_version_major", 0) != 3 or \
+            ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(ctx_t) != 40 or \
+            not sys.platform.startswith("linux"):
+        return lambda: -1
+    get = lib.fuse_get_context
+    usable: List[bool] = []  # decided by the first id read
+
+    def kernel_id() -> int:
+        if usable == [False]:
+            return -1
+        ctx = get()
+        req = ctypes.c_void_p.from_address(ctypes.addressof(ctx.contents) + 40).value \
+            if ctx else None
+        uid = ctypes.c_uint64.from_address(req + 8).value if req else -1
+        if not usable:
+            usable.append(0 < uid < 1 << 62 and uid % 2 == 0)
+        return uid if usable[0] else -1
+    return kernel_id
+
+
 def _sleep_until(t: float) -> None:
     delay = t - time.monotonic()
     if delay > 0:
@@ -429,9 +503,9 @@ def _sleep_until(t: float) -> None:
 
 
 def serve(source: str, mountpoint: str, model, stats_path: Optional[str] = None,
-          queue_depth: int = 64) -> None:
+          queue_depth: int = 64, order: str = "kernel") -> None:
     """Mount and serve until unmounted (blocks). Writes the model's counters to ``stats_path``."""
-    fuse, ops = _operations(source, model, queue_depth)
+    fuse, ops = _operations(source, model, queue_depth, order)
     # kernel_cache off: every open drops the file's pages, so a fresh open reads the device;
     # auto_cache off for the same reason. ro: a mirror for reading only.
     # one libfuse thread per queued request: the device (see _dispatch) must see the whole queue
@@ -548,7 +622,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(str(e))
     if args.queue_depth < 1:
         p.error(f"--queue-depth={args.queue_depth}; expected >= 1")
-    serve(os.path.abspath(args.source), args.mountpoint, model, args.stats, args.queue_depth)
+    serve(os.path.abspath(args.source), args.mountpoint, model, args.stats, args.queue_depth,
+          args.order)
     return 0
 
 

@@ -49,7 +49,9 @@ def test_request_log_is_whole_under_concurrent_reads(tmp_path, monkeypatch):
     lines = trace.read_bytes().decode("ascii").splitlines()  # no foreign bytes in it
     assert len(lines) == stats["requests"] > 0  # nothing of it lost at unmount
     rows = [line.split(" ") for line in lines]
-    assert all(len(r) == 5 and r[4] == "/f" and float(r[1]) >= float(r[0]) for r in rows)
+    # arrival, done, offset, size, the kernel's request id, path
+    assert all(len(r) == 6 and r[5] == "/f" and float(r[1]) >= float(r[0]) for r in rows)
+    assert len({r[4] for r in rows}) == len(rows)  # one request id each
     assert sum(int(r[3]) for r in rows) == stats["bytes"]
 
 
