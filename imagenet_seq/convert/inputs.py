@@ -23,9 +23,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from imagenet_seq import format as fmt
 from imagenet_seq.format import SPLITS
 from imagenet_seq.convert import tar_names, tar_source, wds_source
 from imagenet_seq.convert.devkit import read_devkit
+from imagenet_seq.convert.tar_sweep import ArchiveSweep
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
@@ -210,6 +212,25 @@ def _list_shards(paths: List[str], progress, cache_dir: Optional[str]):
 MAX_CLASSES = 1_000_000  # without --classes: largest label + 1
 
 
+def _train_classes(train: str, cache_dir: Optional[str]) -> List[str]:
+    """The classes of ImageNet's train archive: those of its conversion in ``cache_dir`` (the
+    output folder) when there is one, else its class folders (every header read)."""
+    if cache_dir:
+        try:
+            from imagenet_seq.format import manifest as mf
+            split = mf.open_split(cache_dir, "train")
+            env = fmt.open_env(split.paths[0])
+            try:
+                with env.begin(buffers=True) as txn:
+                    return list(fmt.read_metadata(txn, split.paths[0]).classes)
+            finally:
+                env.close()
+        except (OSError, ValueError):
+            pass
+    files, _ = _archive_files(train, "train", None, None)
+    return sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
+
+
 def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[str], progress,
                  cache_dir: Optional[str]) -> Inputs:
     """Scans of ``splits`` from WebDataset shards, each shard's split read from its name."""
@@ -366,34 +387,27 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
             scans[s] = tar_source.scan_files(path, prefix, files, classes, flat, labels,
                                              skipped, labels_name)
         return Inputs(path, scans)
-    classes = None
-    # listing the train archive costs about one read of it: only when its images or its
-    # classes (no devkit) are needed
-    if "train" in by_kind and ("train" in splits or kit_classes is None):
-        files, not_files = _archive_files(by_kind["train"], "train", progress, cache_dir)
-        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
-        if kit_classes is not None and classes != kit_classes:
-            extra = sorted(set(classes) ^ set(kit_classes))[:3]
-            raise ScanError(f"the classes of {by_kind['train']} ({len(classes)}) differ from the "
-                            f"devkit's ({len(kit_classes)}), e.g. {extra}: the devkit is of "
-                            "another year or dataset; pass ILSVRC2012_devkit_t12.tar.gz")
-        if "train" in splits:
-            scans["train"] = tar_source.scan_files(by_kind["train"], "", files, classes, False,
-                                                   None, not_files, "")
-    classes = classes or kit_classes
-    for s in splits:
-        if s in scans:
-            continue
-        if s == "train" or s not in by_kind:
-            raise ScanError(f"no {s} input: pass ILSVRC2012_img_{s}.tar (or --splits "
-                            f"{'val' if s == 'train' else 'train'})")
-        if classes is None:
+    # each archive is read in one sweep as it is converted (tar_sweep): no listing first
+    if "train" in splits:
+        if "train" not in by_kind:
+            raise ScanError("no train input: pass ILSVRC2012_img_train.tar (or --splits val)")
+        scans["train"] = Scan([], [], [], sweep=ArchiveSweep(
+            by_kind["train"], "train", True, kit_classes=kit_classes))
+    if "val" in splits:
+        if "val" not in by_kind:
+            raise ScanError("no val input: pass ILSVRC2012_img_val.tar (or --splits train)")
+        if kit_classes is None and "train" not in by_kind:
             raise ScanError("the class list comes from the train archive or the devkit: pass "
                             "ILSVRC2012_img_train.tar or --devkit ILSVRC2012_devkit_t12.tar.gz")
         if labels is None:
-            raise ScanError(f"{by_kind[s]} is flat and needs labels: pass --devkit "
+            raise ScanError(f"{by_kind['val']} is flat and needs labels: pass --devkit "
                             "ILSVRC2012_devkit_t12.tar.gz or --val-labels LOC_val_solution.csv")
-        files, not_files = _archive_files(by_kind[s], s, progress, cache_dir)
-        scans[s] = tar_source.scan_files(by_kind[s], "", files, classes, True, labels,
-                                         not_files, labels_name)
+        train = by_kind.get("train")
+
+        def class_list(train=train):
+            """The devkit's classes, else the train archive's (its converted split's, or
+            its class folders: read only when needed)."""
+            return kit_classes or _train_classes(train, cache_dir)
+        scans["val"] = Scan([], [], [], sweep=ArchiveSweep(
+            by_kind["val"], "val", False, labels, labels_name, class_list))
     return Inputs(srcs[0], scans)

@@ -12,24 +12,21 @@ need in space is checked beforehand (``space``).
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import threading
 from typing import Optional
 
-import numpy as np
-
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
 from imagenet_seq.malloc import trim
-from imagenet_seq.convert.sort_runs import RunBuffer, merge
-from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
+from imagenet_seq.convert.sort_runs import NO_ORIGIN, RunBuffer, merge
+from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS
 
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
            "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
-           "fixed_bytes", "buffer_bytes", "pack", "unpack", "prepare_runs",
+           "fixed_bytes", "buffer_bytes", "prepare_runs",
            "RunWriter", "read_pass", "merge_pass"]
 
 COMMIT_RECORDS = 2000
@@ -74,14 +71,6 @@ def buffer_bytes(memory: int, workers: int, images: int = 0) -> int:
                          f"(processes, queues and file list: "
                          f"{fixed_bytes(workers, images) // 1_000_000} MB)")
     return rest
-
-
-def pack(done: np.ndarray) -> str:
-    return base64.b64encode(np.packbits(done).tobytes()).decode()
-
-
-def unpack(text: str, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
 
 
 def prepare_runs(run_dir: str, state: dict, partial: str) -> None:
@@ -135,11 +124,10 @@ class RunWriter:
         """Write ``run`` to ``run.path``."""
         assert self._thread is None, "wait() for the previous run first"
         self._run, self.path = run, run.path
-        positions = [item[0] for item in run.items]
 
         def write():
             try:
-                self._out.append((run, positions, run.write(run.path)))
+                self._out.append((run, None, run.write(run.path)))
             except BaseException as e:  # OSError (full disk), MemoryError: the caller's
                 self._out.append(e)
             # the records were allocated by the reader's and the main thread (their malloc
@@ -167,39 +155,56 @@ class RunWriter:
         return got
 
 
-def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
-               start_progress) -> None:
-    """Pass 1: every plan position not yet done, read in ``read_order``, into sorted runs."""
-    done = unpack(state["done"], len(plan))
-    todo = [p for p in read_order if not done[p]]
+def read_pass(env, sweep, state, run_dir, opts, res, progress, start_progress,
+              key_of) -> None:
+    """Pass 1: the sweep's items from ``state["sweep"]`` on, in read order, into runs sorted by
+    ``key_of(rel)`` (``write_order.sort_key``) and the sweep's sequence number.
+
+    ``sweep`` (``sweep.FolderSweep``, ``tar_sweep.*``): ``chunks(cursor)`` gives chunks of
+    ``(tag, rel, label, bytes or verdict)`` in read order, ``tag = (seq, token, origin)``;
+    ``total`` the items expected (None: unknown, an archive before its sweep);
+    ``describe(rel)`` names a file. A verdict is ``('skip', why)`` (a broken file: counted,
+    ``--strict`` stops), ``('note', why)`` (reported, never stored, not counted), ``('mark',
+    what)`` (what the sweep found out: a class, a nested tar: ``state["found"]``) or
+    ``('error', message)``. Progress is committed as the sweep's cursor (the first item not
+    yet in a run on disk), never as a list over the split's files."""
+    cursor = state["sweep"]
+    start = cursor["seq"]
     if start_progress:
-        start_progress(len(plan), len(plan) - len(todo), "read")
-    run_bytes = buffer_bytes(opts.memory, opts.workers, len(plan))  # filling + writing
-    classes = len(state["class_counts"])
-    run = _Run(run_bytes, RUN_RECORDS, classes)
+        start_progress(sweep.total, start if sweep.total else 0, "read")
+    run_bytes = buffer_bytes(opts.memory, opts.workers, getattr(sweep, "images", 0))
+    run = _Run(run_bytes, RUN_RECORDS, 0)
     writer = RunWriter()
-    workers = Workers(opts.workers) if opts.workers > 0 and todo else None
-    reader = (Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo], opts.read_ahead)
-              if todo else None)
+    workers = Workers(opts.workers) if opts.workers > 0 else None
+    reader = sweep.reader(cursor, opts.read_ahead)
     txn = env.begin(write=True)
-    pending = 0
+    last = [None]  # (seq, token) of the last item handled
+    run.first = None
+
+    def cursor_now():
+        """The first item whose effect is not yet on disk: the run being written (before
+        its commit) or being filled, else the one after the last item handled."""
+        firsts = [r.first for r in (run,) if r.first is not None]
+        if firsts:
+            seq, token = firsts[0]
+            return {"seq": seq, "token": token}
+        if last[0] is None:
+            return dict(state["sweep"])
+        seq, token = last[0]
+        return {"seq": seq + 1, "token": token}  # resume at it, dropping it (seq < cursor)
 
     def commit(written=None):
         """The progress record, with the run just written (if any), in one transaction."""
-        nonlocal txn, pending
+        nonlocal txn
         if written is not None:
-            done_run, positions, (n, size) = written
+            done_run, _, (n, size) = written
             state["runs"].append([os.path.basename(done_run.path), n, size])
-            done[positions] = True
-            for k, c in enumerate(done_run.class_counts):
-                state["class_counts"][k] += c
             state["bytes"] += done_run.bytes
             state["converted"] += done_run.converted
-        state["done"] = pack(done)
+        state["sweep"] = cursor_now()
         txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
         txn.commit()
         txn = env.begin(write=True)
-        pending = 0
 
     def finish_write(timeout=None) -> bool:
         """Commit the run in flight once written; False if it is still being written."""
@@ -222,30 +227,54 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
         finish_write()  # one write at a time: the memory bound holds two runs
         run.path = os.path.join(run_dir, f"run-{len(state['runs']):05d}")
         writer.start(run)
-        run = _Run(run_bytes, RUN_RECORDS, classes)
+        run = _Run(run_bytes, RUN_RECORDS, 0)
+        run.first = None
 
+    found = state.setdefault("found", {"classes": [], "containers": {}, "flags": []})
+    classes = set(found["classes"])
     try:
-        for pos, status, payload, note in (results(source.describe(""), reader, opts.max_size,
-                                                   opts.quality, workers) if todo else ()):
-            rel, label = plan[pos]
+        for tag, status, payload, note in results(sweep.describe(""), reader, opts.max_size,
+                                                  opts.quality, workers):
+            seq, token, origin, rel, label = tag
+            if seq < start:
+                continue  # before the cursor: already in a committed run (a resumed sweep)
+            last[0] = (seq, token)
             nbytes = 0
             if status == "error":
                 raise ConversionError(payload)
-            if status == "skip":
-                if opts.strict:
+            if status == "mark":
+                if "class" in payload and payload["class"] not in classes:
+                    classes.add(payload["class"])
+                    found["classes"] = sorted(classes)
+                if "container" in payload:
+                    seqs = found["containers"].setdefault(payload["container"], [])
+                    if seq not in seqs:
+                        seqs.append(seq)
+                if "flag" in payload and payload["flag"] not in found["flags"]:
+                    found["flags"].append(payload["flag"])
+                continue
+            if status in ("skip", "note"):
+                if status == "skip" and opts.strict:
                     raise ConversionError(
-                        f"{source.describe(rel)}: {payload} (--strict stops at the "
+                        f"{sweep.describe(rel)}: {payload} (--strict stops at the "
                         "first broken file; remove or fix it, or run without --strict to "
                         "skip and report it)")
-                txn.put(fmt.skip_key(state["skipped"]),
-                        json.dumps({"path": rel, "reason": payload, "pos": pos}).encode())
-                state["skipped"] += 1
-                res.skipped.append((rel, payload))
-                done[pos] = True  # its record is in this transaction
-                pending += 1
+                if seq > state.get("last_skip", -1):  # not already put before a resume
+                    row = {"path": rel, "reason": payload, "seq": seq}
+                    if status == "note":
+                        row["note"] = True
+                    if origin != NO_ORIGIN:
+                        row["origin"] = origin
+                    txn.put(fmt.skip_key(state["skipped"]), json.dumps(row).encode())
+                    state["skipped"] += 1
+                    state["last_skip"] = seq
+                    if status == "skip":
+                        res.skipped.append((rel, payload))
             else:  # payload: the JPEG to store; the run writes the record header before it
-                run.add(pos, payload, fmt.RECORD_HEADER.pack(label))
-                run.class_counts[label] += 1
+                if run.first is None:
+                    run.first = (seq, token)
+                run.add(key_of(rel), seq, payload, fmt.RECORD_HEADER.pack(label & 0xFFFFFFFF),
+                        origin)
                 nbytes = len(payload)
                 run.bytes += nbytes
                 run.converted += note is not None
@@ -261,38 +290,43 @@ def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress
         if run.items:
             hand_over()
         finish_write()
-        if pending:
-            commit()
+        state["sweep"] = cursor_now()
+        state["sweep"]["end"] = True
+        txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
+        txn.commit()
+        txn = env.begin(write=True)
     except WorkerError as e:
         raise ConversionError(str(e)) from None
     finally:
         if workers is not None:
             workers.close()  # first: kill, never wait for their cooperation
-        if reader is not None:
-            reader.close()
+        reader.close()
         if txn is not None:
             txn.abort()  # a no-op after the last checkpoint's fresh transaction
-    if not done.all():
-        raise ConversionError(f"internal: {int((~done).sum())} images not read; run again "
-                              "with --resume")
 
 
-def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int) -> None:
-    """Pass 2: the runs merged by plan position into the shards, one after the other.
+def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int,
+               decide) -> None:
+    """Pass 2: the runs merged by (key, sequence) into the shards, one after the other; the
+    merge order is the record index.
 
-    ``sink`` (``shards.ShardSink``) is the shard being written: records of plan positions
-    before ``sink.end`` go into ``sink.env``; the first one past it ends that shard
-    (``sink.hand_over`` the progress to the next shard, then this shard's final transaction:
-    checksums, ``sink.finish``; then ``sink.seal``) and goes into the next. Every commit
-    stores the runs' offsets with its records (a resume continues from them)."""
-    state.pop("done", None)  # pass 1 is over: no need to carry the bitmap in every commit
+    ``decide(rel, label, seq, origin, replaced)`` -> (label to store, None) or (None, the
+    report row's reason): the labels a sweep could not know before its end (a tar's classes)
+    and the copies an archive replaced (a name met again later, a nested tar replaced by a
+    later one of its name) are settled here. ``sink`` (``shards.ShardSink``) is the shard
+    being written: merged items before ``sink.end`` (counted over every run record, dropped
+    copies included) go into ``sink.env``; the first one past it ends that shard (the next
+    shard's ``.partial`` made first, then this shard's final transaction, then ``seal``).
+    Every commit stores the runs' offsets with its records (a resume continues from them)."""
     state["phase"] = "merge"
     state.setdefault("offsets", [0] * len(state["runs"]))
+    state.setdefault("merged", state.get("written", 0))
     total = sum(r[1] for r in state["runs"])
     if start_progress:
-        start_progress(total, state["written"], "merge")
+        start_progress(total, state["merged"], "merge")
     crcs = checksums.Log(sink.local(state["written"]))  # records before it: committed
     paths = [os.path.join(run_dir, r[0]) for r in state["runs"]]
+    sink.load_labels()
     txn = sink.env.begin(write=True)
     pending_n = pending_b = 0
 
@@ -313,18 +347,37 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
             pending_n = pending_b = 0
 
     try:
-        for pos, payload, i, after in merge(paths, state["offsets"],
-                                            buffer_bytes(opts.memory, opts.workers, images)):
-            if pos >= sink.end:
+        for key, seq, origin, payload, i, after, replaced in merge(
+                paths, state["offsets"], buffer_bytes(opts.memory, opts.workers, images)):
+            while state["merged"] >= sink.end:  # a shard whose images were all dropped: empty
                 payload = bytes(payload)  # one record's copy: its read buffer outlives nothing
-                while pos >= sink.end:  # a shard whose images were all skipped: empty
-                    end_shard()
-            txn.put(fmt.record_key(sink.local(state["written"])), payload)
-            crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
-            state["written"] += 1
+                end_shard()
+            state["merged"] += 1
             state["offsets"][i] = after
-            nbytes = len(payload) - fmt.RECORD_HEADER.size
-            state["shard"]["bytes"] += nbytes
+            rel = (key[8:] if sink.layout.split == "train" else key).decode(
+                "utf-8", "surrogateescape")
+            (raw,) = fmt.RECORD_HEADER.unpack_from(payload, 0)
+            label, why = decide(rel, raw, seq, origin, replaced)
+            if why is not None:
+                row = {"path": rel, "reason": why, "seq": seq, "note": True}
+                if label is not None:  # stored: a marker that earlier rows were replaced
+                    row["marker"], why = True, None
+                txn.put(fmt.skip_key(state["skipped"]), json.dumps(row).encode())
+                state["skipped"] += 1
+            if why is not None:
+                nbytes = 0
+            else:
+                if label != raw:  # settled here (a tar's classes): the header rewritten
+                    if not isinstance(payload, bytearray) and (
+                            not isinstance(payload, memoryview) or payload.readonly):
+                        payload = bytearray(payload)
+                    fmt.RECORD_HEADER.pack_into(payload, 0, label)
+                txn.put(fmt.record_key(sink.local(state["written"])), payload)
+                crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
+                sink.labels.append(label)
+                state["written"] += 1
+                nbytes = len(payload) - fmt.RECORD_HEADER.size
+                state["shard"]["bytes"] += nbytes
             pending_n += 1
             pending_b += nbytes
             if progress:
@@ -335,8 +388,8 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
                 txn.commit()
                 txn = sink.env.begin(write=True)
                 pending_n = pending_b = 0
-        if state["written"] != total:
-            raise ConversionError(f"internal: merged {state['written']} of {total} records; "
+        if state["merged"] != total:
+            raise ConversionError(f"internal: merged {state['merged']} of {total} records; "
                                   "run again with --overwrite")
         while txn is not None:  # this shard and any (empty) after it
             end_shard()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import List, Sequence, Tuple
 
-__all__ = ["ORDER_VERSION", "train_key", "write_order"]
+__all__ = ["ORDER_VERSION", "train_key", "sort_key", "write_order"]
 
 ORDER_VERSION = 2  # 1: a numpy permutation of the sorted file list (files written before 0.6)
 
@@ -26,6 +26,13 @@ def train_key(rel: str, seed: int) -> bytes:
     Non-UTF-8 names (lone surrogates from ``os.listdir``) hash as their bytes on disk."""
     data = b"%d\0" % int(seed) + rel.encode("utf-8", "surrogateescape")
     return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def sort_key(rel: str, split: str, seed: int) -> bytes:
+    """The bytes records are sorted by: train ``train_key`` + the path, val the path (UTF-8,
+    non-UTF-8 names as their bytes); the path is recovered from the key (``passes``)."""
+    raw = rel.encode("utf-8", "surrogateescape")
+    return train_key(rel, seed) + raw if split == "train" else raw
 
 
 def write_order(entries: Sequence[Tuple[str, int]], split: str,

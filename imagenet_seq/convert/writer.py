@@ -31,6 +31,7 @@ shards) and deleted at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,22 +41,24 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import lmdb
-import numpy as np
 
 from imagenet_seq import format as fmt
 from imagenet_seq.format import manifest as mf
 from imagenet_seq.convert.passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
-                             ConversionError, merge_pass, prepare_runs, read_pass, unpack)
+                             ConversionError, merge_pass, prepare_runs, read_pass)
 from imagenet_seq.convert import shards as sh
 from imagenet_seq.convert.resume import existing, fresh_state, open_partial, resume_point
 from imagenet_seq.convert.shard_sink import ShardSink, finish_split, skips
-from imagenet_seq.convert.space import estimate, outputs, space_check
+from imagenet_seq.convert.settle import decider, settle_skips
+from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
+from imagenet_seq.convert.space import outputs, space_check
+from imagenet_seq.convert.sweep import FolderSweep
 from imagenet_seq.format.convlock import Busy, ConversionLock
 from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.source_reader import FolderSource
-from imagenet_seq.convert.write_order import ORDER_VERSION, write_order
+from imagenet_seq.convert.write_order import ORDER_VERSION, sort_key, write_order
 
 __all__ = ["Options", "Result", "plan_order", "fingerprint", "convert_split"]
 
@@ -109,15 +112,12 @@ def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
     return write_order(scan.entries, split, seed)
 
 
-def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) -> str:
-    # the order's version too: a .partial of the older order is not continued in the new one
-    h = hashlib.sha1(json.dumps([classes, opts.content(), ORDER_VERSION]).encode())
-    for path, label in plan:
-        # surrogateescape: names that are not UTF-8 (listed by os.listdir as lone surrogates,
-        # as torchvision's ImageFolder lists them) hash as their bytes on disk
-        h.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
+def fingerprint(identity: str, classes: Optional[List[str]], opts: Options) -> str:
+    """Of what the .partial is a conversion of: the sources (``sweep.identity()``: a folder's
+    files and read order; archives' paths, sizes and modification times), the classes where
+    known before the sweep, the options and the order's version."""
+    return hashlib.sha1(json.dumps([classes, opts.content(), ORDER_VERSION, identity]
+                                   ).encode()).hexdigest()
 
 
 def _committed_skips(env):
@@ -182,31 +182,47 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             lock.release()
 
 
-def _shard_count(opts: Options, scan: Scan, plan, split: str) -> int:
+def _shard_count(opts: Options, images: Optional[int], src_bytes: int, split: str) -> int:
+    """K: ``--shards``, or from ``--shard-gb`` and the sources' bytes. ``images``: the count
+    where known before the sweep (a folder), else None (an archive: checked after it)."""
+    top = max(1, images) if images is not None else None
     if opts.shards is not None:
-        if not 1 <= opts.shards <= max(1, len(plan)):
+        if top is not None and not 1 <= opts.shards <= top:
             raise ConversionError(
-                f"--shards {opts.shards} for the {len(plan)} images of {split}; expected 1 to "
-                f"{max(1, len(plan))} (a shard holds at least one image's place): pass fewer, "
+                f"--shards {opts.shards} for the {images} images of {split}; expected 1 to "
+                f"{top} (a shard holds at least one image's place): pass fewer, "
                 "or convert this split on its own (--splits) with fewer")
         return opts.shards
     if opts.shard_gb is not None:
-        _, (est,) = estimate(scan, plan, [(0, len(plan))])
         try:
-            return max(1, min(mf.shard_count(est, opts.shard_gb), len(plan)))
+            k = mf.shard_count(src_bytes, opts.shard_gb)
         except ValueError as e:
             raise ConversionError(str(e)) from None
+        return max(1, min(k, top) if top is not None else k)
     return 1
+
+
+def _folder_sweep(scan: Scan, split_dir: str, opts: Options):
+    source = scan.source or FolderSource(split_dir)
+    rels = [rel for rel, _ in scan.entries]
+    order, how = source.order(rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
+    return FolderSweep(source, scan.entries, list(order), how)
 
 
 def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
              start_progress, notice) -> Result:
-    if len(scan.entries) >= fmt.MAX_RECORDS:
+    stream = getattr(scan, "sweep", None)  # an archive read in one sweep (tar_sweep)
+    if stream is None and len(scan.entries) >= fmt.MAX_RECORDS:
         raise ConversionError(f"{len(scan.entries)} images in {split}; the format holds at most "
                               f"{fmt.MAX_RECORDS - 1}")
-    plan = plan_order(scan, split, opts.seed)
-    layout = sh.Layout.make(split, _shard_count(opts, scan, plan, split), out_dir,
-                            opts.shard_dirs, len(plan))
+    split_dir = os.path.join(src_root, split)
+    if stream is None:
+        src_bytes = sum(scan.inode_size(r)[1] for r, _ in scan.entries)
+        images = len(scan.entries)
+    else:
+        src_bytes, images = stream.source_bytes, None
+    count = _shard_count(opts, images, src_bytes, split)
+    layout = sh.Layout.make(split, count, out_dir, opts.shard_dirs, max(images or 0, count))
     for j in range(layout.count):
         for path in (layout.final(j), layout.partial(j)):
             if os.path.isdir(path):
@@ -220,21 +236,23 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     if existing(layout, run_dir, overwrite, resume):
         return _complete(layout, res, opts.shard_dirs)
 
-    fp = fingerprint(plan, scan.classes, opts)
-    split_dir = os.path.join(src_root, split)
+    sweep = stream if stream is not None else _folder_sweep(scan, split_dir, opts)
+    res.read_order = sweep.how
+    known = scan.classes if stream is None else None
+    fp = fingerprint(sweep.identity(), known, opts)
     os.makedirs(out_dir, exist_ok=True)
     if opts.tmp is not None and not os.path.isdir(opts.tmp):
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
     j, env, ino, state = 0, None, None, None  # a fresh start: shard 0, made below
     if resume:
-        j, env, ino, state = resume_point(layout, scan.classes, opts.content(), fp, run_dir)
+        j, env, ino, state = resume_point(layout, known, opts.content(), fp, run_dir)
     sink = None
     try:
         if j == layout.count:  # every shard finished, killed before the manifest
             rows, res.skipped, res.manifest = finish_split(layout, None)
             shutil.rmtree(run_dir, ignore_errors=True)
-            res.shards, res.resumed_at = rows, len(plan)
-            res.written = sum(r["records"] for r in rows)
+            res.shards = rows
+            res.written = res.resumed_at = sum(r["records"] for r in rows)
             res.bytes = sum(r["bytes"] for r in rows)
             return res
         if env is None:
@@ -243,32 +261,49 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
                                readonly=False, lock=False)
             ino = os.stat(partial0).st_ino
         if state is None:
-            state = fresh_state(fp, layout, run_dir, len(plan), len(scan.classes))
-        res.resumed_at = state["written"] if state["phase"] == "merge" else int(
-            unpack(state["done"], len(plan)).sum())
+            state = fresh_state(fp, layout, run_dir)
+        res.resumed_at = state["written"] if state["phase"] == "merge" else \
+            state["sweep"]["seq"]
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        src, per = estimate(scan, plan, layout.ranges)
-        space_check(src, sum(per), state, run_dir, outputs(layout, per, state, j), split,
-                    len(plan), opts.memory, opts.workers, notice)
+        n_est = images if images is not None else max(1, src_bytes // 100_000)
+        per = [src_bytes * n // max(1, n_est) + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
+               for _, n in mf.shard_ranges(n_est, layout.count)]
+        space_check(src_bytes, sum(per), state, run_dir, outputs(layout, per, state, j), split,
+                    images if images is not None else 0, opts.memory, opts.workers, notice)
         prepare_runs(run_dir, state, layout.partial(j))
         t0 = time.perf_counter()
         if state["phase"] == "read":
-            rels = [rel for rel, _ in plan]
-            source = scan.source or FolderSource(split_dir)
-            read_order, res.read_order = source.order(
-                rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
             t1, c1 = time.perf_counter(), time.process_time()
-            read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
-                      start_progress)
+            if not state["sweep"].get("end"):
+                key_of = (lambda rel: sort_key(rel, "train", opts.seed)) if split == "train" \
+                    else (lambda rel: sort_key(rel, "val", opts.seed))
+                read_pass(env, sweep, state, run_dir, opts, res, progress, start_progress,
+                          key_of)
             res.read_s, res.read_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+            # the sweep is over: what only its end tells is settled, once, and committed
+            state["skip_last"] = settle_skips(env, state.get("found", {}))
+            state["classes"] = known if stream is None else stream.classes(state["found"])
+            state["phase"] = "merge"
+            with env.begin(write=True) as txn:
+                txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
                                   " can be merged at once; pass a larger --memory-mb")
-        sink, env = ShardSink(layout, env, ino, state, plan, scan.classes, opts.content()), None
+        classes = state["classes"]
+        total = sum(r[1] for r in state["runs"])
+        if total < layout.count and layout.count > 1:
+            raise ConversionError(
+                f"--shards {layout.count} for the {total} images of {split}; a shard holds at "
+                "least one image's place: pass --overwrite and fewer shards")
+        layout = dataclasses.replace(layout, ranges=tuple(mf.shard_ranges(total, layout.count)))
+        decide = decider(classes, state.get("found", {}), state.get("skip_last", {}),
+                         stream.resolver(state["found"]) if stream is not None else None)
+        sink, env = ShardSink(layout, env, ino, state, classes, opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
         try:
-            merge_pass(sink, state, run_dir, opts, progress, start_progress, len(plan))
+            merge_pass(sink, state, run_dir, opts, progress, start_progress,
+                       images if images is not None else 0, decide)
         except (OSError, lmdb.Error) as e:  # a full or failing disk: say which (cli.py)
             e.folder = sink.writing
             raise
