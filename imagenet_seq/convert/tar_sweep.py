@@ -125,7 +125,7 @@ def _open(fileobj, path: str, what: str, at: Optional[int]) -> tarfile.TarFile:
         tf = tarfile.open(fileobj=fileobj, mode="r:")
     except tarfile.ReadError as e:
         raise _tar_error(path, what, e) from None
-    if at is not None:  # a resumed sweep: from this header on
+    if at:  # a resumed sweep: from this header on (at 0: the member just read is that one)
         tf.firstmember, tf.offset = None, at
     return tf
 
