@@ -28,6 +28,7 @@ from imagenet_seq.format import SPLITS
 from imagenet_seq.convert import tar_names, tar_source, wds_source
 from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.tar_sweep import ArchiveSweep
+from imagenet_seq.convert.wds_sweep import WdsSweep
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
@@ -262,31 +263,10 @@ def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[st
                 f"or --splits {other}")
     fixed = read_classes(classes_file) if classes_file is not None else None
     how = f"--classes {classes_file}" if fixed is not None else "the labels seen"
-    parts = {s: wds_source.SplitShards(fixed, how) for s in splits}
-    split_of_path = {p: s for s in splits for p in by_split[s]}
-    for p, listing in _list_shards([p for s in splits for p in by_split[s]], progress,
-                                   cache_dir):
-        parts[split_of_path[p]].add(p, listing)
-    if fixed is not None:  # the .json sidecars' class names (timm's: the WNID) must agree
-        for part in parts.values():
-            for i, (name, shard) in sorted(part.names.items()):
-                if i < len(fixed) and fixed[i] != name:
-                    raise ScanError(
-                        f"--classes {classes_file}:{i + 1} names label {i} {fixed[i]!r}, but the "
-                        f".json of {shard} names it {name!r}: pass the class list these shards "
-                        "were labelled with (line i + 1 = label i; timm's "
-                        "imagenet22k_synsets.txt for imagenet-22k-wds), or no --classes")
-    top = max(part.top for part in parts.values())
-    if fixed is None and top >= MAX_CLASSES:
-        raise ScanError(f"labels reach {top}: without --classes the classes are 0..{top}; pass "
-                        "--classes FILE naming each (label i = line i + 1)")
-    classes = fixed if fixed is not None else [str(i) for i in range(top + 1)]
-    scans: Dict[str, Scan] = {}
-    for s in splits:
-        if not parts[s].entries:
-            raise ScanError(f"no image of the {len(by_split[s])} {s} shards can be stored, e.g. "
-                            f"{parts[s].rows[:2]}; fix the shards or pass other ones")
-        scans[s] = parts[s].scan(classes)
+    # each split's shards are read in one sweep as it is converted (wds_sweep): no listing
+    scans: Dict[str, Scan] = {s: Scan([], [], [], sweep=WdsSweep(by_split[s], fixed, how,
+                                                                 classes_file))
+                              for s in splits}
     return Inputs(by_split[splits[0]][0], scans)
 
 

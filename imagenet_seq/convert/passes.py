@@ -232,6 +232,8 @@ def read_pass(env, sweep, state, run_dir, opts, res, progress, start_progress,
 
     found = state.setdefault("found", {"classes": [], "containers": {}, "flags": []})
     classes = set(found["classes"])
+    last_wins = getattr(sweep, "last_wins", False)
+    describe = getattr(sweep, "describe_item", lambda rel, origin: sweep.describe(rel))
     try:
         for tag, status, payload, note in results(sweep.describe(""), reader, opts.max_size,
                                                   opts.quality, workers):
@@ -252,15 +254,24 @@ def read_pass(env, sweep, state, run_dir, opts, res, progress, start_progress,
                         seqs.append(seq)
                 if "flag" in payload and payload["flag"] not in found["flags"]:
                     found["flags"].append(payload["flag"])
+                if "top" in payload:
+                    found["top"] = max(found.get("top", -1), payload["top"])
+                if "odd" in payload:  # a member kind not used: counted once per member
+                    kind, name, shard = payload["odd"]
+                    slot = found.setdefault("odd", {}).setdefault(kind, [0, name, shard, -1])
+                    if seq > slot[3]:
+                        slot[0], slot[3] = slot[0] + 1, seq
                 continue
             if status in ("skip", "note"):
                 if status == "skip" and opts.strict:
                     raise ConversionError(
-                        f"{sweep.describe(rel)}: {payload} (--strict stops at the "
+                        f"{describe(rel, origin)}: {payload} (--strict stops at the "
                         "first broken file; remove or fix it, or run without --strict to "
                         "skip and report it)")
                 if seq > state.get("last_skip", -1):  # not already put before a resume
-                    row = {"path": rel, "reason": payload, "seq": seq}
+                    row = {"path": rel, "reason": payload}
+                    if last_wins:  # rows of one name met twice: the later settles (settle)
+                        row["seq"] = seq
                     if status == "note":
                         row["note"] = True
                     if origin != NO_ORIGIN:
@@ -310,8 +321,9 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
     """Pass 2: the runs merged by (key, sequence) into the shards, one after the other; the
     merge order is the record index.
 
-    ``decide(rel, label, seq, origin, replaced)`` -> (label to store, None) or (None, the
-    report row's reason): the labels a sweep could not know before its end (a tar's classes)
+    ``decide(rel, label, seq, origin, replaced, prev)`` -> (label to store, None) or (None,
+    the report row's reason); ``prev``: the origin of the record merged just before when its
+    key is the same (a name met before), else None: the labels a sweep could not know before its end (a tar's classes)
     and the copies an archive replaced (a name met again later, a nested tar replaced by a
     later one of its name) are settled here. ``sink`` (``shards.ShardSink``) is the shard
     being written: merged items before ``sink.end`` (counted over every run record, dropped
@@ -329,6 +341,7 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
     sink.load_labels()
     txn = sink.env.begin(write=True)
     pending_n = pending_b = 0
+    before = [None, None]  # key and origin of the record merged last
 
     def end_shard():
         """The shard's last transaction (a kill leaves either its progress or its
@@ -357,7 +370,9 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
             rel = (key[8:] if sink.layout.split == "train" else key).decode(
                 "utf-8", "surrogateescape")
             (raw,) = fmt.RECORD_HEADER.unpack_from(payload, 0)
-            label, why = decide(rel, raw, seq, origin, replaced)
+            label, why = decide(rel, raw, seq, origin, replaced,
+                                before[1] if before[0] == key else None)
+            before[:] = [key, origin]
             if why is not None:
                 row = {"path": rel, "reason": why, "seq": seq, "note": True}
                 if label is not None:  # stored: a marker that earlier rows were replaced

@@ -40,13 +40,22 @@ def superseded(found: dict) -> Dict[int, str]:
     return out
 
 
-def settle_skips(env, found: dict) -> Dict[str, int]:
+def settle_skips(env, found: dict, state: dict) -> None:
     """At the end of the sweep: the skip rows met inside a replaced nested tar say so (in
-    ``env``, shard 0's .partial); returns path -> the highest sequence number among the rows
-    (a record of that path met earlier is a replaced copy, one met later replaces them)."""
+    ``env``, shard 0's .partial), the member kinds not used get their row (with their count);
+    ``state["skip_last"]``: path -> the highest sequence number among the rows (a record of
+    that path met earlier is a replaced copy, one met later replaces them); ``state`` is
+    committed in the same transaction."""
     gone = superseded(found)
     last: Dict[str, int] = {}
     with env.begin(write=True) as txn:
+        for kind, (n, name, shard, _) in sorted(found.get("odd", {}).items()):
+            row = {"path": name, "note": True,
+                   "reason": f"member kind {kind} is not used: {n} such member"
+                             f"{'s' if n > 1 else ''} in this split's shards (the first: "
+                             f"this one, in {shard}); {NEVER_READ}"}
+            txn.put(fmt.skip_key(state["skipped"]), json.dumps(row).encode())
+            state["skipped"] += 1
         cur = txn.cursor()
         rows = []
         if cur.set_range(fmt.SKIP_PREFIX):
@@ -61,21 +70,28 @@ def settle_skips(env, found: dict) -> Dict[str, int]:
                 txn.put(k, json.dumps(d).encode())
             if "seq" in d and d.get("origin") not in gone:
                 last[d["path"]] = max(last.get(d["path"], -1), d["seq"])
-    return last
+        state["skip_last"] = last
+        txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
 
 
 def decider(classes: List[str], found: dict, skip_last: Dict[str, int],
-            resolve: Optional[Callable[[str], Tuple[Optional[str], Optional[str]]]] = None):
-    """``decide(rel, label, seq, origin, replaced)`` for the merge: (label, None) to store the
-    record, (None, report reason) to drop it. ``resolve(rel)``: (class name, None) or (None,
-    why not stored) for a record whose label the sweep left to the end."""
+            resolve: Optional[Callable[[str], Tuple[Optional[str], Optional[str]]]] = None,
+            repeat: Optional[Callable[[int, int], str]] = None):
+    """``decide(rel, label, seq, origin, replaced, prev)`` for the merge (``passes``):
+    (label, None) to store the record, (None, report reason) to drop it. ``resolve(rel)``:
+    (class name, None) or (None, why not stored) for a record whose label the sweep left to
+    the end. ``repeat(first origin, this origin)``: the FIRST record of a name wins
+    (WebDataset shards), this is the reason the others give; else the last (a tar)."""
     gone = superseded(found)
     index = {c: i for i, c in enumerate(classes)}
 
-    def decide(rel, label, seq, origin, replaced):
-        if origin != NO_ORIGIN and origin in gone:
+    def decide(rel, label, seq, origin, replaced, prev=None):
+        if repeat is not None:
+            if prev is not None:
+                return None, repeat(prev, origin)
+        elif origin != NO_ORIGIN and origin in gone:
             return None, _earlier_copy(gone[origin])
-        if replaced or skip_last.get(rel, -1) > seq:
+        elif replaced or skip_last.get(rel, -1) > seq:
             return None, DUPLICATE
         mark = STORED if rel in skip_last else None  # earlier rows of it: replaced
         if label != UNKNOWN_LABEL:

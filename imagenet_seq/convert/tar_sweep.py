@@ -162,6 +162,7 @@ class ArchiveSweep:
         self._stamp = [os.path.realpath(path), st.st_size, st.st_mtime_ns]
         self.total = None  # items: known at the end only
         self.how = "tar"
+        self.last_wins = True  # the last member of a name wins, as extraction does
 
     def identity(self) -> str:
         return repr(["archive", self.split, self.nested, self._stamp, self.labels_name,

@@ -281,11 +281,9 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
                           key_of)
             res.read_s, res.read_cpu_s = time.perf_counter() - t1, time.process_time() - c1
             # the sweep is over: what only its end tells is settled, once, and committed
-            state["skip_last"] = settle_skips(env, state.get("found", {}))
             state["classes"] = known if stream is None else stream.classes(state["found"])
             state["phase"] = "merge"
-            with env.begin(write=True) as txn:
-                txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
+            settle_skips(env, state.get("found", {}), state)  # commits the state too
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
                                   " can be merged at once; pass a larger --memory-mb")
@@ -297,7 +295,8 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
                 "least one image's place: pass --overwrite and fewer shards")
         layout = dataclasses.replace(layout, ranges=tuple(mf.shard_ranges(total, layout.count)))
         decide = decider(classes, state.get("found", {}), state.get("skip_last", {}),
-                         stream.resolver(state["found"]) if stream is not None else None)
+                         stream.resolver(state["found"]) if stream is not None else None,
+                         getattr(stream, "repeat", None))
         sink, env = ShardSink(layout, env, ino, state, classes, opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
