@@ -109,6 +109,8 @@ def decider(classes: List[str], found: dict, skip_last: Dict[str, int],
 def report_rows(skipped: List[dict]) -> List[Tuple[str, str]]:
     """The report rows of skip records in the order met: of several rows of one path (an
     archive naming it twice), all but the last met say the later copy replaced them."""
+    if skipped and all("seq" in d for d in skipped):  # an archive's: the rows the merge
+        skipped = sorted(skipped, key=lambda d: d["seq"])  # added, where their copy was met
     last: Dict[str, int] = {}
     for d in skipped:
         if "seq" in d and "nested tar" not in d["reason"]:
