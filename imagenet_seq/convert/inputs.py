@@ -28,6 +28,7 @@ from imagenet_seq.format import SPLITS
 from imagenet_seq.convert import tar_names, tar_source, wds_source
 from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.tar_sweep import ArchiveSweep
+from imagenet_seq.convert.tree_tar_sweep import TreeTarSweep
 from imagenet_seq.convert.wds_sweep import WdsSweep
 from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
@@ -339,34 +340,10 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     labels = read_val_labels(val_labels) if val_labels else kit_labels
     labels_name = val_labels or devkit or ""
     scans: Dict[str, Scan] = {}
-    if "tree" in by_kind:
-        path = by_kind["tree"]
-        members, not_files = _list(path, progress, cache_dir)
-        roots = tar_names.split_roots(members, not_files, SPLITS)
-        if "train" not in roots:
-            raise ScanError(f"{path} is none of the tars the converter reads (first members: "
-                            f"{[m[0] for m in members[:3]]}): not a tar of an ImageFolder tree "
-                            "(no train/ folder: train/<class>/<image>, and val/...), not a "
-                            "WebDataset shard (no <key>.jpg beside a <key>.cls or <key>.json "
-                            "label), not ImageNet's ILSVRC2012_img_train.tar / _img_val.tar "
-                            "(recognised by those names)")
-        parts, stray = tar_names.assign(members, not_files, roots)
-        files = parts["train"][0]
-        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
-        for s in splits:
-            if s not in roots:
-                raise ScanError(f"{path} holds no {s}/ folder; add it or pass --splits train")
-            prefix, (files, skipped) = roots[s], parts[s]
-            if s == splits[0]:  # unsafe names that point into no split: reported once
-                skipped = stray + skipped
-            flat = s == "val" and not any("/" in r for r in files if is_image(r))
-            if flat and labels is None:
-                raise ScanError(f"{path}:{prefix} has no class folders (flat layout); pass "
-                                "--val-labels FILE ('<filename> <class>' lines or Kaggle's "
-                                "LOC_val_solution.csv)")
-            scans[s] = tar_source.scan_files(path, prefix, files, classes, flat, labels,
-                                             skipped, labels_name)
-        return Inputs(path, scans)
+    if "tree" in by_kind:  # one sweep feeds every split (tree_tar_sweep): no listing
+        shared = TreeTarSweep(by_kind["tree"], splits, labels, labels_name)
+        return Inputs(by_kind["tree"], {s: Scan([], [], [], sweep=shared.view(s))
+                                        for s in splits})
     # each archive is read in one sweep as it is converted (tar_sweep): no listing first
     if "train" in splits:
         if "train" not in by_kind:

@@ -1,14 +1,15 @@
 """The two passes of a split's conversion (``writer`` runs them and owns the .partial's state).
 
-Pass 1 (:func:`read_pass`): ONE reader thread reads the files not yet done in on-disk order
-(``source_reader``), worker processes validate + normalise (``convert_workers``), the records
-fill a run buffer that is sorted by plan position and written as one sequential temporary file
-(``sort_runs``) by a thread (:class:`RunWriter`) while reading goes on into the next run; each
-run is fsync'd, then listed in ``__progress__`` with the bitmap of plan positions done (its
-records count only from then on) and the skip records, in one transaction. Pass 2
-(:func:`merge_pass`): the runs merged by position into the LMDB (or the shards, one after the
-other: ``shard_sink``), each commit storing the byte offset reached in every run. What the two
-need in space is checked beforehand (``space``).
+Pass 1 (``pass1.read_pass``): ONE sweep over the sources (a folder's files in on-disk order,
+an archive front to back), worker processes validate + normalise (``workers``), the records
+fill a run buffer that is sorted by write key (``write_order.sort_key``) and written as one
+sequential temporary file (``sort_runs``) by a thread (:class:`RunWriter`) while reading goes
+on into the next run; each run is fsync'd, then listed in ``__progress__`` with the sweep's
+cursor (how far the sweep got: no list over the files) and the skip records, in one
+transaction. Pass 2 (:func:`merge_pass`): the runs merged by key into the LMDB (or the
+shards, one after the other: ``shard_sink``), the merge order being the record index, each
+commit storing the byte offset reached in every run. What the two need in space is checked
+beforehand (``space``).
 """
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ from typing import Optional
 
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
-from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
+from imagenet_seq.convert.workers import WINDOW
 from imagenet_seq.malloc import trim
-from imagenet_seq.convert.sort_runs import NO_ORIGIN, RunBuffer, merge
+from imagenet_seq.convert.sort_runs import RunBuffer, merge
 from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS
 
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
            "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
            "fixed_bytes", "buffer_bytes", "prepare_runs",
-           "RunWriter", "read_pass", "merge_pass"]
+           "RunWriter", "merge_pass"]
 
 COMMIT_RECORDS = 2000
 COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
@@ -153,167 +154,6 @@ class RunWriter:
         if isinstance(got, BaseException):
             raise got
         return got
-
-
-def read_pass(env, sweep, state, run_dir, opts, res, progress, start_progress,
-              key_of) -> None:
-    """Pass 1: the sweep's items from ``state["sweep"]`` on, in read order, into runs sorted by
-    ``key_of(rel)`` (``write_order.sort_key``) and the sweep's sequence number.
-
-    ``sweep`` (``sweep.FolderSweep``, ``tar_sweep.*``): ``chunks(cursor)`` gives chunks of
-    ``(tag, rel, label, bytes or verdict)`` in read order, ``tag = (seq, token, origin)``;
-    ``total`` the items expected (None: unknown, an archive before its sweep);
-    ``describe(rel)`` names a file. A verdict is ``('skip', why)`` (a broken file: counted,
-    ``--strict`` stops), ``('note', why)`` (reported, never stored, not counted), ``('mark',
-    what)`` (what the sweep found out: a class, a nested tar: ``state["found"]``) or
-    ``('error', message)``. Progress is committed as the sweep's cursor (the first item not
-    yet in a run on disk), never as a list over the split's files."""
-    cursor = state["sweep"]
-    start = cursor["seq"]
-    if start_progress:
-        start_progress(sweep.total, start if sweep.total else 0, "read")
-    run_bytes = buffer_bytes(opts.memory, opts.workers, getattr(sweep, "images", 0))
-    run = _Run(run_bytes, RUN_RECORDS, 0)
-    writer = RunWriter()
-    workers = Workers(opts.workers) if opts.workers > 0 else None
-    reader = sweep.reader(cursor, opts.read_ahead)
-    txn = env.begin(write=True)
-    last = [None]  # (seq, token) of the last item handled
-    run.first = None
-
-    def cursor_now():
-        """The first item whose effect is not yet on disk: the run being written (before
-        its commit) or being filled, else the one after the last item handled."""
-        firsts = [r.first for r in (run,) if r.first is not None]
-        if firsts:
-            seq, token = firsts[0]
-            return {"seq": seq, "token": token}
-        if last[0] is None:
-            return dict(state["sweep"])
-        seq, token = last[0]
-        return {"seq": seq + 1, "token": token}  # resume at it, dropping it (seq < cursor)
-
-    def commit(written=None):
-        """The progress record, with the run just written (if any), in one transaction."""
-        nonlocal txn
-        if written is not None:
-            done_run, _, (n, size) = written
-            state["runs"].append([os.path.basename(done_run.path), n, size])
-            state["bytes"] += done_run.bytes
-            state["converted"] += done_run.converted
-        state["sweep"] = cursor_now()
-        txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
-        txn.commit()
-        txn = env.begin(write=True)
-
-    def finish_write(timeout=None) -> bool:
-        """Commit the run in flight once written; False if it is still being written."""
-        if not writer.busy():
-            return True
-        try:
-            got = writer.wait(timeout)
-        except OSError as e:
-            raise ConversionError(
-                f"cannot write the temporary run {writer.path}: {e.strerror or e}; free "
-                f"space in {run_dir} (or pass --tmp DIR on a disk with room), then run again "
-                "with --resume") from None
-        if got is None:
-            return False
-        commit(got)
-        return True
-
-    def hand_over():
-        nonlocal run
-        finish_write()  # one write at a time: the memory bound holds two runs
-        run.path = os.path.join(run_dir, f"run-{len(state['runs']):05d}")
-        writer.start(run)
-        run = _Run(run_bytes, RUN_RECORDS, 0)
-        run.first = None
-
-    found = state.setdefault("found", {"classes": [], "containers": {}, "flags": []})
-    classes = set(found["classes"])
-    last_wins = getattr(sweep, "last_wins", False)
-    describe = getattr(sweep, "describe_item", lambda rel, origin: sweep.describe(rel))
-    try:
-        for tag, status, payload, note in results(sweep.describe(""), reader, opts.max_size,
-                                                  opts.quality, workers):
-            seq, token, origin, rel, label = tag
-            if seq < start:
-                continue  # before the cursor: already in a committed run (a resumed sweep)
-            last[0] = (seq, token)
-            nbytes = 0
-            if status == "error":
-                raise ConversionError(payload)
-            if status == "mark":
-                if "class" in payload and payload["class"] not in classes:
-                    classes.add(payload["class"])
-                    found["classes"] = sorted(classes)
-                if "container" in payload:
-                    seqs = found["containers"].setdefault(payload["container"], [])
-                    if seq not in seqs:
-                        seqs.append(seq)
-                if "flag" in payload and payload["flag"] not in found["flags"]:
-                    found["flags"].append(payload["flag"])
-                if "top" in payload:
-                    found["top"] = max(found.get("top", -1), payload["top"])
-                if "odd" in payload:  # a member kind not used: counted once per member
-                    kind, name, shard = payload["odd"]
-                    slot = found.setdefault("odd", {}).setdefault(kind, [0, name, shard, -1])
-                    if seq > slot[3]:
-                        slot[0], slot[3] = slot[0] + 1, seq
-                continue
-            if status in ("skip", "note"):
-                if status == "skip" and opts.strict:
-                    raise ConversionError(
-                        f"{describe(rel, origin)}: {payload} (--strict stops at the "
-                        "first broken file; remove or fix it, or run without --strict to "
-                        "skip and report it)")
-                if seq > state.get("last_skip", -1):  # not already put before a resume
-                    row = {"path": rel, "reason": payload}
-                    if last_wins:  # rows of one name met twice: the later settles (settle)
-                        row["seq"] = seq
-                    if status == "note":
-                        row["note"] = True
-                    if origin != NO_ORIGIN:
-                        row["origin"] = origin
-                    txn.put(fmt.skip_key(state["skipped"]), json.dumps(row).encode())
-                    state["skipped"] += 1
-                    state["last_skip"] = seq
-                    if status == "skip":
-                        res.skipped.append((rel, payload))
-            else:  # payload: the JPEG to store; the run writes the record header before it
-                if run.first is None:
-                    run.first = (seq, token)
-                run.add(key_of(rel), seq, payload, fmt.RECORD_HEADER.pack(label & 0xFFFFFFFF),
-                        origin)
-                nbytes = len(payload)
-                run.bytes += nbytes
-                run.converted += note is not None
-            if progress:
-                progress(1, nbytes, state["skipped"])
-            if run.full():
-                hand_over()
-            elif writer.busy():
-                # the memory bound: wait for the write when the run being filled and what the
-                # one being written still holds reach it (reading faster than the run disk);
-                # otherwise commit the written run as soon as it is on disk
-                finish_write(None if run.nbytes + writer.pending_bytes() >= run_bytes else 0)
-        if run.items:
-            hand_over()
-        finish_write()
-        state["sweep"] = cursor_now()
-        state["sweep"]["end"] = True
-        txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
-        txn.commit()
-        txn = env.begin(write=True)
-    except WorkerError as e:
-        raise ConversionError(str(e)) from None
-    finally:
-        if workers is not None:
-            workers.close()  # first: kill, never wait for their cooperation
-        reader.close()
-        if txn is not None:
-            txn.abort()  # a no-op after the last checkpoint's fresh transaction
 
 
 def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int,

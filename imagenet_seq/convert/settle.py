@@ -64,7 +64,13 @@ def settle_skips(env, found: dict, state: dict) -> None:
                 if not k.startswith(fmt.SKIP_PREFIX):
                     break
                 rows.append((k, json.loads(bytes(v))))
+        flat = "folders:val" not in found.get("flags", [])
         for k, d in rows:
+            if "if_flat" in d:  # a tar of a tree's val/: its reason depends on the layout
+                if flat:
+                    d["reason"] = d["if_flat"]
+                del d["if_flat"]
+                txn.put(k, json.dumps(d).encode())
             if d.get("origin") in gone and "nested tar" not in d["reason"]:
                 d["reason"], d["note"] = _earlier_copy(gone[d["origin"]]), True
                 txn.put(k, json.dumps(d).encode())

@@ -45,7 +45,8 @@ import lmdb
 from imagenet_seq import format as fmt
 from imagenet_seq.format import manifest as mf
 from imagenet_seq.convert.passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
-                             ConversionError, merge_pass, prepare_runs, read_pass)
+                             ConversionError, merge_pass, prepare_runs)
+from imagenet_seq.convert.pass1 import Split, read_pass
 from imagenet_seq.convert import shards as sh
 from imagenet_seq.convert.resume import existing, fresh_state, open_partial, resume_point
 from imagenet_seq.convert.shard_sink import ShardSink, finish_split, skips
@@ -56,7 +57,7 @@ from imagenet_seq.convert.sweep import FolderSweep
 from imagenet_seq.format.convlock import Busy, ConversionLock
 from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
-from imagenet_seq.convert.scan import Scan
+from imagenet_seq.convert.scan import Scan, ScanError
 from imagenet_seq.convert.source_reader import FolderSource
 from imagenet_seq.convert.write_order import ORDER_VERSION, sort_key, write_order
 
@@ -209,8 +210,27 @@ def _folder_sweep(scan: Scan, split_dir: str, opts: Options):
     return FolderSweep(source, scan.entries, list(order), how)
 
 
-def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
-             start_progress, notice) -> Result:
+@dataclass
+class _Opened:
+    """A split ready for its passes (``_open``)."""
+    split: str
+    layout: sh.Layout
+    run_dir: str
+    res: Result
+    sweep: object
+    stream: Optional[object]
+    images: Optional[int]
+    src_bytes: int
+    known: Optional[List[str]]
+    j: int = 0
+    env: object = None
+    ino: Optional[int] = None
+    state: Optional[dict] = None
+
+
+def _open(src_root, out_dir, split, scan, opts, overwrite, resume, notice):
+    """The split's layout, .partial and progress record (fresh or resumed), space checked:
+    an :class:`_Opened`, or the Result of a split found complete."""
     stream = getattr(scan, "sweep", None)  # an archive read in one sweep (tar_sweep)
     if stream is None and len(scan.entries) >= fmt.MAX_RECORDS:
         raise ConversionError(f"{len(scan.entries)} images in {split}; the format holds at most "
@@ -243,45 +263,120 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     os.makedirs(out_dir, exist_ok=True)
     if opts.tmp is not None and not os.path.isdir(opts.tmp):
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
-    j, env, ino, state = 0, None, None, None  # a fresh start: shard 0, made below
+    o = _Opened(split, layout, run_dir, res, sweep, stream, images, src_bytes, known)
     if resume:
-        j, env, ino, state = resume_point(layout, known, opts.content(), fp, run_dir)
-    sink = None
+        o.j, o.env, o.ino, o.state = resume_point(layout, known, opts.content(), fp, run_dir)
+    if o.j == layout.count:  # every shard finished, killed before the manifest
+        rows, res.skipped, res.manifest = finish_split(layout, None)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        res.shards = rows
+        res.written = res.resumed_at = sum(r["records"] for r in rows)
+        res.bytes = sum(r["bytes"] for r in rows)
+        return res
     try:
-        if j == layout.count:  # every shard finished, killed before the manifest
-            rows, res.skipped, res.manifest = finish_split(layout, None)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            res.shards = rows
-            res.written = res.resumed_at = sum(r["records"] for r in rows)
-            res.bytes = sum(r["bytes"] for r in rows)
-            return res
-        if env is None:
-            env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} "
-                               "and convert again (or pass --overwrite instead of --resume)",
-                               readonly=False, lock=False)
-            ino = os.stat(partial0).st_ino
-        if state is None:
-            state = fresh_state(fp, layout, run_dir)
+        if o.env is None:
+            o.env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} "
+                                 "and convert again (or pass --overwrite instead of --resume)",
+                                 readonly=False, lock=False)
+            o.ino = os.stat(partial0).st_ino
+        if o.state is None:
+            o.state = fresh_state(fp, layout, run_dir)
+        state = o.state
         res.resumed_at = state["written"] if state["phase"] == "merge" else \
             state["sweep"]["seq"]
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
         n_est = images if images is not None else max(1, src_bytes // 100_000)
         per = [src_bytes * n // max(1, n_est) + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
                for _, n in mf.shard_ranges(n_est, layout.count)]
-        space_check(src_bytes, sum(per), state, run_dir, outputs(layout, per, state, j), split,
-                    images if images is not None else 0, opts.memory, opts.workers, notice)
-        prepare_runs(run_dir, state, layout.partial(j))
+        space_check(src_bytes, sum(per), state, run_dir, outputs(layout, per, state, o.j),
+                    split, images if images is not None else 0, opts.memory, opts.workers,
+                    notice)
+        prepare_runs(run_dir, state, layout.partial(o.j))
+    except BaseException:
+        o.env.close()
+        raise
+    return o
+
+
+def _unfinished(layout: sh.Layout, run_dir: str) -> List[str]:
+    p = layout.partial(0)
+    return [p, p + "-lock", run_dir]
+
+
+def _siblings(o: _Opened, src_root, out_dir, opts, overwrite, resume, notice):
+    """The other splits one sweep of the same archive feeds at once (a tar of a tree): each
+    opened now (its checks, before anything is read), unless complete or past pass 1."""
+    shared = getattr(o.stream, "shared", None)
+    out = []
+    if shared is None:
+        return out
+    try:
+        for s in shared.splits:
+            if s == o.split or s in shared.swept:
+                continue
+            got = _open(src_root, out_dir, s, Scan([], [], [], sweep=shared.view(s)), opts,
+                        overwrite, resume, notice)
+            if isinstance(got, Result):
+                continue
+            if got.state["phase"] != "read" or got.state["sweep"].get("end"):
+                got.env.close()
+                continue
+            out.append(got)
+    except BaseException:
+        for g in out:
+            g.env.close()
+        raise
+    return out
+
+
+def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
+             start_progress, notice) -> Result:
+    shared = getattr(getattr(scan, "sweep", None), "shared", None)
+    if shared is not None and split in shared.swept:  # pass 1 done by a sibling's sweep
+        overwrite, resume = False, True
+    o = _open(src_root, out_dir, split, scan, opts, overwrite, resume, notice)
+    if isinstance(o, Result):
+        return o
+    layout, run_dir, res, state, stream = o.layout, o.run_dir, o.res, o.state, o.stream
+    env, ino, images, known = o.env, o.ino, o.images, o.known
+    sink = None
+    try:
         t0 = time.perf_counter()
         if state["phase"] == "read":
             t1, c1 = time.perf_counter(), time.process_time()
             if not state["sweep"].get("end"):
-                key_of = (lambda rel: sort_key(rel, "train", opts.seed)) if split == "train" \
-                    else (lambda rel: sort_key(rel, "val", opts.seed))
-                read_pass(env, sweep, state, run_dir, opts, res, progress, start_progress,
-                          key_of)
+                joint = _siblings(o, src_root, out_dir, opts, overwrite, resume, notice)
+                try:
+                    parts = {split: Split(env, state, run_dir, res)}
+                    for g in joint:
+                        parts[g.split] = Split(g.env, g.state, g.run_dir, g.res)
+                    if joint or shared is not None:
+                        o.sweep.joint = list(parts)
+                    else:
+                        parts = {None: parts[split]}
+
+                    def key_of(part, rel, seed=opts.seed):
+                        return sort_key(rel, part.split, seed)
+                    for name, part in parts.items():
+                        part.split = name or split
+                    read_pass(parts, o.sweep, opts, progress, start_progress, key_of)
+                    for g in joint:
+                        shared.swept.add(g.split)
+                        shared.files[g.split] = _unfinished(g.layout, g.run_dir)
+                finally:
+                    for g in joint:
+                        g.env.close()
             res.read_s, res.read_cpu_s = time.perf_counter() - t1, time.process_time() - c1
             # the sweep is over: what only its end tells is settled, once, and committed
-            state["classes"] = known if stream is None else stream.classes(state["found"])
+            try:
+                state["classes"] = known if stream is None else \
+                    stream.classes(state["found"])
+            except ScanError:  # the inputs need a fix (a flag, a folder): nothing is kept
+                env.close()
+                env = None
+                sh.remove_files(_unfinished(layout, run_dir) + [
+                    p for s in getattr(shared, "files", {}).values() for p in s])
+                raise
             state["phase"] = "merge"
             settle_skips(env, state.get("found", {}), state)  # commits the state too
         if len(state["runs"]) > MAX_RUNS:
