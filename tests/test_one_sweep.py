@@ -91,7 +91,7 @@ def data(tmp_path_factory):
             "tree_ref": tree_ref, "dir": d}
 
 
-def spy_reads(monkeypatch, names):
+def spy_reads(monkeypatch, names, probe=False):
     """Opens and preads of the files whose base name is in ``names``: {name: [...]}, where
     the opens are counted and each pread is (offset, size)."""
     from imagenet_seq.convert import tar_source, tar_sweep, wds_source
@@ -119,7 +119,8 @@ def spy_reads(monkeypatch, names):
     monkeypatch.setattr(tar_sweep, "PIECE", 4096)  # many reads: their order is checked
     monkeypatch.setattr(tar_source, "list_tar", lambda *a, **k: pytest.fail("listed"))
     monkeypatch.setattr(wds_source, "list_shard", lambda *a, **k: pytest.fail("listed"))
-    monkeypatch.setattr(tarfile, "open", _no_path_open(tarfile.open, names))
+    if not probe:  # a single tar: its first headers are looked at (WebDataset or a tree?)
+        monkeypatch.setattr(tarfile, "open", _no_path_open(tarfile.open, names))
     return opens, reads
 
 
@@ -276,3 +277,31 @@ def test_the_last_member_of_a_name_wins_while_streaming(data, tmp_path, capsys):
     assert f"{c0}/{f0[2][0]}" in rows and "duplicate member name" in rows[f"{c0}/{f0[2][0]}"]
     assert set(rows) <= {f"{c0}/gone.JPEG", f"{c2}/stale.JPEG", f"{c0}/{f0[2][0]}"} | {
         f"{c2}/{n}" for n, _ in files(c2)}, rows
+
+
+def test_a_tar_of_a_tree_is_read_once_for_both_splits(data, tmp_path, monkeypatch):
+    """train/ and val/ of one tar: ONE sweep (one open by it, one forward pass), both
+    splits' records (the tree's), no listing; with runs of a few records the two splits'
+    runs interleave. (Before it, the first 16 headers are looked at to tell a WebDataset
+    shard from a tar of a tree: a few KB at the file's start.)"""
+    from imagenet_seq.convert import passes
+
+    tar = fa.tar_tree(data["root"], str(tmp_path / "tree.tar"), prefix="data")
+    opens, reads = spy_reads(monkeypatch, ["tree.tar"], probe=True)
+    monkeypatch.setattr(passes, "RUN_RECORDS", 4)
+    out = str(tmp_path / "out")
+    assert main([tar, out, "--workers", "2", "--no-progress"]) == 0
+    assert_one_sweep(opens, reads, lambda n: os.path.getsize(tar))
+    for split in ("train", "val"):
+        assert records(out, split) == records(data["tree_ref"], split)
+
+
+def test_kill_during_a_tree_tar_sweep_then_resume_equals_a_clean_run(data, tmp_path):
+    tar = fa.tar_tree(data["root"], str(tmp_path / "tree.tar"))
+    out = str(tmp_path / "out")
+    p = run([tar, out], SMALL + KILL_IN_READ)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    p = run([tar, out, "--resume"], SMALL)
+    assert p.returncode == 0, p.stderr
+    for split in ("train", "val"):
+        assert records(out, split) == records(data["tree_ref"], split)

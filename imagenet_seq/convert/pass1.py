@@ -32,6 +32,7 @@ class Split:
         self.txn = None
         self.run = None
         self.writing_first = None  # (seq, token) of the run being written, until committed
+        self.committed_run = False  # a run was committed since the last look (read_pass)
         self.writer = passes.RunWriter()
         found = state.setdefault("found", {"classes": [], "containers": {}, "flags": []})
         self.classes = set(found["classes"])
@@ -55,6 +56,7 @@ class Split:
             state["bytes"] += done_run.bytes
             state["converted"] += done_run.converted
             self.writing_first = None
+            self.committed_run = True
         state["sweep"] = self.cursor(last)
         self.txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
         self.txn.commit()
@@ -210,11 +212,13 @@ def read_pass(splits: Dict[Optional[str], Split], sweep, opts, progress, start_p
                 # the memory bound: wait for the write when the run being filled and what the
                 # one being written still holds reach it (reading faster than the run disk);
                 # otherwise commit the written run as soon as it is on disk
-                if c.finish_write(last, None if c.run.nbytes + c.writer.pending_bytes()
-                                  >= run_bytes else 0) and len(ctxs) > 1:
-                    for o in ctxs:  # a split with nothing pending moves its cursor on too
-                        if o is not c and not o.writer.busy() and not o.run.items:
-                            o.commit(last)
+                c.finish_write(last, None if c.run.nbytes + c.writer.pending_bytes()
+                               >= run_bytes else 0)
+            if c.committed_run:
+                c.committed_run = False
+                for o in ctxs:  # a split with nothing pending moves its cursor on too
+                    if o is not c and not o.writer.busy() and not o.run.items:
+                        o.commit(last)
         for c in ctxs:
             if c.run.items:
                 c.hand_over(last, run_bytes)

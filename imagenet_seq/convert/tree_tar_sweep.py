@@ -55,6 +55,9 @@ class TreeTarSweep:
             tf = _open(f, self.path, "the file", token[1] if token else None)
             roots: Dict[str, str] = dict(found.get("roots", {}))
             st = {"seq": token[0] if token else 0, "classes": set(), "flags": set()}
+            for split, root in sorted(roots.items()):  # found before the cursor: told again
+                yield ((st["seq"], [st["seq"], token[1] if token else 0, -1, -1], NO_ORIGIN,
+                        "", 0, None), "", 0, ("mark", {"root": [split, root]}))
             for m in _members(tf, self.path, "the archive"):
                 if not m.isdir():
                     yield from self._member(f, m, roots, st, splits)
