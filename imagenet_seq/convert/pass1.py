@@ -16,9 +16,8 @@ from typing import Dict, Optional
 
 from imagenet_seq import format as fmt
 from imagenet_seq.convert import passes
-from imagenet_seq.convert.passes import ConversionError, buffer_bytes
+from imagenet_seq.convert.passes import ConversionError
 from imagenet_seq.convert.sort_runs import NO_ORIGIN
-from imagenet_seq.convert.workers import Workers, WorkerError, results
 
 __all__ = ["Split", "read_pass"]
 
@@ -104,6 +103,9 @@ class Split:
             found["flags"].append(what["flag"])
         if "top" in what:
             found["top"] = max(found.get("top", -1), what["top"])
+        if "first" in what and what["first"] not in found.setdefault("first", []) \
+                and len(found["first"]) < 3:
+            found["first"].append(what["first"])
         if "root" in what:
             found.setdefault("roots", {})[what["root"][0]] = what["root"][1]
         if "odd" in what:  # a member kind not used: counted once per member
@@ -152,7 +154,7 @@ def read_pass(splits: Dict[Optional[str], Split], sweep, opts, progress, start_p
     start = first.start
     if start_progress:
         start_progress(sweep.total, start if sweep.total else 0, "read")
-    run_bytes = buffer_bytes(opts.memory, opts.workers, getattr(sweep, "images", 0)) \
+    run_bytes = passes.buffer_bytes(opts.memory, opts.workers, getattr(sweep, "images", 0)) \
         // len(ctxs)  # each split: a run being filled and one being written within its share
     last_wins = getattr(sweep, "last_wins", False)
     describe = getattr(sweep, "describe_item", lambda rel, origin: sweep.describe(rel))
@@ -163,7 +165,7 @@ def read_pass(splits: Dict[Optional[str], Split], sweep, opts, progress, start_p
     reader = None
     last = None
     try:
-        workers = Workers(opts.workers) if opts.workers > 0 else None
+        workers = passes.Workers(opts.workers) if opts.workers > 0 else None
         found_all: dict = {}
         for c in ctxs:  # what a resumed sweep must know from before its cursor (roots)
             for k, v in c.state["found"].get("roots", {}).items():
@@ -171,8 +173,8 @@ def read_pass(splits: Dict[Optional[str], Split], sweep, opts, progress, start_p
         reader = sweep.reader(dict(first.state["sweep"]), opts.read_ahead, found_all) \
             if getattr(sweep, "wants_found", False) else \
             sweep.reader(dict(first.state["sweep"]), opts.read_ahead)
-        for tag, status, payload, note in results(sweep.describe(""), reader, opts.max_size,
-                                                  opts.quality, workers):
+        for tag, status, payload, note in passes.results(sweep.describe(""), reader,
+                                                         opts.max_size, opts.quality, workers):
             seq, token, origin, rel, label = tag[:5]
             if seq < start:
                 continue  # before every cursor: already on disk (a resumed sweep)
@@ -229,7 +231,7 @@ def read_pass(splits: Dict[Optional[str], Split], sweep, opts, progress, start_p
             c.txn.put(fmt.PROGRESS_KEY, json.dumps(c.state).encode())
             c.txn.commit()
             c.txn = None
-    except WorkerError as e:
+    except passes.WorkerError as e:
         raise ConversionError(str(e)) from None
     finally:
         if workers is not None:

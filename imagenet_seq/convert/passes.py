@@ -20,13 +20,15 @@ from typing import Optional
 
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
-from imagenet_seq.convert.workers import WINDOW
+# pass 1 (``pass1``) reaches Workers and results through this module (tests patch them here)
+from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results  # noqa: F401
 from imagenet_seq.malloc import trim
 from imagenet_seq.convert.sort_runs import RunBuffer, merge
 from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS
 
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
-           "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
+           "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES",
+           "PER_RECORD_BYTES", "MIN_BUFFER",
            "fixed_bytes", "buffer_bytes", "prepare_runs",
            "RunWriter", "merge_pass"]
 
@@ -42,35 +44,43 @@ class ConversionError(RuntimeError):
 
 
 # Measured (benchmarks/convert_order.py, peak of RSS minus shared pages): the converter's own
-# process ~64 MB with its libraries, each worker ~40 MB; the file list, its read order and the
-# reader's item list ~600 bytes per image (Python tuples and strings).
+# process ~64 MB with its libraries, each worker ~40 MB; a FOLDER's file list, its read order
+# and the reader's item list ~600 bytes per image (Python tuples and strings). An archive has
+# no per-image list (one sweep: ``pass1``); what grows with it is the label of each record of
+# the shard being written (4 bytes, kept until that shard's last transaction) and the sweep's
+# state (class names, the paths of skipped files), small beside it. The sweep itself holds a
+# 1 MiB read piece (``tar_sweep.PIECE``: within PROCESS_BYTES' margin over the 64 MB measured)
+# and its queue (``QUEUE_CHUNKS`` chunks, as a folder's reader).
 PROCESS_BYTES = 80_000_000
 WORKER_BYTES = 50_000_000
-PER_IMAGE_BYTES = 600
+PER_IMAGE_BYTES = 600  # a folder's images (its scan)
+PER_RECORD_BYTES = 4  # the records of the shard being written (its labels), any source
 MIN_BUFFER = 64_000_000
 
 
-def fixed_bytes(workers: int, images: int = 0) -> int:
+def fixed_bytes(workers: int, images: int = 0, records: int = 0) -> int:
     """Memory besides the run / merge buffers: the processes themselves, one uncommitted
     transaction, the reader's queue, the chunks in flight to and from the workers
-    (``convert_workers.WINDOW`` each) and the per-image lists."""
+    (``convert_workers.WINDOW`` each), a folder's per-image lists (``images``: 0 for an
+    archive) and the labels of the largest shard's ``records``."""
     return (PROCESS_BYTES + COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES
-            + max(1, workers) * (WORKER_BYTES + WINDOW * CHUNK_BYTES) + images * PER_IMAGE_BYTES)
+            + max(1, workers) * (WORKER_BYTES + WINDOW * CHUNK_BYTES) + images * PER_IMAGE_BYTES
+            + records * PER_RECORD_BYTES)
 
 
-def buffer_bytes(memory: int, workers: int, images: int = 0) -> int:
+def buffer_bytes(memory: int, workers: int, images: int = 0, records: int = 0) -> int:
     """Run buffer (pass 1) = merge read buffers (pass 2): what ``memory`` leaves.
 
     Raises:
         ValueError: ``memory`` too small for the fixed part plus a 64 MB buffer.
     """
-    rest = memory - fixed_bytes(workers, images)
+    rest = memory - fixed_bytes(workers, images, records)
     if rest < MIN_BUFFER:
-        need = (fixed_bytes(workers, images) + MIN_BUFFER) // 1_000_000 + 1
+        need = (fixed_bytes(workers, images, records) + MIN_BUFFER) // 1_000_000 + 1
         raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least {need} with "
                          f"--workers {workers}{f' and {images} images' if images else ''} "
                          f"(processes, queues and file list: "
-                         f"{fixed_bytes(workers, images) // 1_000_000} MB)")
+                         f"{fixed_bytes(workers, images, records) // 1_000_000} MB)")
     return rest
 
 
@@ -157,7 +167,7 @@ class RunWriter:
 
 
 def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int,
-               decide) -> None:
+               decide, records: int = 0) -> None:
     """Pass 2: the runs merged by (key, sequence) into the shards, one after the other; the
     merge order is the record index.
 
@@ -179,6 +189,9 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
     crcs = checksums.Log(sink.local(state["written"]))  # records before it: committed
     paths = [os.path.join(run_dir, r[0]) for r in state["runs"]]
     sink.load_labels()
+    # the labels of the shard being written are held until its last transaction
+    merge_bytes = max(1, buffer_bytes(opts.memory, opts.workers, images)
+                      - records * PER_RECORD_BYTES)  # read_buffer: a floor per run
     txn = sink.env.begin(write=True)
     pending_n = pending_b = 0
     before = [None, None]  # key and origin of the record merged last
@@ -201,7 +214,7 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
 
     try:
         for key, seq, origin, payload, i, after, replaced in merge(
-                paths, state["offsets"], buffer_bytes(opts.memory, opts.workers, images)):
+                paths, state["offsets"], merge_bytes):
             while state["merged"] >= sink.end:  # a shard whose images were all dropped: empty
                 payload = bytes(payload)  # one record's copy: its read buffer outlives nothing
                 end_shard()

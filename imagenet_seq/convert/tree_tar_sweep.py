@@ -72,6 +72,9 @@ class TreeTarSweep:
         def item(split, rel, data, label=0):
             return (seq, token, NO_ORIGIN, rel, label, split), rel, label, data
         name, unsafe = normalise(m.name)
+        if len(st.setdefault("first", [])) < 3:  # named when the tar is not a tree at all
+            st["first"].append(m.name)
+            yield item(None, "", ("mark", {"first": m.name}))
         for split in ("train", "val"):  # a split's folder: the first name that shows it
             if split not in roots:
                 parts = (name or "").split("/")
@@ -159,8 +162,8 @@ class TreeTarView:
     def _need_root(self, found: dict, split: str) -> None:
         if split not in found.get("roots", {}):
             if split == "train":
-                raise ScanError(f"{self.shared.path} is none of the tars the converter reads: "
-                                "not a tar of an ImageFolder tree (no train/ folder: "
+                raise ScanError(f"{self.shared.path} is none of the tars the converter reads "
+                                f"(first members: {found.get('first', [])}): not a tar of an ImageFolder tree (no train/ folder: "
                                 "train/<class>/<image>, and val/...), not a WebDataset shard "
                                 "(no <key>.jpg beside a <key>.cls or <key>.json label), not "
                                 "ImageNet's ILSVRC2012_img_train.tar / _img_val.tar "

@@ -293,7 +293,8 @@ def _open(src_root, out_dir, split, scan, opts, overwrite, resume, notice):
                     notice)
         prepare_runs(run_dir, state, layout.partial(o.j))
     except BaseException:
-        o.env.close()
+        if o.env is not None:
+            o.env.close()
         raise
     return o
 
@@ -397,7 +398,8 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
         try:
             merge_pass(sink, state, run_dir, opts, progress, start_progress,
-                       images if images is not None else 0, decide)
+                       images if images is not None else 0, decide,
+                       max(n for _, n in layout.ranges))
         except (OSError, lmdb.Error) as e:  # a full or failing disk: say which (cli.py)
             e.folder = sink.writing
             raise
