@@ -220,8 +220,7 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
                 end_shard()
             state["merged"] += 1
             state["offsets"][i] = after
-            rel = (key[8:] if sink.layout.split == "train" else key).decode(
-                "utf-8", "surrogateescape")
+            rel = key[8:].decode("utf-8", "surrogateescape")  # write_order.sort_key
             (raw,) = fmt.RECORD_HEADER.unpack_from(payload, 0)
             label, why = decide(rel, raw, seq, origin, replaced,
                                 before[1] if before[0] == key else None)

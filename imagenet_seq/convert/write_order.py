@@ -28,11 +28,15 @@ def train_key(rel: str, seed: int) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
+VAL_PREFIX = bytes(8)
+
+
 def sort_key(rel: str, split: str, seed: int) -> bytes:
-    """The bytes records are sorted by: train ``train_key`` + the path, val the path (UTF-8,
-    non-UTF-8 names as their bytes); the path is recovered from the key (``passes``)."""
+    """The bytes records are sorted by: 8 bytes (train: ``train_key``, val: zeros) + the
+    path (UTF-8, non-UTF-8 names as their bytes), which the merge recovers from the key
+    (``passes.merge_pass``)."""
     raw = rel.encode("utf-8", "surrogateescape")
-    return train_key(rel, seed) + raw if split == "train" else raw
+    return (train_key(rel, seed) if split == "train" else VAL_PREFIX) + raw
 
 
 def write_order(entries: Sequence[Tuple[str, int]], split: str,

@@ -203,6 +203,16 @@ def _shard_count(opts: Options, images: Optional[int], src_bytes: int, split: st
     return 1
 
 
+def _folder_keys(scan: Scan, split: str, seed: int):
+    """A folder's sort keys: its place in ``plan_order`` (the same order ``sort_key`` gives;
+    a plan that is a list can be replaced whole, as tests of older files do) + the path."""
+    place = {rel: i for i, (rel, _) in enumerate(plan_order(scan, split, seed))}
+
+    def key_of(part, rel):
+        return place[rel].to_bytes(8, "big") + rel.encode("utf-8", "surrogateescape")
+    return key_of
+
+
 def _folder_sweep(scan: Scan, split_dir: str, opts: Options):
     source = scan.source or FolderSource(split_dir)
     rels = [rel for rel, _ in scan.entries]
@@ -356,8 +366,8 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
                     else:
                         parts = {None: parts[split]}
 
-                    def key_of(part, rel, seed=opts.seed):
-                        return sort_key(rel, part.split, seed)
+                    key_of = _folder_keys(scan, split, opts.seed) if stream is None else \
+                        (lambda part, rel, seed=opts.seed: sort_key(rel, part.split, seed))
                     for name, part in parts.items():
                         part.split = name or split
                     read_pass(parts, o.sweep, opts, progress, start_progress, key_of)
