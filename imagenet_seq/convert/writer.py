@@ -1,30 +1,40 @@
-"""Convert one split in two passes: read in on-disk order into sorted runs, merge into the LMDB.
+"""Convert one split in two passes: one sweep over the sources into sorted runs, merged into
+the LMDB.
 
-The data path: ONE reader (``source_reader``) reads the files in the order they lie on the disk
-(``disk_order``) → N worker processes validate + normalise (``convert_workers``) → pass 1: the
-records, tagged with their position in the plan (``plan_order``: train sorted by a seeded hash
-of each relative path, val sorted paths; ``write_order``), fill a run buffer that is sorted and
-written as one sequential temporary file when full (``sort_runs``) → pass 2: the runs are merged by position and appended, in plan order,
-to ``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end. The output is
-exactly what the one-pass converter wrote (same plan, same records, same order). With
-``Options.shards`` / ``shard_gb`` the merge writes K shard files instead, one after the other,
-over the output folder and ``Options.shard_dirs``, and the manifest last (``shards.py``); one
-file is the case K = 1 of the same code.
+The data path: ONE sweep reads the sources (a folder's files in the order they lie on the disk,
+``disk_order``; an archive front to back, no listing first: ``tar_sweep``, ``tree_tar_sweep``,
+``wds_sweep``) → N worker processes validate + normalise (``workers``) → pass 1
+(``pass1``): the records, tagged with their sort key (``write_order.sort_key``: train a seeded
+hash of each relative path, val the path) and their sequence number in the sweep, fill a run
+buffer that is sorted and written as one sequential temporary file when full (``sort_runs``)
+→ pass 2 (``passes.merge_pass``): the runs are merged by key and appended, in write order, to
+``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end; what only the
+sweep's end tells (a tar's classes, a name met again, a replaced nested tar) is settled there
+(``settle``). The output is the same whatever the input form (folder, tar, ImageNet's tar of
+tars). A tar of a tree feeds all its splits from one sweep (each split its own runs and
+.partial). With ``Options.shards`` / ``shard_gb`` the merge writes K shard files instead, one
+after the other, over the output folder and ``Options.shard_dirs``, cut over the records
+counted after pass 1, and the manifest last (``shards.py``); one file is the case K = 1.
 
 Crash safety: ``__progress__`` in the .partial (shard 0's in pass 1, the shard being written in
-pass 2: ``shards.py``) says where the conversion stands, committed in
-the same transaction as what it describes. Pass 1: which plan positions are done (a bitmap), the
-finished runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the
-byte offset reached in each run and the records written. ``resume=True`` deletes runs that no
-commit lists, re-reads what pass 1 had not committed and ends with the records of a clean run.
-One conversion at a time per output folder: the folder's lock (``format.convlock``), and each
-shard folder's, is held throughout, and each .partial is checked to be the file this conversion
-opened before it is renamed, so no conversion reports success over a file it did not write.
+pass 2: ``shards.py``) says where the conversion stands, committed in the same transaction as
+what it describes. Pass 1: the sweep's cursor (the first item not yet in a run on disk: an
+index in a folder's read order, the byte offset of an archive member's header), the finished
+runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the byte
+offset reached in each run and the records written. ``resume=True`` deletes runs that no
+commit lists, sweeps again from the cursor and ends with the records of a clean run. The
+.partial's fingerprint covers the sources' identity (a folder's files and read order; the
+archives' paths, sizes and modification times) and the options. One conversion at a time per
+output folder: the folder's lock (``format.convlock``), and each shard folder's, is held
+throughout, and each .partial is checked to be the file this conversion opened before it is
+renamed, so no conversion reports success over a file it did not write.
 
-Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer and pass 2 the runs'
-read buffers, each ``memory - fixed_bytes(workers)``; fixed: one uncommitted transaction
-(``COMMIT_BYTES``), the reader's queue (32 MiB) and the chunks in flight to the workers
-(``workers * 8`` chunks of <= 1 MiB); the plan (~150 bytes per image) grows with the dataset.
+Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer (per split fed by the
+sweep, sharing the budget) and pass 2 the runs' read buffers, each ``memory -
+fixed_bytes(workers)``; fixed: one uncommitted transaction (``COMMIT_BYTES``), the reader's
+queue (32 MiB) and the chunks in flight to the workers (``workers * 8`` chunks of <= 1 MiB);
+a folder's scan (``PER_IMAGE_BYTES``) grows with it, an archive has no per-image list; the
+merge holds the labels of the shard being written (``PER_RECORD_BYTES`` each).
 Temporary space: about the split's source bytes, in ``Options.tmp`` (default: the output
 folder), checked against free space before the run (with each output folder's share of the
 shards) and deleted at the end.
