@@ -305,3 +305,22 @@ def test_kill_during_a_tree_tar_sweep_then_resume_equals_a_clean_run(data, tmp_p
     assert p.returncode == 0, p.stderr
     for split in ("train", "val"):
         assert records(out, split) == records(data["tree_ref"], split)
+
+
+def test_a_changed_archive_is_not_resumed(data, tmp_path):
+    """The .partial's fingerprint is of the archives' identity (path, size, modification
+    time) and the options: an archive touched after the kill is refused, not mixed in."""
+    tar = str(tmp_path / "ILSVRC2012_img_train.tar")
+    import shutil
+    shutil.copyfile(data["train"], tar)
+    out = str(tmp_path / "out")
+    p = run([tar, "--splits", "train", out], SMALL + KILL_IN_READ)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    st = os.stat(tar)
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    p = run([tar, "--splits", "train", out, "--resume"], SMALL)
+    assert p.returncode == 1 and "other inputs or options" in p.stderr, p.stderr
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    p = run([tar, "--splits", "train", out, "--resume"], SMALL)
+    assert p.returncode == 0, p.stderr
+    assert records(out, "train") == records(data["ref"], "train")
