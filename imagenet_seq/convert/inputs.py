@@ -30,7 +30,8 @@ from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.tar_sweep import ArchiveSweep
 from imagenet_seq.convert.tree_tar_sweep import TreeTarSweep
 from imagenet_seq.convert.wds_sweep import WdsSweep
-from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
+from imagenet_seq.convert.scan import (Scan, ScanError, find_classes, is_image,
+                                       read_val_labels, scan_split)
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
 __all__ = ["Inputs", "LISTING_PREFIX", "LISTING_VERSION", "listing_path", "remove_listings",

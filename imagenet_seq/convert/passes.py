@@ -173,13 +173,16 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
 
     ``decide(rel, label, seq, origin, replaced, prev)`` -> (label to store, None) or (None,
     the report row's reason); ``prev``: the origin of the record merged just before when its
-    key is the same (a name met before), else None: the labels a sweep could not know before its end (a tar's classes)
-    and the copies an archive replaced (a name met again later, a nested tar replaced by a
-    later one of its name) are settled here. ``sink`` (``shards.ShardSink``) is the shard
-    being written: merged items before ``sink.end`` (counted over every run record, dropped
-    copies included) go into ``sink.env``; the first one past it ends that shard (the next
-    shard's ``.partial`` made first, then this shard's final transaction, then ``seal``).
-    Every commit stores the runs' offsets with its records (a resume continues from them)."""
+    key is the same (a name met before), else None: the labels a sweep could not know
+    before its end (a tar's classes) and the copies an archive replaced (a name met again
+    later, a nested tar replaced by a later one of its name) are settled here.
+
+    ``sink`` (``shards.ShardSink``) is the shard being written: merged items before
+    ``sink.end`` (counted over every run record, dropped copies included) go into
+    ``sink.env``; the first one past it ends that shard (the next shard's ``.partial`` made
+    first, then this shard's final transaction, then ``seal``). Every commit stores the
+    runs' offsets with its records (a resume continues from them). ``records``: the most
+    records of one shard (their labels are held: ``PER_RECORD_BYTES`` each)."""
     state["phase"] = "merge"
     state.setdefault("offsets", [0] * len(state["runs"]))
     state.setdefault("merged", state.get("written", 0))

@@ -17,8 +17,8 @@ is ~140 GB for ImageNet, so:
 
 Run file layout: repeated ``[uint64 sequence][uint64 origin][uint16 key length][uint32 record
 length][key][record]`` (little-endian); ``origin``: the sequence number of the nested tar the
-record came from (``NO_ORIGIN``: none). Memory: pass 1 holds one run (``run_bytes``), pass 2 holds the read buffers
-(``merge_bytes`` in all) and one record per run.
+record came from (``NO_ORIGIN``: none). Memory: pass 1 holds one run (``run_bytes``), pass 2
+holds the read buffers (``merge_bytes`` in all) and one record per run.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import os
 import struct
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
-__all__ = ["HEAD", "NO_ORIGIN", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER", "WRITE_BUFFER",
-           "WRITE_IOVECS", "RunBuffer", "RunReader", "read_buffer", "merge"]
+__all__ = ["HEAD", "NO_ORIGIN", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER",
+           "WRITE_BUFFER", "WRITE_IOVECS", "RunBuffer", "RunReader", "read_buffer", "merge"]
 
 HEAD = struct.Struct("<QQHI")
 NO_ORIGIN = (1 << 64) - 1
@@ -150,9 +150,9 @@ class RunReader:
         return got >= n
 
     def next(self) -> Optional[Tuple[bytes, int, int, memoryview]]:
-        """(key, sequence, origin, record), or None at the end. The record is a view into a read buffer,
-        valid until the call after the next one: use it (or copy it) before then. Raises
-        ValueError on a cut-short run."""
+        """(key, sequence, origin, record), or None at the end. The record is a view into a
+        read buffer, valid until the call after the next one: use it (or copy it) before
+        then. Raises ValueError on a cut-short run."""
         if not self._need(HEAD.size):
             if len(self.buf) - self.at:
                 raise ValueError(f"{self.path} ends inside a record header (at byte "

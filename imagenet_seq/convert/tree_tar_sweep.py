@@ -163,8 +163,9 @@ class TreeTarView:
         if split not in found.get("roots", {}):
             if split == "train":
                 raise ScanError(f"{self.shared.path} is none of the tars the converter reads "
-                                f"(first members: {found.get('first', [])}): not a tar of an ImageFolder tree (no train/ folder: "
-                                "train/<class>/<image>, and val/...), not a WebDataset shard "
+                                f"(first members: {found.get('first', [])}): not a tar of an "
+                                "ImageFolder tree (no train/ folder: train/<class>/<image>, "
+                                "and val/...), not a WebDataset shard "
                                 "(no <key>.jpg beside a <key>.cls or <key>.json label), not "
                                 "ImageNet's ILSVRC2012_img_train.tar / _img_val.tar "
                                 "(recognised by those names)")
