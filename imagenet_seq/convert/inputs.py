@@ -10,6 +10,11 @@ or WebDataset shards (``wds_source``).
     preprocess_sequential.py '/data/in22k/imagenet22k-train-{0000..4095}.tar' DST  # a pattern
         [--classes imagenet22k_synsets.txt]                     # or a list of shards
 
+A folder is scanned (no image data read); an archive is not listed: each is read in ONE sweep
+as it is converted (``tar_sweep``: ImageNet's archives; ``tree_tar_sweep``: a tar of a tree,
+all its splits from one sweep; ``wds_sweep``: WebDataset shards), and what only the sweep's
+end tells (classes, replaced members) is settled at the merge (``settle``).
+
 For trees and ImageNet's archives class indices are the sorted class names (WNIDs for
 ImageNet). WebDataset shards carry their labels: label i is line i + 1 of ``--classes``, or,
 without it, the classes are the numbers 0 .. the largest label seen, named ``"0"``, ``"1"``,
@@ -185,34 +190,6 @@ def remove_listings(cache_dir: str, srcs: List[str]) -> None:
             os.remove(listing_path(cache_dir, s))
         except OSError:
             pass
-
-
-def _list_shards(paths: List[str], progress, cache_dir: Optional[str]):
-    """(path, ``wds_source.list_shard`` of it) for each shard in turn, kept like an archive's
-    listing; one progress bar over all of them (``progress(folder, total_bytes)``)."""
-    sizes = [os.path.getsize(p) for p in paths]
-    total = sum(sizes)
-    bar = progress(os.path.dirname(os.path.abspath(paths[0])), total) if progress else None
-    done = 0
-    for p, size in zip(paths, sizes):
-        tick = (lambda at, _, base=done: bar(base + at, total)) if bar else None
-        listing = _cached(p, cache_dir, "wds", lambda p=p, tick=tick: wds_source.list_shard(
-            p, tick))
-        if not listing["labelled"] and listing["first"]:
-            raise ScanError(
-                f"{p} is not a WebDataset shard: no group of its members has a label file "
-                f"(<key>.cls, or <key>.json, beside the image <key>.jpg); its first members: "
-                f"{listing['first']}."
-                + (" Several .tar inputs are read as WebDataset shards; a tar of an ImageFolder "
-                   "tree (train/<class>/<image>) is converted alone, ImageNet's archives keep "
-                   "their names (ILSVRC2012_img_train.tar)" if len(paths) > 1 else ""))
-        done += size
-        if bar:
-            bar(done, total)
-        yield p, listing
-
-
-MAX_CLASSES = 1_000_000  # without --classes: largest label + 1
 
 
 def _train_classes(train: str, cache_dir: Optional[str]) -> List[str]:
