@@ -7,8 +7,9 @@ inside the outer tar) and ``ILSVRC2012_img_val.tar`` (flat; labels from ``devkit
 The converter no longer lists an archive before reading it (``tar_sweep``: one sweep; the
 write position of a record is its own, ``write_order``); this module's listing is used where
 only names are needed (the classes of ImageNet's train archive for a val-only conversion
-without the devkit) and by tools that read members by offset. Listing reads only the 512-byte headers (``tarfile`` seeks over
-the data), which on a spinning disk costs about one sequential read of the archive. Reading
+without the devkit) and by tools that read members by offset. Listing reads only the
+512-byte headers (``tarfile`` seeks over the data), which on a spinning disk costs about one
+sequential read of the archive. Reading
 then uses each member's absolute byte offset: ``os.pread`` in offset order is one forward
 sweep of the archive. Nested tars are members of the outer file, so their images' offsets are
 absolute too. Compressed (``.tar.gz``) archives cannot be read this way: decompress first.
