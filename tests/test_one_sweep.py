@@ -324,3 +324,34 @@ def test_a_changed_archive_is_not_resumed(data, tmp_path):
     p = run([tar, "--splits", "train", out, "--resume"], SMALL)
     assert p.returncode == 0, p.stderr
     assert records(out, "train") == records(data["ref"], "train")
+
+
+KILL_IN_MERGE = """
+import os, signal, imagenet_seq.convert.passes as cp
+_merge = cp.merge
+def _killing(*a, **k):
+    for i, rec in enumerate(_merge(*a, **k)):
+        if i == 9:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield rec
+cp.merge = _killing
+"""
+
+
+@pytest.mark.parametrize("form", ["imagenet", "wds"])
+def test_kill_during_the_merge_then_resume_equals_a_clean_run(form, data, tmp_path):
+    """Labels settled at the merge, copies dropped there, shards cut over the records counted
+    after the sweep: a merge killed mid-shard and resumed writes a clean run's files."""
+    src = [data["train"], data["val"], "--devkit", data["devkit"]] if form == "imagenet" \
+        else [data["wds"]]
+    clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
+    assert run(src + [clean, "--shards", "3"], SMALL).returncode == 0
+    p = run(src + [out, "--shards", "3"], SMALL + KILL_IN_MERGE)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    p = run(src + [out, "--shards", "3", "--resume"], SMALL)
+    assert p.returncode == 0, p.stderr
+    from imagenet_seq.format import manifest as mf
+    for split in ("train", "val"):
+        got = [records(s.path, split) for s in mf.open_split(out, split).shards]
+        want = [records(s.path, split) for s in mf.open_split(clean, split).shards]
+        assert got == want

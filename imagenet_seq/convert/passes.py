@@ -197,7 +197,10 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
                       - records * PER_RECORD_BYTES)  # read_buffer: a floor per run
     txn = sink.env.begin(write=True)
     pending_n = pending_b = 0
-    before = [None, None]  # key and origin of the record merged last
+    # key and origin of the item merged last (kept in the state: a resume between two copies
+    # of a name still knows the first)
+    last = state.get("last_merged")
+    before = [bytes.fromhex(last[0]), last[1]] if last else [None, None]
 
     def end_shard():
         """The shard's last transaction (a kill leaves either its progress or its
@@ -228,6 +231,7 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
             label, why = decide(rel, raw, seq, origin, replaced,
                                 before[1] if before[0] == key else None)
             before[:] = [key, origin]
+            state["last_merged"] = [key.hex(), origin]
             if why is not None:
                 row = {"path": rel, "reason": why, "seq": seq, "note": True}
                 if label is not None:  # stored: a marker that earlier rows were replaced
