@@ -83,7 +83,7 @@ def test_imagenet_archives_with_devkit(ilsvrc, tmp_path, capsys):
     out = str(tmp_path / "out")
     err = convert([ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], out], capsys,
                   progress=True)
-    assert "listing ILSVRC2012_img_train.tar" in err and "train read" in err, err
+    assert "listing" not in err and "train read" in err, err  # one sweep: no listing pass
     assert "train merge" in err, err
     for split in ("train", "val"):
         assert records(out, split) == records(ilsvrc["ref"], split)
@@ -120,46 +120,33 @@ def test_interrupted_tar_conversion_resumes_exactly(ilsvrc, tmp_path, monkeypatc
         assert records(out, split) == records(ilsvrc["ref"], split)
 
 
-def test_resume_reuses_the_archive_listings(ilsvrc, tmp_path, monkeypatch, capsys):
-    """Listing an archive reads it about once; an interrupted conversion keeps the listings in
-    its output folder, so --resume does not list again. They are used only while the archive
-    is unchanged (size, modification time) and deleted once the conversion is complete."""
-    from imagenet_seq.convert import inputs, tar_source
+def test_resume_continues_the_sweep_without_listing(ilsvrc, tmp_path, monkeypatch, capsys):
+    """No archive is listed (one sweep each); an interrupted conversion resumes from the
+    sweep's committed cursor (the byte offset of a header), not from the archive's start."""
+    from imagenet_seq.convert import tar_source, tar_sweep
 
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
     fail_nth_run_write(monkeypatch, 2, OSError(5, "Input/output error"))
-    real_list, listed = tar_source.list_tar, []
+    listed, starts = [], []
+    monkeypatch.setattr(tar_source, "list_tar", lambda p, *a, **k: listed.append(p))
+    real_open = tar_sweep._open
 
-    def counting(path, progress=None):
-        listed.append(os.path.basename(path))
-        return real_list(path, progress)
-    monkeypatch.setattr(tar_source, "list_tar", counting)
+    def spy(fileobj, path, what, at):
+        if what == "the file":
+            starts.append((os.path.basename(path), at))
+        return real_open(fileobj, path, what, at)
+    monkeypatch.setattr(tar_sweep, "_open", spy)
     out = str(tmp_path / "out")
     args = [ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], out]
     convert(args, capsys, rc=1)
-    assert sorted(listed) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
-    kept = sorted(f for f in os.listdir(out) if f.startswith(inputs.LISTING_PREFIX))
-    assert len(kept) == 2, os.listdir(out)
-    # the train archive touched (another download in its place?): listed again; val is not
-    st = os.stat(ilsvrc["train"])
-    os.utime(ilsvrc["train"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    try:
-        listed.clear()
-        convert(args + ["--resume"], capsys)
-        assert listed == ["ILSVRC2012_img_train.tar"]
-    finally:
-        os.utime(ilsvrc["train"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert starts == [("ILSVRC2012_img_train.tar", None)]
+    starts.clear()
+    convert(args + ["--resume"], capsys)
+    assert starts[0][0] == "ILSVRC2012_img_train.tar" and starts[0][1] is not None, starts
+    assert starts[1:] == [("ILSVRC2012_img_val.tar", None)]
+    assert listed == []
     for split in ("train", "val"):
         assert records(out, split) == records(ilsvrc["ref"], split)
-    assert not [f for f in os.listdir(out) if f.startswith(inputs.LISTING_PREFIX)]
-    # a damaged listing file is not trusted: the archive is listed again
-    bad = inputs.listing_path(str(tmp_path / "o2"), ilsvrc["val"])
-    os.makedirs(os.path.dirname(bad))
-    with open(bad, "w") as f:
-        f.write('{"stamp": ')
-    listed.clear()
-    members, _ = inputs._list(ilsvrc["val"], None, str(tmp_path / "o2"))
-    assert listed == ["ILSVRC2012_img_val.tar"] and members == real_list(ilsvrc["val"])[0]
 
 
 # ---------------------------------------------------------------- bad input
@@ -216,47 +203,51 @@ def test_bad_devkit_or_missing_labels(case, expect, ilsvrc, tmp_path, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("depth", [1, 8])
-def test_archive_is_read_front_to_back(depth, ilsvrc, tmp_path, monkeypatch):
-    """One forward sweep: the preads cover the members in archive order, each once; with the
-    read-ahead window (``READ_AHEAD`` reads in flight) a read starts at most that many members
-    early, and with a window of 1 every pread starts at or after the previous one's end."""
+@pytest.mark.parametrize("piece", [4096, 1 << 20])
+def test_archive_is_read_front_to_back(piece, ilsvrc, tmp_path, monkeypatch):
+    """One forward sweep: the archive is opened once and its preads follow each other, each
+    starting at or after the previous one's end, never reading a byte twice."""
     import threading
 
-    import imagenet_seq.convert.tar_source as ts
-    from imagenet_seq.convert import source_reader
+    from imagenet_seq.convert import tar_sweep
 
-    offsets = []
-    real = os.pread
+    offsets, opened = [], []
+    real, real_open = os.pread, os.open
     lock = threading.Lock()
 
     def spy(fd, n, off):
         with lock:
             offsets.append((off, n))
         return real(fd, n, off)
-    monkeypatch.setattr(ts.os, "pread", spy)
-    monkeypatch.setattr(source_reader, "READ_AHEAD", depth)
+
+    def open_spy(path, *a, **k):
+        opened.append(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(tar_sweep.os, "pread", spy)
+    monkeypatch.setattr(tar_sweep.os, "open", open_spy)
+    monkeypatch.setattr(tar_sweep, "PIECE", piece)
     assert main([ilsvrc["train"], "--splits", "train", str(tmp_path / "o"), "--workers", "2",
                  "--no-progress"]) == 0
-    assert len(offsets) == len(set(offsets)) == 18
-    ranked = {o: i for i, o in enumerate(sorted(offsets))}
-    assert max(abs(ranked[o] - i) for i, o in enumerate(offsets)) < depth
-    if depth == 1:
-        assert all(b[0] >= a[0] + a[1] for a, b in zip(offsets, offsets[1:]))
+    assert [p for p in opened if "ILSVRC2012" in p] == [ilsvrc["train"]]
+    assert len(offsets) > (10 if piece < 1 << 20 else 0)
+    assert all(b[0] >= a[0] + a[1] for a, b in zip(offsets, offsets[1:])), offsets
 
 
-def test_val_only_does_not_list_the_train_archive(ilsvrc, tmp_path, monkeypatch, capsys):
+def test_val_only_does_not_read_the_train_archive(ilsvrc, tmp_path, monkeypatch, capsys):
     """With the devkit, the classes come from meta.mat: the train archive (a full read on a
-    disk) is not listed for --splits val."""
+    disk) is not opened for --splits val, and the val archive is not listed either."""
     import imagenet_seq.convert.tar_source as ts
+    from imagenet_seq.convert import tar_sweep
 
-    listed = []
-    real = ts.list_tar
-    monkeypatch.setattr(ts, "list_tar", lambda p, *a: listed.append(p) or real(p, *a))
+    listed, swept = [], []
+    monkeypatch.setattr(ts, "list_tar", lambda p, *a: listed.append(p))
+    real = tar_sweep.SeqFile.__init__
+    monkeypatch.setattr(tar_sweep.SeqFile, "__init__",
+                        lambda self, p: swept.append(p) or real(self, p))
     out = str(tmp_path / "out")
     convert([ilsvrc["train"], ilsvrc["val"], "--devkit", ilsvrc["devkit"], "--splits", "val",
              out], capsys)
-    assert listed == [ilsvrc["val"]]
+    assert listed == [] and swept == [ilsvrc["val"]]
     assert records(out, "val") == records(ilsvrc["ref"], "val")
 
 

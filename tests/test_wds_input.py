@@ -289,9 +289,9 @@ def test_output_verifies_and_loads(tree, tmp_path, capsys):
 
 
 def test_shards_are_read_front_to_back_each_in_turn(tree, tmp_path, monkeypatch):
-    """One pread per record; with --read-order name the shards in the order given, each read
-    front to back; no shard file left open."""
-    import imagenet_seq.convert.tar_source as ts
+    """One sweep: the shards in the order given, each read front to back (every pread at
+    or after the previous one's end), none listed first; no shard file left open."""
+    import imagenet_seq.convert.tar_sweep as ts
 
     train, _ = shard_set(tree, tmp_path / "wds")
     train = [os.path.realpath(p) for p in train]
@@ -303,40 +303,38 @@ def test_shards_are_read_front_to_back_each_in_turn(tree, tmp_path, monkeypatch)
         path = os.readlink(f"/proc/self/fd/{fd}")
         if path in train:  # not the converter's own reads of its output
             with lock:
-                reads.append((path, off))
+                reads.append((path, off, n))
         return real(fd, n, off)
     monkeypatch.setattr(ts.os, "pread", spy)
+    monkeypatch.setattr(ts, "PIECE", 4096)
     assert main([str(tmp_path / "wds"), str(tmp_path / "o"), "--splits", "train", "--workers",
                  "2", "--no-progress", "--read-order", "name"]) == 0
-    assert len(reads) == len(set(reads)) == 18
-    order = [(train.index(p), off) for p, off in reads]
-    assert order == sorted(order)
+    assert len(reads) == len(set(reads)) > len(train)
+    order = [(train.index(p), off, n) for p, off, n in reads]
+    assert [o[0] for o in order] == sorted(o[0] for o in order)  # each shard in turn
+    assert all(b[1] >= a[1] + a[2] for a, b in zip(order, order[1:]) if a[0] == b[0])
     open_now = [fd for fd in range(3, 1024)
                 if os.path.exists(f"/proc/self/fd/{fd}") and
                 os.readlink(f"/proc/self/fd/{fd}") in train]
     assert open_now == []  # all closed at the end
 
 
-def test_resume_reuses_the_shard_listings(tree, tmp_path, monkeypatch, capsys):
-    from imagenet_seq.convert import inputs, wds_source
+def test_resume_continues_the_shards_sweep(tree, tmp_path, monkeypatch, capsys):
+    """No shard is listed (one sweep each); an interrupted conversion resumes from the
+    committed cursor and ends with the records of a clean run."""
+    from imagenet_seq.convert import wds_source
 
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
     fail_nth_run_write(monkeypatch, 2, OSError(5, "Input/output error"))
-    real, listed = wds_source.list_shard, []
-    monkeypatch.setattr(wds_source, "list_shard",
-                        lambda p, *a: listed.append(os.path.basename(p)) or real(p, *a))
+    listed = []
+    monkeypatch.setattr(wds_source, "list_shard", lambda p, *a: listed.append(p))
     shard_set(tree, tmp_path / "wds")
     out = str(tmp_path / "out")
     convert([str(tmp_path / "wds"), out], capsys, rc=1)
-    assert len(listed) == 5
-    assert len([f for f in os.listdir(out) if f.startswith(inputs.LISTING_PREFIX)]) == 5
-    listed.clear()
     convert([str(tmp_path / "wds"), out, "--resume"], capsys)
     assert listed == []
     for split in ("train", "val"):
         assert records(out, split)[0] == records(tree[2], split)[0]
-    assert not [f for f in os.listdir(out) if f.startswith(inputs.LISTING_PREFIX)]
-
 
 def test_brace_patterns_and_split_names():
     assert expand_braces("s-{0000..0002}.tar") == ["s-0000.tar", "s-0001.tar", "s-0002.tar"]

@@ -251,7 +251,7 @@ def _convert(args, splits: List[str]) -> int:
     except (ValueError, ScanError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    few = [s for s in splits if args.shards is not None
+    few = [s for s in splits if args.shards is not None and scans[s].sweep is None
            and args.shards > max(1, len(scans[s].entries))]
     if few:  # before any split is written
         print(f"error: --shards {args.shards} for the {len(scans[few[0]].entries)} images of "
@@ -294,6 +294,9 @@ def _convert(args, splits: List[str]) -> int:
         except ConversionError as e:
             print(f"\nerror: {e}", file=sys.stderr)
             return 1
+        except ScanError as e:  # found by an archive's sweep (damaged, unlabelled images)
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt as e:
             print(f"\n{_stopped(e)}; the finished part is kept in {args.dst}: run again with "
                   "--resume to continue", file=sys.stderr)

@@ -10,6 +10,11 @@ or WebDataset shards (``wds_source``).
     preprocess_sequential.py '/data/in22k/imagenet22k-train-{0000..4095}.tar' DST  # a pattern
         [--classes imagenet22k_synsets.txt]                     # or a list of shards
 
+A folder is scanned (no image data read); an archive is not listed: each is read in ONE sweep
+as it is converted (``tar_sweep``: ImageNet's archives; ``tree_tar_sweep``: a tar of a tree,
+all its splits from one sweep; ``wds_sweep``: WebDataset shards), and what only the sweep's
+end tells (classes, replaced members) is settled at the merge (``settle``).
+
 For trees and ImageNet's archives class indices are the sorted class names (WNIDs for
 ImageNet). WebDataset shards carry their labels: label i is line i + 1 of ``--classes``, or,
 without it, the classes are the numbers 0 .. the largest label seen, named ``"0"``, ``"1"``,
@@ -23,10 +28,15 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from imagenet_seq import format as fmt
 from imagenet_seq.format import SPLITS
 from imagenet_seq.convert import tar_names, tar_source, wds_source
 from imagenet_seq.convert.devkit import read_devkit
-from imagenet_seq.convert.scan import Scan, ScanError, find_classes, is_image, read_val_labels, scan_split
+from imagenet_seq.convert.tar_sweep import ArchiveSweep
+from imagenet_seq.convert.tree_tar_sweep import TreeTarSweep
+from imagenet_seq.convert.wds_sweep import WdsSweep
+from imagenet_seq.convert.scan import (Scan, ScanError, find_classes, is_image,
+                                       read_val_labels, scan_split)
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
 __all__ = ["Inputs", "LISTING_PREFIX", "LISTING_VERSION", "listing_path", "remove_listings",
@@ -182,32 +192,23 @@ def remove_listings(cache_dir: str, srcs: List[str]) -> None:
             pass
 
 
-def _list_shards(paths: List[str], progress, cache_dir: Optional[str]):
-    """(path, ``wds_source.list_shard`` of it) for each shard in turn, kept like an archive's
-    listing; one progress bar over all of them (``progress(folder, total_bytes)``)."""
-    sizes = [os.path.getsize(p) for p in paths]
-    total = sum(sizes)
-    bar = progress(os.path.dirname(os.path.abspath(paths[0])), total) if progress else None
-    done = 0
-    for p, size in zip(paths, sizes):
-        tick = (lambda at, _, base=done: bar(base + at, total)) if bar else None
-        listing = _cached(p, cache_dir, "wds", lambda p=p, tick=tick: wds_source.list_shard(
-            p, tick))
-        if not listing["labelled"] and listing["first"]:
-            raise ScanError(
-                f"{p} is not a WebDataset shard: no group of its members has a label file "
-                f"(<key>.cls, or <key>.json, beside the image <key>.jpg); its first members: "
-                f"{listing['first']}."
-                + (" Several .tar inputs are read as WebDataset shards; a tar of an ImageFolder "
-                   "tree (train/<class>/<image>) is converted alone, ImageNet's archives keep "
-                   "their names (ILSVRC2012_img_train.tar)" if len(paths) > 1 else ""))
-        done += size
-        if bar:
-            bar(done, total)
-        yield p, listing
-
-
-MAX_CLASSES = 1_000_000  # without --classes: largest label + 1
+def _train_classes(train: str, cache_dir: Optional[str]) -> List[str]:
+    """The classes of ImageNet's train archive: those of its conversion in ``cache_dir`` (the
+    output folder) when there is one, else its class folders (every header read)."""
+    if cache_dir:
+        try:
+            from imagenet_seq.format import manifest as mf
+            split = mf.open_split(cache_dir, "train")
+            env = fmt.open_env(split.paths[0])
+            try:
+                with env.begin(buffers=True) as txn:
+                    return list(fmt.read_metadata(txn, split.paths[0]).classes)
+            finally:
+                env.close()
+        except (OSError, ValueError):
+            pass
+    files, _ = _archive_files(train, "train", None, None)
+    return sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
 
 
 def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[str], progress,
@@ -241,31 +242,10 @@ def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[st
                 f"or --splits {other}")
     fixed = read_classes(classes_file) if classes_file is not None else None
     how = f"--classes {classes_file}" if fixed is not None else "the labels seen"
-    parts = {s: wds_source.SplitShards(fixed, how) for s in splits}
-    split_of_path = {p: s for s in splits for p in by_split[s]}
-    for p, listing in _list_shards([p for s in splits for p in by_split[s]], progress,
-                                   cache_dir):
-        parts[split_of_path[p]].add(p, listing)
-    if fixed is not None:  # the .json sidecars' class names (timm's: the WNID) must agree
-        for part in parts.values():
-            for i, (name, shard) in sorted(part.names.items()):
-                if i < len(fixed) and fixed[i] != name:
-                    raise ScanError(
-                        f"--classes {classes_file}:{i + 1} names label {i} {fixed[i]!r}, but the "
-                        f".json of {shard} names it {name!r}: pass the class list these shards "
-                        "were labelled with (line i + 1 = label i; timm's "
-                        "imagenet22k_synsets.txt for imagenet-22k-wds), or no --classes")
-    top = max(part.top for part in parts.values())
-    if fixed is None and top >= MAX_CLASSES:
-        raise ScanError(f"labels reach {top}: without --classes the classes are 0..{top}; pass "
-                        "--classes FILE naming each (label i = line i + 1)")
-    classes = fixed if fixed is not None else [str(i) for i in range(top + 1)]
-    scans: Dict[str, Scan] = {}
-    for s in splits:
-        if not parts[s].entries:
-            raise ScanError(f"no image of the {len(by_split[s])} {s} shards can be stored, e.g. "
-                            f"{parts[s].rows[:2]}; fix the shards or pass other ones")
-        scans[s] = parts[s].scan(classes)
+    # each split's shards are read in one sweep as it is converted (wds_sweep): no listing
+    scans: Dict[str, Scan] = {s: Scan([], [], [], sweep=WdsSweep(by_split[s], fixed, how,
+                                                                 classes_file))
+                              for s in splits}
     return Inputs(by_split[splits[0]][0], scans)
 
 
@@ -338,62 +318,31 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
     labels = read_val_labels(val_labels) if val_labels else kit_labels
     labels_name = val_labels or devkit or ""
     scans: Dict[str, Scan] = {}
-    if "tree" in by_kind:
-        path = by_kind["tree"]
-        members, not_files = _list(path, progress, cache_dir)
-        roots = tar_names.split_roots(members, not_files, SPLITS)
-        if "train" not in roots:
-            raise ScanError(f"{path} is none of the tars the converter reads (first members: "
-                            f"{[m[0] for m in members[:3]]}): not a tar of an ImageFolder tree "
-                            "(no train/ folder: train/<class>/<image>, and val/...), not a "
-                            "WebDataset shard (no <key>.jpg beside a <key>.cls or <key>.json "
-                            "label), not ImageNet's ILSVRC2012_img_train.tar / _img_val.tar "
-                            "(recognised by those names)")
-        parts, stray = tar_names.assign(members, not_files, roots)
-        files = parts["train"][0]
-        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
-        for s in splits:
-            if s not in roots:
-                raise ScanError(f"{path} holds no {s}/ folder; add it or pass --splits train")
-            prefix, (files, skipped) = roots[s], parts[s]
-            if s == splits[0]:  # unsafe names that point into no split: reported once
-                skipped = stray + skipped
-            flat = s == "val" and not any("/" in r for r in files if is_image(r))
-            if flat and labels is None:
-                raise ScanError(f"{path}:{prefix} has no class folders (flat layout); pass "
-                                "--val-labels FILE ('<filename> <class>' lines or Kaggle's "
-                                "LOC_val_solution.csv)")
-            scans[s] = tar_source.scan_files(path, prefix, files, classes, flat, labels,
-                                             skipped, labels_name)
-        return Inputs(path, scans)
-    classes = None
-    # listing the train archive costs about one read of it: only when its images or its
-    # classes (no devkit) are needed
-    if "train" in by_kind and ("train" in splits or kit_classes is None):
-        files, not_files = _archive_files(by_kind["train"], "train", progress, cache_dir)
-        classes = sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
-        if kit_classes is not None and classes != kit_classes:
-            extra = sorted(set(classes) ^ set(kit_classes))[:3]
-            raise ScanError(f"the classes of {by_kind['train']} ({len(classes)}) differ from the "
-                            f"devkit's ({len(kit_classes)}), e.g. {extra}: the devkit is of "
-                            "another year or dataset; pass ILSVRC2012_devkit_t12.tar.gz")
-        if "train" in splits:
-            scans["train"] = tar_source.scan_files(by_kind["train"], "", files, classes, False,
-                                                   None, not_files, "")
-    classes = classes or kit_classes
-    for s in splits:
-        if s in scans:
-            continue
-        if s == "train" or s not in by_kind:
-            raise ScanError(f"no {s} input: pass ILSVRC2012_img_{s}.tar (or --splits "
-                            f"{'val' if s == 'train' else 'train'})")
-        if classes is None:
+    if "tree" in by_kind:  # one sweep feeds every split (tree_tar_sweep): no listing
+        shared = TreeTarSweep(by_kind["tree"], splits, labels, labels_name)
+        return Inputs(by_kind["tree"], {s: Scan([], [], [], sweep=shared.view(s))
+                                        for s in splits})
+    # each archive is read in one sweep as it is converted (tar_sweep): no listing first
+    if "train" in splits:
+        if "train" not in by_kind:
+            raise ScanError("no train input: pass ILSVRC2012_img_train.tar (or --splits val)")
+        scans["train"] = Scan([], [], [], sweep=ArchiveSweep(
+            by_kind["train"], "train", True, kit_classes=kit_classes))
+    if "val" in splits:
+        if "val" not in by_kind:
+            raise ScanError("no val input: pass ILSVRC2012_img_val.tar (or --splits train)")
+        if kit_classes is None and "train" not in by_kind:
             raise ScanError("the class list comes from the train archive or the devkit: pass "
                             "ILSVRC2012_img_train.tar or --devkit ILSVRC2012_devkit_t12.tar.gz")
         if labels is None:
-            raise ScanError(f"{by_kind[s]} is flat and needs labels: pass --devkit "
+            raise ScanError(f"{by_kind['val']} is flat and needs labels: pass --devkit "
                             "ILSVRC2012_devkit_t12.tar.gz or --val-labels LOC_val_solution.csv")
-        files, not_files = _archive_files(by_kind[s], s, progress, cache_dir)
-        scans[s] = tar_source.scan_files(by_kind[s], "", files, classes, True, labels,
-                                         not_files, labels_name)
+        train = by_kind.get("train")
+
+        def class_list(train=train):
+            """The devkit's classes, else the train archive's (its converted split's, or
+            its class folders: read only when needed)."""
+            return kit_classes or _train_classes(train, cache_dir)
+        scans["val"] = Scan([], [], [], sweep=ArchiveSweep(
+            by_kind["val"], "val", False, labels, labels_name, class_list))
     return Inputs(srcs[0], scans)

@@ -1,36 +1,36 @@
 """The two passes of a split's conversion (``writer`` runs them and owns the .partial's state).
 
-Pass 1 (:func:`read_pass`): ONE reader thread reads the files not yet done in on-disk order
-(``source_reader``), worker processes validate + normalise (``convert_workers``), the records
-fill a run buffer that is sorted by plan position and written as one sequential temporary file
-(``sort_runs``) by a thread (:class:`RunWriter`) while reading goes on into the next run; each
-run is fsync'd, then listed in ``__progress__`` with the bitmap of plan positions done (its
-records count only from then on) and the skip records, in one transaction. Pass 2
-(:func:`merge_pass`): the runs merged by position into the LMDB (or the shards, one after the
-other: ``shard_sink``), each commit storing the byte offset reached in every run. What the two
-need in space is checked beforehand (``space``).
+Pass 1 (``pass1.read_pass``): ONE sweep over the sources (a folder's files in on-disk order,
+an archive front to back), worker processes validate + normalise (``workers``), the records
+fill a run buffer that is sorted by write key (``write_order.sort_key``) and written as one
+sequential temporary file (``sort_runs``) by a thread (:class:`RunWriter`) while reading goes
+on into the next run; each run is fsync'd, then listed in ``__progress__`` with the sweep's
+cursor (how far the sweep got: no list over the files) and the skip records, in one
+transaction. Pass 2 (:func:`merge_pass`): the runs merged by key into the LMDB (or the
+shards, one after the other: ``shard_sink``), the merge order being the record index, each
+commit storing the byte offset reached in every run. What the two need in space is checked
+beforehand (``space``).
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import threading
 from typing import Optional
 
-import numpy as np
-
 from imagenet_seq.format import checksums
 from imagenet_seq import format as fmt
-from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results
+# pass 1 (``pass1``) reaches Workers and results through this module (tests patch them here)
+from imagenet_seq.convert.workers import WINDOW, Workers, WorkerError, results  # noqa: F401
 from imagenet_seq.malloc import trim
 from imagenet_seq.convert.sort_runs import RunBuffer, merge
-from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS, Reader
+from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS
 
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
-           "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES", "MIN_BUFFER",
-           "fixed_bytes", "buffer_bytes", "pack", "unpack", "prepare_runs",
-           "RunWriter", "read_pass", "merge_pass"]
+           "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES",
+           "PER_RECORD_BYTES", "MIN_BUFFER",
+           "fixed_bytes", "buffer_bytes", "prepare_runs",
+           "RunWriter", "merge_pass"]
 
 COMMIT_RECORDS = 2000
 COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
@@ -44,44 +44,44 @@ class ConversionError(RuntimeError):
 
 
 # Measured (benchmarks/convert_order.py, peak of RSS minus shared pages): the converter's own
-# process ~64 MB with its libraries, each worker ~40 MB; the file list, its read order and the
-# reader's item list ~600 bytes per image (Python tuples and strings).
+# process ~64 MB with its libraries, each worker ~40 MB; a FOLDER's file list, its read order
+# and the reader's item list ~600 bytes per image (Python tuples and strings). An archive has
+# no per-image list (one sweep: ``pass1``); what grows with it is the label of each record of
+# the shard being written (4 bytes, kept until that shard's last transaction) and the sweep's
+# state (class names, the paths of skipped files), small beside it. The sweep itself holds a
+# 1 MiB read piece (``tar_sweep.PIECE``: within PROCESS_BYTES' margin over the 64 MB measured)
+# and its queue (``QUEUE_CHUNKS`` chunks, as a folder's reader).
 PROCESS_BYTES = 80_000_000
 WORKER_BYTES = 50_000_000
-PER_IMAGE_BYTES = 600
+PER_IMAGE_BYTES = 600  # a folder's images (its scan)
+PER_RECORD_BYTES = 4  # the records of the shard being written (its labels), any source
 MIN_BUFFER = 64_000_000
 
 
-def fixed_bytes(workers: int, images: int = 0) -> int:
+def fixed_bytes(workers: int, images: int = 0, records: int = 0) -> int:
     """Memory besides the run / merge buffers: the processes themselves, one uncommitted
     transaction, the reader's queue, the chunks in flight to and from the workers
-    (``convert_workers.WINDOW`` each) and the per-image lists."""
+    (``convert_workers.WINDOW`` each), a folder's per-image lists (``images``: 0 for an
+    archive) and the labels of the largest shard's ``records``."""
     return (PROCESS_BYTES + COMMIT_BYTES + QUEUE_CHUNKS * CHUNK_BYTES
-            + max(1, workers) * (WORKER_BYTES + WINDOW * CHUNK_BYTES) + images * PER_IMAGE_BYTES)
+            + max(1, workers) * (WORKER_BYTES + WINDOW * CHUNK_BYTES) + images * PER_IMAGE_BYTES
+            + records * PER_RECORD_BYTES)
 
 
-def buffer_bytes(memory: int, workers: int, images: int = 0) -> int:
+def buffer_bytes(memory: int, workers: int, images: int = 0, records: int = 0) -> int:
     """Run buffer (pass 1) = merge read buffers (pass 2): what ``memory`` leaves.
 
     Raises:
         ValueError: ``memory`` too small for the fixed part plus a 64 MB buffer.
     """
-    rest = memory - fixed_bytes(workers, images)
+    rest = memory - fixed_bytes(workers, images, records)
     if rest < MIN_BUFFER:
-        need = (fixed_bytes(workers, images) + MIN_BUFFER) // 1_000_000 + 1
+        need = (fixed_bytes(workers, images, records) + MIN_BUFFER) // 1_000_000 + 1
         raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least {need} with "
                          f"--workers {workers}{f' and {images} images' if images else ''} "
                          f"(processes, queues and file list: "
-                         f"{fixed_bytes(workers, images) // 1_000_000} MB)")
+                         f"{fixed_bytes(workers, images, records) // 1_000_000} MB)")
     return rest
-
-
-def pack(done: np.ndarray) -> str:
-    return base64.b64encode(np.packbits(done).tobytes()).decode()
-
-
-def unpack(text: str, n: int) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
 
 
 def prepare_runs(run_dir: str, state: dict, partial: str) -> None:
@@ -135,11 +135,10 @@ class RunWriter:
         """Write ``run`` to ``run.path``."""
         assert self._thread is None, "wait() for the previous run first"
         self._run, self.path = run, run.path
-        positions = [item[0] for item in run.items]
 
         def write():
             try:
-                self._out.append((run, positions, run.write(run.path)))
+                self._out.append((run, None, run.write(run.path)))
             except BaseException as e:  # OSError (full disk), MemoryError: the caller's
                 self._out.append(e)
             # the records were allocated by the reader's and the main thread (their malloc
@@ -167,134 +166,41 @@ class RunWriter:
         return got
 
 
-def read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
-               start_progress) -> None:
-    """Pass 1: every plan position not yet done, read in ``read_order``, into sorted runs."""
-    done = unpack(state["done"], len(plan))
-    todo = [p for p in read_order if not done[p]]
-    if start_progress:
-        start_progress(len(plan), len(plan) - len(todo), "read")
-    run_bytes = buffer_bytes(opts.memory, opts.workers, len(plan))  # filling + writing
-    classes = len(state["class_counts"])
-    run = _Run(run_bytes, RUN_RECORDS, classes)
-    writer = RunWriter()
-    workers = Workers(opts.workers) if opts.workers > 0 and todo else None
-    reader = (Reader(source, [(p, plan[p][0], plan[p][1]) for p in todo], opts.read_ahead)
-              if todo else None)
-    txn = env.begin(write=True)
-    pending = 0
+def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int,
+               decide, records: int = 0) -> None:
+    """Pass 2: the runs merged by (key, sequence) into the shards, one after the other; the
+    merge order is the record index.
 
-    def commit(written=None):
-        """The progress record, with the run just written (if any), in one transaction."""
-        nonlocal txn, pending
-        if written is not None:
-            done_run, positions, (n, size) = written
-            state["runs"].append([os.path.basename(done_run.path), n, size])
-            done[positions] = True
-            for k, c in enumerate(done_run.class_counts):
-                state["class_counts"][k] += c
-            state["bytes"] += done_run.bytes
-            state["converted"] += done_run.converted
-        state["done"] = pack(done)
-        txn.put(fmt.PROGRESS_KEY, json.dumps(state).encode())
-        txn.commit()
-        txn = env.begin(write=True)
-        pending = 0
+    ``decide(rel, label, seq, origin, replaced, prev)`` -> (label to store, None) or (None,
+    the report row's reason); ``prev``: the origin of the record merged just before when its
+    key is the same (a name met before), else None: the labels a sweep could not know
+    before its end (a tar's classes) and the copies an archive replaced (a name met again
+    later, a nested tar replaced by a later one of its name) are settled here.
 
-    def finish_write(timeout=None) -> bool:
-        """Commit the run in flight once written; False if it is still being written."""
-        if not writer.busy():
-            return True
-        try:
-            got = writer.wait(timeout)
-        except OSError as e:
-            raise ConversionError(
-                f"cannot write the temporary run {writer.path}: {e.strerror or e}; free "
-                f"space in {run_dir} (or pass --tmp DIR on a disk with room), then run again "
-                "with --resume") from None
-        if got is None:
-            return False
-        commit(got)
-        return True
-
-    def hand_over():
-        nonlocal run
-        finish_write()  # one write at a time: the memory bound holds two runs
-        run.path = os.path.join(run_dir, f"run-{len(state['runs']):05d}")
-        writer.start(run)
-        run = _Run(run_bytes, RUN_RECORDS, classes)
-
-    try:
-        for pos, status, payload, note in (results(source.describe(""), reader, opts.max_size,
-                                                   opts.quality, workers) if todo else ()):
-            rel, label = plan[pos]
-            nbytes = 0
-            if status == "error":
-                raise ConversionError(payload)
-            if status == "skip":
-                if opts.strict:
-                    raise ConversionError(
-                        f"{source.describe(rel)}: {payload} (--strict stops at the "
-                        "first broken file; remove or fix it, or run without --strict to "
-                        "skip and report it)")
-                txn.put(fmt.skip_key(state["skipped"]),
-                        json.dumps({"path": rel, "reason": payload, "pos": pos}).encode())
-                state["skipped"] += 1
-                res.skipped.append((rel, payload))
-                done[pos] = True  # its record is in this transaction
-                pending += 1
-            else:  # payload: the JPEG to store; the run writes the record header before it
-                run.add(pos, payload, fmt.RECORD_HEADER.pack(label))
-                run.class_counts[label] += 1
-                nbytes = len(payload)
-                run.bytes += nbytes
-                run.converted += note is not None
-            if progress:
-                progress(1, nbytes, state["skipped"])
-            if run.full():
-                hand_over()
-            elif writer.busy():
-                # the memory bound: wait for the write when the run being filled and what the
-                # one being written still holds reach it (reading faster than the run disk);
-                # otherwise commit the written run as soon as it is on disk
-                finish_write(None if run.nbytes + writer.pending_bytes() >= run_bytes else 0)
-        if run.items:
-            hand_over()
-        finish_write()
-        if pending:
-            commit()
-    except WorkerError as e:
-        raise ConversionError(str(e)) from None
-    finally:
-        if workers is not None:
-            workers.close()  # first: kill, never wait for their cooperation
-        if reader is not None:
-            reader.close()
-        if txn is not None:
-            txn.abort()  # a no-op after the last checkpoint's fresh transaction
-    if not done.all():
-        raise ConversionError(f"internal: {int((~done).sum())} images not read; run again "
-                              "with --resume")
-
-
-def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int) -> None:
-    """Pass 2: the runs merged by plan position into the shards, one after the other.
-
-    ``sink`` (``shards.ShardSink``) is the shard being written: records of plan positions
-    before ``sink.end`` go into ``sink.env``; the first one past it ends that shard
-    (``sink.hand_over`` the progress to the next shard, then this shard's final transaction:
-    checksums, ``sink.finish``; then ``sink.seal``) and goes into the next. Every commit
-    stores the runs' offsets with its records (a resume continues from them)."""
-    state.pop("done", None)  # pass 1 is over: no need to carry the bitmap in every commit
+    ``sink`` (``shards.ShardSink``) is the shard being written: merged items before
+    ``sink.end`` (counted over every run record, dropped copies included) go into
+    ``sink.env``; the first one past it ends that shard (the next shard's ``.partial`` made
+    first, then this shard's final transaction, then ``seal``). Every commit stores the
+    runs' offsets with its records (a resume continues from them). ``records``: the most
+    records of one shard (their labels are held: ``PER_RECORD_BYTES`` each)."""
     state["phase"] = "merge"
     state.setdefault("offsets", [0] * len(state["runs"]))
+    state.setdefault("merged", state.get("written", 0))
     total = sum(r[1] for r in state["runs"])
     if start_progress:
-        start_progress(total, state["written"], "merge")
+        start_progress(total, state["merged"], "merge")
     crcs = checksums.Log(sink.local(state["written"]))  # records before it: committed
     paths = [os.path.join(run_dir, r[0]) for r in state["runs"]]
+    sink.load_labels()
+    # the labels of the shard being written are held until its last transaction
+    merge_bytes = max(1, buffer_bytes(opts.memory, opts.workers, images)
+                      - records * PER_RECORD_BYTES)  # read_buffer: a floor per run
     txn = sink.env.begin(write=True)
     pending_n = pending_b = 0
+    # key and origin of the item merged last (kept in the state: a resume between two copies
+    # of a name still knows the first)
+    last = state.get("last_merged")
+    before = [bytes.fromhex(last[0]), last[1]] if last else [None, None]
 
     def end_shard():
         """The shard's last transaction (a kill leaves either its progress or its
@@ -313,18 +219,39 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
             pending_n = pending_b = 0
 
     try:
-        for pos, payload, i, after in merge(paths, state["offsets"],
-                                            buffer_bytes(opts.memory, opts.workers, images)):
-            if pos >= sink.end:
+        for key, seq, origin, payload, i, after, replaced in merge(
+                paths, state["offsets"], merge_bytes):
+            while state["merged"] >= sink.end:  # a shard whose images were all dropped: empty
                 payload = bytes(payload)  # one record's copy: its read buffer outlives nothing
-                while pos >= sink.end:  # a shard whose images were all skipped: empty
-                    end_shard()
-            txn.put(fmt.record_key(sink.local(state["written"])), payload)
-            crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
-            state["written"] += 1
+                end_shard()
+            state["merged"] += 1
             state["offsets"][i] = after
-            nbytes = len(payload) - fmt.RECORD_HEADER.size
-            state["shard"]["bytes"] += nbytes
+            rel = key[8:].decode("utf-8", "surrogateescape")  # write_order.sort_key
+            (raw,) = fmt.RECORD_HEADER.unpack_from(payload, 0)
+            label, why = decide(rel, raw, seq, origin, replaced,
+                                before[1] if before[0] == key else None)
+            before[:] = [key, origin]
+            state["last_merged"] = [key.hex(), origin]
+            if why is not None:
+                row = {"path": rel, "reason": why, "seq": seq, "note": True}
+                if label is not None:  # stored: a marker that earlier rows were replaced
+                    row["marker"], why = True, None
+                txn.put(fmt.skip_key(state["skipped"]), json.dumps(row).encode())
+                state["skipped"] += 1
+            if why is not None:
+                nbytes = 0
+            else:
+                if label != raw:  # settled here (a tar's classes): the header rewritten
+                    if not isinstance(payload, bytearray) and (
+                            not isinstance(payload, memoryview) or payload.readonly):
+                        payload = bytearray(payload)
+                    fmt.RECORD_HEADER.pack_into(payload, 0, label)
+                txn.put(fmt.record_key(sink.local(state["written"])), payload)
+                crcs.add(payload)  # checksum while the bytes are in hand (checksums.py)
+                sink.labels.append(label)
+                state["written"] += 1
+                nbytes = len(payload) - fmt.RECORD_HEADER.size
+                state["shard"]["bytes"] += nbytes
             pending_n += 1
             pending_b += nbytes
             if progress:
@@ -335,8 +262,8 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
                 txn.commit()
                 txn = sink.env.begin(write=True)
                 pending_n = pending_b = 0
-        if state["written"] != total:
-            raise ConversionError(f"internal: merged {state['written']} of {total} records; "
+        if state["merged"] != total:
+            raise ConversionError(f"internal: merged {state['merged']} of {total} records; "
                                   "run again with --overwrite")
         while txn is not None:  # this shard and any (empty) after it
             end_shard()

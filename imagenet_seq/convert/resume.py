@@ -15,13 +15,11 @@ import shlex
 import uuid
 from typing import List
 
-import numpy as np
-
 from imagenet_seq import format as fmt
 from imagenet_seq.format import offsets
 from imagenet_seq.format.convlock import ABANDONED
 from imagenet_seq.format.lmdbfile import DamagedFile
-from imagenet_seq.convert.passes import ConversionError, pack
+from imagenet_seq.convert.passes import ConversionError
 from imagenet_seq.convert.shard_sink import seal
 from imagenet_seq.convert.shards import Layout, foreign_error, remove_files, split_files
 
@@ -75,10 +73,12 @@ def existing(layout: Layout, run_dir: str, overwrite: bool, resume: bool) -> boo
     return False
 
 
-def fresh_state(fp: str, layout: Layout, run_dir: str, images: int, classes: int) -> dict:
+def fresh_state(fp: str, layout: Layout, run_dir: str) -> dict:
+    """Pass 1's state: the sweep's cursor (``passes.read_pass``), no list over the files."""
     return {"fingerprint": fp, "phase": "read", "run_dir": run_dir, "runs": [],
-            "done": pack(np.zeros(images, bool)), "written": 0, "bytes": 0, "converted": 0,
-            "skipped": 0, "class_counts": [0] * classes, "split_id": uuid.uuid4().hex,
+            "sweep": {"seq": 0, "token": None}, "written": 0, "bytes": 0, "converted": 0,
+            "skipped": 0, "found": {"classes": [], "containers": {}, "flags": []},
+            "split_id": uuid.uuid4().hex,
             "layout": {"count": layout.count, "folders": layout.used_folders},
             "shard": {"index": 0, "first": 0, "bytes": 0}}
 
@@ -91,7 +91,7 @@ def _check_state(state: dict, j: int, partial: str, fp: str, layout: Layout,
             f"{partial} was started with other inputs or options (file list, seed, "
             "--max-size or --quality differ); run with the same ones, or pass "
             "--overwrite to start over")
-    if "phase" not in state:
+    if "phase" not in state or "sweep" not in state and state["phase"] == "read":
         raise ConversionError(
             f"{partial} was started by an older version of the converter (one "
             "pass, no sorted runs); pass --overwrite to start over")
@@ -162,7 +162,8 @@ def resume_point(layout: Layout, classes: List[str], content: dict, fp: str, run
             raise ConversionError(f"{partial} is empty, but shard {j - 1} is finished: this "
                                   "conversion's progress record is lost; pass --overwrite to "
                                   "start over")
-        if finished.classes != classes or finished.options != content:
+        if (classes is not None and finished.classes != classes) or \
+                finished.options != content:
             env.close()
             raise ConversionError(
                 f"{partial} is a finished conversion of other inputs or options (classes, "

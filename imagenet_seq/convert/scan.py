@@ -33,6 +33,9 @@ class Scan:
     # where the bytes are: None = files below <root>/<split>; else an object with read(rel),
     # order(rels, keys, method), describe(rel), close() (source_reader.FolderSource's contract)
     source: Optional[object] = None
+    # an archive read in one sweep (``tar_sweep``, ``wds_sweep``): no file list, the entries
+    # and classes are known after the sweep only
+    sweep: Optional[object] = None
 
     def inode_size(self, rel: str) -> Tuple[int, int]:
         return self.stats.get(rel, (0, 0))

@@ -14,10 +14,11 @@ between the last rename and the manifest loses nothing either.
 """
 from __future__ import annotations
 
+import array
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.format import manifest as mf
 from imagenet_seq.format import offsets
 from imagenet_seq.convert.passes import ConversionError
+from imagenet_seq.convert.settle import report_rows
 from imagenet_seq.convert.shards import Layout
 
 __all__ = ["skips", "check_same_file", "seal", "ShardSink", "finish_split"]
@@ -97,10 +99,11 @@ class ShardSink:
     says which shard is being written, the split record it starts at and its JPEG bytes so far.
     """
 
-    def __init__(self, layout: Layout, env, ino: int, state: dict,
-                 plan: Sequence[Tuple[str, int]], classes: List[str], options: dict):
+    def __init__(self, layout: Layout, env, ino: int, state: dict, classes: List[str],
+                 options: dict):
         self.layout, self.env, self.ino, self.state = layout, env, ino, state
-        self.plan, self.classes, self.options = plan, classes, options
+        self.classes, self.options = classes, options
+        self.labels = array.array("I")  # of the shard's records so far (4 bytes each)
         self._next: Optional[tuple] = None
         self.writing = layout.folder(self.index)  # the folder a write goes to now
         self.finished: Dict[int, tuple] = {}  # shard -> (meta, "shard" key, checksum, skips)
@@ -111,8 +114,18 @@ class ShardSink:
 
     @property
     def end(self) -> int:
-        """Plan positions from here on belong to later shards."""
+        """Merged items from here on belong to later shards."""
         return self.layout.end(self.index)
+
+    def load_labels(self) -> None:
+        """The labels of the records a resumed shard holds already (their 4-byte headers)."""
+        self.labels = array.array("I")
+        n = self.local(self.state["written"])
+        if n:
+            with self.env.begin(buffers=True) as txn:
+                for k in range(n):
+                    self.labels.append(fmt.RECORD_HEADER.unpack_from(
+                        txn.get(fmt.record_key(k)), 0)[0])
 
     @property
     def last(self) -> bool:
@@ -123,9 +136,9 @@ class ShardSink:
         return written - self.state["shard"]["first"]
 
     def hand_over(self, txn) -> None:
-        """Make the next shard's ``.partial`` hold the progress from here on and the skip
-        records of its positions and later ones; committed and fsync'd before this shard's
-        final transaction (``txn``, still open) deletes its own progress."""
+        """Make the next shard's ``.partial`` hold the progress from here on; committed and
+        fsync'd before this shard's final transaction (``txn``, still open) deletes its own
+        progress. Skip records stay in the shard that met them (shard 0 for pass 1's)."""
         j = self.index + 1
         path = self.layout.partial(j)
         self.writing = self.layout.folder(j)
@@ -135,9 +148,6 @@ class ShardSink:
         try:
             nxt = {"index": j, "first": self.state["written"], "bytes": 0}
             with env.begin(write=True) as t2:
-                for key, d in skips(txn):
-                    if d["pos"] >= self.end:
-                        t2.put(key, json.dumps(d).encode())
                 t2.put(fmt.PROGRESS_KEY, json.dumps(dict(self.state, shard=nxt)).encode())
             env.sync(True)
             self._next = (env, os.stat(path).st_ino, nxt)
@@ -148,18 +158,12 @@ class ShardSink:
 
     def finish(self, txn) -> None:
         """This shard's final records, in its last transaction: labels, metadata (with the
-        ``"shard"`` key when there are several), its own skip records kept, the progress and
-        the skip records handed on deleted."""
-        first_pos, end = self.layout.ranges[self.index][0], self.end
-        kept = []
-        for key, d in skips(txn):
-            if d["pos"] >= end:
-                txn.delete(key)  # the next shard holds it (hand_over)
-            else:
-                kept.append((key, d))
-        mine = {d["pos"] for _, d in kept}
-        labels = np.array([self.plan[p][1] for p in range(first_pos, end) if p not in mine],
-                          dtype="<i4")
+        ``"shard"`` key when there are several), its skip records kept, the progress
+        deleted."""
+        kept = skips(txn)
+        counted = sum(1 for _, d in kept if not d.get("note"))
+        labels = np.frombuffer(self.labels, dtype=np.uint32).astype("<i4")
+        self.labels = array.array("I")
         n = self.local(self.state["written"])
         if len(labels) != n:
             raise ConversionError(f"internal: {len(labels)} labels for {n} records; run "
@@ -171,7 +175,7 @@ class ShardSink:
             num_records=n, total_bytes=self.state["bytes"] if one else
             self.state["shard"]["bytes"],
             order="random" if self.layout.split == "train" else "sorted",
-            options=self.options, skipped=len(mine))
+            options=self.options, skipped=counted)
         raw, key = meta.to_json(), {}
         if not one:
             doc = json.loads(raw)
@@ -260,4 +264,4 @@ def finish_split(layout: Layout, split_id: Optional[str], write: bool = True,
                   "order": metas[0].order, "options": metas[0].options,
                   "skipped": sum(m.skipped for m in metas)}
         manifest = mf.write_manifest(layout.folders[0], layout.split, split_id, totals, shards)
-    return rows, [(d["path"], d["reason"]) for _, d in skipped], manifest
+    return rows, report_rows([d for _, d in skipped]), manifest

@@ -1,19 +1,24 @@
-"""External sort of records by write position: sorted run files, then one k-way merge.
+"""External sort of records by write key: sorted run files, then one k-way merge.
 
 Why: the source is read in on-disk order but the output must be in the plan's order (train
 sorted by a seeded hash of each path, val sorted: ``write_order``). Holding a split in memory
 is ~140 GB for ImageNet, so:
 
-* pass 1 (``RunBuffer``): records arrive in read order, tagged with their plan position; when
-  the buffer reaches its byte budget it is sorted by position and written as ONE sequential
-  file (``run-00000``, ...) with large writes, then fsync'd. The run is the unit of resume.
+* pass 1 (``RunBuffer``): records arrive in read order, tagged with their sort key
+  (``write_order.sort_key``: train a seeded hash of the path + the path, val the path) and
+  their sequence number in the sweep (the order they were met); when the buffer reaches its
+  byte budget it is sorted by (key, sequence) and written as ONE sequential file
+  (``run-00000``, ...) with large writes, then fsync'd. The run is the unit of resume.
 * pass 2 (``merge``): every run is read front to back through its own buffer of
-  ``merge budget / runs`` bytes, a heap picks the smallest position: the records come out in
-  plan order. Each run is read sequentially; switching runs costs one seek per buffer refill.
+  ``merge budget / runs`` bytes, a heap picks the smallest (key, sequence): the records come
+  out in write order, two copies of one name (an archive holding a name twice) one after the
+  other, the later-met last. Each run is read sequentially; switching runs costs one seek per
+  buffer refill. No list of the split's files is needed: the key is the record's own.
 
-Run file layout: repeated ``[uint64 position][uint32 length][length bytes of record]``
-(little-endian). Memory: pass 1 holds one run (``run_bytes``), pass 2 holds the read buffers
-(``merge_bytes`` in all) and one record per run.
+Run file layout: repeated ``[uint64 sequence][uint64 origin][uint16 key length][uint32 record
+length][key][record]`` (little-endian); ``origin``: the sequence number of the nested tar the
+record came from (``NO_ORIGIN``: none). Memory: pass 1 holds one run (``run_bytes``), pass 2
+holds the read buffers (``merge_bytes`` in all) and one record per run.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ import os
 import struct
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
-__all__ = ["HEAD", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER", "WRITE_BUFFER",
-           "WRITE_IOVECS", "RunBuffer", "RunReader", "read_buffer", "merge"]
+__all__ = ["HEAD", "NO_ORIGIN", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER",
+           "WRITE_BUFFER", "WRITE_IOVECS", "RunBuffer", "RunReader", "read_buffer", "merge"]
 
-HEAD = struct.Struct("<QI")
+HEAD = struct.Struct("<QQHI")
+NO_ORIGIN = (1 << 64) - 1
 PER_RECORD_OVERHEAD = 120  # bytes of Python objects per buffered record (tuple, bytes header)
 MIN_READ_BUFFER = 256 << 10
 MAX_READ_BUFFER = 64 << 20
@@ -40,14 +46,17 @@ class RunBuffer:
     def __init__(self, max_bytes: int, max_records: Optional[int] = None):
         self.max_bytes = max_bytes
         self.max_records = max_records
-        self.items: List[Tuple[int, bytes, bytes]] = []  # (position, prefix, payload)
+        # (key, sequence, origin, prefix, payload)
+        self.items: List[Tuple[bytes, int, int, bytes, bytes]] = []
         self.nbytes = 0
 
-    def add(self, pos: int, payload: bytes, prefix: bytes = b"") -> None:
-        """Record ``prefix + payload`` at ``pos``; the two are written one after the other,
-        never concatenated in memory (a 90 KB copy per image in the writer's thread)."""
-        self.items.append((pos, prefix, payload))
-        self.nbytes += len(prefix) + len(payload) + PER_RECORD_OVERHEAD
+    def add(self, key: bytes, seq: int, payload: bytes, prefix: bytes = b"",
+            origin: int = NO_ORIGIN) -> None:
+        """Record ``prefix + payload`` under ``key`` (met ``seq``-th); the two are written one
+        after the other, never concatenated in memory (a 90 KB copy per image in the writer's
+        thread)."""
+        self.items.append((key, seq, origin, prefix, payload))
+        self.nbytes += len(key) + len(prefix) + len(payload) + PER_RECORD_OVERHEAD
 
     def full(self) -> bool:
         return self.nbytes >= self.max_bytes or (
@@ -63,17 +72,17 @@ class RunBuffer:
                 (the caller's resume state does not name it, so it is discarded).
         """
         items = self.items
-        items.sort(key=lambda it: it[0])
+        items.sort(key=lambda it: (it[0], it[1]))
         size = 0
         with open(path, "wb", buffering=0) as f:
             batch: List[bytes] = []
             batch_bytes = first = 0
-            for k, (pos, prefix, payload) in enumerate(items):
+            for k, (key, seq, origin, prefix, payload) in enumerate(items):
                 n = len(prefix) + len(payload)
-                batch += (HEAD.pack(pos, n), prefix, payload) if prefix else \
-                    (HEAD.pack(pos, n), payload)
-                batch_bytes += HEAD.size + n
-                if len(batch) >= WRITE_IOVECS - 3 or batch_bytes >= WRITE_BUFFER \
+                batch += (HEAD.pack(seq, origin, len(key), n), key, prefix, payload) \
+                    if prefix else (HEAD.pack(seq, origin, len(key), n), key, payload)
+                batch_bytes += HEAD.size + len(key) + n
+                if len(batch) >= WRITE_IOVECS - 4 or batch_bytes >= WRITE_BUFFER \
                         or k == len(items) - 1:
                     size += _write_all(f.fileno(), batch, batch_bytes)
                     released = batch_bytes + (k + 1 - first) * (PER_RECORD_OVERHEAD - HEAD.size)
@@ -140,23 +149,25 @@ class RunReader:
         self.buf, self.at = view[:got], 0
         return got >= n
 
-    def next(self) -> Optional[Tuple[int, memoryview]]:
-        """(position, record), or None at the end. The record is a view into a read buffer,
-        valid until the call after the next one: use it (or copy it) before then. Raises
-        ValueError on a cut-short run."""
+    def next(self) -> Optional[Tuple[bytes, int, int, memoryview]]:
+        """(key, sequence, origin, record), or None at the end. The record is a view into a
+        read buffer, valid until the call after the next one: use it (or copy it) before
+        then. Raises ValueError on a cut-short run."""
         if not self._need(HEAD.size):
             if len(self.buf) - self.at:
                 raise ValueError(f"{self.path} ends inside a record header (at byte "
                                  f"{self.offset})")
             return None
-        pos, n = HEAD.unpack_from(self.buf, self.at)
-        if not self._need(HEAD.size + n):
+        seq, origin, k, n = HEAD.unpack_from(self.buf, self.at)
+        if not self._need(HEAD.size + k + n):
             raise ValueError(f"{self.path} ends inside the record at byte {self.offset}")
-        payload = self.buf[self.at + HEAD.size:self.at + HEAD.size + n]
+        at = self.at + HEAD.size
+        key = bytes(self.buf[at:at + k])
+        payload = self.buf[at + k:at + k + n]
         self._held = self._current
-        self.at += HEAD.size + n
-        self.offset += HEAD.size + n
-        return pos, payload
+        self.at += HEAD.size + k + n
+        self.offset += HEAD.size + k + n
+        return key, seq, origin, payload
 
     def close(self) -> None:
         self.f.close()
@@ -169,12 +180,14 @@ def read_buffer(merge_bytes: int, runs: int) -> int:
 
 
 def merge(paths: List[str], offsets: List[int], merge_bytes: int
-          ) -> Iterator[Tuple[int, bytes, int, int]]:
-    """(position, record, run index, that run's offset after this record), smallest position
-    first. ``offsets[i]``: where to start in run ``i`` (0, or a resumed merge's state).
+          ) -> Iterator[Tuple[bytes, int, int, memoryview, int, int, bool]]:
+    """(key, sequence, origin, record, run index, that run's offset after this record,
+    replaced), smallest (key, sequence) first. ``replaced``: a later-met record has the same
+    key (an archive holding a name twice: the last copy wins, as extraction does).
+    ``offsets[i]``: where to start in run ``i`` (0, or a resumed merge's state).
 
-    Positions are unique across runs (each plan position is read once), so the order is the
-    plan's whatever the number of runs. A record is a view into a reused read buffer: valid
+    Sequence numbers are unique (each item of the sweep is met once), so the order is the
+    same whatever the number of runs. A record is a view into a reused read buffer: valid
     until the next one is asked for (store or copy it first; ``merge_pass`` puts it into the
     LMDB, which copies).
     """
@@ -185,15 +198,15 @@ def merge(paths: List[str], offsets: List[int], merge_bytes: int
         for i, r in enumerate(readers):
             got = r.next()
             if got is not None:
-                heap.append((got[0], i, got[1]))
+                heap.append((got[0], got[1], i, got[2], got[3]))
         heapq.heapify(heap)
         while heap:
-            pos, i, payload = heapq.heappop(heap)
+            key, seq, i, origin, payload = heapq.heappop(heap)
             after = readers[i].offset
             got = readers[i].next()
             if got is not None:
-                heapq.heappush(heap, (got[0], i, got[1]))
-            yield pos, payload, i, after
+                heapq.heappush(heap, (got[0], got[1], i, got[2], got[3]))
+            yield key, seq, origin, payload, i, after, bool(heap) and heap[0][0] == key
     finally:
         for r in readers:
             r.close()

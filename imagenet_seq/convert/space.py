@@ -58,7 +58,9 @@ def space_check(src: int, est: int, state, run_dir: str,
     frees = [free if os.path.realpath(folder) == rtmp else shutil.disk_usage(folder).free
              for folder, _, _ in outputs]
     if notice:
-        notice(f"{split}: {images} images, {src / 1e9:.2f} GB of sources; temporary runs "
+        notice(f"{split}: " + (f"{images} images" if images else "images counted as the "
+                                "archive is read (one sweep)")
+               + f", {src / 1e9:.2f} GB of sources; temporary runs "
                f"~{est / 1e9:.2f} GB in {run_dir} (deleted at the end), "
                f"{free / 1e9:.1f} GB free there"
                + "".join(f"; output ~{need / 1e9:.2f} GB in {folder}"

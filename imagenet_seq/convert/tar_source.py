@@ -4,10 +4,12 @@ Two layouts: a tar of an ImageFolder tree (``[prefix/]train/<class>/<image>``, `
 and ImageNet's archives: ``ILSVRC2012_img_train.tar`` (one tar per class, ``<wnid>.tar``,
 inside the outer tar) and ``ILSVRC2012_img_val.tar`` (flat; labels from ``devkit``).
 
-Why a listing pass first: the write order (``writer.plan_order``) is a permutation of the
-sorted file list, the same plan as for the extracted tree, so a tar and its extracted tree give
-the same LMDB record for record. Listing reads only the 512-byte headers (``tarfile`` seeks over
-the data), which on a spinning disk costs about one sequential read of the archive. Reading
+The converter no longer lists an archive before reading it (``tar_sweep``: one sweep; the
+write position of a record is its own, ``write_order``); this module's listing is used where
+only names are needed (the classes of ImageNet's train archive for a val-only conversion
+without the devkit) and by tools that read members by offset. Listing reads only the
+512-byte headers (``tarfile`` seeks over the data), which on a spinning disk costs about one
+sequential read of the archive. Reading
 then uses each member's absolute byte offset: ``os.pread`` in offset order is one forward
 sweep of the archive. Nested tars are members of the outer file, so their images' offsets are
 absolute too. Compressed (``.tar.gz``) archives cannot be read this way: decompress first.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import List, Sequence, Tuple
 
-__all__ = ["ORDER_VERSION", "train_key", "write_order"]
+__all__ = ["ORDER_VERSION", "train_key", "sort_key", "write_order"]
 
 ORDER_VERSION = 2  # 1: a numpy permutation of the sorted file list (files written before 0.6)
 
@@ -26,6 +26,17 @@ def train_key(rel: str, seed: int) -> bytes:
     Non-UTF-8 names (lone surrogates from ``os.listdir``) hash as their bytes on disk."""
     data = b"%d\0" % int(seed) + rel.encode("utf-8", "surrogateescape")
     return hashlib.blake2b(data, digest_size=8).digest()
+
+
+VAL_PREFIX = bytes(8)
+
+
+def sort_key(rel: str, split: str, seed: int) -> bytes:
+    """The bytes records are sorted by: 8 bytes (train: ``train_key``, val: zeros) + the
+    path (UTF-8, non-UTF-8 names as their bytes), which the merge recovers from the key
+    (``passes.merge_pass``)."""
+    raw = rel.encode("utf-8", "surrogateescape")
+    return (train_key(rel, seed) if split == "train" else VAL_PREFIX) + raw
 
 
 def write_order(entries: Sequence[Tuple[str, int]], split: str,

@@ -1,36 +1,47 @@
-"""Convert one split in two passes: read in on-disk order into sorted runs, merge into the LMDB.
+"""Convert one split in two passes: one sweep over the sources into sorted runs, merged into
+the LMDB.
 
-The data path: ONE reader (``source_reader``) reads the files in the order they lie on the disk
-(``disk_order``) → N worker processes validate + normalise (``convert_workers``) → pass 1: the
-records, tagged with their position in the plan (``plan_order``: train sorted by a seeded hash
-of each relative path, val sorted paths; ``write_order``), fill a run buffer that is sorted and
-written as one sequential temporary file when full (``sort_runs``) → pass 2: the runs are merged by position and appended, in plan order,
-to ``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end. The output is
-exactly what the one-pass converter wrote (same plan, same records, same order). With
-``Options.shards`` / ``shard_gb`` the merge writes K shard files instead, one after the other,
-over the output folder and ``Options.shard_dirs``, and the manifest last (``shards.py``); one
-file is the case K = 1 of the same code.
+The data path: ONE sweep reads the sources (a folder's files in the order they lie on the disk,
+``disk_order``; an archive front to back, no listing first: ``tar_sweep``, ``tree_tar_sweep``,
+``wds_sweep``) → N worker processes validate + normalise (``workers``) → pass 1
+(``pass1``): the records, tagged with their sort key (``write_order.sort_key``: train a seeded
+hash of each relative path, val the path) and their sequence number in the sweep, fill a run
+buffer that is sorted and written as one sequential temporary file when full (``sort_runs``)
+→ pass 2 (``passes.merge_pass``): the runs are merged by key and appended, in write order, to
+``ILSVRC-<split>.lmdb.partial``, renamed to ``ILSVRC-<split>.lmdb`` at the end; what only the
+sweep's end tells (a tar's classes, a name met again, a replaced nested tar) is settled there
+(``settle``). The output is the same whatever the input form (folder, tar, ImageNet's tar of
+tars). A tar of a tree feeds all its splits from one sweep (each split its own runs and
+.partial). With ``Options.shards`` / ``shard_gb`` the merge writes K shard files instead, one
+after the other, over the output folder and ``Options.shard_dirs``, cut over the records
+counted after pass 1, and the manifest last (``shards.py``); one file is the case K = 1.
 
 Crash safety: ``__progress__`` in the .partial (shard 0's in pass 1, the shard being written in
-pass 2: ``shards.py``) says where the conversion stands, committed in
-the same transaction as what it describes. Pass 1: which plan positions are done (a bitmap), the
-finished runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the
-byte offset reached in each run and the records written. ``resume=True`` deletes runs that no
-commit lists, re-reads what pass 1 had not committed and ends with the records of a clean run.
-One conversion at a time per output folder: the folder's lock (``format.convlock``), and each
-shard folder's, is held throughout, and each .partial is checked to be the file this conversion
-opened before it is renamed, so no conversion reports success over a file it did not write.
+pass 2: ``shards.py``) says where the conversion stands, committed in the same transaction as
+what it describes. Pass 1: the sweep's cursor (the first item not yet in a run on disk: an
+index in a folder's read order, the byte offset of an archive member's header), the finished
+runs (name, records, bytes; each fsync'd before it is listed), skip records. Pass 2: the byte
+offset reached in each run and the records written. ``resume=True`` deletes runs that no
+commit lists, sweeps again from the cursor and ends with the records of a clean run. The
+.partial's fingerprint covers the sources' identity (a folder's files and read order; the
+archives' paths, sizes and modification times) and the options. One conversion at a time per
+output folder: the folder's lock (``format.convlock``), and each shard folder's, is held
+throughout, and each .partial is checked to be the file this conversion opened before it is
+renamed, so no conversion reports success over a file it did not write.
 
-Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer and pass 2 the runs'
-read buffers, each ``memory - fixed_bytes(workers)``; fixed: one uncommitted transaction
-(``COMMIT_BYTES``), the reader's queue (32 MiB) and the chunks in flight to the workers
-(``workers * 8`` chunks of <= 1 MiB); the plan (~150 bytes per image) grows with the dataset.
+Memory (``Options.memory``, default 2 GB): pass 1 holds one run buffer (per split fed by the
+sweep, sharing the budget) and pass 2 the runs' read buffers, each ``memory -
+fixed_bytes(workers)``; fixed: one uncommitted transaction (``COMMIT_BYTES``), the reader's
+queue (32 MiB) and the chunks in flight to the workers (``workers * 8`` chunks of <= 1 MiB);
+a folder's scan (``PER_IMAGE_BYTES``) grows with it, an archive has no per-image list; the
+merge holds the labels of the shard being written (``PER_RECORD_BYTES`` each).
 Temporary space: about the split's source bytes, in ``Options.tmp`` (default: the output
 folder), checked against free space before the run (with each output folder's share of the
 shards) and deleted at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,22 +51,25 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import lmdb
-import numpy as np
 
 from imagenet_seq import format as fmt
 from imagenet_seq.format import manifest as mf
 from imagenet_seq.convert.passes import (DEFAULT_MEMORY, MAX_RUNS,  # noqa: F401
-                             ConversionError, merge_pass, prepare_runs, read_pass, unpack)
+                             ConversionError, merge_pass, prepare_runs)
+from imagenet_seq.convert.pass1 import Split, read_pass
 from imagenet_seq.convert import shards as sh
 from imagenet_seq.convert.resume import existing, fresh_state, open_partial, resume_point
 from imagenet_seq.convert.shard_sink import ShardSink, finish_split, skips
-from imagenet_seq.convert.space import estimate, outputs, space_check
+from imagenet_seq.convert.settle import decider, settle_skips
+from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
+from imagenet_seq.convert.space import outputs, space_check
+from imagenet_seq.convert.sweep import FolderSweep
 from imagenet_seq.format.convlock import Busy, ConversionLock
 from imagenet_seq.format.lmdbdir import in_place_of_output
 from imagenet_seq.format.lmdbfile import DamagedFile
-from imagenet_seq.convert.scan import Scan
+from imagenet_seq.convert.scan import Scan, ScanError
 from imagenet_seq.convert.source_reader import FolderSource
-from imagenet_seq.convert.write_order import ORDER_VERSION, write_order
+from imagenet_seq.convert.write_order import ORDER_VERSION, sort_key, write_order
 
 __all__ = ["Options", "Result", "plan_order", "fingerprint", "convert_split"]
 
@@ -109,15 +123,12 @@ def plan_order(scan: Scan, split: str, seed: int) -> List[Tuple[str, int]]:
     return write_order(scan.entries, split, seed)
 
 
-def fingerprint(plan: List[Tuple[str, int]], classes: List[str], opts: Options) -> str:
-    # the order's version too: a .partial of the older order is not continued in the new one
-    h = hashlib.sha1(json.dumps([classes, opts.content(), ORDER_VERSION]).encode())
-    for path, label in plan:
-        # surrogateescape: names that are not UTF-8 (listed by os.listdir as lone surrogates,
-        # as torchvision's ImageFolder lists them) hash as their bytes on disk
-        h.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
+def fingerprint(identity: str, classes: Optional[List[str]], opts: Options) -> str:
+    """Of what the .partial is a conversion of: the sources (``sweep.identity()``: a folder's
+    files and read order; archives' paths, sizes and modification times), the classes where
+    known before the sweep, the options and the order's version."""
+    return hashlib.sha1(json.dumps([classes, opts.content(), ORDER_VERSION, identity]
+                                   ).encode()).hexdigest()
 
 
 def _committed_skips(env):
@@ -182,31 +193,76 @@ def convert_split(src_root: str, out_dir: str, split: str, scan: Scan, opts: Opt
             lock.release()
 
 
-def _shard_count(opts: Options, scan: Scan, plan, split: str) -> int:
+def _shard_count(opts: Options, images: Optional[int], src_bytes: int, split: str) -> int:
+    """K: ``--shards``, or from ``--shard-gb`` and the sources' bytes. ``images``: the count
+    where known before the sweep (a folder), else None (an archive: checked after it)."""
+    top = max(1, images) if images is not None else None
     if opts.shards is not None:
-        if not 1 <= opts.shards <= max(1, len(plan)):
+        if top is not None and not 1 <= opts.shards <= top:
             raise ConversionError(
-                f"--shards {opts.shards} for the {len(plan)} images of {split}; expected 1 to "
-                f"{max(1, len(plan))} (a shard holds at least one image's place): pass fewer, "
+                f"--shards {opts.shards} for the {images} images of {split}; expected 1 to "
+                f"{top} (a shard holds at least one image's place): pass fewer, "
                 "or convert this split on its own (--splits) with fewer")
         return opts.shards
     if opts.shard_gb is not None:
-        _, (est,) = estimate(scan, plan, [(0, len(plan))])
         try:
-            return max(1, min(mf.shard_count(est, opts.shard_gb), len(plan)))
+            k = mf.shard_count(src_bytes, opts.shard_gb)
         except ValueError as e:
             raise ConversionError(str(e)) from None
+        return max(1, min(k, top) if top is not None else k)
     return 1
 
 
-def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
-             start_progress, notice) -> Result:
-    if len(scan.entries) >= fmt.MAX_RECORDS:
+def _folder_keys(scan: Scan, split: str, seed: int):
+    """A folder's sort keys: its place in ``plan_order`` (the same order ``sort_key`` gives;
+    a plan that is a list can be replaced whole, as tests of older files do) + the path."""
+    place = {rel: i for i, (rel, _) in enumerate(plan_order(scan, split, seed))}
+
+    def key_of(part, rel):
+        return place[rel].to_bytes(8, "big") + rel.encode("utf-8", "surrogateescape")
+    return key_of
+
+
+def _folder_sweep(scan: Scan, split_dir: str, opts: Options):
+    source = scan.source or FolderSource(split_dir)
+    rels = [rel for rel, _ in scan.entries]
+    order, how = source.order(rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
+    return FolderSweep(source, scan.entries, list(order), how)
+
+
+@dataclass
+class _Opened:
+    """A split ready for its passes (``_open``)."""
+    split: str
+    layout: sh.Layout
+    run_dir: str
+    res: Result
+    sweep: object
+    stream: Optional[object]
+    images: Optional[int]
+    src_bytes: int
+    known: Optional[List[str]]
+    j: int = 0
+    env: object = None
+    ino: Optional[int] = None
+    state: Optional[dict] = None
+
+
+def _open(src_root, out_dir, split, scan, opts, overwrite, resume, notice):
+    """The split's layout, .partial and progress record (fresh or resumed), space checked:
+    an :class:`_Opened`, or the Result of a split found complete."""
+    stream = getattr(scan, "sweep", None)  # an archive read in one sweep (tar_sweep)
+    if stream is None and len(scan.entries) >= fmt.MAX_RECORDS:
         raise ConversionError(f"{len(scan.entries)} images in {split}; the format holds at most "
                               f"{fmt.MAX_RECORDS - 1}")
-    plan = plan_order(scan, split, opts.seed)
-    layout = sh.Layout.make(split, _shard_count(opts, scan, plan, split), out_dir,
-                            opts.shard_dirs, len(plan))
+    split_dir = os.path.join(src_root, split)
+    if stream is None:
+        src_bytes = sum(scan.inode_size(r)[1] for r, _ in scan.entries)
+        images = len(scan.entries)
+    else:
+        src_bytes, images = stream.source_bytes, None
+    count = _shard_count(opts, images, src_bytes, split)
+    layout = sh.Layout.make(split, count, out_dir, opts.shard_dirs, max(images or 0, count))
     for j in range(layout.count):
         for path in (layout.final(j), layout.partial(j)):
             if os.path.isdir(path):
@@ -220,55 +276,150 @@ def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
     if existing(layout, run_dir, overwrite, resume):
         return _complete(layout, res, opts.shard_dirs)
 
-    fp = fingerprint(plan, scan.classes, opts)
-    split_dir = os.path.join(src_root, split)
+    sweep = stream if stream is not None else _folder_sweep(scan, split_dir, opts)
+    res.read_order = sweep.how
+    known = scan.classes if stream is None else None
+    fp = fingerprint(sweep.identity(), known, opts)
     os.makedirs(out_dir, exist_ok=True)
     if opts.tmp is not None and not os.path.isdir(opts.tmp):
         raise ConversionError(f"--tmp {opts.tmp} is not a folder; create it or pass another")
-    j, env, ino, state = 0, None, None, None  # a fresh start: shard 0, made below
+    o = _Opened(split, layout, run_dir, res, sweep, stream, images, src_bytes, known)
     if resume:
-        j, env, ino, state = resume_point(layout, scan.classes, opts.content(), fp, run_dir)
+        o.j, o.env, o.ino, o.state = resume_point(layout, known, opts.content(), fp, run_dir)
+    if o.j == layout.count:  # every shard finished, killed before the manifest
+        rows, res.skipped, res.manifest = finish_split(layout, None)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        res.shards = rows
+        res.written = res.resumed_at = sum(r["records"] for r in rows)
+        res.bytes = sum(r["bytes"] for r in rows)
+        return res
+    try:
+        if o.env is None:
+            o.env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} "
+                                 "and convert again (or pass --overwrite instead of --resume)",
+                                 readonly=False, lock=False)
+            o.ino = os.stat(partial0).st_ino
+        if o.state is None:
+            o.state = fresh_state(fp, layout, run_dir)
+        state = o.state
+        res.resumed_at = state["written"] if state["phase"] == "merge" else \
+            state["sweep"]["seq"]
+        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+        n_est = images if images is not None else max(1, src_bytes // 100_000)
+        per = [src_bytes * n // max(1, n_est) + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
+               for _, n in mf.shard_ranges(n_est, layout.count)]
+        space_check(src_bytes, sum(per), state, run_dir, outputs(layout, per, state, o.j),
+                    split, images if images is not None else 0, opts.memory, opts.workers,
+                    notice)
+        prepare_runs(run_dir, state, layout.partial(o.j))
+    except BaseException:
+        if o.env is not None:
+            o.env.close()
+        raise
+    return o
+
+
+def _unfinished(layout: sh.Layout, run_dir: str) -> List[str]:
+    p = layout.partial(0)
+    return [p, p + "-lock", run_dir]
+
+
+def _siblings(o: _Opened, src_root, out_dir, opts, overwrite, resume, notice):
+    """The other splits one sweep of the same archive feeds at once (a tar of a tree): each
+    opened now (its checks, before anything is read), unless complete or past pass 1."""
+    shared = getattr(o.stream, "shared", None)
+    out = []
+    if shared is None:
+        return out
+    try:
+        for s in shared.splits:
+            if s == o.split or s in shared.swept:
+                continue
+            got = _open(src_root, out_dir, s, Scan([], [], [], sweep=shared.view(s)), opts,
+                        overwrite, resume, notice)
+            if isinstance(got, Result):
+                continue
+            if got.state["phase"] != "read" or got.state["sweep"].get("end"):
+                got.env.close()
+                continue
+            out.append(got)
+    except BaseException:
+        for g in out:
+            g.env.close()
+        raise
+    return out
+
+
+def _convert(src_root, out_dir, split, scan, opts, overwrite, resume, progress,
+             start_progress, notice) -> Result:
+    shared = getattr(getattr(scan, "sweep", None), "shared", None)
+    if shared is not None and split in shared.swept:  # pass 1 done by a sibling's sweep
+        overwrite, resume = False, True
+    o = _open(src_root, out_dir, split, scan, opts, overwrite, resume, notice)
+    if isinstance(o, Result):
+        return o
+    layout, run_dir, res, state, stream = o.layout, o.run_dir, o.res, o.state, o.stream
+    env, ino, images, known = o.env, o.ino, o.images, o.known
     sink = None
     try:
-        if j == layout.count:  # every shard finished, killed before the manifest
-            rows, res.skipped, res.manifest = finish_split(layout, None)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            res.shards, res.resumed_at = rows, len(plan)
-            res.written = sum(r["records"] for r in rows)
-            res.bytes = sum(r["bytes"] for r in rows)
-            return res
-        if env is None:
-            env = open_partial(partial0, f"It is an unfinished conversion: delete {partial0} "
-                               "and convert again (or pass --overwrite instead of --resume)",
-                               readonly=False, lock=False)
-            ino = os.stat(partial0).st_ino
-        if state is None:
-            state = fresh_state(fp, layout, run_dir, len(plan), len(scan.classes))
-        res.resumed_at = state["written"] if state["phase"] == "merge" else int(
-            unpack(state["done"], len(plan)).sum())
-        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        src, per = estimate(scan, plan, layout.ranges)
-        space_check(src, sum(per), state, run_dir, outputs(layout, per, state, j), split,
-                    len(plan), opts.memory, opts.workers, notice)
-        prepare_runs(run_dir, state, layout.partial(j))
         t0 = time.perf_counter()
         if state["phase"] == "read":
-            rels = [rel for rel, _ in plan]
-            source = scan.source or FolderSource(split_dir)
-            read_order, res.read_order = source.order(
-                rels, [scan.inode_size(r)[0] for r in rels], opts.read_order)
             t1, c1 = time.perf_counter(), time.process_time()
-            read_pass(env, source, plan, read_order, state, run_dir, opts, res, progress,
-                      start_progress)
+            if not state["sweep"].get("end"):
+                joint = _siblings(o, src_root, out_dir, opts, overwrite, resume, notice)
+                try:
+                    parts = {split: Split(env, state, run_dir, res)}
+                    for g in joint:
+                        parts[g.split] = Split(g.env, g.state, g.run_dir, g.res)
+                    if joint or shared is not None:
+                        o.sweep.joint = list(parts)
+                    else:
+                        parts = {None: parts[split]}
+
+                    key_of = _folder_keys(scan, split, opts.seed) if stream is None else \
+                        (lambda part, rel, seed=opts.seed: sort_key(rel, part.split, seed))
+                    for name, part in parts.items():
+                        part.split = name or split
+                    read_pass(parts, o.sweep, opts, progress, start_progress, key_of)
+                    for g in joint:
+                        shared.swept.add(g.split)
+                        shared.files[g.split] = _unfinished(g.layout, g.run_dir)
+                finally:
+                    for g in joint:
+                        g.env.close()
             res.read_s, res.read_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+            # the sweep is over: what only its end tells is settled, once, and committed
+            try:
+                state["classes"] = known if stream is None else \
+                    stream.classes(state["found"])
+            except ScanError:  # the inputs need a fix (a flag, a folder): nothing is kept
+                env.close()
+                env = None
+                sh.remove_files(_unfinished(layout, run_dir) + [
+                    p for s in getattr(shared, "files", {}).values() for p in s])
+                raise
+            state["phase"] = "merge"
+            settle_skips(env, state.get("found", {}), state)  # commits the state too
         if len(state["runs"]) > MAX_RUNS:
             raise ConversionError(f"{len(state['runs'])} runs for {split}, more than {MAX_RUNS}"
                                   " can be merged at once; pass a larger --memory-mb")
-        sink, env = ShardSink(layout, env, ino, state, plan, scan.classes, opts.content()), None
+        classes = state["classes"]
+        total = sum(r[1] for r in state["runs"])
+        if total < layout.count and layout.count > 1:
+            raise ConversionError(
+                f"--shards {layout.count} for the {total} images of {split}; a shard holds at "
+                "least one image's place: pass --overwrite and fewer shards")
+        layout = dataclasses.replace(layout, ranges=tuple(mf.shard_ranges(total, layout.count)))
+        decide = decider(classes, state.get("found", {}), state.get("skip_last", {}),
+                         stream.resolver(state["found"]) if stream is not None else None,
+                         getattr(stream, "repeat", None))
+        sink, env = ShardSink(layout, env, ino, state, classes, opts.content()), None
         t1, c1 = time.perf_counter(), time.process_time()
         # into the shards one after the other, each indexed (offsets.py), fsync'd, renamed
         try:
-            merge_pass(sink, state, run_dir, opts, progress, start_progress, len(plan))
+            merge_pass(sink, state, run_dir, opts, progress, start_progress,
+                       images if images is not None else 0, decide,
+                       max(n for _, n in layout.ranges))
         except (OSError, lmdb.Error) as e:  # a full or failing disk: say which (cli.py)
             e.folder = sink.writing
             raise
