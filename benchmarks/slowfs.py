@@ -331,7 +331,8 @@ def _operations(source: str, model, queue_depth: int = 64, order: str = "kernel"
 
     if order not in ORDERS:
         raise ValueError(f"order={order!r}; expected one of {', '.join(ORDERS)}")
-    kernel_id = _kernel_request_id(fuse) if order == "kernel" else (lambda: -1)
+    kernel_id = _kernel_request_id(fuse)  # logged either way; the order key only for kernel
+    by_kernel = order == "kernel"
     trace_path = os.environ.get("SLOWFS_TRACE")  # debugging: one line per read request
     trace = open(trace_path, "w", buffering=1 << 16) if trace_path else None
 
@@ -399,9 +400,10 @@ def _operations(source: str, model, queue_depth: int = 64, order: str = "kernel"
             uid = kernel_id()
             with self.cond:
                 # [path, offset, size, arrival, done, (kernel id, arrival count)]; pending is
-                # kept in the kernel's order (--order arrival: every id -1, the arrival order)
+                # kept in the kernel's order (--order arrival: in the order of arrival)
                 self.arrivals += 1
-                req = [path, offset, n, time.monotonic(), None, (uid, self.arrivals)]
+                req = [path, offset, n, time.monotonic(), None,
+                       (uid if by_kernel else -1, self.arrivals)]
                 bisect.insort(self.pending, req, key=lambda r: r[5])
                 self.cond.notify_all()
             data = os.pread(fh, n, offset)

@@ -315,6 +315,29 @@ def test_fuse_fifo_serves_hinted_read_ahead_in_the_kernels_order(tmp_path, monke
     assert stats["seeks"] <= 3
 
 
+def test_trace_summary_tells_the_emulators_swaps_from_the_readers_moves(tmp_path):
+    import slowfs_trace
+
+    log = tmp_path / "trace.txt"
+    # the kernel queued 0, 128, 256, 384 KiB (ids 10..16), then 50 MiB on (id 18); the device
+    # served 128 KiB before 0: two positionings as served that the kernel's order has not
+    rows = [(0.0, 0.02, 128 * KB, 12), (0.0, 0.03, 0, 10), (0.0, 0.04, 256 * KB, 14),
+            (0.0, 0.05, 384 * KB, 16), (0.1, 0.2, 50 << 20, 18)]
+    log.write_text("".join(f"{a} {d} {off} {128 * KB} {uid} /my file\n"
+                           for a, d, off, uid in rows))
+    s = slowfs_trace.summary(slowfs_trace.load(str(log)), 64 * KB)
+    assert s["requests"] == 5 and s["served_out_of_kernel_order"] == 1
+    assert s["served"]["positionings"] == 4 and s["served"]["backward"] == 1
+    assert s["kernel_order"]["positionings"] == 2 and s["kernel_order"]["forward_far"] == 1
+    # a window by completion time; a log without ids (older slowfs) has no kernel order
+    assert slowfs_trace.summary(slowfs_trace.load(str(log), (0.025, 0.1)), 64 * KB
+                                )["requests"] == 3
+    old = tmp_path / "old.txt"
+    old.write_text("0.0 0.1 0 4096 /a b\n")
+    assert slowfs_trace.load(str(old))[0][4:] == (-1, "/a b")
+    assert "kernel_order" not in slowfs_trace.summary(slowfs_trace.load(str(old)), 64 * KB)
+
+
 # --- slow_disk.py plumbing (no FUSE needed) --------------------------------------------------
 def test_measure_sets_prefetch_bytes_in_the_measuring_process(sample_lmdb):
     import json
