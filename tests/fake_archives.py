@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shutil
 import tarfile
 
 import numpy as np
@@ -68,6 +69,28 @@ def val_tar(root, classes, out):
                 labels[name] = c
                 tf.add(os.path.join(d, f), arcname=name)
     return labels
+
+
+def ilsvrc(root, classes, d):
+    """ImageNet's three archives of the tree at ``root``, written in the folder ``d``, and the
+    same images as they extract: ``d/folder`` (``train/<class>/...``, a flat ``val/``) with
+    ``d/labels.txt`` (``<val file> <class>`` lines). Returns the paths (``train``, ``val``,
+    ``devkit``, ``folder``, ``labels_file``) and ``labels`` ({val file name: class})."""
+    d = str(d)
+    train = train_tar(root, classes, os.path.join(d, "ILSVRC2012_img_train.tar"))
+    val = os.path.join(d, "ILSVRC2012_img_val.tar")
+    labels = val_tar(root, classes, val)
+    kit = devkit(classes, labels, os.path.join(d, "ILSVRC2012_devkit_t12.tar.gz"))
+    folder = os.path.join(d, "folder")
+    shutil.copytree(os.path.join(root, "train"), os.path.join(folder, "train"))
+    os.makedirs(os.path.join(folder, "val"))
+    with tarfile.open(val) as tf:
+        tf.extractall(os.path.join(folder, "val"))
+    labels_file = os.path.join(d, "labels.txt")
+    with open(labels_file, "w") as f:
+        f.write("".join(f"{n} {c}\n" for n, c in labels.items()))
+    return {"train": train, "val": val, "devkit": kit, "folder": folder,
+            "labels_file": labels_file, "labels": labels}
 
 
 def meta_mat(classes, parent=True):

@@ -1,5 +1,19 @@
-"""A temporary run write that fails (a full or failing scratch disk), for the converter's tests."""
+"""Faults of the converter's temporary runs, for its tests: a run write that fails (a full or
+failing scratch disk), and a kill -9 while pass 1 writes them."""
 from imagenet_seq.convert import sort_runs
+
+# Prelude of a converter subprocess (run before its CLI): SIGKILL as the third run write
+# starts, i.e. in pass 1 with runs committed before it.
+KILL_IN_READ = """
+import os, signal, imagenet_seq.convert.passes as cp
+_start, _n = cp.RunWriter.start, [0]
+def _s(self, run):
+    _n[0] += 1
+    if _n[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _start(self, run)
+cp.RunWriter.start = _s
+"""
 
 
 def fail_nth_run_write(monkeypatch, n, err, before=None):

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 import fake_archives as fa
+from run_faults import KILL_IN_READ
 from imagenet_seq.convert.cli import main
 from imagenet_seq.convert.report import read_report
 from imagenet_seq.read.reader import SplitReader
@@ -23,16 +24,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # a subprocess conversion takes ~2 s here: reaching it means a hang
 SMALL = ("import imagenet_seq.convert.passes as cp\n"
          "cp.COMMIT_RECORDS = 4\ncp.RUN_RECORDS = 5\n")
-KILL_IN_READ = """
-import os, signal, imagenet_seq.convert.passes as cp
-_start, _n = cp.RunWriter.start, [0]
-def _s(self, run):
-    _n[0] += 1
-    if _n[0] == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    _start(self, run)
-cp.RunWriter.start = _s
-"""
 
 
 def records(out, split):
@@ -66,19 +57,9 @@ def data(tmp_path_factory):
     root = str(d / "in")
     classes = make_sample_imagefolder(root, train_per_class=7, val_per_class=2, num_classes=3,
                                       size=(40, 32))
-    train = fa.train_tar(root, classes, str(d / "ILSVRC2012_img_train.tar"))
-    labels = fa.val_tar(root, classes, str(d / "ILSVRC2012_img_val.tar"))
-    kit = fa.devkit(classes, labels, str(d / "ILSVRC2012_devkit_t12.tar.gz"))
-    folder = d / "folder"
-    import shutil
-    shutil.copytree(os.path.join(root, "train"), folder / "train")
-    (folder / "val").mkdir()
-    with tarfile.open(str(d / "ILSVRC2012_img_val.tar")) as tf:
-        tf.extractall(folder / "val")
-    lab = d / "labels.txt"
-    lab.write_text("".join(f"{n} {c}\n" for n, c in labels.items()))
+    a = fa.ilsvrc(root, classes, d)
     ref = str(d / "ref")
-    assert main([str(folder), ref, "--val-labels", str(lab), "--workers", "0",
+    assert main([a["folder"], ref, "--val-labels", a["labels_file"], "--workers", "0",
                  "--no-progress"]) == 0
     wds = d / "wds"
     fa.wds_shards(root, "train", classes, str(wds))
@@ -86,15 +67,14 @@ def data(tmp_path_factory):
                   name="imagenet-validation-{i:02d}.tar")
     tree_ref = str(d / "tree_ref")
     assert main([root, tree_ref, "--workers", "0", "--no-progress"]) == 0
-    return {"root": root, "classes": classes, "train": train, "val": str(d /
-            "ILSVRC2012_img_val.tar"), "devkit": kit, "ref": ref, "wds": str(wds),
-            "tree_ref": tree_ref, "dir": d}
+    return {"root": root, "classes": classes, "train": a["train"], "val": a["val"],
+            "devkit": a["devkit"], "ref": ref, "wds": str(wds), "tree_ref": tree_ref, "dir": d}
 
 
 def spy_reads(monkeypatch, names, probe=False):
     """Opens and preads of the files whose base name is in ``names``: {name: [...]}, where
     the opens are counted and each pread is (offset, size)."""
-    from imagenet_seq.convert import tar_source, tar_sweep, wds_source
+    from imagenet_seq.convert import tar_source, tar_sweep
 
     opens = {n: 0 for n in names}
     reads = {n: [] for n in names}
@@ -118,7 +98,6 @@ def spy_reads(monkeypatch, names, probe=False):
     monkeypatch.setattr(tar_sweep.os, "pread", p)
     monkeypatch.setattr(tar_sweep, "PIECE", 4096)  # many reads: their order is checked
     monkeypatch.setattr(tar_source, "list_tar", lambda *a, **k: pytest.fail("listed"))
-    monkeypatch.setattr(wds_source, "list_shard", lambda *a, **k: pytest.fail("listed"))
     if not probe:  # a single tar: its first headers are looked at (WebDataset or a tree?)
         monkeypatch.setattr(tarfile, "open", _no_path_open(tarfile.open, names))
     return opens, reads

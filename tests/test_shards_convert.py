@@ -24,6 +24,7 @@ from imagenet_seq.format import offsets
 from imagenet_seq.tools import info
 from imagenet_seq.tools.sample import make_sample_imagefolder
 from imagenet_seq.tools.verify_cli import main as verify_main
+from run_faults import KILL_IN_READ
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # a subprocess conversion takes ~2 s here: reaching it means a hang
@@ -309,16 +310,6 @@ def _h(self, txn):
     if self.index == {at}:
         os.kill(os.getpid(), signal.SIGKILL)
 sh.ShardSink.hand_over = _h
-"""
-KILL_IN_READ = """
-import os, signal, imagenet_seq.convert.passes as cp
-_start, _n = cp.RunWriter.start, [0]
-def _s(self, run):
-    _n[0] += 1
-    if _n[0] == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    _start(self, run)
-cp.RunWriter.start = _s
 """
 
 

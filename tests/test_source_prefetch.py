@@ -8,9 +8,6 @@ import pytest
 
 from imagenet_seq.convert import source_reader
 from imagenet_seq.convert.source_reader import FolderSource, Reader
-from imagenet_seq.convert.tar_source import TarSource, list_tar
-
-import fake_archives as fa
 
 TIMEOUT = 60
 
@@ -56,11 +53,11 @@ def _read_all(reader):
 
 @pytest.fixture
 def trace(monkeypatch):
-    """Every hint (posix_fadvise WILLNEED) and every read (read_source, and a tar's pread) in
-    the order they happen, with the thread that made them."""
+    """Every hint (posix_fadvise WILLNEED) and every read (read_source) in the order they
+    happen, with the thread that made them."""
     events = []
     lock = threading.Lock()
-    real_advise, real_read, real_pread = os.posix_fadvise, source_reader.read_source, os.pread
+    real_advise, real_read = os.posix_fadvise, source_reader.read_source
 
     def advise(fd, offset, length, advice):
         if advice == os.POSIX_FADV_WILLNEED:
@@ -74,14 +71,8 @@ def trace(monkeypatch):
             events.append(("read", os.path.realpath(path), 0, 0,
                            threading.current_thread().name))
         return real_read(path)
-
-    def pread(fd, n, offset):
-        with lock:
-            events.append(("read", _fd_path(fd), offset, n, threading.current_thread().name))
-        return real_pread(fd, n, offset)
     monkeypatch.setattr(os, "posix_fadvise", advise)
     monkeypatch.setattr(source_reader, "read_source", read)
-    monkeypatch.setattr(os, "pread", pread)
     return events
 
 
@@ -176,27 +167,6 @@ def test_byte_bound_and_a_file_larger_than_it(tmp_path, trace, monkeypatch):
             unread.discard(name)
             unread_bytes -= sum(h[2] for h in hints if h[0] == name)
         assert unread_bytes <= 10_000
-
-
-def test_tar_members_read_and_hinted_in_archive_order(sample_tree, tmp_path, trace,
-                                                      monkeypatch):
-    monkeypatch.setattr(source_reader, "HINT_PIECE", 4096)
-    root, _ = sample_tree
-    tar = fa.tar_tree(root, str(tmp_path / "t.tar"))
-    members, _ = list_tar(tar)
-    where = {name: (off, size) for name, off, size, _ in members}
-    src = TarSource(tar, where, "")
-    items = [(pos, name, 0) for pos, (name, _, _, _) in enumerate(members)]
-    got = _read_all(Reader(src, items, read_ahead=4))
-    with open(tar, "rb") as f:
-        blob = f.read()
-    assert [g[1] for g in got] == [name for name, _, _, _ in members]
-    assert all(g[3] == blob[where[g[1]][0]:sum(where[g[1]])] for g in got)
-    real = os.path.realpath(tar)
-    order = [(real, where[name][0]) for name, _, _, _ in members]
-    sizes = {(real, off): size for off, size in where.values()}
-    _check_window(trace, order, 4, sizes, source_reader.READ_AHEAD_BYTES)
-    assert src.f is None  # closed by the reader thread at the end
 
 
 def test_errors_are_reported_as_without_read_ahead(tmp_path, monkeypatch):

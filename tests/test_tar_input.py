@@ -1,7 +1,6 @@
 """Tar input: a tar of an ImageFolder tree and ImageNet's archives (train tar of per-class tars,
 flat val tar + devkit or Kaggle labels), read in place; the LMDBs equal the extracted tree's."""
 import os
-import shutil
 import tarfile
 
 import pytest
@@ -48,20 +47,12 @@ def ilsvrc(tree, tmp_path_factory):
     flat val/ and a labels file, converted from folders."""
     root, classes, _ = tree
     d = tmp_path_factory.mktemp("ilsvrc")
-    train = fa.train_tar(root, classes, str(d / "ILSVRC2012_img_train.tar"))
-    labels = fa.val_tar(root, classes, str(d / "ILSVRC2012_img_val.tar"))
-    kit = fa.devkit(classes, labels, str(d / "ILSVRC2012_devkit_t12.tar.gz"))
-    folder = d / "folder"
-    shutil.copytree(os.path.join(root, "train"), folder / "train")
-    (folder / "val").mkdir()
-    with tarfile.open(str(d / "ILSVRC2012_img_val.tar")) as tf:
-        tf.extractall(folder / "val")
-    (d / "labels.txt").write_text("".join(f"{n} {c}\n" for n, c in labels.items()))
+    a = fa.ilsvrc(root, classes, d)
     ref = str(d / "ref")
-    assert main([str(folder), ref, "--val-labels", str(d / "labels.txt"), "--workers", "0",
+    assert main([a["folder"], ref, "--val-labels", a["labels_file"], "--workers", "0",
                  "--no-progress"]) == 0
-    return {"dir": str(d), "train": train, "val": str(d / "ILSVRC2012_img_val.tar"),
-            "devkit": kit, "labels": labels, "ref": ref, "classes": classes}
+    return {"dir": str(d), "train": a["train"], "val": a["val"], "devkit": a["devkit"],
+            "labels": a["labels"], "ref": ref, "classes": classes}
 
 
 def test_tar_of_a_tree_equals_the_tree(tree, tmp_path, capsys):

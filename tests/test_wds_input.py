@@ -322,12 +322,12 @@ def test_shards_are_read_front_to_back_each_in_turn(tree, tmp_path, monkeypatch)
 def test_resume_continues_the_shards_sweep(tree, tmp_path, monkeypatch, capsys):
     """No shard is listed (one sweep each); an interrupted conversion resumes from the
     committed cursor and ends with the records of a clean run."""
-    from imagenet_seq.convert import wds_source
+    from imagenet_seq.convert import tar_source
 
     monkeypatch.setattr(convert_passes, "RUN_RECORDS", 4)
     fail_nth_run_write(monkeypatch, 2, OSError(5, "Input/output error"))
     listed = []
-    monkeypatch.setattr(wds_source, "list_shard", lambda p, *a: listed.append(p))
+    monkeypatch.setattr(tar_source, "list_tar", lambda p, *a: listed.append(p))
     shard_set(tree, tmp_path / "wds")
     out = str(tmp_path / "out")
     convert([str(tmp_path / "wds"), out], capsys, rc=1)

@@ -13,7 +13,7 @@ import lmdb
 
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.guards import check_output, write_failure
-from imagenet_seq.convert.inputs import remove_listings, resolve
+from imagenet_seq.convert.inputs import resolve
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.convert.passes import buffer_bytes
 from imagenet_seq.convert.report import write_report
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files the one reader works on at once: the one it reads and the next "
                         "N-1, opened and handed to the kernel to read ahead in read order "
                         "(posix_fadvise WILLNEED, at most 16 MiB ahead); reads stay one at a "
-                        "time and in order (default: 8 from a folder, 1 from a tar; 1 = no "
-                        "read-ahead)")
+                        "time and in order (default: 8; 1 = no read-ahead). Folders only: an "
+                        "archive is read in one forward sweep, the kernel reading ahead")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion; complete splits are kept")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
@@ -224,29 +224,27 @@ def _run(args) -> int:
         lock.release()
 
 
+def _remove_old_listings(dst: str) -> None:
+    """Delete the archive listings (``.listing-*.json``) that converters before the one sweep
+    kept in the output folder for ``--resume``: every split is complete, and no converter
+    now reads them."""
+    try:
+        names = os.listdir(dst)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".listing-") and name.endswith(".json"):
+            try:
+                os.remove(os.path.join(dst, name))
+            except OSError:
+                pass
+
+
 def _convert(args, splits: List[str]) -> int:
     try:
-        bars = []
-
-        def listing(path, total=None):  # archives are listed (every header read) first;
-            from tqdm import tqdm  # WebDataset shards: one bar, path = their folder
-
-            bars.append(tqdm(total=os.path.getsize(path) if total is None else total,
-                             unit="B", unit_scale=True,
-                             desc=f"listing {os.path.basename(path)}", file=sys.stderr,
-                             dynamic_ncols=True, mininterval=0.5))
-
-            def tick(at, total, bar=bars[-1]):
-                bar.update(at - bar.n)
-            return tick
-        try:
-            inputs = resolve(args.src, splits, args.val_labels, args.devkit,
-                             progress=None if args.no_progress else listing,
-                             cache_dir=args.dst,  # archive listings kept for --resume
-                             classes=args.classes)
-        finally:
-            for b in bars:
-                b.close()
+        inputs = resolve(args.src, splits, args.val_labels, args.devkit,
+                         cache_dir=args.dst,  # a converted train split: its classes
+                         classes=args.classes)
         scans = inputs.scans
     except (ValueError, ScanError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -313,7 +311,7 @@ def _convert(args, splits: List[str]) -> int:
         res.skipped = [(rel, reason) for rel, reason in scan.not_images] + res.skipped
         res.report = _write_report(args.dst, split, res.skipped)
         results.append(res)
-    remove_listings(args.dst, args.src)  # every split is complete: no resume needs them
+    _remove_old_listings(args.dst)
     if args.json:
         print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,
                                     "skipped": len(r.skipped), "bytes": r.bytes,

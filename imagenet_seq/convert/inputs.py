@@ -22,8 +22,6 @@ without it, the classes are the numbers 0 .. the largest label seen, named ``"0"
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -39,8 +37,7 @@ from imagenet_seq.convert.scan import (Scan, ScanError, find_classes, is_image,
                                        read_val_labels, scan_split)
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
-__all__ = ["Inputs", "LISTING_PREFIX", "LISTING_VERSION", "listing_path", "remove_listings",
-           "resolve"]
+__all__ = ["Inputs", "resolve"]
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "img_train", "img_val", "devkit"
 
@@ -107,91 +104,6 @@ def _expand(srcs: List[str], devkit: Optional[str]):
 _NOT_WDS = ("--classes names the labels of WebDataset shards; the classes of a folder tree or "
             "ImageNet's archives are their sorted class folder names (WNIDs)")
 
-LISTING_PREFIX = ".listing-"  # + a hash of the archive's path + ".json", in the output folder
-LISTING_VERSION = 2  # 2: names normalised, links and unsafe names kept with their offsets
-
-
-def listing_path(cache_dir: str, path: str) -> str:
-    """Where the listing of the archive at ``path`` is kept in ``cache_dir``."""
-    key = hashlib.sha1(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()
-    return os.path.join(cache_dir, f"{LISTING_PREFIX}{key[:16]}.json")
-
-
-def _cached(path: str, cache_dir: Optional[str], kind: str, make) -> dict:
-    """``make()`` (a JSON-able dict: the listing of the archive at ``path``), or the copy kept
-    in ``cache_dir`` by an earlier run while the archive's size and modification time are
-    those it was listed with (``kind``: what the listing is, "tar" or "wds")."""
-    st = os.stat(path)
-    stamp = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-             "listing": LISTING_VERSION}
-    if kind != "tar":
-        stamp["kind"] = kind
-    cache = listing_path(cache_dir, path) if cache_dir else None
-    if cache and os.path.exists(cache):
-        try:
-            with open(cache) as f:
-                kept = json.load(f)
-            if kept.get("stamp") == stamp:
-                return kept
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: list again
-    data = make()
-    if cache:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            with open(cache + ".tmp", "w") as f:
-                json.dump({"stamp": stamp, **data}, f)
-            os.replace(cache + ".tmp", cache)
-        except OSError:
-            pass  # no room or read-only: the next run lists again, nothing else changes
-    return data
-
-
-def _list(path: str, progress, cache_dir: Optional[str] = None):
-    """(members, entries that are not files) of the archive at ``path``.
-
-    Listing reads every header, about one sequential read of the archive (~15 min for
-    ImageNet's 138 GB train tar on an HDD). With ``cache_dir`` (the output folder) the result
-    is kept there until the conversion ends, so ``--resume`` after an interruption does not
-    read the archive once more; it is used only while the archive's size and modification
-    time are those it was listed with.
-    """
-    def make():
-        members, not_files = tar_source.list_tar(path, progress(path) if progress else None)
-        return {"members": members, "not_files": not_files}
-    try:
-        kept = _cached(path, cache_dir, "tar", make)
-        return [tuple(m) for m in kept["members"]], [tuple(m) for m in kept["not_files"]]
-    except (KeyError, TypeError):  # a kept listing of another shape: list again
-        kept = make()
-        return kept["members"], kept["not_files"]
-
-
-def _archive_files(path: str, split: str, progress, cache_dir: Optional[str]):
-    """(name -> (offset, size), report rows) of one of ImageNet's archives: the whole archive
-    is the split's folder (``tar_names.assign``)."""
-    members, not_files = _list(path, progress, cache_dir)
-    parts, stray = tar_names.assign(members, not_files, {split: ""})
-    files, skipped = parts[split]
-    return files, stray + skipped  # stray: a name with no path at all ('/', '')
-
-
-def remove_listings(cache_dir: str, srcs: List[str]) -> None:
-    """Delete the kept listings of the archives in ``srcs`` (the conversion is complete)."""
-    try:
-        srcs = _patterns(srcs)
-        if len(srcs) == 1 and os.path.isdir(srcs[0]):
-            srcs = _split_folder_shards(srcs[0]) or srcs
-        srcs, _ = _expand(srcs, None)
-    except (ScanError, OSError):
-        return
-    for s in srcs:
-        try:
-            os.remove(listing_path(cache_dir, s))
-        except OSError:
-            pass
-
-
 def _train_classes(train: str, cache_dir: Optional[str]) -> List[str]:
     """The classes of ImageNet's train archive: those of its conversion in ``cache_dir`` (the
     output folder) when there is one, else its class folders (every header read)."""
@@ -207,12 +119,13 @@ def _train_classes(train: str, cache_dir: Optional[str]) -> List[str]:
                 env.close()
         except (OSError, ValueError):
             pass
-    files, _ = _archive_files(train, "train", None, None)
+    members, not_files = tar_source.list_tar(train)
+    parts, _ = tar_names.assign(members, not_files, {"train": ""})  # the whole archive
+    files, _ = parts["train"]
     return sorted({r.split("/")[0] for r in files if "/" in r and is_image(r)})
 
 
-def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[str], progress,
-                 cache_dir: Optional[str]) -> Inputs:
+def _resolve_wds(shards: List[str], splits: List[str], classes_file: Optional[str]) -> Inputs:
     """Scans of ``splits`` from WebDataset shards, each shard's split read from its name."""
     given: Dict[str, str] = {}
     for p in shards:
@@ -261,12 +174,11 @@ def _is_wds(srcs: List[str]) -> bool:
 
 
 def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None,
-            devkit: Optional[str] = None, progress=None,
-            cache_dir: Optional[str] = None, classes: Optional[str] = None) -> Inputs:
-    """Scans of ``splits`` from the sources given on the command line. ``progress(path,
-    total=None)`` gives a callback ``(bytes_passed, size)`` for listing the archive at ``path``
-    (WebDataset shards: one for all, ``path`` their folder, ``total`` their bytes), or None.
-    ``cache_dir``: where archive listings are kept for a resumed run (:func:`_list`).
+            devkit: Optional[str] = None, cache_dir: Optional[str] = None,
+            classes: Optional[str] = None) -> Inputs:
+    """Scans of ``splits`` from the sources given on the command line. ``cache_dir``: the
+    output folder, where a converted train split gives ImageNet's classes to a val-only
+    conversion without the devkit (:func:`_train_classes`; else the train archive is listed).
     ``classes``: ``--classes FILE``, the class names of WebDataset shards' labels.
 
     Raises:
@@ -294,8 +206,7 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
             raise ScanError(f"--{'devkit' if devkit is not None else 'val-labels'} labels "
                             "ImageNet's val archive or a flat val/ folder; WebDataset shards "
                             "carry their labels (<key>.cls or <key>.json)")
-        return _resolve_wds([s for s in srcs if _kind(s) == "tree"], splits, classes, progress,
-                            cache_dir)
+        return _resolve_wds([s for s in srcs if _kind(s) == "tree"], splits, classes)
     if classes is not None:
         raise ScanError(_NOT_WDS)
     by_kind: Dict[str, str] = {}

@@ -30,9 +30,6 @@ class Scan:
     not_images: List[Tuple[str, str]]  # (relative path, reason): reported, never stored
     # rel -> (inode, size) from the scan's stat: on-disk read order, source bytes, temp space
     stats: Dict[str, Tuple[int, int]] = field(default_factory=dict)
-    # where the bytes are: None = files below <root>/<split>; else an object with read(rel),
-    # order(rels, keys, method), describe(rel), close() (source_reader.FolderSource's contract)
-    source: Optional[object] = None
     # an archive read in one sweep (``tar_sweep``, ``wds_sweep``): no file list, the entries
     # and classes are known after the sweep only
     sweep: Optional[object] = None

@@ -31,9 +31,8 @@ cost 4,711-4,739 positionings and ran at 76 img/s; the window of 8 cost 2-5 and 
 (one file at a time: 2, 473). On the NFS model one file at a time lost 41 % against 2 in flight
 (every open and read a round trip in turn); the window of 8 ran at 1.2x the 2 in flight. A
 window of 4 was within the (busy) machine's noise of 8; 8 covers more latency for ~1 MB of page
-cache. An archive 1 (``TarSource.read_ahead``): its members are ``pread`` in offset order from
-one open file, which the kernel reads ahead itself; ``--read-ahead N`` hints the next members'
-byte ranges (not measured).
+cache. An archive does not come through this reader: it is read in one forward sweep
+(``tar_sweep.SeqFile``), which the kernel reads ahead itself; ``--read-ahead`` does not apply.
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ import os
 import queue
 import stat
 import threading
-from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from imagenet_seq.convert.disk_order import disk_order
 from imagenet_seq.convert.images import BrokenImage
@@ -51,7 +50,7 @@ from imagenet_seq.convert.scan import not_a_file_reason
 
 __all__ = ["CHUNK", "CHUNK_BYTES", "QUEUE_CHUNKS", "READ_AHEAD", "READ_AHEAD_BYTES",
            "HINT_PIECE", "Item", "read_source", "read_one", "hint_range", "FolderSource",
-           "Reader"]
+           "chunked", "ChunkThread", "Reader"]
 
 CHUNK = 32
 CHUNK_BYTES = 1 << 20
@@ -222,19 +221,24 @@ def _read_in_order(source, items: Sequence[Tuple[int, str, int]],
             source.release(items[j][1], token)
 
 
+def chunked(items: Iterator[tuple]) -> Iterator[list]:
+    """Items (``item[3]``: bytes or a verdict) in chunks of at most ``CHUNK`` items or
+    ``CHUNK_BYTES`` bytes (one larger item is a chunk of its own)."""
+    chunk, size = [], 0
+    for item in items:
+        chunk.append(item)
+        size += len(item[3]) if isinstance(item[3], bytes) else 0
+        if len(chunk) >= CHUNK or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def _chunks(source, items: Sequence[Tuple[int, str, int]], depth: int) -> Iterator[List[Item]]:
-    chunk: List[Item] = []
-    size = 0
     reads = _read_in_order(source, items, depth)
     try:
-        for (pos, rel, label), data in reads:
-            chunk.append((pos, rel, label, data))
-            size += len(data) if isinstance(data, bytes) else 0
-            if len(chunk) >= CHUNK or size >= CHUNK_BYTES:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
+        yield from chunked((pos, rel, label, data) for (pos, rel, label), data in reads)
     finally:
         reads.close()
 
@@ -244,27 +248,19 @@ class _Failed:
         self.exc = exc
 
 
-class Reader:
-    """Reads ``items`` ((plan position, rel, label), already in on-disk order) from ``source``
-    (``FolderSource``, ``tar_source.TarSource``: ``read(rel)`` -> bytes or verdict; optional
-    ``hint(rel, budget)`` / ``release(rel, token)`` for the read-ahead) in a thread.
+class ChunkThread:
+    """Chunks made in a daemon thread named ``name`` by ``produce()`` (called in the thread;
+    an iterator of chunks, closed at the end when it can be), at most ``QUEUE_CHUNKS`` ahead of
+    the consumer; then ``cleanup()``, in the thread. Iterate for the chunks (an exception in
+    the thread is raised here, after the chunks before it); ``close()`` stops the thread at its
+    next chunk. A daemon, so an exit never waits for a read stuck on a dying disk."""
 
-    ``read_ahead``: files in the read-ahead window (module docstring); None: the source's
-    default. Iterate for chunks (lists of :data:`Item`) in the same order. ``close()`` stops
-    the thread at its next chunk; it is a daemon, so an exit never waits for a read stuck on a
-    dying disk.
-    """
-
-    def __init__(self, source, items: Sequence[Tuple[int, str, int]],
-                 read_ahead: Optional[int] = None):
-        if isinstance(source, str):
-            source = FolderSource(source)
-        self._depth = (getattr(source, "read_ahead", READ_AHEAD) if read_ahead is None
-                       else read_ahead)
+    def __init__(self, name: str, produce: Callable[[], Iterator[list]],
+                 cleanup: Optional[Callable[[], None]] = None):
         self._q: "queue.Queue" = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source, list(items)), daemon=True,
-                                        name="imagenet_seq-source-reader")
+        self._thread = threading.Thread(target=self._run, args=(produce, cleanup), daemon=True,
+                                        name=name)
         self._thread.start()
 
     def _put(self, obj) -> bool:
@@ -276,20 +272,25 @@ class Reader:
                 continue
         return False
 
-    def _run(self, source, items) -> None:
-        chunks = _chunks(source, items, self._depth)
+    def _run(self, produce, cleanup) -> None:
+        chunks = None
         try:
+            chunks = produce()
             for chunk in chunks:
                 if not self._put(chunk):
                     return
             self._put(None)
-        except BaseException as e:  # a bug or MemoryError: re-raised in the consumer
-            self._put(_Failed(e))
+        except BaseException as e:  # a ScanError (damaged archive), a bug, MemoryError:
+            self._put(_Failed(e))  # re-raised in the consumer
         finally:
-            chunks.close()  # closes what was opened ahead and not read
-            source.close()  # here: this thread is the only one that reads it
+            try:
+                if chunks is not None and hasattr(chunks, "close"):
+                    chunks.close()
+            finally:
+                if cleanup is not None:
+                    cleanup()
 
-    def __iter__(self) -> Iterator[List[Item]]:
+    def __iter__(self) -> Iterator[list]:
         while True:
             got = self._q.get()
             if got is None:
@@ -300,3 +301,26 @@ class Reader:
 
     def close(self) -> None:
         self._stop.set()
+
+
+class Reader(ChunkThread):
+    """Reads ``items`` ((plan position, rel, label), already in on-disk order) from ``source``
+    (``FolderSource``, or another with its contract: ``read(rel)`` -> bytes or verdict; optional
+    ``hint(rel, budget)`` / ``release(rel, token)`` for the read-ahead) in a thread.
+
+    ``read_ahead``: files in the read-ahead window (module docstring); None: the source's
+    default. Iterate for chunks (lists of :data:`Item`) in the same order. ``close()`` stops
+    the thread at its next chunk (:class:`ChunkThread`); the source is closed by that thread,
+    the only one that reads it.
+    """
+
+    def __init__(self, source, items: Sequence[Tuple[int, str, int]],
+                 read_ahead: Optional[int] = None):
+        if isinstance(source, str):
+            source = FolderSource(source)
+        self._depth = (getattr(source, "read_ahead", READ_AHEAD) if read_ahead is None
+                       else read_ahead)
+        items = list(items)
+        # closing the chunks closes what was opened ahead and not read
+        super().__init__("imagenet_seq-source-reader",
+                         lambda: _chunks(source, items, self._depth), source.close)

@@ -14,7 +14,7 @@ written where its normalised name points, below the destination, or not at all. 
   reported. A link replaces a file of the same name, as on extraction, and is then reported.
 * Symbolic and hard links, devices and FIFOs are never read (the caller reports them).
 
-Entries are plain tuples (kept as JSON in the listing cache, ``inputs._list``):
+Entries are plain tuples (``tar_source.list_tar``'s):
 ``Member = (name, offset, size, raw)`` for regular files and
 ``Problem = (name, offset, raw, reason)`` for everything that is not read, ``name`` being ``""``
 for an unsafe name. ``offset`` is the absolute offset of the member's data, so merging both
@@ -23,9 +23,12 @@ lists by offset gives archive order.
 from __future__ import annotations
 
 import posixpath
+import tarfile
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["normalise", "split_roots", "assign"]
+from imagenet_seq.convert.scan import ScanError
+
+__all__ = ["NEVER_READ", "normalise", "not_a_file", "sparse_error", "split_roots", "assign"]
 
 Member = Tuple[str, int, int, str]
 Problem = Tuple[str, int, str, str]
@@ -54,6 +57,19 @@ def normalise(raw: str, root: str = "", shown: Optional[str] = None
         return "", (f"unsafe member name {shown!r}: resolves to {norm!r}, outside {where}; "
                     f"{NEVER_READ}")
     return root + norm, None
+
+
+def not_a_file(m: tarfile.TarInfo) -> str:
+    """Why a member that is not a regular file (a link, a device, a FIFO) is not read."""
+    kind = f"symbolic link to {m.linkname!r}" if m.issym() else \
+        f"hard link to {m.linkname!r}" if m.islnk() else f"tar type {m.type!r}"
+    return f"not a regular file in the tar ({kind}); never read"
+
+
+def sparse_error(path: str, name: str) -> ScanError:
+    """A sparse member cannot be read in place: the way out is to extract the archive."""
+    return ScanError(f"{path}: member {name} is a sparse file, which cannot be read in place; "
+                     "extract the archive (tar -xf) and convert the folder")
 
 
 def _parts(name: str) -> List[str]:

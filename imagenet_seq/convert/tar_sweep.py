@@ -20,24 +20,36 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from imagenet_seq.convert.scan import ScanError, is_image, not_image_reason
 from imagenet_seq.convert.sort_runs import NO_ORIGIN
 from imagenet_seq.convert.sweep import UNKNOWN, ThreadSweep
-from imagenet_seq.convert.tar_names import normalise
+from imagenet_seq.convert.tar_names import normalise, not_a_file, sparse_error
 
-__all__ = ["PIECE", "SeqFile", "ArchiveSweep"]
+__all__ = ["PIECE", "SeqFile", "ArchiveSweep", "check_uncompressed", "open_sweep"]
 
 PIECE = 1 << 20  # bytes per pread
 
 
-class SeqFile:
+class _Seekable:
+    """What ``tarfile`` asks of a file object besides ``read``: a position in ``size`` bytes."""
+
+    mode = "rb"
+    pos = size = 0
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        self.pos = off + (self.pos if whence == 1 else self.size if whence == 2 else 0)
+        return self.pos
+
+
+class SeqFile(_Seekable):
     """A file read forward with ``os.pread`` in pieces of ``PIECE`` bytes (the file object
     ``tarfile`` reads through): a seek within the piece in hand costs nothing, a seek past it
     skips the bytes between, never reading them."""
-
-    mode = "rb"
 
     def __init__(self, path: str):
         self.name = path
@@ -51,13 +63,6 @@ class SeqFile:
                 pass
         self.buf = b""
         self.base = self.pos = 0
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        self.pos = off + (self.pos if whence == 1 else self.size if whence == 2 else 0)
-        return self.pos
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -90,20 +95,11 @@ class SeqFile:
             self.fd = -1
 
 
-class _Window:
+class _Window(_Seekable):
     """Bytes ``[start, start + size)`` of a SeqFile as a file (a nested tar), unbuffered."""
-
-    mode = "rb"
 
     def __init__(self, f: SeqFile, start: int, size: int):
         self.f, self.start, self.size, self.pos = f, start, size, 0
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        self.pos = off + (self.pos if whence == 1 else self.size if whence == 2 else 0)
-        return self.pos
 
     def read(self, n: int = -1) -> bytes:
         n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
@@ -128,6 +124,31 @@ def _open(fileobj, path: str, what: str, at: Optional[int]) -> tarfile.TarFile:
     if at:  # a resumed sweep: from this header on (at 0: the member just read is that one)
         tf.firstmember, tf.offset = None, at
     return tf
+
+
+def check_uncompressed(f, path: str) -> None:
+    """A ScanError where the file ``f`` (at its start; left there) is gzip, bzip2 or xz."""
+    head = f.read(3)
+    if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
+        raise ScanError(f"{path} is compressed; the images are read in place from an "
+                        "uncompressed tar: decompress it first (e.g. gunzip)")
+    f.seek(0)
+
+
+def open_sweep(path: str, at: Optional[int]) -> Tuple[SeqFile, tarfile.TarFile]:
+    """The archive at ``path`` opened for a sweep from the header at byte ``at`` (None: its
+    start): (its SeqFile, to close; the tar read through it).
+
+    Raises:
+        ScanError: compressed, or not a tar.
+    """
+    f = SeqFile(path)
+    try:
+        check_uncompressed(f, path)
+        return f, _open(f, path, "the file", at)
+    except BaseException:
+        f.close()
+        raise
 
 
 def _members(tf: tarfile.TarFile, path: str, what: str) -> Iterator[tarfile.TarInfo]:
@@ -196,14 +217,8 @@ class ArchiveSweep:
     # -- the sweep
     def _items(self, cursor: dict):
         token = cursor.get("token")
-        f = SeqFile(self.path)
+        f, tf = open_sweep(self.path, token[1] if token else None)
         try:
-            head = f.read(3)
-            if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
-                raise ScanError(f"{self.path} is compressed; the images are read in place from "
-                                "an uncompressed tar: decompress it first (e.g. gunzip)")
-            f.seek(0)
-            tf = _open(f, self.path, "the file", token[1] if token else None)
             state = {"seq": token[0] if token else 0, "classes": set(), "stems": set()}
             # inside a nested tar: (its header's offset in it, the nested tar's seq, the item's)
             resume_inner = (token[2], token[3], token[0]) if token and token[2] >= 0 else None
@@ -236,15 +251,11 @@ class ArchiveSweep:
                    ("note", unsafe))
             return
         if not m.isfile():
-            kind = f"symbolic link to {m.linkname!r}" if m.issym() else \
-                f"hard link to {m.linkname!r}" if m.islnk() else f"tar type {m.type!r}"
             seq = self._next(state)
-            yield ((seq, [seq, *hdr, origin], origin, name, 0), name, 0,
-                   ("note", f"not a regular file in the tar ({kind}); never read"))
+            yield ((seq, [seq, *hdr, origin], origin, name, 0), name, 0, ("note", not_a_file(m)))
             return
         if m.issparse():
-            raise ScanError(f"{self.path}: member {name} is a sparse file, which cannot be read "
-                            "in place; extract the archive (tar -xf) and convert the folder")
+            raise sparse_error(self.path, name)
         if self.nested and outer is None and name.lower().endswith(".tar"):
             yield from self._nested(f, m, name, state, resume_inner)
             return

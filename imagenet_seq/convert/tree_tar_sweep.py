@@ -17,8 +17,9 @@ from typing import Dict, List, Optional
 from imagenet_seq.convert.scan import ScanError, is_image, not_image_reason
 from imagenet_seq.convert.sort_runs import NO_ORIGIN
 from imagenet_seq.convert.sweep import UNKNOWN, ThreadSweep
-from imagenet_seq.convert.tar_names import NEVER_READ, _parts, _root_of, normalise
-from imagenet_seq.convert.tar_sweep import SeqFile, _members, _open
+from imagenet_seq.convert.tar_names import (NEVER_READ, _parts, _root_of, normalise,
+                                            not_a_file, sparse_error)
+from imagenet_seq.convert.tar_sweep import _members, open_sweep
 
 __all__ = ["TreeTarSweep", "TreeTarView", "OUTSIDE"]
 
@@ -45,14 +46,8 @@ class TreeTarSweep:
     def items(self, cursor: dict, found: dict, splits: List[str]):
         """Items of ``splits`` (and the marks every split needs) from ``cursor`` on."""
         token = cursor.get("token")
-        f = SeqFile(self.path)
+        f, tf = open_sweep(self.path, token[1] if token else None)
         try:
-            head = f.read(3)
-            if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
-                raise ScanError(f"{self.path} is compressed; the images are read in place from "
-                                "an uncompressed tar: decompress it first (e.g. gunzip)")
-            f.seek(0)
-            tf = _open(f, self.path, "the file", token[1] if token else None)
             roots: Dict[str, str] = dict(found.get("roots", {}))
             st = {"seq": token[0] if token else 0, "classes": set(), "flags": set()}
             for split, root in sorted(roots.items()):  # found before the cursor: told again
@@ -99,15 +94,11 @@ class TreeTarSweep:
             return  # outside every split folder: not part of the conversion
         rel = name[len(roots[split]):]
         if not m.isfile():
-            kind = f"symbolic link to {m.linkname!r}" if m.issym() else \
-                f"hard link to {m.linkname!r}" if m.islnk() else f"tar type {m.type!r}"
             if split in splits:
-                yield item(split, rel, ("note", f"not a regular file in the tar ({kind}); "
-                                                "never read"))
+                yield item(split, rel, ("note", not_a_file(m)))
             return
         if m.issparse():
-            raise ScanError(f"{self.path}: member {name} is a sparse file, which cannot be read "
-                            "in place; extract the archive (tar -xf) and convert the folder")
+            raise sparse_error(self.path, name)
         image = is_image(rel)
         if split == "train" and image and "/" in rel:
             cls = rel.split("/")[0]

@@ -20,10 +20,10 @@ from typing import List, Optional
 
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.convert.sweep import ThreadSweep
-from imagenet_seq.convert.tar_names import normalise
-from imagenet_seq.convert.tar_sweep import SeqFile, _members, _open
-from imagenet_seq.convert.wds_source import (IMAGE_KINDS, MAX_SIDECAR, NEVER_READ, _SIDECARS,
-                                             _parse_label, group_key)
+from imagenet_seq.convert.tar_names import NEVER_READ, normalise, not_a_file
+from imagenet_seq.convert.tar_sweep import _members, open_sweep
+from imagenet_seq.convert.wds_source import (IMAGE_KINDS, MAX_SIDECAR, SIDECARS, group_key,
+                                             parse_label)
 
 __all__ = ["MAX_CLASSES", "WdsSweep"]
 
@@ -91,14 +91,8 @@ class WdsSweep:
     def _shard(self, k: int, at: Optional[int], st: dict):
         path = self.shards[k]
         shard = os.path.basename(path)
-        f = SeqFile(path)
+        f, tf = open_sweep(path, at)
         try:
-            head = f.read(3)
-            if head[:2] == b"\x1f\x8b" or head == b"BZh" or head[:3] == b"\xfd7z":
-                raise ScanError(f"{path} is compressed; the images are read in place from "
-                                "an uncompressed tar: decompress it first (e.g. gunzip)")
-            f.seek(0)
-            tf = _open(f, path, "the file", at)
             group: List[tuple] = []  # (key, kind, name, data or None, size)
             g0 = [st["seq"], at or 0]  # the open group's first seq and header offset
             seen: set = set()
@@ -111,9 +105,7 @@ class WdsSweep:
                     continue
                 name, unsafe = normalise(m.name)
                 if unsafe or not m.isfile():
-                    why = unsafe or "not a regular file in the tar ({}); never read".format(
-                        f"symbolic link to {m.linkname!r}" if m.issym() else
-                        f"hard link to {m.linkname!r}" if m.islnk() else f"tar type {m.type!r}")
+                    why = unsafe or not_a_file(m)
                     yield self._row(st, tok(), (m.name if unsafe else name),
                                     f"{why} (in {shard})")
                     continue
@@ -134,7 +126,7 @@ class WdsSweep:
                     g0[:] = [st["seq"], m.offset]
                 kind = got[1].lower()
                 data = None
-                if kind in IMAGE_KINDS or (kind in _SIDECARS and m.size <= MAX_SIDECAR):
+                if kind in IMAGE_KINDS or (kind in SIDECARS and m.size <= MAX_SIDECAR):
                     f.seek(m.offset_data)
                     data = f.read(m.size)
                     if len(data) != m.size:
@@ -176,7 +168,7 @@ class WdsSweep:
         cls = [g for g in group if g[1].lower() == "cls"]
         meta = [g for g in group if g[1].lower() == "json"]
         for g in group:
-            if g[1].lower() not in IMAGE_KINDS and g[1].lower() not in _SIDECARS:
+            if g[1].lower() not in IMAGE_KINDS and g[1].lower() not in SIDECARS:
                 yield self._odd(st, token, "." + g[1].lower(), g[2], shard)
         counts["labelled"] += bool(cls or meta)
         if not images and not cls and not meta:
@@ -199,9 +191,9 @@ class WdsSweep:
         seen.add(key)
         if why is None:
             src = cls[0] if cls else meta[0]
-            label, name, bad = _parse_label(src[1].lower(), src[3], src[4])
+            label, name, bad = parse_label(src[1].lower(), src[3], src[4])
             if meta and cls:
-                _, name, _ = _parse_label("json", meta[0][3], meta[0][4])
+                _, name, _ = parse_label("json", meta[0][3], meta[0][4])
             limit = len(self.fixed) if self.fixed is not None else None
             if bad:
                 why = f"label file {src[2]} {bad}"
