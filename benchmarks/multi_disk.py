@@ -41,6 +41,8 @@ from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from slow_disk import run_measurement  # noqa: E402 - one way to run a measurement child
 BATCH = 64
 BUFFER = 1024  # shuffle buffer in records (~90 MB here); it does not change what is read
 TINY = dict(images=96, copies=2, mb_per_s=20.0, workdir="/tmp/imagenet_seq_multi_disk_tiny",
@@ -163,19 +165,6 @@ def _warm(folder: str) -> None:
                 pass
 
 
-def _child(cmd: List[str], timeout: float) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        raise RuntimeError(f"{cmd[2:]} ran past {timeout:.0f} s: {err[-1500:]}")
-    for line in out.splitlines()[::-1]:
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{cmd[2:]} failed (rc {proc.returncode}): {err[-3000:]}")
 
 
 def measure(name: str, layout: str, disks: int, paths: Dict[str, str], args,
@@ -200,7 +189,7 @@ def measure(name: str, layout: str, disks: int, paths: Dict[str, str], args,
             cmd_root, dirs = mounts[0], ""
         cmd = [sys.executable, os.path.abspath(__file__), "_measure", cmd_root,
                f"--shard-dirs={dirs}"] + variant["argv"]
-        r = _child(cmd, args.timeout)
+        r = run_measurement(cmd, args.timeout)
     r.update(name=name, layout=layout, disks=disks, variant=variant["name"],
              device_stats=[dict(s) for s in stats])
     r["images_per_s"] = r["images"] / r["seconds"]

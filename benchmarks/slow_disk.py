@@ -267,8 +267,9 @@ def prepare(workdir: str, classes: int, per_class: int, copies: int) -> dict:
     return {"data": data, "train": "train", "lmdb": os.path.join("lmdb", "ILSVRC-train.lmdb")}
 
 
-def _child(cmd, timeout: float) -> dict:
-    """Run one measurement process (its own process group, killed whole on timeout)."""
+def run_measurement(cmd, timeout: float) -> dict:
+    """Run one measurement process (its own process group, killed whole on timeout) and return
+    the JSON of its ``RESULT `` line; RuntimeError with its stderr when it has none."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -310,7 +311,7 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0,
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(ranks) as pool:
-                parts = list(pool.map(lambda c: _child(c, limit), cmds))
+                parts = list(pool.map(lambda c: run_measurement(c, limit), cmds))
             from imagenet_seq.tools.bench_ranks import all_ranks_window
 
             t0 = min(p["t_start"] for p in parts)
@@ -322,7 +323,8 @@ def measure_on_device(kind: str, device: str, paths: dict, args, ranks: int = 0,
                      # fill (~110 MB a rank here), which an epoch does once
                      all_ranks=all_ranks_window(parts, args.warmup))
         else:
-            r = _child(base + [kind, target, str(args.seconds), str(args.workers)] + opts, limit)
+            r = run_measurement(
+                base + [kind, target, str(args.seconds), str(args.workers)] + opts, limit)
             r.pop("t_start", None), r.pop("t_end", None)
         r["prefetch_bytes"] = parts[0]["prefetch_bytes"] if ranks else r.get("prefetch_bytes")
     r.update(kind=kind, device=device, ranks=ranks, prefetch_mb=prefetch_mb,

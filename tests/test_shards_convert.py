@@ -382,21 +382,7 @@ def test_kill9_then_resume_gives_the_clean_shards(case, prelude, tree, one, clea
     assert leftovers == []
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
-    """test_faults_convert's LD_PRELOAD shim: writes to a path fail after N bytes."""
-    from test_faults_convert import SHIM_C
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler: the write-fault shim cannot be built")
-    d = tmp_path_factory.mktemp("shim")
-    (d / "fault.c").write_text(SHIM_C)
-    r = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(d / "fault.so"),
-                        str(d / "fault.c"), "-ldl"], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"the write-fault shim does not build here: {r.stderr[-300:]}")
-    return str(d / "fault.so")
+from test_faults_convert import shim  # noqa: E402,F401 - its LD_PRELOAD write-fault shim
 
 
 @pytest.mark.timeout(300)
