@@ -35,16 +35,18 @@ def _records(path: str):
 
 
 def write_shard(path: str, meta: fmt.Metadata, values: Sequence[bytes], labels: np.ndarray,
-                shard: dict, index: bool = True) -> manifest.Shard:
+                shard: Optional[dict], index: bool = True) -> Optional[manifest.Shard]:
     """One shard file at ``path`` holding ``values`` (labels ``labels``) as records 0..;
-    ``shard`` is its ``"shard"`` entry. Returns its manifest row."""
+    ``shard`` is its ``"shard"`` entry (None: a one-file split, no entry). Returns its
+    manifest row (None for a one-file split)."""
     counts = np.bincount(labels, minlength=len(meta.classes)).tolist()
     jpeg_bytes = sum(len(v) - fmt.RECORD_HEADER.size for v in values)
     mine = fmt.Metadata(split=meta.split, classes=list(meta.classes), class_counts=counts,
                         num_records=len(values), total_bytes=jpeg_bytes, order=meta.order,
                         options=dict(meta.options), skipped=0)
     doc = json.loads(mine.to_json())
-    doc["shard"] = shard
+    if shard is not None:
+        doc["shard"] = shard
     env = fmt.open_env(path, readonly=False, lock=False)
     try:
         with env.begin(write=True) as txn:
@@ -61,6 +63,8 @@ def write_shard(path: str, meta: fmt.Metadata, values: Sequence[bytes], labels: 
             digest = manifest.shard_checksum(txn)
     finally:
         env.close()
+    if shard is None:
+        return None
     return manifest.Shard(shard["index"], path, shard["first"], len(values), jpeg_bytes,
                           os.path.getsize(path), digest)
 
@@ -71,6 +75,16 @@ def write_shards(src_root: str, dst_root: str, split: str, k: int,
     """``src_root``'s ``split`` as ``k`` shards; shard ``j`` goes to ``folders[j % len]``
     (default: ``dst_root``), the manifest to ``dst_root``. Returns the manifest's path."""
     meta, values, labels = _records(fmt.find_split(src_root, split))
+    return write_records_as_shards(meta, values, labels, dst_root, k, folders, split_id, index)
+
+
+def write_records_as_shards(meta: fmt.Metadata, values: Sequence[bytes], labels: np.ndarray,
+                            dst_root: str, k: int, folders: Optional[Sequence[str]] = None,
+                            split_id: str = "test-conversion", index: bool = True) -> str:
+    """Records ``values`` (labels ``labels``) of a split described by ``meta`` as ``k``
+    shards (``values`` may be any sequence that slices into sequences, e.g. one made on the
+    fly by a benchmark); as :func:`write_shards` from there on."""
+    split = meta.split
     folders = list(folders or [dst_root])
     rows: List[manifest.Shard] = []
     for j, (first, count) in enumerate(manifest.shard_ranges(meta.num_records, k)):
