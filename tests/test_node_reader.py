@@ -307,6 +307,24 @@ def test_a_damaged_record_fails_its_rank_with_its_error_and_tells_the_others(man
     wait_gone(results[1]["reader_pid"])
 
 
+def test_a_rank_that_arrives_after_the_fault_hears_it(many, tmp_path):
+    """Rank 1 meets its damaged record and is done before rank 0 connects: rank 0 is told
+    (not served by a fresh reader as if nothing happened, nor left with "ended without a
+    word"); then the reader is gone and nothing is left behind."""
+    names, dev_shm = our_names(), shm()
+    bad = node.rank_spans(400, seed=7, epoch=0, rank=1, world_size=2, local_world_size=2)[1][0]
+    root = _damaged_label_copy(many, str(tmp_path / "damaged"), bad)
+    first = finish(start(root, tmp_path, 2, 2, "late", ranks=[1], args=["--epochs", "0"]))[1]
+    assert first["error"]["type"] == "RecordError" and f"index {bad}" in first["error"]["message"]
+    assert state(first["reader_pid"]) not in (None, "Z")  # it waits for local rank 0
+    late = finish(start(root, tmp_path, 2, 2, "late", ranks=[0], args=["--epochs", "0"]))[0]
+    err = late["error"]
+    assert err is not None and err["type"] == "NodeReaderError", late
+    assert "RecordError" in err["message"] and f"index {bad}" in err["message"]
+    wait_gone(first["reader_pid"])
+    assert not left_behind(names, dev_shm)
+
+
 # ------------------------------------------------------------------------- in this process
 def test_client_reads_plan_spans_through_the_reader_and_others_directly(many):
     reader = SplitReader(many, "train")
@@ -342,6 +360,17 @@ def test_client_reads_plan_spans_through_the_reader_and_others_directly(many):
     finally:
         client.shutdown()
     wait_gone(pid)
+
+
+def test_a_failed_reader_waits_for_late_ranks_only_while_their_launcher_runs():
+    from imagenet_seq.read.node_linger import launcher_alive
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait(timeout=LIMIT_S)
+    me = rendezvous._start_time(os.getpid())
+    assert launcher_alive([os.getpid(), me]) and launcher_alive(None)
+    assert not launcher_alive([os.getpid(), me + "0"])  # the pid, reused by another process
+    assert not launcher_alive([done.pid, me])
 
 
 def test_two_loaders_of_one_rank_and_on_fault(many, monkeypatch):

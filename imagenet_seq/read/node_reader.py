@@ -27,6 +27,12 @@ send ``FAIL`` naming it to every other rank and exit (a send that fails because 
 every rank (the rank it was for gets the original error type) and the reader exits; when the
 last rank says ``BYE`` the reader exits. Nothing outlives it: the socket name and the rings
 are anonymous.
+
+Who tells: a thread that finds a fault only records it (:meth:`NodeReader._fatal`); the
+control loop, the thread that also welcomes ranks, sends every ``FAIL`` -- so no rank can be
+welcomed after the others were told and then see the socket close "without a word", and
+nothing follows a rank's ``FAIL``. Local ranks that have not connected yet are told when they
+do (:mod:`.node_linger`); then the reader exits.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from imagenet_seq import format as fmt
+from imagenet_seq.read import node_linger
 from imagenet_seq.read import ring as rings
 from imagenet_seq.read import sweep, wire
 from imagenet_seq.read.reader import SplitReader
@@ -65,6 +72,10 @@ def _grouping(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+class _Failed(Exception):
+    """The reader failed (``NodeReader.failure``): the thread that sees this stops serving."""
+
+
 class _Rank:
     def __init__(self, sock: socket.socket, hello: dict, ring_bytes: int):
         self.sock, self.hello = sock, hello
@@ -77,6 +88,7 @@ class _Rank:
         self.pending: List[Tuple[int, int, int, int]] = []  # refs not yet announced
         self.pending_req = -1  # the request they belong to
         self.bye = False
+        self.told = False  # its FAIL is sent: nothing more goes to it
         self.id = 0  # the reader numbers connections
 
     def name(self) -> str:
@@ -84,6 +96,8 @@ class _Rank:
 
     def send(self, kind: bytes, head: Optional[dict] = None, payload=b"", fds=()) -> None:
         with self.send_lock:
+            if self.told:
+                raise _Failed()
             wire.send(self.sock, kind, head, payload, fds)
 
 
@@ -118,6 +132,9 @@ class NodeReader:
         self.sel = selectors.DefaultSelector()
         self.listener: Optional[socket.socket] = None
         self.ever_connected = False
+        self.seen: set = set()  # local ranks answered (welcomed, or refused)
+        self.failure: Optional[dict] = None  # the first fault, told by the control loop
+        self._wake, self._waker = socket.socketpair()  # a fault found by the sweep thread
 
     # ----------------------------------------------------------------------------- control
     def serve(self) -> int:
@@ -125,21 +142,29 @@ class NodeReader:
         if self.listener is None:
             return EXIT_IN_USE
         self.sel.register(self.listener, selectors.EVENT_READ)
-        threading.Thread(target=self._sweep_thread, daemon=True,
-                         name="imagenet_seq-node-sweep").start()
+        self.sel.register(self._wake, selectors.EVENT_READ)
+        self._sweeper = threading.Thread(target=self._sweep_thread, daemon=True,
+                                         name="imagenet_seq-node-sweep")
+        self._sweeper.start()
         start = time.monotonic()
-        while True:
-            if not self.ever_connected:
-                if os.getppid() != int(self.cfg["parent"]) or \
-                        time.monotonic() - start > float(self.cfg["connect_timeout"]):
-                    return 0  # the rank that started us is gone, or nobody came
-            for sel_key, _ in self.sel.select(timeout=0.2):
-                if sel_key.fileobj is self.listener:
-                    self._accept()
-                else:
-                    self._on_message(sel_key.data)
-            if self.ever_connected and not self.ranks:
-                return 0
+        try:
+            while True:
+                if self.failure is not None:
+                    raise _Failed()
+                if not self.ever_connected:
+                    if os.getppid() != int(self.cfg["parent"]) or \
+                            time.monotonic() - start > float(self.cfg["connect_timeout"]):
+                        return 0  # the rank that started us is gone, or nobody came
+                for sel_key, _ in self.sel.select(timeout=0.2):
+                    if sel_key.fileobj is self.listener:
+                        self._accept()
+                    elif sel_key.fileobj is not self._wake:  # the wake: a fault, seen above
+                        self._on_message(sel_key.data)
+                if self.ever_connected and not self.ranks and self.failure is None:
+                    return 0
+        except _Failed:
+            self._tell_and_linger()
+            return 1  # not reached: it exits
 
     def _bind(self) -> Optional[socket.socket]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -167,6 +192,7 @@ class NodeReader:
             if kind != wire.HELLO:
                 raise ValueError(f"expected HELLO, got {kind!r}")
             problem = self._check_hello(hello)
+            node_linger.heard(self.seen, hello, self.local_world)  # welcomed or refused
             if problem:
                 wire.send(conn, wire.FAIL, {"error": "NodeReaderError", "message": problem})
                 conn.close()
@@ -268,21 +294,63 @@ class NodeReader:
 
     def _fatal(self, message: str, skip: Optional[_Rank] = None, error: Optional[dict] = None,
                culprit: Optional[int] = None) -> None:
-        """Tell every other rank, then exit at once (the kernel frees rings and sockets)."""
-        sys.stderr.write(f"imagenet_seq node reader (pid {os.getpid()}): {message}\n")
-        sys.stderr.flush()
-        for rank in list(self.ranks.values()):
-            if rank is skip:
+        """Record the fault (the first one counts) for the control loop to tell every rank
+        (:meth:`_tell_and_linger`), and stop the calling thread's work: raises ``_Failed``."""
+        with self.cond:
+            if self.failure is None:
+                self.failure = dict(message=message, skip=skip, error=error, culprit=culprit)
+                sys.stderr.write(f"imagenet_seq node reader (pid {os.getpid()}): {message}\n")
+                sys.stderr.flush()
+                try:
+                    self._waker.send(b"!")  # the control loop may be waiting in select
+                except OSError:
+                    pass
+            self.cond.notify_all()
+        raise _Failed()
+
+    def _tell_and_linger(self) -> None:
+        """(The control loop, after a fault.) ``FAIL`` to every connected rank (the rank of a
+        damaged record gets its error, the others a ``NodeReaderError`` naming it); then the
+        same answer to each local rank that connects late (see the module docstring); then
+        exit (the kernel frees rings and sockets)."""
+        f = self.failure
+        told = {"error": "NodeReaderError", "message": f["message"]}
+        self.sel.unregister(self._wake)
+        with self.cond:
+            ranks = list(self.ranks.values())
+        for rank in ranks:
+            try:
+                self.sel.unregister(rank.sock)  # a rank's BYE or end is no news any more
+            except (KeyError, ValueError):
+                pass
+            if rank is f["skip"]:
                 continue
-            head = dict(error or {"error": "NodeReaderError", "message": message})
-            if culprit is not None and rank.local != culprit:
-                head = {"error": "NodeReaderError", "message": message}
+            head = dict(f["error"] or told)
+            if f["culprit"] is not None and rank.local != f["culprit"]:
+                head = told
             if rank.send_lock.acquire(timeout=5.0):
                 try:
+                    rank.told = True
                     rank.sock.settimeout(5.0)
                     wire.send(rank.sock, wire.FAIL, head)
                 except OSError:
                     pass
+                finally:
+                    rank.send_lock.release()
+        if self.listener is not None and not node_linger.everyone(self.seen, self.local_world):
+            # waiting costs no memory: once the sweep has stopped, rings and file go
+            self._sweeper.join(timeout=_BYE_S)
+            if not self._sweeper.is_alive():
+                for rank in ranks:
+                    try:
+                        rank.mem.close()
+                    except (BufferError, ValueError):
+                        pass
+                    rank.sock.close()
+                self.reader.close()
+            node_linger.linger(self.listener, told, self.seen, self.local_world,
+                               float(self.cfg["connect_timeout"]), self.cfg.get("launcher"))
+        sys.stderr.flush()
         os._exit(1)
 
     # ------------------------------------------------------------------------------- sweep
@@ -300,8 +368,13 @@ class NodeReader:
                     if not self._said_bye(e.rank):
                         self._fatal(f"{e.rank.name()} stopped taking messages ({e.error}); "
                                     "the node reader stops", skip=e.rank)
+        except _Failed:
+            return  # the control loop tells the ranks
         except BaseException as e:  # noqa: BLE001 - any failure ends the reader, told to all
-            self._read_failed(e)
+            try:
+                self._read_failed(e)
+            except _Failed:
+                return
 
     def _said_bye(self, rank: _Rank) -> bool:
         """After a send to ``rank`` failed: whether it said goodbye (it closed its Loader
@@ -313,7 +386,7 @@ class NodeReader:
                 rank.request.cancelled = True
                 self.version += 1
             deadline = time.monotonic() + _BYE_S
-            while not rank.bye and time.monotonic() < deadline:
+            while not rank.bye and self.failure is None and time.monotonic() < deadline:
                 self.cond.wait(deadline - time.monotonic())
             return rank.bye
 
@@ -329,6 +402,8 @@ class NodeReader:
         connected rank's (ranks start an epoch at about the same time: one sweep from the
         start, rather than one rank's reads first and the others' catching up)."""
         while True:
+            if self.failure is not None:
+                raise _Failed()
             active = self._active()
             if not active:
                 self.cond.wait()
@@ -367,6 +442,8 @@ class NodeReader:
         big = not rank.ring.fits(n)
         while True:  # room: for a record in the ring, or (sent whole) an empty ring
             with self.cond:
+                if self.failure is not None:
+                    raise _Failed()
                 if req.cancelled or self.version != version and rank.request is not req:
                     return False
                 pos = None if big else rank.ring.place(n)

@@ -107,7 +107,9 @@ def connect(key: str, hello: dict, start: dict, timeout: float = CONNECT_TIMEOUT
             if proc is None and starter is None:
                 starter = _start_right(key)
                 if starter is not None:
+                    ppid = os.getppid()  # the launcher: no late rank comes once it is gone
                     proc = _spawn(dict(start, key=key, parent=os.getpid(),
+                                       launcher=[ppid, _start_time(ppid)],
                                        connect_timeout=CONNECT_TIMEOUT_S))
             if proc is not None and proc.poll() == 0:
                 # it served the ranks that came and left before this one connected (a short
