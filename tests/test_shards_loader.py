@@ -446,6 +446,7 @@ def test_two_real_devices_each_read_by_their_own_reader(sample_lmdb, tmp_path):
         got = _epochs(ld, (0,))
         covered = [dict(c) for c in reader.covered]
         reader.close()
+        del ld, reader  # its files stay mapped while it lives (format/mapped.py): unmount
     _same(want, got)
     assert set(covered[0]) == {0, 2} and set(covered[1]) == {1, 3}
     assert min(covered[0].values()) > 0 and min(covered[1].values()) > 0

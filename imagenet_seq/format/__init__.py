@@ -362,18 +362,24 @@ def read_metadata(txn, path: str) -> Metadata:
 
 
 def read_labels(txn, meta: Metadata, path: str = "") -> Optional[np.ndarray]:
-    """Every record's label (int32, record order), or None for legacy files.
+    """Every record's label (int32, record order), or None for legacy files. With ``path``
+    and a ``buffers=True`` transaction, a read-only view of the file (``mapped.py``: shared
+    by every process that reads it), else a copy.
 
     Raises:
         DamagedFile: a wrong count, or a label outside ``[0, len(meta.classes))``.
     """
-    raw = get_checked(txn, LABELS_KEY, path) if path else txn.get(LABELS_KEY)
+    from imagenet_seq.format import mapped
+
+    raw = mapped.get(txn, LABELS_KEY, path) if path else txn.get(LABELS_KEY)
     if raw is None:
         return None
-    labels = np.frombuffer(bytes(raw), dtype="<i4")
+    labels = np.frombuffer(raw if path else bytes(raw), dtype="<i4")
     if len(labels) != meta.num_records:
         raise DamagedFile(f"{path}: __labels__ holds {len(labels)} labels for "
                           f"{meta.num_records} records; {REMEDY}")
+    if not len(labels) or (labels.min() >= 0 and labels.max() < len(meta.classes)):
+        return labels  # (no temporary arrays of the file's size)
     bad = np.flatnonzero((labels < 0) | (labels >= len(meta.classes)))
     if meta.classes and len(bad):
         raise DamagedFile(f"{path}: __labels__ gives record {bad[0]} label {labels[bad[0]]}, "

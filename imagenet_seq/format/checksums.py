@@ -53,15 +53,18 @@ def encode(crcs: np.ndarray) -> bytes:
 
 
 def read(txn, num_records: int, path: str) -> Optional[np.ndarray]:
-    """The checksums of an open file (uint32, record order), or None when it has none.
+    """The checksums of an open file (uint32, record order), or None when it has none. From
+    a ``buffers=True`` transaction, a read-only view of the file (``mapped.py``: shared by
+    every process that reads it), else a copy.
 
     Raises:
         DamagedFile: the record is there but malformed.
     """
-    raw = fmt.get_checked(txn, CRC_KEY, path)
+    from imagenet_seq.format import mapped
+
+    raw = mapped.get(txn, CRC_KEY, path)
     if raw is None:
         return None
-    raw = bytes(raw)
     magic, n = _HEAD.unpack_from(raw) if len(raw) >= _HEAD.size else (b"", -1)
     if magic != _MAGIC or n != num_records or len(raw) != _HEAD.size + 4 * n:
         raise fmt.DamagedFile(f"{path}: __crc__ ({len(raw)} bytes) does not hold "

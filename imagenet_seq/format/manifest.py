@@ -134,7 +134,7 @@ def shard_checksum(txn) -> str:
     for key in (fmt.CRC_KEY, fmt.LABELS_KEY):
         raw = txn.get(key)
         h.update(len(raw if raw is not None else b"").to_bytes(8, "little"))
-        h.update(bytes(raw) if raw is not None else b"")
+        h.update(raw if raw is not None else b"")  # a buffer: no copy of the file's size
     return h.hexdigest()
 
 

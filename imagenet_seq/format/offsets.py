@@ -86,12 +86,13 @@ def encode(psize: int, txn_id: int, offs: np.ndarray, lens: np.ndarray) -> bytes
 
 
 def decode(raw, num_records: int, last_txn: int, path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Offsets and lengths from a stored ``__offsets__`` value.
+    """Offsets and lengths from a stored ``__offsets__`` value: views of ``raw`` (``bytes``,
+    or a view of the file from ``mapped.get``; never a transaction's buffer, which dies with
+    the transaction).
 
     Raises:
         StaleOffsets: it does not describe this file as it is now.
     """
-    raw = bytes(raw)
     if len(raw) < _HEAD.size:
         raise StaleOffsets(f"{path}: __offsets__ is truncated")
     magic, _, n, txn_id = _HEAD.unpack_from(raw)
@@ -108,9 +109,12 @@ def decode(raw, num_records: int, last_txn: int, path: str) -> Tuple[np.ndarray,
 
 def read(env, num_records: int, path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The index of an open environment: None when the file has none, or (with a warning that
-    names the fix) when it no longer describes the file."""
+    names the fix) when it no longer describes the file. The arrays are read-only views of
+    the file (``mapped.py``): every process reading the file shares one copy."""
+    from imagenet_seq.format import mapped
+
     with env.begin(buffers=True) as txn:
-        raw = fmt.get_checked(txn, OFFSETS_KEY, path)
+        raw = mapped.get(txn, OFFSETS_KEY, path)
         if raw is None:
             return None
         try:

@@ -78,14 +78,11 @@ class SplitReader:
         if self.layout.manifest is None:
             one = self.files[0]
             self.path, self.meta = one.path, one.meta
-            self.labels: Optional[np.ndarray] = one.labels
-            self.checksums: Optional[np.ndarray] = one.checksums
         else:
             self.path = self.layout.manifest
             self._check_shards()
             self.meta = _split_meta(split, self.layout.totals)
-            self.labels = self._joined("labels")
-            self.checksums = self._joined("checksums")
+        self._joined_arrays: Dict[str, Optional[np.ndarray]] = {}
         self.legacy = self.meta.legacy
         self.num_classes = len(self.meta.classes)
         self.devices = group_shards(self.paths, self.shard_devices)
@@ -110,16 +107,29 @@ class SplitReader:
             return getattr(files[0], name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """Every record's label (int32), in split order; None for the original tool's files.
+        One file: its read-only view of the file (shared by every process reading it). Shards:
+        joined into one array on first use (a copy, 4 bytes a record; the Loader itself reads
+        each shard's own view)."""
+        return self._joined("labels")
+
+    @property
+    def checksums(self) -> Optional[np.ndarray]:
+        """Every record's stored CRC-32 (uint32), in split order; None where the file has none.
+        As :attr:`labels` (the Loader asks for them only with ``verify=True``)."""
+        return self._joined("checksums")
+
     def _joined(self, what: str) -> Optional[np.ndarray]:
-        """Every shard's ``labels`` / ``checksums`` in split order (None if one lacks them);
-        each shard then holds its slice of the joined array (one copy in memory)."""
-        parts = [getattr(f, what) for f in self.files]
-        if any(p is None for p in parts):
-            return None
-        joined = np.concatenate(parts)
-        for f in self.files:
-            setattr(f, what, joined[f.first:f.first + len(f)])
-        return joined
+        """Every shard's ``labels`` / ``checksums`` in split order (None if one lacks them)."""
+        if len(self.files) == 1:
+            return getattr(self.files[0], what)
+        if what not in self._joined_arrays:
+            parts = [getattr(f, what) for f in self.files]
+            self._joined_arrays[what] = None if any(p is None for p in parts) else \
+                np.concatenate(parts)
+        return self._joined_arrays[what]
 
     def _check_shards(self) -> None:
         """Each shard is the one the manifest names: the same conversion (``split_id``), index,
@@ -186,6 +196,7 @@ class SplitReader:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["files"] = [copy.copy(f) for f in self.files]  # closed copies: no handle shared
+        state["_joined_arrays"] = {}  # joined again where asked for, not pickled
         return state
 
     # ---------------------------------------------------------------------------- reading
