@@ -68,7 +68,10 @@ def test_shards_keep_their_own_views_and_join_only_when_asked(sample_lmdb, tmp_p
     assert r._joined_arrays == {}  # nothing joined (copied) until asked for
     assert r.labels.tolist() == one.labels.tolist()
     assert r.checksums.tolist() == one.checksums.tolist()
-    assert [label for _, _, label in r.read_all()] == one.labels.tolist()
+    try:
+        assert [label for _, _, label in r.read_all()] == one.labels.tolist()
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -116,4 +119,8 @@ def test_without_a_known_map_base_they_are_copies_read_the_same(sample_lmdb, mon
             assert checksums.read(txn, len(r), r.path).tolist() == want.checksums.tolist()
     finally:
         env.close()
-    assert [x[2] for x in pickle.loads(pickle.dumps(r)).read_all()] == want.labels.tolist()
+    back = pickle.loads(pickle.dumps(r))
+    try:
+        assert [x[2] for x in back.read_all()] == want.labels.tolist()
+    finally:
+        back.close()  # the shared environment: other tests open the file themselves
