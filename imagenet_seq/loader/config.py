@@ -354,9 +354,10 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     """A Loader's arguments (see :class:`imagenet_seq.data.Loader`, which holds their
     defaults) -> ``(settings, reader)``.
 
-    ``reader`` is the split's :class:`~imagenet_seq.read.reader.SplitReader` (no file kept
-    open). Checks come in a fixed order: the arguments, the device, the ranks, the file, the
-    plan, the buffer, the transform.
+    ``reader`` is the split's :class:`~imagenet_seq.read.reader.SplitReader` (no descriptor or
+    environment kept open; its per-record metadata stays mapped, ``format/mapped.py``). Checks
+    come in a fixed order: the arguments, the device, the ranks, the file, the plan, the
+    buffer, the transform.
     """
     import torch
 
