@@ -393,4 +393,5 @@ def test_a_sharded_split_is_measured_from_every_shard(sample_lmdb, tmp_path, cap
     assert shards <= set(seen)
     # (tiny shard files keep their LMDB meta pages mapped by the reader: a few % stays cached,
     # which the notes say; on a real split that is far below the 1 % the check allows)
-    assert out["stream"]["images"] % out["records"] == 0 and out["stream"]["images"] > 0
+    n, passes = out["records"], out["stream"]["passes"]  # the last pass may stop midway
+    assert passes >= 1 and n * (passes - 1) < out["stream"]["images"] <= n * passes
