@@ -34,7 +34,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -42,7 +41,7 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from slow_disk import run_measurement  # noqa: E402 - one way to run a measurement child
+from slow_disk import _commit, run_measurement  # noqa: E402 - shared with slow_disk
 BATCH = 64
 BUFFER = 1024  # shuffle buffer in records (~90 MB here); it does not change what is read
 TINY = dict(images=96, copies=2, mb_per_s=20.0, workdir="/tmp/imagenet_seq_multi_disk_tiny",
@@ -203,15 +202,6 @@ def measure(name: str, layout: str, disks: int, paths: Dict[str, str], args,
           f"{len(r['devices'])}, disks busy "
           f"{', '.join(f'{u:.0%}' for u in r['utilisation'])}", flush=True)
     return r
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", HERE, "log", "-1", "--format=%h %s"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        out = ""
-    return out[:100] or "unknown"
 
 
 IMAGENET_CHUNK_BYTES = 1024 * 110e3  # ImageNet's chunk: 1024 records of ~110 KB
