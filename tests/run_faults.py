@@ -15,6 +15,18 @@ def _s(self, run):
 cp.RunWriter.start = _s
 """
 
+# Prelude: SIGKILL as pass 2's merge yields its record ``{at}`` (``.format(at=N)``).
+KILL_IN_MERGE = """
+import os, signal, imagenet_seq.convert.passes as cp
+_merge = cp.merge
+def _killing(*a, **k):
+    for i, rec in enumerate(_merge(*a, **k)):
+        if i == {at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield rec
+cp.merge = _killing
+"""
+
 
 def fail_nth_run_write(monkeypatch, n, err, before=None):
     """Make the ``n``-th ``RunBuffer.write`` raise ``err`` (after ``before()``, if given); the

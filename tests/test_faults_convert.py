@@ -26,6 +26,7 @@ import pytest
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.cli import main
 from imagenet_seq.tools.sample import make_sample_imagefolder
+from run_faults import KILL_IN_MERGE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60  # far above any case here (~1 s each): reaching it means a hang
@@ -517,16 +518,7 @@ def test_kill9_in_the_merge_pass_then_resume_is_identical(at, tree, clean, tmp_p
     continues from the per-run offsets of the last commit, record by record as a clean run."""
     root, _ = tree
     out = str(tmp_path / "out")
-    prelude = SMALL_COMMITS + f"""
-import os, signal, imagenet_seq.convert.passes as cp
-_merge = cp.merge
-def _killing(*a, **k):
-    for i, rec in enumerate(_merge(*a, **k)):
-        if i == {at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield rec
-cp.merge = _killing
-"""
+    prelude = SMALL_COMMITS + KILL_IN_MERGE.format(at=at)
     cli([root, out, "--splits", "train", "--workers", "2"], prelude=prelude,
         expect_signal=signal.SIGKILL)
     resume(root, out, workers="2")

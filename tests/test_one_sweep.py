@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import fake_archives as fa
-from run_faults import KILL_IN_READ
+from run_faults import KILL_IN_MERGE, KILL_IN_READ
 from imagenet_seq.convert.cli import main
 from imagenet_seq.convert.report import read_report
 from imagenet_seq.read.reader import SplitReader
@@ -305,16 +305,6 @@ def test_a_changed_archive_is_not_resumed(data, tmp_path):
     assert records(out, "train") == records(data["ref"], "train")
 
 
-KILL_IN_MERGE = """
-import os, signal, imagenet_seq.convert.passes as cp
-_merge = cp.merge
-def _killing(*a, **k):
-    for i, rec in enumerate(_merge(*a, **k)):
-        if i == 9:
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield rec
-cp.merge = _killing
-"""
 
 
 @pytest.mark.parametrize("form", ["imagenet", "wds"])
@@ -325,7 +315,7 @@ def test_kill_during_the_merge_then_resume_equals_a_clean_run(form, data, tmp_pa
         else [data["wds"]]
     clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
     assert run(src + [clean, "--shards", "3"], SMALL).returncode == 0
-    p = run(src + [out, "--shards", "3"], SMALL + KILL_IN_MERGE)
+    p = run(src + [out, "--shards", "3"], SMALL + KILL_IN_MERGE.format(at=9))
     assert p.returncode == -signal.SIGKILL, p.stderr
     p = run(src + [out, "--shards", "3", "--resume"], SMALL)
     assert p.returncode == 0, p.stderr

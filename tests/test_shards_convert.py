@@ -24,7 +24,7 @@ from imagenet_seq.format import offsets
 from imagenet_seq.tools import info
 from imagenet_seq.tools.sample import make_sample_imagefolder
 from imagenet_seq.tools.verify_cli import main as verify_main
-from run_faults import KILL_IN_READ
+from run_faults import KILL_IN_MERGE, KILL_IN_READ
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # a subprocess conversion takes ~2 s here: reaching it means a hang
@@ -280,16 +280,6 @@ def test_a_shard_folder_without_space_is_named_before_reading(tree, tmp_path, mo
 
 # ---------------------------------------------------------------- kill -9, resume
 
-KILL_IN_MERGE = """
-import os, signal, imagenet_seq.convert.passes as cp
-_merge = cp.merge
-def _killing(*a, **k):
-    for i, rec in enumerate(_merge(*a, **k)):
-        if i == {at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield rec
-cp.merge = _killing
-"""
 KILL_AT_RENAME = """
 import os, signal
 _replace, _n = os.replace, [0]
