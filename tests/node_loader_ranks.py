@@ -25,7 +25,6 @@ and every process below it (``--child`` adds a ``sleep`` child without a parent-
 ``--workers process``: decode processes).
 """
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -33,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from node_procs import error_entry, write_progress, write_result
+from node_procs import add_batch, error_entry, new_epoch, write_progress, write_result
 
 
 def _block(how, rank, out, ld, child):
@@ -114,11 +113,9 @@ def main():
         while True:
             for e in epochs:
                 ld.set_epoch(e)
-                got = dict(records=[], targets=[], pixels=[])
+                got = new_epoch()
                 for images, targets in ld:
-                    got["records"].append([int(r) for r in ld.last_batch_records])
-                    got["targets"].append(targets.tolist())
-                    got["pixels"].append(hashlib.sha1(images.numpy().tobytes()).hexdigest())
+                    add_batch(got, ld, images, targets)
                     done += 1
                     write_progress(args.out, done)
                     if args.save_after is not None and out["state"] is None and \

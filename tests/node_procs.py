@@ -4,6 +4,7 @@ scripts tests/node_ranks.py, tests/node_loader_ranks.py (the rank side: results,
 
 Every wait has a limit only so that a hang fails the test (no timing is asserted).
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -166,6 +167,18 @@ class Direct:
 
 
 # ----------------------------------------------------------------------------- the rank side
+def new_epoch() -> dict:
+    """What a rank records of one epoch: :func:`add_batch` fills it."""
+    return dict(records=[], targets=[], pixels=[])
+
+
+def add_batch(got: dict, loader, images, targets) -> None:
+    """One batch into ``got``: its record ids, targets and a digest of its pixels."""
+    got["records"].append([int(r) for r in loader.last_batch_records])
+    got["targets"].append(targets.tolist())
+    got["pixels"].append(hashlib.sha1(images.numpy().tobytes()).hexdigest())
+
+
 def error_entry(e):
     """How a rank reports an error to the test: type, message, when."""
     return dict(type=type(e).__name__, message=str(e), at=time.time())

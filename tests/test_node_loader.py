@@ -29,7 +29,6 @@ def data(tmp_path_factory):
 
 def reference(root, monkeypatch, mode, world, local, rank, epochs, node=True):
     """Batches (records, targets, pixel digests) of one rank, read in this process."""
-    import hashlib
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     monkeypatch.setattr(loader_module, "_node_client", lambda settings, reader: Direct(reader))
     ld = Loader(root, mode, batch_size=4, num_workers=1, worker_type="thread", image_size=16,
@@ -39,11 +38,9 @@ def reference(root, monkeypatch, mode, world, local, rank, epochs, node=True):
     out = {}
     for e in epochs:
         ld.set_epoch(e)
-        got = dict(records=[], targets=[], pixels=[])
+        got = node_procs.new_epoch()
         for images, targets in ld:
-            got["records"].append([int(r) for r in ld.last_batch_records])
-            got["targets"].append(targets.tolist())
-            got["pixels"].append(hashlib.sha1(images.numpy().tobytes()).hexdigest())
+            node_procs.add_batch(got, ld, images, targets)
         out[str(e)] = got
     ld.close()
     return out
