@@ -41,7 +41,9 @@ def sort_key(rel: str, split: str, seed: int) -> bytes:
 
 def write_order(entries: Sequence[Tuple[str, int]], split: str,
                 seed: int) -> List[Tuple[str, int]]:
-    """``entries`` ((relative path, label)) in the order they are written."""
+    """``entries`` ((relative path, label)) in the order they are written: train by
+    :func:`sort_key`, as an archive's records are merged; val by path as ``str`` (the order
+    torchvision's ``ImageFolder`` lists a folder in)."""
     if split == "train":
-        return sorted(entries, key=lambda e: (train_key(e[0], seed), e[0]))
+        return sorted(entries, key=lambda e: sort_key(e[0], split, seed))
     return sorted(entries, key=lambda e: e[0])
