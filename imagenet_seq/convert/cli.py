@@ -21,7 +21,7 @@ from imagenet_seq.convert.shards import check_dirs
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, Options, convert_split
 from imagenet_seq.format.convlock import Busy, ConversionLock
 
-__all__ = ["build_parser", "Terminated", "main"]
+__all__ = ["build_parser", "Terminated", "options", "summary", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +207,9 @@ def _run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from imagenet_seq.convert import dist_cli
+    if dist_cli.is_distributed():  # torchrun: every process converts a part (dist_cli)
+        return dist_cli.run(args, splits)
     # one conversion at a time per output folder, from before its first write to its end
     lock = ConversionLock(args.dst)
     try:
@@ -256,11 +259,7 @@ def _convert(args, splits: List[str]) -> int:
               f"{few[0]}; a shard holds at least one image's place: pass fewer, or convert "
               f"{few[0]} on its own (--splits) with fewer", file=sys.stderr)
         return 2
-    opts = Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
-                   workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
-                   tmp=args.tmp, read_order=args.read_order, read_ahead=args.read_ahead,
-                   shards=args.shards, shard_gb=args.shard_gb,
-                   shard_dirs=tuple(args.shard_dirs))
+    opts = options(args)
     results = []
     for split in splits:
         scan = scans[split]
@@ -312,18 +311,31 @@ def _convert(args, splits: List[str]) -> int:
         res.report = _write_report(args.dst, split, res.skipped)
         results.append(res)
     _remove_old_listings(args.dst)
+    return summary(args, results)
+
+
+def options(args) -> Options:
+    """The conversion's :class:`Options` from the checked arguments."""
+    return Options(seed=args.seed, max_size=args.max_size, quality=args.quality,
+                   workers=args.workers, strict=args.strict, memory=args.memory_mb * 1_000_000,
+                   tmp=args.tmp, read_order=args.read_order, read_ahead=args.read_ahead,
+                   shards=args.shards, shard_gb=args.shard_gb,
+                   shard_dirs=tuple(args.shard_dirs))
+
+
+def summary(args, results, extra: Optional[dict] = None) -> int:
+    """The summary (table or ``--json``; ``extra``: more keys per split) and the exit code."""
     if args.json:
-        print(json.dumps({r.split: {"path": r.path, "images": r.written, "converted": r.converted,
-                                    "skipped": len(r.skipped), "bytes": r.bytes,
-                                    "seconds": round(r.seconds, 3), "report": r.report,
-                                    "already_complete": r.already_complete,
-                                    "read_order": r.read_order, "runs": r.runs,
-                                    "tmp_bytes": r.tmp_bytes, "read_seconds": round(r.read_s, 3),
-                                    "merge_seconds": round(r.merge_s, 3),
-                                    "read_cpu_seconds": round(r.read_cpu_s, 3),
-                                    "merge_cpu_seconds": round(r.merge_cpu_s, 3),
-                                    "manifest": r.manifest, "shards": r.shards}
-                          for r in results}))
+        print(json.dumps({r.split: dict({
+            "path": r.path, "images": r.written, "converted": r.converted,
+            "skipped": len(r.skipped), "bytes": r.bytes, "seconds": round(r.seconds, 3),
+            "report": r.report, "already_complete": r.already_complete,
+            "read_order": r.read_order, "runs": r.runs, "tmp_bytes": r.tmp_bytes,
+            "read_seconds": round(r.read_s, 3), "merge_seconds": round(r.merge_s, 3),
+            "read_cpu_seconds": round(r.read_cpu_s, 3),
+            "merge_cpu_seconds": round(r.merge_cpu_s, 3),
+            "manifest": r.manifest, "shards": r.shards}, **(extra or {}).get(r.split, {}))
+            for r in results}))
     else:
         print(_table(results))
     skipped = sum(len(r.skipped) for r in results)

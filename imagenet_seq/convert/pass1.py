@@ -25,8 +25,13 @@ __all__ = ["Split", "read_pass"]
 class Split:
     """One split's side of pass 1: its .partial's ``env``, progress ``state``, runs."""
 
-    def __init__(self, env, state: dict, run_dir: str, res):
+    def __init__(self, env, state: dict, run_dir: str, res, seq_base: int = 0,
+                 keys: bool = False):
         self.env, self.state, self.run_dir, self.res = env, state, run_dir, res
+        # a distributed conversion (``dist_split``): each process sweeps a part of the
+        # sources; ``seq_base`` puts its records' sequence numbers after the parts before
+        # it (the one-process sweep's order), ``keys`` writes each run's keys file
+        self.seq_base, self.keys = seq_base, keys
         self.start = state["sweep"]["seq"]
         self.txn = None
         self.run = None
@@ -84,6 +89,8 @@ class Split:
     def hand_over(self, last, run_bytes: int) -> None:
         self.finish_write(last)  # one write at a time: the memory bound holds two runs
         self.run.path = os.path.join(self.run_dir, f"run-{len(self.state['runs']):05d}")
+        if self.keys:
+            self.run.keys_path = self.run.path + ".keys"
         self.writing_first = self.run.first
         self.writer.start(self.run)
         self.new_run(run_bytes)
@@ -125,7 +132,7 @@ class Split:
         else:
             row["reason"] = why
         if last_wins:  # rows of one name met twice: the later settles (settle)
-            row["seq"] = seq
+            row["seq"] = self.seq_base + seq
         if not counted:
             row["note"] = True
         if origin != NO_ORIGIN:
@@ -201,7 +208,7 @@ def read_pass(splits: Dict[Optional[str], Split], sweep, opts, progress, start_p
                 run = c.run
                 if run.first is None:
                     run.first = (seq, token)
-                run.add(key_of(c, rel), seq, payload,
+                run.add(key_of(c, rel), c.seq_base + seq, payload,
                         fmt.RECORD_HEADER.pack(label & 0xFFFFFFFF), origin)
                 nbytes = len(payload)
                 run.bytes += nbytes

@@ -29,8 +29,8 @@ from imagenet_seq.convert.source_reader import CHUNK_BYTES, QUEUE_CHUNKS
 __all__ = ["COMMIT_RECORDS", "COMMIT_BYTES", "DEFAULT_MEMORY", "RUN_RECORDS", "MAX_RUNS",
            "ConversionError", "PROCESS_BYTES", "WORKER_BYTES", "PER_IMAGE_BYTES",
            "PER_RECORD_BYTES", "MIN_BUFFER",
-           "fixed_bytes", "buffer_bytes", "prepare_runs",
-           "RunWriter", "merge_pass"]
+           "fixed_bytes", "buffer_bytes", "most_images", "least_memory_mb", "prepare_runs",
+           "RunWriter", "settle_item", "merge_pass"]
 
 COMMIT_RECORDS = 2000
 COMMIT_BYTES = 64 << 20  # dirty pages of one transaction live in memory: bounds RSS
@@ -68,6 +68,18 @@ def fixed_bytes(workers: int, images: int = 0, records: int = 0) -> int:
             + records * PER_RECORD_BYTES)
 
 
+def least_memory_mb(workers: int, images: int = 0, records: int = 0) -> int:
+    """The smallest ``--memory-mb`` for ``workers``, a folder's ``images`` and a shard of
+    ``records``: the fixed part plus the smallest buffer (``MIN_BUFFER``)."""
+    return (fixed_bytes(workers, images, records) + MIN_BUFFER) // 1_000_000 + 1
+
+
+def most_images(memory: int, workers: int) -> int:
+    """The most images a folder's file list may hold within ``memory`` (bytes), beside the
+    fixed part and the smallest buffer; 0 when ``memory`` is below even that."""
+    return max(0, (memory - fixed_bytes(workers) - MIN_BUFFER) // PER_IMAGE_BYTES)
+
+
 def buffer_bytes(memory: int, workers: int, images: int = 0, records: int = 0) -> int:
     """Run buffer (pass 1) = merge read buffers (pass 2): what ``memory`` leaves.
 
@@ -76,21 +88,27 @@ def buffer_bytes(memory: int, workers: int, images: int = 0, records: int = 0) -
     """
     rest = memory - fixed_bytes(workers, images, records)
     if rest < MIN_BUFFER:
-        need = (fixed_bytes(workers, images, records) + MIN_BUFFER) // 1_000_000 + 1
-        raise ValueError(f"--memory-mb {memory // 1_000_000}; expected at least {need} with "
-                         f"--workers {workers}{f' and {images} images' if images else ''} "
-                         f"(processes, queues and file list: "
-                         f"{fixed_bytes(workers, images, records) // 1_000_000} MB)")
+        need = least_memory_mb(workers, images, records)
+        raise ValueError(
+            f"--memory-mb {memory // 1_000_000}; expected at least {need} with "
+            f"--workers {workers}{f' and {images} images' if images else ''} "
+            f"(processes, queues and file list: "
+            f"{fixed_bytes(workers, images, records) // 1_000_000} MB)"
+            + (f"; a folder's file list takes ~{PER_IMAGE_BYTES} bytes per image: pass "
+               f"--memory-mb {need} or more, or convert from a tar of the folder or WebDataset "
+               "shards, which keep no per-image list" if images else ""))
     return rest
 
 
-def prepare_runs(run_dir: str, state: dict, partial: str) -> None:
+def prepare_runs(run_dir: str, state: dict, partial: str, keys: bool = False) -> None:
     """Runs the resume state lists must be whole; any other file in ``run_dir`` is a run
-    written after the last commit (or cut short): deleted, its records are read again."""
+    written after the last commit (or cut short): deleted, its records are read again.
+    ``keys``: the listed runs' keys files (``<run>.keys``, written before the run) are kept."""
     os.makedirs(run_dir, exist_ok=True)
     listed = {name: size for name, _, size in state["runs"]}
     for name in os.listdir(run_dir):
-        if name not in listed:
+        if name not in listed and not (keys and name.endswith(".keys")
+                                       and name[:-len(".keys")] in listed):
             os.remove(os.path.join(run_dir, name))
     for name, size in listed.items():
         path = os.path.join(run_dir, name)
@@ -108,6 +126,7 @@ class _Run(RunBuffer):
     def __init__(self, max_bytes: int, max_records: Optional[int], classes: int):
         super().__init__(max_bytes, max_records)
         self.path: Optional[str] = None  # its file, once handed to the RunWriter
+        self.keys_path: Optional[str] = None  # its keys file too (a distributed conversion)
         self.class_counts = [0] * classes
         self.bytes = self.converted = 0
 
@@ -138,7 +157,7 @@ class RunWriter:
 
         def write():
             try:
-                self._out.append((run, None, run.write(run.path)))
+                self._out.append((run, None, run.write(run.path, run.keys_path)))
             except BaseException as e:  # OSError (full disk), MemoryError: the caller's
                 self._out.append(e)
             # the records were allocated by the reader's and the main thread (their malloc
@@ -166,8 +185,25 @@ class RunWriter:
         return got
 
 
+def settle_item(decide, key: bytes, seq: int, origin: int, raw: int, replaced: bool,
+                before: list) -> tuple:
+    """One merged item's fate (``decide``: ``settle.decider``): (label to store or None,
+    its report row or None). ``before``: [key, origin] of the item merged just before,
+    updated here (a name met twice: the two are merged one after the other)."""
+    rel = key[8:].decode("utf-8", "surrogateescape")  # write_order.sort_key
+    label, why = decide(rel, raw, seq, origin, replaced,
+                        before[1] if before[0] == key else None)
+    before[:] = [key, origin]
+    if why is None:
+        return label, None
+    row = {"path": rel, "reason": why, "seq": seq, "note": True}
+    if label is not None:  # stored: a marker that earlier rows were replaced
+        row["marker"] = True
+    return label, row
+
+
 def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int,
-               decide, records: int = 0) -> None:
+               decide, records: int = 0, stop: Optional[int] = None) -> None:
     """Pass 2: the runs merged by (key, sequence) into the shards, one after the other; the
     merge order is the record index.
 
@@ -182,11 +218,13 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
     ``sink.env``; the first one past it ends that shard (the next shard's ``.partial`` made
     first, then this shard's final transaction, then ``seal``). Every commit stores the
     runs' offsets with its records (a resume continues from them). ``records``: the most
-    records of one shard (their labels are held: ``PER_RECORD_BYTES`` each)."""
+    records of one shard (their labels are held: ``PER_RECORD_BYTES`` each). ``stop``: the
+    merge position to end at (a distributed conversion writes one shard: ``dist_split``);
+    the runs' offsets in ``state`` then start at that shard's first item."""
     state["phase"] = "merge"
     state.setdefault("offsets", [0] * len(state["runs"]))
     state.setdefault("merged", state.get("written", 0))
-    total = sum(r[1] for r in state["runs"])
+    total = sum(r[1] for r in state["runs"]) if stop is None else stop
     if start_progress:
         start_progress(total, state["merged"], "merge")
     crcs = checksums.Log(sink.local(state["written"]))  # records before it: committed
@@ -218,27 +256,23 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
             txn = sink.env.begin(write=True)
             pending_n = pending_b = 0
 
+    items = merge(paths, state["offsets"], merge_bytes)
     try:
-        for key, seq, origin, payload, i, after, replaced in merge(
-                paths, state["offsets"], merge_bytes):
+        for key, seq, origin, payload, i, after, replaced in items:
+            if stop is not None and state["merged"] >= stop:
+                break  # the next shard's first item
             while state["merged"] >= sink.end:  # a shard whose images were all dropped: empty
                 payload = bytes(payload)  # one record's copy: its read buffer outlives nothing
                 end_shard()
             state["merged"] += 1
             state["offsets"][i] = after
-            rel = key[8:].decode("utf-8", "surrogateescape")  # write_order.sort_key
             (raw,) = fmt.RECORD_HEADER.unpack_from(payload, 0)
-            label, why = decide(rel, raw, seq, origin, replaced,
-                                before[1] if before[0] == key else None)
-            before[:] = [key, origin]
+            label, row = settle_item(decide, key, seq, origin, raw, replaced, before)
             state["last_merged"] = [key.hex(), origin]
-            if why is not None:
-                row = {"path": rel, "reason": why, "seq": seq, "note": True}
-                if label is not None:  # stored: a marker that earlier rows were replaced
-                    row["marker"], why = True, None
+            if row is not None:
                 txn.put(fmt.skip_key(state["skipped"]), json.dumps(row).encode())
                 state["skipped"] += 1
-            if why is not None:
+            if label is None:
                 nbytes = 0
             else:
                 if label != raw:  # settled here (a tar's classes): the header rewritten
@@ -274,5 +308,6 @@ def merge_pass(sink, state, run_dir, opts, progress, start_progress, images: int
                               f"{sink.layout.partial(sink.index)} were changed; pass "
                               "--overwrite to start over") from None
     finally:
+        items.close()
         if txn is not None:
             txn.abort()

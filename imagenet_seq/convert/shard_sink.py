@@ -100,8 +100,9 @@ class ShardSink:
     """
 
     def __init__(self, layout: Layout, env, ino: int, state: dict, classes: List[str],
-                 options: dict):
+                 options: dict, alone: bool = False):
         self.layout, self.env, self.ino, self.state = layout, env, ino, state
+        self.alone = alone  # one shard written on its own (a distributed conversion)
         self.classes, self.options = classes, options
         self.labels = array.array("I")  # of the shard's records so far (4 bytes each)
         self._next: Optional[tuple] = None
@@ -129,7 +130,7 @@ class ShardSink:
 
     @property
     def last(self) -> bool:
-        return self.index == self.layout.count - 1
+        return self.alone or self.index == self.layout.count - 1
 
     def local(self, written: int) -> int:
         """The shard's own record number of the split's record ``written``."""

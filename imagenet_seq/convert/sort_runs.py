@@ -28,7 +28,8 @@ import struct
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 __all__ = ["HEAD", "NO_ORIGIN", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER",
-           "WRITE_BUFFER", "WRITE_IOVECS", "RunBuffer", "RunReader", "read_buffer", "merge"]
+           "WRITE_BUFFER", "WRITE_IOVECS", "RunBuffer", "RunReader", "KeysReader",
+           "read_buffer", "merge"]
 
 HEAD = struct.Struct("<QQHI")
 NO_ORIGIN = (1 << 64) - 1
@@ -62,8 +63,10 @@ class RunBuffer:
         return self.nbytes >= self.max_bytes or (
             self.max_records is not None and len(self.items) >= self.max_records)
 
-    def write(self, path: str) -> Tuple[int, int]:
-        """Sort, write to ``path`` (a new file), fsync; (records, bytes). Empties the buffer
+    def write(self, path: str, keys_path: Optional[str] = None) -> Tuple[int, int]:
+        """Sort, write to ``path`` (a new file), fsync; (records, bytes). With ``keys_path``
+        also the run's keys file (:class:`KeysReader`: each record's head, key and label
+        header, no image bytes), fsync'd before the run. Empties the buffer
         as it goes: each batch's records are released once written and ``nbytes`` drops, so
         a run filled meanwhile (in another thread) can use the memory they held.
 
@@ -74,6 +77,8 @@ class RunBuffer:
         items = self.items
         items.sort(key=lambda it: (it[0], it[1]))
         size = 0
+        if keys_path is not None:
+            _write_keys(keys_path, items)
         with open(path, "wb", buffering=0) as f:
             batch: List[bytes] = []
             batch_bytes = first = 0
@@ -94,6 +99,41 @@ class RunBuffer:
         n = len(items)
         self.items, self.nbytes = [], 0
         return n, size
+
+
+def _write_keys(path: str, items) -> None:
+    """The keys file of sorted ``items``: ``[HEAD][key][4-byte label header]`` per record,
+    HEAD's length the record's length in the run (so offsets in the run can be summed)."""
+    with open(path, "wb") as f:
+        for key, seq, origin, prefix, payload in items:
+            f.write(HEAD.pack(seq, origin, len(key), len(prefix) + len(payload)) + key
+                    + prefix[:4])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class KeysReader:
+    """A run's keys file (``RunBuffer.write(keys_path=)``), buffered: (key, sequence, origin,
+    label header, the record's bytes in the run) per record, in the run's order."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = open(path, "rb", buffering=1 << 18)
+
+    def next(self) -> Optional[Tuple[bytes, int, int, bytes, int]]:
+        head = self.f.read(HEAD.size)
+        if not head:
+            return None
+        if len(head) < HEAD.size:
+            raise ValueError(f"{self.path} ends inside a record header")
+        seq, origin, k, n = HEAD.unpack(head)
+        rest = self.f.read(k + 4)
+        if len(rest) < k + 4:
+            raise ValueError(f"{self.path} ends inside a record's key")
+        return rest[:k], seq, origin, rest[k:], HEAD.size + k + n
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def _write_all(fd: int, parts: List[bytes], total: int) -> int:

@@ -14,6 +14,7 @@ of the group's first header): ``--resume`` reads from the group the last commit 
 """
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 from typing import List, Optional
@@ -44,9 +45,20 @@ class WdsSweep:
         self.total = None
         self.how = "shards:given"
         self.last_wins = False  # the first record of a name is stored (wds_source)
+        self.lo, self.hi = 0, len(shards)  # the shards this sweep reads (:meth:`part`)
 
     def identity(self) -> str:
+        if (self.lo, self.hi) != (0, len(self.shards)):
+            return repr(["wds", self._stamp[self.lo:self.hi], self.fixed, self.lo])
         return repr(["wds", self._stamp, self.fixed])
+
+    def part(self, lo: int, hi: int) -> "WdsSweep":
+        """The same sweep over shards ``lo .. hi - 1`` only (a distributed conversion's part:
+        ``dist_parts``); records keep the shard's index in the whole list as their origin."""
+        out = copy.copy(self)
+        out.lo, out.hi = lo, hi
+        out.source_bytes = sum(st[1] for st in self._stamp[lo:hi])
+        return out
 
     def describe(self, rel: str) -> str:
         if not rel:
@@ -84,7 +96,7 @@ class WdsSweep:
     def _items(self, cursor: dict):
         token = cursor.get("token")
         st = {"seq": token[0] if token else 0, "top": -1, "names": {}}
-        for k in range(token[1] if token else 0, len(self.shards)):
+        for k in range(token[1] if token else self.lo, self.hi):
             at = token[2] if token and k == token[1] else None
             yield from self._shard(k, at, st)
 
