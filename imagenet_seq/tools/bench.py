@@ -261,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N ranks on this machine: compare per-rank readers with the node reader "
                         "(raw records, N processes; the pipeline is not measured)")
     p.add_argument("--skip-pipeline", action="store_true", help="measure raw streaming only")
+    p.add_argument("--advise", action="store_true",
+                   help="measure disk, CPU and a sample's sizes (about a minute), predict "
+                        "the hours of each choice (as is / --max-size 500, 400, 320; "
+                        "workers; ranks) and recommend one (see --world-size, --source)")
+    p.add_argument("--world-size", type=int, default=1, metavar="W",
+                   help="with --advise: predict ranks 1..W of one machine on this disk")
+    p.add_argument("--source", metavar="DIR",
+                   help="with --advise: the ImageNet folder to convert from; its read rate "
+                        "gives conversion hours")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true")
@@ -378,6 +387,8 @@ def _finite(obj):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.advise:
+        return _advise(args)
     try:
         result = run(args)
     except BenchError as e:
@@ -392,6 +403,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.json:
             print(f"plot: {args.plot}")
     return 130 if result.get("interrupted") else 0
+
+
+def _advise(args: argparse.Namespace) -> int:
+    """``--advise``: :mod:`.advise` measures and predicts, :mod:`.advise_report` prints."""
+    from imagenet_seq.tools.advise import run_advise
+    from imagenet_seq.tools.advise_report import format_advice, write_advice_plot
+
+    try:
+        _check(args)
+        result = run_advise(args)
+    except BenchError as e:
+        print(f"imagenet-seq-bench: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(_finite(result), indent=1) if args.json else format_advice(result))
+    if args.plot:
+        write_advice_plot(result, args.plot)
+        if not args.json:
+            print(f"plot: {args.plot}")
+    return 0
 
 
 if __name__ == "__main__":
