@@ -110,10 +110,16 @@ def run(args, splits: List[str]) -> int:
              "--resume to continue")
         code = 1
     except KeyboardInterrupt as e:
-        job.fail(_stopped(e))
-        _say(f"\n{_stopped(e)}; the finished part is kept in {args.dst}: run the same command "
-             "with --resume to continue")
-        code = _status(e)
+        other = job.error()  # torchrun stops the others when one rank fails: say why
+        if other is not None and not other.startswith(f"rank {job.rank} ("):
+            _say(f"\nerror: stopped because {other}; what every process committed is kept: "
+                 "run the same command with --resume to continue")
+            code = 1
+        else:
+            job.fail(_stopped(e))
+            _say(f"\n{_stopped(e)}; the finished part is kept in {args.dst}: run the same "
+                 "command with --resume to continue")
+            code = _status(e)
     except (ConversionError, ScanError, ValueError, ImportError, Busy) as e:
         job.fail(str(e))
         _say(f"\nerror: rank {job.rank}: {e}")
