@@ -33,7 +33,7 @@ from imagenet_seq.convert.devkit import read_devkit
 from imagenet_seq.convert.tar_sweep import ArchiveSweep
 from imagenet_seq.convert.tree_tar_sweep import TreeTarSweep
 from imagenet_seq.convert.wds_sweep import WdsSweep
-from imagenet_seq.convert.scan import (Scan, ScanError, find_classes, is_image,
+from imagenet_seq.convert.scan import (Scan, ScanError, ScanLimit, find_classes, is_image,
                                        read_val_labels, scan_split)
 from imagenet_seq.convert.wds_names import SPLIT_WORDS, expand_braces, read_classes, split_of
 
@@ -175,11 +175,13 @@ def _is_wds(srcs: List[str]) -> bool:
 
 def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None,
             devkit: Optional[str] = None, cache_dir: Optional[str] = None,
-            classes: Optional[str] = None) -> Inputs:
+            classes: Optional[str] = None, limit: Optional[ScanLimit] = None) -> Inputs:
     """Scans of ``splits`` from the sources given on the command line. ``cache_dir``: the
     output folder, where a converted train split gives ImageNet's classes to a val-only
     conversion without the devkit (:func:`_train_classes`; else the train archive is listed).
     ``classes``: ``--classes FILE``, the class names of WebDataset shards' labels.
+    ``limit``: the conversion's memory bound for a folder's file lists (``scan.ScanLimit``:
+    the scan stops, naming the ways out, before they outgrow it); archives keep none.
 
     Raises:
         ScanError: a missing/unknown input, a damaged archive, images without labels..., the
@@ -199,7 +201,8 @@ def resolve(srcs: List[str], splits: List[str], val_labels: Optional[str] = None
             raise ScanError("--devkit labels ImageNet's flat val archive; for a folder tree "
                             "pass --val-labels FILE for a flat val/ folder")
         classes = find_classes(os.path.join(srcs[0], "train"))
-        return Inputs(srcs[0], {s: scan_split(srcs[0], s, classes, val_labels) for s in splits})
+        return Inputs(srcs[0], {s: scan_split(srcs[0], s, classes, val_labels, limit)
+                                for s in splits})
     srcs, devkit = (shards, devkit) if shards else _expand(srcs, devkit)
     if shards or _is_wds(srcs):
         if devkit is not None or val_labels is not None:

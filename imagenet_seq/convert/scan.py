@@ -2,6 +2,13 @@
 
 Class indices are the sorted class folder names of ``train/``: the indices torchvision's
 ``ImageFolder`` gives, so pretrained-model outputs line up.
+
+Memory: a folder's scan is a list in memory, ~``passes.PER_IMAGE_BYTES`` (600 bytes) per
+file, held for the whole conversion (its read order and the reader's items come from it);
+an archive keeps no such list (it is read in one sweep). With a :class:`ScanLimit` (the
+conversion's ``--memory-mb`` and ``--workers``) a scan stops, before the list outgrows what
+the bound leaves beside the processes and the smallest run buffer, with a ScanError naming
+the files found so far and the ways out.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 from imagenet_seq.convert.images import IMAGE_EXTENSIONS
 
-__all__ = ["ScanError", "Scan", "is_image", "not_image_reason", "not_a_file_reason",
+__all__ = ["ScanError", "Scan", "ScanLimit", "is_image", "not_image_reason", "not_a_file_reason",
            "stat_or_reason", "find_classes", "scan_class_folders", "read_val_labels",
            "scan_flat_val", "scan_split"]
 
@@ -36,6 +43,48 @@ class Scan:
 
     def inode_size(self, rel: str) -> Tuple[int, int]:
         return self.stats.get(rel, (0, 0))
+
+
+class ScanLimit:
+    """How many files the scans of one conversion may list within ``memory`` bytes
+    (``--memory-mb``) with ``workers`` worker processes: ``passes.most_images``. Shared by
+    the scans of every split (train's list is still held while val is scanned).
+
+    Raises (:meth:`check`): ScanError naming the files found so far, the ``--memory-mb``
+    they alone need (more as the scan would go on) and the ways out."""
+
+    def __init__(self, memory: int, workers: int):
+        from imagenet_seq.convert import passes  # not at import: passes' modules import this one
+
+        self.memory, self.workers = memory, workers
+        self.most = passes.most_images(memory, workers)
+        self.listed = 0  # files of the scans finished with this limit
+
+    def room(self) -> int:
+        """Files the next scan may list."""
+        return self.most - self.listed
+
+    def add(self, files: int) -> None:
+        """A scan is finished: its ``files`` are held from now on."""
+        self.listed += files
+
+    def refuse(self, folder: str, found: int) -> "ScanError":
+        """The error for a scan of ``folder`` that found ``found`` files past :meth:`room`."""
+        from imagenet_seq.convert import passes
+
+        n = self.listed + found
+        need = passes.least_memory_mb(self.workers, n)
+        root = os.path.dirname(os.path.abspath(folder))
+        return ScanError(
+            f"{folder}: the scan stopped at {n:,} files listed: a folder's file list takes "
+            f"~{passes.PER_IMAGE_BYTES} bytes per image for the whole conversion, and "
+            f"--memory-mb {self.memory // 1_000_000} with --workers {self.workers} leaves "
+            f"room for {max(0, self.most):,} beside the processes and the smallest run "
+            f"buffer. The {n:,} files found so far need --memory-mb {need} or more, and that "
+            f"grows by ~{passes.PER_IMAGE_BYTES} MB per million images as the folder holds "
+            "more. Pass a larger --memory-mb, or convert from a tar of the tree (tar -cf "
+            f"data.tar -C {root} train val) or from WebDataset shards: an archive is read in "
+            "one sweep and keeps no per-image list")
 
 
 def is_image(path: str) -> bool:
@@ -109,9 +158,11 @@ class _Walk:
     folder is where its images are.
     """
 
-    def __init__(self, split_dir: str):
+    def __init__(self, split_dir: str, limit: Optional[ScanLimit] = None):
         st = os.stat(split_dir)
         self.split_dir = split_dir
+        self.limit = limit
+        self.room = limit.room() if limit is not None else None
         self.walked: Dict[tuple, str] = {_key(st): ""}  # folder -> rel where it was walked
         self.top = frozenset({_key(st)})
         # (through a link, rel, st_dev, (st_ino, st_size) or None, resolved path if through
@@ -217,12 +268,16 @@ class _Walk:
                 os.path.join(real, e.name) if linked else None
             self.found.append((linked or link, r, st.st_dev if st else 0,
                                (st.st_ino, st.st_size) if st else None, where))
+            if self.room is not None and len(self.found) > self.room:
+                raise self.limit.refuse(self.split_dir, len(self.found))
 
 
 def _split_images(walk: _Walk, stats):
     """(image paths, (path, reason) of the rest) of a finished walk, relative to the split
     folder; ``stats`` receives (inode, size) per image."""
     files, bad = walk.finish()
+    if walk.limit is not None:
+        walk.limit.add(len(files))
     images, others = [], list(bad)
     for f, inode_size in sorted(files.items()):
         if is_image(f):
@@ -246,8 +301,10 @@ def find_classes(train_dir: str) -> List[str]:
     return classes
 
 
-def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
-    """``split_dir/<class>/...`` with the given class list (train's)."""
+def scan_class_folders(split_dir: str, classes: List[str],
+                       limit: Optional[ScanLimit] = None) -> Scan:
+    """``split_dir/<class>/...`` with the given class list (train's); ``limit``: stop
+    once the files listed pass what the memory bound leaves (:class:`ScanLimit`)."""
     index = {c: i for i, c in enumerate(classes)}
     present = sorted(e.name for e in os.scandir(split_dir) if _is_dir(e) and
                      not e.name.startswith("."))
@@ -255,7 +312,7 @@ def scan_class_folders(split_dir: str, classes: List[str]) -> Scan:
     if unknown:
         raise ScanError(f"{split_dir} has class folders not in train: {unknown[:5]}; "
                         "every val class must also be a train class")
-    walk = _Walk(split_dir)
+    walk = _Walk(split_dir, limit)
     for c in present:
         walk.root(c)
     stats: Dict[str, Tuple[int, int]] = {}
@@ -309,13 +366,14 @@ def read_val_labels(path: str) -> Dict[str, str]:
     return out
 
 
-def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) -> Scan:
+def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str],
+                  limit: Optional[ScanLimit] = None) -> Scan:
     if labels_file is None:
         raise ScanError(f"{val_dir} has no class folders (flat layout); pass --val-labels FILE "
                         "('<filename> <class>' lines or Kaggle's LOC_val_solution.csv)")
     labels = read_val_labels(labels_file)
     index = {c: i for i, c in enumerate(classes)}
-    walk = _Walk(val_dir)
+    walk = _Walk(val_dir, limit)
     walk.root("")
     stats: Dict[str, Tuple[int, int]] = {}
     images, not_images = _split_images(walk, stats)
@@ -335,13 +393,17 @@ def scan_flat_val(val_dir: str, classes: List[str], labels_file: Optional[str]) 
     return Scan(classes, entries, not_images, stats)
 
 
-def scan_split(root: str, split: str, classes: List[str], val_labels: Optional[str] = None) -> Scan:
+def scan_split(root: str, split: str, classes: List[str], val_labels: Optional[str] = None,
+               limit: Optional[ScanLimit] = None) -> Scan:
+    """``root/split`` scanned (class folders, or a flat val folder with ``val_labels``);
+    ``limit``: the conversion's memory bound for the file lists (:class:`ScanLimit`, one for
+    all splits), None for no limit."""
     split_dir = os.path.join(root, split)
     if split == "train":
-        return scan_class_folders(split_dir, classes)
+        return scan_class_folders(split_dir, classes, limit)
     if not os.path.isdir(split_dir):
         raise ScanError(f"{split_dir} does not exist; add it or pass --splits train")
     has_dirs = any(_is_dir(e) and not e.name.startswith(".") for e in os.scandir(split_dir))
     if has_dirs:
-        return scan_class_folders(split_dir, classes)
-    return scan_flat_val(split_dir, classes, val_labels)
+        return scan_class_folders(split_dir, classes, limit)
+    return scan_flat_val(split_dir, classes, val_labels, limit)
