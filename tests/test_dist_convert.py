@@ -228,3 +228,35 @@ def test_rank_that_stops_answering_stops_the_others(tree, runner, tmp_path):
     assert rc == 1, err[-3000:]
     assert "rank 1 stopped answering" in err, err[-3000:]
     assert waited < 60
+
+
+def test_ranks_that_see_other_sources_are_refused(tree, runner, tmp_path):
+    """Rank 1 given a copy of the tree with one file less (a node mounting other data):
+    refused before anything is converted, naming the rank."""
+    root, _ = tree
+    other = str(tmp_path / "other")
+    shutil.copytree(root, other)
+    cls = sorted(os.listdir(os.path.join(other, "train")))[0]
+    os.remove(os.path.join(other, "train", cls, sorted(os.listdir(
+        os.path.join(other, "train", cls)))[0]))
+    out = str(tmp_path / "out")
+    port = _free_port()
+    procs = []
+    for r, src in enumerate((root, other)):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                   LOCAL_RANK=str(r), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, runner, src, out, "--splits", "train", "--workers", "0",
+             "--no-progress"], env=env, stderr=subprocess.PIPE, text=True))
+    try:
+        rcs = [p.wait(timeout=120) for p in procs]
+        errs = [p.stderr.read() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(rc != 0 for rc in rcs), errs
+    assert "rank 1 sees other sources" in errs[1], errs[1][-3000:]
+    assert "stopped because rank 1" in errs[0], errs[0][-3000:]
+    assert not [n for n in os.listdir(out) if n.endswith(".lmdb")]

@@ -126,8 +126,14 @@ def convert_split_dist(job, src_root: str, out_dir: str, split: str, scan, opts:
     if job.rank == 0:
         status = _start(job, layout, tmp, fp, overwrite, resume)
         job.store.set(f"imagenet_seq/{split}/status", status)
+        job.store.set(f"imagenet_seq/{split}/fingerprint", fp)
     job.barrier(f"{split}/start")
     status = job.store.get(f"imagenet_seq/{split}/status").decode()
+    if job.store.get(f"imagenet_seq/{split}/fingerprint").decode() != fp:
+        raise ConversionError(
+            f"rank {job.rank} sees other sources, options or shard folders for {split} than "
+            f"rank 0 ({parts[job.rank].what} in its part): every process must see the same "
+            "files (one shared folder, mounted alike on every node) and run the same command")
     if status == "complete":
         return _kept(layout, split, opts) if job.rank == 0 else None
 
