@@ -15,7 +15,9 @@ ImageNet-21k's 21,841), written by a streaming writer that keeps no member list:
   * ``--form tar``: one tar of a tree, ``train/<wnid>/<wnid>_<k>.JPEG`` class after class
     (as an extracted ImageNet re-tarred), converted with ``--splits train``;
   * ``--form wds``: WebDataset shards ``synth-train-NNNNNN.tar`` of ``--shard-images`` groups
-    ``<wnid>_<k>.jpg`` + ``<wnid>_<k>.cls``, classes interleaved (as timm's shuffled shards).
+    ``<wnid>_<k>.jpg`` + ``<wnid>_<k>.cls``, classes interleaved (as timm's shuffled shards);
+  * ``--form folder``: the tree itself, one file per image (a 4 KiB block each on most file
+    systems: for a few hundred thousand images, to see what a folder's scan adds per image).
 
 Each ``--memory-mb`` value is one run of the real CLI (``preprocess_sequential.py SRC DST
 --splits train --memory-mb M --workers W --json``). Every ``--interval`` seconds the sampler
@@ -157,8 +159,23 @@ def make_wds(folder: str, images: int, classes: int, pool: List[bytes],
     return shards
 
 
+def make_folder(folder: str, images: int, classes: int, pool: List[bytes]) -> str:
+    root = os.path.join(folder, "tree")
+    i = 0
+    for wnid, n in zip(class_names(classes), per_class(images, classes)):
+        d = os.path.join(root, "train", wnid)
+        os.makedirs(d)
+        for k in range(n):
+            with open(os.path.join(d, f"{wnid}_{k}.JPEG"), "wb") as f:
+                f.write(pool[i % len(pool)])
+            i += 1
+    return root
+
+
 def data_bytes(form: str, images: int, pool: List[bytes]) -> int:
-    """Bytes the data will take (tar headers and padding included)."""
+    """Bytes the data will take (tar headers and padding included; a file: one 4 KiB block)."""
+    if form == "folder":
+        return images * 4096
     mean = sum(BLOCK + -(-len(p) // BLOCK) * BLOCK for p in pool) / len(pool)
     return int(images * (mean + (2 * BLOCK if form == "wds" else 0)))
 
@@ -169,7 +186,7 @@ def ensure_data(workdir: str, form: str, images: int, classes: int, shard_images
     stamp = os.path.join(folder, "made.json")
     want = {"form": form, "images": images, "classes": classes, "pool": [POOL, "optimized"],
             "shard_images": shard_images if form == "wds" else None}
-    src = os.path.join(folder, "synth.tar" if form == "tar" else "shards")
+    src = os.path.join(folder, {"tar": "synth.tar", "wds": "shards", "folder": "tree"}[form])
     if os.path.exists(stamp):
         with open(stamp) as f:
             if json.load(f) == want:
@@ -189,6 +206,8 @@ def ensure_data(workdir: str, form: str, images: int, classes: int, shard_images
           f"in {folder}", flush=True)
     if form == "tar":
         make_tar(folder, images, classes, pool)
+    elif form == "folder":
+        make_folder(folder, images, classes, pool)
     else:
         make_wds(folder, images, classes, pool, shard_images)
     os.sync()
@@ -402,7 +421,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=14_000_000)
     p.add_argument("--classes", type=int, default=None,
                    help=f"default: 1,000 up to {IMAGENET_1K:,} images, else {CLASSES_21K:,}")
-    p.add_argument("--form", choices=["tar", "wds"], default="tar")
+    p.add_argument("--form", choices=["tar", "wds", "folder"], default="tar")
     p.add_argument("--shard-images", type=int, default=10_000, help="wds: images per shard")
     p.add_argument("--memory-mb", default="2000,1000", help="comma-separated; a run each")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)

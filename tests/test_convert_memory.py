@@ -166,7 +166,7 @@ def test_the_cli_converts_a_folder_the_limit_allows(tmp_path):
 
 # -- the benchmark ---------------------------------------------------------------------------
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("form", ["tar", "wds"])
+@pytest.mark.parametrize("form", ["tar", "wds", "folder"])
 def test_the_benchmark_reports_peaks_per_pass(form, tmp_path):
     """A tiny run of benchmarks/convert_memory.py: its JSON rows and markdown table (no
     figures checked: they depend on the machine)."""
