@@ -33,12 +33,12 @@ def fail_nth_run_write(monkeypatch, n, err, before=None):
     others write. Returns the list of run paths written or tried, in call order."""
     real, calls = sort_runs.RunBuffer.write, []
 
-    def write(self, path):
+    def write(self, path, *rest):
         calls.append(path)
         if len(calls) == n:
             if before is not None:
                 before()
             raise err
-        return real(self, path)
+        return real(self, path, *rest)
     monkeypatch.setattr(sort_runs.RunBuffer, "write", write)
     return calls

@@ -157,7 +157,8 @@ class RunWriter:
 
         def write():
             try:
-                self._out.append((run, None, run.write(run.path, run.keys_path)))
+                self._out.append((run, None, run.write(run.path) if run.keys_path is None
+                                  else run.write(run.path, run.keys_path)))
             except BaseException as e:  # OSError (full disk), MemoryError: the caller's
                 self._out.append(e)
             # the records were allocated by the reader's and the main thread (their malloc
