@@ -45,6 +45,7 @@ from imagenet_seq.convert.prepare import _shard_count
 from imagenet_seq.convert.resume import existing, open_partial
 from imagenet_seq.convert.settle import decider, settle_skips
 from imagenet_seq.convert.shard_sink import ShardSink, finish_split, seal, skips
+from imagenet_seq.convert.space import outputs, shard_estimates, space_check
 from imagenet_seq.convert.write_order import ORDER_VERSION, sort_key
 from imagenet_seq.convert.writer import _folder_keys
 from imagenet_seq.format import offsets
@@ -125,6 +126,11 @@ def convert_split_dist(job, src_root: str, out_dir: str, split: str, scan, opts:
     # 1. start
     if job.rank == 0:
         status = _start(job, layout, tmp, fp, overwrite, resume)
+        if status == "go":  # the space the whole job needs, in the shared folders
+            per = shard_estimates(src_bytes, images, count)
+            fresh = {"runs": [], "phase": "read", "shard": {"bytes": 0}}
+            space_check(src_bytes, sum(per), fresh, tmp, outputs(layout, per, fresh, 0),
+                        split, images or 0, opts.memory, opts.workers, notice)
         job.store.set(f"imagenet_seq/{split}/status", status)
         job.store.set(f"imagenet_seq/{split}/fingerprint", fp)
     job.barrier(f"{split}/start")

@@ -23,9 +23,8 @@ from imagenet_seq.convert.passes import ConversionError, prepare_runs
 from imagenet_seq.convert.resume import existing, fresh_state, open_partial, resume_point
 from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.shard_sink import finish_split
-from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
 from imagenet_seq.convert.source_reader import FolderSource
-from imagenet_seq.convert.space import outputs, space_check
+from imagenet_seq.convert.space import outputs, shard_estimates, space_check
 from imagenet_seq.convert.sweep import FolderSweep
 from imagenet_seq.convert.write_order import ORDER_VERSION
 from imagenet_seq.format.lmdbdir import in_place_of_output
@@ -162,9 +161,7 @@ def prepare(src_root: str, out_dir: str, split: str, scan: Scan, opts: Options,
         res.resumed_at = state["written"] if state["phase"] == "merge" else \
             state["sweep"]["seq"]
         os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-        n_est = images if images is not None else max(1, src_bytes // 100_000)
-        per = [src_bytes * n // max(1, n_est) + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
-               for _, n in mf.shard_ranges(n_est, layout.count)]
+        per = shard_estimates(src_bytes, images, layout.count)
         space_check(src_bytes, sum(per), state, run_dir, outputs(layout, per, state, o.j),
                     split, images if images is not None else 0, opts.memory, opts.workers,
                     notice)

@@ -14,23 +14,11 @@ from typing import List, Optional, Tuple
 from imagenet_seq import format as fmt
 from imagenet_seq.convert import passes  # its MAX_RUNS and buffer_bytes (tests patch them)
 from imagenet_seq.convert.passes import ConversionError
-from imagenet_seq.convert.scan import Scan
 from imagenet_seq.convert.shards import Layout
 from imagenet_seq.convert.sort_runs import HEAD as RUN_HEAD
+from imagenet_seq.format import manifest as mf
 
-__all__ = ["estimate", "outputs", "space_check"]
-
-
-def estimate(scan: Scan, plan, ranges) -> Tuple[int, List[int]]:
-    """The split's source bytes, and the estimated bytes of each range of plan positions
-    (``(first, count)``): sources plus record and run headers, what the runs and the output
-    hold of them (re-encoded images and LMDB's pages aside)."""
-    src, per = 0, []
-    for first, n in ranges:
-        s = sum(scan.inode_size(plan[p][0])[1] for p in range(first, first + n))
-        src += s
-        per.append(s + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size))
-    return src, per
+__all__ = ["outputs", "space_check", "shard_estimates"]
 
 
 def space_check(src: int, est: int, state, run_dir: str,
@@ -122,3 +110,11 @@ def outputs(layout: Layout, per: List[int], state: dict, j: int):
     return [(folder, need, None if layout.count == 1 else
              f"shard{'s' if len(idx) > 1 else ''} {', '.join(idx)} of {layout.count}")
             for folder, (need, idx) in by_folder.items()]
+
+
+def shard_estimates(src_bytes: int, images: Optional[int], count: int) -> List[int]:
+    """Each shard's estimated bytes (records and their headers) from the sources' bytes and
+    the image count (``None``: an archive's, estimated at ~100 KB per image)."""
+    n_est = images if images is not None else max(1, src_bytes // 100_000)
+    return [src_bytes * n // max(1, n_est) + n * (RUN_HEAD.size + fmt.RECORD_HEADER.size)
+            for _, n in mf.shard_ranges(n_est, count)]
