@@ -104,7 +104,7 @@ def test_output_is_the_one_process_conversion(tree, runner, tmp_path, n):
     assert summary["train"]["images"] == len(contents(ref, "train")["records"])
     if n > 1:  # per-rank figures: every rank's merge, on rank 0
         assert len(summary["train"]["ranks"]) == n
-        assert sum(r["images"] for r in summary["train"]["ranks"]) >= \
+        assert sum(r["merge"]["images"] for r in summary["train"]["ranks"]) >= \
             summary["train"]["images"]
         assert "processes, each reading one part" in got.stderr
 

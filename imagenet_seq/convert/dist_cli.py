@@ -65,6 +65,12 @@ class _Bar:
             self.bar = None
 
 
+def _rank_row(counts: dict) -> dict:
+    """One rank's figures for ``--json``: per pass, images, bytes, seconds."""
+    return {"rank": counts.get("rank"), "host": counts.get("host"),
+            **{p: counts.get("passes", {}).get(p) for p in ("read", "merge")}}
+
+
 def run(args, splits: List[str]) -> int:
     """The converter's CLI on one rank of a torchrun job (``cli._run`` sends it here)."""
     from imagenet_seq.convert.cli import _stopped, _status, _write_report, options, summary
@@ -99,8 +105,8 @@ def run(args, splits: List[str]) -> int:
             if job.rank == 0 and res is not None:
                 if bar is not None:
                     bar.close()
-                ranks[split] = {"ranks": [json.loads(job.store.get(
-                    f"imagenet_seq/{split}/ranks/{r}")) for r in range(job.world)]}
+                ranks[split] = {"ranks": [_rank_row(json.loads(job.store.get(
+                    f"imagenet_seq/{split}/ranks/{r}"))) for r in range(job.world)]}
                 res.skipped = [(rel, why) for rel, why in scan.not_images] + res.skipped
                 res.report = _write_report(args.dst, split, res.skipped)
                 results.append(res)

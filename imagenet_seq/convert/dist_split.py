@@ -86,8 +86,16 @@ class _Counts:
         self.job, self.split = job, split
 
     def phase(self, name: str) -> None:
+        """A new pass: its counters from 0; the last pass's kept under ``passes`` (what
+        ``--json`` shows per rank)."""
+        old = self.job.counts
+        done = dict(old.get("passes", {})) if old.get("split") == self.split else {}
+        if old.get("split") == self.split and old.get("phase") in ("read", "merge"):
+            done[old["phase"]] = {"images": old["images"], "bytes": old["bytes"],
+                                  "seconds": round(time.time() - old["t0"], 3)}
         self.job.counts = {"split": self.split, "phase": name, "images": 0, "bytes": 0,
-                           "t0": time.time()}
+                           "t0": time.time(), "passes": done, "rank": self.job.rank,
+                           "host": self.job.host}
 
     def __call__(self, n: int, nbytes: int, skipped: int) -> None:
         c = self.job.counts
@@ -171,6 +179,7 @@ def convert_split_dist(job, src_root: str, out_dir: str, split: str, scan, opts:
     for j in range(job.rank, count, job.world):
         _merge_shard(layout, j, tmp, fp, plan, opts, counts, decide, most)
     job.barrier(f"{split}/merge")
+    counts.phase("done")
     if job.rank != 0:
         return None
 
