@@ -11,6 +11,7 @@ rank with an exit code of 1, naming it (``dist_job``); what each committed is ke
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import List
@@ -55,9 +56,8 @@ class _Bar:
         n = sum(c["images"] for c in same)
         mb = sum(c["bytes"] for c in same) / 1e6
         el = max(1e-9, time.time() - min(c.get("t0", time.time()) for c in same))
-        self.bar.n = n
         self.bar.set_postfix(MBps=f"{mb / el:.1f}", ranks=len(same), refresh=False)
-        self.bar.refresh()
+        self.bar.update(n - self.bar.n)  # tqdm's rate and ETA from the job's sums
 
     def close(self) -> None:
         if self.bar is not None:
@@ -75,6 +75,10 @@ def run(args, splits: List[str]) -> int:
     """The converter's CLI on one rank of a torchrun job (``cli._run`` sends it here)."""
     from imagenet_seq.convert.cli import _stopped, _status, _write_report, options, summary
     from imagenet_seq.convert.dist_split import convert_split_dist
+    if os.environ.get("RANK") == "0":  # why a plain-looking run may wait for others
+        _say(f"imagenet_seq.convert: rank 0 of a torch.distributed job of "
+             f"{os.environ.get('WORLD_SIZE')} processes (RANK and WORLD_SIZE are set; unset "
+             "them to convert with one process)")
     try:
         job = DistJob()
     except (ValueError, RuntimeError) as e:  # a bad variable, the rendezvous timed out
