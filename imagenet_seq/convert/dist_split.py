@@ -127,8 +127,9 @@ def convert_split_dist(job, src_root: str, out_dir: str, split: str, scan, opts:
     if job.rank == 0 and notice:
         notice(f"{split}: {job.world} processes, each reading one part of the sources "
                f"({parts[0].what} for rank 0); {layout.describe()}"
-               + (f"; only {count} of the {job.world} processes merge (one shard each): "
-                  "--shards K >= the process count spreads the merge" if count < job.world
+               + (f"; only {count} of the {job.world} processes will write (one shard "
+                  "each): --shards K >= the process count spreads the merge over all"
+                  if count < job.world
                   else ""))
 
     # 1. start
