@@ -207,17 +207,38 @@ def test_unreadable_disk(split64, monkeypatch, capsys):
     assert "check the disk" in err
 
 
-def test_source_without_images(split64, tmp_path, capsys, monkeypatch):
-    from imagenet_seq.tools import advise_measure as am
-
-    # the measurements before --source are not what this test is about
-    monkeypatch.setattr(am, "measure_cpu", _fake_cpu)
-    monkeypatch.setattr(am, "measure_sizes", lambda j, s: {})
-    assert bench.main([split64[1], "--advise", "--seconds", "0.2",
-                       "--source", str(tmp_path / "nope")]) == 2
+def test_source_not_a_folder(split64, tmp_path, capsys):
+    # said before any measuring (a minute), not after
+    assert bench.main([split64[1], "--advise", "--source", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert f"--source {str(tmp_path / 'nope')!r} is not a folder" in err
 
 
-def _fake_cpu(jpegs, split, workers):
-    return {}
+def test_source_without_images(tmp_path):
+    from imagenet_seq.tools.advise_measure import measure_source
+    from imagenet_seq.tools.bench_measure import BenchError
+
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "notes.txt").write_text("x")
+    with pytest.raises(BenchError, match="holds no images"):
+        measure_source(str(tmp_path), 1.0)
+
+
+# --- the model alone (no I/O): the epoch is never below the device, and its two regimes ------
+def test_epoch_model():
+    from imagenet_seq.tools.advise_model import epoch_seconds
+
+    # 1000 records of 100 KB at 10 MB/s: 10 s of disk; CPU 1000 img/s: 1 s
+    big = epoch_seconds(1000, 100e3, 10e6, 0.0, 1000.0, buffer=100, chunks=1)
+    assert big["limit"] == "disk" and big["device_floor_s"] == pytest.approx(10.0)
+    assert big["epoch_s"] == pytest.approx(10.0 + 100 / 1000)  # the buffer's decode after
+    # a split that fits the buffer is read whole, then decoded: the sum
+    fits = epoch_seconds(1000, 100e3, 10e6, 0.0, 1000.0, buffer=5000, chunks=1)
+    assert fits["epoch_s"] == pytest.approx(11.0)
+    # CPU-bound: the fill (its share of the disk time) then decoding everything
+    cpu = epoch_seconds(1000, 100e3, 100e6, 0.0, 100.0, buffer=100, chunks=1)
+    assert cpu["limit"] == "CPU" and cpu["epoch_s"] == pytest.approx(0.1 + 10.0)
+    # far moves: one per chunk, added to the disk's time, never below the floor
+    far = epoch_seconds(1000, 100e3, 10e6, 0.012, 1e9, buffer=0, chunks=32)
+    assert far["epoch_s"] == pytest.approx(10.0 + 32 * 0.012)
+    assert far["epoch_s"] >= far["device_floor_s"]

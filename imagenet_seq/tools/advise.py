@@ -41,6 +41,9 @@ def check(args: argparse.Namespace) -> None:
                          f"CPU(s): each rank needs at least one core to decode; pass "
                          f"--world-size {cpus} or less (on a machine with more cores, run "
                          "the advice there)")
+    if args.source and not os.path.isdir(args.source):  # before a minute of measuring
+        raise BenchError(f"--source {args.source!r} is not a folder; pass the ImageNet folder "
+                         "the split was (or will be) converted from, e.g. /data/imagenet")
     if args.ranks:
         raise BenchError("--advise and --ranks: pass one (--advise predicts ranks 1..W "
                          "with --world-size W)")

@@ -418,7 +418,11 @@ def _advise(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(_finite(result), indent=1) if args.json else format_advice(result))
     if args.plot:
-        write_advice_plot(result, args.plot)
+        try:
+            write_advice_plot(result, args.plot)
+        except ImportError as e:
+            print(f"imagenet-seq-bench: error: {e}", file=sys.stderr)
+            return 2
         if not args.json:
             print(f"plot: {args.plot}")
     return 0
