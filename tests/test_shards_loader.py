@@ -292,6 +292,9 @@ def test_a_damaged_record_in_a_shard_fails_its_checksum(sharded, tmp_path):
     ld.close()
     assert e.value.index == shard.first + local
     assert f"index {shard.first + local}" in str(e.value) and "checksum" in str(e.value)
+    # the shard file and its own record key are named, and the verify command for that file
+    assert f"record {b'%08d' % local!r} of {shard.path}" in str(e.value)
+    assert f"imagenet-seq-verify {shard.path}`" in str(e.value)
 
 
 def test_a_shard_in_the_wrong_place_is_named(sharded, tmp_path):

@@ -6,6 +6,7 @@ the pool type, the worker count, or which worker got which batch.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -17,7 +18,7 @@ import torch
 from imagenet_seq.format.checksums import ChecksumMismatch, of_record
 from imagenet_seq.format import RecordError  # noqa: F401 - the error decode_batch raises; defined with the format
 
-__all__ = ["RawBatch", "pack_batch", "DecodeSpec", "resized_transform", "DecodedBatch",
+__all__ = ["where", "RawBatch", "pack_batch", "DecodeSpec", "resized_transform", "DecodedBatch",
            "augment_rng", "decode_batch", "check_record", "check_batch"]
 
 
@@ -96,6 +97,7 @@ class DecodeSpec:
     channels_last: bool = False
     skip_broken: bool = False
     source: str = ""  # file path, for error messages
+    shards: tuple = ()  # a sharded split: ((first record, shard path), ...), for the same
     shared: bool = False  # allocate outputs in shared memory (process pool)
 
     def out_shape(self, batch_size: int, image_size: Optional[int] = None
@@ -223,9 +225,10 @@ def decode_batch(raw: RawBatch, spec: DecodeSpec,
                 skipped.append((rec, f"{type(e).__name__}: {e}"))
                 continue
             if isinstance(e, ChecksumMismatch):
-                raise _damaged(rec, spec.source, e) from None
-            raise RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {spec.source} failed "
-                              f"to decode: {type(e).__name__}: {e}", b"%08d" % rec, rec) from e
+                raise _damaged(rec, spec.source, e, spec.shards) from None
+            _, what = where(spec.source, spec.shards, rec)
+            raise RecordError(f"{what} failed to decode: {type(e).__name__}: {e}",
+                              b"%08d" % rec, rec) from e
         kept.append(i)
     labels = raw.labels if len(kept) == n else raw.labels[kept]
     targets = torch.from_numpy(labels.astype(np.int64))
@@ -249,7 +252,7 @@ def check_record(jpeg, label: int, crc: int) -> None:
         raise ChecksumMismatch(f"failed its checksum (stored {crc:#010x}, read {got:#010x})")
 
 
-def check_batch(raw: RawBatch, source: str) -> None:
+def check_batch(raw: RawBatch, source: str, shards: tuple = ()) -> None:
     """:func:`check_record` of every record of ``raw`` that carries checksums (for decoders that
     take the raw batch: DALI, a user callable); raises :class:`RecordError` on the first bad one."""
     if raw.crcs is None:
@@ -258,14 +261,25 @@ def check_batch(raw: RawBatch, source: str) -> None:
         try:
             check_record(raw.jpeg(i), int(raw.labels[i]), int(raw.crcs[i]))
         except ChecksumMismatch as e:
-            raise _damaged(rec, source, e) from None
+            raise _damaged(rec, source, e, shards) from None
 
 
-def _damaged(rec: int, source: str, e: ChecksumMismatch) -> RecordError:
-    return RecordError(f"record {b'%08d' % rec!r} (index {rec}) of {source} {e}: its bytes "
-                       f"changed after conversion; `imagenet-seq-verify {source}` lists every "
-                       "damaged record; re-copy the file from its source or re-convert",
-                       b"%08d" % rec, rec)
+def where(source: str, shards: tuple, rec: int) -> Tuple[str, str]:
+    """(the file holding the split's record ``rec``, the record named in it): ``source`` for
+    one file; for a sharded split (``shards``: (first record, path) each) the shard and its own
+    key, with the split's index."""
+    if not shards:
+        return source, f"record {b'%08d' % rec!r} (index {rec}) of {source}"
+    first, path = shards[bisect.bisect_right([f for f, _ in shards], rec) - 1]
+    return path, (f"record {b'%08d' % (rec - first)!r} of {path} (index {rec} of the split "
+                  f"{source})")
+
+
+def _damaged(rec: int, source: str, e: ChecksumMismatch, shards: tuple = ()) -> RecordError:
+    path, what = where(source, shards, rec)
+    return RecordError(f"{what} {e}: its bytes changed after conversion; "
+                       f"`imagenet-seq-verify {path}` lists every damaged record; re-copy the "
+                       "file from its source or re-convert", b"%08d" % rec, rec)
 
 
 def _new_images(shape: Tuple[int, ...], spec: DecodeSpec) -> torch.Tensor:

@@ -43,11 +43,12 @@ class ExternalDecoder:
     naming its skipped records. ``sized``: the decoder has ``set_image_size`` and follows each
     batch's ``image_size`` (DALI), as the built-in workers do."""
 
-    def __init__(self, fn: Callable, source: str = "", sized: bool = False):
-        self.fn, self.source, self.sized = fn, source, sized
+    def __init__(self, fn: Callable, source: str = "", sized: bool = False,
+                 shards: tuple = ()):
+        self.fn, self.source, self.sized, self.shards = fn, source, sized, shards
 
     def __call__(self, raw: RawBatch) -> DecodedBatch:
-        check_batch(raw, self.source)  # verify=True: checksums before the decoder
+        check_batch(raw, self.source, self.shards)  # verify=True: checksums first
         if self.sized and raw.image_size is not None:
             self.fn.set_image_size(raw.image_size)
         n = len(raw.records)
@@ -96,9 +97,10 @@ class Decode:
                  worker_type: str = "thread", external: Optional[Callable] = None,
                  prefetch: int = 4, batch_size: int = 256, slot_bytes: int = 64 << 20,
                  touch_bytes: int = 0, pin_memory: bool = False, source: str = "",
-                 sized: bool = False):
+                 sized: bool = False, shards: tuple = ()):
         self.spec, self.num_workers, self.worker_type = spec, num_workers, worker_type
-        self.external = None if external is None else ExternalDecoder(external, source, sized)
+        self.external = None if external is None else ExternalDecoder(external, source, sized,
+                                                                      shards)
         self._pool_args = dict(slots=prefetch, batch_size=batch_size, in_slot_bytes=slot_bytes,
                                in_touch_bytes=touch_bytes, pin_memory=pin_memory)
         self.pool: Any = None

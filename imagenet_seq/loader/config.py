@@ -68,6 +68,9 @@ class DataSettings:
     shard_dirs: Tuple[str, ...] = ()  # more folders to find shards in (a moved disk)
     shard_devices: Any = None  # shards' grouping into readers (read.devices); None: automatic
     shards: int = 1  # shard files of the split (1: one file)
+    # (first record, path) of each shard of a sharded split, () for one file: errors of the
+    # decode stage name the shard file and its own record key
+    shard_starts: Tuple[Tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -386,7 +389,9 @@ def resolve(root: str, mode: str, transform: Optional[Callable], *, check_split:
     mean = mean_record_bytes(meta, reader, n)
     node = _node_reader(node_reader, ranks, reader)
     data = DataSettings(str(reader.path), mode, tuple(meta.classes), n, mean, meta,
-                        bool(verify), bool(check_split), dirs, grouping, len(reader.files))
+                        bool(verify), bool(check_split), dirs, grouping, len(reader.files),
+                        tuple((f.first, f.path) for f in reader.files)
+                        if len(reader.files) > 1 else ())
     plan_order = resolve_order(n, mode, mean, batch_size=batch_size, drop_last=drop_last,
                                shuffle=shuffle, seed=seed, rank=ranks.rank,
                                world_size=ranks.world_size,

@@ -37,10 +37,10 @@ __all__ = ["Passes", "EpochIterator", "LazyPass", "Superseded", "decode_stage"]
 
 def decode_stage(settings: Settings) -> Decode:
     """The decode stage for ``settings`` (no worker started yet: ``begin()`` starts them)."""
-    dec, path = settings.decode, settings.data.path
+    dec, path, shards = settings.decode, settings.data.path, settings.data.shard_starts
     if dec.decoder == "cpu":
         spec = DecodeSpec(dec.transform, settings.order.plan.seed, 0, dec.collate,
-                          dec.channels_last, dec.skip_broken, path)
+                          dec.channels_last, dec.skip_broken, path, shards)
         if dec.num_workers and dec.worker_type == "process":
             trim()  # freed memory of this process: not into the forked workers
         batch, mean = settings.order.batch_size, settings.data.mean_record_bytes
@@ -50,7 +50,7 @@ def decode_stage(settings: Settings) -> Decode:
                       touch_bytes=int(batch * mean), pin_memory=settings.device.pin,
                       source=path)
     if dec.decoder != "dali":
-        return Decode(external=dec.decoder, source=path)
+        return Decode(external=dec.decoder, source=path, shards=shards)
     from imagenet_seq.decode.dali import DaliDecoder  # lazily: nvidia-dali is an optional extra
 
     plan = settings.order.plan
@@ -59,7 +59,8 @@ def decode_stage(settings: Settings) -> Decode:
                        batch_size=settings.order.batch_size, image_size=dec.image_size,
                        resize_size=dec.resize_size, scale=dec.scale, ratio=dec.ratio,
                        seed=plan.seed, channels_last=dec.channels_last)
-    return Decode(external=dali, source=path, sized=True)  # follows each batch's image size
+    return Decode(external=dali, source=path, sized=True,  # follows each batch's image size
+                  shards=shards)
 
 
 class Superseded(RuntimeError):

@@ -102,6 +102,7 @@ class LoaderDataset(torch.utils.data.Dataset):
         # the Loader's cursor, for its current epoch; not pickled (worker processes get numbers)
         self._cursor: Optional[Cursor] = cursor
         self.path = settings.data.path
+        self._shards = settings.data.shard_starts  # errors name the shard file
         self.classes = list(settings.data.classes)
         self._size = settings.data.num_records
         self._source = reader
@@ -133,7 +134,8 @@ class LoaderDataset(torch.utils.data.Dataset):
         items = list(self._get_reader().read_range(index, 1))
         transform, seed, collate = self._spec
         epoch = self._cursor.epoch if self._cursor is not None else self._epoch
-        spec = DecodeSpec(transform, seed, epoch, collate, False, False, self.path)
+        spec = DecodeSpec(transform, seed, epoch, collate, False, False, self.path,
+                          self._shards)
         res = decode_batch(pack_batch(0, items), spec)
         return res.images[0], int(res.targets[0])
 
