@@ -105,7 +105,8 @@ def test_json_schema(behind_hdd):
             "rows", "recommendation"} <= set(r)
     assert r["records"] == 64 and r["epochs"] == 90 and r["gpu"] == "unknown"
     m = r["measured"]
-    assert {"disk", "far_move", "cpu", "sizes"} <= set(m) and "source" not in m
+    assert {"disk", "plan_read", "far_move", "cpu", "sizes"} <= set(m) and "source" not in m
+    assert m["plan_read"]["whole_epoch"] is True and m["plan_read"]["images"] == 64
     assert {"mb_per_s", "images", "seconds", "page_cache_evicted", "method"} <= set(m["disk"])
     cpu = m["cpu"]
     for key in ("one_worker", "one_worker_no_crop_decode", "threads", "processes"):

@@ -16,12 +16,13 @@ from typing import Dict
 
 from imagenet_seq.tools.bench_measure import MIN_IMAGES, MIN_SECONDS, BenchError
 
-__all__ = ["MIN_RECORDS", "STREAM_SECONDS", "SOURCE_SECONDS", "check", "run_advise"]
+__all__ = ["MIN_RECORDS", "STREAM_SECONDS", "SOURCE_SECONDS", "PLAN_SECONDS", "check", "run_advise"]
 
 #: fewer records than this cannot be measured: the decode sample would be a handful of images
 MIN_RECORDS = 32
 STREAM_SECONDS = 20.0  # the disk's sequential rate: at most this long (less with --seconds)
 SOURCE_SECONDS = 15.0
+PLAN_SECONDS = 10.0  # records in an epoch's order: at most this long
 
 
 def _cpus() -> int:
@@ -95,6 +96,9 @@ def run_advise(args: argparse.Namespace) -> Dict:
         if not s.images or m["disk"]["mb_per_s"] <= 0:
             raise BenchError(f"no record could be read from {path} in {s.seconds:.1f} s; "
                              "check the disk (dmesg) and the path")
+        say("advise: records in a train epoch's order ...")
+        m["plan_read"] = am.measure_plan_read(reader, args.split, mean,
+                                              min(args.seconds, PLAN_SECONDS))
         say("advise: the cost of a far move ...")
         m["far_move"] = am.measure_far_move(max(paths, key=os.path.getsize),
                                             m["disk"]["mb_per_s"])

@@ -1,7 +1,10 @@
 """What ``imagenet-seq-bench --advise`` measures before it predicts (the measure role).
 
 * the disk under the split: its sequential rate (the bench's raw stream, from a dropped page
-  cache) and the cost of a far move (small reads at far apart offsets, read-ahead off);
+  cache), the cost of a far move (small reads at far apart offsets, read-ahead off), and the
+  rate of reading records in the order of a train epoch's plan (its chunks in their permuted
+  order, as the Loader's reader reads them: chunk switches, the drive's reordering of queued
+  read-ahead and all);
 * a sample of records (:data:`SAMPLE_RECORDS`, read in :data:`SAMPLE_SPANS` spans spread over
   the file, so a class-sorted val split is sampled too): bytes and pixels per image;
 * the CPU on that sample: one worker's decode rate with the crop decode on and off, and the
@@ -26,7 +29,7 @@ import numpy as np
 from imagenet_seq.tools.bench_measure import BenchError
 
 __all__ = ["SAMPLE_RECORDS", "SAMPLE_SPANS", "SIZES", "QUALITY", "FAR_PROBES", "read_sample",
-           "measure_far_move", "measure_cpu", "measure_sizes", "measure_source"]
+           "measure_far_move", "measure_plan_read", "measure_cpu", "measure_sizes", "measure_source"]
 
 SAMPLE_RECORDS = 192  # decoded and re-encoded; ~20 MB of ImageNet
 SAMPLE_SPANS = 8  # contiguous runs the sample is read in, spread over the file
@@ -91,6 +94,32 @@ def measure_far_move(path: str, mb_per_s: float, probes: int = FAR_PROBES,
         note += " (the file is under 3 MiB: these moves are short, a larger split's cost more)"
     return {"far_move_ms": max(0.0, med - transfer) * 1e3, "probes": len(times),
             "median_read_ms": med * 1e3, "note": note}
+
+
+def measure_plan_read(reader, split: str, mean_bytes: float, seconds: float,
+                      world_size: int = 1) -> Dict:
+    """Raw records read in epoch 0's plan order (the Loader's defaults: automatic chunk,
+    ``world_size`` ranks' union) from a dropped page cache, for ``seconds`` or the epoch."""
+    from imagenet_seq.loader.config import resolve_order
+    from imagenet_seq.read.evict import evict
+
+    plan = resolve_order(len(reader), split, mean_bytes, batch_size=1, drop_last=False,
+                         shuffle=None, seed=0, rank=0, world_size=1, local_world_size=1,
+                         chunk_size=None, buffer_size=None, buffer_bytes=None).plan
+    spans = plan.spans(0)
+    evicted, note = evict(reader.paths)
+    images, nbytes, t0 = 0, 0, time.monotonic()
+    whole = True
+    for _, jpeg, _ in reader.read_spans(spans):
+        images += 1
+        nbytes += len(jpeg)
+        if images % 32 == 0 and time.monotonic() - t0 >= seconds:
+            whole = images >= len(reader)
+            break
+    dt = time.monotonic() - t0
+    return {"mb_per_s": nbytes / dt / 1e6 if dt > 0 else 0.0, "images": images,
+            "bytes": nbytes, "seconds": dt, "spans": len(spans), "whole_epoch": whole,
+            "page_cache_evicted": evicted, "note": note}
 
 
 def _transform(split: str, crop_decode: bool = True):

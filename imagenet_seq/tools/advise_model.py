@@ -4,7 +4,9 @@ One epoch of ``N`` records of ``b`` bytes, on a disk streaming ``D`` bytes/s wit
 costing ``f`` s, decoded at ``C`` images/s, through a shuffle buffer of ``B`` records:
 
 * disk: ``T_d = N b / D + chunks f`` (the epoch plan visits ``chunks`` contiguous chunks in a
-  permuted order: one far move each; a val split is one forward pass);
+  permuted order; ``f``, what one switch costs, is measured: the time an epoch's records
+  took in plan order beyond the sequential stream, per chunk, the drive's reordering of
+  queued read-ahead included; a val split is one forward pass);
 * CPU: ``T_c = N / C``;
 * epoch ``= max(T_d + B/C, B T_d / N + T_c)``: the first batch comes once the buffer holds
   ``B`` records; then reading and decoding overlap, and whichever is slower sets the pace, the
@@ -26,7 +28,7 @@ import math
 from typing import Dict, List, Optional
 
 __all__ = ["SAME_WITHIN", "FIDELITY_WORTH", "HEADROOM", "BATCH_BYTES_PER_IMAGE", "chunk_records",
-           "epoch_seconds", "predict", "recommend"]
+           "switch_seconds", "epoch_seconds", "predict", "recommend"]
 
 #: a re-encoded set must save more than this fraction of the run to be recommended over the
 #: original pixels (other pixels than torchvision's of the originals are a real cost)
@@ -88,12 +90,12 @@ def predict(m: Dict, records: int, mean_bytes: float, epochs: int, split: str,
     decode workers and ranks on this disk for the set :func:`recommend` picks among sizes."""
     from imagenet_seq.plan.shuffle import buffer_records
 
+    shuffled = split == "train"
     disk = m["disk"]["mb_per_s"] * 1e6
-    far = m["far_move"]["far_move_ms"] / 1e3
+    far = switch_seconds(m, records, mean_bytes) if shuffled else 0.0
     cores = m["cpu"]["cpus"]
     rss = m["cpu"]["processes"].get("worker_rss_mb", 0.0) or 150.0
     source = m.get("source")
-    shuffled = split == "train"
 
     def row(section: str, choice: str, size: Optional[int], w: int, kind: str,
             ranks: int) -> Dict:
@@ -135,6 +137,20 @@ def predict(m: Dict, records: int, mean_bytes: float, epochs: int, split: str,
                  f"{max(1, cores // r)} worker{'s' if cores // r > 1 else ''} each)", size,
                  max(1, cores // r) * r, "thread", r) for r in ranks if world_size > 1]
     return rows
+
+
+def switch_seconds(m: Dict, records: int, mean_bytes: float) -> float:
+    """Seconds one chunk switch of the epoch plan costs: what reading an epoch in its plan
+    order took beyond the sequential stream, per chunk (measured: the seeks the drive really
+    made, its reordering of queued read-ahead included); the far-move probe's cost per chunk
+    where that read was not measured."""
+    plan = m.get("plan_read")
+    if not plan or plan["mb_per_s"] <= 0:
+        return m["far_move"]["far_move_ms"] / 1e3
+    chunks = math.ceil(records / chunk_records(records))
+    extra = records * mean_bytes * (1 / (plan["mb_per_s"] * 1e6) - 1 / (m["disk"]["mb_per_s"]
+                                                                         * 1e6))
+    return max(0.0, extra) / chunks
 
 
 def _sizes(m: Dict) -> List[int]:

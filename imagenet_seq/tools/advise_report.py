@@ -42,7 +42,11 @@ def _measured_lines(r: Dict) -> List[str]:
     lines = [f"disk: {d['mb_per_s']:.1f} MB/s sequential ({d['images']:,} records, "
              f"{d['bytes'] / 1e6:.1f} MB in {d['seconds']:.1f} s, page cache "
              f"{'dropped' if d['page_cache_evicted'] else 'NOT dropped'}); far move "
-             f"{far['far_move_ms']:.1f} ms ({far['probes']} probes)",
+             f"{far['far_move_ms']:.1f} ms ({far['probes']} probes)"
+             + (f"; in an epoch's order {m['plan_read']['mb_per_s']:.1f} MB/s ("
+                f"{'the whole epoch' if m['plan_read']['whole_epoch'] else 'part of one'}, "
+                f"{m['plan_read']['images']:,} records in {m['plan_read']['seconds']:.1f} s)"
+                if m.get("plan_read") else ""),
              f"CPU: {cpu['cpus']} core(s), load {cpu['load_avg_1min']:.1f}; one worker "
              f"{one:,.0f} img/s"
              + (f" (crop decode off: {cpu['one_worker_no_crop_decode']['images_per_s']:,.0f})"
