@@ -154,13 +154,13 @@ def _pool_init(jpegs, transform) -> None:
     _POOL_SAMPLE, _POOL_TRANSFORM = list(jpegs), transform
 
 
-def _decode_batch(idx: Sequence[int]) -> np.ndarray:
-    """A worker's task: decode these sample images into one batch array (returned: a copy)."""
+def _decode_batch(idx: Sequence[int]) -> int:
+    """A worker's task: decode these sample images into one batch array."""
     rng = np.random.default_rng(idx[0])
     out = np.empty((len(idx), 224, 224, 3), np.uint8)
     for k, i in enumerate(idx):
         _POOL_TRANSFORM.write(_POOL_SAMPLE[i], rng, out[k])
-    return out
+    return len(idx)
 
 
 def _pool_rate(jpegs: Sequence[bytes], transform, workers: int, kind: str,
@@ -183,10 +183,15 @@ def _pool_rate(jpegs: Sequence[bytes], transform, workers: int, kind: str,
         list(pool.map(_decode_batch, tasks[:workers]))  # workers started (not timed)
         if kind == "process":
             rss = _children_rss_mb()
+        # a process worker's batch reaches the trainer as a copy out of the Loader's shared
+        # ring, made by the parent: one copy per batch here too (threads write in place)
+        ring = np.empty((BATCH, 224, 224, 3), np.uint8) if kind == "process" else None
         images, t0 = 0, time.monotonic()
         while time.monotonic() - t0 < seconds:
-            for batch in pool.map(_decode_batch, tasks):
-                images += len(batch)
+            for n in pool.map(_decode_batch, tasks):
+                images += n
+                if ring is not None:
+                    ring.copy()
         dt = time.monotonic() - t0
     finally:
         pool.shutdown(wait=True)
