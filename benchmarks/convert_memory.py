@@ -6,8 +6,8 @@
     python benchmarks/convert_memory.py --form wds --images 1281167
     python benchmarks/convert_memory.py --images 2000 --memory-mb 400 --workers 1  # seconds
 
-Data (made once under ``--workdir``, reused by a later run asking for the same; removed at the
-end unless ``--keep``): ``--images`` small synthetic JPEGs (16x16, one of a pool of 4,096
+Data (made once under ``--workdir``, reused by a later run asking for the same; this run's
+data removed at the end unless ``--keep``): ``--images`` small synthetic JPEGs (16x16, one of a pool of 4,096
 distinct images, ~300 bytes: a tar member takes 1 KiB; the converter validates each and does not dedupe) under distinct
 names, ``--classes`` classes (default: 1,000 up to ImageNet-1k's 1,281,167 images, else
 ImageNet-21k's 21,841), written by a streaming writer that keeps no member list:
@@ -379,7 +379,7 @@ def peak_of(row: dict) -> Tuple[int, str]:
 def table(rows: List[dict]) -> str:
     head = ("| form | images | classes | --memory-mb | workers | peak MB (phase) | start MB | "
             "read MB | merge MB | main process MB | peak / bound | wall s | img/s | read s | "
-            "merge s | runs | load start/end |")
+            "merge s | runs | load start/end | converter |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (r["form"], r["images"], -r["memory_mb"])):
         peak, phase = peak_of(r)
@@ -390,7 +390,8 @@ def table(rows: List[dict]) -> str:
             f"{r['workers']} | {_mb(peak)} ({phase}) | {_mb(by['start'])} | {_mb(by['read'])} | "
             f"{_mb(by['merge'])} | {_mb(main)} | {peak / (r['memory_mb'] * 1e6):.2f} | "
             f"{r['wall_s']:,.0f} | {r['img_per_s']:,} | {r['read_s']:,.0f} | "
-            f"{r['merge_s']:,.0f} | {r['runs']} | {r['load_start'][0]}/{r['load_end'][0]} |")
+            f"{r['merge_s']:,.0f} | {r['runs']} | {r['load_start'][0]}/{r['load_end'][0]} | "
+            f"{r.get('commit', '?')} |")
     return "\n".join(lines)
 
 
@@ -435,12 +436,24 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per conversion")
     p.add_argument("--json", default=None, help="merge the rows into this file")
     p.add_argument("--md", default=None, help="write the markdown table of --json's rows here")
+    p.add_argument("--report-only", action="store_true",
+                   help="convert nothing: print (and --md) the table of --json's rows")
     args = p.parse_args(argv)
     if args.images < 1:
         p.error(f"--images {args.images}; expected 1 or more")
     classes = args.classes or (1000 if args.images <= IMAGENET_1K else CLASSES_21K)
     classes = min(classes, args.images)
     memories = [int(m) for m in args.memory_mb.split(",") if m.strip()]
+    if args.report_only:
+        if not args.json or not os.path.exists(args.json):
+            p.error("--report-only needs --json FILE with rows")
+        with open(args.json) as f:
+            rows = json.load(f)
+        print(table(rows))
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(markdown(rows))
+        return 0
     os.makedirs(args.workdir, exist_ok=True)
     try:
         src = ensure_data(args.workdir, args.form, args.images, classes, args.shard_images)
@@ -460,8 +473,14 @@ def main(argv=None) -> int:
                   f"{row['img_per_s']:,} img/s; load {row['load_start']} -> "
                   f"{row['load_end']}", flush=True)
     finally:
-        if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
+        if not args.keep:  # this run's data (others' in --workdir stay), then the folder if empty
+            shutil.rmtree(os.path.join(args.workdir, f"{args.form}_{args.images}_{classes}"),
+                          ignore_errors=True)
+            shutil.rmtree(os.path.join(args.workdir, "out"), ignore_errors=True)
+            try:
+                os.rmdir(args.workdir)
+            except OSError:
+                pass
     print(table(rows))
     if args.json:
         rows = merge_rows(args.json, rows)
