@@ -51,8 +51,7 @@ def runner(tmp_path_factory):
 def torchrun(runner, n, args, prelude=None, rank=1, run_records=4, timeout=240):
     """``torchrun --standalone --nproc_per_node n runner args``; ``prelude`` runs first on
     ``rank`` (once: a resumed job runs clean). Returns the CompletedProcess."""
-    env = dict(os.environ, TEST_RUN_RECORDS=str(run_records), OMP_NUM_THREADS="1",
-               IMAGENET_SEQ_DIST_GRACE_S="5")
+    env = dict(os.environ, TEST_RUN_RECORDS=str(run_records), OMP_NUM_THREADS="1")
     if prelude is not None:
         env.update(TEST_KILL_RANK=str(rank), TEST_PRELUDE=prelude,
                    TEST_KILLED=os.path.join(os.path.dirname(runner),
