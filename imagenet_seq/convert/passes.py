@@ -47,14 +47,18 @@ class ConversionError(RuntimeError):
 # process ~64 MB with its libraries, each worker ~40 MB; a FOLDER's file list, its read order
 # and the reader's item list ~600 bytes per image (Python tuples and strings). An archive has
 # no per-image list (one sweep: ``pass1``); what grows with it is the label of each record of
-# the shard being written (4 bytes, kept until that shard's last transaction) and the sweep's
-# state (class names, the paths of skipped files), small beside it. The sweep itself holds a
+# the shard being written (4 bytes, kept until that shard's last transaction), the shard's
+# last steps (its offsets index: ``offsets.write`` peaks at 36 bytes per record of numpy
+# arrays and bytes, measured with tracemalloc at 2 M records, + 12 bytes of LMDB's copy of
+# the value; the labels' and checksums' arrays come before it and are smaller) and the
+# sweep's state (class names, the paths of skipped files), small beside them. At 14 M records
+# in one shard that last step alone is ~0.7 GB (benchmarks/results/convert_memory.md). The sweep itself holds a
 # 1 MiB read piece (``tar_sweep.PIECE``: within PROCESS_BYTES' margin over the 64 MB measured)
 # and its queue (``QUEUE_CHUNKS`` chunks, as a folder's reader).
 PROCESS_BYTES = 80_000_000
 WORKER_BYTES = 50_000_000
 PER_IMAGE_BYTES = 600  # a folder's images (its scan)
-PER_RECORD_BYTES = 4  # the records of the shard being written (its labels), any source
+PER_RECORD_BYTES = 52  # the records of the shard being written (labels + its index), any source
 MIN_BUFFER = 64_000_000
 
 
