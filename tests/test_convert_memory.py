@@ -174,8 +174,9 @@ def test_the_benchmark_reports_peaks_per_pass(form, tmp_path):
     md = tmp_path / "table.md"
     r = subprocess.run([sys.executable, BENCH, "--images", "2000", "--classes", "50", "--form",
                         form, "--shard-images", "700", "--memory-mb", "500,400", "--workers",
-                        "1", "--interval", "0.05", "--workdir", str(tmp_path / "work"), "--json", str(out), "--md",
-                        str(md)], cwd=REPO, capture_output=True, text=True, timeout=280)
+                        "1", "--interval", "0.05", "--workdir", str(tmp_path / "work"),
+                        "--json", str(out), "--md", str(md)],
+                       cwd=REPO, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())
     assert sorted(row["memory_mb"] for row in rows) == [400, 500]

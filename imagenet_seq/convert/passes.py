@@ -52,9 +52,9 @@ class ConversionError(RuntimeError):
 # arrays and bytes, measured with tracemalloc at 2 M records, + 12 bytes of LMDB's copy of
 # the value; the labels' and checksums' arrays come before it and are smaller) and the
 # sweep's state (class names, the paths of skipped files), small beside them. At 14 M records
-# in one shard that last step alone is ~0.7 GB (benchmarks/results/convert_memory.md). The sweep itself holds a
-# 1 MiB read piece (``tar_sweep.PIECE``: within PROCESS_BYTES' margin over the 64 MB measured)
-# and its queue (``QUEUE_CHUNKS`` chunks, as a folder's reader).
+# in one shard that last step alone is ~0.7 GB (benchmarks/results/convert_memory.md). The
+# sweep itself holds a 1 MiB read piece (``tar_sweep.PIECE``: within PROCESS_BYTES' margin over
+# the 64 MB measured) and its queue (``QUEUE_CHUNKS`` chunks, as a folder's reader).
 PROCESS_BYTES = 80_000_000
 WORKER_BYTES = 50_000_000
 PER_IMAGE_BYTES = 600  # a folder's images (its scan)
