@@ -10,7 +10,8 @@ Data (made once under ``--workdir``, reused by a later run asking for the same; 
 data removed at the end unless ``--keep``): ``--images`` small synthetic JPEGs (16x16, one of
 a pool of 4,096 distinct images, ~300 bytes: a tar member takes 1 KiB; the converter validates
 each and does not dedupe) under distinct names, ``--classes`` classes (default: 1,000 up to
-ImageNet-1k's 1,281,167 images, else ImageNet-21k's 21,841), written by a streaming writer that keeps no member list:
+ImageNet-1k's 1,281,167 images, else ImageNet-21k's 21,841), written by a streaming writer
+that keeps no member list:
 
   * ``--form tar``: one tar of a tree, ``train/<wnid>/<wnid>_<k>.JPEG`` class after class
     (as an extracted ImageNet re-tarred), converted with ``--splits train``;
