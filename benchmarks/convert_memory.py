@@ -256,6 +256,7 @@ class Sampler:
         self.phase = "start"
         self.peaks: Dict[str, dict] = {}
         self.samples = 0
+        self._lock = threading.Lock()  # the phase switch samples from the stderr reader's thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -266,6 +267,11 @@ class Sampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> None:
+        with self._lock:
+            self._sample(self.phase)  # the phase when the sample began: a sample read across
+                                      # a switch counts for the phase before it
+
+    def _sample(self, phase: str) -> None:
         procs = {}
         for p in tree(self.pid):
             r = rollup(p)
@@ -275,7 +281,7 @@ class Sampler:
             return
         self.samples += 1
         total = {k: sum(r[k] for r in procs.values()) for k in FIELDS}
-        peak = self.peaks.setdefault(self.phase, {"pss_anon": -1, "main_pss_anon": -1})
+        peak = self.peaks.setdefault(phase, {"pss_anon": -1, "main_pss_anon": -1})
         if total["Pss_Anon"] > peak["pss_anon"]:
             peak.update(pss_anon=total["Pss_Anon"], pss=total["Pss"],
                         anonymous=total["Anonymous"], processes=len(procs),
@@ -327,7 +333,8 @@ def convert(src: str, out: str, memory_mb: int, workers: int, interval: float,
                 if phase not in starts:
                     sampler.sample()  # the last of the phase before, then switch
                     starts[phase] = time.perf_counter() - t0
-                    sampler.phase = phase
+                    with sampler._lock:
+                        sampler.phase = phase
                     sampler.sample()  # a short phase gets one sample at least
     out_parts: List[bytes] = []
     readers = [threading.Thread(target=read_err, daemon=True),
