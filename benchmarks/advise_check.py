@@ -164,7 +164,8 @@ def write_report(res: Dict, out: str) -> None:
             size = "as is" if r["max_size"] is None else f"--max-size {r['max_size']} -q 90"
             lines.append(
                 f"| {d['device']} ({' '.join(d['model_args'])} MB/s) | {r['config']} | {size} | "
-                f"{r['workers']} {r['worker_type']}{'s' if r['workers'] > 1 else ''} | {r['predicted_epoch_s']:.2f} s | "
+                f"{r['workers']} {r['worker_type']}{'s' if r['workers'] > 1 else ''} | "
+                f"{r['predicted_epoch_s']:.2f} s | "
                 f"{r['predicted_limit']} | {r['measured_epoch_s']:.2f} s ("
                 + ", ".join(f"{x:.2f}" for x in r["measured_epochs_s"])
                 + f") | {r['error']:+.1%}{'' if abs(r['error']) <= GOAL else ' (missed)'} |")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict
+from typing import Callable, Dict
 
 from imagenet_seq.tools.bench_measure import MIN_IMAGES, MIN_SECONDS, BenchError
 
@@ -50,11 +50,15 @@ def check(args: argparse.Namespace) -> None:
                          "with --world-size W)")
 
 
-def run_advise(args: argparse.Namespace) -> Dict:
-    """Measure, predict, recommend; the ``--json`` object."""
+def run_advise(args: argparse.Namespace, open_split: Callable, measure_stream: Callable) -> Dict:
+    """Measure, predict, recommend; the ``--json`` object.
+
+    ``open_split`` and ``measure_stream`` are the bench's (:mod:`.bench` calls this, so this
+    module does not import it): the split opened with its errors named, and the disk's
+    sequential rate from a dropped page cache.
+    """
     from imagenet_seq.tools import advise_measure as am
     from imagenet_seq.tools.advise_model import predict, recommend
-    from imagenet_seq.tools.bench import measure_stream, open_split
     from imagenet_seq.tools.info import summary_line
 
     check(args)

@@ -22,14 +22,15 @@ import os
 import random
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 from imagenet_seq.tools.bench_measure import BenchError
 
 __all__ = ["SAMPLE_RECORDS", "SAMPLE_SPANS", "SIZES", "QUALITY", "FAR_PROBES", "read_sample",
-           "measure_far_move", "measure_plan_read", "measure_cpu", "measure_sizes", "measure_source"]
+           "measure_far_move", "measure_plan_read", "measure_cpu", "measure_sizes",
+           "measure_source"]
 
 SAMPLE_RECORDS = 192  # decoded and re-encoded; ~20 MB of ImageNet
 SAMPLE_SPANS = 8  # contiguous runs the sample is read in, spread over the file

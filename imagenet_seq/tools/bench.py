@@ -412,7 +412,7 @@ def _advise(args: argparse.Namespace) -> int:
 
     try:
         _check(args)
-        result = run_advise(args)
+        result = run_advise(args, open_split, measure_stream)
     except BenchError as e:
         print(f"imagenet-seq-bench: error: {e}", file=sys.stderr)
         return 2
