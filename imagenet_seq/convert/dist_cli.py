@@ -21,6 +21,8 @@ import lmdb
 from imagenet_seq.convert.dist_job import DistJob, PeerFailed, is_distributed
 from imagenet_seq.convert.guards import write_failure
 from imagenet_seq.convert.inputs import resolve
+from imagenet_seq.convert.outcome import options, status as _status, stopped as _stopped, \
+    summary, write_split_report as _write_report
 from imagenet_seq.convert.passes import ConversionError
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.format.convlock import Busy, ConversionLock
@@ -73,7 +75,6 @@ def _rank_row(counts: dict) -> dict:
 
 def run(args, splits: List[str]) -> int:
     """The converter's CLI on one rank of a torchrun job (``cli._run`` sends it here)."""
-    from imagenet_seq.convert.cli import _stopped, _status, _write_report, options, summary
     from imagenet_seq.convert.dist_split import convert_split_dist
     if os.environ.get("RANK") == "0":  # why a plain-looking run may wait for others
         _say(f"imagenet_seq.convert: rank 0 of a torch.distributed job of "
