@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from imagenet_seq.convert import passes
-from imagenet_seq.convert import cli
-from imagenet_seq.convert.scan import ScanError, ScanLimit, scan_split
+from imagenet_seq.convert import cli, passes
+from imagenet_seq.convert.scan import ScanError, scan_split
 from imagenet_seq.tools.sample import make_sample_imagefolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +77,7 @@ def test_an_archive_is_refused_without_the_folder_advice():
 def test_a_scan_within_the_limit_lists_every_file(tmp_path):
     root = str(tmp_path / "in")
     classes = _tree(root, 10)
-    limit = ScanLimit(_memory_for(30), 1)
+    limit = passes.scan_limit(_memory_for(30), 1)
     assert limit.most == 30
     scan = scan_split(root, "train", classes, limit=limit)
     assert len(scan.entries) == 30 and limit.listed == 30
@@ -89,7 +88,7 @@ def test_a_scan_past_the_limit_stops_naming_the_count_and_the_ways_out(tmp_path)
     classes = _tree(root, 10)
     memory = _memory_for(25)
     with pytest.raises(ScanError) as e:
-        scan_split(root, "train", classes, limit=ScanLimit(memory, 1))
+        scan_split(root, "train", classes, limit=passes.scan_limit(memory, 1))
     msg = str(e.value)
     assert msg.startswith(os.path.join(root, "train")), msg
     assert "stopped at 26 files" in msg, msg  # stops at the first file past the room
@@ -102,7 +101,7 @@ def test_the_limit_counts_every_split_of_the_conversion(tmp_path):
     """train's list is still held while val is scanned: one limit for both."""
     root = str(tmp_path / "in")
     classes = _tree(root, 10, val_per_class=4)
-    limit = ScanLimit(_memory_for(35), 1)
+    limit = passes.scan_limit(_memory_for(35), 1)
     assert len(scan_split(root, "train", classes, limit=limit).entries) == 30
     with pytest.raises(ScanError, match="stopped at 36 files"):
         scan_split(root, "val", classes, limit=limit)
@@ -118,16 +117,10 @@ def test_files_that_are_not_images_count_too(tmp_path):
         with open(os.path.join(root, "train", "c0", f"notes{k}.txt"), "w") as f:
             f.write("x")
     with pytest.raises(ScanError, match="stopped at 21 files"):
-        scan_split(root, "train", classes, limit=ScanLimit(_memory_for(20), 1))
+        scan_split(root, "train", classes, limit=passes.scan_limit(_memory_for(20), 1))
 
 
 # -- through the real CLI --------------------------------------------------------------------
-_WIRED = "ScanLimit" in open(cli.__file__).read()
-
-
-@pytest.mark.skipif(not _WIRED, reason="convert/cli.py does not pass --memory-mb to the scan "
-                    "yet (one line: resolve(..., limit=ScanLimit(args.memory_mb * 1_000_000, "
-                    "args.workers)))")
 @pytest.mark.timeout(120)
 def test_the_cli_refuses_a_folder_too_large_for_memory_mb_before_writing(tmp_path, monkeypatch,
                                                                          capsys):

@@ -14,7 +14,7 @@ from imagenet_seq import format as fmt
 from imagenet_seq.convert.guards import check_output, write_failure
 from imagenet_seq.convert.inputs import resolve
 from imagenet_seq.convert.scan import ScanError
-from imagenet_seq.convert.passes import buffer_bytes
+from imagenet_seq.convert.passes import buffer_bytes, scan_limit
 from imagenet_seq.convert.shards import check_dirs
 from imagenet_seq.convert.writer import DEFAULT_MEMORY, ConversionError, convert_split
 from imagenet_seq.convert.outcome import (Terminated, options, status as _status,
@@ -208,7 +208,8 @@ def _convert(args, splits: List[str]) -> int:
     try:
         inputs = resolve(args.src, splits, args.val_labels, args.devkit,
                          cache_dir=args.dst,  # a converted train split: its classes
-                         classes=args.classes)
+                         classes=args.classes,  # a folder's file list within --memory-mb
+                         limit=scan_limit(args.memory_mb * 1_000_000, args.workers))
         scans = inputs.scans
     except (ValueError, ScanError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

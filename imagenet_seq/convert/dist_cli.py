@@ -23,7 +23,7 @@ from imagenet_seq.convert.guards import write_failure
 from imagenet_seq.convert.inputs import resolve
 from imagenet_seq.convert.outcome import options, status as _status, stopped as _stopped, \
     summary, write_split_report as _write_report
-from imagenet_seq.convert.passes import ConversionError
+from imagenet_seq.convert.passes import ConversionError, scan_limit
 from imagenet_seq.convert.scan import ScanError
 from imagenet_seq.format.convlock import Busy, ConversionLock
 
@@ -94,7 +94,8 @@ def run(args, splits: List[str]) -> int:
             lock.acquire()
         job.barrier("locked")
         inputs = resolve(args.src, splits, args.val_labels, args.devkit, cache_dir=args.dst,
-                         classes=args.classes)
+                         classes=args.classes,
+                         limit=scan_limit(args.memory_mb * 1_000_000, args.workers))
         opts = options(args)
         if job.rank == 0 and not args.no_progress:
             bar = _Bar({(s, "read"): len(inputs.scans[s].entries) or None for s in splits})

@@ -17,7 +17,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from imagenet_seq.convert.images import IMAGE_EXTENSIONS
 
@@ -47,17 +47,17 @@ class Scan:
 
 class ScanLimit:
     """How many files the scans of one conversion may list within ``memory`` bytes
-    (``--memory-mb``) with ``workers`` worker processes: ``passes.most_images``. Shared by
+    (``--memory-mb``) with ``workers`` worker processes (``passes.scan_limit`` makes it). Shared by
     the scans of every split (train's list is still held while val is scanned).
 
     Raises (:meth:`check`): ScanError naming the files found so far, the ``--memory-mb``
     they alone need (more as the scan would go on) and the ways out."""
 
-    def __init__(self, memory: int, workers: int):
-        from imagenet_seq.convert import passes  # not at import: passes' modules import this one
-
+    def __init__(self, memory: int, workers: int, most: int,
+                 least_mb: Callable[[int], int], per_image: int):
+        # the figures from ``passes.scan_limit`` (passes' modules import this one)
         self.memory, self.workers = memory, workers
-        self.most = passes.most_images(memory, workers)
+        self.most, self.least_mb, self.per_image = most, least_mb, per_image
         self.listed = 0  # files of the scans finished with this limit
 
     def room(self) -> int:
@@ -70,18 +70,16 @@ class ScanLimit:
 
     def refuse(self, folder: str, found: int) -> "ScanError":
         """The error for a scan of ``folder`` that found ``found`` files past :meth:`room`."""
-        from imagenet_seq.convert import passes
-
         n = self.listed + found
-        need = passes.least_memory_mb(self.workers, n)
+        need = self.least_mb(n)
         root = os.path.dirname(os.path.abspath(folder))
         return ScanError(
             f"{folder}: the scan stopped at {n:,} files listed: a folder's file list takes "
-            f"~{passes.PER_IMAGE_BYTES} bytes per image for the whole conversion, and "
+            f"~{self.per_image} bytes per image for the whole conversion, and "
             f"--memory-mb {self.memory // 1_000_000} with --workers {self.workers} leaves "
             f"room for {max(0, self.most):,} beside the processes and the smallest run "
             f"buffer. The {n:,} files found so far need --memory-mb {need} or more, and that "
-            f"grows by ~{passes.PER_IMAGE_BYTES} MB per million images as the folder holds "
+            f"grows by ~{self.per_image} MB per million images as the folder holds "
             "more. Pass a larger --memory-mb, or convert from a tar of the tree (tar -cf "
             f"data.tar -C {root} train val) or from WebDataset shards: an archive is read in "
             "one sweep and keeps no per-image list")

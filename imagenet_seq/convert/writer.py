@@ -34,7 +34,7 @@ sweep, sharing the budget) and pass 2 the runs' read buffers, each ``memory -
 fixed_bytes(workers)``; fixed: one uncommitted transaction (``COMMIT_BYTES``), the reader's
 queue (32 MiB) and the chunks in flight to the workers (``workers * 8`` chunks of <= 1 MiB);
 a folder's scan (``PER_IMAGE_BYTES``) grows with it, an archive has no per-image list; the
-merge holds the labels of the shard being written (``PER_RECORD_BYTES`` each).
+merge holds the labels and offsets index of the shard being written (``PER_RECORD_BYTES`` each).
 Temporary space: about the split's source bytes, in ``Options.tmp`` (default: the output
 folder), checked against free space before the run (with each output folder's share of the
 shards) and deleted at the end.
