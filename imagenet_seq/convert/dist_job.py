@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -144,7 +143,7 @@ class DistJob:
                 now = time.monotonic()
                 have = [r for r in range(self.world) if r != self.rank]
                 for r, raw in zip(have, self.store.multi_get([beats[r] for r in have])
-                                  if self._all_there([beats[r] for r in have]) else
+                                  if self.store.check([beats[r] for r in have]) else
                                   [None] * len(have)):
                     beat = int(raw) if raw else 0
                     last = seen.get(r)
@@ -157,7 +156,7 @@ class DistJob:
                             "IMAGENET_SEQ_DIST_GRACE_S sets the wait)")
                         return
                 if self.show is not None:
-                    got = self.store.multi_get(progs) if self._all_there(progs) else []
+                    got = self.store.multi_get(progs) if self.store.check(progs) else []
                     self.show([json.loads(g) for g in got])
             except Exception as e:  # the store (torchrun's agent, or rank 0's node) is gone
                 if self._stop.is_set():
@@ -165,9 +164,6 @@ class DistJob:
                 self._stopped(f"stopped because the job's store is gone ({e}): the launcher "
                               "or the node of rank 0 failed")
                 return
-
-    def _all_there(self, keys: List[str]) -> bool:
-        return self.store.check(keys)
 
     def close(self) -> None:
         """Stop the watcher; leave the process group (a clean exit for torchrun)."""
@@ -180,6 +176,3 @@ class DistJob:
         except Exception:
             pass
 
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
