@@ -11,12 +11,11 @@ one-process conversion writes.
 """
 from __future__ import annotations
 
-import heapq
 from typing import List, Sequence
 
 from imagenet_seq import format as fmt
 from imagenet_seq.convert.passes import settle_item
-from imagenet_seq.convert.sort_runs import KeysReader
+from imagenet_seq.convert.sort_runs import KeysReader, merge_readers
 
 __all__ = ["merge_found", "cut_points"]
 
@@ -52,42 +51,34 @@ def cut_points(keys_paths: List[str], starts: Sequence[int], decide) -> List[dic
     byte offset in every run where the merge goes on), ``written`` (records stored before),
     ``rows`` (report rows the merge added before) and ``last_merged`` (key, origin of the
     item before it, as ``merge_pass`` keeps it)."""
-    readers = [KeysReader(p) for p in keys_paths]
+    offsets = [0] * len(keys_paths)
     out: List[dict] = []
+    merged = written = rows = 0
+    before: List = [None, None]
+    want = list(starts)
+
+    def note() -> None:  # the cut points at the position reached
+        while want and merged == want[0]:
+            out.append({"offsets": list(offsets), "merged": merged, "written": written,
+                        "rows": rows, "last_merged": None if before[0] is None else
+                        [before[0].hex(), before[1]]})
+            want.pop(0)
+    items = merge_readers([KeysReader(p) for p in keys_paths])
     try:
-        offsets = [0] * len(readers)
-        heap = []
-        for i, r in enumerate(readers):
-            got = r.next()
-            if got is not None:
-                heap.append((got[0], got[1], i, got[2], got[3], got[4]))
-        heapq.heapify(heap)
-        merged = written = rows = 0
-        before: List = [None, None]
-        want = list(starts)
-        while want:
-            if merged == want[0]:
-                out.append({"offsets": list(offsets), "merged": merged, "written": written,
-                            "rows": rows, "last_merged": None if before[0] is None else
-                            [before[0].hex(), before[1]]})
-                want.pop(0)
-                continue
-            if not heap:
-                raise ValueError(f"the runs hold {merged} items, fewer than the "
-                                 f"{want[0]} a shard starts at")
-            key, seq, i, origin, header, size = heapq.heappop(heap)
-            got = readers[i].next()
-            if got is not None:
-                heapq.heappush(heap, (got[0], got[1], i, got[2], got[3], got[4]))
-            replaced = bool(heap) and heap[0][0] == key
+        for key, seq, origin, header, i, after, replaced in items:
+            note()
+            if not want:
+                break
             (raw,) = fmt.RECORD_HEADER.unpack(header)
             label, row = settle_item(decide, key, seq, origin, raw, replaced, before)
-            offsets[i] += size
+            offsets[i] = after
             merged += 1
             rows += row is not None
             written += label is not None
     finally:
-        for r in readers:
-            r.close()
+        items.close()
+    note()
+    if want:
+        raise ValueError(f"the runs hold {merged} items, fewer than the {want[0]} a shard "
+                         "starts at")
     return out
-

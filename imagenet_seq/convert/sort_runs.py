@@ -29,7 +29,7 @@ from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 __all__ = ["HEAD", "NO_ORIGIN", "PER_RECORD_OVERHEAD", "MIN_READ_BUFFER", "MAX_READ_BUFFER",
            "WRITE_BUFFER", "WRITE_IOVECS", "RunBuffer", "RunReader", "KeysReader",
-           "read_buffer", "merge"]
+           "read_buffer", "merge", "merge_readers"]
 
 HEAD = struct.Struct("<QQHI")
 NO_ORIGIN = (1 << 64) - 1
@@ -116,14 +116,16 @@ def _write_keys(path: str, items) -> None:
 
 
 class KeysReader:
-    """A run's keys file (``RunBuffer.write(keys_path=)``), buffered: (key, sequence, origin,
-    label header, the record's bytes in the run) per record, in the run's order."""
+    """A run's keys file (``RunBuffer.write(keys_path=)``), buffered, read as its run would be
+    (:func:`merge_readers`): (key, sequence, origin, label header) per record, ``offset`` the
+    byte offset in the run after the record returned last."""
 
     def __init__(self, path: str):
         self.path = path
         self.f = open(path, "rb", buffering=1 << 18)
+        self.offset = 0
 
-    def next(self) -> Optional[Tuple[bytes, int, int, bytes, int]]:
+    def next(self) -> Optional[Tuple[bytes, int, int, bytes]]:
         head = self.f.read(HEAD.size)
         if not head:
             return None
@@ -133,7 +135,8 @@ class KeysReader:
         rest = self.f.read(k + 4)
         if len(rest) < k + 4:
             raise ValueError(f"{self.path} ends inside a record's key")
-        return rest[:k], seq, origin, rest[k:], HEAD.size + k + n
+        self.offset += HEAD.size + k + n
+        return rest[:k], seq, origin, rest[k:]
 
     def close(self) -> None:
         self.f.close()
@@ -235,7 +238,12 @@ def merge(paths: List[str], offsets: List[int], merge_bytes: int
     LMDB, which copies).
     """
     buf = read_buffer(merge_bytes, len(paths))
-    readers = [RunReader(p, o, buf) for p, o in zip(paths, offsets)]
+    yield from merge_readers([RunReader(p, o, buf) for p, o in zip(paths, offsets)])
+
+
+def merge_readers(readers: list) -> Iterator[Tuple[bytes, int, int, object, int, int, bool]]:
+    """:func:`merge` over open readers (``RunReader``, or ``KeysReader`` for the keys alone:
+    ``next()`` -> (key, sequence, origin, record) or None, ``offset`` after it); closes them."""
     try:
         heap = []
         for i, r in enumerate(readers):
