@@ -13,6 +13,7 @@ reading it: refused, naming the ways out.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -30,11 +31,14 @@ SEQ_STRIDE = 1 << 40  # sequence numbers per part (a part's sweep counts from 0)
 
 @dataclass
 class Part:
-    """What process ``index`` reads: ``sweep`` (``sweep``'s contract), ``what`` it is."""
+    """What process ``index`` reads: ``sweep`` (``sweep``'s contract; None for another rank's
+    folder part, whose read order this rank does not need), ``what`` it is, ``identity``
+    (what every rank must agree on: its files and labels)."""
     index: int
     sweep: object
     what: str
     bytes: int
+    identity: str
 
     @property
     def seq_base(self) -> int:
@@ -58,7 +62,8 @@ def _group(rel: str) -> str:
     return rel.split("/", 1)[0]
 
 
-def _folder_parts(scan: Scan, split_dir: str, world: int, read_order: str) -> List[Part]:
+def _folder_parts(scan: Scan, split_dir: str, world: int, read_order: str,
+                  rank: int) -> List[Part]:
     groups: Dict[str, List[Tuple[str, int]]] = {}
     for rel, label in scan.entries:
         groups.setdefault(_group(rel), []).append((rel, label))
@@ -68,13 +73,18 @@ def _folder_parts(scan: Scan, split_dir: str, world: int, read_order: str) -> Li
     parts = []
     for r, (lo, hi) in enumerate(cut(sizes, world)):
         entries = [e for g in names[lo:hi] for e in groups[g]]
-        rels = [rel for rel, _ in entries]
-        order, how = source.order(rels, [scan.inode_size(x)[0] for x in rels], read_order) \
-            if rels else ([], "-")
+        sweep = None
+        if r == rank:  # the read order (FIEMAP or inodes) of this rank's own files only
+            rels = [rel for rel, _ in entries]
+            order, how = source.order(rels, [scan.inode_size(x)[0] for x in rels],
+                                      read_order) if rels else ([], "-")
+            sweep = FolderSweep(source, entries, list(order), how)
         what = (f"folders {names[lo]} .. {names[hi - 1]} ({hi - lo})" if hi > lo else
                 "nothing (fewer folders than processes)")
-        parts.append(Part(r, FolderSweep(source, entries, list(order), how), what,
-                          sum(sizes[lo:hi])))
+        ident = hashlib.sha1()
+        for rel, label in entries:
+            ident.update(f"{rel}\t{label}\n".encode("utf-8", "surrogateescape"))
+        parts.append(Part(r, sweep, what, sum(sizes[lo:hi]), ident.hexdigest()))
     return parts
 
 
@@ -85,20 +95,22 @@ def _wds_parts(sweep: WdsSweep, world: int) -> List[Part]:
         what = (f"shards {os.path.basename(sweep.shards[lo])} .. "
                 f"{os.path.basename(sweep.shards[hi - 1])} ({hi - lo})" if hi > lo else
                 "nothing (fewer shards than processes)")
-        parts.append(Part(r, sweep.part(lo, hi), what, sum(sizes[lo:hi])))
+        got = sweep.part(lo, hi)
+        parts.append(Part(r, got, what, sum(sizes[lo:hi]), got.identity()))
     return parts
 
 
-def partition(scan: Scan, split: str, split_dir: str, world: int,
-              read_order: str) -> List[Part]:
-    """One :class:`Part` per rank (the same on every rank).
+def partition(scan: Scan, split: str, split_dir: str, world: int, read_order: str,
+              rank: int) -> List[Part]:
+    """One :class:`Part` per rank (the same on every rank; only ``rank``'s folder part gets
+    its sweep).
 
     Raises:
         ConversionError: the sources are one archive (it cannot be cut into whole parts).
     """
     stream = getattr(scan, "sweep", None)
     if stream is None:
-        return _folder_parts(scan, split_dir, world, read_order)
+        return _folder_parts(scan, split_dir, world, read_order, rank)
     if isinstance(stream, WdsSweep):
         return _wds_parts(stream, world)
     raise ConversionError(

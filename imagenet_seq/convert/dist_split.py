@@ -115,14 +115,15 @@ def convert_split_dist(job, src_root: str, out_dir: str, split: str, scan, opts:
     count = _shard_count(opts, images, src_bytes, split)
     layout = sh.Layout.make(split, count, out_dir, opts.shard_dirs, max(images or 0, count))
     tmp = os.path.join(os.path.abspath(opts.tmp or out_dir), f"ILSVRC-{split}.dist")
-    parts = partition(scan, split, os.path.join(src_root, split), job.world, opts.read_order)
+    parts = partition(scan, split, os.path.join(src_root, split), job.world, opts.read_order,
+                      job.rank)
     part = parts[job.rank]
     key_of = _folder_keys(scan, split, opts.seed) if stream is None else \
         (lambda c, rel, seed=opts.seed: sort_key(rel, split, seed))
     fp = hashlib.sha1(json.dumps(
         [ORDER_VERSION, opts.content(), scan.classes if stream is None else None,
-         [hashlib.sha1(p.sweep.identity().encode("utf-8", "surrogateescape")).hexdigest()
-          for p in parts], count, layout.used_folders, job.world]).encode()).hexdigest()
+         [p.identity for p in parts], count, layout.used_folders, job.world]).encode()
+    ).hexdigest()
     counts = _Counts(job, split)
     if job.rank == 0 and notice:
         notice(f"{split}: {job.world} processes, each reading one part of the sources "
@@ -155,7 +156,10 @@ def convert_split_dist(job, src_root: str, out_dir: str, split: str, scan, opts:
     # 2. read
     counts.phase("read")
     done_path = os.path.join(tmp, f"part-{job.rank:05d}.json")
-    part_fp = hashlib.sha1(f"{fp}:{job.rank}".encode()).hexdigest()
+    # the part's own read order too: a resumed part's cursor is a place in it
+    part_fp = hashlib.sha1(f"{fp}:{job.rank}:".encode()
+                           + part.sweep.identity().encode("utf-8", "surrogateescape")
+                           ).hexdigest()
     done = _read_json(done_path)
     if done is None or done.get("fingerprint") != part_fp:
         _read_part(part, tmp, part_fp, opts, counts, key_of, done_path)
